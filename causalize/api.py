@@ -1,0 +1,299 @@
+"""The public Python API: convert, load, verify and inspect. The CLI is a thin layer over these."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from causalize import __version__
+from causalize.errors import PassError
+from causalize.manifest import Manifest, is_converted
+from causalize.passes.base import PassContext, Record, Site
+from causalize.passes.pipeline import Pipeline, parse
+from causalize.plan import Plan
+
+if TYPE_CHECKING:
+    import torch.nn as nn
+
+    from causalize.plugin_manager import Registries
+    from causalize.verify import CausalityReport
+
+Progress = Callable[[str], None]
+DEFAULT_FRAMES = 4
+
+
+def _say(progress: Progress | None, msg: str) -> None:
+    if progress:
+        progress(msg)
+
+
+def _registries() -> "Registries":
+    from causalize.plugin_manager import registries
+
+    return registries()
+
+
+def plan_for(model_or_class: Any, plan: str | Plan | None = None) -> Plan:
+    """The plan named `plan`, or the one registered for the model's class."""
+    if isinstance(plan, Plan):
+        return plan
+    regs = _registries()
+    if plan:
+        return regs.plans.get(plan)
+    name = model_or_class if isinstance(model_or_class, str) else type(model_or_class).__name__
+    return regs.plans.for_class(name)
+
+
+def parse_pipeline(text: str | Pipeline | None, plan: Plan) -> Pipeline:
+    if isinstance(text, Pipeline):
+        return text
+    return parse(text if text is not None else plan.pipeline, _registries().passes)
+
+
+@dataclass
+class PassRun:
+    name: str
+    version: int
+    options: dict[str, Any]
+    records: list[Record]
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "options": self.options, "sites": len(self.records), "seconds": round(self.seconds, 4)}
+
+
+def _options_dict(opts: Any) -> dict[str, Any]:
+    import dataclasses
+
+    return dataclasses.asdict(opts)
+
+
+def convert_model(
+    model: "nn.Module", plan: str | Plan | None = None, pipeline: str | Pipeline | None = None, progress: Progress | None = None
+) -> list[PassRun]:
+    """Run the pipeline on `model` in place. A pass that matches nothing is an error."""
+    plan = plan_for(model, plan)
+    pipe = parse_pipeline(pipeline, plan)
+    regs = _registries()
+    runs = []
+    for step in pipe.steps:
+        cls = regs.passes.get(step.name)
+        ctx = PassContext(plan=plan, options=step.resolved(regs.passes))
+        t0 = time.perf_counter()
+        records = cls().apply(model, ctx)
+        seconds = time.perf_counter() - t0
+        if not records:
+            raise PassError(
+                f"pass '{step.name}' matched nothing in {type(model).__name__} (plan '{plan.name}')",
+                "remove it from the pipeline, or fix the plan's targets",
+            )
+        runs.append(PassRun(step.name, cls.version, _options_dict(ctx.options), records, seconds))
+        _say(progress, f"{step.name}: {len(records)} sites in {seconds:.2f}s")
+    return runs
+
+
+def example_inputs(model: "nn.Module", plan: Plan, frames: int = DEFAULT_FRAMES, seed: int = 0) -> dict[str, Any]:
+    import torch
+
+    return plan.make_inputs(model, frames, torch.Generator().manual_seed(seed))
+
+
+def verify_model(model: "nn.Module", plan: str | Plan | None = None, frames: int = DEFAULT_FRAMES, seed: int = 0, tolerance: float = 0.0) -> "CausalityReport":
+    """Measure causality of an in-memory model with the plan's example inputs (on an fp32 copy)."""
+    from causalize.errors import UsageError
+    from causalize.verify import check_causality
+
+    plan = plan_for(model, plan)
+    if frames < max(2, plan.min_frames):
+        raise UsageError(f"--frames must be at least {max(2, plan.min_frames)} for plan '{plan.name}'")
+    inputs = example_inputs(model, plan, frames, seed)
+    return check_causality(model, inputs, plan.layout, plan.forward, tolerance=tolerance, seed=seed)
+
+
+def inspect_model(model: "nn.Module", plan: str | Plan | None = None, pipeline: str | Pipeline | None = None, frames: int = DEFAULT_FRAMES) -> dict[str, Any]:
+    """The time-mixing sites each pass covers, and any found by a traced forward that none covers."""
+    from causalize.verify.scan import scan_time_mixers
+
+    plan = plan_for(model, plan)
+    pipe = parse_pipeline(pipeline, plan)
+    regs = _registries()
+    covered: dict[str, list[Site]] = {}
+    for step in pipe.steps:
+        ctx = PassContext(plan=plan, options=step.resolved(regs.passes))
+        covered[step.name] = regs.passes.get(step.name)().find_sites(model, ctx)
+    paths = {s.path for sites in covered.values() for s in sites}
+    mixers = scan_time_mixers(model, plan, example_inputs(model, plan, frames))
+    return {
+        "model_class": type(model).__name__,
+        "plan": plan.name,
+        "pipeline": str(pipe),
+        "block_size": plan.layout.block_size,
+        "sites": {name: [s.__dict__ for s in sites] for name, sites in covered.items()},
+        "uncovered": [m for m in mixers if m["path"] not in paths],
+        "notes": list(plan.notes),
+    }
+
+
+# --- checkpoints on disk -------------------------------------------------------------------
+
+
+def _load_dir(path: str | os.PathLike, subfolder: str | None, allow_pickle: bool, progress: Progress | None):
+    from causalize import checkpoint
+
+    md = checkpoint.open_model_dir(path, subfolder)
+    _say(progress, f"reading {md.path} ({md.class_name})")
+    model = checkpoint.build_empty(md.class_name, md.config)
+    return md, model, checkpoint.load_state_dict(md, allow_pickle)
+
+
+def load(path: str | os.PathLike, *, allow_pickle: bool = False, progress: Progress | None = None) -> "nn.Module":
+    """A converted checkpoint as an instance of its diffusers class: drop-in and causal.
+
+    Builds the base structure from config.json, replays the pipeline stored in causalize.json,
+    then assigns the saved weights.
+    """
+    from causalize import checkpoint
+
+    manifest = Manifest.read(Path(path))
+    md, model, state = _load_dir(path, None, allow_pickle, progress)
+    convert_model(model, manifest.plan, manifest.pipeline)
+    checkpoint.assign_weights(model, state, md.path)
+    return model
+
+
+def load_any(path: str | os.PathLike, *, subfolder: str | None = None, allow_pickle: bool = False, progress: Progress | None = None) -> tuple["nn.Module", Manifest | None]:
+    """A converted checkpoint through `load`, or a plain diffusers one as is (with no manifest)."""
+    from causalize import checkpoint
+
+    if subfolder is None and is_converted(Path(path)):
+        return load(path, allow_pickle=allow_pickle, progress=progress), Manifest.read(Path(path))
+    md, model, state = _load_dir(path, subfolder, allow_pickle, progress)
+    checkpoint.assign_weights(model, state, md.path)
+    return model, None
+
+
+def verify(path: str | os.PathLike, *, frames: int = DEFAULT_FRAMES, plan: str | None = None, subfolder: str | None = None,
+           allow_pickle: bool = False, progress: Progress | None = None) -> "CausalityReport":
+    """Causality of a checkpoint on disk (converted or not: an unconverted one is expected to leak)."""
+    model, manifest = load_any(path, subfolder=subfolder, allow_pickle=allow_pickle, progress=progress)
+    plan_name = plan or (manifest.plan if manifest else None)
+    _say(progress, f"probing {frames} frames")
+    return verify_model(model, plan_for(model, plan_name), frames=frames)
+
+
+def inspect(path: str | os.PathLike, *, plan: str | None = None, pipeline: str | None = None, subfolder: str | None = None,
+            allow_pickle: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+    """`inspect_model` on a checkpoint on disk, without converting it."""
+    model, manifest = load_any(path, subfolder=subfolder, allow_pickle=allow_pickle, progress=progress)
+    return inspect_model(model, plan_for(model, plan or (manifest.plan if manifest else None)), pipeline)
+
+
+@dataclass
+class ConvertReport:
+    src: str
+    out: str
+    model_class: str
+    plan: str
+    pipeline: str
+    passes: list[PassRun]
+    verification: dict[str, Any] | None
+    written: bool
+    dry_run: bool
+    seconds: dict[str, float] = field(default_factory=dict)
+    parameters: int = 0
+
+    @property
+    def passed(self) -> bool:
+        return self.verification is None or bool(self.verification["passed"])
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "src": self.src, "out": self.out, "model_class": self.model_class, "plan": self.plan,
+            "pipeline": self.pipeline, "passes": [p.to_json() for p in self.passes],
+            "verification": self.verification, "written": self.written, "dry_run": self.dry_run,
+            "seconds": {k: round(v, 4) for k, v in self.seconds.items()}, "parameters": self.parameters,
+        }
+
+
+def convert(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    plan: str | None = None,
+    pipeline: str | None = None,
+    subfolder: str | None = None,
+    dry_run: bool = False,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    allow_leak: bool = False,
+    verify: bool = True,
+    frames: int = DEFAULT_FRAMES,
+    progress: Progress | None = None,
+) -> ConvertReport:
+    """Convert a diffusers checkpoint directory into a causal one at OUT (atomically; SRC untouched).
+
+    If verification fails, nothing is written unless `allow_leak` (the manifest then records it).
+    """
+    from causalize import checkpoint
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    md = checkpoint.open_model_dir(src, subfolder)
+    checkpoint.check_out_path(md.path, out, overwrite)
+    the_plan = plan_for(md.class_name, plan)
+    pipe = parse_pipeline(pipeline, the_plan)
+    model = checkpoint.build_empty(md.class_name, md.config)
+    checkpoint.assign_weights(model, checkpoint.load_state_dict(md, allow_pickle), md.path)
+    seconds = {"load": time.perf_counter() - t0}
+    _say(progress, f"loaded {md.class_name} ({sum(p.numel() for p in model.parameters()):,} parameters) in {seconds['load']:.1f}s")
+
+    t1 = time.perf_counter()
+    runs = convert_model(model, the_plan, pipe, progress)
+    seconds["passes"] = time.perf_counter() - t1
+    report = ConvertReport(str(src), str(out), md.class_name, the_plan.name, str(pipe), runs, None, False, dry_run, seconds,
+                           sum(p.numel() for p in model.parameters()))
+    if verify:
+        t2 = time.perf_counter()
+        _say(progress, f"verifying causality on {frames} frames")
+        report.verification = verify_model(model, the_plan, frames=frames).to_json()
+        seconds["verify"] = time.perf_counter() - t2
+    if dry_run or (not report.passed and not allow_leak):
+        seconds["total"] = time.perf_counter() - t0
+        return report
+
+    t3 = time.perf_counter()
+    manifest = Manifest(
+        base_class=md.class_name, plan=the_plan.name, pipeline=str(pipe), passes=[r.to_json() for r in runs],
+        records=[rec.to_json() for r in runs for rec in r.records], verification=report.verification,
+        source=str(Path(src).resolve()), causalize_version=__version__,
+    )
+    _write_atomic(model, manifest, out, progress)
+    seconds["save"] = time.perf_counter() - t3
+    seconds["total"] = time.perf_counter() - t0
+    report.written = True
+    return report
+
+
+def _write_atomic(model: "nn.Module", manifest: Manifest, out: Path, progress: Progress | None) -> None:
+    """Write to a temporary sibling directory, then rename it into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}-{time.time_ns()}"
+    tmp = out.parent / f".{out.name}.causalize-tmp-{tag}"
+    old = out.parent / f".{out.name}.causalize-old-{tag}"
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        manifest.write(tmp)
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out.exists():
+            os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    _say(progress, f"wrote {out}")

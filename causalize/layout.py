@@ -1,0 +1,56 @@
+"""Frame layout descriptors: where the frame axis is in a model's inputs and outputs.
+
+The causality checker and the passes never guess a layout from shapes (a temporal sequence of
+length T collides with a spatial one of H·W = T); the plan of each model class declares it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class FrameLayout:
+    """Frame axes of a denoiser's per-frame inputs and of its output, in its native layout.
+
+    inputs: keyword argument name -> frame axis, for every input tensor that carries one entry per
+        latent frame (the noisy latents, per-frame image latents, ...). The probe runs at batch 1,
+        so an axis that folds frames into the batch (B·T, ...) is a frame axis too.
+    output_axis: frame axis of the output tensor.
+    block_size: frames that must stay mutually visible (temporal patch size); 1 = frame-causal.
+    """
+
+    inputs: dict[str, int] = field(default_factory=lambda: {"sample": 2})
+    output_axis: int = 2
+    block_size: int = 1
+
+    def num_frames(self, kwargs: dict) -> int:
+        name, axis = next(iter(self.inputs.items()))
+        return int(kwargs[name].shape[axis])
+
+
+def select_frames(x: torch.Tensor, axis: int, start: int, stop: int | None = None) -> torch.Tensor:
+    """x restricted to frames [start, stop) along `axis` (a view)."""
+    stop = x.shape[axis] if stop is None else stop
+    return x.narrow(axis, start, stop - start)
+
+
+def per_frame_max_abs(x: torch.Tensor, axis: int) -> torch.Tensor:
+    """max |x| over everything but the frame axis -> (T,) float64."""
+    moved = x.detach().movedim(axis, 0).reshape(x.shape[axis], -1)
+    return moved.abs().amax(dim=1).double()
+
+
+def causal_block_allowed(q_frames: torch.Tensor, k_frames: torch.Tensor, block_size: int = 1) -> torch.Tensor:
+    """Boolean (Lq, Lk) mask, True where query frame may see key frame: fid(k)//b <= fid(q)//b.
+
+    Frame ids of -1 (text / context tokens) are treated as block -1, i.e. before every frame,
+    so context rows see only context and every frame row sees the context.
+    """
+    qb = torch.div(q_frames, block_size, rounding_mode="floor")
+    kb = torch.div(k_frames, block_size, rounding_mode="floor")
+    qb = torch.where(q_frames < 0, torch.full_like(qb, -1), qb)
+    kb = torch.where(k_frames < 0, torch.full_like(kb, -1), kb)
+    return kb[None, :] <= qb[:, None]

@@ -1,0 +1,70 @@
+"""causal-temporal-conv: symmetric temporal convolutions -> left-padded causal ones (METHOD.md §4)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch.nn as nn
+
+from causalize.errors import PassError
+from causalize.modules.causal_conv import is_temporal_conv, make_causal_conv, temporal_conv_problem
+from causalize.passes.base import Pass, PassContext, Record, Site
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _kernel_desc(conv: nn.Module, axis: int) -> str:
+    return f"k_t={conv.kernel_size[axis]} d={conv.dilation[axis]}"
+
+
+def _is_patch_embed(conv: nn.Module, axis: int) -> bool:
+    """Stride == kernel along time with no padding: it groups frames into temporal patches."""
+    pad = conv.padding if isinstance(conv.padding, str) else conv.padding[axis]
+    return conv.stride[axis] == conv.kernel_size[axis] and pad in (0, "valid")
+
+
+class CausalTemporalConv(Pass):
+    name = "causal-temporal-conv"
+    version = 1
+    summary = "temporal convolutions -> causal (left-padded) with shift / masked / extrapolative weight transfer"
+
+    @dataclass(frozen=True)
+    class Options:
+        transfer: Literal["shift", "masked", "extrapolative"] = "extrapolative"
+        p: int = 2
+
+    def _candidates(self, model: nn.Module, ctx: PassContext):
+        targets = ctx.plan.targets_for(self.name)
+        axis = targets.time_axis
+
+        def leaf(m: nn.Module) -> bool:
+            return isinstance(m, _CONVS) and not getattr(m, "is_causal_conv", False) and is_temporal_conv(m, axis)
+
+        return axis, list(targets.iter_modules(model, leaf))
+
+    def find_sites(self, model: nn.Module, ctx: PassContext) -> list[Site]:
+        axis, found = self._candidates(model, ctx)
+        sites = []
+        for path, conv in found:
+            if _is_patch_embed(conv, axis):
+                note = f"temporal patch embedding ({_kernel_desc(conv, axis)}): groups frames, left as is"
+            else:
+                problem = temporal_conv_problem(conv, axis)
+                note = f"cannot convert: {problem}" if problem else f"{_kernel_desc(conv, axis)} -> causal, transfer={ctx.options.transfer}"
+            sites.append(Site(path, type(conv).__name__, note))
+        return sites
+
+    def apply(self, model: nn.Module, ctx: PassContext) -> list[Record]:
+        axis, found = self._candidates(model, ctx)
+        records = []
+        for path, conv in found:
+            if _is_patch_embed(conv, axis):
+                continue
+            problem = temporal_conv_problem(conv, axis)
+            if problem:
+                raise PassError(f"{path}: {problem}", "exclude it in the plan's targets, or write a pass for it")
+            new = make_causal_conv(conv, time_axis=axis, transfer=ctx.options.transfer, p=ctx.options.p)
+            model.set_submodule(path, new)
+            records.append(Record(self.name, path, type(conv).__name__, type(new).__name__, _kernel_desc(conv, axis)))
+        return records

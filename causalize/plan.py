@@ -1,0 +1,93 @@
+"""Plans: what a model plugin declares for one diffusers class.
+
+A plan is data first: the default pass pipeline, the targets of each pass, the frame layout,
+a tiny random config for tests and demos, and a factory of example inputs for verification.
+Adding a model = one plugin file registering one Plan.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+from causalize.layout import FrameLayout
+
+if TYPE_CHECKING:
+    import torch
+    import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class Targets:
+    """Which modules a pass rewrites.
+
+    owners: class names of ancestor modules (the module itself counts); empty = anywhere.
+    paths: fnmatch patterns on the module path; empty = any path.
+    time_axis: for convolutions, which spatial axis of the kernel is time (0 = first).
+    """
+
+    owners: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()
+    time_axis: int = 0
+
+    def iter_modules(self, model: "nn.Module", leaf: Callable[["nn.Module"], bool]) -> Iterator[tuple[str, "nn.Module"]]:
+        """(path, module) of every module accepted by `leaf` that lies under an owner and matches a path."""
+        owner_paths: list[str] = []
+        for path, mod in model.named_modules():
+            if self.owners and type(mod).__name__ in self.owners:
+                owner_paths.append(path)
+            if not leaf(mod):
+                continue
+            if self.owners and not any(_under(path, o) for o in owner_paths):
+                continue
+            if self.paths and not any(fnmatch.fnmatchcase(path, p) for p in self.paths):
+                continue
+            yield path, mod
+
+
+def _under(path: str, owner: str) -> bool:
+    return owner == "" or path == owner or path.startswith(owner + ".")
+
+
+InputsFactory = Callable[["nn.Module", int, "torch.Generator"], dict[str, Any]]
+
+
+def default_forward(model: "nn.Module", inputs: dict[str, Any]) -> "torch.Tensor":
+    """Call the diffusers model's own forward and return its sample tensor."""
+    out = model(**inputs, return_dict=False)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything causalize needs to know about one diffusers denoiser class."""
+
+    name: str
+    model_class: str
+    family: str
+    pipeline: str
+    layout: FrameLayout
+    targets: dict[str, Targets]
+    tiny_config: dict[str, Any]
+    make_inputs: InputsFactory
+    forward: Callable[["nn.Module", dict[str, Any]], "torch.Tensor"] = default_forward
+    description: str = ""
+    notes: tuple[str, ...] = ()
+    min_frames: int = 2
+    source: str = field(default="", compare=False)
+
+    def model_cls(self) -> type:
+        import diffusers
+
+        return getattr(diffusers, self.model_class)
+
+    def build_tiny(self, seed: int = 0) -> "nn.Module":
+        """The tiny random-weight model of this plan (fp32, eval mode)."""
+        import torch
+
+        torch.manual_seed(seed)
+        return self.model_cls()(**self.tiny_config).eval()
+
+    def targets_for(self, pass_name: str) -> Targets:
+        return self.targets.get(pass_name, Targets())

@@ -1,0 +1,109 @@
+"""The plugin manager: built-in passes and model plugins first, then the `causalize` entry points.
+
+Set CAUSALIZE_DISABLE_PLUGIN_AUTOLOAD=1 to skip third-party entry points (built-ins still load).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+import pluggy
+
+from causalize import hookspecs
+from causalize.errors import NoPlanError, UsageError
+from causalize.passes.registry import PassRegistry, did_you_mean
+from causalize.plan import Plan
+
+BUILTIN_PLUGINS = (
+    "causalize.passes",
+    "causalize.plugins.unet3d",
+    "causalize.plugins.svd",
+    "causalize.plugins.animatediff",
+    "causalize.plugins.i2vgenxl",
+)
+AUTOLOAD_ENV = "CAUSALIZE_DISABLE_PLUGIN_AUTOLOAD"
+
+
+class PlanRegistry:
+    """name -> Plan, with a lookup by diffusers class name."""
+
+    def __init__(self) -> None:
+        self._plans: dict[str, Plan] = {}
+
+    def register(self, plan: Plan, source: str = "") -> Plan:
+        if not isinstance(plan, Plan):
+            raise TypeError(f"register() expects a causalize.plan.Plan, got {type(plan).__name__}")
+        if plan.name in self._plans:
+            raise ValueError(f"plan '{plan.name}' is already registered by {self._plans[plan.name].source}")
+        object.__setattr__(plan, "source", source)
+        self._plans[plan.name] = plan
+        return plan
+
+    def get(self, name: str) -> Plan:
+        try:
+            return self._plans[name]
+        except KeyError:
+            raise UsageError(f"unknown plan '{name}'.{did_you_mean(name, self._plans)}", "run `causalize plugins` to list plans") from None
+
+    def for_class(self, class_name: str) -> Plan:
+        matches = [p for p in self._plans.values() if p.model_class == class_name]
+        if not matches:
+            supported = ", ".join(sorted(f"{p.model_class} ({p.name})" for p in self._plans.values()))
+            raise NoPlanError(
+                f"no plan supports {class_name}; supported: {supported}",
+                "write a plugin that registers a Plan for it (see README, 'Writing a plugin'), or pass --plan",
+            )
+        return matches[0]
+
+    def __iter__(self):
+        return iter(self._plans[n] for n in sorted(self._plans))
+
+    def names(self) -> list[str]:
+        return sorted(self._plans)
+
+
+@dataclass
+class Registries:
+    passes: PassRegistry
+    plans: PlanRegistry
+    manager: pluggy.PluginManager
+
+    def plugin_rows(self) -> list[dict[str, str]]:
+        """One row per loaded plugin: name, where it came from, what it registered."""
+        rows = []
+        dists = {id(p): d for p, d in self.manager.list_plugin_distinfo()}
+        for name, plugin in self.manager.list_name_plugin():
+            dist = dists.get(id(plugin))
+            origin = f"{dist.project_name} {dist.version}" if dist else "built-in"
+            module = getattr(plugin, "__name__", type(plugin).__name__)
+            plans = [p.name for p in self.plans if p.source == name]
+            passes = [c.name for c in self.passes if c.__module__.startswith(module)] if module else []
+            rows.append({"name": name, "origin": origin, "plans": ", ".join(plans), "passes": ", ".join(passes)})
+        return rows
+
+
+def build_registries(autoload: bool | None = None) -> Registries:
+    """A fresh plugin manager with built-ins and (unless disabled) entry-point plugins loaded."""
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    for mod in BUILTIN_PLUGINS:
+        pm.register(importlib.import_module(mod), name=mod)
+    if autoload is None:
+        autoload = not os.environ.get(AUTOLOAD_ENV)
+    if autoload:
+        pm.load_setuptools_entrypoints(hookspecs.PROJECT)
+    passes, plans = PassRegistry(), PlanRegistry()
+    for impl in pm.hook.causalize_register_passes.get_hookimpls():
+        impl.function(register=passes.register)
+    for impl in pm.hook.causalize_register_plans.get_hookimpls():
+        impl.function(register=lambda plan, _src=impl.plugin_name: plans.register(plan, _src))
+    return Registries(passes, plans, pm)
+
+
+@lru_cache(maxsize=1)
+def registries() -> Registries:
+    """The process-wide registries (built once)."""
+    return build_registries()

@@ -1,0 +1,187 @@
+"""The influence matrix M[i, j] = max |Δ output frame i| when only what belongs to input frame j moves.
+
+A model is causal iff M[i, j] == 0 whenever j's causal block lies after i's (exactly, in fp32 on
+CPU). The diagonal must move, or the probe proves nothing. Zero-initialised layers hide leaks, so
+structural checks run on a copy whose all-zero parameters are re-randomised.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from causalize.layout import FrameLayout, per_frame_max_abs
+
+Forward = Callable[[nn.Module, dict[str, Any]], torch.Tensor]
+
+
+def rerandomize_zero_params(model: nn.Module, std: float = 0.05, seed: int = 0) -> list[str]:
+    """Give every all-zero parameter random values (in place); returns their names."""
+    gen = torch.Generator().manual_seed(seed)
+    names = []
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.numel() and not p.is_meta and torch.count_nonzero(p) == 0:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p) * std)
+                names.append(name)
+    return names
+
+
+def perturb_frame(inputs: dict[str, Any], layout: FrameLayout, j: int, gen: torch.Generator) -> dict[str, Any]:
+    """A copy of the inputs where every per-frame input has N(0,1) added at frame j only."""
+    out = dict(inputs)
+    for name, axis in layout.inputs.items():
+        x = inputs[name].clone()
+        sl = x.narrow(axis, j, 1)
+        sl.add_(torch.randn(sl.shape, generator=gen, dtype=sl.dtype))
+        out[name] = x
+    return out
+
+
+def slice_frames(inputs: dict[str, Any], layout: FrameLayout, frames: int) -> dict[str, Any]:
+    """The inputs restricted to the first `frames` frames (used to find frame axes by shape)."""
+    out = dict(inputs)
+    for name, axis in layout.inputs.items():
+        out[name] = inputs[name].narrow(axis, 0, frames).clone()
+    return out
+
+
+def _as_fp32(inputs: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
+
+
+@torch.no_grad()
+def influence_matrix(model: nn.Module, inputs: dict[str, Any], layout: FrameLayout, forward: Forward, seed: int = 0) -> torch.Tensor:
+    """(T_out, T_in) float64 matrix of max |Δ output frame i| after perturbing input frame j."""
+    inputs = _as_fp32(inputs)
+    base = forward(model, inputs)
+    frames = layout.num_frames(inputs)
+    cols = []
+    for j in range(frames):
+        gen = torch.Generator().manual_seed(seed * 1000 + j + 1)
+        out = forward(model, perturb_frame(inputs, layout, j, gen))
+        cols.append(per_frame_max_abs(out - base, layout.output_axis))
+    return torch.stack(cols, dim=1)
+
+
+@dataclass
+class CausalityReport:
+    """The result of one causality check, as data (for the CLI, the pytest plugin and JSON)."""
+
+    matrix: torch.Tensor
+    block_size: int
+    tolerance: float
+    violations: list[tuple[int, int, float]]
+    inert: list[int]
+    culprits: list[dict[str, Any]] = field(default_factory=list)
+    localization_note: str = ""
+    rerandomized: int = 0
+
+    @property
+    def passed(self) -> bool:
+        return not self.violations and not self.inert
+
+    @property
+    def max_leak(self) -> float:
+        return max((v for _, _, v in self.violations), default=0.0)
+
+    @property
+    def culprit(self) -> dict[str, Any] | None:
+        return self.culprits[0] if self.culprits else None
+
+    def summary(self) -> str:
+        if self.passed:
+            return f"causal: no output frame depends on a later input frame (block {self.block_size}, max leak 0)"
+        parts = []
+        if self.violations:
+            i, j, v = max(self.violations, key=lambda x: x[2])
+            parts.append(f"LEAK: output frame {i} moves by {v:.3g} when input frame {j} changes")
+        if self.inert:
+            parts.append(f"probe ineffective: perturbing frames {self.inert} did not move their own output")
+        if self.culprit:
+            parts.append(f"first leaking module: {self.culprit['path']} ({self.culprit['class']})")
+        elif self.localization_note:
+            parts.append(self.localization_note)
+        return "; ".join(parts)
+
+    def format_matrix(self) -> str:
+        """Rows: output frames; columns: perturbed input frames. '!' marks a violation."""
+        bad = {(i, j) for i, j, _ in self.violations}
+        t_out, t_in = self.matrix.shape
+        head = "out\\in " + " ".join(f"{j:>9d}" for j in range(t_in))
+        lines = [head]
+        for i in range(t_out):
+            cells = []
+            for j in range(t_in):
+                v = float(self.matrix[i, j])
+                s = "0" if v == 0 else f"{v:.2e}"
+                cells.append(f"{s + ('!' if (i, j) in bad else ''):>9s}")
+            lines.append(f"{i:>7d} " + " ".join(cells))
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "block_size": self.block_size,
+            "tolerance": self.tolerance,
+            "max_leak": self.max_leak,
+            "matrix": [[float(v) for v in row] for row in self.matrix],
+            "violations": [{"output_frame": i, "input_frame": j, "max_abs": v} for i, j, v in self.violations],
+            "inert_frames": self.inert,
+            "culprit": self.culprit,
+            "culprits": self.culprits,
+            "localization_note": self.localization_note,
+            "rerandomized_zero_params": self.rerandomized,
+            "summary": self.summary(),
+        }
+
+
+def judge(matrix: torch.Tensor, block_size: int, tolerance: float) -> tuple[list[tuple[int, int, float]], list[int]]:
+    """Violations (i, j, value) with j's block after i's and value > tolerance; inert diagonal frames."""
+    violations, inert = [], []
+    t_out, t_in = matrix.shape
+    for i in range(t_out):
+        for j in range(t_in):
+            v = float(matrix[i, j])
+            if j // block_size > i // block_size and v > tolerance:
+                violations.append((i, j, v))
+    for j in range(min(t_out, t_in)):
+        if float(matrix[j, j]) <= tolerance:
+            inert.append(j)
+    return violations, inert
+
+
+def check_causality(
+    model: nn.Module,
+    inputs: dict[str, Any],
+    layout: FrameLayout,
+    forward: Forward | None = None,
+    *,
+    tolerance: float = 0.0,
+    seed: int = 0,
+    rerandomize: bool = True,
+    localize: bool = True,
+) -> CausalityReport:
+    """Measure whether future frames influence past outputs; name the first leaking module if so.
+
+    Runs on an fp32 eval copy (zero parameters re-randomised unless `rerandomize=False`); the
+    model passed in is not modified.
+    """
+    from causalize.plan import default_forward
+
+    forward = forward or default_forward
+    probe = copy.deepcopy(model).float().eval()
+    n_rand = len(rerandomize_zero_params(probe, seed=seed)) if rerandomize else 0
+    matrix = influence_matrix(probe, inputs, layout, forward, seed=seed)
+    violations, inert = judge(matrix, layout.block_size, tolerance)
+    report = CausalityReport(matrix, layout.block_size, tolerance, violations, inert, rerandomized=n_rand)
+    if violations and localize:
+        from causalize.verify.localize import localize_leak
+
+        j = max(j for _, j, _ in violations)
+        report.culprits, report.localization_note = localize_leak(probe, _as_fp32(inputs), layout, forward, j, seed=seed)
+    return report

@@ -1,0 +1,50 @@
+"""A traced scan for time-mixing modules, independent of any plan's targets.
+
+It backs `causalize inspect`: the sites each pass covers are compared against what a forward pass
+shows mixes frames, so a plan that forgot a GroupNorm owner or a temporal conv is visible before
+conversion. Attention over frames cannot be told apart by shape alone (pitfall: L = T collides
+with H·W = T), so attention calls are reported as "possible" only.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from causalize.modules.causal_conv import is_temporal_conv
+from causalize.modules.causal_norm import CausalGroupNorm
+from causalize.modules.frame_attention import is_wrapped
+from causalize.plan import Plan
+
+
+@torch.no_grad()
+def scan_time_mixers(model: nn.Module, plan: Plan, inputs: dict[str, Any]) -> list[dict[str, str]]:
+    frames = plan.layout.num_frames(inputs)
+    axis = plan.targets_for("causal-temporal-conv").time_axis
+    found: dict[str, dict[str, str]] = {}
+    for path, mod in model.named_modules():
+        if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and not getattr(mod, "is_causal_conv", False):
+            if isinstance(mod, nn.Conv3d) and is_temporal_conv(mod, axis):
+                found[path] = {"path": path, "class": type(mod).__name__, "what": f"temporal kernel {mod.kernel_size[axis]}"}
+
+    def hook(mod, args, _out, _path):
+        x = args[0] if args and torch.is_tensor(args[0]) else None
+        if x is None:
+            return
+        if isinstance(mod, nn.GroupNorm) and not isinstance(mod, CausalGroupNorm) and x.ndim >= 5 and x.shape[2] == frames:
+            found[_path] = {"path": _path, "class": type(mod).__name__, "what": f"statistics over {tuple(x.shape)} span frames"}
+        elif hasattr(mod, "processor") and not is_wrapped(getattr(mod, "processor", None)) and x.ndim == 3 and x.shape[1] == frames:
+            if not getattr(mod, "is_cross_attention", False):
+                found.setdefault(_path, {"path": _path, "class": type(mod).__name__, "what": f"possible attention over frames (sequence length {frames})"})
+
+    probe = model if next(model.parameters()).dtype == torch.float32 else copy.deepcopy(model).float()
+    handles = [m.register_forward_hook(lambda m, a, o, _p=p: hook(m, a, o, _p)) for p, m in probe.named_modules() if p]
+    try:
+        plan.forward(probe, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return sorted(found.values(), key=lambda d: d["path"])

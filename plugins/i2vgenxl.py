@@ -1,0 +1,56 @@
+"""I2VGenXLUNet: UNet3D blocks plus a temporal self-attention over the image latents."""
+
+from __future__ import annotations
+
+import torch
+
+from causalize.hookspecs import hookimpl
+from causalize.layout import FrameLayout
+from causalize.plan import Plan, Targets
+from causalize.plugins.common import UNET_PIPELINE, latent_size, mid_timestep, randn
+
+
+def make_inputs(model, frames, gen):
+    c, s = model.config, latent_size(model)
+    image_latents = torch.zeros(1, c.in_channels, frames, s, s)
+    image_latents[:, :, 0] = randn(gen, 1, c.in_channels, s, s)
+    return {
+        "sample": randn(gen, 1, c.in_channels, frames, s, s),
+        "timestep": mid_timestep(),
+        "fps": torch.tensor([8]),
+        "image_latents": image_latents,
+        "image_embeddings": randn(gen, 1, c.cross_attention_dim),
+        "encoder_hidden_states": randn(gen, 1, 4, c.cross_attention_dim),
+    }
+
+
+PLAN = Plan(
+    name="i2vgenxl",
+    model_class="I2VGenXLUNet",
+    family="unet",
+    pipeline=UNET_PIPELINE,
+    layout=FrameLayout(inputs={"sample": 2, "image_latents": 2}, output_axis=2),
+    targets={
+        "causal-temporal-conv": Targets(owners=("TemporalConvLayer",)),
+        "causal-temporal-attention": Targets(owners=("TransformerTemporalModel", "I2VGenXLTransformerTemporalEncoder")),
+        "causal-norm": Targets(owners=("TransformerTemporalModel", "TemporalConvLayer")),
+    },
+    tiny_config=dict(
+        sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+        cross_attention_dim=8, attention_head_dim=2, num_attention_heads=None,
+    ),
+    make_inputs=make_inputs,
+    description="I2VGen-XL image-to-video UNet",
+    notes=(
+        "the deprecated pipeline fills image_latents frames 1.. with (i+1)/(F-1), which depends on the "
+        "clip length: redefine it for streaming",
+    ),
+)
+
+
+@hookimpl
+def causalize_register_plans(register):
+    register(PLAN)
