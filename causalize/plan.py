@@ -25,11 +25,14 @@ class Targets:
     owners: class names of ancestor modules (the module itself counts); empty = anywhere.
     paths: fnmatch patterns on the module path; empty = any path.
     time_axis: for convolutions, which spatial axis of the kernel is time (0 = first).
+    conv_dims: which convolutions convolve over frames. Only Conv3d by default: a Conv2d or Conv1d
+        is per-frame unless the plan says it runs over a (B, C, T, ...) layout (e.g. Sana's conv_temp).
     """
 
     owners: tuple[str, ...] = ()
     paths: tuple[str, ...] = ()
     time_axis: int = 0
+    conv_dims: tuple[int, ...] = (3,)
 
     def iter_modules(self, model: "nn.Module", leaf: Callable[["nn.Module"], bool]) -> Iterator[tuple[str, "nn.Module"]]:
         """(path, module) of every module accepted by `leaf` that lies under an owner and matches a path."""

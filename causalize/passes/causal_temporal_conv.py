@@ -8,10 +8,10 @@ from typing import Literal
 import torch.nn as nn
 
 from causalize.errors import PassError
-from causalize.modules.causal_conv import is_temporal_conv, make_causal_conv, temporal_conv_problem
+from causalize.modules.causal_conv import is_causal_conv, is_temporal_conv, make_causal_conv, temporal_conv_problem
 from causalize.passes.base import Pass, PassContext, Record, Site
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
 def _kernel_desc(conv: nn.Module, axis: int) -> str:
@@ -37,9 +37,10 @@ class CausalTemporalConv(Pass):
     def _candidates(self, model: nn.Module, ctx: PassContext):
         targets = ctx.plan.targets_for(self.name)
         axis = targets.time_axis
+        kinds = tuple(_CONVS[d] for d in targets.conv_dims)
 
         def leaf(m: nn.Module) -> bool:
-            return isinstance(m, _CONVS) and not getattr(m, "is_causal_conv", False) and is_temporal_conv(m, axis)
+            return isinstance(m, kinds) and not is_causal_conv(m) and is_temporal_conv(m, axis)
 
         return axis, list(targets.iter_modules(model, leaf))
 

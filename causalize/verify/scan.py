@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from causalize.modules.causal_conv import is_temporal_conv
+from causalize.modules.causal_conv import is_causal_conv, is_temporal_conv
 from causalize.modules.causal_norm import CausalGroupNorm
 from causalize.modules.frame_attention import is_wrapped
 from causalize.plan import Plan
@@ -26,7 +26,7 @@ def scan_time_mixers(model: nn.Module, plan: Plan, inputs: dict[str, Any]) -> li
     axis = plan.targets_for("causal-temporal-conv").time_axis
     found: dict[str, dict[str, str]] = {}
     for path, mod in model.named_modules():
-        if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and not getattr(mod, "is_causal_conv", False):
+        if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and not is_causal_conv(mod):
             if isinstance(mod, nn.Conv3d) and is_temporal_conv(mod, axis):
                 found[path] = {"path": path, "class": type(mod).__name__, "what": f"temporal kernel {mod.kernel_size[axis]}"}
 
