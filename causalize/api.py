@@ -109,7 +109,7 @@ def verify_model(model: "nn.Module", plan: str | Plan | None = None, frames: int
 
     plan = plan_for(model, plan)
     if frames < max(2, plan.min_frames):
-        raise UsageError(f"--frames must be at least {max(2, plan.min_frames)} for plan '{plan.name}'")
+        raise UsageError(f"frames must be at least {max(2, plan.min_frames)} for plan '{plan.name}', got {frames}")
     inputs = example_inputs(model, plan, frames, seed)
     return check_causality(model, inputs, plan.layout, plan.forward, tolerance=tolerance, seed=seed)
 
@@ -186,10 +186,10 @@ def verify(path: str | os.PathLike, *, frames: int = DEFAULT_FRAMES, plan: str |
 
 
 def inspect(path: str | os.PathLike, *, plan: str | None = None, pipeline: str | None = None, subfolder: str | None = None,
-            allow_pickle: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+            allow_pickle: bool = False, frames: int = DEFAULT_FRAMES, progress: Progress | None = None) -> dict[str, Any]:
     """`inspect_model` on a checkpoint on disk, without converting it."""
     model, manifest = load_any(path, subfolder=subfolder, allow_pickle=allow_pickle, progress=progress)
-    return inspect_model(model, plan_for(model, plan or (manifest.plan if manifest else None)), pipeline)
+    return inspect_model(model, plan_for(model, plan or (manifest.plan if manifest else None)), pipeline, frames)
 
 
 @dataclass
@@ -243,7 +243,7 @@ def convert(
     t0 = time.perf_counter()
     out = Path(out)
     md = checkpoint.open_model_dir(src, subfolder)
-    checkpoint.check_out_path(md.path, out, overwrite)
+    checkpoint.check_out_path(md.path, out, overwrite or dry_run)  # a dry run writes nothing
     the_plan = plan_for(md.class_name, plan)
     pipe = parse_pipeline(pipeline, the_plan)
     model = checkpoint.build_empty(md.class_name, md.config)

@@ -13,16 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from causalize.errors import CheckpointError, UsageError
+from causalize.errors import CheckpointError, PickleRefused, UsageError
 
 CONFIG = "config.json"
 WEIGHTS_ST = "diffusion_pytorch_model.safetensors"
 WEIGHTS_BIN = "diffusion_pytorch_model.bin"
 DENOISER_SUBFOLDERS = ("transformer", "unet")
-
-
-class PickleRefused(CheckpointError):
-    kind = "pickle-refused"
 
 
 @dataclass

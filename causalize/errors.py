@@ -42,3 +42,7 @@ class NoPlanError(ConversionError):
 
 class PassError(ConversionError):
     kind = "pass-error"
+
+
+class PickleRefused(CheckpointError):
+    kind = "pickle-refused"

@@ -1,0 +1,1 @@
+"""The causalize command line (installed as causalize.cli); see causalize.cli.app."""
