@@ -27,12 +27,19 @@ class Targets:
     time_axis: for convolutions, which spatial axis of the kernel is time (0 = first).
     conv_dims: which convolutions convolve over frames. Only Conv3d by default: a Conv2d or Conv1d
         is per-frame unless the plan says it runs over a (B, C, T, ...) layout (e.g. Sana's conv_temp).
+    context, joint, mask_format: for block-causal attention sites, where context tokens sit in
+        the joint sequence ("none" / "prefix" / "suffix"), whether the processor concatenates
+        `encoder_hidden_states` itself, and the mask format its processor expects
+        (see causalize.modules.block_attention).
     """
 
     owners: tuple[str, ...] = ()
     paths: tuple[str, ...] = ()
     time_axis: int = 0
     conv_dims: tuple[int, ...] = (3,)
+    context: str = "none"
+    joint: bool = False
+    mask_format: str = "bool4d"
 
     def iter_modules(self, model: "nn.Module", leaf: Callable[["nn.Module"], bool]) -> Iterator[tuple[str, "nn.Module"]]:
         """(path, module) of every module accepted by `leaf` that lies under an owner and matches a path."""
@@ -71,13 +78,14 @@ class Plan:
     family: str
     pipeline: str
     layout: FrameLayout
-    targets: dict[str, Targets]
+    targets: dict[str, Targets | tuple[Targets, ...]]
     tiny_config: dict[str, Any]
     make_inputs: InputsFactory
     forward: Callable[["nn.Module", dict[str, Any]], "torch.Tensor"] = default_forward
     description: str = ""
     notes: tuple[str, ...] = ()
     min_frames: int = 2
+    tokens: Callable[["nn.Module", dict[str, Any]], Any] | None = None
     source: str = field(default="", compare=False)
 
     def model_cls(self) -> type:
@@ -92,5 +100,16 @@ class Plan:
         torch.manual_seed(seed)
         return self.model_cls()(**self.tiny_config).eval()
 
-    def targets_for(self, pass_name: str) -> Targets:
-        return self.targets.get(pass_name, Targets())
+    def targets_for(self, pass_name: str) -> tuple[Targets, ...]:
+        """The target specs of a pass (several when one model has differently shaped sites)."""
+        spec = self.targets.get(pass_name, Targets())
+        return spec if isinstance(spec, tuple) else (spec,)
+
+    def iter_targets(self, pass_name: str, model: "nn.Module", leaf: Callable[["nn.Module"], bool]):
+        """(path, module, spec) of every module a pass should rewrite, each path once."""
+        seen = set()
+        for spec in self.targets_for(pass_name):
+            for path, mod in spec.iter_modules(model, leaf):
+                if path not in seen:
+                    seen.add(path)
+                    yield path, mod, spec

@@ -17,13 +17,18 @@ from causalize.errors import NoPlanError, UsageError
 from causalize.passes.registry import PassRegistry, did_you_mean
 from causalize.plan import Plan
 
-BUILTIN_PLUGINS = (
-    "causalize.passes",
-    "causalize.plugins.unet3d",
-    "causalize.plugins.svd",
-    "causalize.plugins.animatediff",
-    "causalize.plugins.i2vgenxl",
-)
+def _builtin_model_plugins() -> tuple[str, ...]:
+    """Every module in causalize.plugins is a model plugin (adding a family = adding one file)."""
+    import pkgutil
+
+    import causalize.plugins as pkg
+
+    return tuple(
+        f"causalize.plugins.{m.name}" for m in pkgutil.iter_modules(pkg.__path__) if m.name not in ("common",) and not m.name.startswith("_")
+    )
+
+
+BUILTIN_PLUGINS = ("causalize.passes", *_builtin_model_plugins())
 AUTOLOAD_ENV = "CAUSALIZE_DISABLE_PLUGIN_AUTOLOAD"
 
 

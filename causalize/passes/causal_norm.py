@@ -25,7 +25,7 @@ class CausalNorm(Pass):
         mode: Literal["per-frame", "cumulative"] = "per-frame"
 
     def _candidates(self, model: nn.Module, ctx: PassContext):
-        return list(ctx.plan.targets_for(self.name).iter_modules(model, _is_plain_groupnorm))
+        return [(path, mod) for path, mod, _ in ctx.plan.iter_targets(self.name, model, _is_plain_groupnorm)]
 
     def find_sites(self, model: nn.Module, ctx: PassContext) -> list[Site]:
         return [

@@ -26,7 +26,7 @@ class CausalTemporalAttention(Pass):
         block_size: int = 1
 
     def _candidates(self, model: nn.Module, ctx: PassContext):
-        return list(ctx.plan.targets_for(self.name).iter_modules(model, _is_attention))
+        return [(path, mod) for path, mod, _ in ctx.plan.iter_targets(self.name, model, _is_attention)]
 
     def find_sites(self, model: nn.Module, ctx: PassContext) -> list[Site]:
         sites = []

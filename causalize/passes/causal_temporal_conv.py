@@ -34,20 +34,20 @@ class CausalTemporalConv(Pass):
         transfer: Literal["shift", "masked", "extrapolative"] = "extrapolative"
         p: int = 2
 
-    def _candidates(self, model: nn.Module, ctx: PassContext):
-        targets = ctx.plan.targets_for(self.name)
-        axis = targets.time_axis
-        kinds = tuple(_CONVS[d] for d in targets.conv_dims)
+    def _candidates(self, model: nn.Module, ctx: PassContext) -> list[tuple[str, nn.Module, int]]:
+        found = []
+        for spec in ctx.plan.targets_for(self.name):
+            kinds = tuple(_CONVS[d] for d in spec.conv_dims)
 
-        def leaf(m: nn.Module) -> bool:
-            return isinstance(m, kinds) and not is_causal_conv(m) and is_temporal_conv(m, axis)
+            def leaf(m: nn.Module, kinds=kinds, axis=spec.time_axis) -> bool:
+                return isinstance(m, kinds) and not is_causal_conv(m) and is_temporal_conv(m, axis)
 
-        return axis, list(targets.iter_modules(model, leaf))
+            found += [(path, conv, spec.time_axis) for path, conv in spec.iter_modules(model, leaf)]
+        return found
 
     def find_sites(self, model: nn.Module, ctx: PassContext) -> list[Site]:
-        axis, found = self._candidates(model, ctx)
         sites = []
-        for path, conv in found:
+        for path, conv, axis in self._candidates(model, ctx):
             if _is_patch_embed(conv, axis):
                 note = f"temporal patch embedding ({_kernel_desc(conv, axis)}): groups frames, left as is"
             else:
@@ -57,9 +57,8 @@ class CausalTemporalConv(Pass):
         return sites
 
     def apply(self, model: nn.Module, ctx: PassContext) -> list[Record]:
-        axis, found = self._candidates(model, ctx)
         records = []
-        for path, conv in found:
+        for path, conv, axis in self._candidates(model, ctx):
             if _is_patch_embed(conv, axis):
                 continue
             problem = temporal_conv_problem(conv, axis)

@@ -23,7 +23,7 @@ from causalize.plan import Plan
 @torch.no_grad()
 def scan_time_mixers(model: nn.Module, plan: Plan, inputs: dict[str, Any]) -> list[dict[str, str]]:
     frames = plan.layout.num_frames(inputs)
-    axis = plan.targets_for("causal-temporal-conv").time_axis
+    axis = plan.targets_for("causal-temporal-conv")[0].time_axis
     found: dict[str, dict[str, str]] = {}
     for path, mod in model.named_modules():
         if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and not is_causal_conv(mod):

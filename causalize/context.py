@@ -1,0 +1,78 @@
+"""The per-forward frame context: what diffusers forwards have no argument for.
+
+A forward pre-hook on the root model computes, from that call's inputs, how many token frames
+the video has and how many tokens each frame has; the attention processors installed by the
+passes read it to build their masks. It is runtime state, never saved.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch.nn as nn
+
+from causalize.errors import CausalizeError
+
+CONTEXT_ATTR = "_causalize_frame_context"
+
+
+@dataclass(frozen=True)
+class TokenGrid:
+    """Video tokens of one forward call: `frames` token frames of `per_frame` tokens, frame-major."""
+
+    frames: int
+    per_frame: int
+
+    @property
+    def video_tokens(self) -> int:
+        return self.frames * self.per_frame
+
+
+TokenFn = Callable[[nn.Module, dict[str, Any]], TokenGrid]
+
+
+class FrameContext:
+    """Holds the TokenGrid of the forward call in progress (None outside a forward)."""
+
+    def __init__(self, tokens: TokenFn):
+        self.tokens = tokens
+        self.grid: TokenGrid | None = None
+
+    def current(self) -> TokenGrid:
+        if self.grid is None:
+            raise CausalizeError(
+                "a causal attention processor ran outside the model's forward (no frame context)",
+                "call the converted model itself, not one of its blocks",
+            )
+        return self.grid
+
+
+def _bound_arguments(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    try:
+        return inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments
+    except TypeError:
+        return dict(kwargs)
+
+
+def install_context(model: nn.Module, tokens: TokenFn) -> FrameContext:
+    """The model's frame context, installing the pre-hook that fills it on first use."""
+    ctx = getattr(model, CONTEXT_ATTR, None)
+    if ctx is not None:
+        return ctx
+    ctx = FrameContext(tokens)
+
+    # The hooks find the context through the module, not a closure, so that a deepcopy of the
+    # model (the causality probe runs on one) drives its own copied context and processors.
+    def pre_hook(module, args, kwargs):
+        c = getattr(module, CONTEXT_ATTR)
+        c.grid = c.tokens(module, _bound_arguments(module, args, kwargs))
+
+    def post_hook(module, args, kwargs, output):
+        getattr(module, CONTEXT_ATTR).grid = None
+
+    model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    model.register_forward_hook(post_hook, with_kwargs=True, always_call=True)
+    object.__setattr__(model, CONTEXT_ATTR, ctx)
+    return ctx

@@ -1,0 +1,54 @@
+"""WanTransformer3DModel (Wan 2.1 / 2.2): full self-attention over frame-major tokens, 3-D RoPE.
+
+Only attn1 mixes frames; attn2 is cross-attention to text (and CLIP image tokens for I2V). The
+block calls `attn1(x, None, None, rotary_emb)`, so the processor builds its mask itself.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from causalize.context import TokenGrid
+from causalize.hookspecs import hookimpl
+from causalize.layout import FrameLayout
+from causalize.plan import Plan, Targets
+from causalize.plugins.common import mid_timestep, randn
+
+
+def tokens(model, kwargs) -> TokenGrid:
+    _, _, frames, height, width = kwargs["hidden_states"].shape
+    pt, ph, pw = model.config.patch_size
+    return TokenGrid(frames // pt, (height // ph) * (width // pw))
+
+
+def make_inputs(model, frames, gen):
+    c = model.config
+    return {
+        "hidden_states": randn(gen, 1, c.in_channels, frames, 16, 16),
+        "encoder_hidden_states": randn(gen, 1, 12, c.text_dim),
+        "timestep": mid_timestep(),
+    }
+
+
+PLAN = Plan(
+    name="wan",
+    model_class="WanTransformer3DModel",
+    family="dit",
+    pipeline="block-causal-attention",
+    layout=FrameLayout(inputs={"hidden_states": 2}, output_axis=2),
+    targets={"block-causal-attention": Targets(paths=("blocks.*.attn1",))},
+    tiny_config=dict(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+    ),
+    make_inputs=make_inputs,
+    tokens=tokens,
+    description="Wan 2.1 / 2.2 text- and image-to-video DiT",
+    notes=("RoPE frame indices restart at 0 on every call: streaming needs global offsets",),
+)
+
+
+@hookimpl
+def causalize_register_plans(register):
+    register(PLAN)
