@@ -5,11 +5,12 @@ from __future__ import annotations
 from causalize.hookspecs import hookimpl
 from causalize.passes.base import Pass, PassContext, Record, Site
 from causalize.passes.block_causal_attention import BlockCausalAttention
+from causalize.passes.block_causal_linear_attention import BlockCausalLinearAttention
 from causalize.passes.causal_norm import CausalNorm
 from causalize.passes.causal_temporal_attention import CausalTemporalAttention
 from causalize.passes.causal_temporal_conv import CausalTemporalConv
 
-BUILTIN_PASSES = (CausalTemporalConv, CausalTemporalAttention, CausalNorm, BlockCausalAttention)
+BUILTIN_PASSES = (CausalTemporalConv, CausalTemporalAttention, CausalNorm, BlockCausalAttention, BlockCausalLinearAttention)
 
 
 @hookimpl

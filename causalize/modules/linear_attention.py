@@ -1,0 +1,201 @@
+"""Block-causal ReLU linear attention over frame-major tokens (Sana-Video's self-attention).
+
+Sana-Video's `SanaLinearAttnProcessor3_0` computes, per head, with φ = ReLU and R the rotary
+embedding applied after φ:
+
+    out_n = (Σ_m v_m ⊗ R(φ(k_m))) · R(φ(q_n)) / (Σ_m φ(k_m) · φ(q_n) + eps)
+
+The sums run over *all* tokens, so every frame sees every other one; an SDPA mask never reaches it
+(BACKBONES.md pitfall 9). The block-causal form keeps the same kernel but restricts the sums to
+the keys of the query's own and earlier frame blocks. Because the sums are additive it is a prefix
+sum over frames of per-frame statistics:
+
+    S_t = Σ_{m ∈ frame t} v_m ⊗ R(φ(k_m))      (C_v × C_k, fp32)
+    z_t = Σ_{m ∈ frame t} φ(k_m)                 (C_k)
+    Ŝ_t = Ŝ_{t−1} + S_t,  ẑ_t = ẑ_{t−1} + z_t    (running sums, fp32)
+    a query of frame t reads the prefix up to the last frame of its block (b = block_size):
+    out_n = Ŝ_e · R(φ(q_n)) / (ẑ_e · φ(q_n) + eps),  e = min((t // b + 1)·b, T) − 1
+
+The running sums (Ŝ, ẑ) after a chunk are a `LinearAttnState`; passing it back in continues the
+prefix, which is the recurrent form streaming uses (chunks must end on block boundaries).
+
+Numerics follow the stock processor: the numerator in fp32, the normaliser `1 / (k̂·q + 1e-15)` in
+the input dtype (the key sums are accumulated in fp32 and rounded to it once), the
+result cast back to the input dtype. With one block covering every frame this is the stock
+processor up to fp32 summation order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from causalize.context import FrameContext
+from causalize.errors import CausalizeError
+
+EPS = 1e-15  # the stock processor's normaliser epsilon
+
+
+@dataclass
+class LinearAttnState:
+    """Running sums of every key seen so far, per sample and head.
+
+    kv: (B, H, C_v, C_k) fp32 Σ v ⊗ R(φ(k)); ksum: (B, H, C_k) fp32 Σ φ(k).
+    """
+
+    kv: torch.Tensor
+    ksum: torch.Tensor
+
+
+@dataclass
+class LinearAttnFeatures:
+    """Per-head features of one call, all (B, H, N, C): φ(q), φ(k), R(φ(q)), R(φ(k)), v."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    q_rot: torch.Tensor
+    k_rot: torch.Tensor
+    v: torch.Tensor
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Interleaved-pair rotary embedding on (B, N, H, C) with (·, N, ·, C) tables (Wan-style RoPE).
+
+    Pair (x[2i], x[2i+1]) is rotated by the angle whose cosine is cos[2i] and sine sin[2i+1]. The
+    product is taken in the tables' dtype (fp64 for Sana) and rounded to x's dtype once.
+    """
+    even, odd = x[..., 0::2], x[..., 1::2]
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    rotated = torch.stack((even * c - odd * s, even * s + odd * c), dim=-1)
+    return rotated.flatten(-2).to(x.dtype)
+
+
+def features(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+             rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None) -> LinearAttnFeatures:
+    """Projections, qk-norm, the ReLU kernel and RoPE of a diffusers `Attention`, as (B, H, N, C)."""
+    source = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+    q, k, v = attn.to_q(hidden_states), attn.to_k(source), attn.to_v(source)
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    q, k, v = (x.unflatten(-1, (attn.heads, -1)) for x in (q, k, v))  # (B, N, H, C)
+    q, k = F.relu(q), F.relu(k)
+    if rotary_emb is not None:
+        q_rot, k_rot = rotate(q, *rotary_emb), rotate(k, *rotary_emb)
+    else:
+        q_rot, k_rot = q, k
+    q, k, q_rot, k_rot, v = (x.transpose(1, 2) for x in (q, k, q_rot, k_rot, v))
+    return LinearAttnFeatures(q, k, q_rot, k_rot, v)
+
+
+def group_sums(k: torch.Tensor, k_rot: torch.Tensor, v: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group key statistics of (B, H, G·L, C) keys split into `groups` equal consecutive groups.
+
+    Returns kv (B, H, G, C_v, C_k) = Σ v ⊗ R(φ(k)) and ksum (B, H, G, C_k) = Σ φ(k), both fp32.
+    Each group's sums depend on that group's tokens only.
+    """
+    kr = k_rot.float().unflatten(2, (groups, -1))  # (B, H, G, L, C_k)
+    vv = v.float().unflatten(2, (groups, -1))      # (B, H, G, L, C_v)
+    kv = vv.transpose(-1, -2) @ kr                  # (B, H, G, C_v, C_k)
+    ksum = k.float().unflatten(2, (groups, -1)).sum(dim=3)
+    return kv, ksum
+
+
+def prefix_sums(kv: torch.Tensor, ksum: torch.Tensor, state: LinearAttnState | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inclusive prefix sums over the group axis (2), continuing from `state` when given.
+
+    Written as the recurrence s_g = s_{g-1} + x_g in fp32 rather than `torch.cumsum`, whose CPU
+    kernel accumulates fp32 in fp64 and rounds each output (and whose CUDA scan order depends on
+    the length): with the explicit recurrence a run split into chunks, each continuing from the
+    previous chunk's state, performs the very same additions as one run, bit for bit, on any device.
+    Prefix g reads only groups <= g, so later groups never touch earlier outputs.
+    """
+    run_kv = None if state is None else state.kv
+    run_ks = None if state is None else state.ksum
+    kvs, kss = [], []
+    for g in range(kv.shape[2]):
+        run_kv = kv[:, :, g] if run_kv is None else run_kv + kv[:, :, g]
+        run_ks = ksum[:, :, g] if run_ks is None else run_ks + ksum[:, :, g]
+        kvs.append(run_kv)
+        kss.append(run_ks)
+    return torch.stack(kvs, dim=2), torch.stack(kss, dim=2)
+
+
+def read_out(q: torch.Tensor, q_rot: torch.Tensor, kv: torch.Tensor, ksum: torch.Tensor, groups: int) -> torch.Tensor:
+    """Queries (B, H, G·L, C) of group g read group g's sums; returns (B, H, G·L, C_v) fp32.
+
+    The numerator is fp32; the normaliser 1 / (ẑ·φ(q) + eps) is computed in q's dtype, as in the
+    stock processor.
+    """
+    qg = q.unflatten(2, (groups, -1))                     # (B, H, G, L, C_k)
+    qr = q_rot.float().unflatten(2, (groups, -1))
+    num = qr @ kv.transpose(-1, -2)                         # (B, H, G, L, C_v)
+    den = qg @ ksum.to(q.dtype).unsqueeze(-1)               # (B, H, G, L, 1)
+    z = 1 / (den + EPS)
+    return (num * z).flatten(2, 3)
+
+
+def block_ends(frames: int, block_size: int, device=None) -> torch.Tensor:
+    """Index of the last frame of each frame's block: min((t // b + 1)·b, T) − 1."""
+    t = torch.arange(frames, device=device)
+    return torch.clamp((t // block_size + 1) * block_size, max=frames) - 1
+
+
+def block_causal_linear_attention(f: LinearAttnFeatures, frames: int, block_size: int = 1,
+                                  state: LinearAttnState | None = None) -> tuple[torch.Tensor, LinearAttnState]:
+    """Block-causal linear attention over `frames` frame-major frames of equal token count.
+
+    Returns the (B, H, N, C_v) fp32 output and the running sums after the last frame.
+    """
+    kv, ksum = prefix_sums(*group_sums(f.k, f.k_rot, f.v, frames), state)
+    final = LinearAttnState(kv[:, :, -1], ksum[:, :, -1])
+    if block_size > 1:
+        ends = block_ends(frames, block_size, kv.device)
+        kv, ksum = kv.index_select(2, ends), ksum.index_select(2, ends)
+    return read_out(f.q, f.q_rot, kv, ksum, frames), final
+
+
+def global_linear_attention(f: LinearAttnFeatures) -> torch.Tensor:
+    """Every query reads the sums of every key: the stock, non-causal form (keys may be context)."""
+    kv, ksum = group_sums(f.k, f.k_rot, f.v, 1)
+    return read_out(f.q, f.q_rot, kv, ksum, 1)
+
+
+class BlockCausalLinearAttnProcessor:
+    """Replaces `SanaLinearAttnProcessor3_0`: the same ReLU linear attention, block-causal over frames.
+
+    Self-attention calls read the frame grid of the forward in progress from `context`; a query of
+    frame t sees the keys of every frame whose block (frame // block_size) is <= t's block. A call
+    with `encoder_hidden_states` attends to context tokens, not frames, and stays global. The
+    stock processor ignores `attention_mask`, and so does this one.
+    """
+
+    def __init__(self, context: FrameContext, block_size: int = 1):
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.context = context
+        self.block_size = block_size
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        f = features(attn, hidden_states, encoder_hidden_states, rotary_emb)
+        if encoder_hidden_states is not None:
+            out = global_linear_attention(f)
+        else:
+            grid = self.context.current()
+            if hidden_states.shape[1] != grid.video_tokens:
+                raise CausalizeError(
+                    f"linear attention over {hidden_states.shape[1]} tokens does not fit {grid.frames} frames x {grid.per_frame} tokens",
+                    "the plan's token layout is wrong for this model: fix its `tokens` function",
+                )
+            out, _ = block_causal_linear_attention(f, grid.frames, self.block_size)
+        out = out.transpose(1, 2).flatten(2).to(dtype)  # (B, N, H·C_v)
+        out = attn.to_out[0](out)
+        return attn.to_out[1](out)
+
+    def __repr__(self) -> str:
+        return f"BlockCausalLinearAttnProcessor(block_size={self.block_size})"
