@@ -18,7 +18,7 @@ def demo_family(plan, workdir: Path, frames: int = DEFAULT_FRAMES, seed: int = 0
     src = workdir / "base" / plan.name
     base.save_pretrained(src, safe_serialization=True)
     before = verify_model(base, plan, frames=frames)
-    report = convert(src, workdir / "causal" / plan.name, overwrite=True, frames=frames, progress=progress)
+    report = convert(src, workdir / "causal" / plan.name, plan=plan.name, overwrite=True, frames=frames, progress=progress)
     after = verify_model(load(report.out), plan, frames=frames)
     culprit = before.culprit
     return {

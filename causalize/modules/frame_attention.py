@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from causalize.layout import causal_block_allowed
+from causalize.modules.wrapping import AdvertisedCall
 
 
 def frame_causal_bias(
@@ -33,6 +34,7 @@ class CausalFrameAttnProcessor:
     def __init__(self, inner: object, block_size: int = 1):
         self.inner = inner
         self.block_size = block_size
+        self.__call__ = AdvertisedCall(self)  # keyword arguments the inner processor names get through
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         if encoder_hidden_states is None and hidden_states.ndim == 3:

@@ -14,7 +14,16 @@ from causalize.passes.base import Pass, PassContext, Record, Site
 
 
 def _has_processor(m: nn.Module) -> bool:
-    return hasattr(m, "processor") and callable(getattr(m, "set_processor", None))
+    return callable(getattr(m, "processor", None))
+
+
+def _set_processor(m: nn.Module, processor) -> None:
+    """`set_processor` where the class has one (it may do bookkeeping); a plain assignment otherwise
+    (e.g. MochiAttention in diffusers 0.42 has a `processor` but no setter)."""
+    if callable(getattr(m, "set_processor", None)):
+        m.set_processor(processor)
+    else:
+        m.processor = processor
 
 
 class BlockCausalAttention(Pass):
@@ -54,7 +63,7 @@ class BlockCausalAttention(Pass):
             if isinstance(attn.processor, BlockCausalAttnProcessor):
                 continue
             before = type(attn.processor).__name__
-            attn.set_processor(BlockCausalAttnProcessor(
+            _set_processor(attn, BlockCausalAttnProcessor(
                 attn.processor, frame_ctx, block_size=ctx.options.block_size, position=spec.context,
                 joint=spec.joint, mask_format=spec.mask_format, context_sees_video=ctx.options.context_sees_video,
             ))

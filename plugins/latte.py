@@ -1,0 +1,102 @@
+"""LatteTransformer3DModel: spatial blocks over (B·F, H·W) alternate with temporal blocks over (B·H·W, F).
+
+Only the temporal blocks' self-attention (`temporal_transformer_blocks.*.attn1`) mixes frames;
+its sequence is the F frames of one patch position, so the UNet-style frame-causal (tril) mask
+of `causal-temporal-attention` is all it needs. The spatial blocks (self-attention over the
+patches of one frame, cross-attention to the caption) are per frame. AdaLN-single is per sample.
+
+Fixed frame count: `temp_pos_embed` is a sincos table of exactly `video_length` rows, added
+(unsliced) before the first temporal block, so the stock model only runs on F == video_length
+frames. The plan's `forward` therefore swaps in the table of the call's own frame count for
+the duration of the call: the first F rows of the same sincos table (what a model built with
+video_length=F holds; for F < video_length a slice, bit-identical), restored afterwards. This
+is what lets the checker probe 3 or 5 frames and run on T−1 frames to localise a leak; calling
+the model directly still needs F == video_length.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+
+from causalize.hookspecs import hookimpl
+from causalize.layout import FrameLayout
+from causalize.plan import Plan, Targets, default_forward
+from causalize.plugins.common import mid_timestep, randn
+
+
+def temporal_positions(table: torch.Tensor, frames: int) -> torch.Tensor:
+    """The (1, frames, D) sincos frame table `LatteTransformer3DModel.__init__` builds for video_length=frames."""
+    if frames <= table.shape[1]:
+        return table[:, :frames]
+    from diffusers.models.embeddings import get_1d_sincos_pos_embed_from_grid
+
+    grid = torch.arange(0, frames).unsqueeze(1)
+    return get_1d_sincos_pos_embed_from_grid(table.shape[-1], grid, output_type="pt").float().unsqueeze(0).to(table)
+
+
+@contextmanager
+def frame_count(model: nn.Module, frames: int) -> Iterator[None]:
+    """Run `model` on `frames` frames: its `temp_pos_embed` buffer holds that many rows meanwhile."""
+    table = model.temp_pos_embed
+    if frames <= 1 or frames == table.shape[1]:
+        yield
+        return
+    model.temp_pos_embed = temporal_positions(table, frames)
+    try:
+        yield
+    finally:
+        model.temp_pos_embed = table
+
+
+def forward(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+    with frame_count(model, inputs["hidden_states"].shape[2]):
+        return default_forward(model, inputs)
+
+
+def make_inputs(model, frames, gen):
+    c = model.config
+    size = c.sample_size
+    return {
+        "hidden_states": randn(gen, 1, c.in_channels, frames, size, size),
+        "encoder_hidden_states": randn(gen, 1, 8, c.caption_channels),
+        "timestep": mid_timestep(),
+        "enable_temporal_attentions": True,
+    }
+
+
+PLAN = Plan(
+    name="latte",
+    model_class="LatteTransformer3DModel",
+    family="dit",
+    pipeline="causal-temporal-attention",
+    layout=FrameLayout(inputs={"hidden_states": 2}, output_axis=2),
+    targets={
+        # self-attention over the F frames of one patch position (the pass leaves cross-attention alone)
+        "causal-temporal-attention": Targets(paths=("temporal_transformer_blocks.*",)),
+    },
+    tiny_config=dict(
+        sample_size=8, num_layers=2, patch_size=2, attention_head_dim=4, num_attention_heads=2, caption_channels=8,
+        in_channels=4, cross_attention_dim=8, out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-06,
+        video_length=4,
+    ),
+    make_inputs=make_inputs,
+    forward=forward,
+    description="Latte text-to-video DiT (alternating spatial and temporal blocks)",
+    notes=(
+        "temporal attention is over frames: a tril mask (causal-temporal-attention), as in the UNets",
+        "temp_pos_embed is fixed to video_length frames; the plan's forward swaps in the table of the "
+        "call's frame count (a slice of the same sincos table) so the checker can probe other lengths; "
+        "the model called directly still needs F == video_length",
+        "absolute frame positions: streaming past video_length, or with a cache, needs global indices",
+    ),
+)
+
+
+@hookimpl
+def causalize_register_plans(register):
+    register(PLAN)

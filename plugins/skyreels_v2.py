@@ -1,0 +1,70 @@
+"""SkyReelsV2Transformer3DModel (SkyReels-V2 T2V / I2V / DF): Wan's DiT plus an optional native block mask.
+
+Tokens, RoPE, AdaLN and the attn1 / attn2 split are Wan's. The differences that matter here:
+
+- `forward` builds a dense boolean (1, 1, N, N) block-causal mask only when
+  `config.num_frame_per_block > 1` (set by `_set_ar_attention(k)`), and every block hands it to
+  attn1 *positionally*: `attn1(x, None, attention_mask, rotary_emb)`. With the default
+  `num_frame_per_block=1` that argument is `None` and attention is full (BACKBONES pitfall 5).
+- Our processor therefore builds its own frame-causal mask from the frame context and, when the
+  native mask is present, ANDs the two (boolean masks stay boolean for `dispatch_attention_fn`):
+  the result is never less causal than either.
+"""
+
+from __future__ import annotations
+
+from causalize.context import TokenGrid
+from causalize.hookspecs import hookimpl
+from causalize.layout import FrameLayout
+from causalize.plan import Plan, Targets
+from causalize.plugins.common import mid_timestep, randn
+
+
+def tokens(model, kwargs) -> TokenGrid:
+    _, _, frames, height, width = kwargs["hidden_states"].shape
+    pt, ph, pw = model.config.patch_size
+    return TokenGrid(frames // pt, (height // ph) * (width // pw))
+
+
+def make_inputs(model, frames, gen):
+    c = model.config
+    return {
+        "hidden_states": randn(gen, 1, c.in_channels, frames, 16, 16),
+        "encoder_hidden_states": randn(gen, 1, 12, c.text_dim),
+        "timestep": mid_timestep(),
+    }
+
+
+PLAN = Plan(
+    name="skyreels-v2",
+    model_class="SkyReelsV2Transformer3DModel",
+    family="dit",
+    pipeline="block-causal-attention",
+    layout=FrameLayout(inputs={"hidden_states": 2}, output_axis=2),
+    # attn1: video self-attention (frame-major tokens). attn2 is cross-attention to text (and, for
+    # I2V, CLIP image tokens through add_k_proj / add_v_proj): it never mixes frames.
+    targets={"block-causal-attention": Targets(paths=("blocks.*.attn1",), mask_format="bool4d")},
+    tiny_config=dict(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+    ),
+    make_inputs=make_inputs,
+    tokens=tokens,
+    description="SkyReels-V2 text/image-to-video and diffusion-forcing DiT (Wan architecture)",
+    notes=(
+        "the native num_frame_per_block=1 builds no mask (full attention); the converted model is frame-causal "
+        "for any num_frame_per_block",
+        "with num_frame_per_block=k>1 the native (1,1,N,N) block mask reaches attn1 positionally and is ANDed with "
+        "ours: the result is frame-causal; for k-frame blocks convert with block-causal-attention{block_size=k}",
+        "native num_frame_per_block>1 requires the latent frame count to be a multiple of k (its mask view fails "
+        "otherwise); ours has no such constraint",
+        "per-frame timesteps: enable_diffusion_forcing=True with timestep (B, F) gives per-frame AdaLN",
+        "RoPE frame indices restart at 0 on every call: streaming needs global offsets",
+    ),
+)
+
+
+@hookimpl
+def causalize_register_plans(register):
+    register(PLAN)
