@@ -37,15 +37,16 @@ def _registries() -> "Registries":
     return registries()
 
 
-def plan_for(model_or_class: Any, plan: str | Plan | None = None) -> Plan:
-    """The plan named `plan`, or the one registered for the model's class."""
+def plan_for(model_or_class: Any, plan: str | Plan | None = None, config: dict | None = None) -> Plan:
+    """The plan named `plan`, or the one registered for the model's class (and config)."""
     if isinstance(plan, Plan):
         return plan
     regs = _registries()
     if plan:
         return regs.plans.get(plan)
-    name = model_or_class if isinstance(model_or_class, str) else type(model_or_class).__name__
-    return regs.plans.for_class(name)
+    if isinstance(model_or_class, str):
+        return regs.plans.for_class(model_or_class, config)
+    return regs.plans.for_class(type(model_or_class).__name__, config if config is not None else getattr(model_or_class, "config", None))
 
 
 def parse_pipeline(text: str | Pipeline | None, plan: Plan) -> Pipeline:
@@ -244,7 +245,7 @@ def convert(
     out = Path(out)
     md = checkpoint.open_model_dir(src, subfolder)
     checkpoint.check_out_path(md.path, out, overwrite or dry_run)  # a dry run writes nothing
-    the_plan = plan_for(md.class_name, plan)
+    the_plan = plan_for(md.class_name, plan, md.config)
     pipe = parse_pipeline(pipeline, the_plan)
     model = checkpoint.build_empty(md.class_name, md.config)
     checkpoint.assign_weights(model, checkpoint.load_state_dict(md, allow_pickle), md.path)

@@ -86,6 +86,8 @@ class Plan:
     notes: tuple[str, ...] = ()
     min_frames: int = 2
     tokens: Callable[["nn.Module", dict[str, Any]], Any] | None = None
+    # For classes with several plans (CogVideoX 1.0 / 1.5): does this plan fit a given config?
+    accepts: Callable[[dict[str, Any]], bool] | None = None
     source: str = field(default="", compare=False)
 
     def model_cls(self) -> type:

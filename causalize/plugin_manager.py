@@ -53,8 +53,12 @@ class PlanRegistry:
         except KeyError:
             raise UsageError(f"unknown plan '{name}'.{did_you_mean(name, self._plans)}", "run `causalize plugins` to list plans") from None
 
-    def for_class(self, class_name: str) -> Plan:
+    def for_class(self, class_name: str, config: dict | None = None) -> Plan:
+        """The plan for a diffusers class; with several, the first whose `accepts(config)` holds."""
         matches = [p for p in self._plans.values() if p.model_class == class_name]
+        if config is not None and len(matches) > 1:
+            fitting = [p for p in matches if p.accepts is None or p.accepts(dict(config))]
+            matches = fitting or matches
         if not matches:
             supported = ", ".join(sorted(f"{p.model_class} ({p.name})" for p in self._plans.values()))
             raise NoPlanError(

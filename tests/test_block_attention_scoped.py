@@ -310,3 +310,25 @@ def test_mochi_unconverted_leaks_in_both_samples(mochi):
     m = _per_sample_influence(base, plan, _mochi_batch(base))
     for b in range(2):
         assert max(float(m[b, i, j, b]) for j in range(4) for i in range(j)) > 1e-3
+
+
+def test_mask_cache_distinguishes_grids_of_equal_length():
+    """4 frames of 64 tokens and 1 frame of 256 tokens have the same length but different masks."""
+    import torch
+
+    from causalize.context import FrameContext, TokenGrid
+    from causalize.modules.block_attention import BlockCausalAttnProcessor, block_causal_mask, token_frame_ids
+
+    seen = []
+
+    def inner(attn, hidden_states, encoder_hidden_states, attention_mask, *a, **k):
+        seen.append(attention_mask)
+        return hidden_states
+
+    ctx = FrameContext(tokens=None)
+    proc = BlockCausalAttnProcessor(inner, ctx)
+    x = torch.zeros(1, 256, 4)
+    for grid in (TokenGrid(4, 64), TokenGrid(1, 256)):
+        ctx.grid = grid
+        proc(None, x)
+        assert torch.equal(seen[-1][0, 0], block_causal_mask(token_frame_ids(grid)))

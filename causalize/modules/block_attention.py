@@ -204,15 +204,16 @@ class BlockCausalAttnProcessor:
             length += encoder_hidden_states.shape[1]
         context_len = length - grid.video_tokens
         if context_len < 0 or (context_len > 0 and self.position == "none"):
-            raise CausalizeError(
-                f"attention sequence of {length} tokens does not fit {grid.frames} frames x {grid.per_frame} tokens"
-                + ("" if self.position == "none" else f" + {self.position} context"),
-                "the plan's token layout is wrong for this model: fix its `tokens` function",
-            )
+            self._misfit(length, grid)
         return token_frame_ids(grid, context_len, self.position, hidden_states.device)
 
+    @staticmethod
+    def _mask_key(kind: str, fid: torch.Tensor, *extra) -> tuple:
+        """Length, context count and frame count fix the token grid (two grids with the same T·P differ)."""
+        return (kind, fid.numel(), int((fid < 0).sum()), int(fid.max()), *extra)
+
     def _dense(self, fid, attn, hidden_states, attention_mask):
-        key = ("dense", fid.numel(), int((fid < 0).sum()), hidden_states.device, hidden_states.dtype)
+        key = self._mask_key("dense", fid, hidden_states.device, hidden_states.dtype)
         if self._cache and self._cache[0] == key:
             allowed, bias = self._cache[1]
         else:
@@ -274,7 +275,7 @@ class BlockCausalAttnProcessor:
         )
 
     def _call_flex(self, fid, attn, hidden_states, encoder_hidden_states, *args, **kwargs):
-        key = ("flex", fid.numel(), int((fid < 0).sum()), hidden_states.device)
+        key = self._mask_key("flex", fid, hidden_states.device)
         if self._cache and self._cache[0] == key:
             block_mask = self._cache[1]
         else:

@@ -61,8 +61,10 @@ def _record(model: nn.Module, visit: Callable[[str, int, str, list[torch.Tensor]
 
 
 def _frame_axes(model, inputs, layout, forward, frames: int) -> dict[Key, tuple[int, int]]:
-    """(axis, entries per frame) for every tensor whose frame axis the T / T−1 comparison reveals."""
-    shapes: dict[int, dict[Key, tuple[int, ...]]] = {frames: {}, frames - 1: {}}
+    """(axis, entries per causal block) for every tensor whose frame axis the T / T−b comparison
+    reveals (b = block size: a temporally patched model holds T/b token frames)."""
+    b = layout.block_size
+    shapes: dict[int, dict[Key, tuple[int, ...]]] = {frames: {}, frames - b: {}}
 
     def make_visit(store):
         def visit(path, call, kind, ts):
@@ -71,29 +73,29 @@ def _frame_axes(model, inputs, layout, forward, frames: int) -> dict[Key, tuple[
 
         return visit
 
-    for n in (frames, frames - 1):
+    for n in (frames, frames - b):
         with _record(model, make_visit(shapes[n])), torch.no_grad():
             forward(model, slice_frames(inputs, layout, n) if n != frames else inputs)
     axes: dict[Key, tuple[int, int]] = {}
     for key, full in shapes[frames].items():
-        short = shapes[frames - 1].get(key)
+        short = shapes[frames - b].get(key)
         if short is None or len(short) != len(full):
             continue
         diff = [d for d in range(len(full)) if full[d] != short[d]]
         if len(diff) != 1:
             continue
         d = diff[0]
-        per = full[d] // frames
-        if per * frames == full[d] and per * (frames - 1) == short[d]:
+        per = full[d] - short[d]
+        if per > 0 and per * (frames // b) == full[d]:
             axes[key] = (d, per)
     return axes
 
 
-def _digest(t: torch.Tensor, axis_per: tuple[int, int] | None, past: int) -> str:
-    """Hash of the past-frame region of t (the whole tensor if its frame axis is unknown)."""
+def _digest(t: torch.Tensor, axis_per: tuple[int, int] | None, past_blocks: int) -> str:
+    """Hash of the region of t before block `past_blocks` (the whole tensor if its frame axis is unknown)."""
     if axis_per is not None:
         axis, per = axis_per
-        t = t.narrow(axis, 0, past * per)
+        t = t.narrow(axis, 0, past_blocks * per)
     data = t.detach().contiguous().cpu()
     if data.dtype == torch.bfloat16:
         data = data.float()
@@ -105,14 +107,14 @@ def localize_leak(
     model: nn.Module, inputs: dict[str, Any], layout: FrameLayout, forward: Forward, j: int, seed: int = 0
 ) -> tuple[list[dict[str, Any]], str]:
     """Modules whose output moved before frame j's block while their input did not, in execution order."""
-    frames = layout.num_frames(inputs)
-    if frames < 2:
-        return [], "localisation needs at least 2 frames"
-    past = (j // layout.block_size) * layout.block_size
+    frames, b = layout.num_frames(inputs), layout.block_size
+    if frames < 2 * b or frames % b:
+        return [], f"localisation needs a multiple of the block size ({b}) of at least {2 * b} frames"
+    past = j // b  # causal blocks strictly before frame j's
     try:
         axes = _frame_axes(model, inputs, layout, forward, frames)
-    except Exception as exc:  # models with a fixed frame count cannot run on T-1 frames
-        return [], f"could not localise: the model does not run on {frames - 1} frames ({type(exc).__name__}: {exc})"
+    except Exception as exc:  # models with a fixed frame count cannot run on T-b frames
+        return [], f"could not localise: the model does not run on {frames - b} frames ({type(exc).__name__}: {exc})"
 
     def run(run_inputs) -> tuple[dict[Key, str], list[str]]:
         digests: dict[Key, str] = {}

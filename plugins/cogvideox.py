@@ -1,0 +1,132 @@
+"""CogVideoXTransformer3DModel, 1.0 (patch_size_t=None) and 1.5 (patch_size_t=2): joint [text ; video] attention.
+
+Every block runs one attention, `attn1`, whose processor (`CogVideoXAttnProcessor2_0`) concatenates
+`encoder_hidden_states` (the text stream) in front of the video tokens itself: the joint sequence is
+[text ; video frame-major]. So the site is joint with a prefix context, and the mask goes through
+`attn.prepare_attention_mask` ("heads3d"). Text rows see only text, otherwise the text stream would
+carry future frames into the next layer (BACKBONES.md pitfall 6).
+
+CogVideoX 1.5 patchifies (p_t=2, p, p) with a Linear: latent frames 2k and 2k+1 share every token,
+so no attention mask can separate them (pitfall 8). Its plan is block-causal over token frames
+(the pass's block_size=1 token frame) and is verified with blocks of 2 latent frames
+(FrameLayout.block_size=2).
+"""
+
+from __future__ import annotations
+
+from causalize.context import TokenGrid
+from causalize.errors import UsageError
+from causalize.hookspecs import hookimpl
+from causalize.layout import FrameLayout
+from causalize.plan import Plan, Targets
+from causalize.plugins.common import mid_timestep, randn
+
+TARGETS = Targets(paths=("transformer_blocks.*.attn1",), context="prefix", joint=True, mask_format="heads3d")
+
+
+def _temporal_patch(model) -> int:
+    return model.config.patch_size_t or 1
+
+
+def _tokens_for(plan_name: str, patch_t: int, other: str):
+    """The plan's `tokens`: (B, F, C, H, W) latents -> F / p_t token frames of (H/p)·(W/p) tokens each.
+
+    It refuses a model of the other CogVideoX version, whose causal block (1 or 2 latent frames)
+    this plan's verification layout would get wrong.
+    """
+
+    def tokens(model, kwargs) -> TokenGrid:
+        if _temporal_patch(model) != patch_t:
+            raise UsageError(
+                f"plan '{plan_name}' is for CogVideoX with patch_size_t={patch_t if patch_t > 1 else None}, "
+                f"this model has patch_size_t={model.config.patch_size_t}",
+                f"use --plan {other}",
+            )
+        _, frames, _, height, width = kwargs["hidden_states"].shape
+        p = model.config.patch_size
+        return TokenGrid(frames // patch_t, (height // p) * (width // p))
+
+    return tokens
+
+
+def make_inputs(model, frames, gen):
+    c = model.config
+    pt = _temporal_patch(model)
+    if frames % pt:
+        raise UsageError(
+            f"CogVideoX with patch_size_t={pt} needs a multiple of {pt} latent frames, got {frames}",
+            f"use {frames + pt - frames % pt} frames (the CogVideoX 1.5 pipeline also pads latents to a multiple of patch_size_t)",
+        )
+    if c.use_learned_positional_embeddings:  # these checkpoints refuse any other resolution
+        height, width = c.sample_height, c.sample_width
+    else:
+        height = width = 4 * c.patch_size
+    inputs = {
+        "hidden_states": randn(gen, 1, frames, c.in_channels, height, width),
+        # sincos position embeddings have exactly max_text_seq_length text slots
+        "encoder_hidden_states": randn(gen, 1, c.max_text_seq_length, c.text_embed_dim),
+        "timestep": mid_timestep(),
+    }
+    if c.ofs_embed_dim:  # CogVideoX 1.5 I2V: the pipeline passes ofs = 2.0
+        inputs["ofs"] = inputs["hidden_states"].new_full((1,), 2.0)
+    return inputs
+
+
+_TINY = dict(
+    num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=2, text_embed_dim=8,
+    num_layers=2, sample_width=8, sample_height=8, sample_frames=13, patch_size=2, patch_size_t=None,
+    temporal_compression_ratio=4, max_text_seq_length=8, use_rotary_positional_embeddings=True,
+)
+
+_COMMON_NOTES = (
+    "joint attention over [text ; video]: text rows see only text (context_sees_video=false), "
+    "video rows see the text, their own and earlier token frames",
+    "3-D RoPE (image_rotary_emb) is computed by the pipeline; the example inputs leave it out (RoPE never mixes frames)",
+    "RoPE / sincos frame positions restart at 0 on every call: streaming needs global offsets",
+)
+
+PLAN = Plan(
+    name="cogvideox",
+    model_class="CogVideoXTransformer3DModel",
+    family="dit",
+    pipeline="block-causal-attention",
+    layout=FrameLayout(inputs={"hidden_states": 1}, output_axis=1),
+    targets={"block-causal-attention": TARGETS},
+    tiny_config=_TINY,
+    make_inputs=make_inputs,
+    tokens=_tokens_for("cogvideox", 1, "cogvideox15"),
+    accepts=lambda config: (config.get("patch_size_t") or 1) == 1,
+    description="CogVideoX 1.0 text/image-to-video DiT (patch_size_t=None): one token frame per latent frame, frame-causal",
+    notes=_COMMON_NOTES,
+)
+
+PLAN_15 = Plan(
+    name="cogvideox15",
+    model_class="CogVideoXTransformer3DModel",
+    family="dit",
+    pipeline="block-causal-attention",
+    layout=FrameLayout(inputs={"hidden_states": 1}, output_axis=1, block_size=2),
+    targets={"block-causal-attention": TARGETS},
+    tiny_config={**_TINY, "patch_size_t": 2},
+    make_inputs=make_inputs,
+    tokens=_tokens_for("cogvideox15", 2, "cogvideox"),
+    accepts=lambda config: (config.get("patch_size_t") or 1) == 2,
+    description=(
+        "CogVideoX 1.5 DiT (patch_size_t=2): two latent frames share each token, so per-latent-frame causality is "
+        "impossible; causal over blocks of 2 latent frames (= 1 token frame)"
+    ),
+    notes=(
+        "per-latent-frame causality is IMPOSSIBLE: the (2, p, p) patch embedding mixes latent frames 2k and 2k+1 "
+        "into the same tokens, so they always see each other",
+        "verified block = 2 latent frames (layout block_size=2); the pass's block_size counts token frames (1 = 2 latent frames)",
+        "needs an even number of latent frames (the model cannot patchify an odd count); probe with >= 4 (two blocks)",
+        *_COMMON_NOTES,
+    ),
+    min_frames=4,
+)
+
+
+@hookimpl
+def causalize_register_plans(register):
+    register(PLAN)
+    register(PLAN_15)
