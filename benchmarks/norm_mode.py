@@ -144,7 +144,7 @@ def main() -> None:
         # zero-initialised output layers make some temporal branches (and so their norms) inert.
         configs.update({f"{c}@as-init": (p, cfg, False) for c, (p, cfg) in base.items()})
     primary = [c for c, v in configs.items() if v[2]]
-    secondary = [c for c, v in configs.items() if not v[2]]
+    [c for c, v in configs.items() if not v[2]]
 
     results: list[dict[str, Any]] = []  # one row per config × seed × frames × kind × variant
     model_info: dict[str, Any] = {}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from causalize.context import TokenGrid
+
 UNET_PIPELINE = "causal-temporal-conv,causal-temporal-attention,causal-norm"
 
 
@@ -20,3 +22,11 @@ def randn(gen: torch.Generator, *shape: int) -> torch.Tensor:
 
 def mid_timestep() -> torch.Tensor:
     return torch.tensor([500])
+
+
+def patch3d_tokens(model: nn.Module, kwargs: dict) -> TokenGrid:
+    """Token grid of a DiT whose `hidden_states` is (B, C, F, H, W) and whose config has a
+    (p_t, p_h, p_w) `patch_size` (Wan, SkyReels-V2, Cosmos, Sana-Video): frame-major tokens."""
+    _, _, frames, height, width = kwargs["hidden_states"].shape
+    pt, ph, pw = model.config.patch_size
+    return TokenGrid(frames // pt, (height // ph) * (width // pw))

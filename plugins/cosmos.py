@@ -26,11 +26,10 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
-from causalize.context import TokenGrid
 from causalize.hookspecs import hookimpl
 from causalize.layout import FrameLayout
 from causalize.plan import Plan, Targets, default_forward
-from causalize.plugins.common import mid_timestep, randn
+from causalize.plugins.common import patch3d_tokens as tokens, mid_timestep, randn
 
 _COSMOS_MODULE = "diffusers.models.transformers.transformer_cosmos"
 
@@ -82,12 +81,6 @@ def forward(model, inputs: dict[str, Any]) -> torch.Tensor:
     """The model's own forward, inside the torchvision shim (a no-op when torchvision is installed)."""
     with torchvision_resize_shim():
         return default_forward(model, inputs)
-
-
-def tokens(model, kwargs) -> TokenGrid:
-    _, _, frames, height, width = kwargs["hidden_states"].shape
-    pt, ph, pw = model.config.patch_size
-    return TokenGrid(frames // pt, (height // ph) * (width // pw))
 
 
 def make_inputs(model, frames, gen):

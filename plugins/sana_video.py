@@ -12,17 +12,10 @@ target. The patch embedding is Conv3d (1,2,2) with stride = kernel: frame-local.
 
 from __future__ import annotations
 
-from causalize.context import TokenGrid
 from causalize.hookspecs import hookimpl
 from causalize.layout import FrameLayout
 from causalize.plan import Plan, Targets
-from causalize.plugins.common import mid_timestep, randn
-
-
-def tokens(model, kwargs) -> TokenGrid:
-    _, _, frames, height, width = kwargs["hidden_states"].shape
-    pt, ph, pw = model.config.patch_size
-    return TokenGrid(frames // pt, (height // ph) * (width // pw))
+from causalize.plugins.common import patch3d_tokens as tokens, mid_timestep, randn
 
 
 def make_inputs(model, frames, gen):

@@ -13,17 +13,10 @@ Tokens, RoPE, AdaLN and the attn1 / attn2 split are Wan's. The differences that 
 
 from __future__ import annotations
 
-from causalize.context import TokenGrid
 from causalize.hookspecs import hookimpl
 from causalize.layout import FrameLayout
 from causalize.plan import Plan, Targets
-from causalize.plugins.common import mid_timestep, randn
-
-
-def tokens(model, kwargs) -> TokenGrid:
-    _, _, frames, height, width = kwargs["hidden_states"].shape
-    pt, ph, pw = model.config.patch_size
-    return TokenGrid(frames // pt, (height // ph) * (width // pw))
+from causalize.plugins.common import patch3d_tokens as tokens, mid_timestep, randn
 
 
 def make_inputs(model, frames, gen):

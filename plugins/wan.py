@@ -6,19 +6,11 @@ block calls `attn1(x, None, None, rotary_emb)`, so the processor builds its mask
 
 from __future__ import annotations
 
-import torch
 
-from causalize.context import TokenGrid
 from causalize.hookspecs import hookimpl
 from causalize.layout import FrameLayout
 from causalize.plan import Plan, Targets
-from causalize.plugins.common import mid_timestep, randn
-
-
-def tokens(model, kwargs) -> TokenGrid:
-    _, _, frames, height, width = kwargs["hidden_states"].shape
-    pt, ph, pw = model.config.patch_size
-    return TokenGrid(frames // pt, (height // ph) * (width // pw))
+from causalize.plugins.common import patch3d_tokens as tokens, mid_timestep, randn
 
 
 def make_inputs(model, frames, gen):
