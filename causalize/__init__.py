@@ -23,6 +23,7 @@ _LAZY = {
     "registries": "causalize.plugin_manager",
     "hookimpl": "causalize.hookspecs",
     "assert_causal": "causalize.testing.asserts",
+    "WorldModel": "causalize.world_model",
 }
 
 

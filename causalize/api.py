@@ -55,6 +55,20 @@ def parse_pipeline(text: str | Pipeline | None, plan: Plan) -> Pipeline:
     return parse(text if text is not None else plan.pipeline, _registries().passes)
 
 
+def with_action_adapter(pipe: Pipeline, action_dim: int, action_type: str) -> Pipeline:
+    """The pipeline with `frame-conditioning{action_dim=N,action_type=T}` set (appended if absent)."""
+    from causalize.errors import UsageError
+
+    if action_dim < 0:
+        raise UsageError(f"--action-dim must be >= 0, got {action_dim}")
+    if action_type not in ("continuous", "discrete"):
+        raise UsageError(f"--action-type must be continuous or discrete, got {action_type!r}")
+    step = f"frame-conditioning{{action_dim={action_dim},action_type={action_type}}}"
+    if "frame-conditioning" in pipe.names():
+        return pipe.replace_options("frame-conditioning", action_dim=action_dim, action_type=action_type)
+    return parse(f"{pipe},{step}", _registries().passes)
+
+
 @dataclass
 class PassRun:
     name: str
@@ -232,12 +246,16 @@ def convert(
     allow_pickle: bool = False,
     allow_leak: bool = False,
     verify: bool = True,
+    action_dim: int = 0,
+    action_type: str = "continuous",
     frames: int = DEFAULT_FRAMES,
     progress: Progress | None = None,
 ) -> ConvertReport:
     """Convert a diffusers checkpoint directory into a causal one at OUT (atomically; SRC untouched).
 
     If verification fails, nothing is written unless `allow_leak` (the manifest then records it).
+    `action_dim` > 0 appends `frame-conditioning{action_dim=N,action_type=...}` to the pipeline:
+    per-frame timesteps and a frame-level action adapter (see causalize.WorldModel).
     """
     from causalize import checkpoint
 
@@ -247,6 +265,8 @@ def convert(
     checkpoint.check_out_path(md.path, out, overwrite or dry_run)  # a dry run writes nothing
     the_plan = plan_for(md.class_name, plan, md.config)
     pipe = parse_pipeline(pipeline, the_plan)
+    if action_dim:
+        pipe = with_action_adapter(pipe, action_dim, action_type)
     model = checkpoint.build_empty(md.class_name, md.config)
     checkpoint.assign_weights(model, checkpoint.load_state_dict(md, allow_pickle), md.path)
     seconds = {"load": time.perf_counter() - t0}

@@ -34,11 +34,16 @@ TokenFn = Callable[[nn.Module, dict[str, Any]], TokenGrid]
 
 
 class FrameContext:
-    """Holds the TokenGrid of the forward call in progress (None outside a forward)."""
+    """Per-call state: the TokenGrid of the forward in progress (None outside a forward), and the
+    per-frame conditioning a WorldModel call sets: timesteps (B, T), action embeddings (B, T, D)."""
 
-    def __init__(self, tokens: TokenFn):
+    def __init__(self, tokens: TokenFn | None):
         self.tokens = tokens
         self.grid: TokenGrid | None = None
+        self.timesteps = None
+        self.action_emb = None
+        self.temb_delta = None
+        self.busy = False
 
     def current(self) -> TokenGrid:
         if self.grid is None:
@@ -56,10 +61,12 @@ def _bound_arguments(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, A
         return dict(kwargs)
 
 
-def install_context(model: nn.Module, tokens: TokenFn) -> FrameContext:
+def install_context(model: nn.Module, tokens: TokenFn | None = None) -> FrameContext:
     """The model's frame context, installing the pre-hook that fills it on first use."""
     ctx = getattr(model, CONTEXT_ATTR, None)
     if ctx is not None:
+        if ctx.tokens is None and tokens is not None:
+            ctx.tokens = tokens
         return ctx
     ctx = FrameContext(tokens)
 
@@ -67,10 +74,13 @@ def install_context(model: nn.Module, tokens: TokenFn) -> FrameContext:
     # model (the causality probe runs on one) drives its own copied context and processors.
     def pre_hook(module, args, kwargs):
         c = getattr(module, CONTEXT_ATTR)
-        c.grid = c.tokens(module, _bound_arguments(module, args, kwargs))
+        if c.tokens is not None:
+            c.grid = c.tokens(module, _bound_arguments(module, args, kwargs))
 
     def post_hook(module, args, kwargs, output):
-        getattr(module, CONTEXT_ATTR).grid = None
+        c = getattr(module, CONTEXT_ATTR)
+        c.grid = None
+        c.temb_delta = None
 
     model.register_forward_pre_hook(pre_hook, with_kwargs=True)
     model.register_forward_hook(post_hook, with_kwargs=True, always_call=True)

@@ -60,6 +60,27 @@ def _under(path: str, owner: str) -> bool:
     return owner == "" or path == owner or path.startswith(owner + ".")
 
 
+@dataclass(frozen=True)
+class Conditioning:
+    """How per-frame timesteps (and action embeddings) reach a model (METHOD.md §6–§7).
+
+    mode "delta" (the UNets): the model embeds one timestep per sample and repeats it per frame;
+        a hook on `embedding` computes each frame's own embedding (through `time_proj`) plus its
+        action embedding, and pre-hooks add the difference to the `temb` input of every
+        `consumers` module. Frame t's embedding depends on k_t and a_{t-1} only.
+    mode "per-token" (Wan, ...): the model takes a timestep per token natively; per-frame timesteps
+        are repeated over each frame's tokens, and action embeddings are added, per token, to the
+        output of `embedding` (the per-token timestep embedding).
+    """
+
+    embedding: str
+    mode: str = "delta"
+    time_proj: str = ""
+    consumers: tuple[str, ...] = ()
+    sample_arg: str = "sample"
+    timestep_arg: str = "timestep"
+
+
 InputsFactory = Callable[["nn.Module", int, "torch.Generator"], dict[str, Any]]
 
 
@@ -86,6 +107,7 @@ class Plan:
     notes: tuple[str, ...] = ()
     min_frames: int = 2
     tokens: Callable[["nn.Module", dict[str, Any]], Any] | None = None
+    conditioning: Conditioning | None = None
     # For classes with several plans (CogVideoX 1.0 / 1.5): does this plan fit a given config?
     accepts: Callable[[dict[str, Any]], bool] | None = None
     source: str = field(default="", compare=False)

@@ -214,6 +214,8 @@ def convert(
     allow_pickle: bool = PICKLE_OPT,
     allow_leak: bool = typer.Option(False, "--allow-leak", help="Write OUT even if verification finds a leak (recorded in causalize.json)."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the causality check."),
+    action_dim: int = typer.Option(0, "--action-dim", metavar="N", help="Add per-frame timesteps and a frame-level action adapter for N-dimensional actions (0: none)."),
+    action_type: str = typer.Option("continuous", "--action-type", help="continuous (an MLP on action vectors) or discrete (a sum of embeddings of active entries)."),
     frames: Optional[int] = FRAMES_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
@@ -229,6 +231,7 @@ def convert(
       causalize convert ./zeroscope/unet ./zeroscope-causal
       causalize convert ./svd-pipeline ./svd-causal --subfolder unet --dry-run
       causalize convert SRC OUT --pipeline 'causal-temporal-conv{transfer=extrapolative},causal-temporal-attention,causal-norm'
+      causalize convert SRC OUT --action-dim 13        # a world model: per-frame timesteps + actions
 
     \b
     Exit codes:
@@ -244,7 +247,7 @@ def convert(
         report = api.convert(
             src, out_dir, plan=plan, pipeline=pipeline, subfolder=subfolder, dry_run=dry_run, overwrite=overwrite,
             allow_pickle=allow_pickle, allow_leak=allow_leak, verify=not no_verify,
-            frames=_frames(frames), progress=_progress,
+            action_dim=action_dim, action_type=action_type, frames=_frames(frames), progress=_progress,
         )
     _print_convert_summary(report)
     if as_json:

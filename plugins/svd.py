@@ -6,7 +6,7 @@ import torch
 
 from causalize.hookspecs import hookimpl
 from causalize.layout import FrameLayout
-from causalize.plan import Plan, Targets
+from causalize.plan import Conditioning, Plan, Targets
 from causalize.plugins.common import UNET_PIPELINE, latent_size, mid_timestep, randn
 
 
@@ -41,6 +41,7 @@ PLAN = Plan(
         layers_per_block=1, sample_size=16, projection_class_embeddings_input_dim=24, addition_time_embed_dim=8,
     ),
     make_inputs=make_inputs,
+    conditioning=Conditioning(embedding="time_embedding", time_proj="time_proj", consumers=("SpatioTemporalResBlock",)),
     description="Stable Video Diffusion image-to-video UNet",
     notes=("time_pos_embed uses frame indices from 0: streaming needs global indices",),
 )

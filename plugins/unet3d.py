@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from causalize.hookspecs import hookimpl
 from causalize.layout import FrameLayout
-from causalize.plan import Plan, Targets
+from causalize.plan import Conditioning, Plan, Targets
 from causalize.plugins.common import UNET_PIPELINE, latent_size, mid_timestep, randn
 
 
@@ -37,6 +37,7 @@ PLAN = Plan(
         layers_per_block=1, sample_size=16,
     ),
     make_inputs=make_inputs,
+    conditioning=Conditioning(embedding="time_embedding", time_proj="time_proj", consumers=("ResnetBlock2D",)),
     description="ModelScope / Zeroscope text-to-video UNet",
 )
 

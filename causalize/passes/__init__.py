@@ -9,8 +9,9 @@ from causalize.passes.block_causal_linear_attention import BlockCausalLinearAtte
 from causalize.passes.causal_norm import CausalNorm
 from causalize.passes.causal_temporal_attention import CausalTemporalAttention
 from causalize.passes.causal_temporal_conv import CausalTemporalConv
+from causalize.passes.frame_conditioning import FrameConditioning
 
-BUILTIN_PASSES = (CausalTemporalConv, CausalTemporalAttention, CausalNorm, BlockCausalAttention, BlockCausalLinearAttention)
+BUILTIN_PASSES = (CausalTemporalConv, CausalTemporalAttention, CausalNorm, BlockCausalAttention, BlockCausalLinearAttention, FrameConditioning)
 
 
 @hookimpl

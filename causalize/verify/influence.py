@@ -32,12 +32,17 @@ def rerandomize_zero_params(model: nn.Module, std: float = 0.05, seed: int = 0) 
 
 
 def perturb_frame(inputs: dict[str, Any], layout: FrameLayout, j: int, gen: torch.Generator) -> dict[str, Any]:
-    """A copy of the inputs where every per-frame input has N(0,1) added at frame j only."""
+    """A copy of the inputs where every per-frame input changes at frame j only: N(0,1) is added to
+    float inputs; integer inputs (per-frame timesteps, discrete actions) move by a random nonzero
+    offset modulo 1000 (diffusion timesteps; for discrete actions use a float multi-hot instead)."""
     out = dict(inputs)
     for name, axis in layout.inputs.items():
         x = inputs[name].clone()
         sl = x.narrow(axis, j, 1)
-        sl.add_(torch.randn(sl.shape, generator=gen, dtype=sl.dtype))
+        if sl.is_floating_point():
+            sl.add_(torch.randn(sl.shape, generator=gen, dtype=sl.dtype))
+        else:
+            sl.copy_((sl + torch.randint(1, 500, sl.shape, generator=gen)) % 1000)
         out[name] = x
     return out
 

@@ -1,0 +1,144 @@
+"""frame-conditioning: per-frame timesteps, and optionally a frame-level action adapter.
+
+The model keeps its own forward. What diffusers forwards have no argument for (a timestep per
+frame, an action per frame) travels in the frame context that `causalize.WorldModel` sets for each
+call; hooks installed here read it (METHOD.md §6–§7).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn as nn
+
+from causalize.context import FrameContext, install_context
+from causalize.errors import CausalizeError, PassError
+from causalize.modules.action_encoder import ActionEncoder
+from causalize.passes.base import Pass, PassContext, Record, Site
+from causalize.plan import Conditioning
+
+ADAPTER_ATTR = "causalize_action_encoder"
+
+
+def _out_features(module: nn.Module) -> int:
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise PassError(f"cannot tell the width of the timestep embedding {type(module).__name__}")
+    return linears[-1].out_features
+
+
+# Hooks are module-level functions that find their state on the hooked module (set with
+# object.__setattr__, so nothing is registered as a submodule): a deepcopy of the model (the
+# causality probe runs on one) then drives its own copied context and modules.
+CTX = "_causalize_ctx"
+TIME_PROJ = "_causalize_time_proj"
+
+
+def _on_delta_embedding(module, args, output):
+    """Per-frame embedding minus the per-sample one repeated per frame, plus the action embedding."""
+    ctx: FrameContext = getattr(module, CTX)
+    if ctx.timesteps is None or ctx.busy:
+        return None
+    batch, frames = ctx.timesteps.shape
+    ctx.busy = True
+    try:
+        per_frame = module(getattr(module, TIME_PROJ)(ctx.timesteps.reshape(-1)).to(output.dtype))
+    finally:
+        ctx.busy = False
+    delta = per_frame - output.repeat_interleave(frames, dim=0)
+    if ctx.action_emb is not None:
+        delta = delta + ctx.action_emb.reshape(batch * frames, -1).to(delta.dtype)
+    ctx.temb_delta = delta
+    return None
+
+
+def _on_consumer(module, args, kwargs):
+    delta = getattr(module, CTX).temb_delta
+    if delta is None:
+        return None
+    if kwargs.get("temb") is not None:
+        kwargs = {**kwargs, "temb": _add(kwargs["temb"], delta, module)}
+    elif len(args) > 1 and torch.is_tensor(args[1]):
+        args = (args[0], _add(args[1], delta, module), *args[2:])
+    return args, kwargs
+
+
+def _add(temb: torch.Tensor, delta: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    if temb.shape != delta.shape:
+        raise CausalizeError(
+            f"{type(module).__name__} received a timestep embedding of shape {tuple(temb.shape)}, "
+            f"per-frame conditioning has {tuple(delta.shape)}",
+            "the plan's conditioning consumers are wrong for this model",
+        )
+    return temb + delta.to(temb.dtype)
+
+
+def _on_token_embedding(module, args, output):
+    """Per-token timestep embedding (native DiTs) plus each frame's action embedding on its tokens."""
+    ctx: FrameContext = getattr(module, CTX)
+    if ctx.action_emb is None or ctx.grid is None:
+        return None
+    per_token = ctx.action_emb.repeat_interleave(ctx.grid.per_frame, dim=1).to(output.dtype)
+    if output.dim() == 2:
+        per_token = per_token.reshape(-1, per_token.shape[-1])
+    if per_token.shape != output.shape:
+        raise CausalizeError(f"per-token timestep embedding {tuple(output.shape)} does not match the actions' {tuple(per_token.shape)}")
+    return output + per_token
+
+
+def _install_hooks(model: nn.Module, cond: Conditioning, ctx: FrameContext) -> int:
+    embedding = model.get_submodule(cond.embedding)
+    object.__setattr__(embedding, CTX, ctx)
+    if cond.mode == "per-token":
+        embedding.register_forward_hook(_on_token_embedding)
+        return 1
+    object.__setattr__(embedding, TIME_PROJ, model.get_submodule(cond.time_proj))
+    embedding.register_forward_hook(_on_delta_embedding)
+    n = 0
+    for _, mod in model.named_modules():
+        if type(mod).__name__ in cond.consumers:
+            object.__setattr__(mod, CTX, ctx)
+            mod.register_forward_pre_hook(_on_consumer, with_kwargs=True)
+            n += 1
+    return n
+
+
+class FrameConditioning(Pass):
+    name = "frame-conditioning"
+    version = 1
+    summary = "per-frame timesteps (B, T); with action_dim > 0 also a frame-level action adapter added to each frame's timestep embedding"
+
+    @dataclass(frozen=True)
+    class Options:
+        action_dim: int = 0
+        action_type: Literal["continuous", "discrete"] = "continuous"
+
+    def _conditioning(self, ctx: PassContext) -> Conditioning:
+        cond = ctx.plan.conditioning
+        if cond is None:
+            raise PassError(f"plan '{ctx.plan.name}' does not declare how timesteps enter the model (Plan.conditioning)",
+                            "per-frame conditioning is not supported for this family yet")
+        return cond
+
+    def find_sites(self, model: nn.Module, ctx: PassContext) -> list[Site]:
+        cond = self._conditioning(ctx)
+        sites = [Site(cond.embedding, type(model.get_submodule(cond.embedding)).__name__, f"timestep embedding ({cond.mode})")]
+        sites += [Site(p, type(m).__name__, "receives the per-frame embedding") for p, m in model.named_modules() if type(m).__name__ in cond.consumers]
+        return sites
+
+    def apply(self, model: nn.Module, ctx: PassContext) -> list[Record]:
+        cond = self._conditioning(ctx)
+        frame_ctx = install_context(model, ctx.plan.tokens)
+        hooks = _install_hooks(model, cond, frame_ctx)
+        if hooks == 0:
+            raise PassError(f"frame-conditioning found no consumer of the timestep embedding ({', '.join(cond.consumers)})")
+        records = [Record(self.name, cond.embedding, "per-sample timestep", f"per-frame timestep ({cond.mode}, {hooks} sites)")]
+        if ctx.options.action_dim > 0:
+            width = _out_features(model.get_submodule(cond.embedding))
+            ref = next(model.parameters())
+            encoder = ActionEncoder(ctx.options.action_dim, width, ctx.options.action_type).to(device=ref.device, dtype=ref.dtype)
+            model.add_module(ADAPTER_ATTR, encoder)
+            records.append(Record(self.name, ADAPTER_ATTR, "-", f"ActionEncoder({ctx.options.action_type}, {ctx.options.action_dim} -> {width})"))
+        return records

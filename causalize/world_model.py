@@ -1,0 +1,95 @@
+"""`WorldModel`: a converted denoiser driven with a noise level and an action per frame.
+
+    wm = causalize.WorldModel.from_pretrained("./causal-checkpoint")
+    out = wm(sample, timesteps, actions=None, action_mask=None, **model_kwargs)
+
+`sample` is in the model's native layout, `timesteps` is (B, T), `actions` is (B, T, A) with
+`actions[:, t]` the action attached to frame t — the one that produced it, a_{t−1} (METHOD.md §7);
+`action_mask` (B, T) bool marks frames whose action is dropped or absent (the null action, a zero
+embedding). The output is the denoiser output in the layout of `sample`. The diffusers model's
+own forward runs; the per-frame conditioning travels in its frame context.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from causalize.context import CONTEXT_ATTR
+from causalize.errors import CausalizeError, UsageError
+from causalize.passes.frame_conditioning import ADAPTER_ATTR
+from causalize.plan import Plan
+
+
+class WorldModel(nn.Module):
+    def __init__(self, model: nn.Module, plan: str | Plan | None = None):
+        super().__init__()
+        from causalize.api import plan_for
+
+        self.model = model
+        self.plan = plan_for(model, plan)
+        if self.plan.conditioning is None or getattr(model, CONTEXT_ATTR, None) is None or not _has_conditioning(model):
+            raise UsageError(
+                f"this {type(model).__name__} takes no per-frame timesteps",
+                "convert it with a pipeline that ends in 'frame-conditioning' (e.g. `causalize convert --action-dim N`)",
+            )
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **load_kwargs: Any) -> "WorldModel":
+        from causalize.api import load
+        from causalize.manifest import Manifest
+        from pathlib import Path
+
+        return cls(load(path, **load_kwargs), Manifest.read(Path(path)).plan)
+
+    @property
+    def action_encoder(self) -> nn.Module | None:
+        return getattr(self.model, ADAPTER_ATTR, None)
+
+    def forward(self, sample: torch.Tensor, timesteps: torch.Tensor, actions: torch.Tensor | None = None,
+                action_mask: torch.Tensor | None = None, **model_kwargs: Any) -> torch.Tensor:
+        cond = self.plan.conditioning
+        frames = sample.shape[self.plan.layout.inputs[cond.sample_arg]]
+        batch = sample.shape[0]
+        if timesteps.shape != (batch, frames):
+            raise UsageError(f"timesteps must be (batch, frames) = ({batch}, {frames}), got {tuple(timesteps.shape)}")
+        ctx = getattr(self.model, CONTEXT_ATTR)
+        ctx.timesteps = timesteps if cond.mode == "delta" else None
+        ctx.action_emb = self._action_embedding(actions, action_mask, batch, frames)
+        inputs = {cond.sample_arg: sample, cond.timestep_arg: self._model_timesteps(sample, timesteps), **model_kwargs}
+        try:
+            return self.plan.forward(self.model, inputs)
+        finally:
+            ctx.timesteps = ctx.action_emb = None
+
+    def _model_timesteps(self, sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        if self.plan.conditioning.mode == "delta":
+            return timesteps[:, 0]  # the per-sample path; the hooks replace it per frame
+        grid = self.plan.tokens(self.model, {self.plan.conditioning.sample_arg: sample})
+        return timesteps.repeat_interleave(grid.per_frame, dim=1)
+
+    def _action_embedding(self, actions, action_mask, batch: int, frames: int) -> torch.Tensor | None:
+        if actions is None:
+            return None
+        encoder = self.action_encoder
+        if encoder is None:
+            raise UsageError("this model has no action adapter", "convert it with --action-dim N")
+        if actions.shape[:2] != (batch, frames):
+            raise UsageError(f"actions must start with (batch, frames) = ({batch}, {frames}), got {tuple(actions.shape)}")
+        if actions.is_floating_point() and not torch.isfinite(actions).all():
+            raise UsageError("actions contain NaN or inf")
+        if action_mask is not None and action_mask.shape != (batch, frames):
+            raise UsageError(f"action_mask must be (batch, frames) = ({batch}, {frames}), got {tuple(action_mask.shape)}")
+        return encoder(actions, action_mask)
+
+
+def _has_conditioning(model: nn.Module) -> bool:
+    from causalize.passes.frame_conditioning import CTX
+
+    return any(hasattr(m, CTX) for m in model.modules())
+
+
+__all__ = ["WorldModel", "CausalizeError"]
