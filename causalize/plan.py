@@ -79,6 +79,11 @@ class Conditioning:
     consumers: tuple[str, ...] = ()
     sample_arg: str = "sample"
     timestep_arg: str = "timestep"
+    # per-token mode: (model, sample, timesteps (B, T)) -> the timestep tensor the model's forward
+    # takes; default: repeat each frame's timestep over its tokens, (B, T·P).
+    model_timesteps: Callable[["nn.Module", Any, Any], Any] | None = None
+    # extra model kwargs a per-frame call needs (e.g. {"enable_diffusion_forcing": True})
+    extra_kwargs: tuple[tuple[str, Any], ...] = ()
 
 
 InputsFactory = Callable[["nn.Module", int, "torch.Generator"], dict[str, Any]]

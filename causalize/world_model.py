@@ -59,16 +59,19 @@ class WorldModel(nn.Module):
         ctx = getattr(self.model, CONTEXT_ATTR)
         ctx.timesteps = timesteps if cond.mode == "delta" else None
         ctx.action_emb = self._action_embedding(actions, action_mask, batch, frames)
-        inputs = {cond.sample_arg: sample, cond.timestep_arg: self._model_timesteps(sample, timesteps), **model_kwargs}
+        inputs = {cond.sample_arg: sample, cond.timestep_arg: self._model_timesteps(sample, timesteps), **dict(cond.extra_kwargs), **model_kwargs}
         try:
             return self.plan.forward(self.model, inputs)
         finally:
             ctx.timesteps = ctx.action_emb = None
 
     def _model_timesteps(self, sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        if self.plan.conditioning.mode == "delta":
+        cond = self.plan.conditioning
+        if cond.mode == "delta":
             return timesteps[:, 0]  # the per-sample path; the hooks replace it per frame
-        grid = self.plan.tokens(self.model, {self.plan.conditioning.sample_arg: sample})
+        if cond.model_timesteps is not None:
+            return cond.model_timesteps(self.model, sample, timesteps)
+        grid = self.plan.tokens(self.model, {cond.sample_arg: sample})
         return timesteps.repeat_interleave(grid.per_frame, dim=1)
 
     def _action_embedding(self, actions, action_mask, batch: int, frames: int) -> torch.Tensor | None:
