@@ -26,9 +26,10 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
+from causalize.errors import CausalizeError
 from causalize.hookspecs import hookimpl
 from causalize.layout import FrameLayout
-from causalize.plan import Plan, Targets, default_forward
+from causalize.plan import Conditioning, Plan, Targets, default_forward
 from causalize.plugins.common import patch3d_tokens as tokens, mid_timestep, randn
 
 _COSMOS_MODULE = "diffusers.models.transformers.transformer_cosmos"
@@ -83,6 +84,20 @@ def forward(model, inputs: dict[str, Any]) -> torch.Tensor:
         return default_forward(model, inputs)
 
 
+def model_timesteps(model, sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """Per-frame timesteps (B, T) -> Cosmos' native per-frame format (B, 1, T, 1, 1).
+
+    The forward flattens it to (B·T,), embeds each frame once and expands temb / embedded_timestep
+    over the frame's H·W tokens itself; it requires p_t = 1 (T latent frames = T token frames).
+    """
+    if int(model.config.patch_size[0]) != 1:
+        raise CausalizeError(
+            f"per-frame timesteps need patch_size_t = 1, this Cosmos model has {model.config.patch_size[0]}",
+            "frames inside one temporal patch share a token and cannot have their own noise level",
+        )
+    return timesteps[:, None, :, None, None]
+
+
 def make_inputs(model, frames, gen):
     c = model.config
     inputs = {
@@ -114,6 +129,15 @@ PLAN = Plan(
     ),
     make_inputs=make_inputs,
     forward=forward,
+    # timestep (B, 1, T, 1, 1) -> time_embed embeds timestep.flatten() per frame. Its t_embedder
+    # (linear_1 -> SiLU -> linear_2) gives temb (B·T, 3D), the AdaLN-LoRA term added to every
+    # block's shift/scale/gate and (first 2D) to norm_out's shift/scale. The action embedding is
+    # added to linear_1's (B·T, D) output, so it reaches all of them through the pretrained
+    # SiLU -> linear_2 (as Wan's reaches its modulation through time_proj).
+    conditioning=Conditioning(
+        embedding="time_embed.t_embedder.linear_1", mode="per-token", sample_arg="hidden_states",
+        model_timesteps=model_timesteps,
+    ),
     tokens=tokens,
     description="NVIDIA Cosmos 1.0 / 2.5 world-model DiT (text/video-to-world)",
     notes=(
@@ -125,7 +149,9 @@ PLAN = Plan(
         "frame t's tokens only; the conditioning (first) frames are past frames and stay visible to later ones",
         "RoPE frame indices and the learnable 3-D position embedding restart at frame 0 on every call (and the "
         "learnable one is limited to max_size[0] frames): streaming needs global offsets",
-        "per-frame timesteps: timestep (B, 1, T, 1, 1) gives per-frame AdaLN (requires patch_size_t = 1)",
+        "per-frame timesteps: timestep (B, 1, T, 1, 1) gives per-frame AdaLN (requires patch_size_t = 1); actions are "
+        "added per frame to time_embed.t_embedder.linear_1's (B·T, D) output, upstream of the temb that enters every "
+        "AdaLN modulation",
     ),
 )
 

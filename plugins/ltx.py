@@ -26,7 +26,7 @@ from causalize.context import TokenGrid
 from causalize.errors import CausalizeError
 from causalize.hookspecs import hookimpl
 from causalize.layout import FrameLayout
-from causalize.plan import Plan, Targets, default_forward
+from causalize.plan import Conditioning, Plan, Targets, default_forward
 from causalize.plugins.common import mid_timestep, randn
 
 
@@ -72,6 +72,22 @@ def tokens(model, kwargs) -> TokenGrid:
     return TokenGrid(int(frames), int(height) * int(width))
 
 
+def model_timesteps(model, latents: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """Per-frame timesteps (B, T) of unpacked `latents` (B, C, T, H, W) -> LTX's per-token (B, T·H·W).
+
+    The model flattens `timestep` before its AdaLN-single embedding, so one timestep per packed
+    token gives per-token modulation; frame t's value is repeated over its H/p · W/p tokens.
+    """
+    pt, p = _patch(model)
+    if pt != 1:
+        raise CausalizeError(
+            f"per-frame timesteps need patch_size_t = 1, this LTX model has {pt}",
+            "frames inside one temporal patch share a token and cannot have their own noise level",
+        )
+    _, _, _, h, w = latents.shape
+    return timesteps.repeat_interleave((h // p) * (w // p), dim=1)
+
+
 def make_inputs(model, frames, gen):
     c = model.config
     pt, p = _patch(model)
@@ -97,6 +113,13 @@ PLAN = Plan(
     ),
     make_inputs=make_inputs,
     forward=forward,
+    # timestep (B, N) -> time_embed (AdaLayerNormSingle) embeds timestep.flatten(): its
+    # emb.timestep_embedder gives (B·N, D), which feeds time_embed.linear (the blocks' AdaLN, temb)
+    # and is embedded_timestep (norm_out's shift/scale). Actions are added there, per token.
+    conditioning=Conditioning(
+        embedding="time_embed.emb.timestep_embedder", mode="per-token", sample_arg="latents",
+        model_timesteps=model_timesteps,
+    ),
     tokens=tokens,
     description="LTX-Video text/image-to-video DiT (packed tokens)",
     notes=(
@@ -107,7 +130,9 @@ PLAN = Plan(
         "sequence must be exactly num_frames·height·width video tokens (frame-major)",
         "RoPE coordinates restart at frame 0 on every call; for streaming pass global video_coords (and keep "
         "num_frames/height/width for the mask)",
-        "per-token timesteps: timestep (B, N) gives per-token AdaLN; expand per-frame t over the H·W tokens of a frame",
+        "per-token timesteps: timestep (B, N) gives per-token AdaLN; expand per-frame t over the H·W tokens of a frame "
+        "(WorldModel does, from the unpacked latents); actions are added to time_embed.emb.timestep_embedder's "
+        "(B·N, D) output",
         "patch_size_t > 1 would couple the latent frames of one token frame (mask and probe work at token-frame granularity)",
     ),
 )

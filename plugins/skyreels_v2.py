@@ -13,9 +13,10 @@ Tokens, RoPE, AdaLN and the attn1 / attn2 split are Wan's. The differences that 
 
 from __future__ import annotations
 
+from causalize.errors import CausalizeError
 from causalize.hookspecs import hookimpl
 from causalize.layout import FrameLayout
-from causalize.plan import Plan, Targets
+from causalize.plan import Conditioning, Plan, Targets
 from causalize.plugins.common import patch3d_tokens as tokens, mid_timestep, randn
 
 
@@ -26,6 +27,22 @@ def make_inputs(model, frames, gen):
         "encoder_hidden_states": randn(gen, 1, 12, c.text_dim),
         "timestep": mid_timestep(),
     }
+
+
+def model_timesteps(model, sample, timesteps):
+    """Per-frame timesteps (B, T) in SkyReels-V2's diffusion-forcing format: (B, F) itself.
+
+    With `enable_diffusion_forcing=True` the forward embeds each frame's timestep once (the time
+    embedder's output is (B, F, D)) and repeats temb / timestep_proj over the frame's tokens
+    itself; the (B, seq_len) Wan path does not exist here (a (B, N, 6, D) timestep_proj is read as
+    (B, 6, N, D) by the blocks). F must be the token-frame count, hence p_t = 1.
+    """
+    if int(model.config.patch_size[0]) != 1:
+        raise CausalizeError(
+            f"per-frame timesteps need patch_size_t = 1, this SkyReels-V2 has {model.config.patch_size[0]}",
+            "frames inside one temporal patch share a token and cannot have their own noise level",
+        )
+    return timesteps
 
 
 PLAN = Plan(
@@ -43,6 +60,13 @@ PLAN = Plan(
         qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
     ),
     make_inputs=make_inputs,
+    # Diffusion forcing: timestep (B, F) -> condition_embedder.time_embedder gives temb (B, F, D),
+    # which feeds both time_proj (the blocks' AdaLN, repeated over each frame's tokens by forward)
+    # and norm_out's shift/scale. The action embedding is added to that per-frame temb.
+    conditioning=Conditioning(
+        embedding="condition_embedder.time_embedder", mode="per-token", sample_arg="hidden_states",
+        model_timesteps=model_timesteps, extra_kwargs=(("enable_diffusion_forcing", True),),
+    ),
     tokens=tokens,
     description="SkyReels-V2 text/image-to-video and diffusion-forcing DiT (Wan architecture)",
     notes=(
@@ -52,7 +76,8 @@ PLAN = Plan(
         "ours: the result is frame-causal; for k-frame blocks convert with block-causal-attention{block_size=k}",
         "native num_frame_per_block>1 requires the latent frame count to be a multiple of k (its mask view fails "
         "otherwise); ours has no such constraint",
-        "per-frame timesteps: enable_diffusion_forcing=True with timestep (B, F) gives per-frame AdaLN",
+        "per-frame timesteps: enable_diffusion_forcing=True with timestep (B, F) gives per-frame AdaLN (WorldModel "
+        "passes both); actions are added to the per-frame temb (B, F, D) of condition_embedder.time_embedder",
         "RoPE frame indices restart at 0 on every call: streaming needs global offsets",
     ),
 )

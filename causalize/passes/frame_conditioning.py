@@ -76,16 +76,25 @@ def _add(temb: torch.Tensor, delta: torch.Tensor, module: nn.Module) -> torch.Te
 
 
 def _on_token_embedding(module, args, output):
-    """Per-token timestep embedding (native DiTs) plus each frame's action embedding on its tokens."""
+    """Per-token or per-frame timestep embedding (native DiTs) plus each frame's action embedding.
+
+    Per token, (B, T·P, D) or (B·T·P, D): frame t's action is repeated over its P tokens.
+    Per frame, (B, T, D) or (B·T, D) (SkyReels-V2 diffusion forcing, Cosmos): added as is.
+    The two coincide only when P = 1, where they mean the same thing.
+    """
     ctx: FrameContext = getattr(module, CTX)
     if ctx.action_emb is None or ctx.grid is None:
         return None
-    per_token = ctx.action_emb.repeat_interleave(ctx.grid.per_frame, dim=1).to(output.dtype)
+    emb = ctx.action_emb.to(output.dtype)
+    batch, frames, width = emb.shape
+    if tuple(output.shape) not in ((batch, frames, width), (batch * frames, width)):
+        emb = emb.repeat_interleave(ctx.grid.per_frame, dim=1)
     if output.dim() == 2:
-        per_token = per_token.reshape(-1, per_token.shape[-1])
-    if per_token.shape != output.shape:
-        raise CausalizeError(f"per-token timestep embedding {tuple(output.shape)} does not match the actions' {tuple(per_token.shape)}")
-    return output + per_token
+        emb = emb.reshape(-1, width)
+    if emb.shape != output.shape:
+        raise CausalizeError(f"timestep embedding {tuple(output.shape)} is neither per token nor per frame for the actions' "
+                             f"{tuple(ctx.action_emb.shape)} ({ctx.grid.per_frame} tokens per frame)")
+    return output + emb
 
 
 def _install_hooks(model: nn.Module, cond: Conditioning, ctx: FrameContext) -> int:
