@@ -71,6 +71,11 @@ class Conditioning:
     mode "per-token" (Wan, ...): the model takes a timestep per token natively; per-frame timesteps
         are repeated over each frame's tokens, and action embeddings are added, per token, to the
         output of `embedding` (the per-token timestep embedding).
+    `modulation` (mode "delta", the per-sample DiTs: CogVideoX, ...): class names of modulation
+        modules (AdaLN-Zero norms, norm_out) that broadcast one temb over all tokens; each is
+        turned into its frame-modulated twin (causalize.modules.frame_modulation), which modulates
+        frame t's video tokens with temb + delta_t (the delta hook's per-frame embedding) and the
+        context/text tokens with the per-sample temb (frame 0's timestep, in every frame's past).
     """
 
     embedding: str
@@ -84,6 +89,8 @@ class Conditioning:
     model_timesteps: Callable[["nn.Module", Any, Any], Any] | None = None
     # extra model kwargs a per-frame call needs (e.g. {"enable_diffusion_forcing": True})
     extra_kwargs: tuple[tuple[str, Any], ...] = ()
+    # delta mode: modulation module classes swapped for per-frame twins (frame_modulation.TWINS)
+    modulation: tuple[str, ...] = ()
 
 
 InputsFactory = Callable[["nn.Module", int, "torch.Generator"], dict[str, Any]]

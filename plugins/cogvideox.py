@@ -18,10 +18,20 @@ from causalize.context import TokenGrid
 from causalize.errors import UsageError
 from causalize.hookspecs import hookimpl
 from causalize.layout import FrameLayout
-from causalize.plan import Plan, Targets
+from causalize.plan import Conditioning, Plan, Targets
 from causalize.plugins.common import mid_timestep, randn
 
 TARGETS = Targets(paths=("transformer_blocks.*.attn1",), context="prefix", joint=True, mask_format="heads3d")
+
+# One timestep per sample (temb (B, D)): the delta hook embeds each frame's timestep through the
+# model's own time_proj / time_embedding, and the AdaLN-Zero norms of every block and norm_out
+# become frame-modulated twins (causalize.modules.frame_modulation): video tokens of frame t are
+# modulated by frame t's embedding (CogVideoX 1.5: the mean over the 2 latent frames of a token
+# frame), text tokens by the per-sample one (frame 0's timestep).
+CONDITIONING = Conditioning(
+    embedding="time_embedding", time_proj="time_proj", sample_arg="hidden_states",
+    modulation=("CogVideoXLayerNormZero", "AdaLayerNorm"),
+)
 
 
 def _temporal_patch(model) -> int:
@@ -95,6 +105,7 @@ PLAN = Plan(
     tiny_config=_TINY,
     make_inputs=make_inputs,
     tokens=_tokens_for("cogvideox", 1, "cogvideox15"),
+    conditioning=CONDITIONING,
     accepts=lambda config: (config.get("patch_size_t") or 1) == 1,
     description="CogVideoX 1.0 text/image-to-video DiT (patch_size_t=None): one token frame per latent frame, frame-causal",
     notes=_COMMON_NOTES,
@@ -109,6 +120,7 @@ PLAN_15 = Plan(
     targets={"block-causal-attention": TARGETS},
     tiny_config={**_TINY, "patch_size_t": 2},
     make_inputs=make_inputs,
+    conditioning=CONDITIONING,
     tokens=_tokens_for("cogvideox15", 2, "cogvideox"),
     accepts=lambda config: (config.get("patch_size_t") or 1) == 2,
     description=(

@@ -39,7 +39,7 @@ def _inputs(wm, seed=0):
 
 
 def _check(wm, inputs, name, axis):
-    layout = FrameLayout(inputs={name: axis}, output_axis=wm.plan.layout.output_axis)
+    layout = FrameLayout(inputs={name: axis}, output_axis=wm.plan.layout.output_axis, block_size=wm.plan.layout.block_size)
     return check_causality(wm, inputs, layout, lambda w, x: w(**x))
 
 

@@ -16,6 +16,7 @@ import torch.nn as nn
 from causalize.context import FrameContext, install_context
 from causalize.errors import CausalizeError, PassError
 from causalize.modules.action_encoder import ActionEncoder
+from causalize.modules.frame_modulation import make_frame_modulated
 from causalize.passes.base import Pass, PassContext, Record, Site
 from causalize.plan import Conditioning
 
@@ -111,6 +112,11 @@ def _install_hooks(model: nn.Module, cond: Conditioning, ctx: FrameContext) -> i
             object.__setattr__(mod, CTX, ctx)
             mod.register_forward_pre_hook(_on_consumer, with_kwargs=True)
             n += 1
+    # per-sample DiTs: modulation modules become per-frame twins that read ctx.temb_delta
+    for _, mod in list(model.named_modules()):
+        if type(mod).__name__ in cond.modulation:
+            make_frame_modulated(mod, ctx)
+            n += 1
     return n
 
 
@@ -135,6 +141,7 @@ class FrameConditioning(Pass):
         cond = self._conditioning(ctx)
         sites = [Site(cond.embedding, type(model.get_submodule(cond.embedding)).__name__, f"timestep embedding ({cond.mode})")]
         sites += [Site(p, type(m).__name__, "receives the per-frame embedding") for p, m in model.named_modules() if type(m).__name__ in cond.consumers]
+        sites += [Site(p, type(m).__name__, "per-frame modulation of the video tokens") for p, m in model.named_modules() if type(m).__name__ in cond.modulation]
         return sites
 
     def apply(self, model: nn.Module, ctx: PassContext) -> list[Record]:
@@ -142,7 +149,7 @@ class FrameConditioning(Pass):
         frame_ctx = install_context(model, ctx.plan.tokens)
         hooks = _install_hooks(model, cond, frame_ctx)
         if hooks == 0:
-            raise PassError(f"frame-conditioning found no consumer of the timestep embedding ({', '.join(cond.consumers)})")
+            raise PassError(f"frame-conditioning found no consumer of the timestep embedding ({', '.join(cond.consumers + cond.modulation)})")
         records = [Record(self.name, cond.embedding, "per-sample timestep", f"per-frame timestep ({cond.mode}, {hooks} sites)")]
         if ctx.options.action_dim > 0:
             width = _out_features(model.get_submodule(cond.embedding))

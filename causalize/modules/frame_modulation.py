@@ -1,0 +1,151 @@
+"""Frame-modulated twins of DiT modulation modules: a timestep embedding per frame, per token.
+
+The per-sample DiTs (CogVideoX, EasyAnimate, ...) embed one timestep per sample, temb (B, D);
+their modulation modules (AdaLN-Zero norms, the output AdaLayerNorm) turn it into shift / scale /
+gate and broadcast them over every token *inside the module* (they return `gate[:, None, :]`).
+So the block's own forward works unchanged when such a module returns per-token (B, N, D)
+tensors instead: this file gives each supported modulation class a subclass that does exactly
+that when the frame context holds per-frame embeddings, and is the original module otherwise.
+
+Where the per-frame embeddings come from: frame-conditioning's delta hook (mode "delta") puts
+`ctx.temb_delta` (B·T, D) = τ(k_t) − τ(k_0) + e_t in the frame context (τ: the model's own
+time_proj / time_embedding, k_0 = timesteps[:, 0], the per-sample timestep WorldModel passes,
+e_t the action embedding of frame t). The temb a modulation module receives is the model's
+per-sample embedding plus anything added to it per sample (e.g. CogVideoX 1.5's `ofs`
+embedding), so frame t's embedding is `temb + delta_t`.
+
+- Video tokens (frame-major, `ctx.grid`): frame f's `per_frame` tokens are modulated with frame
+  f's embedding. When one token frame holds r latent frames (CogVideoX 1.5: r = 2), it takes the
+  mean of their embeddings; they form one causal block, so this stays causal.
+- Context / text tokens keep the model's own per-sample embedding, i.e. frame 0's timestep
+  (without an action). Frame 0 is in the past of every frame, so text modulated by it carries
+  nothing from later frames: causality holds; the text stream is not per-frame.
+
+Conversion swaps the module's class in place (`module.__class__ = twin`): same parameters, same
+submodules, same state-dict keys, so convert -> save -> load round-trips. Without per-frame
+embeddings in the context (the model called directly, or outside a WorldModel call) the twin
+calls the original forward: bit-identical.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from diffusers.models.normalization import AdaLayerNorm, CogVideoXLayerNormZero
+
+from causalize.errors import CausalizeError
+
+# The attribute frame-conditioning sets on the modules it hooks (causalize.passes.frame_conditioning.CTX).
+CTX = "_causalize_ctx"
+
+
+def frame_embeddings(module: nn.Module, temb: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor | None:
+    """Per-token-frame timestep embeddings (B, F, D), or None to behave as the original module.
+
+    `temb` (B, D) is the per-sample embedding the module received; `tokens` (B, N, ·) the video
+    tokens it will modulate, N = F·P frame-major.
+    """
+    ctx = getattr(module, CTX, None)
+    if ctx is None or ctx.temb_delta is None or ctx.grid is None:
+        return None
+    delta, grid = ctx.temb_delta, ctx.grid
+    if temb.dim() != 2 or delta.dim() != 2 or delta.shape[1] != temb.shape[1] or delta.shape[0] % temb.shape[0]:
+        raise CausalizeError(
+            f"{type(module).__name__} received a timestep embedding of shape {tuple(temb.shape)}, "
+            f"per-frame conditioning has {tuple(delta.shape)}",
+            "the plan's conditioning modulation modules are wrong for this model",
+        )
+    if tokens.shape[1] != grid.video_tokens:
+        raise CausalizeError(
+            f"{type(module).__name__} modulates {tokens.shape[1]} tokens, the frame grid has {grid.video_tokens} "
+            f"({grid.frames} frames x {grid.per_frame})",
+            "per-frame modulation needs the video tokens alone, frame-major",
+        )
+    batch, width = temb.shape
+    frames = delta.shape[0] // batch
+    per_frame = temb[:, None, :] + delta.reshape(batch, frames, width).to(temb.dtype)  # (B, T, D)
+    if frames == grid.frames:
+        return per_frame
+    if frames % grid.frames:
+        raise CausalizeError(f"{frames} per-frame timesteps do not group into {grid.frames} token frames")
+    # r latent frames share each token frame (one causal block): the mean of their embeddings
+    return per_frame.reshape(batch, grid.frames, frames // grid.frames, width).mean(dim=2)
+
+
+def per_token(values: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """(B, F, X) per token frame -> (B, F·P, X), each frame's row repeated over its P tokens."""
+    return values.repeat_interleave(getattr(module, CTX).grid.per_frame, dim=1)
+
+
+class FrameCogVideoXLayerNormZero(CogVideoXLayerNormZero):
+    """CogVideoXLayerNormZero with per-frame shift / scale / gate for the video tokens (B, N, D);
+    the text stream keeps the per-sample modulation (frame 0's timestep)."""
+
+    @classmethod
+    def supports(cls, module: nn.Module) -> str | None:
+        return None
+
+    def forward(self, hidden_states, encoder_hidden_states, temb):
+        frames = frame_embeddings(self, temb, hidden_states)
+        if frames is None:
+            return super().forward(hidden_states, encoder_hidden_states, temb)
+        shift, scale, gate = per_token(self.linear(self.silu(frames)), self).chunk(6, dim=-1)[:3]
+        _, _, _, enc_shift, enc_scale, enc_gate = self.linear(self.silu(temb)).chunk(6, dim=1)
+        hidden_states = self.norm(hidden_states) * (1 + scale) + shift
+        encoder_hidden_states = self.norm(encoder_hidden_states) * (1 + enc_scale)[:, None, :] + enc_shift[:, None, :]
+        return hidden_states, encoder_hidden_states, gate, enc_gate[:, None, :]
+
+
+class FrameAdaLayerNorm(AdaLayerNorm):
+    """AdaLayerNorm (chunk_dim=1, temb given: CogVideoX's / EasyAnimate's norm_out) with a
+    per-frame shift / scale over the video tokens."""
+
+    @classmethod
+    def supports(cls, module: nn.Module) -> str | None:
+        if module.emb is not None or module.chunk_dim != 1:
+            return "only AdaLayerNorm(chunk_dim=1) fed a temb (no num_embeddings) is per-token"
+        return None
+
+    def forward(self, x, timestep=None, temb=None):
+        frames = None if temb is None else frame_embeddings(self, temb, x)
+        if frames is None:
+            return super().forward(x, timestep, temb)
+        shift, scale = per_token(self.linear(self.silu(frames)), self).chunk(2, dim=-1)
+        return self.norm(x) * (1 + scale) + shift
+
+
+TWINS: dict[str, type[nn.Module]] = {
+    "CogVideoXLayerNormZero": FrameCogVideoXLayerNormZero,
+    "AdaLayerNorm": FrameAdaLayerNorm,
+}
+
+
+def _twin_for(module: nn.Module) -> type[nn.Module]:
+    name = type(module).__name__
+    twin = TWINS.get(name)
+    if twin is None or type(module) is not twin.__mro__[1]:
+        raise CausalizeError(f"no frame-modulated twin for {name}", f"supported: {', '.join(sorted(TWINS))}")
+    reason = twin.supports(module)
+    if reason:
+        raise CausalizeError(f"cannot modulate this {name} per frame: {reason}")
+    return twin
+
+
+def make_frame_modulated(module: nn.Module, ctx) -> nn.Module:
+    """Turn `module` (in place) into its frame-modulated twin reading the frame context `ctx`.
+
+    Only the class changes: parameters, buffers, submodules and hooks stay, so do state-dict keys.
+    """
+    if type(module) not in TWINS.values():
+        module.__class__ = _twin_for(module)
+    object.__setattr__(module, CTX, ctx)
+    return module
+
+
+def register_twin(original: str, twin: type[nn.Module]) -> None:
+    """Add a twin for another modulation class (its direct subclass, with a `supports` classmethod)."""
+    TWINS[original] = twin
+
+
+__all__ = ["CTX", "TWINS", "FrameAdaLayerNorm", "FrameCogVideoXLayerNormZero", "frame_embeddings", "make_frame_modulated",
+           "per_token", "register_twin"]
