@@ -5,8 +5,8 @@
 
 `sample` is in the model's native layout, `timesteps` is (B, T), `actions` is (B, T, A) with
 `actions[:, t]` the action attached to frame t — the one that produced it, a_{t−1} (METHOD.md §7);
-`action_mask` (B, T) bool marks frames whose action is dropped or absent (the null action, a zero
-embedding). The output is the denoiser output in the layout of `sample`. The diffusers model's
+`action_mask` (B, T) bool is True where a frame's action is used and False where it is dropped or
+absent (the null action, a zero embedding; e.g. frame 0, or action dropout). The output is the denoiser output in the layout of `sample`. The diffusers model's
 own forward runs; the per-frame conditioning travels in its frame context.
 """
 

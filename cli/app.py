@@ -523,6 +523,66 @@ def demo(
     raise typer.Exit(EXIT_OK if ok else EXIT_LEAK)
 
 
+@app.command()
+def train(
+    config: Optional[Path] = typer.Argument(None, metavar="CONFIG", help="Training settings as a .json or .toml file (keys: the fields of causalize.training.trainer.TrainConfig)."),
+    model: Optional[Path] = typer.Option(None, "--model", metavar="PATH", help="Converted checkpoint with an action adapter (causalize convert SRC OUT --action-dim N)."),
+    data: Optional[Path] = typer.Option(None, "--data", metavar="DIR", help="Episode dataset root (docs/EPISODES.md)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", metavar="DIR", help="Output directory: metrics.jsonl, checkpoints/, final/."),
+    steps: Optional[int] = typer.Option(None, "--steps", metavar="N", help="Optimizer steps to reach."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", metavar="N", help="Windows per device per micro-batch."),
+    lr: Optional[float] = typer.Option(None, "--lr", metavar="X", help="AdamW learning rate (default 1e-5)."),
+    window: Optional[int] = typer.Option(None, "--window", metavar="N", help="Frames per training window (default 16)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the output directory."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Fine-tune a converted world model with the Diffusion Forcing objective.
+
+    Per-frame noise levels, v-prediction on a zero-terminal-SNR schedule, per-frame action
+    dropout, AdamW with gradient clipping (METHOD.md §6-§7), through accelerate: run it under
+    `accelerate launch` for several GPUs. Options override the config file. Progress goes to
+    stderr; stdout gets the final model's path (or a JSON summary with --json).
+
+    \b
+    Examples:
+      causalize train --model ./wm --data ./episodes --out ./run --steps 1000
+      causalize train run.toml --resume
+      accelerate launch -m causalize.cli.app train run.toml
+
+    \b
+    Exit codes:
+      0  trained; OUT/final holds the model
+      2  usage error: missing or mismatched model / data (channels, action dimension), bad setting
+      3  internal error (re-run with --debug for the traceback)
+      4  the model checkpoint cannot be read
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    overrides = {"model": model, "data": data, "output_dir": out_dir, "steps": steps, "batch_size": batch_size,
+                 "lr": lr, "window": window, "resume": True if resume else None}
+    bar = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+                   TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=False)
+    task = bar.add_task("train", total=None, loss="-")
+
+    def on_step(step: int, total: int, loss: float) -> None:
+        bar.update(task, completed=step, total=total, loss=f"{loss:.4g}")
+
+    leader = os.environ.get("RANK", "0") == "0"  # under `accelerate launch`: one bar, one summary
+    with _guard(as_json):
+        from causalize.training.trainer import TrainConfig, train as run_training
+
+        cfg = TrainConfig.from_file(config, **{k: str(v) if isinstance(v, Path) else v for k, v in overrides.items()})
+        with bar if leader else contextlib.nullcontext():
+            result = run_training(cfg, progress=on_step)
+    if not leader:
+        return
+    if as_json:
+        _emit_json(result)
+    else:
+        typer.echo(f"trained to step {result['steps']} ({result['steps_run']} steps this run) in {result['seconds']:.1f}s, "
+                   f"final loss {result['final_loss']:.4g}: {result['final']}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app and exit with the documented status."""
     try:

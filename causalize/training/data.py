@@ -42,6 +42,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from causalize.errors import UsageError
 import torch
 from torch.utils.data import Dataset
 
@@ -69,12 +71,15 @@ EXTRAS = ("rewards", "dones")
 _EPISODE_NAME = re.compile(r"^(\d{6,})\.npz$")
 
 
-class DataError(ValueError):
+class DataError(UsageError, ValueError):
     """A dataset file is missing, corrupt or does not match the format.
 
     The message starts with the offending file. ``path`` is that file (the first one when several
-    are reported); ``problems`` lists ``(path, problem)`` pairs.
+    are reported); ``problems`` lists ``(path, problem)`` pairs. A UsageError, so the CLI reports
+    it in one line with exit code 2; still a ValueError for plain Python callers.
     """
+
+    kind = "bad-data"
 
     def __init__(
         self,
@@ -85,7 +90,7 @@ class DataError(ValueError):
     ):
         self.path = None if path is None else str(path)
         self.problems = list(problems) or [(self.path or "", problem)]
-        super().__init__(f"{path}: {problem}" if path is not None else problem)
+        UsageError.__init__(self, f"{path}: {problem}" if path is not None else problem)
 
 
 class DataWarning(UserWarning):
