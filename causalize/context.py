@@ -86,3 +86,52 @@ def install_context(model: nn.Module, tokens: TokenFn | None = None) -> FrameCon
     model.register_forward_hook(post_hook, with_kwargs=True, always_call=True)
     object.__setattr__(model, CONTEXT_ATTR, ctx)
     return ctx
+
+
+# --- gradient checkpointing ------------------------------------------------------------------
+
+_CONTEXT_FIELDS = ("grid", "timesteps", "action_emb", "temb_delta", "busy")
+
+
+def context_preserving_checkpoint(frame_context: FrameContext):
+    """A `gradient_checkpointing_func` for diffusers' `enable_gradient_checkpointing` that replays
+    the frame context while a block is recomputed.
+
+    The per-frame conditioning and the token grid live in a context that is cleared when the
+    model's forward returns; diffusers' default checkpointing recomputes blocks in backward, after
+    that, so recomputed blocks would see no per-frame conditioning (silently wrong gradients in the
+    UNets, an error in DiTs with causal attention). This snapshots the context when a block runs
+    forward and restores it during the block's recomputation.
+    """
+    import contextlib
+
+    from torch.utils.checkpoint import checkpoint
+
+    def checkpoint_func(module, *args):
+        snapshot = {f: getattr(frame_context, f) for f in _CONTEXT_FIELDS}
+
+        @contextlib.contextmanager
+        def replay():
+            saved = {f: getattr(frame_context, f) for f in _CONTEXT_FIELDS}
+            for f, v in snapshot.items():
+                setattr(frame_context, f, v)
+            try:
+                yield
+            finally:
+                for f, v in saved.items():
+                    setattr(frame_context, f, v)
+
+        return checkpoint(module, *args, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), replay()))
+
+    return checkpoint_func
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> bool:
+    """Gradient checkpointing that is correct on a converted model (use this, not the model's own
+    `enable_gradient_checkpointing()`, whose default would drop the frame context). Returns False
+    when the diffusers class does not support checkpointing."""
+    if not getattr(model, "_supports_gradient_checkpointing", False) or not hasattr(model, "enable_gradient_checkpointing"):
+        return False
+    ctx = getattr(model, CONTEXT_ATTR, None)
+    model.enable_gradient_checkpointing(context_preserving_checkpoint(ctx) if ctx is not None else None)
+    return True

@@ -23,10 +23,10 @@ from causalize.errors import UsageError
 from causalize.plugin_manager import registries
 from causalize.training.data import ActionSpace, create_dataset, write_episode
 from causalize.training.objective import NoiseSchedule
+from causalize.context import context_preserving_checkpoint
 from causalize.training.trainer import (
     TrainConfig,
     TrainingError,
-    context_preserving_checkpoint,
     draw_step_inputs,
     latest_checkpoint,
     step_generator,

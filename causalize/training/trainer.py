@@ -76,7 +76,6 @@ __all__ = [
     "TrainingError",
     "compute_loss",
     "conditioning_kwargs",
-    "context_preserving_checkpoint",
     "draw_step_inputs",
     "latest_checkpoint",
     "step_generator",
@@ -475,49 +474,13 @@ def conditioning_kwargs(
 # Gradient checkpointing that keeps the frame context
 # --------------------------------------------------------------------------------------------
 
-_CONTEXT_FIELDS = ("grid", "timesteps", "action_emb", "temb_delta", "busy")
-
-
-def context_preserving_checkpoint(frame_context: Any) -> Callable[..., Any]:
-    """A ``gradient_checkpointing_func`` for diffusers' ``enable_gradient_checkpointing`` that
-    replays the converted model's frame context during recomputation.
-
-    The per-frame conditioning (per-frame timestep embeddings, action embeddings, token grid)
-    lives in a context that is cleared when the model's forward returns. diffusers' default
-    checkpointing recomputes blocks in backward, after that: the recomputed blocks would see no
-    per-frame conditioning (silently wrong gradients in the delta-mode UNets; an error in DiTs
-    with causal attention processors). This function snapshots the context when a block runs
-    forward and restores it while the block is recomputed.
-    """
-    from torch.utils.checkpoint import checkpoint
-
-    def checkpoint_func(module: Callable[..., Any], *args: Any) -> Any:
-        snapshot = {f: getattr(frame_context, f) for f in _CONTEXT_FIELDS}
-
-        @contextlib.contextmanager
-        def replay() -> Iterator[None]:
-            saved = {f: getattr(frame_context, f) for f in _CONTEXT_FIELDS}
-            for f, v in snapshot.items():
-                setattr(frame_context, f, v)
-            try:
-                yield
-            finally:
-                for f, v in saved.items():
-                    setattr(frame_context, f, v)
-
-        return checkpoint(module, *args, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), replay()))
-
-    return checkpoint_func
-
-
 def _enable_gradient_checkpointing(model: nn.Module) -> bool:
-    from causalize.context import CONTEXT_ATTR
+    from causalize.context import enable_gradient_checkpointing
 
-    if not getattr(model, "_supports_gradient_checkpointing", False) or not hasattr(model, "enable_gradient_checkpointing"):
-        warnings.warn(f"{type(model).__name__} does not support gradient checkpointing; training without it", stacklevel=3)
-        return False
-    model.enable_gradient_checkpointing(context_preserving_checkpoint(getattr(model, CONTEXT_ATTR)))
-    return True
+    if enable_gradient_checkpointing(model):
+        return True
+    warnings.warn(f"{type(model).__name__} does not support gradient checkpointing; training without it", stacklevel=3)
+    return False
 
 
 # --------------------------------------------------------------------------------------------
