@@ -270,13 +270,14 @@ def convert(
     model = checkpoint.build_empty(md.class_name, md.config)
     checkpoint.assign_weights(model, checkpoint.load_state_dict(md, allow_pickle), md.path)
     seconds = {"load": time.perf_counter() - t0}
-    _say(progress, f"loaded {md.class_name} ({sum(p.numel() for p in model.parameters()):,} parameters) in {seconds['load']:.1f}s")
+    n_params = sum(p.numel() for p in model.parameters())
+    _say(progress, f"loaded {md.class_name} ({n_params:,} parameters) in {seconds['load']:.1f}s")
 
     t1 = time.perf_counter()
     runs = convert_model(model, the_plan, pipe, progress)
     seconds["passes"] = time.perf_counter() - t1
     report = ConvertReport(str(src), str(out), md.class_name, the_plan.name, str(pipe), runs, None, False, dry_run, seconds,
-                           sum(p.numel() for p in model.parameters()))
+                           sum(p.numel() for p in model.parameters()))  # after the passes: adapters included
     if verify:
         t2 = time.perf_counter()
         _say(progress, f"verifying causality on {frames} frames")

@@ -31,12 +31,6 @@ class FrameLayout:
         return int(kwargs[name].shape[axis])
 
 
-def select_frames(x: torch.Tensor, axis: int, start: int, stop: int | None = None) -> torch.Tensor:
-    """x restricted to frames [start, stop) along `axis` (a view)."""
-    stop = x.shape[axis] if stop is None else stop
-    return x.narrow(axis, start, stop - start)
-
-
 def per_frame_max_abs(x: torch.Tensor, axis: int) -> torch.Tensor:
     """max |x| over everything but the frame axis -> (T,) float64."""
     moved = x.detach().movedim(axis, 0).reshape(x.shape[axis], -1)
