@@ -44,6 +44,7 @@ class FrameContext:
         self.action_emb = None
         self.temb_delta = None
         self.busy = False
+        self.stream = None  # causalize.rollout.streaming.StreamState while a streaming rollout runs
 
     def current(self) -> TokenGrid:
         if self.grid is None:

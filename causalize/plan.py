@@ -93,6 +93,22 @@ class Conditioning:
     modulation: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class Streaming:
+    """What exact streaming rollout (causalize.rollout.streaming) needs beyond the causal mixers,
+    which carry their own caches. A plan without it is rolled out by full recomputation only.
+
+    rope: path of a rotary-embedding module whose forward reads only the *shape* of its first
+        argument (frames on `rope_frame_axis`) and returns per-token tensors (or a tuple of them)
+        with tokens on `rope_token_axis`, frame-major. Streaming offsets its frame positions by
+        the number of frames already cached. Empty: the model has no temporal positions.
+    """
+
+    rope: str = ""
+    rope_frame_axis: int = 2
+    rope_token_axis: int = 1
+
+
 InputsFactory = Callable[["nn.Module", int, "torch.Generator"], dict[str, Any]]
 
 
@@ -120,6 +136,7 @@ class Plan:
     min_frames: int = 2
     tokens: Callable[["nn.Module", dict[str, Any]], Any] | None = None
     conditioning: Conditioning | None = None
+    streaming: Streaming | None = None
     # For classes with several plans (CogVideoX 1.0 / 1.5): does this plan fit a given config?
     accepts: Callable[[dict[str, Any]], bool] | None = None
     source: str = field(default="", compare=False)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from causalize.hookspecs import hookimpl
 from causalize.layout import FrameLayout
-from causalize.plan import Conditioning, Plan, Targets
+from causalize.plan import Conditioning, Plan, Streaming, Targets
 from causalize.plugins.common import patch3d_tokens as tokens, mid_timestep, randn
 
 
@@ -36,9 +36,10 @@ PLAN = Plan(
     ),
     make_inputs=make_inputs,
     conditioning=Conditioning(embedding="condition_embedder.time_embedder", mode="per-token", sample_arg="hidden_states"),
+    streaming=Streaming(rope="rope"),
     tokens=tokens,
     description="Wan 2.1 / 2.2 text- and image-to-video DiT",
-    notes=("RoPE frame indices restart at 0 on every call: streaming needs global offsets",),
+    notes=("RoPE frame indices restart at 0 on every call: streaming offsets them by the cached frame count",),
 )
 
 

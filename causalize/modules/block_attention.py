@@ -89,21 +89,14 @@ def _original_sdpa():
 
 
 def _masked_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *args, **kwargs):
-    """Stand-in for F.scaled_dot_product_attention while a scope is active.
-
-    Only calls made in a thread with an active scope, whose query and key lengths are equal and
-    at least the video token count, are masked (by the innermost scope); all others pass through.
-    """
+    """Stand-in for F.scaled_dot_product_attention while a scope is active: the innermost scope
+    of the calling thread handles the call; calls from other threads or outside any scope pass
+    through untouched."""
     original = _original_sdpa()
     stack = getattr(_SdpaRouting.local, "stack", None)
     if not stack:  # another thread, or a call outside any scope
         return original(query, key, value, attn_mask, dropout_p, is_causal, *args, **kwargs)
-    scope = stack[-1]
-    length = query.shape[-2]
-    if key.shape[-2] != length or length < scope.grid.video_tokens:
-        return original(query, key, value, attn_mask, dropout_p, is_causal, *args, **kwargs)
-    attn_mask = scope.mask_for(length, query, attn_mask, is_causal)
-    return original(query, key, value, attn_mask, dropout_p, False, *args, **kwargs)
+    return stack[-1].run(original, query, key, value, attn_mask, dropout_p, is_causal, *args, **kwargs)
 
 
 class SdpaScope:
@@ -113,6 +106,15 @@ class SdpaScope:
         self.processor = processor
         self.grid = grid
         self.masked_calls: list[int] = []  # joint lengths of the calls that were masked
+
+    def run(self, original, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *args, **kwargs):
+        """Mask calls whose query and key lengths are equal and at least the video token count
+        (the self-attention over the joint sequence); pass all others through."""
+        length = query.shape[-2]
+        if key.shape[-2] != length or length < self.grid.video_tokens:
+            return original(query, key, value, attn_mask, dropout_p, is_causal, *args, **kwargs)
+        attn_mask = self.mask_for(length, query, attn_mask, is_causal)
+        return original(query, key, value, attn_mask, dropout_p, False, *args, **kwargs)
 
     def mask_for(self, length: int, query: torch.Tensor, attn_mask, is_causal: bool):
         """The call's own mask combined with the block-causal one (bool, or additive if it was)."""

@@ -1,0 +1,345 @@
+"""Autoregressive rollout: context frames and actions in, one generated frame per action out
+(METHOD.md §8–§10).
+
+    result = causalize.rollout.rollout(wm, context, actions, config=RolloutConfig(steps=50))
+
+`context` holds c frames in the model's native layout (its frame axis as in the plan), already in
+model space (normalised pixels or latents); `actions[:, i]` is the action taken after the last
+known frame that produces generated frame i (discrete: (B, n) indices, continuous: (B, n, A)).
+Every generated frame is denoised from pure noise over S levels while the history — the last
+L − 1 frames of the window, noised once to the history level k_h with fixed noise — stays put.
+
+Two strategies compute the same frames:
+- streaming (default): the history window is pushed through the model once (appended frame by
+  frame while the window grows, re-prefilled when it slides), then every denoising step runs on
+  the current frame alone against per-layer caches (causalize.rollout.streaming);
+- full recomputation (`cache=False`, the reference strategy): every step runs the whole window.
+
+Causal action guidance batches two branches in one forward: the conditional one, and the
+unconditional one in which only the newest action is dropped (the null action); history
+activations are identical in both, so in streaming mode they share one cache.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Literal
+
+import torch
+
+from causalize.errors import UsageError
+from causalize.rollout import schedule as sched
+from causalize.training.objective import NoiseSchedule
+from causalize.world_model import WorldModel
+
+ProgressFn = Callable[[int, int, float], None]
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """Sampler settings. Defaults follow METHOD.md §9: DDIM, 50 trailing steps, s = 2.5, φ = 0.7,
+    history at the second-to-last level, v-prediction on the zero-terminal-SNR schedule (the
+    trainer's defaults; a trained checkpoint's training.json overrides the last two)."""
+
+    steps: int = 50
+    sampler: Literal["ddim", "euler"] = "ddim"
+    spacing: Literal["trailing", "uniform"] = "trailing"
+    eta: float = 0.0
+    history_noise: int | str = "second_to_last"
+    window: int = 16
+    guidance_scale: float = 2.5
+    guidance_rescale: float = 0.7
+    cache: bool = True
+    prediction_type: str = "v"
+    zero_terminal_snr: bool = True
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.sampler not in sched.SAMPLERS:
+            raise UsageError(f"unknown sampler {self.sampler!r}", f"use one of {', '.join(sched.SAMPLERS)}")
+        if self.spacing not in sched.SPACINGS:
+            raise UsageError(f"unknown spacing {self.spacing!r}", f"use one of {', '.join(sched.SPACINGS)}")
+        if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 2:
+            raise UsageError(f"window must be an integer >= 2 (history frames + the current one), got {self.window!r}")
+        if not (isinstance(self.eta, (int, float)) and 0.0 <= self.eta <= 1.0):
+            raise UsageError(f"eta must lie in [0, 1], got {self.eta!r}")
+        if not (isinstance(self.guidance_scale, (int, float)) and math.isfinite(self.guidance_scale)):
+            raise UsageError(f"guidance_scale must be a finite number, got {self.guidance_scale!r}")
+        if not (isinstance(self.guidance_rescale, (int, float)) and 0.0 <= self.guidance_rescale <= 1.0):
+            raise UsageError(f"guidance_rescale must lie in [0, 1], got {self.guidance_rescale!r}")
+        if self.prediction_type not in ("v", "v_prediction", "epsilon", "sample"):
+            raise UsageError(f"unknown prediction_type {self.prediction_type!r}", "use v, epsilon or sample")
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale != 1.0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class RolloutResult:
+    """Generated frames (native layout, n frames on the frame axis) and what it took."""
+
+    frames: torch.Tensor
+    seconds_per_frame: list[float] = field(default_factory=list)
+    frame_passes: int = 0  # frames pushed through the model, summed over calls (both branches count)
+    model_calls: int = 0
+    cache_bytes: int = 0
+    config: RolloutConfig | None = None
+
+
+def _frame_axis(wm: WorldModel) -> int:
+    return wm.plan.layout.inputs[wm.plan.conditioning.sample_arg]
+
+
+class _Denoiser:
+    """Runs the model on [history window ; current frame] and returns the current frame's output."""
+
+    def __init__(self, wm: WorldModel, model_kwargs: dict[str, Any] | None):
+        from causalize.training.trainer import conditioning_kwargs
+
+        self.wm = wm
+        self.axis = _frame_axis(wm)
+        self.out_axis = wm.plan.layout.output_axis
+        self._kwargs_fn = conditioning_kwargs
+        self._overrides = model_kwargs or {}
+        self._kwargs: dict[tuple[int, int], dict[str, Any]] = {}
+        self.frame_passes = 0
+        self.model_calls = 0
+
+    def kwargs(self, batch: int, frames: int, like: torch.Tensor) -> dict[str, Any]:
+        key = (batch, frames)
+        if key not in self._kwargs:
+            self._kwargs[key] = self._kwargs_fn(self.wm.plan, self.wm.model, batch, frames, self._overrides, like.device)
+        return self._kwargs[key]
+
+    def call(self, sample, timesteps, actions, mask) -> torch.Tensor:
+        batch, frames = sample.shape[0], sample.shape[self.axis]
+        self.model_calls += 1
+        self.frame_passes += batch * frames
+        return self.wm(sample, timesteps, actions, mask, **self.kwargs(batch, frames, sample))
+
+    def set_history(self, frames: list[torch.Tensor], actions: torch.Tensor, mask: torch.Tensor, start: int, level: int) -> None:
+        raise NotImplementedError
+
+    def __call__(self, x, level, actions, mask) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _branches(x, level, history_len, actions, mask, guided: bool):
+    """(sample, timesteps, actions, mask) of the current-frame part of a call, both branches when
+    guided: [conditional ; unconditional with the newest action dropped]."""
+    batch = x.shape[0]
+    ts = torch.full((batch, 1), level, dtype=torch.long, device=x.device)
+    if not guided:
+        return x, ts, actions, mask
+    drop = mask.clone()
+    drop[:, -1] = False
+    reps = [2] + [1] * (x.ndim - 1)
+    return x.repeat(*reps), ts.repeat(2, 1), actions.repeat(2, *([1] * (actions.ndim - 1))), torch.cat([mask, drop])
+
+
+class FullRecompute(_Denoiser):
+    """The reference strategy: every step runs the whole window."""
+
+    def set_history(self, frames, actions, mask, start, level):
+        self.history = frames
+        self.actions, self.mask, self.level = actions, mask, level
+
+    def __call__(self, x, level, action, guided):
+        actions = torch.cat([self.actions, action], dim=1)
+        mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        n_hist = len(self.history)
+        sample, ts, actions, mask = _branches(x, level, n_hist, actions, mask, guided)
+        copies = sample.shape[0] // x.shape[0]
+        if n_hist:
+            hist = torch.cat(self.history, dim=self.axis)
+            hist = hist.repeat(copies, *([1] * (hist.ndim - 1)))
+            sample = torch.cat([hist, sample], dim=self.axis)
+            hist_ts = torch.full((ts.shape[0], n_hist), self.level, dtype=torch.long, device=x.device)
+            ts = torch.cat([hist_ts, ts], dim=1)
+        out = self.call(sample, ts, actions, mask)
+        return out.narrow(self.out_axis, out.shape[self.out_axis] - 1, 1)
+
+
+class Streaming(_Denoiser):
+    """History through the model once per window (append-only while it grows), steps on the
+    current frame alone against the caches."""
+
+    def __init__(self, wm, model_kwargs):
+        super().__init__(wm, model_kwargs)
+        from causalize.rollout.streaming import Stream
+
+        self.stream = Stream.of(wm.model, wm.plan)
+        self.stream.reset()
+        self.span = (0, 0)  # global frame indices [start, end) held in the caches
+
+    def set_history(self, frames, actions, mask, start, level):
+        end = start + len(frames)
+        cached_start, cached_end = self.span
+        if cached_start == start and cached_end <= end and cached_end > cached_start:
+            first = cached_end - start  # append what is missing
+        else:
+            self.stream.reset()
+            first = 0
+        if first < len(frames):
+            new = torch.cat(frames[first:], dim=self.axis)
+            ts = torch.full((new.shape[0], len(frames) - first), level, dtype=torch.long, device=new.device)
+            with self.stream.write(len(frames) - first):
+                self.call(new, ts, actions[:, first:], mask[:, first:])
+        self.span = (start, end)
+        self.level = level
+
+    def __call__(self, x, level, action, guided):
+        mask = torch.ones(x.shape[0], 1, dtype=torch.bool, device=x.device)
+        sample, ts, actions, mask = _branches(x, level, 0, action, mask, guided)
+        with self.stream.read():
+            return self.call(sample, ts, actions, mask)
+
+
+def _check_inputs(wm: WorldModel, context: torch.Tensor, actions: torch.Tensor, context_actions: torch.Tensor | None) -> None:
+    if not isinstance(wm, WorldModel):
+        raise UsageError(f"rollout needs a causalize.WorldModel, got {type(wm).__name__}")
+    encoder = wm.action_encoder
+    if encoder is None:
+        raise UsageError("this checkpoint has no action adapter: it cannot be rolled out from actions",
+                         "convert it with --action-dim N and fine-tune it (causalize train)")
+    axis = _frame_axis(wm)
+    if not torch.is_tensor(context) or context.ndim <= axis:
+        raise UsageError(f"context must be a tensor in the model's layout with frames on axis {axis}")
+    if not context.is_floating_point() or not torch.isfinite(context).all():
+        raise UsageError("context frames must be finite floating-point values in model space")
+    block = wm.plan.layout.block_size
+    if context.shape[axis] < 1 or context.shape[axis] % block:
+        raise UsageError(f"the model needs a whole number of {block}-frame blocks of context, got {context.shape[axis]} frames")
+    for name, acts in (("actions", actions), ("context_actions", context_actions)):
+        if acts is None:
+            continue
+        _check_actions(encoder, acts, context.shape[0], name)
+    if context_actions is not None and context_actions.shape[1] != context.shape[axis]:
+        raise UsageError(f"context_actions has {context_actions.shape[1]} frames, the context {context.shape[axis]}")
+
+
+def _check_actions(encoder: torch.nn.Module, acts: torch.Tensor, batch: int, name: str) -> None:
+    if not torch.is_tensor(acts):
+        raise UsageError(f"{name} must be a tensor")
+    discrete = encoder.action_type == "discrete"
+    if discrete and acts.ndim == 2:
+        if acts.is_floating_point() or acts.dtype == torch.bool:
+            raise UsageError(f"{name}: discrete actions are integer indices, got dtype {acts.dtype}")
+        if acts.numel() and (int(acts.min()) < 0 or int(acts.max()) >= encoder.action_dim):
+            raise UsageError(f"{name}: action indices must lie in [0, {encoder.action_dim}), got [{int(acts.min())}, {int(acts.max())}]")
+    elif acts.ndim == 3:
+        if acts.shape[-1] != encoder.action_dim:
+            raise UsageError(f"{name} have dimension {acts.shape[-1]}, the action adapter expects {encoder.action_dim}")
+        if acts.is_floating_point() and not torch.isfinite(acts).all():
+            raise UsageError(f"{name} contain NaN or inf")
+    else:
+        shape = "(batch, n) indices or (batch, n, N) multi-hot" if discrete else f"(batch, n, {encoder.action_dim})"
+        raise UsageError(f"{name} must be {shape}, got shape {tuple(acts.shape)}")
+    if acts.shape[0] != batch:
+        raise UsageError(f"{name} have batch {acts.shape[0]}, the context {batch}")
+
+
+def rollout(
+    wm: WorldModel,
+    context: torch.Tensor,
+    actions: torch.Tensor,
+    *,
+    context_actions: torch.Tensor | None = None,
+    config: RolloutConfig | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    progress: ProgressFn | None = None,
+) -> RolloutResult:
+    """Generate one frame per action after the context (see the module docstring).
+
+    context_actions: the actions attached to the context frames (frame j's producing action), or
+        None: context frames get the null action.
+    model_kwargs: the model's other inputs at batch 1 (e.g. a real empty-prompt embedding);
+        by default the zero "empty prompt" the trainer used.
+    progress: called after every frame with (frames done, total, seconds for that frame).
+    """
+    config = config or RolloutConfig()
+    config.validate()
+    _check_inputs(wm, context, actions, context_actions)
+    schedule = NoiseSchedule.from_config(rescale_zero_terminal_snr=config.zero_terminal_snr)
+    levels = sched.sampling_timesteps(schedule.num_train_timesteps, config.steps, config.spacing)
+    level_h = sched.history_level(levels, config.history_noise)
+    if level_h >= schedule.num_train_timesteps:
+        raise UsageError(f"history_noise {level_h} is beyond the schedule's {schedule.num_train_timesteps} levels")
+    prediction = "v" if config.prediction_type == "v_prediction" else config.prediction_type
+    axis, out_axis = _frame_axis(wm), wm.plan.layout.output_axis
+
+    param = next(wm.model.parameters())
+    device, dtype = param.device, param.dtype
+    context = context.to(device=device, dtype=dtype)
+    batch, n = context.shape[0], actions.shape[1]
+    actions = actions.to(device)
+    gen = torch.Generator(device=device).manual_seed(config.seed)
+    denoiser = (Streaming if config.cache else FullRecompute)(wm, model_kwargs)
+
+    def noised(frame: torch.Tensor) -> torch.Tensor:
+        noise = torch.randn(frame.shape, generator=gen, device=device, dtype=dtype)
+        ts = torch.full((batch, 1), level_h, dtype=torch.long, device=device)
+        return schedule.q_sample(frame, noise, ts, axis)
+
+    def to_v(out: torch.Tensor, x: torch.Tensor, level: int) -> torch.Tensor:
+        if prediction == "v":
+            return out
+        ts = torch.full((batch * (out.shape[0] // batch), 1), level, dtype=torch.long, device=device)
+        return schedule.predicted_v(x.repeat(out.shape[0] // batch, *([1] * (x.ndim - 1))), out, ts, prediction, out_axis)
+
+    frames = list(context.split(1, dim=axis))
+    history = [noised(f) for f in frames]
+    action_rows = _as_rows(actions)
+    if context_actions is None:
+        hist_actions = [torch.zeros_like(action_rows[0]) for _ in frames]
+        hist_mask = [False] * len(frames)
+    else:
+        hist_actions = _as_rows(context_actions.to(device))
+        hist_mask = [True] * len(frames)
+
+    outputs, seconds = [], []
+    with torch.no_grad():
+        for i in range(n):
+            t0 = time.perf_counter()
+            keep = config.window - 1
+            start = max(0, len(history) - keep)
+            window_actions = torch.cat(hist_actions[start:], dim=1)
+            window_mask = torch.tensor(hist_mask[start:], device=device).expand(batch, -1)
+            denoiser.set_history(history[start:], window_actions, window_mask, start, level_h)
+            shape = list(context.shape)
+            shape[axis] = 1
+            x = torch.randn(shape, generator=gen, device=device, dtype=dtype)
+            for j, level in enumerate(levels):
+                out = denoiser(x, level, action_rows[i], config.guided)
+                v = to_v(out, x, level)
+                if config.guided:
+                    v = sched.guide(v[:batch], v[batch:], config.guidance_scale, config.guidance_rescale)
+                nxt = levels[j + 1] if j + 1 < len(levels) else None
+                x = sched.step(config.sampler, schedule, x, v, level, nxt, eta=config.eta, generator=gen)
+            outputs.append(x)
+            history.append(noised(x))
+            hist_actions.append(action_rows[i])
+            hist_mask.append(True)
+            seconds.append(time.perf_counter() - t0)
+            if progress is not None:
+                progress(i + 1, n, seconds[-1])
+    cache_bytes = denoiser.stream.cache_bytes() if isinstance(denoiser, Streaming) else 0
+    return RolloutResult(
+        frames=torch.cat(outputs, dim=axis) if outputs else context.narrow(axis, 0, 0),
+        seconds_per_frame=seconds, frame_passes=denoiser.frame_passes, model_calls=denoiser.model_calls,
+        cache_bytes=cache_bytes, config=config,
+    )
+
+
+def _as_rows(actions: torch.Tensor) -> list[torch.Tensor]:
+    """(B, n[, A]) -> n tensors (B, 1[, A]), one per frame."""
+    return list(actions.split(1, dim=1))
+
+
+__all__ = ["FullRecompute", "RolloutConfig", "RolloutResult", "Streaming", "rollout"]

@@ -1,0 +1,207 @@
+"""Exact streaming: run a converted model one frame at a time with per-layer caches (METHOD.md §10).
+
+`Stream(model, plan)` installs, once, the runtime hooks every causal mixer needs:
+
+| mixer | state | installed as |
+|---|---|---|
+| causal temporal conv | the last (k−1)·d input frames | an instance override of `_pad_time` |
+| causal / block-causal attention | keys and values of history tokens | `StreamingAttnProcessor` |
+| per-frame norm, spatial ops, FFN, AdaLN | none | — |
+| rotary position embeddings | none: positions offset by the frame count already cached | a forward hook (plan.streaming.rope) |
+
+Outside a `Stream` call every hook is inert: the model computes exactly what it did before.
+Inside, a call either *writes* history (`stream.write(...)`: prefill a window, or append the
+newest frame; the caches grow) or *reads* it (`stream.read(...)`: a denoising step of the current
+frame; the caches are used, not changed). Frames of one call get global indices starting at the
+number of frames already cached, so positions and masks match a full-window forward.
+
+The caches are exact as long as the history is fixed: a window whose start moves must be
+re-prefilled after `reset()` (the rollout does), never edited in place.
+"""
+
+from __future__ import annotations
+
+import types
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, Literal
+
+import torch
+import torch.nn as nn
+
+from causalize.context import CONTEXT_ATTR, FrameContext
+from causalize.errors import CausalizeError, UsageError
+from causalize.modules.block_attention import BlockCausalAttnProcessor
+from causalize.modules.causal_conv import is_causal_conv
+from causalize.modules.causal_norm import CausalGroupNorm
+from causalize.modules.frame_attention import CausalFrameAttnProcessor
+from causalize.modules.kv_cache import StreamingAttnProcessor
+from causalize.plan import Plan
+
+STREAM_ATTR = "_causalize_stream"
+
+
+@dataclass
+class StreamState:
+    """What the hooks read during one streaming call."""
+
+    mode: Literal["write", "read"]
+    offset: int  # global index of the call's first frame = frames already cached
+    conv: dict[int, torch.Tensor] = field(default_factory=dict)  # id(conv) -> its last (k−1)·d input frames
+
+
+class Stream:
+    """The streaming caches of one model; `Stream.of(model, plan)` returns the installed one."""
+
+    def __init__(self, model: nn.Module, plan: Plan):
+        self.model = model
+        self.plan = plan
+        self.context: FrameContext | None = getattr(model, CONTEXT_ATTR, None)
+        if self.context is None:
+            raise UsageError(f"this {type(model).__name__} was not converted (no frame context): nothing to stream")
+        if plan.streaming is None:
+            raise UsageError(f"plan '{plan.name}' does not declare streaming support",
+                             "use full recomputation (cache=False / --no-cache)")
+        self._check_supported()
+        self.cached_frames = 0
+        self._conv: dict[int, torch.Tensor] = {}
+        self._processors = self._install_attention()
+        self._install_convs()
+        self._install_rope()
+
+    @classmethod
+    def of(cls, model: nn.Module, plan: Plan) -> "Stream":
+        stream = getattr(model, STREAM_ATTR, None)
+        if stream is None:
+            stream = cls(model, plan)
+            object.__setattr__(model, STREAM_ATTR, stream)
+        return stream
+
+    # --- what cannot stream ------------------------------------------------------------------
+
+    def _check_supported(self) -> None:
+        if self.plan.layout.block_size != 1:
+            raise UsageError(f"plan '{self.plan.name}' is causal over blocks of {self.plan.layout.block_size} frames",
+                             "block-by-block streaming is not implemented: use cache=False")
+        for name, m in self.model.named_modules():
+            if isinstance(m, CausalGroupNorm) and m.mode != "per-frame":
+                raise UsageError(f"{name}: a cumulative causal norm keeps running statistics that streaming does not cache yet",
+                                 "convert with causal-norm{mode=per-frame} (the default), or use cache=False")
+            processor = getattr(m, "processor", None)
+            if isinstance(processor, BlockCausalAttnProcessor) and processor.mask_format == "sdpa-scope":
+                raise UsageError(f"{name}: a per-sample attention loop (sdpa-scope) cannot share one KV cache",
+                                 "use cache=False")
+
+    # --- installation ------------------------------------------------------------------------
+
+    def _install_attention(self) -> list[StreamingAttnProcessor]:
+        installed = []
+        for _, m in self.model.named_modules():
+            processor = getattr(m, "processor", None)
+            if isinstance(processor, StreamingAttnProcessor):
+                installed.append(processor)
+            elif isinstance(processor, (CausalFrameAttnProcessor, BlockCausalAttnProcessor)):
+                wrapper = StreamingAttnProcessor(processor, self.context)
+                m.set_processor(wrapper) if hasattr(m, "set_processor") else setattr(m, "processor", wrapper)
+                installed.append(wrapper)
+        return installed
+
+    def _install_convs(self) -> None:
+        for _, m in self.model.named_modules():
+            if is_causal_conv(m) and m.left_pad > 0 and "_pad_time" not in vars(m):
+                m._pad_time = types.MethodType(_streaming_pad_time, m)
+                object.__setattr__(m, STREAM_ATTR, self)
+
+    def _install_rope(self) -> None:
+        path = self.plan.streaming.rope
+        if path:
+            rope = self.model.get_submodule(path)
+            object.__setattr__(rope, STREAM_ATTR, self)
+            rope.register_forward_hook(_offset_rope)
+
+    # --- calls -------------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget the history (a new window, or a new rollout)."""
+        self.cached_frames = 0
+        self._conv.clear()
+        for p in self._processors:
+            p.cache.__init__()
+
+    @contextmanager
+    def _call(self, mode: Literal["write", "read"], frames: int) -> Iterator[StreamState]:
+        if self.context.stream is not None:
+            raise CausalizeError("streaming calls do not nest")
+        state = StreamState(mode, self.cached_frames, self._conv)
+        self.context.stream = state
+        try:
+            yield state
+        finally:
+            self.context.stream = None
+        if mode == "write":
+            self.cached_frames += frames
+
+    def write(self, frames: int):
+        """Context for a forward over `frames` new history frames: they are appended to the caches."""
+        return self._call("write", frames)
+
+    def read(self):
+        """Context for a forward over the current frame(s): caches are used, not changed."""
+        return self._call("read", 0)
+
+    def cache_bytes(self) -> int:
+        """Memory held by the caches (keys, values, conv buffers)."""
+        return sum(p.cache.nbytes() for p in self._processors) + sum(t.numel() * t.element_size() for t in self._conv.values())
+
+
+def _streaming_pad_time(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """CausalConv's padding, or inside a streaming call the cached last (k−1)·d frames of the
+    previous history (the padding itself on the first call of a window)."""
+    stream: Stream = getattr(self, STREAM_ATTR)
+    state = stream.context.stream
+    padding = type(self)._pad_time
+    if state is None:
+        return padding(self, x)
+    dim = 2 + self.time_axis
+    buffer = state.conv.get(id(self))
+    if buffer is None:
+        if state.offset:
+            raise CausalizeError("a causal conv has no cached frames for a streaming call after the first")
+        padded = padding(self, x)
+    else:
+        if x.shape[0] % buffer.shape[0]:
+            raise CausalizeError(f"a call of batch {x.shape[0]} cannot share a conv cache of batch {buffer.shape[0]}")
+        tiled = buffer.repeat(x.shape[0] // buffer.shape[0], *([1] * (x.ndim - 1)))
+        padded = torch.cat([tiled.to(x.dtype), x], dim=dim)
+    if state.mode == "write":
+        state.conv[id(self)] = padded.narrow(dim, padded.shape[dim] - self.left_pad, self.left_pad).detach()
+    return padded
+
+
+def _offset_rope(module: nn.Module, args, output):
+    """Rotary embeddings for frames offset..offset+F−1: the module run on offset+F frames (it reads
+    only the input's shape), keeping the last F frames' tokens."""
+    stream: Stream = getattr(module, STREAM_ATTR)
+    state = stream.context.stream
+    if state is None or state.offset == 0 or getattr(module, "_causalize_busy", False):
+        return None
+    spec = stream.plan.streaming
+    hidden = args[0]
+    shape = list(hidden.shape)
+    shape[spec.rope_frame_axis] += state.offset
+    object.__setattr__(module, "_causalize_busy", True)
+    try:
+        longer = module(hidden.new_empty(1).expand(shape), *args[1:])
+    finally:
+        object.__setattr__(module, "_causalize_busy", False)
+
+    def tail(full, short):
+        n = short.shape[spec.rope_token_axis]
+        return full.narrow(spec.rope_token_axis, full.shape[spec.rope_token_axis] - n, n)
+
+    if isinstance(output, tuple):
+        return tuple(tail(f, s) for f, s in zip(longer, output))
+    return tail(longer, output)
+
+
+__all__ = ["Stream", "StreamState"]
