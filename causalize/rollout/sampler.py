@@ -201,13 +201,8 @@ class Streaming(_Denoiser):
             return self.call(sample, ts, actions, mask)
 
 
-def _check_inputs(wm: WorldModel, context: torch.Tensor, actions: torch.Tensor, context_actions: torch.Tensor | None) -> None:
-    if not isinstance(wm, WorldModel):
-        raise UsageError(f"rollout needs a causalize.WorldModel, got {type(wm).__name__}")
+def _check_inputs(wm: WorldModel, context: torch.Tensor, actions: torch.Tensor | None, context_actions: torch.Tensor | None) -> None:
     encoder = wm.action_encoder
-    if encoder is None:
-        raise UsageError("this checkpoint has no action adapter: it cannot be rolled out from actions",
-                         "convert it with --action-dim N and fine-tune it (causalize train)")
     axis = _frame_axis(wm)
     if not torch.is_tensor(context) or context.ndim <= axis:
         raise UsageError(f"context must be a tensor in the model's layout with frames on axis {axis}")
@@ -245,6 +240,110 @@ def _check_actions(encoder: torch.nn.Module, acts: torch.Tensor, batch: int, nam
         raise UsageError(f"{name} have batch {acts.shape[0]}, the context {batch}")
 
 
+class RolloutSession:
+    """Step-by-step rollout: `reset(context)`, then `step(action)` returns the next frame.
+
+    `rollout()` is this in a loop; the gymnasium environment drives it one action at a time.
+    One generator (seeded by config.seed at reset) draws, in order, the history noise of each
+    context frame, then per generated frame its initial noise, any η noise and its history noise;
+    both strategies draw the same numbers, so they produce the same frames.
+    """
+
+    def __init__(self, wm: WorldModel, config: RolloutConfig | None = None, model_kwargs: dict[str, Any] | None = None):
+        self.wm = wm
+        self.config = config = config or RolloutConfig()
+        config.validate()
+        if not isinstance(wm, WorldModel):
+            raise UsageError(f"rollout needs a causalize.WorldModel, got {type(wm).__name__}")
+        if wm.action_encoder is None:
+            raise UsageError("this checkpoint has no action adapter: it cannot be rolled out from actions",
+                             "convert it with --action-dim N and fine-tune it (causalize train)")
+        self.schedule = NoiseSchedule.from_config(rescale_zero_terminal_snr=config.zero_terminal_snr)
+        self.levels = sched.sampling_timesteps(self.schedule.num_train_timesteps, config.steps, config.spacing)
+        self.level_h = sched.history_level(self.levels, config.history_noise)
+        if self.level_h >= self.schedule.num_train_timesteps:
+            raise UsageError(f"history_noise {self.level_h} is beyond the schedule's {self.schedule.num_train_timesteps} levels")
+        self.prediction = "v" if config.prediction_type == "v_prediction" else config.prediction_type
+        self.axis, self.out_axis = _frame_axis(wm), wm.plan.layout.output_axis
+        param = next(wm.model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.model_kwargs = model_kwargs
+        self.denoiser: _Denoiser | None = None
+        self.generated = 0
+
+    def reset(self, context: torch.Tensor, context_actions: torch.Tensor | None = None) -> None:
+        """Start from `context` (c frames, model space, native layout); context frames get
+        `context_actions` (their producing actions) or the null action."""
+        _check_inputs(self.wm, context, None, context_actions)
+        self.batch = context.shape[0]
+        context = context.to(device=self.device, dtype=self.dtype)
+        self.frame_shape = list(context.shape)
+        self.frame_shape[self.axis] = 1
+        self.gen = torch.Generator(device=self.device).manual_seed(self.config.seed)
+        self.denoiser = (Streaming if self.config.cache else FullRecompute)(self.wm, self.model_kwargs)
+        self.history = [self._noised(f) for f in context.split(1, dim=self.axis)]
+        c = len(self.history)
+        if context_actions is None:
+            self.hist_actions = None  # filled with zeros shaped like the first action
+            self.hist_mask = [False] * c
+        else:
+            self.hist_actions = _as_rows(context_actions.to(self.device))
+            self.hist_mask = [True] * c
+        self.generated = 0
+        self.seconds_per_frame: list[float] = []
+
+    def _noised(self, frame: torch.Tensor) -> torch.Tensor:
+        noise = torch.randn(frame.shape, generator=self.gen, device=self.device, dtype=self.dtype)
+        ts = torch.full((frame.shape[0], 1), self.level_h, dtype=torch.long, device=self.device)
+        return self.schedule.q_sample(frame, noise, ts, self.axis)
+
+    def _to_v(self, out: torch.Tensor, x: torch.Tensor, level: int) -> torch.Tensor:
+        if self.prediction == "v":
+            return out
+        copies = out.shape[0] // x.shape[0]
+        ts = torch.full((out.shape[0], 1), level, dtype=torch.long, device=self.device)
+        return self.schedule.predicted_v(x.repeat(copies, *([1] * (x.ndim - 1))), out, ts, self.prediction, self.out_axis)
+
+    @torch.no_grad()
+    def step(self, action: torch.Tensor) -> torch.Tensor:
+        """The next frame (native layout, one frame on the frame axis, model space) given the
+        action (B, A) continuous / (B,) discrete index / (B, N) multi-hot."""
+        if self.denoiser is None:
+            raise UsageError("call reset(context) before step(action)")
+        row = action.to(self.device)[:, None]
+        _check_actions(self.wm.action_encoder, row, self.batch, "action")
+        t0 = time.perf_counter()
+        cfg, batch = self.config, self.batch
+        if self.hist_actions is None:
+            self.hist_actions = [torch.zeros_like(row) for _ in self.history]
+        start = max(0, len(self.history) - (cfg.window - 1))
+        window_actions = torch.cat(self.hist_actions[start:], dim=1)
+        window_mask = torch.tensor(self.hist_mask[start:], dtype=torch.bool, device=self.device).expand(batch, -1)
+        self.denoiser.set_history(self.history[start:], window_actions, window_mask, start, self.level_h)
+        x = torch.randn(self.frame_shape, generator=self.gen, device=self.device, dtype=self.dtype)
+        for j, level in enumerate(self.levels):
+            out = self.denoiser(x, level, row, cfg.guided)
+            v = self._to_v(out, x, level)
+            if cfg.guided:
+                v = sched.guide(v[:batch], v[batch:], cfg.guidance_scale, cfg.guidance_rescale)
+            nxt = self.levels[j + 1] if j + 1 < len(self.levels) else None
+            x = sched.step(cfg.sampler, self.schedule, x, v, level, nxt, eta=cfg.eta, generator=self.gen)
+        self.history.append(self._noised(x))
+        self.hist_actions.append(row)
+        self.hist_mask.append(True)
+        self.generated += 1
+        self.seconds_per_frame.append(time.perf_counter() - t0)
+        return x
+
+    def result(self, frames: list[torch.Tensor]) -> RolloutResult:
+        d = self.denoiser
+        return RolloutResult(
+            frames=torch.cat(frames, dim=self.axis),
+            seconds_per_frame=list(self.seconds_per_frame), frame_passes=d.frame_passes, model_calls=d.model_calls,
+            cache_bytes=d.stream.cache_bytes() if isinstance(d, Streaming) else 0, config=self.config,
+        )
+
+
 def rollout(
     wm: WorldModel,
     context: torch.Tensor,
@@ -257,84 +356,26 @@ def rollout(
 ) -> RolloutResult:
     """Generate one frame per action after the context (see the module docstring).
 
+    actions: (B, n) discrete indices, (B, n, N) multi-hot or (B, n, A) continuous; actions[:, i]
+        produces generated frame i.
     context_actions: the actions attached to the context frames (frame j's producing action), or
         None: context frames get the null action.
     model_kwargs: the model's other inputs at batch 1 (e.g. a real empty-prompt embedding);
         by default the zero "empty prompt" the trainer used.
     progress: called after every frame with (frames done, total, seconds for that frame).
     """
-    config = config or RolloutConfig()
-    config.validate()
+    session = RolloutSession(wm, config, model_kwargs)
     _check_inputs(wm, context, actions, context_actions)
-    schedule = NoiseSchedule.from_config(rescale_zero_terminal_snr=config.zero_terminal_snr)
-    levels = sched.sampling_timesteps(schedule.num_train_timesteps, config.steps, config.spacing)
-    level_h = sched.history_level(levels, config.history_noise)
-    if level_h >= schedule.num_train_timesteps:
-        raise UsageError(f"history_noise {level_h} is beyond the schedule's {schedule.num_train_timesteps} levels")
-    prediction = "v" if config.prediction_type == "v_prediction" else config.prediction_type
-    axis, out_axis = _frame_axis(wm), wm.plan.layout.output_axis
-
-    param = next(wm.model.parameters())
-    device, dtype = param.device, param.dtype
-    context = context.to(device=device, dtype=dtype)
-    batch, n = context.shape[0], actions.shape[1]
-    actions = actions.to(device)
-    gen = torch.Generator(device=device).manual_seed(config.seed)
-    denoiser = (Streaming if config.cache else FullRecompute)(wm, model_kwargs)
-
-    def noised(frame: torch.Tensor) -> torch.Tensor:
-        noise = torch.randn(frame.shape, generator=gen, device=device, dtype=dtype)
-        ts = torch.full((batch, 1), level_h, dtype=torch.long, device=device)
-        return schedule.q_sample(frame, noise, ts, axis)
-
-    def to_v(out: torch.Tensor, x: torch.Tensor, level: int) -> torch.Tensor:
-        if prediction == "v":
-            return out
-        ts = torch.full((batch * (out.shape[0] // batch), 1), level, dtype=torch.long, device=device)
-        return schedule.predicted_v(x.repeat(out.shape[0] // batch, *([1] * (x.ndim - 1))), out, ts, prediction, out_axis)
-
-    frames = list(context.split(1, dim=axis))
-    history = [noised(f) for f in frames]
-    action_rows = _as_rows(actions)
-    if context_actions is None:
-        hist_actions = [torch.zeros_like(action_rows[0]) for _ in frames]
-        hist_mask = [False] * len(frames)
-    else:
-        hist_actions = _as_rows(context_actions.to(device))
-        hist_mask = [True] * len(frames)
-
-    outputs, seconds = [], []
-    with torch.no_grad():
-        for i in range(n):
-            t0 = time.perf_counter()
-            keep = config.window - 1
-            start = max(0, len(history) - keep)
-            window_actions = torch.cat(hist_actions[start:], dim=1)
-            window_mask = torch.tensor(hist_mask[start:], device=device).expand(batch, -1)
-            denoiser.set_history(history[start:], window_actions, window_mask, start, level_h)
-            shape = list(context.shape)
-            shape[axis] = 1
-            x = torch.randn(shape, generator=gen, device=device, dtype=dtype)
-            for j, level in enumerate(levels):
-                out = denoiser(x, level, action_rows[i], config.guided)
-                v = to_v(out, x, level)
-                if config.guided:
-                    v = sched.guide(v[:batch], v[batch:], config.guidance_scale, config.guidance_rescale)
-                nxt = levels[j + 1] if j + 1 < len(levels) else None
-                x = sched.step(config.sampler, schedule, x, v, level, nxt, eta=config.eta, generator=gen)
-            outputs.append(x)
-            history.append(noised(x))
-            hist_actions.append(action_rows[i])
-            hist_mask.append(True)
-            seconds.append(time.perf_counter() - t0)
-            if progress is not None:
-                progress(i + 1, n, seconds[-1])
-    cache_bytes = denoiser.stream.cache_bytes() if isinstance(denoiser, Streaming) else 0
-    return RolloutResult(
-        frames=torch.cat(outputs, dim=axis) if outputs else context.narrow(axis, 0, 0),
-        seconds_per_frame=seconds, frame_passes=denoiser.frame_passes, model_calls=denoiser.model_calls,
-        cache_bytes=cache_bytes, config=config,
-    )
+    session.reset(context, context_actions)
+    frames = []
+    n = actions.shape[1]
+    for i in range(n):
+        frames.append(session.step(actions[:, i]))
+        if progress is not None:
+            progress(i + 1, n, session.seconds_per_frame[-1])
+    if not frames:
+        raise UsageError("no actions: nothing to generate")
+    return session.result(frames)
 
 
 def _as_rows(actions: torch.Tensor) -> list[torch.Tensor]:
@@ -342,4 +383,4 @@ def _as_rows(actions: torch.Tensor) -> list[torch.Tensor]:
     return list(actions.split(1, dim=1))
 
 
-__all__ = ["FullRecompute", "RolloutConfig", "RolloutResult", "Streaming", "rollout"]
+__all__ = ["FullRecompute", "RolloutConfig", "RolloutResult", "RolloutSession", "Streaming", "rollout"]
