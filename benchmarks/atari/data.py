@@ -1,0 +1,569 @@
+"""Deterministic Atari recordings in the causalize episode format (``docs/EPISODES.md``).
+
+Two kinds of dataset, both written with ``causalize.training.data.create_dataset/write_episode``:
+
+* **clips** (:func:`record_clips`): short clips from several games, the stand-in for action-free
+  "internet video" used to pretrain the bidirectional model. The format has no action-free mode,
+  so each clip also stores the behaviour policy's actions, as indices into ALE's full 18-action
+  set (one space for every game). They are a by-product: **pretraining must ignore them**.
+* **episodes** (:func:`record_episodes`): action-labelled episodes of one held-out game; actions
+  are indices into that game's minimal action set, with per-transition ``rewards``. The train and
+  test sets are separate datasets recorded from disjoint random streams (``split=``).
+
+Recording, and why it is reproducible:
+
+* Sticky actions are off (``repeat_action_probability=0``). With them off the ALE emulator is
+  deterministic: the same action sequence from a reset gives the same pixels whatever the env
+  seed (checked for Pong, Breakout, Enduro and SpaceInvaders). The env seed is still set.
+* Each agent step repeats its action for ``frameskip`` emulator frames (4: 60 Hz -> 15 fps). The
+  observation is the pixel-wise max of the last two emulator frames, which removes sprite flicker
+  (as in DQN), then a box (area-average) resize from 210x160 to ``size`` x ``size`` (64; the aspect
+  ratio is not kept). Area averaging keeps 1-2 pixel objects such as Pong's ball as a fainter pixel
+  instead of dropping them as point sampling may.
+* Behaviour policy: random with persistence, so motion is visible and controllable -- each step
+  keeps the previous action with probability ``repeat_prob`` (0.75: holds last 4 steps on
+  average) and otherwise draws uniformly from the game's minimal action set.
+* Every recording starts with a random warm-up of W policy steps, W uniform in ``warmup``, so
+  recordings show varied game states rather than the start screen. A game over during warm-up or
+  recording discards the attempt and redraws it.
+* Every clip / episode draws its own generator from ``(seed, kind, game, split, index, attempt)``:
+  its content depends on nothing else (not on the other recordings, nor their order).
+
+A dataset is recorded into a hidden temporary sibling directory and renamed into place at the
+end, so a crash never leaves a half-written dataset at ``out_dir``; an existing non-empty
+``out_dir`` is refused unless ``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from causalize.training.data import (
+    ActionSpace,
+    create_dataset,
+    episode_path,
+    list_episodes,
+    read_info,
+    write_episode,
+)
+
+__all__ = [
+    "DATASETS",
+    "DEFAULT_GAMES",
+    "DEFAULT_HELDOUT",
+    "FULL_ACTION_COUNT",
+    "AtariGame",
+    "RecordSettings",
+    "StickyRandomPolicy",
+    "check_games",
+    "clip_games",
+    "downsample",
+    "load_episode",
+    "main",
+    "record_clips",
+    "record_default",
+    "record_episodes",
+]
+
+#: Pretraining games: paddles, shooters, crossing, racing, top-down -- varied motion.
+DEFAULT_GAMES: tuple[str, ...] = (
+    "Breakout",
+    "SpaceInvaders",
+    "Freeway",
+    "Enduro",
+    "Boxing",
+    "Seaquest",
+)
+DEFAULT_HELDOUT = "Pong"
+#: ALE's full action set; clip actions are stored as indices into it.
+FULL_ACTION_COUNT = 18
+#: Sub-directories written by :func:`record_default`.
+DATASETS = {
+    "pretrain": "pretrain_clips",
+    "train": "heldout_train",
+    "test": "heldout_test",
+}
+RAW_FPS = 60.0
+
+
+@dataclass(frozen=True)
+class RecordSettings:
+    """How frames are produced; recorded in each dataset's ``source``."""
+
+    frameskip: int = 4
+    size: int = 64
+    repeat_prob: float = 0.75
+    warmup: tuple[int, int] = (0, 200)
+    max_attempts: int = 20
+
+    def __post_init__(self) -> None:
+        if self.frameskip < 1 or self.size < 1 or self.max_attempts < 1:
+            raise ValueError(f"frameskip, size and max_attempts must be >= 1: {self}")
+        if not 0.0 <= self.repeat_prob < 1.0:
+            raise ValueError(f"repeat_prob must be in [0, 1): {self.repeat_prob}")
+        lo, hi = self.warmup
+        if not 0 <= lo <= hi:
+            raise ValueError(f"warmup must be (min, max) with 0 <= min <= max: {self.warmup}")
+
+    @property
+    def fps(self) -> float:
+        return RAW_FPS / self.frameskip
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["warmup"] = list(self.warmup)
+        return d
+
+
+# ------------------------------------------------------------------------------ environment
+
+
+def _gym() -> Any:
+    try:
+        import ale_py
+        import gymnasium
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("recording Atari needs ale-py and gymnasium: pip install ale-py gymnasium") from e
+    ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Error)  # its banner goes to stdout
+    gymnasium.register_envs(ale_py)
+    return gymnasium
+
+
+def check_games(games: Sequence[str]) -> None:
+    """Raise ValueError naming the first unknown game, before any recording starts."""
+    registry = _gym().registry
+    known = sorted(k[4:-3] for k in registry if k.startswith("ALE/") and k.endswith("-v5"))
+    for game in games:
+        if f"ALE/{game}-v5" not in registry:
+            close = difflib.get_close_matches(game, known, n=3)
+            raise ValueError(f"unknown Atari game {game!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+
+
+def _make_env(game: str) -> Any:
+    check_games([game])
+    return _gym().make(
+        f"ALE/{game}-v5",
+        frameskip=1,  # skipping is done here, to max-pool the last two frames
+        repeat_action_probability=0.0,
+        full_action_space=False,
+    )
+
+
+def downsample(frame: np.ndarray, size: int = 64) -> np.ndarray:
+    """Area-average an RGB uint8 frame (H, W, 3) to (size, size, 3) uint8."""
+    return np.asarray(Image.fromarray(frame).resize((size, size), Image.Resampling.BOX))
+
+
+class AtariGame:
+    """One ALE game stepped at ``frameskip`` with flicker max-pooling and downsampling."""
+
+    def __init__(self, game: str, settings: RecordSettings, env_seed: int = 0):
+        self.name = game
+        self.settings = settings
+        self.env = _make_env(game)
+        self.env.reset(seed=int(env_seed))
+        actions = self.env.unwrapped.ale.getMinimalActionSet()
+        self.num_actions = len(actions)
+        #: minimal-set index -> full-set (0..17) index
+        self.full_ids = np.array([a.value for a in actions], dtype=np.int64)
+        self.action_meanings = list(self.env.unwrapped.get_action_meanings())
+
+    def reset(self) -> np.ndarray:
+        obs, _ = self.env.reset()
+        return downsample(obs, self.settings.size)
+
+    def step(self, action: int) -> tuple[np.ndarray, float, bool]:
+        """Repeat ``action`` for ``frameskip`` frames: (frame, summed reward, game over)."""
+        prev = last = None
+        reward, over = 0.0, False
+        for _ in range(self.settings.frameskip):
+            obs, r, terminated, truncated, _ = self.env.step(int(action))
+            reward += float(r)
+            prev, last = last, obs
+            if terminated or truncated:
+                over = True
+                break
+        raw = last if prev is None else np.maximum(prev, last)
+        return downsample(raw, self.settings.size), reward, over
+
+    def close(self) -> None:
+        self.env.close()
+
+
+class StickyRandomPolicy:
+    """Uniform random actions held for a geometric number of steps (mean ``1/(1-repeat_prob)``)."""
+
+    def __init__(self, num_actions: int, repeat_prob: float, rng: np.random.Generator):
+        self.num_actions = num_actions
+        self.repeat_prob = repeat_prob
+        self.rng = rng
+        self.action: int | None = None
+
+    def __call__(self) -> int:
+        if self.action is None or self.rng.random() >= self.repeat_prob:
+            self.action = int(self.rng.integers(self.num_actions))
+        return self.action
+
+
+def _rng(seed: int, *keys: str | int) -> np.random.Generator:
+    """A generator keyed by the seed and names, independent of any other recording."""
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    words = [int(seed)] + [zlib.crc32(k.encode()) if isinstance(k, str) else int(k) for k in keys]
+    return np.random.default_rng(words)
+
+
+@dataclass
+class _Recording:
+    frames: np.ndarray  # (T, size, size, 3) uint8
+    actions: np.ndarray  # (T,) int64 minimal-set indices; the last row is padding (0)
+    rewards: np.ndarray  # (T,) float32
+    warmup: int
+    attempt: int
+
+
+def _record_once(game: AtariGame, rng: np.random.Generator, length: int) -> _Recording | None:
+    """Warm up, then record ``length`` frames; None on a game over."""
+    s = game.settings
+    policy = StickyRandomPolicy(game.num_actions, s.repeat_prob, rng)
+    warm = int(rng.integers(s.warmup[0], s.warmup[1] + 1))
+    frame = game.reset()
+    for _ in range(warm):
+        frame, _, over = game.step(policy())
+        if over:
+            return None
+    frames, actions, rewards = [frame], [], []
+    for _ in range(length - 1):
+        a = policy()
+        frame, r, over = game.step(a)
+        if over:
+            return None
+        frames.append(frame)
+        actions.append(a)
+        rewards.append(r)
+    actions.append(0)  # a_{T-1} is never executed (EPISODES.md: padding row)
+    rewards.append(0.0)
+    return _Recording(
+        np.stack(frames),
+        np.asarray(actions, dtype=np.int64),
+        np.asarray(rewards, dtype=np.float32),
+        warm,
+        0,
+    )
+
+
+def _record(game: AtariGame, length: int, seed: int, *keys: str | int) -> _Recording:
+    """One recording keyed by ``keys``; redrawn (next attempt) after a game over."""
+    for attempt in range(game.settings.max_attempts):
+        rec = _record_once(game, _rng(seed, *keys, attempt), length)
+        if rec is not None:
+            rec.attempt = attempt
+            return rec
+    raise RuntimeError(
+        f"{game.name}: game over in all {game.settings.max_attempts} attempts to record {length} frames "
+        f"after up to {game.settings.warmup[1]} warm-up steps; use shorter recordings or warm-up"
+    )
+
+
+# ---------------------------------------------------------------------------------- datasets
+
+
+@contextmanager
+def _staged(out_dir: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary sibling directory that replaces ``out_dir`` only on success."""
+    out = Path(out_dir)
+    _check_target(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    os.chmod(tmp, 0o755)
+    try:
+        yield tmp
+        _check_target(out, overwrite)  # someone may have written it meanwhile
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.rename(out, trash / out.name)
+            os.rename(tmp, out)
+            shutil.rmtree(trash)
+        else:
+            os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_target(out: Path, overwrite: bool) -> None:
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory")
+    if any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} already exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+
+
+def _summary(root: Path, kind: str, started: float, **fields: Any) -> dict[str, Any]:
+    info = read_info(root)
+    indices = list_episodes(root)
+    size = sum(episode_path(root, i).stat().st_size for i in indices)
+    return {
+        "path": str(root),
+        "kind": kind,
+        **fields,
+        "episodes": len(indices),
+        "action_space": info.action_space.to_json(),
+        "frame_shape": list(info.shape),
+        "fps": info.fps,
+        "bytes": size,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def _source(settings: RecordSettings, seed: int, **fields: Any) -> dict[str, Any]:
+    import ale_py
+
+    return {
+        "name": "Arcade Learning Environment",
+        "ale_py": ale_py.__version__,
+        "env": "ALE/<game>-v5, repeat_action_probability=0, full_action_space=False",
+        "preprocessing": "max of the last two emulator frames of each step, box resize 210x160 -> size x size",
+        "policy": "uniform random over the minimal action set, previous action kept with probability repeat_prob",
+        "settings": settings.to_json(),
+        "seed": int(seed),
+        **fields,
+    }
+
+
+def _positive(**values: int) -> None:
+    for name, v in values.items():
+        if not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+
+def record_clips(
+    games: Sequence[str],
+    out_dir: str | os.PathLike,
+    clips_per_game: int = 32,
+    clip_len: int = 16,
+    seed: int = 0,
+    *,
+    overwrite: bool = False,
+    settings: RecordSettings | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Record ``clips_per_game`` clips of ``clip_len`` frames per game; return a JSON summary.
+
+    Episodes are numbered game by game (game g holds ``g*clips_per_game ...``); ``source["clips"]``
+    and :func:`clip_games` give the mapping. Actions are full-set indices and unused by pretraining.
+    """
+    games = list(games)
+    if not games or len(set(games)) != len(games):
+        raise ValueError(f"games must be a non-empty list without repeats, got {games!r}")
+    _positive(clips_per_game=clips_per_game, clip_len=clip_len)
+    check_games(games)
+    settings = settings or RecordSettings()
+    started = time.perf_counter()
+    ranges = [{"game": g, "episodes": [k * clips_per_game, (k + 1) * clips_per_game]} for k, g in enumerate(games)]
+    with _staged(out_dir, overwrite) as tmp:
+        create_dataset(
+            tmp,
+            ActionSpace.discrete(FULL_ACTION_COUNT),
+            frame_shape=(settings.size, settings.size, 3),
+            fps=settings.fps,
+            source=_source(
+                settings,
+                seed,
+                role="action-free pretraining clips; actions are ALE full-set indices of the behaviour policy, NOT for training",
+                clips=ranges,
+            ),
+        )
+        for k, g in enumerate(games):
+            t0 = time.perf_counter()
+            game = AtariGame(g, settings, env_seed=int(_rng(seed, "env", g).integers(2**31)))
+            try:
+                for c in range(clips_per_game):
+                    rec = _record(game, clip_len, seed, "clips", g, c)
+                    write_episode(tmp, k * clips_per_game + c, frames=rec.frames, actions=game.full_ids[rec.actions])
+            finally:
+                game.close()
+            if log:
+                log(f"{g}: {clips_per_game} clips x {clip_len} frames in {time.perf_counter() - t0:.1f}s")
+    return _summary(Path(out_dir), "clips", started, games=games, frames_per_episode=clip_len)
+
+
+def record_episodes(
+    game: str,
+    out_dir: str | os.PathLike,
+    episodes: int = 32,
+    length: int = 64,
+    seed: int = 0,
+    *,
+    split: str = "train",
+    overwrite: bool = False,
+    settings: RecordSettings | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Record ``episodes`` action-labelled episodes of ``length`` frames of one game.
+
+    Actions index the game's minimal action set (``action_space`` discrete, ``num_actions`` = its
+    size; meanings in ``source["action_meanings"]``); ``rewards`` is stored as an extra. ``split``
+    keys the random stream, so ``split="train"`` and ``"test"`` with one seed never share episodes.
+    """
+    _positive(episodes=episodes, length=length)
+    check_games([game])
+    settings = settings or RecordSettings()
+    started = time.perf_counter()
+    g = AtariGame(game, settings, env_seed=int(_rng(seed, "env", game).integers(2**31)))
+    try:
+        with _staged(out_dir, overwrite) as tmp:
+            create_dataset(
+                tmp,
+                ActionSpace.discrete(g.num_actions),
+                frame_shape=(settings.size, settings.size, 3),
+                extras=("rewards",),
+                fps=settings.fps,
+                source=_source(
+                    settings,
+                    seed,
+                    role=f"action-labelled episodes of the held-out game ({split} split)",
+                    game=game,
+                    split=split,
+                    action_meanings=g.action_meanings,
+                    full_action_ids=g.full_ids.tolist(),
+                ),
+            )
+            for e in range(episodes):
+                rec = _record(g, length, seed, "episodes", game, split, e)
+                write_episode(tmp, e, frames=rec.frames, actions=rec.actions, rewards=rec.rewards)
+    finally:
+        g.close()
+    if log:
+        log(f"{game} ({split}): {episodes} episodes x {length} frames in {time.perf_counter() - started:.1f}s")
+    return _summary(Path(out_dir), "episodes", started, game=game, split=split, frames_per_episode=length)
+
+
+def record_default(
+    out_dir: str | os.PathLike,
+    *,
+    seed: int = 0,
+    games: Sequence[str] = DEFAULT_GAMES,
+    heldout: str = DEFAULT_HELDOUT,
+    clips_per_game: int = 32,
+    clip_len: int = 16,
+    train_episodes: int = 32,
+    test_episodes: int = 8,
+    episode_len: int = 64,
+    overwrite: bool = False,
+    settings: RecordSettings | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Record the study's three datasets under ``out_dir`` (names in :data:`DATASETS`).
+
+    Pretraining clips of ``games`` and train / test episodes of ``heldout``, which must not be a
+    pretraining game. All targets are checked before anything is recorded.
+    """
+    if heldout in games:
+        raise ValueError(f"the held-out game {heldout!r} is also a pretraining game")
+    check_games([*games, heldout])
+    root = Path(out_dir)
+    for name in DATASETS.values():
+        _check_target(root / name, overwrite)
+    common: dict[str, Any] = {"overwrite": overwrite, "settings": settings, "log": log}
+    return {
+        "seed": seed,
+        "datasets": {
+            "pretrain": record_clips(games, root / DATASETS["pretrain"], clips_per_game, clip_len, seed, **common),
+            "train": record_episodes(heldout, root / DATASETS["train"], train_episodes, episode_len, seed, split="train", **common),
+            "test": record_episodes(heldout, root / DATASETS["test"], test_episodes, episode_len, seed, split="test", **common),
+        },
+    }
+
+
+# ----------------------------------------------------------------------------------- reading
+
+
+def load_episode(root: str | os.PathLike, index: int) -> dict[str, np.ndarray]:
+    """All arrays of one stored episode (frames uint8 THWC, actions as stored, extras)."""
+    with np.load(episode_path(root, index), allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def clip_games(root: str | os.PathLike) -> dict[int, str]:
+    """Episode index -> game name for a dataset written by :func:`record_clips`."""
+    out: dict[int, str] = {}
+    for r in read_info(root).source["clips"]:
+        lo, hi = r["episodes"]
+        out.update({i: r["game"] for i in range(lo, hi)})
+    return out
+
+
+# ---------------------------------------------------------------------------------------- CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.atari.data",
+        description=(
+            "Record the Atari study's datasets: action-free pretraining clips from several games and "
+            "action-labelled train/test episodes of a held-out game, in causalize's episode format. "
+            "Prints a JSON summary on stdout; progress goes to stderr."
+        ),
+    )
+    p.add_argument("out_dir", help=f"directory that receives {', '.join(DATASETS.values())}")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--games", nargs="+", default=list(DEFAULT_GAMES), help="pretraining games (ALE names)")
+    p.add_argument("--heldout", default=DEFAULT_HELDOUT, help="held-out, action-labelled game")
+    p.add_argument("--clips-per-game", type=int, default=32)
+    p.add_argument("--clip-len", type=int, default=16)
+    p.add_argument("--train-episodes", type=int, default=32)
+    p.add_argument("--test-episodes", type=int, default=8)
+    p.add_argument("--episode-len", type=int, default=64)
+    d = RecordSettings()
+    p.add_argument("--frameskip", type=int, default=d.frameskip)
+    p.add_argument("--size", type=int, default=d.size, help="frame side in pixels")
+    p.add_argument("--repeat-prob", type=float, default=d.repeat_prob, help="behaviour policy: P(keep previous action)")
+    p.add_argument("--warmup", type=int, nargs=2, default=list(d.warmup), metavar=("MIN", "MAX"), help="random warm-up steps before recording")
+    p.add_argument("--overwrite", action="store_true", help="replace existing datasets")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = RecordSettings(args.frameskip, args.size, args.repeat_prob, tuple(args.warmup))
+        summary = record_default(
+            args.out_dir,
+            seed=args.seed,
+            games=args.games,
+            heldout=args.heldout,
+            clips_per_game=args.clips_per_game,
+            clip_len=args.clip_len,
+            train_episodes=args.train_episodes,
+            test_episodes=args.test_episodes,
+            episode_len=args.episode_len,
+            overwrite=args.overwrite,
+            settings=settings,
+            log=lambda m: print(m, file=sys.stderr, flush=True),
+        )
+    except (FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
