@@ -1,11 +1,19 @@
 """Frame-modulated twins of DiT modulation modules: a timestep embedding per frame, per token.
 
-The per-sample DiTs (CogVideoX, EasyAnimate, ...) embed one timestep per sample, temb (B, D);
-their modulation modules (AdaLN-Zero norms, the output AdaLayerNorm) turn it into shift / scale /
-gate and broadcast them over every token *inside the module* (they return `gate[:, None, :]`).
-So the block's own forward works unchanged when such a module returns per-token (B, N, D)
-tensors instead: this file gives each supported modulation class a subclass that does exactly
-that when the frame context holds per-frame embeddings, and is the original module otherwise.
+The per-sample DiTs (CogVideoX, EasyAnimate, HunyuanVideo, Mochi, Allegro, Latte) embed one
+timestep per sample, temb (B, D), and turn it into shift / scale / gate. This file gives each
+supported modulation class a subclass (a "twin") that is per-frame when the frame context holds
+per-frame embeddings, and is the original module otherwise. Two kinds:
+
+- CogVideoX's norms broadcast everything *inside the module* (they return `gate[:, None, :]`), so
+  their twins return per-token (B, N, D) tensors and the block's forward works unchanged.
+- The others return per-sample gates that the *block* broadcasts (`gate.unsqueeze(1)`,
+  `scale_mlp[:, None]`, `torch.tanh(gate)`), or (AdaLN-single: Allegro, Latte) hand the embedding
+  to a model forward that builds every modulation inline. Their twins change no arithmetic: they
+  pass the original forward a FrameTensor (causalize.modules.frame_tensor) in place of temb, a
+  tensor with the per-sample face whose values become per frame where they meet the tokens. No
+  diffusers forward is copied, and an unforeseen use of the embedding raises instead of silently
+  staying per sample.
 
 Where the per-frame embeddings come from: frame-conditioning's delta hook (mode "delta") puts
 `ctx.temb_delta` (B·T, D) = τ(k_t) − τ(k_0) + e_t in the frame context (τ: the model's own
@@ -24,26 +32,38 @@ embedding), so frame t's embedding is `temb + delta_t`.
 Conversion swaps the module's class in place (`module.__class__ = twin`): same parameters, same
 submodules, same state-dict keys, so convert -> save -> load round-trips. Without per-frame
 embeddings in the context (the model called directly, or outside a WorldModel call) the twin
-calls the original forward: bit-identical.
+calls the original forward: bit-identical. Which instances are swapped (e.g. HunyuanVideo's video
+`norm1`, not its text `norm1_context` of the same class) and where their context tokens sit come
+from the plan's "frame-conditioning" targets.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from diffusers.models.normalization import AdaLayerNorm, CogVideoXLayerNormZero
+from diffusers.models.embeddings import PixArtAlphaCombinedTimestepSizeEmbeddings
+from diffusers.models.normalization import (
+    AdaLayerNorm,
+    AdaLayerNormContinuous,
+    AdaLayerNormZero,
+    AdaLayerNormZeroSingle,
+    CogVideoXLayerNormZero,
+)
 
 from causalize.errors import CausalizeError
+from causalize.modules.frame_tensor import FrameTensor, TokenLayout
 
 # The attribute frame-conditioning sets on the modules it hooks (causalize.passes.frame_conditioning.CTX).
 CTX = "_causalize_ctx"
+# Where a twin's context (text) tokens sit around the video tokens: "none" / "prefix" / "suffix".
+CONTEXT = "_causalize_context"
 
 
-def frame_embeddings(module: nn.Module, temb: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor | None:
+def frame_values(module: nn.Module, temb: torch.Tensor) -> torch.Tensor | None:
     """Per-token-frame timestep embeddings (B, F, D), or None to behave as the original module.
 
-    `temb` (B, D) is the per-sample embedding the module received; `tokens` (B, N, ·) the video
-    tokens it will modulate, N = F·P frame-major.
+    `temb` (B, D) is the per-sample embedding the module received. None when the frame context
+    holds no per-frame embeddings (the model called directly, outside a WorldModel call).
     """
     ctx = getattr(module, CTX, None)
     if ctx is None or ctx.temb_delta is None or ctx.grid is None:
@@ -55,12 +75,6 @@ def frame_embeddings(module: nn.Module, temb: torch.Tensor, tokens: torch.Tensor
             f"per-frame conditioning has {tuple(delta.shape)}",
             "the plan's conditioning modulation modules are wrong for this model",
         )
-    if tokens.shape[1] != grid.video_tokens:
-        raise CausalizeError(
-            f"{type(module).__name__} modulates {tokens.shape[1]} tokens, the frame grid has {grid.video_tokens} "
-            f"({grid.frames} frames x {grid.per_frame})",
-            "per-frame modulation needs the video tokens alone, frame-major",
-        )
     batch, width = temb.shape
     frames = delta.shape[0] // batch
     per_frame = temb[:, None, :] + delta.reshape(batch, frames, width).to(temb.dtype)  # (B, T, D)
@@ -70,6 +84,45 @@ def frame_embeddings(module: nn.Module, temb: torch.Tensor, tokens: torch.Tensor
         raise CausalizeError(f"{frames} per-frame timesteps do not group into {grid.frames} token frames")
     # r latent frames share each token frame (one causal block): the mean of their embeddings
     return per_frame.reshape(batch, grid.frames, frames // grid.frames, width).mean(dim=2)
+
+
+def frame_embeddings(module: nn.Module, temb: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor | None:
+    """`frame_values` for a module that modulates the video tokens alone: `tokens` (B, N, ·),
+    N = F·P frame-major."""
+    frames = frame_values(module, temb)
+    if frames is None:
+        return None
+    grid = getattr(module, CTX).grid
+    if tokens.shape[1] != grid.video_tokens:
+        raise CausalizeError(
+            f"{type(module).__name__} modulates {tokens.shape[1]} tokens, the frame grid has {grid.video_tokens} "
+            f"({grid.frames} frames x {grid.per_frame})",
+            "per-frame modulation needs the video tokens alone, frame-major",
+        )
+    return frames
+
+
+def frame_tensor(module: nn.Module, temb: torch.Tensor, tokens: torch.Tensor | None = None) -> FrameTensor | None:
+    """`temb` (B, D) as a FrameTensor (per-sample face, per-frame values), or None to behave as the
+    original module. `tokens` (B, L, ·) is the sequence the module modulates: the video tokens, plus
+    context tokens before or after them as the module's context position (set by
+    `make_frame_modulated`) says; None = the video tokens alone."""
+    frames = frame_values(module, temb)
+    if frames is None:
+        return None
+    grid = getattr(module, CTX).grid
+    length = grid.video_tokens if tokens is None else tokens.shape[1]
+    extra = length - grid.video_tokens
+    where = getattr(module, CONTEXT, "none")
+    if extra < 0 or (extra and where not in ("prefix", "suffix")):
+        raise CausalizeError(
+            f"{type(module).__name__} modulates {length} tokens, the frame grid has {grid.video_tokens} video tokens "
+            f"({grid.frames} frames x {grid.per_frame}) and the plan declares context '{where}'",
+            "set the context position (prefix / suffix) in the plan's frame-conditioning targets",
+        )
+    layout = TokenLayout(grid.frames, grid.per_frame, prefix=extra if where == "prefix" else 0,
+                         suffix=extra if where == "suffix" else 0)
+    return FrameTensor.wrap(temb, frames, layout)
 
 
 def per_token(values: torch.Tensor, module: nn.Module) -> torch.Tensor:
@@ -114,9 +167,73 @@ class FrameAdaLayerNorm(AdaLayerNorm):
         return self.norm(x) * (1 + scale) + shift
 
 
+# Twins that change no arithmetic: they hand the original forward a FrameTensor instead of the
+# per-sample temb (causalize.modules.frame_tensor), so shift / scale / gate come out per frame
+# wherever they meet the token sequence, inside the module or in the block that uses its gates.
+
+
+class FrameAdaLayerNormZero(AdaLayerNormZero):
+    """AdaLayerNormZero fed a temb (HunyuanVideo's video stream): per-frame shift / scale, and
+    per-frame gate_msa / shift_mlp / scale_mlp / gate_mlp for the block."""
+
+    @classmethod
+    def supports(cls, module: nn.Module) -> str | None:
+        if module.emb is not None:
+            return "only AdaLayerNormZero fed an `emb` (num_embeddings=None) is per-frame"
+        return None
+
+    def forward(self, x, timestep=None, class_labels=None, hidden_dtype=None, emb=None):
+        frames = None if emb is None else frame_tensor(self, emb, x)
+        return super().forward(x, timestep, class_labels, hidden_dtype, emb=emb if frames is None else frames)
+
+
+class FrameAdaLayerNormZeroSingle(AdaLayerNormZeroSingle):
+    """AdaLayerNormZeroSingle (HunyuanVideo's single-stream blocks over [video ; text]): video tokens
+    per frame, the context tokens (context position from the plan) per sample."""
+
+    @classmethod
+    def supports(cls, module: nn.Module) -> str | None:
+        return None
+
+    def forward(self, x, emb=None):
+        frames = None if emb is None else frame_tensor(self, emb, x)
+        return super().forward(x, emb=emb if frames is None else frames)
+
+
+class FrameAdaLayerNormContinuous(AdaLayerNormContinuous):
+    """AdaLayerNormContinuous (HunyuanVideo's / Mochi's norm_out): per-frame shift / scale."""
+
+    @classmethod
+    def supports(cls, module: nn.Module) -> str | None:
+        return None
+
+    def forward(self, x, conditioning_embedding):
+        frames = frame_tensor(self, conditioning_embedding, x)
+        return super().forward(x, conditioning_embedding if frames is None else frames)
+
+
+class FramePixArtAlphaCombinedTimestepSizeEmbeddings(PixArtAlphaCombinedTimestepSizeEmbeddings):
+    """The AdaLN-single embedding (Allegro, Latte: `adaln_single.emb`) returned as a FrameTensor over
+    the video tokens: the model's own forward then computes every block's and its final layer's
+    modulation from it inline, per frame."""
+
+    @classmethod
+    def supports(cls, module: nn.Module) -> str | None:
+        return None
+
+    def forward(self, timestep, resolution, aspect_ratio, batch_size, hidden_dtype):
+        out = super().forward(timestep, resolution, aspect_ratio, batch_size, hidden_dtype)
+        frames = frame_tensor(self, out)
+        return out if frames is None else frames
+
+
 TWINS: dict[str, type[nn.Module]] = {
     "CogVideoXLayerNormZero": FrameCogVideoXLayerNormZero,
     "AdaLayerNorm": FrameAdaLayerNorm,
+    "AdaLayerNormZero": FrameAdaLayerNormZero,
+    "AdaLayerNormZeroSingle": FrameAdaLayerNormZeroSingle,
+    "AdaLayerNormContinuous": FrameAdaLayerNormContinuous,
+    "PixArtAlphaCombinedTimestepSizeEmbeddings": FramePixArtAlphaCombinedTimestepSizeEmbeddings,
 }
 
 
@@ -131,14 +248,19 @@ def _twin_for(module: nn.Module) -> type[nn.Module]:
     return twin
 
 
-def make_frame_modulated(module: nn.Module, ctx) -> nn.Module:
+def make_frame_modulated(module: nn.Module, ctx, context: str = "none") -> nn.Module:
     """Turn `module` (in place) into its frame-modulated twin reading the frame context `ctx`.
+    `context`: where context (text) tokens sit around the video tokens in the sequence it
+    modulates, "none" / "prefix" / "suffix" (they keep the per-sample modulation).
 
     Only the class changes: parameters, buffers, submodules and hooks stay, so do state-dict keys.
     """
+    if context not in ("none", "prefix", "suffix"):
+        raise CausalizeError(f"context must be 'none', 'prefix' or 'suffix', got {context!r}")
     if type(module) not in TWINS.values():
         module.__class__ = _twin_for(module)
     object.__setattr__(module, CTX, ctx)
+    object.__setattr__(module, CONTEXT, context)
     return module
 
 
@@ -147,5 +269,6 @@ def register_twin(original: str, twin: type[nn.Module]) -> None:
     TWINS[original] = twin
 
 
-__all__ = ["CTX", "TWINS", "FrameAdaLayerNorm", "FrameCogVideoXLayerNormZero", "frame_embeddings", "make_frame_modulated",
-           "per_token", "register_twin"]
+__all__ = ["CONTEXT", "CTX", "TWINS", "FrameAdaLayerNorm", "FrameAdaLayerNormContinuous", "FrameAdaLayerNormZero",
+           "FrameAdaLayerNormZeroSingle", "FrameCogVideoXLayerNormZero", "FramePixArtAlphaCombinedTimestepSizeEmbeddings",
+           "frame_embeddings", "frame_tensor", "frame_values", "make_frame_modulated", "per_token", "register_twin"]

@@ -18,7 +18,7 @@ from causalize.errors import CausalizeError, PassError
 from causalize.modules.action_encoder import ActionEncoder
 from causalize.modules.frame_modulation import make_frame_modulated
 from causalize.passes.base import Pass, PassContext, Record, Site
-from causalize.plan import Conditioning
+from causalize.plan import Conditioning, Plan
 
 ADAPTER_ATTR = "causalize_action_encoder"
 
@@ -42,6 +42,9 @@ def _on_delta_embedding(module, args, output):
     ctx: FrameContext = getattr(module, CTX)
     if ctx.timesteps is None or ctx.busy:
         return None
+    if len(args) > 1 and args[1] is not None:  # TimestepEmbedding(sample, condition)
+        raise CausalizeError("per-frame timesteps with a timestep condition (e.g. timestep_cond) are not supported",
+                             "call the world model without it")
     batch, frames = ctx.timesteps.shape
     ctx.busy = True
     try:
@@ -98,13 +101,41 @@ def _on_token_embedding(module, args, output):
     return output + emb
 
 
-def _install_hooks(model: nn.Module, cond: Conditioning, ctx: FrameContext) -> int:
-    embedding = model.get_submodule(cond.embedding)
+def _submodule(model: nn.Module, path: str, what: str) -> nn.Module:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        raise PassError(f"this {type(model).__name__} has no {what} '{path}'",
+                        "per-frame conditioning does not support this configuration of the model") from None
+
+
+def _modulation_sites(model: nn.Module, plan: Plan) -> list[tuple[str, nn.Module, str]]:
+    """(path, module, context position) of the modulation modules to make per-frame: instances of
+    the Conditioning's `modulation` classes, restricted to the plan's "frame-conditioning" targets
+    (paths, context position) when it has them. A targeted path that holds another class is an
+    error: that modulation would silently stay per sample."""
+    names = plan.conditioning.modulation
+    sites = []
+    for path, mod, spec in plan.iter_targets("frame-conditioning", model, lambda m: True):
+        if any(path.startswith(p + ".") for p, _, _ in sites):
+            continue  # inside a modulation module (fnmatch's * also matches dots)
+        if type(mod).__name__ in names:
+            sites.append((path, mod, spec.context))
+        elif spec.paths:
+            raise PassError(f"{path} is a {type(mod).__name__}, which frame-conditioning cannot modulate per frame "
+                            f"(supported here: {', '.join(names)})",
+                            "per-frame conditioning does not support this configuration of the model")
+    return sites
+
+
+def _install_hooks(model: nn.Module, plan: Plan, ctx: FrameContext) -> int:
+    cond = plan.conditioning
+    embedding = _submodule(model, cond.embedding, "timestep embedding")
     object.__setattr__(embedding, CTX, ctx)
     if cond.mode == "per-token":
         embedding.register_forward_hook(_on_token_embedding)
         return 1
-    object.__setattr__(embedding, TIME_PROJ, model.get_submodule(cond.time_proj))
+    object.__setattr__(embedding, TIME_PROJ, _submodule(model, cond.time_proj, "timestep projection"))
     embedding.register_forward_hook(_on_delta_embedding)
     n = 0
     for _, mod in model.named_modules():
@@ -113,10 +144,9 @@ def _install_hooks(model: nn.Module, cond: Conditioning, ctx: FrameContext) -> i
             mod.register_forward_pre_hook(_on_consumer, with_kwargs=True)
             n += 1
     # per-sample DiTs: modulation modules become per-frame twins that read ctx.temb_delta
-    for _, mod in list(model.named_modules()):
-        if type(mod).__name__ in cond.modulation:
-            make_frame_modulated(mod, ctx)
-            n += 1
+    for _, mod, context in _modulation_sites(model, plan):
+        make_frame_modulated(mod, ctx, context)
+        n += 1
     return n
 
 
@@ -139,20 +169,22 @@ class FrameConditioning(Pass):
 
     def find_sites(self, model: nn.Module, ctx: PassContext) -> list[Site]:
         cond = self._conditioning(ctx)
-        sites = [Site(cond.embedding, type(model.get_submodule(cond.embedding)).__name__, f"timestep embedding ({cond.mode})")]
+        embedding = _submodule(model, cond.embedding, "timestep embedding")
+        sites = [Site(cond.embedding, type(embedding).__name__, f"timestep embedding ({cond.mode})")]
         sites += [Site(p, type(m).__name__, "receives the per-frame embedding") for p, m in model.named_modules() if type(m).__name__ in cond.consumers]
-        sites += [Site(p, type(m).__name__, "per-frame modulation of the video tokens") for p, m in model.named_modules() if type(m).__name__ in cond.modulation]
+        if cond.mode == "delta":
+            sites += [Site(p, type(m).__name__, "per-frame modulation of the video tokens") for p, m, _ in _modulation_sites(model, ctx.plan)]
         return sites
 
     def apply(self, model: nn.Module, ctx: PassContext) -> list[Record]:
         cond = self._conditioning(ctx)
         frame_ctx = install_context(model, ctx.plan.tokens)
-        hooks = _install_hooks(model, cond, frame_ctx)
+        hooks = _install_hooks(model, ctx.plan, frame_ctx)
         if hooks == 0:
             raise PassError(f"frame-conditioning found no consumer of the timestep embedding ({', '.join(cond.consumers + cond.modulation)})")
         records = [Record(self.name, cond.embedding, "per-sample timestep", f"per-frame timestep ({cond.mode}, {hooks} sites)")]
         if ctx.options.action_dim > 0:
-            width = _out_features(model.get_submodule(cond.embedding))
+            width = _out_features(_submodule(model, cond.embedding, "timestep embedding"))
             ref = next(model.parameters())
             encoder = ActionEncoder(ctx.options.action_dim, width, ctx.options.action_type).to(device=ref.device, dtype=ref.dtype)
             model.add_module(ADAPTER_ATTR, encoder)
