@@ -9,6 +9,16 @@ to tokens and turns into a (B, 1, N) additive bias (-10000 on padded keys) for `
 block-causal processor adds its own (B·heads, N, N) bias to that one, so both apply. The example
 inputs carry such a mask (the right-most latent columns padded) so that every probe exercises the
 combination, and the probe perturbs it per frame together with the latents.
+
+Per-frame timesteps: Allegro's modulation is AdaLN-single, computed INLINE — every block does
+`(scale_shift_table[None] + temb.reshape(B, 6, -1)).chunk(6, dim=1)` and multiplies the chunks
+with its (B, N, D) tokens, and `forward` does the same for the final layer with
+`embedded_timestep[:, None]`. No module returns the modulation, so no module can be swapped for
+a per-token one. Instead `adaln_single.emb` (the timestep embedding both come from) returns a
+FrameTensor (causalize.modules.frame_tensor): it has the per-sample shape those reshapes expect and
+carries each frame's embedding (the delta hook's τ(k_t) − τ(k_0) + e_t) through `linear`,
+`reshape`, `+ table`, `chunk`, until it meets the video tokens, where frame f's tokens get frame f's
+modulation. No forward is copied; an operation it does not know raises.
 """
 
 from __future__ import annotations
@@ -18,7 +28,7 @@ import torch
 from causalize.context import TokenGrid
 from causalize.hookspecs import hookimpl
 from causalize.layout import FrameLayout
-from causalize.plan import Plan, Targets
+from causalize.plan import Conditioning, Plan, Targets
 from causalize.plugins.common import mid_timestep, randn
 
 
@@ -54,11 +64,17 @@ PLAN = Plan(
         cross_attention_dim=16, sample_width=8, sample_height=8, sample_frames=4, caption_channels=8,
     ),
     make_inputs=make_inputs,
+    conditioning=Conditioning(
+        embedding="adaln_single.emb.timestep_embedder", time_proj="adaln_single.emb.time_proj",
+        sample_arg="hidden_states", modulation=("PixArtAlphaCombinedTimestepSizeEmbeddings",),
+    ),
     tokens=tokens,
     description="Allegro text-to-video DiT: full 3-D self-attention (attn1) -> block-causal; attn2 is cross-attention to text",
     notes=(
         "the video key-padding mask of forward() (attention_mask) is kept: the causal bias is added to it",
         "3-D RoPE (image_rotary_emb) is computed by the pipeline; the example inputs leave it out (RoPE never mixes frames)",
+        "per-frame timesteps: adaln_single.emb returns a FrameTensor, so the inline AdaLN-single modulation of every "
+        "block and of the final layer is per frame",
     ),
 )
 

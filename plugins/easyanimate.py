@@ -9,15 +9,46 @@ the joint sequence itself, with the text in front:
 Either way the sequence is [text (+ T5 text) ; video frame-major], the block passes no mask, and the
 processor hands `attention_mask` to SDPA unchanged (so a (1, 1, L, L) boolean mask: "bool4d").
 RoPE is recomputed from the latent shape inside `forward` and applied to the video part only.
+
+Per-frame timesteps: one temb per sample feeds every block's two `EasyAnimateLayerNormZero`s,
+which modulate video AND text with it and return gates the block broadcasts itself
+(`gate.unsqueeze(1) * attn_hidden_states`). Their twin (below) runs the original forward twice:
+once for the video stream with a FrameTensor temb (per-frame shift / scale / gate, see
+causalize.modules.frame_tensor) and an empty text sequence, once for the text stream with the
+per-sample temb (frame 0's timestep, in every frame's past) and an empty video sequence. So the
+text never depends on which sequence is which length. `norm_out` is an AdaLayerNorm(chunk_dim=1)
+on the video tokens (FrameAdaLayerNorm).
 """
 
 from __future__ import annotations
 
+from diffusers.models.transformers.transformer_easyanimate import EasyAnimateLayerNormZero
+
 from causalize.context import TokenGrid
 from causalize.hookspecs import hookimpl
 from causalize.layout import FrameLayout
-from causalize.plan import Plan, Targets
+from causalize.modules.frame_modulation import frame_tensor, register_twin
+from causalize.plan import Conditioning, Plan, Targets
 from causalize.plugins.common import mid_timestep, randn
+
+
+class FrameEasyAnimateLayerNormZero(EasyAnimateLayerNormZero):
+    """EasyAnimateLayerNormZero with per-frame video modulation and per-sample text modulation."""
+
+    @classmethod
+    def supports(cls, module) -> str | None:
+        return None
+
+    def forward(self, hidden_states, encoder_hidden_states, temb):
+        frames = frame_tensor(self, temb, hidden_states)
+        if frames is None:
+            return super().forward(hidden_states, encoder_hidden_states, temb)
+        video, _, gate, _ = super().forward(hidden_states, encoder_hidden_states[:, :0], frames)
+        _, text, _, text_gate = super().forward(hidden_states[:, :0], encoder_hidden_states, temb)
+        return video, text, gate, text_gate
+
+
+register_twin("EasyAnimateLayerNormZero", FrameEasyAnimateLayerNormZero)
 
 
 def tokens(model, kwargs) -> TokenGrid:
@@ -58,12 +89,18 @@ PLAN = Plan(
         time_position_encoding_type="3d_rope", timestep_activation_fn="silu",
     ),
     make_inputs=make_inputs,
+    conditioning=Conditioning(
+        embedding="time_embedding", time_proj="time_proj", sample_arg="hidden_states",
+        modulation=("EasyAnimateLayerNormZero", "AdaLayerNorm"),
+    ),
     tokens=tokens,
     description="EasyAnimate V5 / V5.1 DiT: joint [text ; video] attention (MMDiT and shared-projection blocks)",
     notes=(
         "joint attention over [text ; video]: text rows see only text, video rows see the text, their own and earlier frames",
         "RoPE frame indices restart at 0 on every call: streaming needs global offsets",
         "inpaint / control variants: the example inputs' inpaint_latents are not perturbed per frame by the probe",
+        "per-frame timesteps: every EasyAnimateLayerNormZero and norm_out become per-frame twins (video tokens per "
+        "frame, text per sample = frame 0's timestep); timestep_cond is not supported with per-frame timesteps",
     ),
 )
 

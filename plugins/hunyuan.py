@@ -8,6 +8,19 @@ boolean text-padding mask and passes it to every block; the block-causal process
 (N,N) mask into it, so padded text stays hidden and text rows see only (valid) text.
 
 The token refiner (`context_embedder.token_refiner`) attends over text only and is left alone.
+
+Per-frame timesteps: temb (B, D) = timestep + guidance + pooled-text embeddings, one per sample.
+The delta hook embeds each frame's timestep with `time_text_embed.timestep_embedder`; the video
+stream's modulation becomes per frame through FrameTensor twins (causalize.modules.frame_tensor),
+which hand the original norm forwards a temb that is per frame wherever it meets the tokens:
+- dual-stream blocks: `norm1` (video, AdaLayerNormZero) -> per-frame shift / scale and the gates /
+  MLP shift / scale the block broadcasts; `norm1_context` (text, the same class) is NOT swapped,
+  hence path targets;
+- single-stream blocks: `norm` (AdaLayerNormZeroSingle) over [video ; text]: video tokens per
+  frame, the text suffix per sample (frame 0's timestep, in every frame's past);
+- `norm_out` (AdaLayerNormContinuous, video tokens only).
+The token refiner embeds the per-sample timestep (frame 0's) for the text: past, so causal.
+`image_condition_type="token_replace"` blocks use other norm classes and are refused.
 """
 
 from __future__ import annotations
@@ -17,7 +30,7 @@ import torch
 from causalize.context import TokenGrid
 from causalize.hookspecs import hookimpl
 from causalize.layout import FrameLayout
-from causalize.plan import Plan, Targets
+from causalize.plan import Conditioning, Plan, Targets
 from causalize.plugins.common import mid_timestep, randn
 
 TEXT_TOKENS = 12
@@ -61,6 +74,11 @@ PLAN = Plan(
             # single-stream: the processor concatenates [video ; text] itself
             Targets(paths=("single_transformer_blocks.*.attn",), **_JOINT),
         ),
+        # the video stream's modulation modules (not norm1_context, the text stream's AdaLayerNormZero)
+        "frame-conditioning": (
+            Targets(paths=("transformer_blocks.*.norm1", "norm_out")),
+            Targets(paths=("single_transformer_blocks.*.norm",), context="suffix"),
+        ),
     },
     tiny_config=dict(
         in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=1,
@@ -68,6 +86,10 @@ PLAN = Plan(
         text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 4), image_condition_type=None,
     ),
     make_inputs=make_inputs,
+    conditioning=Conditioning(
+        embedding="time_text_embed.timestep_embedder", time_proj="time_text_embed.time_proj", sample_arg="hidden_states",
+        modulation=("AdaLayerNormZero", "AdaLayerNormZeroSingle", "AdaLayerNormContinuous"),
+    ),
     tokens=tokens,
     description="HunyuanVideo text-to-video DiT (dual- and single-stream joint attention)",
     notes=(
@@ -76,6 +98,8 @@ PLAN = Plan(
         "patch_size_t > 1 couples the frames of one temporal patch: use block_size = patch_size_t",
         "image_condition_type='token_replace' only re-modulates frame 0 (t = 0): no extra frame mixing",
         "RoPE frame indices restart at 0 on every call: streaming needs global offsets",
+        "per-frame timesteps: the video stream's AdaLN (norm1, single-stream norm, norm_out) is per frame, the text "
+        "stream keeps frame 0's timestep; image_condition_type='token_replace' is not supported",
     ),
 )
 

@@ -12,6 +12,16 @@ the duration of the call: the first F rows of the same sincos table (what a mode
 video_length=F holds; for F < video_length a slice, bit-identical), restored afterwards. This
 is what lets the checker probe 3 or 5 frames and run on T−1 frames to localise a leak; calling
 the model directly still needs F == video_length.
+
+Per-frame timesteps: Latte's AdaLN-single modulation is built INLINE. `forward` repeats the
+per-sample 6·D modulation over frames for the spatial blocks (rows (b, f) of (B·F, P, D)) and over
+patch positions for the temporal blocks (rows (b, p) of (B·P, F, D)), every block adds
+`scale_shift_table` and chunks it, and the final layer repeats `embedded_timestep` over frames.
+`adaln_single.emb` returns a FrameTensor (causalize.modules.frame_tensor) carrying each frame's
+embedding: repeated over frames it becomes per-frame rows, exactly what a spatial block needs;
+repeated over the P patch positions it becomes rows whose token sequence is the F frames, so
+temporal token f gets frame f's modulation. Only a video with as many frames as patches per frame
+(F = P) is ambiguous there, and refused with an error.
 """
 
 from __future__ import annotations
@@ -22,9 +32,10 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
+from causalize.context import TokenGrid
 from causalize.hookspecs import hookimpl
 from causalize.layout import FrameLayout
-from causalize.plan import Plan, Targets, default_forward
+from causalize.plan import Conditioning, Plan, Targets, default_forward
 from causalize.plugins.common import mid_timestep, randn
 
 
@@ -57,6 +68,13 @@ def forward(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         return default_forward(model, inputs)
 
 
+def tokens(model: nn.Module, kwargs: dict[str, Any]) -> TokenGrid:
+    """(B, C, F, H, W) latents, a per-frame 2-D patch embedding -> F frames of (H/p)·(W/p) patches."""
+    _, _, frames, height, width = kwargs["hidden_states"].shape
+    p = model.config.patch_size
+    return TokenGrid(frames, (height // p) * (width // p))
+
+
 def make_inputs(model, frames, gen):
     c = model.config
     size = c.sample_size
@@ -86,6 +104,11 @@ PLAN = Plan(
     ),
     make_inputs=make_inputs,
     forward=forward,
+    conditioning=Conditioning(
+        embedding="adaln_single.emb.timestep_embedder", time_proj="adaln_single.emb.time_proj",
+        sample_arg="hidden_states", modulation=("PixArtAlphaCombinedTimestepSizeEmbeddings",),
+    ),
+    tokens=tokens,
     description="Latte text-to-video DiT (alternating spatial and temporal blocks)",
     notes=(
         "temporal attention is over frames: a tril mask (causal-temporal-attention), as in the UNets",
@@ -93,6 +116,9 @@ PLAN = Plan(
         "call's frame count (a slice of the same sincos table) so the checker can probe other lengths; "
         "the model called directly still needs F == video_length",
         "absolute frame positions: streaming past video_length, or with a cache, needs global indices",
+        "per-frame timesteps: adaln_single.emb returns a FrameTensor, so the spatial blocks get per-frame rows, the "
+        "temporal blocks per-frame tokens and the final layer per-frame rows; F == patches per frame is refused "
+        "(ambiguous)",
     ),
 )
 

@@ -9,17 +9,44 @@ of its own length L = T·P + that sample's valid text (context = L − T·P, a s
 
 The text attention pool in `time_embed` (query length 1) mixes text only and runs outside the
 blocks' processor calls, so it is never masked.
+
+Per-frame timesteps: temb (B, D) = timestep embedding + text pool, one per sample. The delta hook
+embeds each frame's timestep with `time_embed.timestep_embedder`. Each block's video `norm1`
+(MochiRMSNormZero) returns gates / the MLP scale that the block broadcasts itself
+(`torch.tanh(gate_msa).unsqueeze(1)`, `1 + scale_mlp.unsqueeze(1)`); its twin hands the original
+forward a FrameTensor temb (causalize.modules.frame_tensor), so they are per frame where they meet
+the video tokens. `norm1_context` (the text stream, the same class) keeps the per-sample temb
+(frame 0's timestep, in every frame's past), hence path targets; `norm_out`
+(AdaLayerNormContinuous) is per frame.
 """
 
 from __future__ import annotations
 
 import torch
 
+from diffusers.models.transformers.transformer_mochi import MochiRMSNormZero
+
 from causalize.context import TokenGrid
 from causalize.hookspecs import hookimpl
 from causalize.layout import FrameLayout
-from causalize.plan import Plan, Targets
+from causalize.modules.frame_modulation import frame_tensor, register_twin
+from causalize.plan import Conditioning, Plan, Targets
 from causalize.plugins.common import mid_timestep, randn
+
+
+class FrameMochiRMSNormZero(MochiRMSNormZero):
+    """MochiRMSNormZero of the video stream with per-frame scale and gates (FrameTensor temb)."""
+
+    @classmethod
+    def supports(cls, module) -> str | None:
+        return None
+
+    def forward(self, hidden_states, emb):
+        frames = frame_tensor(self, emb, hidden_states)
+        return super().forward(hidden_states, emb if frames is None else frames)
+
+
+register_twin("MochiRMSNormZero", FrameMochiRMSNormZero)
 
 TEXT_TOKENS = 16
 VALID_TEXT = 11  # the example inputs pad the prompt, so the per-sample text length is exercised
@@ -53,6 +80,8 @@ PLAN = Plan(
         "block-causal-attention": Targets(
             paths=("transformer_blocks.*.attn1",), context="suffix", joint=True, mask_format="sdpa-scope",
         ),
+        # the video stream's modulation (norm1_context, the text stream's, is the same class)
+        "frame-conditioning": Targets(paths=("transformer_blocks.*.norm1", "norm_out")),
     },
     tiny_config=dict(
         patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=2, pooled_projection_dim=16,
@@ -60,6 +89,10 @@ PLAN = Plan(
         activation_fn="swiglu", max_sequence_length=16,
     ),
     make_inputs=make_inputs,
+    conditioning=Conditioning(
+        embedding="time_embed.timestep_embedder", time_proj="time_embed.time_proj", sample_arg="hidden_states",
+        modulation=("MochiRMSNormZero", "AdaLayerNormContinuous"),
+    ),
     tokens=tokens,
     description="Mochi 1 text-to-video DiT (asymmetric joint attention, per-sample valid text)",
     notes=(
@@ -67,6 +100,8 @@ PLAN = Plan(
         "(torch.nn.functional.scaled_dot_product_attention is re-routed only during each attn1 call)",
         "the per-sample joint length is T·P + that sample's valid text; text is a suffix",
         "RoPE positions restart at frame 0 on every call: streaming needs global offsets",
+        "per-frame timesteps: the video stream's norm1 and norm_out are per frame; the text stream keeps frame 0's "
+        "timestep",
     ),
 )
 

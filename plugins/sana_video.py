@@ -8,13 +8,19 @@ Two paths mix frames (BACKBONES.md §3.10), and each one alone keeps the model l
   Conv2d on (B·T, C, H, W), hence the explicit path.
 attn2 is softmax cross-attention to the caption tokens (`SanaAttnProcessor2_0`): frame-local, not a
 target. The patch embedding is Conv3d (1,2,2) with stride = kernel: frame-local.
+
+Per-frame timesteps are native: `forward` embeds `timestep.flatten()` and views it as
+(B, N, ·), every block reshapes it to (B, N, 6, D) and `norm_out` broadcasts `temb[:, :, None]`,
+so a timestep per token (B, T·P) gives per-token AdaLN (WorldModel repeats frame t's timestep over
+its P tokens). Actions are added per token to `time_embed.emb.timestep_embedder`'s (B·N, D) output,
+upstream of both the blocks' 6·D modulation and norm_out's embedded timestep.
 """
 
 from __future__ import annotations
 
 from causalize.hookspecs import hookimpl
 from causalize.layout import FrameLayout
-from causalize.plan import Plan, Targets
+from causalize.plan import Conditioning, Plan, Targets
 from causalize.plugins.common import patch3d_tokens as tokens, mid_timestep, randn
 
 
@@ -44,6 +50,9 @@ PLAN = Plan(
         norm_elementwise_affine=False, norm_eps=1e-06, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
     ),
     make_inputs=make_inputs,
+    # AdaLayerNormSingle (guidance_embeds=False, the released configs); the guidance variant
+    # (SanaCombinedTimestepGuidanceEmbeddings) has no `emb` and is refused by the pass
+    conditioning=Conditioning(embedding="time_embed.emb.timestep_embedder", mode="per-token", sample_arg="hidden_states"),
     tokens=tokens,
     description="Sana-Video text-to-video DiT (linear attention + temporal conv FFN)",
     notes=(
@@ -51,6 +60,8 @@ PLAN = Plan(
         "attn2 is frame-local cross-attention to text and is left as is",
         "RoPE frame indices restart at 0 on every call: streaming needs global offsets",
         "the linear attention's running sums (LinearAttnState) are the streaming state; chunks must end on block boundaries",
+        "per-token timesteps: timestep (B, T·P) gives per-token AdaLN natively; actions are added to "
+        "time_embed.emb.timestep_embedder's (B·N, D) output; guidance_embeds=True models are not supported",
     ),
 )
 
