@@ -21,8 +21,11 @@ Recording, and why it is reproducible:
   ratio is not kept). Area averaging keeps 1-2 pixel objects such as Pong's ball as a fainter pixel
   instead of dropping them as point sampling may.
 * Behaviour policy: random with persistence, so motion is visible and controllable -- each step
-  keeps the previous action with probability ``repeat_prob`` (0.75: holds last 4 steps on
-  average) and otherwise draws uniformly from the game's minimal action set.
+  keeps the previous action with probability ``repeat_prob`` and otherwise draws uniformly from
+  the game's minimal action set. The default 0.5 (holds last 2 steps on average) is a compromise
+  measured on Pong (16 episodes of 64 frames): with 0.75 the agent's paddle sits against the top
+  wall in 38% of frames and moves in 41% of them, with 0.5 27% / 54%, with 0 17% / 67%; a
+  pinned paddle makes actions invisible, while longer holds give longer coherent motions.
 * Every recording starts with a random warm-up of W policy steps, W uniform in ``warmup``, so
   recordings show varied game states rather than the start screen. A game over during warm-up or
   recording discards the attempt and redraws it.
@@ -108,7 +111,7 @@ class RecordSettings:
 
     frameskip: int = 4
     size: int = 64
-    repeat_prob: float = 0.75
+    repeat_prob: float = 0.5
     warmup: tuple[int, int] = (0, 200)
     max_attempts: int = 20
 
