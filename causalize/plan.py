@@ -101,12 +101,19 @@ class Streaming:
     rope: path of a rotary-embedding module whose forward reads only the *shape* of its first
         argument (frames on `rope_frame_axis`) and returns per-token tensors (or a tuple of them)
         with tokens on `rope_token_axis`, frame-major. Streaming offsets its frame positions by
-        the number of frames already cached. Empty: the model has no temporal positions.
+        the number of frames already cached. Empty: the model has no rotary temporal positions.
+    frame_index: "Owner.child" names: every `child` submodule of an `Owner`-class module takes
+        frame indices 0..F−1 as its first argument (SVD's temporal `time_proj`); streaming adds
+        the offset to them.
+    pe_tables: class names of modules that add `self.pe[:, :F]` (a sinusoidal table, AnimateDiff's
+        motion modules); streaming makes them read rows offset..offset+F−1.
     """
 
     rope: str = ""
     rope_frame_axis: int = 2
     rope_token_axis: int = 1
+    frame_index: tuple[str, ...] = ()
+    pe_tables: tuple[str, ...] = ()
 
 
 InputsFactory = Callable[["nn.Module", int, "torch.Generator"], dict[str, Any]]

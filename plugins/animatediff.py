@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from causalize.hookspecs import hookimpl
 from causalize.layout import FrameLayout
-from causalize.plan import Conditioning, Plan, Targets
+from causalize.plan import Conditioning, Plan, Streaming, Targets
 from causalize.plugins.common import latent_size, mid_timestep, randn
 
 
@@ -38,6 +38,7 @@ PLAN = Plan(
     ),
     make_inputs=make_inputs,
     conditioning=Conditioning(embedding="time_embedding", time_proj="time_proj", consumers=("ResnetBlock2D",)),
+    streaming=Streaming(pe_tables=("SinusoidalPositionalEmbedding",)),
     description="AnimateDiff motion UNet (also used by SparseCtrl)",
     notes=("sinusoidal temporal position encoding is limited to temporal_max_seq_length frames (32)",),
 )

@@ -6,7 +6,7 @@ import torch
 
 from causalize.hookspecs import hookimpl
 from causalize.layout import FrameLayout
-from causalize.plan import Conditioning, Plan, Targets
+from causalize.plan import Conditioning, Plan, Streaming, Targets
 from causalize.plugins.common import UNET_PIPELINE, latent_size, mid_timestep, randn
 
 
@@ -44,6 +44,7 @@ PLAN = Plan(
     ),
     make_inputs=make_inputs,
     conditioning=Conditioning(embedding="time_embedding", time_proj="time_proj", consumers=("ResnetBlock2D",)),
+    streaming=Streaming(),
     description="I2VGen-XL image-to-video UNet",
     notes=(
         "the deprecated pipeline fills image_latents frames 1.. with (i+1)/(F-1), which depends on the "

@@ -16,7 +16,7 @@ from __future__ import annotations
 from causalize.errors import CausalizeError
 from causalize.hookspecs import hookimpl
 from causalize.layout import FrameLayout
-from causalize.plan import Conditioning, Plan, Targets
+from causalize.plan import Conditioning, Plan, Streaming, Targets
 from causalize.plugins.common import patch3d_tokens as tokens, mid_timestep, randn
 
 
@@ -67,6 +67,7 @@ PLAN = Plan(
         embedding="condition_embedder.time_embedder", mode="per-token", sample_arg="hidden_states",
         model_timesteps=model_timesteps, extra_kwargs=(("enable_diffusion_forcing", True),),
     ),
+    streaming=Streaming(rope="rope"),
     tokens=tokens,
     description="SkyReels-V2 text/image-to-video and diffusion-forcing DiT (Wan architecture)",
     notes=(

@@ -6,7 +6,7 @@ import torch
 
 from causalize.hookspecs import hookimpl
 from causalize.layout import FrameLayout
-from causalize.plan import Conditioning, Plan, Targets
+from causalize.plan import Conditioning, Plan, Streaming, Targets
 from causalize.plugins.common import UNET_PIPELINE, latent_size, mid_timestep, randn
 
 
@@ -42,6 +42,7 @@ PLAN = Plan(
     ),
     make_inputs=make_inputs,
     conditioning=Conditioning(embedding="time_embedding", time_proj="time_proj", consumers=("SpatioTemporalResBlock",)),
+    streaming=Streaming(frame_index=("TransformerSpatioTemporalModel.time_proj",)),
     description="Stable Video Diffusion image-to-video UNet",
     notes=("time_pos_embed uses frame indices from 0: streaming needs global indices",),
 )

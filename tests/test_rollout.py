@@ -268,7 +268,7 @@ def test_a_model_without_an_action_adapter_is_refused():
 
 
 def test_a_plan_without_streaming_says_to_recompute():
-    plan = registries().plans.get("svd")
+    plan = next(p for p in registries().plans if p.streaming is None and p.conditioning is not None)
     model = plan.build_tiny()
     convert_model(model, plan, f"{plan.pipeline},frame-conditioning{{action_dim=2}}")
     with pytest.raises(UsageError, match="cache=False"):

@@ -7,7 +7,7 @@
 | causal temporal conv | the last (k−1)·d input frames | an instance override of `_pad_time` |
 | causal / block-causal attention | keys and values of history tokens | `StreamingAttnProcessor` |
 | per-frame norm, spatial ops, FFN, AdaLN | none | — |
-| rotary position embeddings | none: positions offset by the frame count already cached | a forward hook (plan.streaming.rope) |
+| temporal positions (RoPE, frame-index embeddings, sinusoidal tables) | none: offset by the frames already cached | hooks named by plan.streaming |
 
 Outside a `Stream` call every hook is inert: the model computes exactly what it did before.
 Inside, a call either *writes* history (`stream.write(...)`: prefill a window, or append the
@@ -68,6 +68,7 @@ class Stream:
         self._processors = self._install_attention()
         self._install_convs()
         self._install_rope()
+        self._install_frame_positions()
 
     @classmethod
     def of(cls, model: nn.Module, plan: Plan) -> "Stream":
@@ -118,6 +119,20 @@ class Stream:
             rope = self.model.get_submodule(path)
             object.__setattr__(rope, STREAM_ATTR, self)
             rope.register_forward_hook(_offset_rope)
+
+    def _install_frame_positions(self) -> None:
+        spec = self.plan.streaming
+        owners = dict(name.split(".", 1) for name in spec.frame_index)
+        for _, m in self.model.named_modules():
+            child = owners.get(type(m).__name__)
+            if child is not None:
+                target = m.get_submodule(child)
+                object.__setattr__(target, STREAM_ATTR, self)
+                target.register_forward_pre_hook(_offset_frame_index)
+            if type(m).__name__ in spec.pe_tables:
+                object.__setattr__(m, STREAM_ATTR, self)
+                m.register_forward_pre_hook(_shift_pe_table)
+                m.register_forward_hook(_restore_pe_table, always_call=True)
 
     # --- calls -------------------------------------------------------------------------------
 
@@ -202,6 +217,33 @@ def _offset_rope(module: nn.Module, args, output):
     if isinstance(output, tuple):
         return tuple(tail(f, s) for f, s in zip(longer, output))
     return tail(longer, output)
+
+
+def _offset_frame_index(module: nn.Module, args):
+    state = getattr(module, STREAM_ATTR).context.stream
+    if state is None or state.offset == 0:
+        return None
+    return (args[0] + state.offset, *args[1:])
+
+
+def _shift_pe_table(module: nn.Module, args):
+    state = getattr(module, STREAM_ATTR).context.stream
+    if state is None or state.offset == 0:
+        return None
+    table = module.pe
+    if state.offset + args[0].shape[1] > table.shape[1]:
+        raise CausalizeError(f"{type(module).__name__} has {table.shape[1]} positions; the streaming window needs "
+                             f"{state.offset + args[0].shape[1]}")
+    object.__setattr__(module, "_causalize_pe", table)
+    module._buffers["pe"] = table[:, state.offset:]
+    return None
+
+
+def _restore_pe_table(module: nn.Module, args, output):
+    table = vars(module).pop("_causalize_pe", None)
+    if table is not None:
+        module._buffers["pe"] = table
+    return None
 
 
 __all__ = ["Stream", "StreamState"]
