@@ -1,10 +1,13 @@
 """Frame-modulated twins of DiT modulation modules (causalize.modules.frame_modulation): the
 original module when called without per-frame embeddings (exactly) or with equal ones (to 1e-6),
 state-dict keys unchanged by conversion, and CogVideoX 1.5 (two latent frames per token frame)
-block-causal over latent, timestep and action with blocks of 2 frames."""
+block-causal over latent, timestep and action with blocks of 2 frames. The FrameTensor twins
+(HunyuanVideo, Mochi, EasyAnimate norms; the AdaLN-single embedding of Allegro / Latte): frame t's
+video tokens and gates are the original module's at frame t's embedding, text stays per sample."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -157,3 +160,97 @@ def test_cogvideox15_is_block_causal_with_per_frame_modulation():
         base = plan.forward(model, {"hidden_states": sample, "timestep": torch.tensor([321]), **extra})
         per_frame = wm(sample, torch.full((1, frames), 321), **extra)
     torch.testing.assert_close(per_frame, base, rtol=0, atol=1e-5)
+
+
+# ------------------------------------------- FrameTensor twins (causalize.modules.frame_tensor)
+
+
+def _new_twin_cases():
+    from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero, AdaLayerNormZeroSingle
+    from diffusers.models.transformers.transformer_easyanimate import EasyAnimateLayerNormZero
+    from diffusers.models.transformers.transformer_mochi import MochiRMSNormZero
+
+    import plugins.easyanimate  # noqa: F401  (registers the EasyAnimate / Mochi twins)
+    import plugins.mochi  # noqa: F401
+
+    # name: (module factory, call(module, video, text, temb), context position, temb width,
+    #        outputs that belong to the text stream and stay per sample)
+    return {
+        "AdaLayerNormZero": (lambda: AdaLayerNormZero(D), lambda m, x, c, e: m(x, emb=e), "none", D, ()),
+        "AdaLayerNormZeroSingle": (lambda: AdaLayerNormZeroSingle(D), lambda m, x, c, e: m(torch.cat([x, c], 1), emb=e),
+                                   "suffix", D, ()),
+        "AdaLayerNormContinuous": (lambda: AdaLayerNormContinuous(D, TD, elementwise_affine=False, eps=1e-6),
+                                   lambda m, x, c, e: (m(x, e),), "none", TD, ()),
+        "MochiRMSNormZero": (lambda: MochiRMSNormZero(TD, 4 * D), lambda m, x, c, e: m(x, e), "none", TD, ()),
+        "EasyAnimateLayerNormZero": (lambda: EasyAnimateLayerNormZero(TD, D), lambda m, x, c, e: m(x, c, e), "none", TD, (1, 3)),
+    }
+
+
+NEW_TWINS = sorted(_new_twin_cases())
+
+
+def _per_token(out, length):
+    """A block's view of a module output: gates (B, D) broadcast over `length` tokens as the blocks do."""
+    if out.dim() == 2:
+        return torch.tanh(out).unsqueeze(1).to(torch.float32) * torch.ones(B, length, out.shape[-1])
+    return out
+
+
+@pytest.mark.parametrize("name", NEW_TWINS)
+def test_frame_tensor_twin_is_per_frame_on_video_and_per_sample_on_text(name):
+    factory, call, context, width, text_outputs = _new_twin_cases()[name]
+    original = _randomize(factory())
+    twin = copy.deepcopy(original)
+    ctx = FrameContext(None)
+    fm.make_frame_modulated(twin, ctx, context)
+    assert type(twin).__name__ == "Frame" + name and isinstance(twin, type(original))
+    g = torch.Generator().manual_seed(1)
+    x, text, temb = torch.randn(B, T * P, D, generator=g), torch.randn(B, L, D, generator=g), torch.randn(B, width, generator=g)
+    want = call(original, x, text, temb)
+    for a, b in zip(want, call(twin, x, text, temb)):  # no per-frame embeddings: the original, exactly
+        assert type(b) is torch.Tensor and torch.equal(a, b)
+    delta = torch.randn(B * T, width, generator=g)
+    ctx.grid, ctx.temb_delta = TokenGrid(T, P), delta
+    got = call(twin, x, text, temb)
+    frame_temb = temb[:, None] + delta.reshape(B, T, width)
+    length = got[0].shape[1]
+    for i, out in enumerate(got):
+        if i in text_outputs:  # the text stream: the original per-sample modulation, exactly
+            assert type(out) is torch.Tensor and torch.equal(out, want[i])
+            continue
+        out = _per_token(out, length)
+        for t in range(T):  # frame t's tokens: the original module at frame t's embedding
+            ref = _per_token(call(original, x, text, frame_temb[:, t])[i], length)
+            torch.testing.assert_close(out[:, t * P:(t + 1) * P], ref[:, t * P:(t + 1) * P], rtol=0, atol=1e-6)
+        if length > T * P:  # context tokens after the video: per sample
+            torch.testing.assert_close(out[:, T * P:], _per_token(want[i], length)[:, T * P:], rtol=0, atol=0)
+
+
+def test_frame_tensor_twin_needs_the_declared_context():
+    from diffusers.models.normalization import AdaLayerNormZeroSingle
+
+    ctx = FrameContext(None)
+    ctx.grid, ctx.temb_delta = TokenGrid(T, P), torch.zeros(B * T, D)
+    twin = fm.make_frame_modulated(AdaLayerNormZeroSingle(D), ctx)  # context "none", but fed [video ; text]
+    with pytest.raises(CausalizeError, match="declares context 'none'"):
+        twin(torch.randn(B, T * P + L, D), emb=torch.randn(B, D))
+    with pytest.raises(CausalizeError, match="context must be"):
+        fm.make_frame_modulated(AdaLayerNormZeroSingle(D), ctx, context="middle")
+
+
+def test_adaln_single_embedding_twin_returns_a_frame_tensor():
+    from diffusers.models.embeddings import PixArtAlphaCombinedTimestepSizeEmbeddings
+
+    from causalize.modules.frame_tensor import FrameTensor, TokenLayout
+
+    emb = _randomize(PixArtAlphaCombinedTimestepSizeEmbeddings(D, D // 3))
+    twin = fm.make_frame_modulated(copy.deepcopy(emb), FrameContext(None))
+    ts = torch.tensor([100, 700])
+    plain = twin(ts, None, None, B, torch.float32)
+    assert type(plain) is torch.Tensor and torch.equal(plain, emb(ts, None, None, B, torch.float32))
+    ctx = getattr(twin, fm.CTX)
+    ctx.grid, ctx.temb_delta = TokenGrid(T, P), torch.randn(B * T, D)
+    out = twin(ts, None, None, B, torch.float32)
+    assert isinstance(out, FrameTensor) and out.token_layout == TokenLayout(T, P)
+    assert torch.equal(out.sample, plain)
+    torch.testing.assert_close(out.frames, plain[:, None] + ctx.temb_delta.reshape(B, T, D))
