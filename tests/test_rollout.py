@@ -273,3 +273,33 @@ def test_a_plan_without_streaming_says_to_recompute():
     convert_model(model, plan, f"{plan.pipeline},frame-conditioning{{action_dim=2}}")
     with pytest.raises(UsageError, match="cache=False"):
         Stream(model, plan)
+
+
+def _cumulative_unet(seed: int = 0) -> WorldModel:
+    plan = registries().plans.get("unet3d")
+    model = plan.build_tiny(seed)
+    pipeline = plan.pipeline.replace("causal-norm", "causal-norm{mode=cumulative}")
+    convert_model(model, plan, f"{pipeline},frame-conditioning{{action_dim={ACTION_DIM}}}")
+    wm = WorldModel(model, plan)
+    torch.manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in wm.parameters():
+            if not p.abs().sum():
+                p.normal_(0, 0.3)
+    return wm
+
+
+def test_cumulative_norms_stream_with_running_statistics():
+    """Cumulative causal norms carry (Σ means, Σ variances + Chan terms, frame-0 shift) across
+    calls: streaming equals full recomputation; without the carry (each call normalising by its
+    own frames) it does not."""
+    wm = _cumulative_unet()
+    config = RolloutConfig(steps=2, window=4, guidance_scale=2.5)
+    ctx, actions = _context(wm), _actions(5)
+    full = rollout(wm, ctx, actions, config=RolloutConfig(**{**config.to_json(), "cache": False}))
+    streamed = rollout(wm, ctx, actions, config=config)
+    torch.testing.assert_close(streamed.frames, full.frames, rtol=0, atol=1e-5)
+    for m in wm.model.modules():
+        vars(m).pop("_cumulative", None)
+    broken = rollout(wm, ctx, actions, config=config)
+    assert (broken.frames - full.frames).abs().max() > 1e-3

@@ -91,11 +91,18 @@ class CausalGroupNorm(nn.GroupNorm):
         The data are first shifted by one value of frame 0 per group (causal, and exact for
         data near it), so a large common offset does not eat the precision of the statistics.
         """
+        return self.cumulative_with(x, None)[0]
+
+    def cumulative_with(self, x: torch.Tensor, carry: "NormCarry | None") -> "tuple[torch.Tensor, NormCarry]":
+        """`_cumulative` continuing from the statistics `carry` of earlier frames (streaming:
+        frames arrive over several calls); returns the output and the carry after these frames."""
         b, c, t = x.shape[:3]
         acc = _accumulation_dtype(x.dtype)
         groups = x.to(acc).reshape(b, self.num_groups, c // self.num_groups, t, -1)
-        groups = groups - groups[:, :, :1, :1, :1]
-        mean, var = _prefix_statistics(groups)
+        shift = groups[:, :, :1, :1, :1] if carry is None else _tiled(carry.shift, b).to(acc)
+        groups = groups - shift
+        mean, var, carry = _prefix_statistics(groups, carry)
+        carry.shift = shift
         rstd = torch.rsqrt(var + self.eps)
         y = ((groups - mean[:, :, None, :, None]) * rstd[:, :, None, :, None]).reshape(x.shape)
         shape = (1, c) + (1,) * (x.ndim - 2)
@@ -103,24 +110,44 @@ class CausalGroupNorm(nn.GroupNorm):
             y = y * self.weight.to(acc).reshape(shape)
         if self.bias is not None:  # GroupNorm(bias=False) has a weight but no bias
             y = y + self.bias.to(acc).reshape(shape)
-        return y.to(x.dtype)
+        return y.to(x.dtype), carry
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, mode={self.mode!r}, time_dim={self.time_dim}"
 
 
-def _prefix_statistics(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+class NormCarry:
+    """Running statistics of a cumulative norm after `count` frames (per sample and group): the
+    frame-0 shift, Σ of per-frame means, Σ of per-frame variances plus Chan terms."""
+
+    def __init__(self, shift, mean_sum, var_sum, count: int):
+        self.shift, self.mean_sum, self.var_sum, self.count = shift, mean_sum, var_sum, count
+
+
+def _tiled(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """A carry of batch b used by a call of batch m·b (guidance branches share the history)."""
+    return t if t.shape[0] == batch else t.repeat(batch // t.shape[0], *([1] * (t.ndim - 1)))
+
+
+def _prefix_statistics(groups: torch.Tensor, carry: NormCarry | None = None) -> tuple[torch.Tensor, torch.Tensor, NormCarry]:
     """Mean and biased variance over frames <= t of ``groups`` (B, G, C/G, T, S): each (B, G, T).
 
     Per frame: two-pass mean and variance (var_f = M2_f / n). Chan's merge of the prefix
     (t·n values, mean_{t-1}) with frame t (n values, mean μ_t) adds M2_f(t) + n·δ_t²·t/(t+1),
     δ_t = μ_t - mean_{t-1}. Every term is >= 0, so summing them with ``cumsum`` cannot cancel
-    the way S2/N - μ² does.
+    the way S2/N - μ² does. `carry` continues the sums of frames seen in earlier calls.
     """
     var_f, mean_f = torch.var_mean(groups, dim=(2, 4), correction=0)
-    count = torch.arange(1, groups.shape[3] + 1, dtype=groups.dtype, device=groups.device)
-    mean = torch.cumsum(mean_f, dim=-1) / count
-    previous = torch.cat([torch.zeros_like(mean[..., :1]), mean[..., :-1]], dim=-1)
+    b = groups.shape[0]
+    start = 0 if carry is None else carry.count
+    mean_before = 0.0 if carry is None else _tiled(carry.mean_sum, b)
+    var_before = 0.0 if carry is None else _tiled(carry.var_sum, b)
+    count = torch.arange(start + 1, start + groups.shape[3] + 1, dtype=groups.dtype, device=groups.device)
+    mean_sums = mean_before + torch.cumsum(mean_f, dim=-1)
+    mean = mean_sums / count
+    first_previous = mean[..., :1] * 0 if carry is None else mean_before / start
+    previous = torch.cat([first_previous, mean[..., :-1]], dim=-1)
     between = (mean_f - previous).square() * (count - 1) / count  # Chan term / n; 0 at t = 0
-    var = (torch.cumsum(var_f, dim=-1) + torch.cumsum(between, dim=-1)) / count
-    return mean, var
+    var_sums = var_before + torch.cumsum(var_f + between, dim=-1)
+    var = var_sums / count
+    return mean, var, NormCarry(None, mean_sums[..., -1:], var_sums[..., -1:], start + groups.shape[3])

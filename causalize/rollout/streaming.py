@@ -5,6 +5,7 @@
 | mixer | state | installed as |
 |---|---|---|
 | causal temporal conv | the last (k−1)·d input frames | an instance override of `_pad_time` |
+| cumulative causal norm | running Σ of per-frame means and variances, the frame-0 shift | an instance override of `_cumulative` |
 | causal / block-causal attention | keys and values of history tokens | `StreamingAttnProcessor` |
 | per-frame norm, spatial ops, FFN, AdaLN | none | — |
 | temporal positions (RoPE, frame-index embeddings, sinusoidal tables) | none: offset by the frames already cached | hooks named by plan.streaming |
@@ -48,6 +49,7 @@ class StreamState:
     mode: Literal["write", "read"]
     offset: int  # global index of the call's first frame = frames already cached
     conv: dict[int, torch.Tensor] = field(default_factory=dict)  # id(conv) -> its last (k−1)·d input frames
+    norms: dict[int, object] = field(default_factory=dict)  # id(norm) -> NormCarry of the cached frames
 
 
 class Stream:
@@ -65,8 +67,10 @@ class Stream:
         self._check_supported()
         self.cached_frames = 0
         self._conv: dict[int, torch.Tensor] = {}
+        self._norms: dict[int, object] = {}
         self._processors = self._install_attention()
         self._install_convs()
+        self._install_norms()
         self._install_rope()
         self._install_frame_positions()
 
@@ -85,9 +89,6 @@ class Stream:
             raise UsageError(f"plan '{self.plan.name}' is causal over blocks of {self.plan.layout.block_size} frames",
                              "block-by-block streaming is not implemented: use cache=False")
         for name, m in self.model.named_modules():
-            if isinstance(m, CausalGroupNorm) and m.mode != "per-frame":
-                raise UsageError(f"{name}: a cumulative causal norm keeps running statistics that streaming does not cache yet",
-                                 "convert with causal-norm{mode=per-frame} (the default), or use cache=False")
             processor = getattr(m, "processor", None)
             if isinstance(processor, BlockCausalAttnProcessor) and processor.mask_format == "sdpa-scope":
                 raise UsageError(f"{name}: a per-sample attention loop (sdpa-scope) cannot share one KV cache",
@@ -111,6 +112,12 @@ class Stream:
         for _, m in self.model.named_modules():
             if is_causal_conv(m) and m.left_pad > 0 and "_pad_time" not in vars(m):
                 m._pad_time = types.MethodType(_streaming_pad_time, m)
+                object.__setattr__(m, STREAM_ATTR, self)
+
+    def _install_norms(self) -> None:
+        for _, m in self.model.named_modules():
+            if isinstance(m, CausalGroupNorm) and m.mode == "cumulative" and "_cumulative" not in vars(m):
+                m._cumulative = types.MethodType(_streaming_cumulative, m)
                 object.__setattr__(m, STREAM_ATTR, self)
 
     def _install_rope(self) -> None:
@@ -140,6 +147,7 @@ class Stream:
         """Forget the history (a new window, or a new rollout)."""
         self.cached_frames = 0
         self._conv.clear()
+        self._norms.clear()
         for p in self._processors:
             p.cache.__init__()
 
@@ -147,7 +155,7 @@ class Stream:
     def _call(self, mode: Literal["write", "read"], frames: int) -> Iterator[StreamState]:
         if self.context.stream is not None:
             raise CausalizeError("streaming calls do not nest")
-        state = StreamState(mode, self.cached_frames, self._conv)
+        state = StreamState(mode, self.cached_frames, self._conv, self._norms)
         self.context.stream = state
         try:
             yield state
@@ -191,6 +199,20 @@ def _streaming_pad_time(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if state.mode == "write":
         state.conv[id(self)] = padded.narrow(dim, padded.shape[dim] - self.left_pad, self.left_pad).detach()
     return padded
+
+
+def _streaming_cumulative(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A cumulative causal norm continuing from the running statistics of the cached frames."""
+    state = getattr(self, STREAM_ATTR).context.stream
+    if state is None:
+        return type(self)._cumulative(self, x)
+    carry = state.norms.get(id(self))
+    if carry is None and state.offset:
+        raise CausalizeError("a cumulative norm has no cached statistics for a streaming call after the first")
+    y, new = self.cumulative_with(x, carry)
+    if state.mode == "write":
+        state.norms[id(self)] = new
+    return y
 
 
 def _offset_rope(module: nn.Module, args, output):
