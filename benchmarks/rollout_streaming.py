@@ -40,11 +40,11 @@ import torch
 from _common import machine_info, machine_line, table, write_json
 
 MODELS = {
-    # A Wan 2.1-style DiT: 8 layers of width 384 (6 heads x 64), 16 latent channels, 32x32 latents
-    # with 2x2 patches = 256 tokens per frame; 4096 tokens in a 16-frame window.
+    # A Wan 2.1-style DiT: 4 layers of width 384 (6 heads x 64), 16 latent channels, 16x16 latents
+    # with 2x2 patches = 64 tokens per frame; 1024 tokens in a 16-frame window.
     "wan": dict(
         patch_size=(1, 2, 2), num_attention_heads=6, attention_head_dim=64, in_channels=16, out_channels=16,
-        text_dim=64, freq_dim=256, ffn_dim=1536, num_layers=8, cross_attn_norm=True,
+        text_dim=64, freq_dim=256, ffn_dim=1536, num_layers=4, cross_attn_norm=True,
         qk_norm="rms_norm_across_heads", rope_max_seq_len=1024,
     ),
     # A ModelScope-style UNet3D at 32x32 latents.
@@ -59,7 +59,7 @@ QUICK = {
     "wan": dict(num_layers=2, num_attention_heads=2, attention_head_dim=32, ffn_dim=128, in_channels=4, out_channels=4),
     "unet3d": dict(block_out_channels=(16, 32, 32), norm_num_groups=8, attention_head_dim=8),
 }
-SIZE = {"wan": 32, "unet3d": 32}
+SIZE = {"wan": 16, "unet3d": 32}
 QUICK_SIZE = {"wan": 8, "unet3d": 16}
 
 
@@ -96,9 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a tiny model and 4 steps (a smoke run, not a measurement)")
     ap.add_argument("--model", choices=sorted(MODELS), default="wan")
-    ap.add_argument("--steps", type=int, default=None, help="denoising steps S (default 20; quick 4)")
+    ap.add_argument("--steps", type=int, default=None, help="denoising steps S (default 10; quick 4)")
     ap.add_argument("--window", type=int, default=16, help="frames per forward L (history L-1 + current)")
-    ap.add_argument("--frames", type=int, default=2, help="timed generated frames per strategy and repeat")
+    ap.add_argument("--frames", type=int, default=1, help="timed generated frames per strategy and repeat")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    steps = args.steps or (4 if args.quick else 20)
+    steps = args.steps or (4 if args.quick else 10)
     from causalize.rollout import RolloutConfig
 
     wm, config = build(args.model, args.quick, args.device)
