@@ -37,7 +37,7 @@ def test_has_the_per_sample_face():
     assert x.shape == sample.shape and x.dtype == sample.dtype and x.device == sample.device
     assert x.dim() == 2 and x.ndim == 2 and x.size(1) == D and len(x) == B and x.numel() == B * D
     assert x.is_floating_point()
-    assert "3 frames x 4 tokens" in repr(x)
+    assert "3 frames x 4 tokens" in repr(x) and f"{x}".startswith("FrameTensor")
 
 
 @pytest.mark.parametrize("layout", [TokenLayout(T, P), TokenLayout(T, P, suffix=2), TokenLayout(T, P, prefix=3)])

@@ -200,3 +200,22 @@ def test_a_timestep_condition_is_refused():
     object.__setattr__(module, frame_conditioning.CTX, ctx)
     with pytest.raises(CausalizeError, match="timestep condition"):
         frame_conditioning._on_delta_embedding(module, (torch.zeros(1, 2), torch.zeros(1, 2)), torch.zeros(1, 2))
+
+
+@pytest.mark.parametrize("name", SIX)
+def test_a_batch_is_its_samples(name):
+    """Two samples with their own per-frame timesteps, actions and text: each equals its own call."""
+    plan = _plan(name)
+    wm = _world_model(plan)
+    for p in wm.action_encoder.parameters():
+        if not p.any():
+            torch.nn.init.normal_(p, std=0.1)
+    (s0, e0), (s1, e1) = _split(plan, wm.model, seed=0), _split(plan, wm.model, seed=10)
+    gen = torch.Generator().manual_seed(3)
+    t, a = torch.randint(0, 1000, (2, FRAMES), generator=gen), torch.randn(2, FRAMES, ACTION_DIM, generator=gen)
+    both = {k: torch.cat([v, e1[k]]) if torch.is_tensor(v) and v.dim() and v.shape[0] == 1 else v for k, v in e0.items()}
+    with torch.no_grad():
+        batch = wm(torch.cat([s0, s1]), t, a, **both)
+        one = wm(s0, t[:1], a[:1], **e0)
+        two = wm(s1, t[1:], a[1:], **e1)
+    torch.testing.assert_close(batch, torch.cat([one, two]), rtol=0, atol=2e-5)

@@ -140,6 +140,8 @@ class FrameTensor(torch.Tensor):
                 return func(*_map(args, lambda t: t._sample), **_map(kwargs, lambda t: t._sample))
             if name == "__repr__":
                 return args[0].__repr__()
+            if name == "__format__":
+                return format(args[0].__repr__(), *args[1:])
             if name in _ELEMENTWISE:
                 return _elementwise(func, name, args, kwargs)
             if name in _UNARY or name == "nn.functional.linear":
