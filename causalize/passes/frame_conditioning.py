@@ -3,6 +3,12 @@
 The model keeps its own forward. What diffusers forwards have no argument for (a timestep per
 frame, an action per frame) travels in the frame context that `causalize.WorldModel` sets for each
 call; hooks installed here read it (METHOD.md §6–§7).
+
+Per-sample DiTs (mode "delta" with `modulation`): the modulation modules become per-frame twins
+(causalize.modules.frame_modulation). Which instances, and where their context tokens sit, come
+from the plan's "frame-conditioning" targets (e.g. HunyuanVideo: the video stream's `norm1`, not
+the text stream's `norm1_context` of the same class; its single-stream norm with a text suffix);
+without targets, every instance of the named classes.
 """
 
 from __future__ import annotations
