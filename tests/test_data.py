@@ -588,3 +588,19 @@ def test_dataloader_collates(tmp_path, workers):
     # mask is False exactly where the window starts at an episode's first frame
     for bb in batches:
         assert torch.equal(~bb["action_mask"][:, 0], bb["start"] == 0)
+
+
+def test_written_files_get_ordinary_permissions(tmp_path):
+    """Atomic writes go through mkstemp (0600); the final files get 0666 & ~umask like open()."""
+    import os
+    import stat
+
+    from causalize.training import data as d
+
+    umask = os.umask(0o022)
+    try:
+        dest = tmp_path / "f.bin"
+        d._atomic_write_bytes(dest, lambda f: f.write(b"x"), overwrite=False)
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o644
