@@ -102,6 +102,9 @@ class Streaming:
         argument (frames on `rope_frame_axis`) and returns per-token tensors (or a tuple of them)
         with tokens on `rope_token_axis`, frame-major. Streaming offsets its frame positions by
         the number of frames already cached. Empty: the model has no rotary temporal positions.
+    rope_frames_arg: when the rotary module takes the frame count as an argument (LTX:
+        `rope(hidden_states, num_frames, height, width, ...)`), its position; the count is
+        enlarged there instead of the first argument's shape.
     frame_index: "Owner.child" names: every `child` submodule of an `Owner`-class module takes
         frame indices 0..F−1 as its first argument (SVD's temporal `time_proj`); streaming adds
         the offset to them.
@@ -112,6 +115,7 @@ class Streaming:
     rope: str = ""
     rope_frame_axis: int = 2
     rope_token_axis: int = 1
+    rope_frames_arg: int | None = None
     frame_index: tuple[str, ...] = ()
     pe_tables: tuple[str, ...] = ()
 

@@ -26,7 +26,7 @@ from causalize.context import TokenGrid
 from causalize.errors import CausalizeError
 from causalize.hookspecs import hookimpl
 from causalize.layout import FrameLayout
-from causalize.plan import Conditioning, Plan, Targets, default_forward
+from causalize.plan import Conditioning, Plan, Streaming, Targets, default_forward
 from causalize.plugins.common import mid_timestep, randn
 
 
@@ -120,6 +120,7 @@ PLAN = Plan(
         embedding="time_embed.emb.timestep_embedder", mode="per-token", sample_arg="latents",
         model_timesteps=model_timesteps,
     ),
+    streaming=Streaming(rope="rope", rope_frames_arg=1),
     tokens=tokens,
     description="LTX-Video text/image-to-video DiT (packed tokens)",
     notes=(
@@ -128,8 +129,8 @@ PLAN = Plan(
         "model is called with packed tokens exactly as before",
         "the frame grid comes from the forward's num_frames/height/width (token grid); they are required, and the "
         "sequence must be exactly num_frames·height·width video tokens (frame-major)",
-        "RoPE coordinates restart at frame 0 on every call; for streaming pass global video_coords (and keep "
-        "num_frames/height/width for the mask)",
+        "RoPE coordinates restart at frame 0 on every call; streaming rollout offsets them (the rope is run for "
+        "offset + num_frames frames and the last frames' tokens kept); explicit video_coords are not offset",
         "per-token timesteps: timestep (B, N) gives per-token AdaLN; expand per-frame t over the H·W tokens of a frame "
         "(WorldModel does, from the unpacked latents); actions are added to time_embed.emb.timestep_embedder's "
         "(B·N, D) output",

@@ -125,7 +125,7 @@ class Stream:
         if path:
             rope = self.model.get_submodule(path)
             object.__setattr__(rope, STREAM_ATTR, self)
-            rope.register_forward_hook(_offset_rope)
+            rope.register_forward_hook(_offset_rope, with_kwargs=True)
 
     def _install_frame_positions(self) -> None:
         spec = self.plan.streaming
@@ -215,20 +215,25 @@ def _streaming_cumulative(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def _offset_rope(module: nn.Module, args, output):
-    """Rotary embeddings for frames offset..offset+F−1: the module run on offset+F frames (it reads
-    only the input's shape), keeping the last F frames' tokens."""
+def _offset_rope(module: nn.Module, args, kwargs, output):
+    """Rotary embeddings for frames offset..offset+F−1: the module run on offset+F frames (a
+    longer input of which it reads only the shape, or a larger frame-count argument), keeping the
+    last F frames' tokens."""
     stream: Stream = getattr(module, STREAM_ATTR)
     state = stream.context.stream
     if state is None or state.offset == 0 or getattr(module, "_causalize_busy", False):
         return None
     spec = stream.plan.streaming
-    hidden = args[0]
-    shape = list(hidden.shape)
-    shape[spec.rope_frame_axis] += state.offset
+    args = list(args)
+    if spec.rope_frames_arg is None:
+        shape = list(args[0].shape)
+        shape[spec.rope_frame_axis] += state.offset
+        args[0] = args[0].new_empty(1).expand(shape)
+    else:
+        args[spec.rope_frames_arg] = args[spec.rope_frames_arg] + state.offset
     object.__setattr__(module, "_causalize_busy", True)
     try:
-        longer = module(hidden.new_empty(1).expand(shape), *args[1:])
+        longer = module(*args, **kwargs)
     finally:
         object.__setattr__(module, "_causalize_busy", False)
 
