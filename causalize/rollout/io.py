@@ -1,0 +1,601 @@
+"""Files in and out of a rollout: context frames, actions, and the generated clip.
+
+Observations travel as numpy arrays in the episode format (docs/EPISODES.md): pixels are uint8
+(T, H, W, C), latents float32 (T, C, H, W). The model sees them in its native layout and in model
+space (pixels x / 127.5 − 1, as the trainer feeds them; latents as stored).
+
+Reading (`read_frames`, `read_actions`): episode `.npz` (key `frames` or `latents`), `.npy`, a
+video or image through imageio (`.mp4`, `.gif`, `.png`, ...); actions from `.npy`, `.npz` (key
+`actions`), `.json` (a list) or text (one action per line). Every problem is a UsageError that
+names the file, so the CLI reports it in one line with exit code 2.
+
+Writing (`write_frames`): `.mp4` (imageio-ffmpeg), `.gif` or `.npz`, through a temporary file in
+the destination directory that is renamed into place; an existing file is never replaced unless
+`overwrite=True`.
+
+`rollout_to_file` ties it together for `causalize rollout`: checkpoint + files in, a file out.
+imageio is imported only where a video or image is read or written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import statistics
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Literal
+
+import numpy as np
+
+from causalize.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+    from causalize.world_model import WorldModel
+
+Kind = Literal["pixels", "latents"]
+VIDEO_EXTS = (".mp4", ".gif", ".avi", ".mov", ".mkv", ".webm", ".webp")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+OUTPUT_EXTS = (".mp4", ".gif", ".npz")
+DEFAULT_FPS = 8.0
+
+
+@dataclass
+class Frames:
+    """Observations as stored: pixels uint8 (T, H, W, C) or latents float32 (T, C, H, W)."""
+
+    data: np.ndarray
+    kind: Kind
+
+    @property
+    def count(self) -> int:
+        return int(self.data.shape[0])
+
+    @property
+    def channels(self) -> int:
+        return int(self.data.shape[3] if self.kind == "pixels" else self.data.shape[1])
+
+    def first(self, k: int) -> "Frames":
+        return Frames(self.data[:k], self.kind)
+
+
+# --------------------------------------------------------------------------------- observations
+
+
+def as_frames(data: Any, kind: Kind, where: str = "context") -> Frames:
+    """Validate an array of observations (or one observation) of `kind` into `Frames`.
+
+    Pixels must be uint8 (never rescaled silently); latents any finite float (kept as float32)."""
+    if kind not in ("pixels", "latents"):
+        raise UsageError(f"observation kind must be 'pixels' or 'latents', got {kind!r}")
+    arr = _numpy(data, where)
+    if arr.ndim == 3:
+        arr = arr[None]  # one frame
+    layout = "(T, H, W, C)" if kind == "pixels" else "(T, C, H, W)"
+    if arr.ndim != 4 or arr.shape[0] < 1:
+        raise UsageError(f"{where}: {kind} must be {layout} or one frame, got shape {tuple(arr.shape)}")
+    if kind == "pixels":
+        if arr.dtype != np.uint8:
+            raise UsageError(f"{where}: pixels must be uint8 0..255, got {arr.dtype}",
+                             "latents are float (T, C, H, W); pixels are never rescaled silently")
+        return Frames(np.ascontiguousarray(arr), kind)
+    if arr.dtype.kind != "f":
+        raise UsageError(f"{where}: latents must be floating point, got {arr.dtype}", "uint8 arrays are pixels")
+    if not np.isfinite(arr).all():
+        raise UsageError(f"{where}: latents contain NaN or inf")
+    return Frames(np.ascontiguousarray(arr, dtype=np.float32), kind)
+
+
+def _numpy(data: Any, where: str) -> np.ndarray:
+    if hasattr(data, "detach") and hasattr(data, "cpu"):  # a torch tensor, without importing torch
+        data = data.detach().cpu().numpy()
+    try:
+        arr = np.asarray(data)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"{where}: not an array: {exc}") from None
+    if arr.dtype == object:
+        raise UsageError(f"{where}: ragged or non-numeric data")
+    return arr
+
+
+def read_frames(path: str | os.PathLike, context_frames: int | None = None) -> Frames:
+    """Context frames from an episode `.npz`, a `.npy` array or a video / image file; the first
+    `context_frames` of them when given (an error if the file has fewer)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"{p}: context file not found" if not p.exists() else f"{p}: not a file")
+    ext = p.suffix.lower()
+    if ext == ".npz":
+        frames = _frames_from_npz(p)
+    elif ext == ".npy":
+        arr = _load_npy(p)
+        frames = as_frames(arr, "pixels" if arr.dtype == np.uint8 else "latents", str(p))
+    elif ext in VIDEO_EXTS or ext in IMAGE_EXTS:
+        frames = as_frames(_read_media(p), "pixels", str(p))
+    else:
+        raise UsageError(f"{p}: unknown context format {ext or '(no extension)'!r}",
+                         "use an episode .npz, a .npy array, or a video / image (.mp4, .gif, .png, ...)")
+    if context_frames is not None:
+        if isinstance(context_frames, bool) or not isinstance(context_frames, int) or context_frames < 1:
+            raise UsageError(f"--context-frames must be an integer >= 1, got {context_frames!r}")
+        if frames.count < context_frames:
+            raise UsageError(f"{p} has {frames.count} frame(s), fewer than the {context_frames} context frames asked for")
+        frames = frames.first(context_frames)
+    return frames
+
+
+def _frames_from_npz(p: Path) -> Frames:
+    with _open_npz(p) as z:
+        keys = [k for k in ("frames", "latents") if k in z.files]
+        if not keys:
+            raise UsageError(f"{p}: no 'frames' or 'latents' array (keys: {', '.join(z.files) or 'none'})",
+                             "an episode .npz holds frames uint8 (T, H, W, C) or latents float32 (T, C, H, W)")
+        if len(keys) == 2:
+            raise UsageError(f"{p}: holds both 'frames' and 'latents'; keep one")
+        kind: Kind = "pixels" if keys[0] == "frames" else "latents"
+        arr = _member(z, keys[0], p)
+    if arr.ndim != 4:
+        raise UsageError(f"{p}: '{keys[0]}' must be 4-D, got shape {tuple(arr.shape)}")
+    return as_frames(arr, kind, str(p))
+
+
+def _open_npz(p: Path):
+    try:
+        return np.load(p, allow_pickle=False)
+    except Exception as exc:  # zipfile.BadZipFile, OSError, ValueError, EOFError, ...
+        raise UsageError(f"{p}: cannot read as .npz: {_short(exc)}") from None
+
+
+def _member(z: Any, key: str, p: Path) -> np.ndarray:
+    try:
+        return np.asarray(z[key])
+    except Exception as exc:
+        raise UsageError(f"{p}: cannot read array {key!r}: {_short(exc)}") from None
+
+
+def _load_npy(p: Path) -> np.ndarray:
+    try:
+        return np.load(p, allow_pickle=False)
+    except Exception as exc:
+        raise UsageError(f"{p}: cannot read as .npy: {_short(exc)}") from None
+
+
+def _read_media(p: Path) -> np.ndarray:
+    """All frames of a video / GIF, or one image, as (T, H, W, C) uint8."""
+    try:
+        import imageio.v3 as iio
+    except ImportError:
+        raise UsageError(f"{p}: reading videos and images needs imageio", "pip install imageio imageio-ffmpeg") from None
+    try:
+        with warnings.catch_warnings():  # on a bad file imageio probes every plugin, some deprecated
+            warnings.simplefilter("ignore", DeprecationWarning)
+            arr = np.asarray(iio.imread(p, index=None))
+    except Exception as exc:  # imageio raises many types (OSError, ValueError, struct.error, ...)
+        raise UsageError(f"{p}: cannot read as {p.suffix.lower()}: {_short(exc)}") from None
+    single = p.suffix.lower() in IMAGE_EXTS
+    if arr.ndim == 2 or (arr.ndim == 3 and not single):  # grayscale image / grayscale frames
+        arr = arr[..., None]
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.dtype != np.uint8:
+        raise UsageError(f"{p}: {arr.dtype} pixels are not supported, only 8-bit", "convert the file to 8 bits per channel")
+    return arr
+
+
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def frames_to_model(frames: Frames, frame_axis: int, channels: int | None = None, where: str = "context") -> "torch.Tensor":
+    """(1, ...) tensor in the model's native layout (frames on `frame_axis`), in model space.
+
+    RGBA pixels lose their alpha channel when the model takes 3 channels."""
+    import torch
+
+    frames = fit_channels(frames, channels)
+    data = frames.data
+    if channels is not None and frames.channels != channels:
+        hint = ("this model works on latents: pass latents (.npz key 'latents', or a float .npy)"
+                if frames.kind == "pixels" else "pass frames with the model's channel count")
+        raise UsageError(f"{where}: {frames.kind} have {frames.channels} channels, the model's sample has {channels}", hint)
+    x = torch.from_numpy(np.ascontiguousarray(data))
+    if frames.kind == "pixels":
+        x = (x.float() / 127.5 - 1.0).permute(0, 3, 1, 2)  # (T, C, H, W)
+    return x[None].movedim(1, frame_axis).contiguous()
+
+
+def fit_channels(frames: Frames, channels: int | None) -> Frames:
+    """RGBA pixels become RGB for a 3-channel model (the alpha channel is dropped)."""
+    if frames.kind == "pixels" and channels == 3 and frames.channels == 4:
+        return Frames(np.ascontiguousarray(frames.data[..., :3]), "pixels")
+    return frames
+
+
+def model_to_frames(x: "torch.Tensor", frame_axis: int, kind: Kind, batch_index: int = 0) -> Frames:
+    """The inverse of `frames_to_model` for one sample: pixels are clamped to [−1, 1] and rounded."""
+    import torch
+
+    t = x.detach().float().cpu().movedim(frame_axis, 1)[batch_index]  # (T, C, H, W)
+    if kind == "latents":
+        return Frames(t.numpy().copy(), kind)
+    pixels = ((t.clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+    return Frames(pixels.contiguous().numpy().copy(), kind)
+
+
+# ---------------------------------------------------------------------------------------- actions
+
+
+_SPLIT = re.compile(r"[\s,;]+")
+
+
+def read_actions(path: str | os.PathLike) -> np.ndarray:
+    """The actions of a file, as an array: (n,) indices or (n, A) rows. Not yet checked against a
+    model (see `actions_to_tensor`)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"{p}: actions file not found" if not p.exists() else f"{p}: not a file")
+    ext = p.suffix.lower()
+    if ext == ".npy":
+        arr = _load_npy(p)
+    elif ext == ".npz":
+        with _open_npz(p) as z:
+            if "actions" not in z.files:
+                raise UsageError(f"{p}: no 'actions' array (keys: {', '.join(z.files) or 'none'})")
+            arr = _member(z, "actions", p)
+    elif ext == ".json":
+        arr = _actions_from_json(p)
+    else:
+        arr = _actions_from_text(p)
+    if arr.dtype == object or arr.dtype.kind not in "biuf":
+        raise UsageError(f"{p}: actions must be numbers, got {arr.dtype}")
+    if arr.ndim == 0 or arr.shape[0] == 0:
+        raise UsageError(f"{p}: no actions: nothing to generate")
+    return arr
+
+
+def _actions_from_json(p: Path) -> np.ndarray:
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UsageError(f"{p}: not valid JSON: {_short(exc)}") from None
+    if isinstance(doc, dict) and "actions" in doc:
+        doc = doc["actions"]
+    if not isinstance(doc, list):
+        raise UsageError(f"{p}: expected a JSON list of actions (or an object with an 'actions' list)")
+    try:
+        arr = np.asarray(doc)
+    except ValueError:
+        raise UsageError(f"{p}: actions must all have the same length") from None
+    if arr.dtype == object or arr.dtype.kind not in "biuf":
+        raise UsageError(f"{p}: actions must be numbers or lists of numbers of one length")
+    return arr
+
+
+def _actions_from_text(p: Path) -> np.ndarray:
+    """One action per line: an index, or numbers separated by spaces or commas; # comments."""
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{p}: cannot read as text: {_short(exc)}") from None
+    rows: list[list[int | float]] = []
+    width = None
+    for lineno, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        row = [_number(tok, p, lineno) for tok in _SPLIT.split(line) if tok]
+        if width is not None and len(row) != width:
+            raise UsageError(f"{p}: line {lineno} has {len(row)} values, earlier lines {width}")
+        width = len(row)
+        rows.append(row)
+    if not rows:
+        raise UsageError(f"{p}: no actions: nothing to generate")
+    if all(isinstance(v, int) for row in rows for v in row):
+        arr = np.asarray(rows, dtype=np.int64)
+    else:
+        arr = np.asarray(rows, dtype=np.float64)
+    return arr[:, 0] if width == 1 else arr
+
+
+def _number(tok: str, p: Path, lineno: int) -> int | float:
+    try:
+        return int(tok)
+    except ValueError:
+        pass
+    try:
+        return float(tok)
+    except ValueError:
+        raise UsageError(f"{p}: line {lineno}: {tok!r} is not a number") from None
+
+
+def actions_to_tensor(actions: Any, action_type: str, action_dim: int, where: str = "actions") -> "torch.Tensor":
+    """Checked actions as the sampler takes them at batch 1.
+
+    discrete: (n,) integer indices in [0, N) -> (1, n) int64, or (n, N) 0/1 multi-hot rows ->
+    (1, n, N) float; continuous: (n, A) (or (n,) when A = 1) finite numbers -> (1, n, A) float32."""
+    import torch
+
+    arr = _numpy(actions, where)
+    if arr.dtype.kind not in "biuf":
+        raise UsageError(f"{where}: actions must be numbers, got {arr.dtype}")
+    if arr.ndim == 0 or arr.shape[0] == 0:
+        raise UsageError(f"{where}: no actions: nothing to generate")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise UsageError(f"{where}: actions contain NaN or inf")
+    if action_type == "discrete":
+        if arr.dtype.kind == "f":
+            raise UsageError(f"{where}: the action adapter is discrete ({action_dim} actions): actions must be integer indices, got {arr.dtype}")
+        if arr.ndim == 1:
+            if arr.dtype.kind == "b":
+                raise UsageError(f"{where}: discrete actions are integer indices, got booleans")
+            lo, hi = int(arr.min()), int(arr.max())
+            if lo < 0 or hi >= action_dim:
+                raise UsageError(f"{where}: action indices must lie in [0, {action_dim}), got values in [{lo}, {hi}]")
+            return torch.from_numpy(arr.astype(np.int64))[None]
+        if arr.ndim == 2 and arr.shape[1] == action_dim:
+            if not np.isin(arr, (0, 1)).all():
+                raise UsageError(f"{where}: multi-hot actions must be 0 or 1")
+            return torch.from_numpy(arr.astype(np.float32))[None]
+        raise UsageError(f"{where}: discrete actions are (n,) indices or (n, {action_dim}) multi-hot rows, got shape {tuple(arr.shape)}")
+    if action_type != "continuous":
+        raise UsageError(f"unknown action type {action_type!r}")
+    if arr.dtype.kind == "b":
+        raise UsageError(f"{where}: continuous actions must be numbers, got booleans")
+    if arr.ndim == 1 and action_dim == 1:
+        arr = arr[:, None]
+    if arr.ndim != 2 or arr.shape[1] != action_dim:
+        got = f"dimension {arr.shape[1]}" if arr.ndim == 2 else f"shape {tuple(arr.shape)}"
+        raise UsageError(f"{where}: the action adapter expects {action_dim}-dimensional continuous actions (n, {action_dim}), got {got}")
+    return torch.from_numpy(arr.astype(np.float32))[None]
+
+
+# ---------------------------------------------------------------------------------------- writing
+
+
+def check_output(path: str | os.PathLike, kind: Kind = "pixels", overwrite: bool = False, channels: int | None = None) -> Path:
+    """Fail before any work if `path` cannot be written: unknown extension, latents (or pixels
+    with other than 1, 3 or 4 channels) to a video, an existing file without `overwrite`, a
+    directory in the way."""
+    p = Path(path)
+    ext = p.suffix.lower()
+    if ext not in OUTPUT_EXTS:
+        raise UsageError(f"{p}: unknown output format {ext or '(no extension)'!r}", "write .mp4, .gif or .npz")
+    if kind == "latents" and ext != ".npz":
+        raise UsageError(f"{p}: latent frames cannot be written as {ext} (no VAE to decode them)", "write .npz")
+    if channels is not None and ext != ".npz" and channels not in (1, 3, 4):
+        raise UsageError(f"{p}: {channels}-channel frames cannot be written as {ext}", "write .npz")
+    if p.is_dir():
+        raise UsageError(f"{p} is a directory")
+    if p.exists() and not overwrite:
+        raise UsageError(f"{p} exists", "pass --overwrite (overwrite=True) to replace it")
+    if p.parent.exists() and not p.parent.is_dir():
+        raise UsageError(f"{p.parent} is not a directory")
+    return p
+
+
+def check_fps(fps: float) -> None:
+    if isinstance(fps, bool) or not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
+        raise UsageError(f"fps must be a positive number, got {fps!r}")
+
+
+def write_frames(
+    path: str | os.PathLike,
+    frames: Frames,
+    *,
+    fps: float = DEFAULT_FPS,
+    actions: np.ndarray | None = None,
+    meta: dict[str, Any] | None = None,
+    context_frames: int = 0,
+    overwrite: bool = False,
+) -> Path:
+    """Write frames atomically as `.mp4`, `.gif` or `.npz`.
+
+    `.npz`: `frames` uint8 (T, H, W, C) or `latents` float32 (T, C, H, W), `actions` (when given),
+    `context_frames` (how many leading frames were given, not generated) and `rollout` (`meta` as a
+    JSON string). Videos: odd sizes are padded by repeating the last row / column (H.264 needs
+    even sizes); GIF encoders merge identical consecutive frames (their durations add up)."""
+    p = check_output(path, frames.kind, overwrite, frames.channels)
+    check_fps(fps)
+    ext = p.suffix.lower()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=f".tmp{ext}")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        if ext == ".npz":
+            _write_npz(tmp, frames, actions, meta, context_frames)
+        else:
+            _write_media(tmp, frames.data, ext, fps)
+        _commit(tmp, p, overwrite)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return p
+
+
+def _write_npz(tmp: Path, frames: Frames, actions: np.ndarray | None, meta: dict[str, Any] | None, context_frames: int) -> None:
+    arrays: dict[str, np.ndarray] = {"frames" if frames.kind == "pixels" else "latents": frames.data,
+                                     "context_frames": np.asarray(context_frames, dtype=np.int64)}
+    if actions is not None:
+        arrays["actions"] = np.asarray(actions)
+    if meta is not None:
+        arrays["rollout"] = np.asarray(json.dumps(meta, default=str))
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _write_media(tmp: Path, data: np.ndarray, ext: str, fps: float) -> None:
+    try:
+        import imageio.v3 as iio
+    except ImportError:
+        raise UsageError(f"writing {ext} needs imageio (and imageio-ffmpeg for .mp4)", "pip install imageio imageio-ffmpeg, or write .npz") from None
+    if data.shape[-1] == 1:
+        data = data[..., 0]
+    if ext == ".mp4":
+        if data.shape[-1] == 4 and data.ndim == 4:
+            data = data[..., :3]
+        pad = [(0, 0), (0, data.shape[1] % 2), (0, data.shape[2] % 2)] + [(0, 0)] * (data.ndim - 3)
+        data = np.pad(data, pad, mode="edge")
+        try:
+            iio.imwrite(tmp, data, fps=fps, codec="libx264", macro_block_size=1)
+        except Exception as exc:
+            raise UsageError(f"cannot write .mp4: {_short(exc)}", "install imageio-ffmpeg, or write .gif / .npz") from None
+    else:
+        iio.imwrite(tmp, data, duration=1000.0 / fps, loop=0)
+
+
+def _commit(tmp: Path, dest: Path, overwrite: bool) -> None:
+    """Move the finished temporary file into place; without `overwrite` a hard link makes the
+    final step fail (instead of replacing) if dest appeared meanwhile."""
+    if overwrite:
+        os.replace(tmp, dest)
+        return
+    try:
+        os.link(tmp, dest)
+    except FileExistsError:
+        raise UsageError(f"{dest} exists", "pass --overwrite (overwrite=True) to replace it") from None
+    except OSError:  # no hard links on this file system
+        if dest.exists():
+            raise UsageError(f"{dest} exists", "pass --overwrite (overwrite=True) to replace it") from None
+        os.replace(tmp, dest)
+
+
+# ------------------------------------------------------------------------------- file to file
+
+
+ProgressFn = Callable[[int, int, float], None]
+
+
+@dataclass
+class RolloutFileReport:
+    """What `rollout_to_file` wrote and what it took."""
+
+    out: Path
+    checkpoint: Path
+    kind: Kind
+    context_frames: int
+    generated: int
+    frames_written: int
+    seconds_per_frame: list[float]
+    seconds: float
+    frame_passes: int
+    model_calls: int
+    cache_bytes: int
+    config: dict[str, Any]
+    config_sources: dict[str, str] = field(default_factory=dict)
+    device: str = "cpu"
+
+    @property
+    def timing(self) -> dict[str, float]:
+        s = self.seconds_per_frame
+        return {"mean": statistics.fmean(s), "median": statistics.median(s), "min": min(s), "max": max(s)} if s else {}
+
+    @property
+    def cache_mode(self) -> str:
+        return "streaming" if self.config.get("cache") else "full recompute"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "out": str(self.out), "checkpoint": str(self.checkpoint), "kind": self.kind,
+            "context_frames": self.context_frames, "generated": self.generated, "frames_written": self.frames_written,
+            "seconds_per_frame": self.timing, "seconds_per_frame_all": self.seconds_per_frame, "seconds": self.seconds,
+            "cache": self.cache_mode, "frame_passes": self.frame_passes, "model_calls": self.model_calls,
+            "cache_bytes": self.cache_bytes, "config": self.config, "config_sources": self.config_sources, "device": self.device,
+        }
+
+
+def sample_geometry(wm: "WorldModel") -> tuple[int, int | None]:
+    """(frame axis, channels) of the model's sample; channels None when the sample is not a 5-D
+    video tensor (packed tokens), which file rollouts do not support."""
+    import torch
+
+    cond = wm.plan.conditioning
+    axis = wm.plan.layout.inputs[cond.sample_arg]
+    sample = wm.plan.make_inputs(wm.model, wm.plan.layout.block_size, torch.Generator().manual_seed(0))[cond.sample_arg]
+    if sample.ndim != 5:
+        return axis, None
+    return axis, int(sample.movedim(axis, 1).shape[2])
+
+
+def rollout_to_file(
+    checkpoint: str | os.PathLike,
+    context: str | os.PathLike,
+    actions: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    context_frames: int | None = None,
+    overwrite: bool = False,
+    fps: float = DEFAULT_FPS,
+    include_context: bool = True,
+    device: str | None = None,
+    progress: ProgressFn | None = None,
+    **options: Any,
+) -> RolloutFileReport:
+    """Roll a checkpoint out from a context file and an actions file, and write the clip to `out`.
+
+    `options` are RolloutConfig fields; None means "not given": each field comes from the option,
+    else the checkpoint's training.json (prediction_type, zero_terminal_snr, window), else the
+    RolloutConfig default. The written clip holds the context frames followed by one generated
+    frame per action (`include_context=False`: the generated frames only). Inputs and the output
+    path are checked before the model runs; nothing is written unless the rollout succeeds."""
+    from causalize.rollout.loading import load_world_model, resolve_config
+    from causalize.rollout.sampler import RolloutSession, rollout
+
+    t0 = time.perf_counter()
+    out_path = check_output(out, "pixels", overwrite)  # extension and existence, before any work
+    check_fps(fps)
+    clip = read_frames(context, context_frames)
+    raw_actions = read_actions(actions)
+    config, sources = resolve_config(checkpoint, **options)
+    wm, ckpt = load_world_model(checkpoint, device=device)
+    RolloutSession(wm, config)  # refuses a model without an action adapter before any file work
+    encoder = wm.action_encoder
+    acts = actions_to_tensor(raw_actions, encoder.action_type, encoder.action_dim, str(actions))
+    axis, channels = sample_geometry(wm)
+    if channels is None:
+        raise UsageError(f"plan '{wm.plan.name}' takes packed tokens, not a video tensor: file rollouts do not support it",
+                         "use causalize.rollout.rollout() with tensors in the model's layout")
+    block = wm.plan.layout.block_size
+    if clip.count % block:
+        raise UsageError(f"{context}: {clip.count} context frames; this model needs a multiple of {block}",
+                         "choose --context-frames accordingly")
+    clip = fit_channels(clip, channels)
+    check_output(out_path, clip.kind, overwrite, clip.channels)
+    x = frames_to_model(clip, axis, channels, str(context))
+    result = rollout(wm, x, acts, config=config, progress=progress)
+    generated = model_to_frames(result.frames, axis, clip.kind)
+    data = np.concatenate([clip.data, generated.data]) if include_context else generated.data
+    report = RolloutFileReport(
+        out=out_path, checkpoint=ckpt, kind=clip.kind, context_frames=clip.count if include_context else 0,
+        generated=generated.count, frames_written=int(data.shape[0]), seconds_per_frame=list(result.seconds_per_frame),
+        seconds=0.0, frame_passes=result.frame_passes, model_calls=result.model_calls, cache_bytes=result.cache_bytes,
+        config=config.to_json(), config_sources=sources, device=str(next(wm.parameters()).device),
+    )
+    meta = {k: v for k, v in report.to_json().items() if k not in ("out", "seconds")}
+    write_frames(out_path, Frames(data, clip.kind), fps=fps, actions=_stored_actions(acts, encoder.action_type), meta=meta,
+                 context_frames=report.context_frames, overwrite=overwrite)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _stored_actions(acts: "torch.Tensor", action_type: str) -> np.ndarray:
+    """Actions as the episode format stores them: int64 indices, uint8 multi-hot, float32 rows."""
+    a = acts[0].cpu().numpy()
+    if action_type == "discrete" and a.ndim == 2:
+        return a.astype(np.uint8)
+    return a
+
+
+__all__ = [
+    "Frames", "RolloutFileReport", "actions_to_tensor", "as_frames", "check_output", "frames_to_model",
+    "model_to_frames", "read_actions", "read_frames", "rollout_to_file", "sample_geometry", "write_frames",
+]

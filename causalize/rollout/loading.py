@@ -1,0 +1,95 @@
+"""A checkpoint ready to roll out: the world model, and sampler settings that match its training.
+
+Precedence of every RolloutConfig field: an explicit option > the checkpoint's training.json (the
+trainer's `prediction_type`, `zero_terminal_snr` and `window`) > the RolloutConfig default. A
+model trained for ε on the plain schedule would produce garbage under the v / zero-terminal-SNR
+defaults, so the trained settings must win unless the caller says otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from causalize.errors import CheckpointError, UsageError
+
+if TYPE_CHECKING:
+    from causalize.rollout.sampler import RolloutConfig
+    from causalize.world_model import WorldModel
+
+TRAINING_FILE = "training.json"  # written by causalize.training.trainer next to the final model
+FROM_TRAINING = ("prediction_type", "zero_terminal_snr", "window")
+
+
+def checkpoint_dir(path: str | os.PathLike) -> Path:
+    """The converted model directory: `path` itself, or `path/final` for a training run's output."""
+    p = Path(path)
+    if not (p / "causalize.json").is_file() and (p / "final" / "causalize.json").is_file():
+        return p / "final"
+    return p
+
+
+def training_defaults(path: str | os.PathLike) -> dict[str, Any]:
+    """The sampler-relevant training settings recorded in training.json ({} when there is none)."""
+    f = checkpoint_dir(path) / TRAINING_FILE
+    if not f.is_file():
+        return {}
+    try:
+        doc = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{f} is corrupt: {exc}", "delete it to use the rollout defaults, or re-run training") from None
+    cfg = doc.get("config") if isinstance(doc, dict) else None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{f} has no 'config' object", "delete it to use the rollout defaults")
+    found = {k: cfg[k] for k in FROM_TRAINING if cfg.get(k) is not None}
+    if isinstance(found.get("window"), int) and found["window"] < 2:
+        del found["window"]  # a 1-frame training window is no sliding window: keep the default
+    return found
+
+
+def resolve_config(checkpoint: str | os.PathLike | None = None, **options: Any) -> tuple["RolloutConfig", dict[str, str]]:
+    """A validated RolloutConfig and, per field, where its value came from ("option",
+    "training.json" or "default"). Options whose value is None count as not given."""
+    from causalize.rollout.sampler import RolloutConfig
+
+    names = [f.name for f in dataclasses.fields(RolloutConfig)]
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+        raise UsageError(f"unknown rollout option(s) {', '.join(unknown)}", f"valid: {', '.join(names)}")
+    trained = training_defaults(checkpoint) if checkpoint is not None else {}
+    values: dict[str, Any] = {}
+    sources = {name: "default" for name in names}
+    for name in names:
+        if options.get(name) is not None:
+            values[name], sources[name] = options[name], "option"
+        elif name in trained:
+            values[name], sources[name] = trained[name], TRAINING_FILE
+    config = RolloutConfig(**values)
+    config.validate()
+    return config, sources
+
+
+def load_world_model(path: str | os.PathLike, device: str | None = None) -> tuple["WorldModel", Path]:
+    """The checkpoint as an eval-mode WorldModel on `device` (None: CUDA when available), and the
+    directory it came from. A model converted without frame conditioning is a UsageError."""
+    import torch
+
+    from causalize.world_model import WorldModel
+
+    p = checkpoint_dir(path)
+    if not p.exists():
+        raise CheckpointError(f"{p} does not exist", "give a converted checkpoint (causalize convert ... --action-dim N)")
+    wm = WorldModel.from_pretrained(p)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        wm.to(torch.device(device))
+    except (RuntimeError, ValueError) as exc:
+        raise UsageError(f"cannot use device {device!r}: {exc}") from None
+    return wm.eval(), p
+
+
+__all__ = ["FROM_TRAINING", "TRAINING_FILE", "checkpoint_dir", "load_world_model", "resolve_config", "training_defaults"]
