@@ -583,6 +583,98 @@ def train(
                    f"final loss {result['final_loss']:.4g}: {result['final']}")
 
 
+@app.command()
+def rollout(
+    checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT", help="Converted world model with an action adapter (or a training run directory holding final/)."),
+    context: Path = typer.Option(..., "--context", metavar="FRAMES", help="Context frames: episode .npz (frames or latents), .npy, or a video / image (.mp4, .gif, .png)."),
+    actions: Path = typer.Option(..., "--actions", metavar="ACTIONS", help="One action per generated frame: .npy, .npz (key actions), .json list, or text (one per line)."),
+    out_path: Path = typer.Option(..., "--out", metavar="OUT", help="Output: .mp4, .gif (pixels) or .npz (pixels or latents + actions + settings)."),
+    context_frames: Optional[int] = typer.Option(None, "--context-frames", metavar="K", help="Use the first K frames of FRAMES (default: all)."),
+    steps: Optional[int] = typer.Option(None, "--steps", metavar="S", help="Denoising steps per frame (default 50)."),
+    sampler: Optional[str] = typer.Option(None, "--sampler", metavar="NAME", help="ddim (default) or euler."),
+    spacing: Optional[str] = typer.Option(None, "--spacing", metavar="NAME", help="trailing (default) or uniform."),
+    eta: Optional[float] = typer.Option(None, "--eta", metavar="X", help="DDIM eta in [0, 1] (default 0: deterministic steps)."),
+    history_noise: Optional[str] = typer.Option(None, "--history-noise", metavar="K", help="History noise level: an integer, or second_to_last (default)."),
+    window: Optional[int] = typer.Option(None, "--window", metavar="L", help="Sliding window incl. the current frame (default: training.json's window, else 16)."),
+    guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", metavar="S", help="Causal action guidance scale (default 2.5; 1 disables guidance)."),
+    guidance_rescale: Optional[float] = typer.Option(None, "--guidance-rescale", metavar="PHI", help="Guidance rescale in [0, 1] (default 0.7)."),
+    prediction_type: Optional[str] = typer.Option(None, "--prediction-type", metavar="NAME", help="v, epsilon or sample (default: training.json's, else v)."),
+    zero_terminal_snr: Optional[bool] = typer.Option(None, "--zero-terminal-snr/--no-zero-terminal-snr", help="Schedule rescaled to zero terminal SNR (default: training.json's, else on)."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the whole window at every step instead of streaming caches (same frames, slower)."),
+    seed: Optional[int] = typer.Option(None, "--seed", metavar="N", help="Seed of all noise (default 0)."),
+    fps: float = typer.Option(8.0, "--fps", metavar="F", help="Frames per second of .mp4 / .gif output."),
+    generated_only: bool = typer.Option(False, "--generated-only", help="Write only the generated frames (default: context frames first)."),
+    device: Optional[str] = typer.Option(None, "--device", metavar="DEV", help="cpu, cuda, cuda:1, ... (default: cuda when available)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Generate frames from context frames and actions with a world model, and write a clip.
+
+    Every action produces one frame: actions[i] is taken after the last known frame and yields
+    generated frame i (autoregressive sampling with causal action guidance and exact streaming
+    caches). OUT holds the context frames followed by the generated ones (--generated-only: only
+    those); .npz also stores the actions, the settings and the timing. Pixel frames are uint8
+    (model space x/127.5 - 1); latent frames (float) can only be written to .npz.
+
+    Sampler settings: an option given here wins, else the checkpoint's training.json
+    (prediction_type, zero_terminal_snr, window), else the built-in default. Progress goes to
+    stderr, then a per-frame timing summary; stdout gets OUT (or a JSON summary with --json).
+    Inputs are checked before the model runs, and OUT is written atomically: on any error
+    nothing is written, and an existing OUT is kept unless --overwrite.
+
+    \b
+    Examples:
+      causalize rollout ./run/final --context episode.npz --context-frames 4 --actions acts.txt --out clip.mp4
+      causalize rollout ./wm --context start.png --actions acts.json --out clip.gif --steps 20 --seed 1
+      causalize rollout ./wm --context ctx.npz --actions acts.npy --out roll.npz --no-cache --json
+
+    \b
+    Actions files: discrete adapters take integer indices (one per line / a 1-D array) or 0/1
+    multi-hot rows; continuous ones take rows of A numbers ("0.1 -0.5 0.0" or "0.1,-0.5,0.0").
+
+    \b
+    Exit codes:
+      0  written
+      2  usage error: unreadable or malformed file, wrong action dimension / dtype / range, NaN,
+         too few context frames, OUT exists, no action adapter in the checkpoint, bad setting
+      3  internal error (re-run with --debug for the traceback)
+      4  the checkpoint cannot be read
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[speed]}"),
+                   TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=False)
+    task = bar.add_task("rollout", total=None, speed="", start=False)
+
+    def on_frame(done: int, total: int, seconds: float) -> None:
+        if not bar.live.is_started:  # shown from the first frame: input errors stay one line
+            bar.start()
+            bar.start_task(task)
+        bar.update(task, completed=done, total=total, speed=f"{seconds:.2f} s/frame")
+
+    options = {"steps": steps, "sampler": sampler, "spacing": spacing, "eta": eta, "window": window,
+               "history_noise": int(history_noise) if history_noise and history_noise.isdigit() else history_noise,
+               "guidance_scale": guidance_scale, "guidance_rescale": guidance_rescale, "prediction_type": prediction_type,
+               "zero_terminal_snr": zero_terminal_snr, "cache": False if no_cache else None, "seed": seed}
+    with _guard(as_json):
+        from causalize.rollout.io import rollout_to_file
+
+        try:
+            report = rollout_to_file(checkpoint, context, actions, out_path, context_frames=context_frames, overwrite=overwrite,
+                                     fps=fps, include_context=not generated_only, device=device, progress=on_frame, **options)
+        finally:
+            bar.stop()
+    t = report.timing
+    err.print(f"[green]wrote[/] {escape(str(report.out))}: {report.context_frames} context + {report.generated} generated frames "
+              f"({report.kind}) in {report.seconds:.1f}s")
+    err.print(f"seconds per frame: mean {t['mean']:.3f}, median {t['median']:.3f}, min {t['min']:.3f}, max {t['max']:.3f}; "
+              f"cache: {report.cache_mode}; frame passes: {report.frame_passes} ({report.model_calls} model calls)")
+    if as_json:
+        _emit_json(report.to_json())
+    else:
+        typer.echo(str(report.out))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app and exit with the documented status."""
     try:
