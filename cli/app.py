@@ -612,7 +612,8 @@ def rollout(
 
     Every action produces one frame: actions[i] is taken after the last known frame and yields
     generated frame i (autoregressive sampling with causal action guidance and exact streaming
-    caches). OUT holds the context frames followed by the generated ones (--generated-only: only
+    caches); context frames get the null action. To replay an episode after its first K frames,
+    pass its actions from row K-1 on (row t is the action taken after frame t). OUT holds the context frames followed by the generated ones (--generated-only: only
     those); .npz also stores the actions, the settings and the timing. Pixel frames are uint8
     (model space x/127.5 - 1); latent frames (float) can only be written to .npz.
 
