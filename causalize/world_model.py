@@ -68,7 +68,13 @@ class WorldModel(nn.Module):
     def _model_timesteps(self, sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         cond = self.plan.conditioning
         if cond.mode == "delta":
-            return timesteps[:, 0]  # the per-sample path; the hooks replace it per frame
+            # the per-sample path (the hooks replace it per frame); what remains per sample (a
+            # text stream's modulation) sees the first frame's level, or in a streaming rollout
+            # the level of the window's first frame, cached earlier
+            stream = getattr(self.model, CONTEXT_ATTR).stream
+            if stream is not None and stream.anchor_timestep is not None:
+                return torch.full_like(timesteps[:, 0], stream.anchor_timestep)
+            return timesteps[:, 0]
         if cond.model_timesteps is not None:
             return cond.model_timesteps(self.model, sample, timesteps)
         grid = self.plan.tokens(self.model, {cond.sample_arg: sample})

@@ -28,7 +28,7 @@ from causalize.context import TokenGrid
 from causalize.hookspecs import hookimpl
 from causalize.layout import FrameLayout
 from causalize.modules.frame_modulation import frame_tensor, register_twin
-from causalize.plan import Conditioning, Plan, Targets
+from causalize.plan import Conditioning, Plan, Streaming, Targets
 from causalize.plugins.common import mid_timestep, randn
 
 
@@ -93,11 +93,12 @@ PLAN = Plan(
         embedding="time_embedding", time_proj="time_proj", sample_arg="hidden_states",
         modulation=("EasyAnimateLayerNormZero", "AdaLayerNorm"),
     ),
+    streaming=Streaming(rope="rope_embedding", rope_token_axis=0),
     tokens=tokens,
     description="EasyAnimate V5 / V5.1 DiT: joint [text ; video] attention (MMDiT and shared-projection blocks)",
     notes=(
         "joint attention over [text ; video]: text rows see only text, video rows see the text, their own and earlier frames",
-        "RoPE frame indices restart at 0 on every call: streaming needs global offsets",
+        "RoPE frame indices restart at 0 on every call: streaming offsets them by the cached frame count",
         "inpaint / control variants: the example inputs' inpaint_latents are not perturbed per frame by the probe",
         "per-frame timesteps: every EasyAnimateLayerNormZero and norm_out become per-frame twins (video tokens per "
         "frame, text per sample = frame 0's timestep); timestep_cond is not supported with per-frame timesteps",

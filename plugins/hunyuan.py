@@ -30,7 +30,7 @@ import torch
 from causalize.context import TokenGrid
 from causalize.hookspecs import hookimpl
 from causalize.layout import FrameLayout
-from causalize.plan import Conditioning, Plan, Targets
+from causalize.plan import Conditioning, Plan, Streaming, Targets
 from causalize.plugins.common import mid_timestep, randn
 
 TEXT_TOKENS = 12
@@ -90,6 +90,7 @@ PLAN = Plan(
         embedding="time_text_embed.timestep_embedder", time_proj="time_text_embed.time_proj", sample_arg="hidden_states",
         modulation=("AdaLayerNormZero", "AdaLayerNormZeroSingle", "AdaLayerNormContinuous"),
     ),
+    streaming=Streaming(rope="rope", rope_token_axis=0),
     tokens=tokens,
     description="HunyuanVideo text-to-video DiT (dual- and single-stream joint attention)",
     notes=(
@@ -97,7 +98,7 @@ PLAN = Plan(
         "the token refiner's text-only attention is not targeted",
         "patch_size_t > 1 couples the frames of one temporal patch: use block_size = patch_size_t",
         "image_condition_type='token_replace' only re-modulates frame 0 (t = 0): no extra frame mixing",
-        "RoPE frame indices restart at 0 on every call: streaming needs global offsets",
+        "RoPE frame indices restart at 0 on every call: streaming offsets them by the cached frame count",
         "per-frame timesteps: the video stream's AdaLN (norm1, single-stream norm, norm_out) is per frame, the text "
         "stream keeps frame 0's timestep; image_condition_type='token_replace' is not supported",
     ),

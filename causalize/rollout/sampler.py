@@ -186,6 +186,7 @@ class Streaming(_Denoiser):
         else:
             self.stream.reset()
             first = 0
+        self.stream.anchor_timestep = level  # every window frame is at the history level
         if first < len(frames):
             new = torch.cat(frames[first:], dim=self.axis)
             ts = torch.full((new.shape[0], len(frames) - first), level, dtype=torch.long, device=new.device)

@@ -50,6 +50,9 @@ class StreamState:
     offset: int  # global index of the call's first frame = frames already cached
     conv: dict[int, torch.Tensor] = field(default_factory=dict)  # id(conv) -> its last (k−1)·d input frames
     norms: dict[int, object] = field(default_factory=dict)  # id(norm) -> NormCarry of the cached frames
+    # the timestep of the window's first frame: per-sample-AdaLN models modulate their text stream
+    # with the call's first timestep (WorldModel passes it), which must stay the window's
+    anchor_timestep: int | None = None
 
 
 class Stream:
@@ -66,6 +69,7 @@ class Stream:
                              "use full recomputation (cache=False / --no-cache)")
         self._check_supported()
         self.cached_frames = 0
+        self.anchor_timestep: int | None = None
         self._conv: dict[int, torch.Tensor] = {}
         self._norms: dict[int, object] = {}
         self._processors = self._install_attention()
@@ -155,7 +159,7 @@ class Stream:
     def _call(self, mode: Literal["write", "read"], frames: int) -> Iterator[StreamState]:
         if self.context.stream is not None:
             raise CausalizeError("streaming calls do not nest")
-        state = StreamState(mode, self.cached_frames, self._conv, self._norms)
+        state = StreamState(mode, self.cached_frames, self._conv, self._norms, self.anchor_timestep)
         self.context.stream = state
         try:
             yield state
