@@ -303,3 +303,18 @@ def test_cumulative_norms_stream_with_running_statistics():
         vars(m).pop("_cumulative", None)
     broken = rollout(wm, ctx, actions, config=config)
     assert (broken.frames - full.frames).abs().max() > 1e-3
+
+
+def test_context_action_mask_selects_known_context_actions():
+    """A masked context action is the null action: equal to giving no actions for that frame."""
+    wm = _world_model("wan")
+    ctx, actions = _context(wm, 2), _actions(2)
+    cfg = RolloutConfig(steps=2, window=3, guidance_scale=1.0)
+    ctx_actions = _actions(2, seed=7)
+    masked = rollout(wm, ctx, actions, context_actions=ctx_actions, context_action_mask=torch.tensor([False, False]), config=cfg)
+    none = rollout(wm, ctx, actions, config=cfg)
+    known = rollout(wm, ctx, actions, context_actions=ctx_actions, config=cfg)
+    torch.testing.assert_close(masked.frames, none.frames, rtol=0, atol=0)
+    assert (known.frames - none.frames).abs().max() > 1e-4
+    with pytest.raises(UsageError, match="entries"):
+        rollout(wm, ctx, actions, context_actions=ctx_actions, context_action_mask=torch.tensor([True]), config=cfg)

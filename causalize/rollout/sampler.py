@@ -272,9 +272,11 @@ class RolloutSession:
         self.denoiser: _Denoiser | None = None
         self.generated = 0
 
-    def reset(self, context: torch.Tensor, context_actions: torch.Tensor | None = None) -> None:
+    def reset(self, context: torch.Tensor, context_actions: torch.Tensor | None = None,
+              context_action_mask: torch.Tensor | None = None) -> None:
         """Start from `context` (c frames, model space, native layout); context frames get
-        `context_actions` (their producing actions) or the null action."""
+        `context_actions` (their producing actions) or the null action; `context_action_mask`
+        (c,) or (B, c) bool marks which of them are known (e.g. False for an episode's frame 0)."""
         _check_inputs(self.wm, context, None, context_actions)
         self.batch = context.shape[0]
         context = context.to(device=self.device, dtype=self.dtype)
@@ -290,6 +292,17 @@ class RolloutSession:
         else:
             self.hist_actions = _as_rows(context_actions.to(self.device))
             self.hist_mask = [True] * c
+        if context_action_mask is not None:
+            if context_actions is None:
+                raise UsageError("context_action_mask without context_actions")
+            mask = torch.as_tensor(context_action_mask, dtype=torch.bool)
+            if mask.ndim == 2:
+                if mask.shape[0] != self.batch or not (mask == mask[:1]).all():
+                    raise UsageError("context_action_mask must be (c,) or the same (c,) row for every sample")
+                mask = mask[0]
+            if mask.shape != (c,):
+                raise UsageError(f"context_action_mask must have {c} entries, got shape {tuple(mask.shape)}")
+            self.hist_mask = [bool(m) for m in mask]
         self.generated = 0
         self.seconds_per_frame: list[float] = []
 
@@ -351,6 +364,7 @@ def rollout(
     actions: torch.Tensor,
     *,
     context_actions: torch.Tensor | None = None,
+    context_action_mask: torch.Tensor | None = None,
     config: RolloutConfig | None = None,
     model_kwargs: dict[str, Any] | None = None,
     progress: ProgressFn | None = None,
@@ -361,13 +375,15 @@ def rollout(
         produces generated frame i.
     context_actions: the actions attached to the context frames (frame j's producing action), or
         None: context frames get the null action.
+    context_action_mask: (c,) bool, which context actions are known (False: null action), e.g.
+        False for the first frame of an episode.
     model_kwargs: the model's other inputs at batch 1 (e.g. a real empty-prompt embedding);
         by default the zero "empty prompt" the trainer used.
     progress: called after every frame with (frames done, total, seconds for that frame).
     """
     session = RolloutSession(wm, config, model_kwargs)
     _check_inputs(wm, context, actions, context_actions)
-    session.reset(context, context_actions)
+    session.reset(context, context_actions, context_action_mask)
     frames = []
     n = actions.shape[1]
     for i in range(n):
