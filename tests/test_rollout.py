@@ -318,3 +318,13 @@ def test_context_action_mask_selects_known_context_actions():
     assert (known.frames - none.frames).abs().max() > 1e-4
     with pytest.raises(UsageError, match="entries"):
         rollout(wm, ctx, actions, context_actions=ctx_actions, context_action_mask=torch.tensor([True]), config=cfg)
+
+
+def test_block_causal_plans_are_refused_with_a_reason():
+    plan = next(p for p in registries().plans if p.layout.block_size > 1 and p.conditioning is not None)
+    model = plan.build_tiny()
+    convert_model(model, plan, f"{plan.pipeline},frame-conditioning{{action_dim=2}}")
+    wm = WorldModel(model, plan)
+    ctx = plan.make_inputs(model, 2 * plan.layout.block_size, torch.Generator().manual_seed(0))[plan.conditioning.sample_arg]
+    with pytest.raises(UsageError, match="block by"):
+        rollout(wm, ctx, torch.randn(1, 2, 2), config=RolloutConfig(steps=2, cache=False))

@@ -210,8 +210,11 @@ def _check_inputs(wm: WorldModel, context: torch.Tensor, actions: torch.Tensor |
     if not context.is_floating_point() or not torch.isfinite(context).all():
         raise UsageError("context frames must be finite floating-point values in model space")
     block = wm.plan.layout.block_size
-    if context.shape[axis] < 1 or context.shape[axis] % block:
-        raise UsageError(f"the model needs a whole number of {block}-frame blocks of context, got {context.shape[axis]} frames")
+    if block != 1:
+        raise UsageError(f"plan '{wm.plan.name}' is causal over blocks of {block} frames: it must be rolled out block by "
+                         "block, which is not implemented (frame-by-frame rollout would feed it partial blocks)")
+    if context.shape[axis] < 1:
+        raise UsageError("the context needs at least one frame")
     for name, acts in (("actions", actions), ("context_actions", context_actions)):
         if acts is None:
             continue
