@@ -1,5 +1,7 @@
 """The built-in default job: for every registered plan, save a tiny random checkpoint, convert it,
-load it back and verify it, against the unconverted model as a negative control. No downloads."""
+load it back and verify it, against the unconverted model as a negative control; then, as a world
+model (per-frame timesteps + an action adapter), roll it out with streaming caches and with full
+recomputation and compare the frames. No downloads."""
 
 from __future__ import annotations
 
@@ -31,8 +33,39 @@ def demo_family(plan, workdir: Path, frames: int = DEFAULT_FRAMES, seed: int = 0
         "unconverted_culprit": f"{culprit['path']} ({culprit['class']})" if culprit else None,
         "converted_max_leak": after.max_leak,
         "causal": after.passed and not before.passed,
+        "rollout": demo_rollout(plan, seed),
         "seconds": round(time.perf_counter() - t0, 2),
     }
+
+
+def demo_rollout(plan, seed: int = 0) -> dict[str, Any] | None:
+    """Streaming vs full-recomputation rollout of the tiny world model (3 frames through a window
+    of 3, 2 steps, guidance 2.5): the max abs difference of the frames, or why it cannot stream."""
+    import torch
+
+    from causalize.api import convert_model
+    from causalize.rollout import RolloutConfig, rollout
+    from causalize.world_model import WorldModel
+
+    if plan.conditioning is None or plan.layout.block_size != 1:
+        return None
+    model = plan.build_tiny(seed)
+    convert_model(model, plan, f"{plan.pipeline},frame-conditioning{{action_dim=2}}")
+    wm = WorldModel(model, plan)
+    with torch.no_grad():  # zero-initialised layers (the adapter's last one) would hide the actions
+        gen = torch.Generator().manual_seed(seed)
+        for p in wm.parameters():
+            if not p.abs().sum():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    context = plan.make_inputs(model, 2, torch.Generator().manual_seed(seed))[plan.conditioning.sample_arg]
+    actions = torch.randn(1, 3, 2, generator=torch.Generator().manual_seed(seed + 1))
+    config = RolloutConfig(steps=2, window=3)
+    full = rollout(wm, context, actions, config=RolloutConfig(**{**config.to_json(), "cache": False}))
+    if plan.streaming is None:
+        return {"streaming": False, "full_frame_passes": full.frame_passes}
+    streamed = rollout(wm, context, actions, config=config)
+    return {"streaming": True, "max_abs_diff": float((streamed.frames - full.frames).abs().max()),
+            "frame_passes": streamed.frame_passes, "full_frame_passes": full.frame_passes}
 
 
 def run_demo(workdir: str | Path | None = None, frames: int = DEFAULT_FRAMES, progress: Progress | None = None) -> list[dict[str, Any]]:

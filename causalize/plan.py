@@ -91,6 +91,9 @@ class Conditioning:
     extra_kwargs: tuple[tuple[str, Any], ...] = ()
     # delta mode: modulation module classes swapped for per-frame twins (frame_modulation.TWINS)
     modulation: tuple[str, ...] = ()
+    # inputs the model's forward broadcasts over the batch itself (Cosmos' padding_mask is
+    # repeated by batch_size inside the forward): callers keep them at batch 1
+    unbatched: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -490,8 +490,10 @@ def demo(
     """Convert and verify a tiny locally generated checkpoint of every supported family.
 
     For each registered plan: build a tiny random model, save it, verify it (the negative control:
-    it must leak), convert it, load it back and verify again (it must be causal). Nothing is
-    downloaded; it takes seconds on a CPU.
+    it must leak), convert it, load it back and verify again (it must be causal). Then, as a
+    world model with an action adapter, roll it out with streaming caches and with full
+    recomputation: the "stream = full" column is the max abs difference of the generated frames
+    ("full only" where the plan cannot stream). Nothing is downloaded; it takes a minute on a CPU.
 
     \b
     Example:
@@ -505,22 +507,36 @@ def demo(
         from causalize.demo import run_demo
 
         rows = run_demo(workdir, frames=_frames(frames), progress=_progress)
-    ok = all(r["causal"] for r in rows)
+    ok = all(r["causal"] and _rollout_ok(r["rollout"]) for r in rows)
     if as_json:
         _emit_json({"rows": rows, "passed": ok})
     else:
-        t = _table("causalize demo", "plan", "class", "params", "sites per pass", "leak before", "leak after", "verdict", "leaking module before")
+        t = _table("causalize demo", "plan", "class", "params", "sites per pass", "leak before", "leak after", "verdict",
+                   "stream = full", "leaking module before")
         for r in rows:
             t.add_row(
                 r["plan"], r["model_class"], f"{r['parameters']:,}",
                 ", ".join(f"{k.removeprefix('causal-')} {n}" for k, n in r["sites"].items()),
                 f"{r['unconverted_max_leak']:.3g}", f"{r['converted_max_leak']:.3g}",
-                "[green]causal[/]" if r["causal"] else "[red]FAIL[/]", escape(r["unconverted_culprit"] or "-"),
+                "[green]causal[/]" if r["causal"] else "[red]FAIL[/]", _rollout_cell(r["rollout"]),
+                escape(r["unconverted_culprit"] or "-"),
             )
         out.print(t)
     if not ok:
         err.print("[red]some families are not causal after conversion[/]")
     raise typer.Exit(EXIT_OK if ok else EXIT_LEAK)
+
+
+def _rollout_ok(r: dict | None) -> bool:
+    return r is None or not r["streaming"] or r["max_abs_diff"] <= 1e-5
+
+
+def _rollout_cell(r: dict | None) -> str:
+    if r is None:
+        return "-"
+    if not r["streaming"]:
+        return "full only"
+    return f"{r['max_abs_diff']:.1e}" if _rollout_ok(r) else f"[red]{r['max_abs_diff']:.1e}[/]"
 
 
 @app.command()

@@ -136,7 +136,7 @@ PLAN = Plan(
     # SiLU -> linear_2 (as Wan's reaches its modulation through time_proj).
     conditioning=Conditioning(
         embedding="time_embed.t_embedder.linear_1", mode="per-token", sample_arg="hidden_states",
-        model_timesteps=model_timesteps,
+        model_timesteps=model_timesteps, unbatched=("padding_mask",),
     ),
     tokens=tokens,
     description="NVIDIA Cosmos 1.0 / 2.5 world-model DiT (text/video-to-world)",

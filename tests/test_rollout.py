@@ -328,3 +328,15 @@ def test_block_causal_plans_are_refused_with_a_reason():
     ctx = plan.make_inputs(model, 2 * plan.layout.block_size, torch.Generator().manual_seed(0))[plan.conditioning.sample_arg]
     with pytest.raises(UsageError, match="block by"):
         rollout(wm, ctx, torch.randn(1, 2, 2), config=RolloutConfig(steps=2, cache=False))
+
+
+@pytest.mark.parametrize("name", [p.name for p in registries().plans if p.conditioning is not None and p.layout.block_size == 1])
+def test_every_plan_rolls_out_with_full_recomputation(name):
+    """Every frame-causal plan rolls out (guided: both branches batched), e.g. Cosmos' unbatched
+    padding mask and Latte's learned-variance output."""
+    wm = _world_model(name)
+    out = rollout(wm, _context(wm), _actions(2), config=RolloutConfig(steps=2, window=3, cache=False))
+    ctx = _context(wm)
+    axis = wm.plan.layout.inputs[wm.plan.conditioning.sample_arg]
+    assert out.frames.shape[axis] == 2 and out.frames.shape[:axis] == ctx.shape[:axis]
+    assert torch.isfinite(out.frames).all()

@@ -315,6 +315,7 @@ class RolloutSession:
         return self.schedule.q_sample(frame, noise, ts, self.axis)
 
     def _to_v(self, out: torch.Tensor, x: torch.Tensor, level: int) -> torch.Tensor:
+        out = _mean_prediction(out, x)
         if self.prediction == "v":
             return out
         copies = out.shape[0] // x.shape[0]
@@ -396,6 +397,17 @@ def rollout(
     if not frames:
         raise UsageError("no actions: nothing to generate")
     return session.result(frames)
+
+
+def _mean_prediction(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The model output that matches the sample: models with learned variance (Latte, out_channels
+    = 2·in_channels) return [prediction ; variance] on the channel axis, as diffusers' pipelines
+    read it (`chunk(2, dim=1)[0]`)."""
+    if out.shape[1:] == x.shape[1:]:
+        return out
+    if out.ndim == x.ndim and out.shape[1] == 2 * x.shape[1] and out.shape[2:] == x.shape[2:]:
+        return out[:, : x.shape[1]]
+    raise UsageError(f"the model returns {tuple(out.shape[1:])} per sample for a sample of {tuple(x.shape[1:])}")
 
 
 def _as_rows(actions: torch.Tensor) -> list[torch.Tensor]:

@@ -460,7 +460,9 @@ def conditioning_kwargs(
         elif torch.is_tensor(value) and value.is_floating_point() and not _keeps_value(name):
             value = torch.zeros_like(value)
         if torch.is_tensor(value):
-            if folded:
+            if name in cond.unbatched:
+                pass  # the model's forward repeats it over the batch itself
+            elif folded:
                 value = value.repeat(batch, *([1] * (value.ndim - 1)))
             elif value.ndim >= 1 and value.shape[0] == 1:
                 value = value.expand(batch, *value.shape[1:]).contiguous()
