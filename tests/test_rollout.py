@@ -24,10 +24,11 @@ ACTION_DIM = 3
 STREAMING_PLANS = [p.name for p in registries().plans if p.streaming is not None]
 
 
-def _world_model(name: str, action_type: str = "continuous", seed: int = 0) -> WorldModel:
+def _world_model(name: str, action_type: str = "continuous", seed: int = 0, pipeline: str | None = None) -> WorldModel:
     plan = registries().plans.get(name)
     model = plan.build_tiny(seed)
-    convert_model(model, plan, f"{plan.pipeline},frame-conditioning{{action_dim={ACTION_DIM},action_type={action_type}}}")
+    pipeline = pipeline or plan.pipeline
+    convert_model(model, plan, f"{pipeline},frame-conditioning{{action_dim={ACTION_DIM},action_type={action_type}}}")
     wm = WorldModel(model, plan)
     # Zero-initialised layers (the adapter's last layer, UNet3D's last temporal conv of each
     # TemporalConvLayer: identity at init) would hide whatever they carry: give them weights,
@@ -275,25 +276,12 @@ def test_a_plan_without_streaming_says_to_recompute():
         Stream(model, plan)
 
 
-def _cumulative_unet(seed: int = 0) -> WorldModel:
-    plan = registries().plans.get("unet3d")
-    model = plan.build_tiny(seed)
-    pipeline = plan.pipeline.replace("causal-norm", "causal-norm{mode=cumulative}")
-    convert_model(model, plan, f"{pipeline},frame-conditioning{{action_dim={ACTION_DIM}}}")
-    wm = WorldModel(model, plan)
-    torch.manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in wm.parameters():
-            if not p.abs().sum():
-                p.normal_(0, 0.3)
-    return wm
-
-
 def test_cumulative_norms_stream_with_running_statistics():
     """Cumulative causal norms carry (Σ means, Σ variances + Chan terms, frame-0 shift) across
     calls: streaming equals full recomputation; without the carry (each call normalising by its
     own frames) it does not."""
-    wm = _cumulative_unet()
+    pipeline = registries().plans.get("unet3d").pipeline.replace("causal-norm", "causal-norm{mode=cumulative}")
+    wm = _world_model("unet3d", pipeline=pipeline)
     config = RolloutConfig(steps=2, window=4, guidance_scale=2.5)
     ctx, actions = _context(wm), _actions(5)
     full = rollout(wm, ctx, actions, config=RolloutConfig(**{**config.to_json(), "cache": False}))

@@ -23,7 +23,7 @@ import torch
 
 from causalize.errors import CausalizeError
 from causalize.layout import causal_block_allowed
-from causalize.modules.block_attention import BlockCausalAttnProcessor, sdpa_scope, token_frame_ids
+from causalize.modules.block_attention import BlockCausalAttnProcessor, sdpa_scope
 from causalize.modules.frame_attention import CausalFrameAttnProcessor
 from causalize.modules.wrapping import AdvertisedCall
 
@@ -151,15 +151,7 @@ class StreamingAttnProcessor:
     def _frame_ids(self, hidden_states, encoder_hidden_states, offset: int) -> torch.Tensor:
         if isinstance(self.causal, CausalFrameAttnProcessor):  # the sequence axis is frames
             return torch.arange(hidden_states.shape[1], device=hidden_states.device) + offset
-        causal = self.causal
-        grid = self.context.current()
-        length = hidden_states.shape[1]
-        if causal.joint and encoder_hidden_states is not None:
-            length += encoder_hidden_states.shape[1]
-        context_len = length - grid.video_tokens
-        if context_len < 0 or (context_len > 0 and causal.position == "none"):
-            causal._misfit(length, grid)
-        fid = token_frame_ids(grid, context_len, causal.position, hidden_states.device)
+        fid = self.causal._frame_ids(hidden_states, encoder_hidden_states)
         return torch.where(fid >= 0, fid + offset, fid)
 
     def __repr__(self) -> str:
