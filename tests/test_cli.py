@@ -18,6 +18,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from cli_helpers import assert_one_line_error
+
 from causalize.cli.app import app, main
 
 CONFIG, WEIGHTS = "config.json", "diffusion_pytorch_model.safetensors"
@@ -33,33 +35,11 @@ def as_json(result) -> dict:
     return json.loads(result.stdout)
 
 
-def assert_one_line_error(result, code: int, *needles: str) -> None:
-    """Exit `code`; stderr is exactly `error: ...` plus at most a `hint: ...`; no traceback anywhere."""
-    assert result.exit_code == code, (result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
-    assert lines[-1].startswith(("error: ", "hint: ")), result.stderr
-    err_lines = [ln for ln in lines if ln.startswith("error: ")]
-    assert len(err_lines) == 1, result.stderr
-    assert lines.index(err_lines[0]) >= len(lines) - 2, result.stderr
-    assert "Traceback" not in result.output
-    for needle in needles:
-        assert needle in result.stderr, (needle, result.stderr)
-
-
 def snapshot(directory: Path) -> dict[str, tuple[str, int]]:
     return {
         str(p.relative_to(directory)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
         for p in sorted(directory.rglob("*")) if p.is_file()
     }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is faster and does not thrash a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

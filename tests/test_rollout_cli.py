@@ -16,6 +16,8 @@ import torch
 from typer.testing import CliRunner
 
 from causalize.api import convert
+from cli_helpers import assert_one_line_error
+
 from causalize.cli.app import app
 from causalize.plugin_manager import registries
 
@@ -27,24 +29,6 @@ FAST = ("--steps", "2", "--window", "4")
 
 def cli(*args: object):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_one_line_error(result, code: int, *needles: str) -> None:
-    assert result.exit_code == code, (result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
-    errors = [ln for ln in lines if ln.startswith("error: ")]
-    assert len(errors) == 1 and lines[-1].startswith(("error: ", "hint: ")), result.stderr
-    assert len(lines) <= 2 and "Traceback" not in result.output, result.stderr
-    for needle in needles:
-        assert needle in result.stderr, (needle, result.stderr)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -48,14 +48,6 @@ def _world_model(action_type: str, channels: int = 3, randomize: bool = True) ->
     return wm
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def discrete():
     return _world_model("discrete")
