@@ -113,6 +113,16 @@ class Streaming:
         the offset to them.
     pe_tables: class names of modules that add `self.pe[:, :F]` (a sinusoidal table, AnimateDiff's
         motion modules); streaming makes them read rows offset..offset+F−1.
+
+    positions: more modules offset exactly like `rope` (each with its own axes), e.g. Cosmos'
+        learnable absolute position embedding next to its RoPE. A path the model does not have
+        (a config without that embedding) is skipped.
+    caller_positions: forward arguments that carry positions the *caller* computed for the whole
+        clip (CogVideoX's and Allegro's `image_rotary_emb`, built by their pipelines). Streaming
+        cannot offset them, so a streaming call that passes one (not None) is refused.
+    hooks: plugin functions `install(model, stream)` called once when streaming is installed, for
+        model-specific position offsets (CogVideoX's sincos patch positions, Latte's frame table);
+        what they register must read `stream.context.stream` and be inert outside a streaming call.
     """
 
     rope: str = ""
@@ -121,6 +131,22 @@ class Streaming:
     rope_frames_arg: int | None = None
     frame_index: tuple[str, ...] = ()
     pe_tables: tuple[str, ...] = ()
+    positions: tuple["OffsetPositions", ...] = ()
+    caller_positions: tuple[str, ...] = ()
+    hooks: tuple[Callable[["nn.Module", Any], None], ...] = ()
+
+
+@dataclass(frozen=True)
+class OffsetPositions:
+    """A position module offset during streaming like `Streaming.rope`: its forward reads only the
+    shape of its first argument (frames on `frame_axis`), or takes the frame count as argument
+    `frames_arg`, and returns per-token tensors (or a tuple of them) with tokens on `token_axis`,
+    frame-major."""
+
+    path: str
+    frame_axis: int = 2
+    token_axis: int = 1
+    frames_arg: int | None = None
 
 
 InputsFactory = Callable[["nn.Module", int, "torch.Generator"], dict[str, Any]]

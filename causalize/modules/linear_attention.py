@@ -199,3 +199,87 @@ class BlockCausalLinearAttnProcessor:
 
     def __repr__(self) -> str:
         return f"BlockCausalLinearAttnProcessor(block_size={self.block_size})"
+
+
+# --- streaming (METHOD.md §10): the running sums are the cache -----------------------------------
+
+def _tiled_state(state: LinearAttnState, batch: int) -> LinearAttnState:
+    """The cached sums for a call of `batch` samples: a multiple of the cache batch (both guidance
+    branches batched in one call) sees the cache tiled."""
+    cached = state.kv.shape[0]
+    if cached == batch:
+        return state
+    if batch % cached:
+        raise CausalizeError(f"a call of batch {batch} cannot share a linear-attention cache of batch {cached}")
+    reps = batch // cached
+    return LinearAttnState(state.kv.repeat(reps, 1, 1, 1), state.ksum.repeat(reps, 1, 1))
+
+
+class LinearAttnCache:
+    """The streaming state of one linear-attention module: the running sums over every cached frame."""
+
+    def __init__(self) -> None:
+        self.state: LinearAttnState | None = None
+        self.frames = 0
+
+    @property
+    def length(self) -> int:
+        return self.frames
+
+    def nbytes(self) -> int:
+        if self.state is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in (self.state.kv, self.state.ksum))
+
+
+class StreamingLinearAttnProcessor:
+    """Wraps a BlockCausalLinearAttnProcessor: outside a streaming call it is that processor; inside
+    one, the call's frames continue the prefix sums of the cached frames (`LinearAttnState`), so a
+    query of the current frame reads exactly the sums a full-window call gives it. "write" calls
+    (history) store the sums after their last frame; "read" calls (denoising steps) leave them.
+
+    With block_size b > 1 a call must start on a block boundary (the cached frames a multiple of b):
+    a block's queries read sums that include the block's later frames."""
+
+    def __init__(self, causal: BlockCausalLinearAttnProcessor, context: FrameContext):
+        if not isinstance(causal, BlockCausalLinearAttnProcessor):
+            raise CausalizeError(f"cannot stream through {type(causal).__name__}")
+        self.causal = causal
+        self.context = context
+        self.cache = LinearAttnCache()
+
+    @property
+    def block_size(self) -> int:
+        return self.causal.block_size
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        stream = self.context.stream
+        if stream is None or encoder_hidden_states is not None:
+            return self.causal(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        if stream.offset % self.block_size:
+            raise CausalizeError(f"a streaming call starting at frame {stream.offset} splits a block of {self.block_size} frames")
+        if self.cache.frames != stream.offset:
+            raise CausalizeError(f"linear attention has sums of {self.cache.frames} frames for a streaming call at frame {stream.offset}")
+        dtype = hidden_states.dtype
+        f = features(attn, hidden_states, None, rotary_emb)
+        grid = self.context.current()
+        if hidden_states.shape[1] != grid.video_tokens:
+            raise CausalizeError(
+                f"linear attention over {hidden_states.shape[1]} tokens does not fit {grid.frames} frames x {grid.per_frame} tokens",
+                "the plan's token layout is wrong for this model: fix its `tokens` function",
+            )
+        state = None if self.cache.state is None else _tiled_state(self.cache.state, hidden_states.shape[0])
+        out, final = block_causal_linear_attention(f, grid.frames, self.block_size, state)
+        if stream.mode == "write":
+            if self.cache.state is not None and self.cache.state.kv.shape[0] != hidden_states.shape[0]:
+                raise CausalizeError(f"history written with batch {hidden_states.shape[0]}, "
+                                     f"the cache holds batch {self.cache.state.kv.shape[0]}")
+            self.cache.state = LinearAttnState(final.kv.detach(), final.ksum.detach())
+            self.cache.frames += grid.frames
+        out = out.transpose(1, 2).flatten(2).to(dtype)
+        out = attn.to_out[0](out)
+        return attn.to_out[1](out)
+
+    def __repr__(self) -> str:
+        return f"StreamingLinearAttnProcessor({self.causal!r})"

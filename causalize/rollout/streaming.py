@@ -6,9 +6,10 @@
 |---|---|---|
 | causal temporal conv | the last (k−1)·d input frames | an instance override of `_pad_time` |
 | cumulative causal norm | running Σ of per-frame means and variances, the frame-0 shift | an instance override of `_cumulative` |
-| causal / block-causal attention | keys and values of history tokens | `StreamingAttnProcessor` |
+| causal / block-causal attention | keys and values of history tokens (one cache per sample for per-sample SDPA loops) | `StreamingAttnProcessor` |
+| block-causal linear attention | running sums Σ v ⊗ R(φ(k)), Σ φ(k) over the cached frames | `StreamingLinearAttnProcessor` |
 | per-frame norm, spatial ops, FFN, AdaLN | none | — |
-| temporal positions (RoPE, frame-index embeddings, sinusoidal tables) | none: offset by the frames already cached | hooks named by plan.streaming |
+| temporal positions (RoPE, absolute embeddings, frame-index embeddings, sinusoidal tables) | none: offset by the frames already cached | hooks named by plan.streaming |
 
 Outside a `Stream` call every hook is inert: the model computes exactly what it did before.
 Inside, a call either *writes* history (`stream.write(...)`: prefill a window, or append the
@@ -37,9 +38,11 @@ from causalize.modules.causal_conv import is_causal_conv
 from causalize.modules.causal_norm import CausalGroupNorm
 from causalize.modules.frame_attention import CausalFrameAttnProcessor
 from causalize.modules.kv_cache import StreamingAttnProcessor
-from causalize.plan import Plan
+from causalize.modules.linear_attention import BlockCausalLinearAttnProcessor, StreamingLinearAttnProcessor
+from causalize.plan import OffsetPositions, Plan
 
 STREAM_ATTR = "_causalize_stream"
+OFFSET_ATTR = "_causalize_offset_positions"
 
 
 @dataclass
@@ -77,6 +80,9 @@ class Stream:
         self._install_norms()
         self._install_rope()
         self._install_frame_positions()
+        self._install_caller_positions_check()
+        for install in plan.streaming.hooks:
+            install(model, self)
 
     @classmethod
     def of(cls, model: nn.Module, plan: Plan) -> "Stream":
@@ -92,24 +98,24 @@ class Stream:
         if self.plan.layout.block_size != 1:
             raise UsageError(f"plan '{self.plan.name}' is causal over blocks of {self.plan.layout.block_size} frames",
                              "block-by-block streaming is not implemented: use cache=False")
-        for name, m in self.model.named_modules():
-            processor = getattr(m, "processor", None)
-            if isinstance(processor, BlockCausalAttnProcessor) and processor.mask_format == "sdpa-scope":
-                raise UsageError(f"{name}: a per-sample attention loop (sdpa-scope) cannot share one KV cache",
-                                 "use cache=False")
 
     # --- installation ------------------------------------------------------------------------
 
-    def _install_attention(self) -> list[StreamingAttnProcessor]:
+    def _install_attention(self) -> list[StreamingAttnProcessor | StreamingLinearAttnProcessor]:
         installed = []
         for _, m in self.model.named_modules():
             processor = getattr(m, "processor", None)
-            if isinstance(processor, StreamingAttnProcessor):
+            if isinstance(processor, (StreamingAttnProcessor, StreamingLinearAttnProcessor)):
                 installed.append(processor)
-            elif isinstance(processor, (CausalFrameAttnProcessor, BlockCausalAttnProcessor)):
+                continue
+            if isinstance(processor, (CausalFrameAttnProcessor, BlockCausalAttnProcessor)):
                 wrapper = StreamingAttnProcessor(processor, self.context)
-                m.set_processor(wrapper) if hasattr(m, "set_processor") else setattr(m, "processor", wrapper)
-                installed.append(wrapper)
+            elif isinstance(processor, BlockCausalLinearAttnProcessor):
+                wrapper = StreamingLinearAttnProcessor(processor, self.context)
+            else:
+                continue
+            m.set_processor(wrapper) if hasattr(m, "set_processor") else setattr(m, "processor", wrapper)
+            installed.append(wrapper)
         return installed
 
     def _install_convs(self) -> None:
@@ -125,11 +131,29 @@ class Stream:
                 object.__setattr__(m, STREAM_ATTR, self)
 
     def _install_rope(self) -> None:
-        path = self.plan.streaming.rope
-        if path:
-            rope = self.model.get_submodule(path)
-            object.__setattr__(rope, STREAM_ATTR, self)
-            rope.register_forward_hook(_offset_rope, with_kwargs=True)
+        spec = self.plan.streaming
+        if spec.rope:
+            rope = OffsetPositions(spec.rope, spec.rope_frame_axis, spec.rope_token_axis, spec.rope_frames_arg)
+            self._install_offset(self.model.get_submodule(spec.rope), rope)
+        for positions in spec.positions:
+            try:
+                module = self.model.get_submodule(positions.path)
+            except AttributeError:  # this config has no such embedding (e.g. Cosmos without the learnable one)
+                continue
+            if isinstance(module, nn.Module):
+                self._install_offset(module, positions)
+
+    def _install_offset(self, module: nn.Module, positions: OffsetPositions) -> None:
+        if OFFSET_ATTR in vars(module):
+            return
+        object.__setattr__(module, STREAM_ATTR, self)
+        object.__setattr__(module, OFFSET_ATTR, positions)
+        module.register_forward_hook(_offset_rope, with_kwargs=True)
+
+    def _install_caller_positions_check(self) -> None:
+        names = self.plan.streaming.caller_positions
+        if names:
+            self.model.register_forward_pre_hook(_refuse_caller_positions(self, names), with_kwargs=True)
 
     def _install_frame_positions(self) -> None:
         spec = self.plan.streaming
@@ -227,14 +251,14 @@ def _offset_rope(module: nn.Module, args, kwargs, output):
     state = stream.context.stream
     if state is None or state.offset == 0 or getattr(module, "_causalize_busy", False):
         return None
-    spec = stream.plan.streaming
+    spec: OffsetPositions = getattr(module, OFFSET_ATTR)
     args = list(args)
-    if spec.rope_frames_arg is None:
+    if spec.frames_arg is None:
         shape = list(args[0].shape)
-        shape[spec.rope_frame_axis] += state.offset
+        shape[spec.frame_axis] += state.offset
         args[0] = args[0].new_empty(1).expand(shape)
     else:
-        args[spec.rope_frames_arg] = args[spec.rope_frames_arg] + state.offset
+        args[spec.frames_arg] = args[spec.frames_arg] + state.offset
     object.__setattr__(module, "_causalize_busy", True)
     try:
         longer = module(*args, **kwargs)
@@ -242,12 +266,32 @@ def _offset_rope(module: nn.Module, args, kwargs, output):
         object.__setattr__(module, "_causalize_busy", False)
 
     def tail(full, short):
-        n = short.shape[spec.rope_token_axis]
-        return full.narrow(spec.rope_token_axis, full.shape[spec.rope_token_axis] - n, n)
+        n = short.shape[spec.token_axis]
+        return full.narrow(spec.token_axis, full.shape[spec.token_axis] - n, n)
 
     if isinstance(output, tuple):
         return tuple(tail(f, s) for f, s in zip(longer, output))
     return tail(longer, output)
+
+
+def _refuse_caller_positions(stream: Stream, names: tuple[str, ...]):
+    """A root pre-hook: a streaming call must not carry positions its caller computed for a whole clip."""
+    from causalize.context import _bound_arguments
+
+    def hook(module, args, kwargs):
+        if stream.context.stream is None:
+            return None
+        given = _bound_arguments(module, args, kwargs)
+        passed = [n for n in names if given.get(n) is not None]
+        if passed:
+            raise UsageError(
+                f"{type(module).__name__} was passed {', '.join(passed)}: positions its caller computed for a whole "
+                "clip, which a streaming call (one frame, at a global offset) cannot offset",
+                "leave it out (the rollout builds none), or use full recomputation (cache=False)",
+            )
+        return None
+
+    return hook
 
 
 def _offset_frame_index(module: nn.Module, args):
