@@ -28,7 +28,7 @@ import torch
 from causalize.context import TokenGrid
 from causalize.hookspecs import hookimpl
 from causalize.layout import FrameLayout
-from causalize.plan import Conditioning, Plan, Targets
+from causalize.plan import Conditioning, Plan, Streaming, Targets
 from causalize.plugins.common import mid_timestep, randn
 
 
@@ -68,11 +68,17 @@ PLAN = Plan(
         embedding="adaln_single.emb.timestep_embedder", time_proj="adaln_single.emb.time_proj",
         sample_arg="hidden_states", modulation=("PixArtAlphaCombinedTimestepSizeEmbeddings",),
     ),
+    # The patch embedding adds no positions (pos_embed_type=None): Allegro's only positions are the
+    # 3-D RoPE its pipeline passes as image_rotary_emb for the whole clip; the rollout passes none
+    # and a streaming call that gets one is refused. The video key-padding bias is cached with the keys.
+    streaming=Streaming(caller_positions=("image_rotary_emb",)),
     tokens=tokens,
     description="Allegro text-to-video DiT: full 3-D self-attention (attn1) -> block-causal; attn2 is cross-attention to text",
     notes=(
         "the video key-padding mask of forward() (attention_mask) is kept: the causal bias is added to it",
         "3-D RoPE (image_rotary_emb) is computed by the pipeline; the example inputs leave it out (RoPE never mixes frames)",
+        "streaming rollout: without image_rotary_emb the model has no positions to offset (a streaming call passed one is "
+        "refused); the video key-padding bias of the history keys is cached with them",
         "per-frame timesteps: adaln_single.emb returns a FrameTensor, so the inline AdaLN-single modulation of every "
         "block and of the final layer is per frame",
     ),

@@ -14,11 +14,13 @@ so no attention mask can separate them (pitfall 8). Its plan is block-causal ove
 
 from __future__ import annotations
 
+import torch
+
 from causalize.context import TokenGrid
 from causalize.errors import UsageError
 from causalize.hookspecs import hookimpl
 from causalize.layout import FrameLayout
-from causalize.plan import Conditioning, Plan, Targets
+from causalize.plan import Conditioning, Plan, Streaming, Targets
 from causalize.plugins.common import mid_timestep, randn
 
 TARGETS = Targets(paths=("transformer_blocks.*.attn1",), context="prefix", joint=True, mask_format="heads3d")
@@ -82,6 +84,56 @@ def make_inputs(model, frames, gen):
     return inputs
 
 
+def offset_sincos_positions(model, stream) -> None:
+    """Streaming: the patch embedding's sincos frame positions for frames offset..offset+F−1.
+
+    With `use_rotary_positional_embeddings=False` (CogVideoX-2b) `CogVideoXPatchEmbed` adds a 3-D
+    sincos table to [text ; video] whose frame rows restart at 0 on every call (the text rows are
+    zeros). In a streaming call at offset o it runs on o zero frames followed by the call's F frames
+    (the table of o + F frames, whose rows depend only on the frame index), and the hook keeps the
+    text tokens and the last F frames' tokens: each is the frame's own projection plus row o + t, as
+    in a full-window call. Learned position tables (CogVideoX-5b-I2V) are tied to `sample_frames`
+    and refused; RoPE passed by the caller (`image_rotary_emb`) is refused by `caller_positions`.
+    """
+    embed = model.patch_embed
+
+    def active(module):
+        state = stream.context.stream
+        if state is None or not (module.use_positional_embeddings or module.use_learned_positional_embeddings):
+            return None
+        if module.use_learned_positional_embeddings:
+            raise UsageError(
+                "this CogVideoX model has learned position embeddings, tied to its sample_frames: streaming cannot "
+                "offset them",
+                "use full recomputation (cache=False)",
+            )
+        if module.patch_size_t is not None:
+            raise UsageError("streaming CogVideoX with patch_size_t > 1 is not supported", "use cache=False")
+        return state if state.offset else None
+
+    def pad_frames(module, args):
+        state = active(module)
+        if state is None:
+            return None
+        text, image = args
+        pad = image.new_zeros(image.shape[0], state.offset, *image.shape[2:])
+        return text, torch.cat([pad, image], dim=1)
+
+    def keep_last_frames(module, args, output):
+        state = active(module)
+        if state is None:
+            return None
+        text, image = args
+        frames = image.shape[1]  # offset + F (padded by pad_frames)
+        video = output.shape[1] - text.shape[1]
+        per_frame = video // frames
+        skip = text.shape[1] + state.offset * per_frame
+        return torch.cat([output[:, : text.shape[1]], output[:, skip:]], dim=1)
+
+    embed.register_forward_pre_hook(pad_frames)
+    embed.register_forward_hook(keep_last_frames)
+
+
 _TINY = dict(
     num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=2, text_embed_dim=8,
     num_layers=2, sample_width=8, sample_height=8, sample_frames=13, patch_size=2, patch_size_t=None,
@@ -95,6 +147,11 @@ _COMMON_NOTES = (
     "RoPE / sincos frame positions restart at 0 on every call: streaming needs global offsets",
 )
 
+# Streaming (1.0): the sincos patch positions are offset by a hook; RoPE can only come from the
+# caller (`image_rotary_emb`, built by the pipeline for a whole clip): a streaming call that gets
+# it is refused. Without it (what the rollout and the trainer pass) RoPE models have no positions.
+STREAMING = Streaming(caller_positions=("image_rotary_emb",), hooks=(offset_sincos_positions,))
+
 PLAN = Plan(
     name="cogvideox",
     model_class="CogVideoXTransformer3DModel",
@@ -106,9 +163,15 @@ PLAN = Plan(
     make_inputs=make_inputs,
     tokens=_tokens_for("cogvideox", 1, "cogvideox15"),
     conditioning=CONDITIONING,
+    streaming=STREAMING,
     accepts=lambda config: (config.get("patch_size_t") or 1) == 1,
     description="CogVideoX 1.0 text/image-to-video DiT (patch_size_t=None): one token frame per latent frame, frame-causal",
-    notes=_COMMON_NOTES,
+    notes=(
+        *_COMMON_NOTES,
+        "streaming rollout: sincos patch positions (use_rotary_positional_embeddings=False) are offset by the cached "
+        "frame count; a streaming call given image_rotary_emb is refused (the caller's positions restart at 0), "
+        "and so are learned position tables (tied to sample_frames)",
+    ),
 )
 
 PLAN_15 = Plan(

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from causalize.errors import CausalizeError
 from causalize.hookspecs import hookimpl
 from causalize.layout import FrameLayout
-from causalize.plan import Conditioning, Plan, Targets, default_forward
+from causalize.plan import Conditioning, OffsetPositions, Plan, Streaming, Targets, default_forward
 from causalize.plugins.common import patch3d_tokens as tokens, mid_timestep, randn
 
 _COSMOS_MODULE = "diffusers.models.transformers.transformer_cosmos"
@@ -138,6 +138,10 @@ PLAN = Plan(
         embedding="time_embed.t_embedder.linear_1", mode="per-token", sample_arg="hidden_states",
         model_timesteps=model_timesteps, unbatched=("padding_mask",),
     ),
+    # RoPE: `rope(hidden_states, fps=...)` returns (cos, sin) of (T·H·W, D), tokens on axis 0; the
+    # learnable embedding returns (B, T·H·W, D). Both read only the shape of hidden_states (frames
+    # on axis 2; hidden_states there already carries the padding-mask channel).
+    streaming=Streaming(rope="rope", rope_token_axis=0, positions=(OffsetPositions("learnable_pos_embed", token_axis=1),)),
     tokens=tokens,
     description="NVIDIA Cosmos 1.0 / 2.5 world-model DiT (text/video-to-world)",
     notes=(
@@ -148,7 +152,7 @@ PLAN = Plan(
         "(B, 1, T, H, W): both enter as channels of the per-token patch embedding only, so frame t's mask reaches "
         "frame t's tokens only; the conditioning (first) frames are past frames and stay visible to later ones",
         "RoPE frame indices and the learnable 3-D position embedding restart at frame 0 on every call (and the "
-        "learnable one is limited to max_size[0] frames): streaming needs global offsets",
+        "learnable one is limited to max_size[0] frames): streaming rollout offsets both by the cached frame count",
         "per-frame timesteps: timestep (B, 1, T, 1, 1) gives per-frame AdaLN (requires patch_size_t = 1); actions are "
         "added per frame to time_embed.t_embedder.linear_1's (B·T, D) output, upstream of the temb that enters every "
         "AdaLN modulation",

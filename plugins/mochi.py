@@ -30,7 +30,7 @@ from causalize.context import TokenGrid
 from causalize.hookspecs import hookimpl
 from causalize.layout import FrameLayout
 from causalize.modules.frame_modulation import frame_tensor, register_twin
-from causalize.plan import Conditioning, Plan, Targets
+from causalize.plan import Conditioning, Plan, Streaming, Targets
 from causalize.plugins.common import mid_timestep, randn
 
 
@@ -93,13 +93,18 @@ PLAN = Plan(
         embedding="time_embed.timestep_embedder", time_proj="time_embed.time_proj", sample_arg="hidden_states",
         modulation=("MochiRMSNormZero", "AdaLayerNormContinuous"),
     ),
+    # `rope(pos_frequencies, num_frames, height, width, ...)` returns (cos, sin) of (T·H·W, heads, ·);
+    # attention streams with one KV cache per sample (the processor's per-sample SDPA loop)
+    streaming=Streaming(rope="rope", rope_frames_arg=1, rope_token_axis=0),
     tokens=tokens,
     description="Mochi 1 text-to-video DiT (asymmetric joint attention, per-sample valid text)",
     notes=(
         "the processor calls SDPA per sample with no mask: masked through the sdpa-scope mode "
         "(torch.nn.functional.scaled_dot_product_attention is re-routed only during each attn1 call)",
         "the per-sample joint length is T·P + that sample's valid text; text is a suffix",
-        "RoPE positions restart at frame 0 on every call: streaming needs global offsets",
+        "RoPE positions restart at frame 0 on every call: streaming rollout offsets them by the cached frame count",
+        "streaming rollout keeps one KV cache per sample (each per-sample SDPA call of the loop attends to its sample's "
+        "cached video keys and its own valid text)",
         "per-frame timesteps: the video stream's norm1 and norm_out are per frame; the text stream keeps frame 0's "
         "timestep",
     ),

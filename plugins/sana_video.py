@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from causalize.hookspecs import hookimpl
 from causalize.layout import FrameLayout
-from causalize.plan import Conditioning, Plan, Targets
+from causalize.plan import Conditioning, Plan, Streaming, Targets
 from causalize.plugins.common import patch3d_tokens as tokens, mid_timestep, randn
 
 
@@ -53,13 +53,17 @@ PLAN = Plan(
     # AdaLayerNormSingle (guidance_embeds=False, the released configs); the guidance variant
     # (SanaCombinedTimestepGuidanceEmbeddings) has no `emb` and is refused by the pass
     conditioning=Conditioning(embedding="time_embed.emb.timestep_embedder", mode="per-token", sample_arg="hidden_states"),
+    # the linear attention streams its running sums, conv_temp its last 2 input frames (both
+    # installed by Stream for any plan); the Wan-style RoPE reads only the input's shape
+    streaming=Streaming(rope="rope"),
     tokens=tokens,
     description="Sana-Video text-to-video DiT (linear attention + temporal conv FFN)",
     notes=(
         "both passes are needed: causal conv_temp alone or block-causal linear attention alone still leaks",
         "attn2 is frame-local cross-attention to text and is left as is",
-        "RoPE frame indices restart at 0 on every call: streaming needs global offsets",
-        "the linear attention's running sums (LinearAttnState) are the streaming state; chunks must end on block boundaries",
+        "RoPE frame indices restart at 0 on every call: streaming rollout offsets them by the cached frame count",
+        "streaming rollout: the linear attention's running sums (LinearAttnState) are its cache (a call continues the "
+        "prefix sums of the cached frames; calls must start on block boundaries), conv_temp keeps its last 2 input frames",
         "per-token timesteps: timestep (B, T·P) gives per-token AdaLN natively; actions are added to "
         "time_embed.emb.timestep_embedder's (B·N, D) output; guidance_embeds=True models are not supported",
     ),
