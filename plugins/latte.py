@@ -35,7 +35,7 @@ import torch.nn as nn
 from causalize.context import TokenGrid
 from causalize.hookspecs import hookimpl
 from causalize.layout import FrameLayout
-from causalize.plan import Conditioning, Plan, Targets, default_forward
+from causalize.plan import Conditioning, Plan, Streaming, Targets, default_forward
 from causalize.plugins.common import mid_timestep, randn
 
 
@@ -61,6 +61,54 @@ def frame_count(model: nn.Module, frames: int) -> Iterator[None]:
         yield
     finally:
         model.temp_pos_embed = table
+
+
+def offset_frame_positions(model: nn.Module, stream: Any) -> None:
+    """Streaming: Latte's frame positions for frames offset..offset+F−1 of the window.
+
+    The stock forward adds `temp_pos_embed` before the first temporal block only when the call
+    has more than one frame (`num_frame > 1`), rows 0..F−1. In a streaming call:
+    - F > 1 frames at offset o: the table holds rows o..o+F−1 for the call (a root pre-hook swaps
+      it in after the plan's `forward` sized it, a root hook restores it);
+    - F = 1 frame (the current frame of a denoising step, or one appended history frame): the model
+      adds nothing, so a pre-hook on the first temporal block adds row o itself — the same
+      addition, at the same place, that a full-window call makes for that frame.
+    Rows depend on the frame index only (the sincos table), so they match a full-window call.
+    """
+    blocks = getattr(model, "temporal_transformer_blocks", None)
+    if not blocks:
+        return
+
+    def frames_of(args, kwargs) -> int:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return hidden.shape[2]
+
+    def swap(module, args, kwargs):
+        state = stream.context.stream
+        if state is None or state.offset == 0 or frames_of(args, kwargs) <= 1:
+            return None
+        table = module.temp_pos_embed
+        object.__setattr__(module, "_causalize_frame_table", table)
+        module.temp_pos_embed = temporal_positions(table, state.offset + frames_of(args, kwargs))[:, state.offset:]
+        return None
+
+    def restore(module, args, kwargs, output):
+        table = vars(module).pop("_causalize_frame_table", None)
+        if table is not None:
+            module.temp_pos_embed = table
+        return None
+
+    def add_single_frame(block, args):
+        state = stream.context.stream
+        hidden = args[0]
+        if state is None or hidden.shape[1] != 1:
+            return None
+        row = temporal_positions(model.temp_pos_embed, state.offset + 1)[:, state.offset:]
+        return (hidden + row.to(hidden.dtype), *args[1:])
+
+    model.register_forward_pre_hook(swap, with_kwargs=True)
+    model.register_forward_hook(restore, with_kwargs=True, always_call=True)
+    blocks[0].register_forward_pre_hook(add_single_frame)
 
 
 def forward(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
@@ -108,6 +156,7 @@ PLAN = Plan(
         embedding="adaln_single.emb.timestep_embedder", time_proj="adaln_single.emb.time_proj",
         sample_arg="hidden_states", modulation=("PixArtAlphaCombinedTimestepSizeEmbeddings",),
     ),
+    streaming=Streaming(hooks=(offset_frame_positions,)),
     tokens=tokens,
     description="Latte text-to-video DiT (alternating spatial and temporal blocks)",
     notes=(
@@ -115,7 +164,9 @@ PLAN = Plan(
         "temp_pos_embed is fixed to video_length frames; the plan's forward swaps in the table of the "
         "call's frame count (a slice of the same sincos table) so the checker can probe other lengths; "
         "the model called directly still needs F == video_length",
-        "absolute frame positions: streaming past video_length, or with a cache, needs global indices",
+        "absolute frame positions: streaming rollout gives each call the table rows of its global frames "
+        "(offset..offset+F−1, extended past video_length by the same sincos formula); a 1-frame call, to which the "
+        "stock forward adds no positions, gets its row added before the first temporal block",
         "per-frame timesteps: adaln_single.emb returns a FrameTensor, so the spatial blocks get per-frame rows, the "
         "temporal blocks per-frame tokens and the final layer per-frame rows; F == patches per frame is refused "
         "(ambiguous)",

@@ -200,12 +200,17 @@ class SampleKVCaches:
     def nbytes(self) -> int:
         return sum(c.nbytes() for c in self.samples)
 
+    def prepare_write(self, batch: int) -> None:
+        """Before a write call of `batch` samples: one cache per sample (the batch must not change)."""
+        if self.length and len(self.samples) != batch:
+            raise CausalizeError(f"history written with batch {batch}, the cache holds batch {len(self.samples)}")
+        while len(self.samples) < batch:
+            self.samples.append(KVCache())
+
     def for_sample(self, index: int, write: bool) -> KVCache:
         if write:
-            while len(self.samples) <= index:
-                if self.samples and self.samples[0].length:
-                    raise CausalizeError(f"history written with batch {index + 1}, the cache holds batch {len(self.samples)}")
-                self.samples.append(KVCache())
+            if index >= len(self.samples):
+                raise CausalizeError(f"self-attention call {index + 1} of a write call of batch {len(self.samples)}")
             return self.samples[index]
         if not self.samples:
             return KVCache()
@@ -284,6 +289,8 @@ class StreamingAttnProcessor:
     def _per_sample(self, stream, attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs):
         """A processor that loops over the batch and calls SDPA once per sample (sdpa-scope)."""
         grid = self.context.current()
+        if stream.mode == "write":
+            self.cache.prepare_write(hidden_states.shape[0])
         scope = PerSampleKVCacheScope(self.cache, grid, self.causal.position, stream.offset, self.causal.block_size,
                                       stream.mode == "write")
         with sdpa_scope(scope):
