@@ -1,0 +1,147 @@
+"""Rollout evaluation of a fine-tuned world model on held-out test episodes.
+
+A *segment* is ``context + horizon`` consecutive frames of a test episode. The model sees the
+``context`` real frames with the actions that produced them, then generates ``horizon`` frames
+autoregressively from actions: the real ones recorded in the episode, or (for action
+controllability, Vid2World Table 4) uniformly random ones drawn from the game's action set with a
+fixed seed. Every generated frame is scored against the real frame at the same step (PSNR, SSIM;
+``benchmarks.atari.metrics``), and the scores are summarised per horizon step.
+
+Alignment (EPISODES.md): stored ``actions[t]`` is executed after frame t and produces frame t+1. A
+segment starting at frame s therefore takes ``actions[s-1 : s+c-1]`` as its context actions and
+``actions[s+c-1 : s+c+h-1]`` as the actions of the generated frames. Segments start at s >= 1 so
+that every context frame has a producing action.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks.atari.data import load_episode
+from benchmarks.atari.metrics import frames_to_unit, horizon_summary, video_metrics
+from causalize.training.data import list_episodes, read_info
+
+__all__ = ["Segments", "copy_last_baseline", "load_segments", "random_actions", "rollout_segments", "score", "to_uint8"]
+
+
+@dataclass
+class Segments:
+    """Test segments, batched: frames uint8 (N, c+h, H, W, C) and actions int64."""
+
+    frames: np.ndarray
+    context_actions: np.ndarray  # (N, c): the action that produced each context frame
+    actions: np.ndarray  # (N, h): the action that produced each generated frame
+    context: int
+    index: list[tuple[int, int]]  # (episode, start frame) per segment
+    num_actions: int
+
+    @property
+    def horizon(self) -> int:
+        return self.frames.shape[1] - self.context
+
+    @property
+    def real_future(self) -> np.ndarray:
+        return self.frames[:, self.context :]
+
+    def context_tensor(self) -> torch.Tensor:
+        """Context frames in model space ([-1, 1], as the training loader maps pixels), (N, C, c, H, W)."""
+        x = torch.from_numpy(self.frames[:, : self.context]).float().div(127.5).sub(1.0)
+        return x.permute(0, 4, 1, 2, 3).contiguous()
+
+
+def load_segments(root: str | Path, context: int, horizon: int, per_episode: int) -> Segments:
+    """Up to ``per_episode`` non-overlapping segments of every test episode, starting at frame 1."""
+    info = read_info(root)
+    length = context + horizon
+    frames, ctx_actions, actions, index = [], [], [], []
+    for e in list_episodes(root):
+        ep = load_episode(root, e)
+        total = ep["frames"].shape[0]
+        for j in range(per_episode):
+            s = 1 + j * length
+            if s + length > total:
+                break
+            frames.append(ep["frames"][s : s + length])
+            ctx_actions.append(ep["actions"][s - 1 : s + context - 1])
+            actions.append(ep["actions"][s + context - 1 : s + length - 1])
+            index.append((e, s))
+    if not frames:
+        raise ValueError(f"no test episode of {root} holds a segment of {length} frames after frame 0")
+    return Segments(np.stack(frames), np.stack(ctx_actions).astype(np.int64), np.stack(actions).astype(np.int64),
+                    context, index, int(info.action_space.num_actions))
+
+
+def random_actions(segments: Segments, seed: int) -> np.ndarray:
+    """Uniformly random actions in place of the real future ones (same shape), from ``seed``."""
+    rng = np.random.default_rng([int(seed), 0x5EED, 6])
+    return rng.integers(0, segments.num_actions, size=segments.actions.shape, dtype=np.int64)
+
+
+def to_uint8(frames: torch.Tensor) -> np.ndarray:
+    """Model-space frames (N, C, T, H, W) in [-1, 1] -> uint8 (N, T, H, W, C)."""
+    x = ((frames.detach().float().cpu() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return x.permute(0, 2, 3, 4, 1).numpy()
+
+
+def score(pred: torch.Tensor, real: np.ndarray) -> dict[str, Any]:
+    """PSNR / SSIM of predicted frames (N, C, h, H, W, model space) against real uint8 (N, h, H, W, C):
+    per-horizon summaries, their overall means, and the per-sample values."""
+    p = frames_to_unit(pred.detach().float().cpu().movedim(2, 1), "signed")
+    r = frames_to_unit(torch.from_numpy(np.ascontiguousarray(real)), "uint8")
+    values = video_metrics(p, r)
+    out: dict[str, Any] = {}
+    for name, v in values.items():
+        v = torch.nan_to_num(v.double(), posinf=100.0) if name == "psnr" else v.double()  # identical frames: cap at 100 dB
+        out[name] = {**horizon_summary(v), "overall": float(v.mean()), "per_sample": v.mean(1).tolist()}
+    return out
+
+
+def copy_last_baseline(segments: Segments) -> torch.Tensor:
+    """The trivial predictor: the last context frame repeated over the horizon, model space."""
+    last = segments.context_tensor()[:, :, -1:]
+    return last.expand(-1, -1, segments.horizon, -1, -1).contiguous()
+
+
+def rollout_segments(
+    wm: Any,
+    segments: Segments,
+    actions: np.ndarray,
+    config: Any,
+    *,
+    batch_size: int | None = None,
+    progress: Any = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Roll the world model out on every segment from ``actions`` (N, h); returns the generated
+    frames (N, C, h, H, W) in model space on the CPU and timing facts. Segments are processed in
+    chunks of ``batch_size`` (all at once by default); each chunk restarts the sampler's
+    generator from ``config.seed``, so a segment's result does not depend on the chunking only
+    when the chunks are equal."""
+    from causalize.rollout import rollout
+
+    device = next(wm.parameters()).device
+    n = segments.frames.shape[0]
+    chunk = batch_size or n
+    context = segments.context_tensor()
+    outs, seconds, passes = [], [], 0
+    t0 = time.perf_counter()
+    for lo in range(0, n, chunk):
+        hi = min(n, lo + chunk)
+        res = rollout(
+            wm,
+            context[lo:hi].to(device),
+            torch.from_numpy(actions[lo:hi]).to(device),
+            context_actions=torch.from_numpy(segments.context_actions[lo:hi]).to(device),
+            config=config,
+            progress=progress,
+        )
+        outs.append(res.frames.float().cpu())
+        seconds += res.seconds_per_frame
+        passes += res.frame_passes
+    total = time.perf_counter() - t0
+    return torch.cat(outs), {"seconds": total, "seconds_per_frame": seconds, "frame_passes": passes, "samples": n}
