@@ -120,9 +120,11 @@ class Streaming:
     caller_positions: forward arguments that carry positions the *caller* computed for the whole
         clip (CogVideoX's and Allegro's `image_rotary_emb`, built by their pipelines). Streaming
         cannot offset them, so a streaming call that passes one (not None) is refused.
-    hooks: plugin functions `install(model, stream)` called once when streaming is installed, for
-        model-specific position offsets (CogVideoX's sincos patch positions, Latte's frame table);
-        what they register must read `stream.context.stream` and be inert outside a streaming call.
+    hooks: plugin functions `install(model, stream)` called once per model when streaming is
+        installed, for model-specific position offsets (CogVideoX's sincos patch positions, Latte's
+        frame table); the hooks they register find the call in progress through the module
+        (`stream.attach(module)`, then `causalize.rollout.streaming.state_of(module)`) and must be
+        inert outside a streaming call.
     """
 
     rope: str = ""

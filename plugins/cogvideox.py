@@ -95,10 +95,13 @@ def offset_sincos_positions(model, stream) -> None:
     in a full-window call. Learned position tables (CogVideoX-5b-I2V) are tied to `sample_frames`
     and refused; RoPE passed by the caller (`image_rotary_emb`) is refused by `caller_positions`.
     """
+    from causalize.rollout.streaming import state_of
+
     embed = model.patch_embed
+    stream.attach(embed)
 
     def active(module):
-        state = stream.context.stream
+        state = state_of(module)
         if state is None or not (module.use_positional_embeddings or module.use_learned_positional_embeddings):
             return None
         if module.use_learned_positional_embeddings:

@@ -75,16 +75,20 @@ def offset_frame_positions(model: nn.Module, stream: Any) -> None:
       addition, at the same place, that a full-window call makes for that frame.
     Rows depend on the frame index only (the sincos table), so they match a full-window call.
     """
+    from causalize.rollout.streaming import state_of, stream_of
+
     blocks = getattr(model, "temporal_transformer_blocks", None)
     if not blocks:
         return
+    stream.attach(model)
+    stream.attach(blocks[0])
 
     def frames_of(args, kwargs) -> int:
         hidden = args[0] if args else kwargs["hidden_states"]
         return hidden.shape[2]
 
     def swap(module, args, kwargs):
-        state = stream.context.stream
+        state = state_of(module)
         if state is None or state.offset == 0 or frames_of(args, kwargs) <= 1:
             return None
         table = module.temp_pos_embed
@@ -99,11 +103,12 @@ def offset_frame_positions(model: nn.Module, stream: Any) -> None:
         return None
 
     def add_single_frame(block, args):
-        state = stream.context.stream
+        state = state_of(block)
         hidden = args[0]
         if state is None or hidden.shape[1] != 1:
             return None
-        row = temporal_positions(model.temp_pos_embed, state.offset + 1)[:, state.offset:]
+        table = stream_of(block).model.temp_pos_embed
+        row = temporal_positions(table, state.offset + 1)[:, state.offset:]
         return (hidden + row.to(hidden.dtype), *args[1:])
 
     model.register_forward_pre_hook(swap, with_kwargs=True)

@@ -297,3 +297,18 @@ def test_streaming_processors_are_installed_for_every_mixer():
         kinds = {type(p) for p in stream._processors}
         expected = StreamingLinearAttnProcessor if name == "sana-video" else StreamingAttnProcessor
         assert kinds == {expected}, name
+
+
+def test_plugin_hooks_install_once_and_follow_deep_copies():
+    """A second Stream of the same model adds no second position hook; a deep copy of a streamed
+    model streams through its own context (the hooks find it through the module, not a closure)."""
+    import copy
+
+    wm = _world_model("latte")
+    Stream.of(wm.model, wm.plan)
+    Stream(wm.model, wm.plan)
+    assert len(wm.model.temporal_transformer_blocks[0]._forward_pre_hooks) == 1
+    twin = copy.deepcopy(wm)
+    streamed, full = _both(twin, _context(twin), _actions(3), guidance_scale=1.0)
+    _assert_exact(streamed, full)
+    assert Stream.of(twin.model, twin.plan) is not Stream.of(wm.model, wm.plan)

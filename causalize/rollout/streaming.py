@@ -43,6 +43,7 @@ from causalize.plan import OffsetPositions, Plan
 
 STREAM_ATTR = "_causalize_stream"
 OFFSET_ATTR = "_causalize_offset_positions"
+HOOKS_ATTR = "_causalize_stream_hooks"
 
 
 @dataclass
@@ -81,8 +82,7 @@ class Stream:
         self._install_rope()
         self._install_frame_positions()
         self._install_caller_positions_check()
-        for install in plan.streaming.hooks:
-            install(model, self)
+        self._install_plugin_hooks()
 
     @classmethod
     def of(cls, model: nn.Module, plan: Plan) -> "Stream":
@@ -150,6 +150,18 @@ class Stream:
         object.__setattr__(module, OFFSET_ATTR, positions)
         module.register_forward_hook(_offset_rope, with_kwargs=True)
 
+    def _install_plugin_hooks(self) -> None:
+        """The plan's own position hooks, once per model (they read the model's frame context, so
+        they serve every Stream of it)."""
+        done = vars(self.model).get(HOOKS_ATTR)
+        if done is None:
+            done = set()
+            object.__setattr__(self.model, HOOKS_ATTR, done)
+        for install in self.plan.streaming.hooks:
+            if install not in done:
+                install(self.model, self)
+                done.add(install)
+
     def _install_caller_positions_check(self) -> None:
         names = self.plan.streaming.caller_positions
         if names:
@@ -170,6 +182,11 @@ class Stream:
                 m.register_forward_hook(_restore_pe_table, always_call=True)
 
     # --- calls -------------------------------------------------------------------------------
+
+    def attach(self, module: nn.Module) -> None:
+        """Let hooks on `module` find this stream through the module (`stream_of`, `state_of`), not
+        a closure, so that a deep copy of the model drives its own copy."""
+        object.__setattr__(module, STREAM_ATTR, self)
 
     def reset(self) -> None:
         """Forget the history (a new window, or a new rollout)."""
@@ -203,6 +220,17 @@ class Stream:
     def cache_bytes(self) -> int:
         """Memory held by the caches (keys, values, conv buffers)."""
         return sum(p.cache.nbytes() for p in self._processors) + sum(t.numel() * t.element_size() for t in self._conv.values())
+
+
+def stream_of(module: nn.Module) -> Stream:
+    """The Stream attached to `module` (by `Stream.attach`)."""
+    return getattr(module, STREAM_ATTR)
+
+
+def state_of(module: nn.Module) -> StreamState | None:
+    """The streaming call in progress for the model `module` belongs to (attached), or None."""
+    stream = getattr(module, STREAM_ATTR, None)
+    return None if stream is None else stream.context.stream
 
 
 def _streaming_pad_time(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -321,4 +349,4 @@ def _restore_pe_table(module: nn.Module, args, output):
     return None
 
 
-__all__ = ["Stream", "StreamState"]
+__all__ = ["Stream", "StreamState", "state_of", "stream_of"]
