@@ -44,6 +44,7 @@ from causalize.plan import OffsetPositions, Plan
 STREAM_ATTR = "_causalize_stream"
 OFFSET_ATTR = "_causalize_offset_positions"
 HOOKS_ATTR = "_causalize_stream_hooks"
+CALLER_ATTR = "_causalize_caller_positions"
 
 
 @dataclass
@@ -81,6 +82,8 @@ class Stream:
         self._install_norms()
         self._install_rope()
         self._install_frame_positions()
+        if getattr(model, STREAM_ATTR, None) is None:
+            self.attach(model)  # the root hooks below find the call through it
         self._install_caller_positions_check()
         self._install_plugin_hooks()
 
@@ -164,8 +167,9 @@ class Stream:
 
     def _install_caller_positions_check(self) -> None:
         names = self.plan.streaming.caller_positions
-        if names:
-            self.model.register_forward_pre_hook(_refuse_caller_positions(self, names), with_kwargs=True)
+        if names and CALLER_ATTR not in vars(self.model):
+            object.__setattr__(self.model, CALLER_ATTR, names)
+            self.model.register_forward_pre_hook(_refuse_caller_positions, with_kwargs=True)
 
     def _install_frame_positions(self) -> None:
         spec = self.plan.streaming
@@ -302,24 +306,21 @@ def _offset_rope(module: nn.Module, args, kwargs, output):
     return tail(longer, output)
 
 
-def _refuse_caller_positions(stream: Stream, names: tuple[str, ...]):
+def _refuse_caller_positions(module: nn.Module, args, kwargs):
     """A root pre-hook: a streaming call must not carry positions its caller computed for a whole clip."""
     from causalize.context import _bound_arguments
 
-    def hook(module, args, kwargs):
-        if stream.context.stream is None:
-            return None
-        given = _bound_arguments(module, args, kwargs)
-        passed = [n for n in names if given.get(n) is not None]
-        if passed:
-            raise UsageError(
-                f"{type(module).__name__} was passed {', '.join(passed)}: positions its caller computed for a whole "
-                "clip, which a streaming call (one frame, at a global offset) cannot offset",
-                "leave it out (the rollout builds none), or use full recomputation (cache=False)",
-            )
+    if state_of(module) is None:
         return None
-
-    return hook
+    given = _bound_arguments(module, args, kwargs)
+    passed = [n for n in getattr(module, CALLER_ATTR) if given.get(n) is not None]
+    if passed:
+        raise UsageError(
+            f"{type(module).__name__} was passed {', '.join(passed)}: positions its caller computed for a whole "
+            "clip, which a streaming call (one frame, at a global offset) cannot offset",
+            "leave it out (the rollout builds none), or use full recomputation (cache=False)",
+        )
+    return None
 
 
 def _offset_frame_index(module: nn.Module, args):
