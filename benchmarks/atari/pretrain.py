@@ -187,8 +187,8 @@ def pretrain(config: PretrainConfig, progress: Progress | None = None, device: s
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, config)
+        frames = next(batches)["frames"].to(device)  # first: a new loader iterator draws from the global RNG
         torch.manual_seed(_global_seed(config.seed, step))  # the UNet's dropout layers
-        frames = next(batches)["frames"].to(device)
         loss = pretrain_step(model, frames, schedule, step_generator(config.seed, step, device=device), model_kwargs)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip) if config.grad_clip else None

@@ -84,20 +84,20 @@ SCALES: dict[str, dict[str, Any]] = {
         "pretrain": {"window": 4, "stride": 4, "batch_size": 2, "steps": 2, "lr": 2e-4, "warmup_steps": 0,
                      "log_every": 1, "checkpoint_every": 0},
         "finetune": {"window": 4, "batch_size": 2, "steps": 2, "lr": 1e-4, "log_every": 1, "checkpoint_every": 0},
-        "eval": {"context": 2, "horizon": 3, "segments_per_episode": 1, "steps": 2, "window": 4,
+        "eval": {"context": 2, "horizon": 2, "segments_per_episode": 1, "steps": 1, "window": 4,
                  "history_noise": 20, "guidance": [1.0, 1.5, 2.5], "ablation_guidance": [1.0],
                  "guidance_rescale": 0.7, "eta": 0.0, "random_main_guidance": [1.0, 2.5],
                  "random_variants": ["scratch"], "batch_size": None},
     },
     "cpu": {
         "threads": 2,
-        "data": {"games": list(atari_data.DEFAULT_GAMES), "heldout": "Pong", "clips_per_game": 24, "clip_len": 16,
-                 "train_episodes": 32, "test_episodes": 12, "episode_len": 64, "warmup": [0, 200], "size": 64},
+        "data": {"games": list(atari_data.DEFAULT_GAMES), "heldout": "Pong", "clips_per_game": 40, "clip_len": 16,
+                 "train_episodes": 32, "test_episodes": 10, "episode_len": 64, "warmup": [0, 200], "size": 64},
         "model": {**_SMALL_UNET, "block_out_channels": [16, 32, 64], "attention_head_dim": 4},
-        "pretrain": {"window": 8, "stride": 4, "batch_size": 4, "steps": 600, "lr": 3e-4, "warmup_steps": 50,
+        "pretrain": {"window": 16, "stride": 4, "batch_size": 2, "steps": 500, "lr": 3e-4, "warmup_steps": 50,
                      "log_every": 10, "checkpoint_every": 100},
-        "finetune": {"window": 8, "batch_size": 4, "steps": 150, "lr": 2e-4, "log_every": 10, "checkpoint_every": 50},
-        "eval": {"context": 4, "horizon": 12, "segments_per_episode": 2, "steps": 10, "window": 8,
+        "finetune": {"window": 16, "batch_size": 2, "steps": 120, "lr": 2e-4, "log_every": 10, "checkpoint_every": 40},
+        "eval": {"context": 4, "horizon": 12, "segments_per_episode": 1, "steps": 10, "window": 16,
                  "history_noise": 20, "guidance": [1.0, 1.5, 2.5], "ablation_guidance": [1.0],
                  "guidance_rescale": 0.7, "eta": 0.0, "random_main_guidance": [1.0, 2.5],
                  "random_variants": ["scratch"], "batch_size": None},
@@ -215,6 +215,22 @@ def _stderr(msg: str) -> None:
 def _set_determinism(threads: int) -> None:
     torch.set_num_threads(int(threads))
     torch.use_deterministic_algorithms(True)
+
+
+_MACHINE: dict[str, Any] = {}
+
+
+def _machine() -> dict[str, Any]:
+    """benchmarks._common.machine_info, its slow parts (git, versions) computed once per process."""
+    import datetime
+
+    from benchmarks._common import machine_info
+
+    if not _MACHINE:
+        _MACHINE.update(machine_info())
+    return {**_MACHINE, "torch_threads": torch.get_num_threads(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None}
 
 
 class _Progress:
@@ -619,12 +635,22 @@ def run_study(
     command: str = "",
 ) -> dict[str, Any]:
     """Run (or resume) every stage and write the report; returns the results document."""
-    t_start = time.perf_counter()
     cfg = resolve_config(scale, overrides)
     threads = int(threads or cfg["threads"])
     device = device or ("cuda" if scale == "gpu" and torch.cuda.is_available() else "cpu")
+    saved = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     _set_determinism(threads)
-    out = Path(out)
+    try:
+        return _run(Path(out), cfg, scale=scale, seed=seed, threads=threads, device=device, data_dir=data_dir, log=log,
+                    command=command)
+    finally:  # leave the calling process as it was (tests run in one process)
+        torch.set_num_threads(saved[0])
+        torch.use_deterministic_algorithms(saved[1])
+
+
+def _run(out: Path, cfg: dict[str, Any], *, scale: str, seed: int, threads: int, device: str,
+         data_dir: str | os.PathLike | None, log: Log, command: str) -> dict[str, Any]:
+    t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     study = Study(out, cfg, seed, scale=scale, data_dir=Path(data_dir) if data_dir else None, device=device, log=log)
     study.check_identity()
@@ -646,7 +672,6 @@ def run_study(
         runs[run["name"]] = study.evaluate(run, segments)
 
     best = max(cfg["eval"]["guidance"], key=lambda s: runs[run_name(MAIN, float(s), "real")]["metrics"]["psnr"]["overall"])
-    from benchmarks._common import machine_info
 
     timings = {
         "data": data.get("seconds", 0.0),
@@ -662,7 +687,7 @@ def run_study(
     results: dict[str, Any] = {
         "study": {"scale": scale, "seed": seed, "threads": threads, "device": device, "deterministic_algorithms": True,
                   "config": cfg, "command": command or f"--scale {scale} --seed {seed}"},
-        "machine": machine_info(),
+        "machine": _machine(),
         "data": data["summary"],
         "pretrain": {k: pre.get(k) for k in ("parameters", "steps", "final_loss", "train_seconds", "median_seconds_per_step", "windows")},
         "variants": variants,

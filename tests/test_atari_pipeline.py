@@ -1,0 +1,135 @@
+"""The Atari study (benchmarks/atari/study.py) end to end at the smoke scale.
+
+One fresh run, a second fresh run with the same seed (identical numbers), and a resume of the
+second after one evaluation was removed (only that evaluation runs again).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ale_py")
+pytest.importorskip("gymnasium")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives at the repo root
+
+from benchmarks.atari import study  # noqa: E402
+
+SEED = 3
+
+
+def _numbers(results: dict) -> dict:
+    """Everything that must be reproducible (timings and paths excluded)."""
+    return {
+        "runs": results["runs"],
+        "comparisons": results["comparisons"],
+        "pretrain_loss": results["pretrain"]["final_loss"],
+        "finetune_loss": {v: d["finetune"]["final_loss"] for v, d in results["variants"].items()},
+        "verification": {v: d["verification"] for v, d in results["variants"].items()},
+        "best": results["best_main_guidance"],
+    }
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("atari-study")
+    logs: list[str] = []
+    first = study.run_study(root / "a", scale="smoke", seed=SEED, log=logs.append)
+    second = study.run_study(root / "b", scale="smoke", seed=SEED, log=logs.append)
+    return {"root": root, "first": first, "second": second, "logs": logs}
+
+
+def test_every_stage_writes_its_outputs(runs):
+    out = runs["root"] / "a"
+    for path in ["study.json", "data/summary.json", "pretrain/pretrain.json", "pretrain/model/config.json",
+                 "pretrain/metrics.jsonl", "scratch_init/model/config.json", "results.json", "README.md",
+                 "rollout.gif", "rollout_grid.png", "plots/variants_psnr.png", "plots/variants_ssim.png",
+                 "plots/guidance_psnr.png", "plots/controllability_psnr.png", "plots/finetune_loss.png"]:
+        assert (out / path).is_file(), path
+    for v in study.VARIANTS:
+        assert (out / "convert" / v / "causalize.json").is_file()
+        assert (out / "finetune" / v / "final" / "causalize.json").is_file()
+    for run in study.eval_runs(study.resolve_config("smoke")):
+        assert (out / "eval" / f"{run['name']}.json").is_file()
+        assert (out / "eval" / f"{run['name']}.npz").is_file()
+    assert not (out / "pretrain" / "checkpoint.pt").exists()
+
+
+def test_results_cover_every_variant_run_and_metric(runs):
+    res = json.loads((runs["root"] / "a" / "results.json").read_text())
+    cfg = res["study"]["config"]
+    assert set(res["variants"]) == set(study.VARIANTS)
+    expected = {r["name"] for r in study.eval_runs(cfg)} | {study.BASELINE}
+    assert set(res["runs"]) == expected
+    horizon = cfg["eval"]["horizon"]
+    for name, run in res["runs"].items():
+        for metric in ("psnr", "ssim"):
+            m = run["metrics"][metric]
+            assert len(m["mean"]) == horizon and m["n"] == res["segments"]["count"], name
+            assert all(x == x for x in m["mean"]), name  # no NaN
+    assert {r["guidance"] for r in res["runs"].values() if r["variant"] == study.MAIN and r["actions"] == "real"} == {1.0, 1.5, 2.5}
+    assert any(r["actions"] == "random" for r in res["runs"].values())
+    # the time-spanning norm is not causal, and the verification says so; every other variant is causal
+    ver = {v: d["verification"]["passed"] for v, d in res["variants"].items()}
+    assert ver == {v: spec["causal_norm"] for v, spec in study.VARIANTS.items()}
+    assert "causal-norm" not in res["variants"]["noncausal-norm"]["pipeline"]
+    assert "transfer=shift" in res["variants"]["shift"]["pipeline"]
+    claims = {c["claim"] for c in res["comparisons"]}
+    assert "pretrained transfer beats training from scratch" in claims
+    assert all(c["verdict"] for c in res["comparisons"])
+    text = (runs["root"] / "a" / "README.md").read_text()
+    assert "| run |" in text and "Paired comparisons" in text
+
+
+def test_same_seed_same_numbers(runs):
+    assert _numbers(runs["first"]) == _numbers(runs["second"])
+
+
+def test_resume_reruns_only_what_is_missing(runs):
+    out = runs["root"] / "b"
+    name = study.run_name("scratch", 1.0, "random")
+    (out / "eval" / f"{name}.json").unlink()
+    logs: list[str] = []
+    again = study.run_study(out, scale="smoke", seed=SEED, log=logs.append)
+    assert again["stages_run_now"] == [f"eval {name}"]
+    assert any("skipped" in line for line in logs)
+    assert _numbers(again) == _numbers(runs["second"])
+
+
+def test_refuses_a_directory_of_another_study(runs):
+    with pytest.raises(study.StudyError, match="another scale, seed or configuration"):
+        study.run_study(runs["root"] / "a", scale="smoke", seed=SEED + 1, log=lambda m: None)
+
+
+def test_pretraining_resumes_exactly(runs, tmp_path):
+    """An interrupted pretraining continues from its checkpoint to the same weights."""
+    import torch
+
+    from benchmarks.atari import pretrain as pt
+
+    cfg = study.resolve_config("smoke")
+    settings = {**cfg["pretrain"], "steps": 4, "checkpoint_every": 1}
+    data = str(runs["root"] / "a" / "data" / "pretrain_clips")
+
+    def config(name: str) -> pt.PretrainConfig:
+        return pt.PretrainConfig(data=data, output_dir=str(tmp_path / name), model=cfg["model"], seed=SEED, **settings)
+
+    def stop_at_2(step: int, total: int, loss: float) -> None:
+        if step == 2:
+            raise KeyboardInterrupt
+
+    pt.pretrain(config("whole"))
+    with pytest.raises(KeyboardInterrupt):
+        pt.pretrain(config("cut"), progress=stop_at_2)
+    assert (tmp_path / "cut" / "checkpoint.pt").is_file()
+    resumed = pt.pretrain(config("cut"))
+    assert resumed["start_step"] == 2  # the checkpoint of step 2 was written before the interruption
+    weights = "model/diffusion_pytorch_model.safetensors"
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp_path / "whole" / weights), load_file(tmp_path / "cut" / weights)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
