@@ -470,17 +470,27 @@ def comparisons(runs: dict[str, dict[str, Any]], cfg: dict[str, Any]) -> list[di
     return out
 
 
+def _sign(d: dict[str, Any]) -> str:
+    """"+" / "-" when the paired mean difference is beyond 2 standard errors, else "0"."""
+    if not d["beyond_2sem"]:
+        return "0"
+    return "+" if d["mean"] > 0 else "-"
+
+
 def _verdict(c: dict[str, Any]) -> str:
-    """"holds" only when a beats b on both metrics by more than 2 standard errors of the paired
-    difference; "reversed" when b beats a so; otherwise say which way the means lean."""
-    p, s = c["psnr"], c["ssim"]
-    if p["mean"] == 0 and s["mean"] == 0:
-        return "no difference"
-    if p["positive"] and s["positive"]:
-        return "holds" if p["beyond_2sem"] and s["beyond_2sem"] else "inconclusive (leans yes; within 2 s.e.)"
-    if not p["positive"] and not s["positive"]:
-        return "reversed" if p["beyond_2sem"] and s["beyond_2sem"] else "inconclusive (leans no; within 2 s.e.)"
-    return "mixed (PSNR and SSIM disagree)"
+    """Whether a beats b, from both metrics; a difference within 2 standard errors of the paired
+    difference counts as none (a rule of thumb, not a formal test)."""
+    p, s = _sign(c["psnr"]), _sign(c["ssim"])
+    table = {
+        ("+", "+"): "holds",
+        ("-", "-"): "reversed",
+        ("0", "0"): "no difference beyond 2 s.e.",
+        ("+", "0"): "holds on PSNR only",
+        ("0", "+"): "holds on SSIM only",
+        ("-", "0"): "reversed on PSNR only",
+        ("0", "-"): "reversed on SSIM only",
+    }
+    return table.get((p, s), "mixed (PSNR and SSIM disagree)")
 
 
 # ------------------------------------------------------------------------------------ report
@@ -572,8 +582,8 @@ def markdown(results: dict[str, Any], panels: list[str]) -> str:
     comp = ["| claim | a − b | ΔPSNR dB (± s.e.) | ΔSSIM (± s.e.) | verdict |", "|---|---|---:|---:|---|"]
     for cmp in results["comparisons"]:
         p, s = cmp["psnr"], cmp["ssim"]
-        comp.append(f"| {cmp['claim']} | `{cmp['a']}` − `{cmp['b']}` | {p['mean']:+.3f} ± {_fmt(p['sem'], '.3f')} | "
-                    f"{s['mean']:+.4f} ± {_fmt(s['sem'], '.4f')} | {cmp['verdict']} |")
+        comp.append(f"| {cmp['claim']} | `{cmp['a']}` − `{cmp['b']}` | {p['mean']:+.3g} ± {_fmt(p['sem'], '.2g')} | "
+                    f"{s['mean']:+.3g} ± {_fmt(s['sem'], '.2g')} | {cmp['verdict']} |")
     e, st = cfg["eval"], results["study"]
     t = results["timings"]
     lines = [
