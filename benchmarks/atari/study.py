@@ -212,9 +212,15 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _set_determinism(threads: int) -> None:
+def _set_determinism(threads: int, device: str) -> None:
+    """Fixed threads and deterministic kernels. On CUDA some kernels the UNet needs (e.g. the
+    nearest-upsampling backward) have no deterministic version: warn instead of failing there."""
     torch.set_num_threads(int(threads))
-    torch.use_deterministic_algorithms(True)
+    if device.startswith("cuda"):
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        torch.use_deterministic_algorithms(True)
 
 
 _MACHINE: dict[str, Any] = {}
@@ -648,14 +654,14 @@ def run_study(
     cfg = resolve_config(scale, overrides)
     threads = int(threads or cfg["threads"])
     device = device or ("cuda" if scale == "gpu" and torch.cuda.is_available() else "cpu")
-    saved = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    _set_determinism(threads)
+    saved = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    _set_determinism(threads, device)
     try:
         return _run(Path(out), cfg, scale=scale, seed=seed, threads=threads, device=device, data_dir=data_dir, log=log,
                     command=command)
     finally:  # leave the calling process as it was (tests run in one process)
         torch.set_num_threads(saved[0])
-        torch.use_deterministic_algorithms(saved[1])
+        torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])
 
 
 def _run(out: Path, cfg: dict[str, Any], *, scale: str, seed: int, threads: int, device: str,
@@ -695,7 +701,8 @@ def _run(out: Path, cfg: dict[str, Any], *, scale: str, seed: int, threads: int,
     timings["eval_total"] = sum(timings["eval"].values())
     timings["stages_total"] = timings["data"] + timings["pretrain"] + timings["convert_total"] + timings["finetune_total"] + timings["eval_total"]
     results: dict[str, Any] = {
-        "study": {"scale": scale, "seed": seed, "threads": threads, "device": device, "deterministic_algorithms": True,
+        "study": {"scale": scale, "seed": seed, "threads": threads, "device": device,
+                  "deterministic_algorithms": "warn_only" if device.startswith("cuda") else True,
                   "config": cfg, "command": command or f"--scale {scale} --seed {seed}"},
         "machine": _machine(),
         "data": data["summary"],
@@ -737,7 +744,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         run_study(args.out, scale=args.scale, seed=args.seed, threads=args.threads, device=args.device, data_dir=args.data,
                   overrides=args.overrides, command=command)
-    except StudyError as exc:
+    except (StudyError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
