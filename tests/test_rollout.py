@@ -19,26 +19,14 @@ from causalize.rollout.sampler import FullRecompute, _branches
 from causalize.rollout.streaming import Stream
 from causalize.training.objective import NoiseSchedule
 from causalize.world_model import WorldModel
+from world_models import tiny_world_model
 
 ACTION_DIM = 3
 STREAMING_PLANS = [p.name for p in registries().plans if p.streaming is not None]
 
 
 def _world_model(name: str, action_type: str = "continuous", seed: int = 0, pipeline: str | None = None) -> WorldModel:
-    plan = registries().plans.get(name)
-    model = plan.build_tiny(seed)
-    pipeline = pipeline or plan.pipeline
-    convert_model(model, plan, f"{pipeline},frame-conditioning{{action_dim={ACTION_DIM},action_type={action_type}}}")
-    wm = WorldModel(model, plan)
-    # Zero-initialised layers (the adapter's last layer, UNet3D's last temporal conv of each
-    # TemporalConvLayer: identity at init) would hide whatever they carry: give them weights,
-    # as the causality probe does.
-    torch.manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in wm.parameters():
-            if not p.abs().sum():
-                p.normal_(0, 0.3)
-    return wm
+    return tiny_world_model(name, action_dim=ACTION_DIM, action_type=action_type, seed=seed, pipeline=pipeline)
 
 
 def _context(wm: WorldModel, frames: int = 2) -> torch.Tensor:

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import causalize.modules.kv_cache as kv_cache
-from causalize.api import convert_model
 from causalize.errors import UsageError
 from causalize.modules.kv_cache import SampleKVCaches, StreamingAttnProcessor
 from causalize.modules.linear_attention import StreamingLinearAttnProcessor
@@ -21,6 +20,7 @@ from causalize.rollout import RolloutConfig, rollout
 from causalize.rollout.streaming import Stream
 from causalize.training.trainer import conditioning_kwargs
 from causalize.world_model import WorldModel
+from world_models import tiny_world_model
 
 ACTION_DIM = 3
 NEW_PLANS = ["sana-video", "cosmos", "allegro", "latte", "mochi", "cogvideox"]
@@ -29,19 +29,7 @@ SINCOS = {"use_rotary_positional_embeddings": False}
 
 
 def _world_model(name: str, seed: int = 0, **config) -> WorldModel:
-    plan = registries().plans.get(name)
-    torch.manual_seed(seed)
-    model = plan.model_cls()(**{**plan.tiny_config, **config}).eval()
-    convert_model(model, plan, f"{plan.pipeline},frame-conditioning{{action_dim={ACTION_DIM}}}")
-    wm = WorldModel(model, plan)
-    # zero-initialised layers and tables (the adapter's last layer, Cosmos' learnable positions)
-    # would hide what they carry: give them weights
-    torch.manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in wm.parameters():
-            if not p.abs().sum():
-                p.normal_(0, 0.3)
-    return wm
+    return tiny_world_model(name, action_dim=ACTION_DIM, seed=seed, **config)
 
 
 def _context(wm: WorldModel, frames: int = 2, batch: int = 1, seed: int = 0) -> torch.Tensor:
