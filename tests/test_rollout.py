@@ -143,7 +143,7 @@ def test_branches_layout():
     x = torch.randn(2, 4, 1, 3, 3)
     mask = torch.ones(2, 3, dtype=torch.bool)
     actions = torch.randn(2, 3, 5)
-    sample, ts, acts, m = _branches(x, 7, 2, actions, mask, True)
+    sample, ts, acts, m = _branches(x, 7, actions, mask, True)
     assert sample.shape[0] == 4 and torch.equal(sample[:2], x) and torch.equal(sample[2:], x)
     assert ts.tolist() == [[7]] * 4
     assert m[:2].all() and m[2:, :2].all() and not m[2:, 2].any()

@@ -130,7 +130,7 @@ class _Denoiser:
         raise NotImplementedError
 
 
-def _branches(x, level, history_len, actions, mask, guided: bool):
+def _branches(x, level, actions, mask, guided: bool):
     """(sample, timesteps, actions, mask) of the current-frame part of a call, both branches when
     guided: [conditional ; unconditional with the newest action dropped]."""
     batch = x.shape[0]
@@ -147,18 +147,17 @@ class FullRecompute(_Denoiser):
     """The reference strategy: every step runs the whole window."""
 
     def set_history(self, frames, actions, mask, start, level):
-        self.history = frames
+        self.history = torch.cat(frames, dim=self.axis) if frames else None  # fixed while a frame is generated
         self.actions, self.mask, self.level = actions, mask, level
 
     def __call__(self, x, level, action, guided):
         actions = torch.cat([self.actions, action], dim=1)
         mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
-        n_hist = len(self.history)
-        sample, ts, actions, mask = _branches(x, level, n_hist, actions, mask, guided)
+        sample, ts, actions, mask = _branches(x, level, actions, mask, guided)
         copies = sample.shape[0] // x.shape[0]
-        if n_hist:
-            hist = torch.cat(self.history, dim=self.axis)
-            hist = hist.repeat(copies, *([1] * (hist.ndim - 1)))
+        if self.history is not None:
+            n_hist = self.history.shape[self.axis]
+            hist = self.history.repeat(copies, *([1] * (self.history.ndim - 1)))
             sample = torch.cat([hist, sample], dim=self.axis)
             hist_ts = torch.full((ts.shape[0], n_hist), self.level, dtype=torch.long, device=x.device)
             ts = torch.cat([hist_ts, ts], dim=1)
@@ -197,7 +196,7 @@ class Streaming(_Denoiser):
 
     def __call__(self, x, level, action, guided):
         mask = torch.ones(x.shape[0], 1, dtype=torch.bool, device=x.device)
-        sample, ts, actions, mask = _branches(x, level, 0, action, mask, guided)
+        sample, ts, actions, mask = _branches(x, level, action, mask, guided)
         with self.stream.read():
             return self.call(sample, ts, actions, mask)
 
