@@ -48,3 +48,16 @@ def causal_block_allowed(q_frames: torch.Tensor, k_frames: torch.Tensor, block_s
     qb = torch.where(q_frames < 0, torch.full_like(qb, -1), qb)
     kb = torch.where(k_frames < 0, torch.full_like(kb, -1), kb)
     return kb[None, :] <= qb[:, None]
+
+
+def tile_history(t: torch.Tensor, batch: int, what: str = "history cache") -> torch.Tensor:
+    """A streaming cache of batch b for a call of batch m·b (both guidance branches batched in one
+    forward share one history): the cache repeated m times along the batch."""
+    cached = t.shape[0]
+    if cached == batch:
+        return t
+    if batch % cached:
+        from causalize.errors import CausalizeError
+
+        raise CausalizeError(f"a call of batch {batch} cannot share a {what} of batch {cached}")
+    return t.repeat(batch // cached, *([1] * (t.ndim - 1)))

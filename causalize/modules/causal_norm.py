@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from causalize.layout import tile_history
+
 from .causal_conv import _causal_class, _rebuild_as
 
 __all__ = ["MODES", "CausalGroupNorm"]
@@ -99,7 +101,7 @@ class CausalGroupNorm(nn.GroupNorm):
         b, c, t = x.shape[:3]
         acc = _accumulation_dtype(x.dtype)
         groups = x.to(acc).reshape(b, self.num_groups, c // self.num_groups, t, -1)
-        shift = groups[:, :, :1, :1, :1] if carry is None else _tiled(carry.shift, b).to(acc)
+        shift = groups[:, :, :1, :1, :1] if carry is None else tile_history(carry.shift, b).to(acc)
         groups = groups - shift
         mean, var, carry = _prefix_statistics(groups, carry)
         carry.shift = shift
@@ -124,11 +126,6 @@ class NormCarry:
         self.shift, self.mean_sum, self.var_sum, self.count = shift, mean_sum, var_sum, count
 
 
-def _tiled(t: torch.Tensor, batch: int) -> torch.Tensor:
-    """A carry of batch b used by a call of batch m·b (guidance branches share the history)."""
-    return t if t.shape[0] == batch else t.repeat(batch // t.shape[0], *([1] * (t.ndim - 1)))
-
-
 def _prefix_statistics(groups: torch.Tensor, carry: NormCarry | None = None) -> tuple[torch.Tensor, torch.Tensor, NormCarry]:
     """Mean and biased variance over frames <= t of ``groups`` (B, G, C/G, T, S): each (B, G, T).
 
@@ -140,8 +137,8 @@ def _prefix_statistics(groups: torch.Tensor, carry: NormCarry | None = None) -> 
     var_f, mean_f = torch.var_mean(groups, dim=(2, 4), correction=0)
     b = groups.shape[0]
     start = 0 if carry is None else carry.count
-    mean_before = 0.0 if carry is None else _tiled(carry.mean_sum, b)
-    var_before = 0.0 if carry is None else _tiled(carry.var_sum, b)
+    mean_before = 0.0 if carry is None else tile_history(carry.mean_sum, b)
+    var_before = 0.0 if carry is None else tile_history(carry.var_sum, b)
     count = torch.arange(start + 1, start + groups.shape[3] + 1, dtype=groups.dtype, device=groups.device)
     mean_sums = mean_before + torch.cumsum(mean_f, dim=-1)
     mean = mean_sums / count

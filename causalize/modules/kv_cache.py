@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from causalize.errors import CausalizeError
-from causalize.layout import causal_block_allowed
+from causalize.layout import causal_block_allowed, tile_history
 from causalize.modules.block_attention import BlockCausalAttnProcessor, sdpa_scope, token_frame_ids
 from causalize.modules.frame_attention import CausalFrameAttnProcessor
 from causalize.modules.wrapping import AdvertisedCall
@@ -100,14 +100,6 @@ def _key_mask_columns(attn_mask: torch.Tensor | None, key_length: int) -> bool:
     return attn_mask is not None and attn_mask.ndim >= 2 and attn_mask.shape[-2] == 1 and attn_mask.shape[-1] == key_length
 
 
-def _tiled(t: torch.Tensor, batch: int) -> torch.Tensor:
-    if t.shape[0] == batch:
-        return t
-    if batch % t.shape[0]:
-        raise CausalizeError(f"a call of batch {batch} cannot share a history cache of batch {t.shape[0]}")
-    return t.repeat(batch // t.shape[0], *([1] * (t.ndim - 1)))
-
-
 def _extend_mask(attn_mask: torch.Tensor, history: int) -> torch.Tensor:
     """The call's own (…, L, L) mask with `history` always-allowed key columns in front."""
     shape = (*attn_mask.shape[:-1], history)
@@ -121,7 +113,7 @@ def _extend_mask(attn_mask: torch.Tensor, history: int) -> torch.Tensor:
 def _with_history_columns(attn_mask: torch.Tensor, cached: torch.Tensor, batch: int) -> torch.Tensor:
     """The call's mask (…, 1 or Lq, L) with the cached keys' own columns (…, 1, H) in front."""
     if cached.shape[0] != 1:
-        cached = _tiled(cached, batch)
+        cached = tile_history(cached, batch)
     cached, attn_mask = _same_kind(cached, attn_mask)
     lead = torch.broadcast_shapes(cached.shape[:-1], attn_mask.shape[:-1])
     return torch.cat([cached.expand(*lead, cached.shape[-1]), attn_mask.expand(*lead, attn_mask.shape[-1])], dim=-1)
@@ -138,8 +130,8 @@ def attend_with_cache(original, cache: KVCache, fid: torch.Tensor, block_size: i
     keys, values, key_ids = key, value, fid
     history = cache.length
     if history:
-        keys = torch.cat([_tiled(cache.key, key.shape[0]), key], dim=-2)
-        values = torch.cat([_tiled(cache.value, value.shape[0]), value], dim=-2)
+        keys = torch.cat([tile_history(cache.key, key.shape[0]), key], dim=-2)
+        values = torch.cat([tile_history(cache.value, value.shape[0]), value], dim=-2)
         key_ids = torch.cat([cache.frame_ids.to(fid.device), fid])
     allowed = causal_block_allowed(fid, key_ids, block_size)
     key_mask = _key_mask_columns(attn_mask, key.shape[-2])

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from causalize.context import FrameContext
 from causalize.errors import CausalizeError
+from causalize.layout import tile_history
 
 EPS = 1e-15  # the stock processor's normaliser epsilon
 
@@ -206,13 +207,8 @@ class BlockCausalLinearAttnProcessor:
 def _tiled_state(state: LinearAttnState, batch: int) -> LinearAttnState:
     """The cached sums for a call of `batch` samples: a multiple of the cache batch (both guidance
     branches batched in one call) sees the cache tiled."""
-    cached = state.kv.shape[0]
-    if cached == batch:
-        return state
-    if batch % cached:
-        raise CausalizeError(f"a call of batch {batch} cannot share a linear-attention cache of batch {cached}")
-    reps = batch // cached
-    return LinearAttnState(state.kv.repeat(reps, 1, 1, 1), state.ksum.repeat(reps, 1, 1))
+    what = "linear-attention cache"
+    return LinearAttnState(tile_history(state.kv, batch, what), tile_history(state.ksum, batch, what))
 
 
 class LinearAttnCache:

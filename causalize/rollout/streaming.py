@@ -39,6 +39,7 @@ from causalize.modules.causal_norm import CausalGroupNorm
 from causalize.modules.frame_attention import CausalFrameAttnProcessor
 from causalize.modules.kv_cache import StreamingAttnProcessor
 from causalize.modules.linear_attention import BlockCausalLinearAttnProcessor, StreamingLinearAttnProcessor
+from causalize.layout import tile_history
 from causalize.plan import OffsetPositions, Plan
 
 STREAM_ATTR = "_causalize_stream"
@@ -252,10 +253,7 @@ def _streaming_pad_time(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
             raise CausalizeError("a causal conv has no cached frames for a streaming call after the first")
         padded = padding(self, x)
     else:
-        if x.shape[0] % buffer.shape[0]:
-            raise CausalizeError(f"a call of batch {x.shape[0]} cannot share a conv cache of batch {buffer.shape[0]}")
-        tiled = buffer.repeat(x.shape[0] // buffer.shape[0], *([1] * (x.ndim - 1)))
-        padded = torch.cat([tiled.to(x.dtype), x], dim=dim)
+        padded = torch.cat([tile_history(buffer, x.shape[0], "conv cache").to(x.dtype), x], dim=dim)
     if state.mode == "write":
         state.conv[id(self)] = padded.narrow(dim, padded.shape[dim] - self.left_pad, self.left_pad).detach()
     return padded
