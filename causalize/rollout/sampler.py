@@ -201,7 +201,7 @@ class Streaming(_Denoiser):
             return self.call(sample, ts, actions, mask)
 
 
-def _check_inputs(wm: WorldModel, context: torch.Tensor, actions: torch.Tensor | None, context_actions: torch.Tensor | None) -> None:
+def _check_inputs(wm: WorldModel, context: torch.Tensor, context_actions: torch.Tensor | None) -> None:
     encoder = wm.action_encoder
     axis = _frame_axis(wm)
     if not torch.is_tensor(context) or context.ndim <= axis:
@@ -214,10 +214,8 @@ def _check_inputs(wm: WorldModel, context: torch.Tensor, actions: torch.Tensor |
                          "block, which is not implemented (frame-by-frame rollout would feed it partial blocks)")
     if context.shape[axis] < 1:
         raise UsageError("the context needs at least one frame")
-    for name, acts in (("actions", actions), ("context_actions", context_actions)):
-        if acts is None:
-            continue
-        _check_actions(encoder, acts, context.shape[0], name)
+    if context_actions is not None:
+        _check_actions(encoder, context_actions, context.shape[0], "context_actions")
     if context_actions is not None and context_actions.shape[1] != context.shape[axis]:
         raise UsageError(f"context_actions has {context_actions.shape[1]} frames, the context {context.shape[axis]}")
 
@@ -279,7 +277,7 @@ class RolloutSession:
         """Start from `context` (c frames, model space, native layout); context frames get
         `context_actions` (their producing actions) or the null action; `context_action_mask`
         (c,) or (B, c) bool marks which of them are known (e.g. False for an episode's frame 0)."""
-        _check_inputs(self.wm, context, None, context_actions)
+        _check_inputs(self.wm, context, context_actions)
         self.batch = context.shape[0]
         context = context.to(device=self.device, dtype=self.dtype)
         self.frame_shape = list(context.shape)
@@ -385,8 +383,8 @@ def rollout(
     progress: called after every frame with (frames done, total, seconds for that frame).
     """
     session = RolloutSession(wm, config, model_kwargs)
-    _check_inputs(wm, context, actions, context_actions)
-    session.reset(context, context_actions, context_action_mask)
+    session.reset(context, context_actions, context_action_mask)  # checks the context
+    _check_actions(wm.action_encoder, actions, session.batch, "actions")
     frames = []
     n = actions.shape[1]
     for i in range(n):
