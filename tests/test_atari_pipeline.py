@@ -133,3 +133,49 @@ def test_pretraining_resumes_exactly(runs, tmp_path):
 
     a, b = load_file(tmp_path / "whole" / weights), load_file(tmp_path / "cut" / weights)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- the Wan (DiT) backbone -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def wan_run(runs):
+    """The smoke study on the small Wan DiT, reusing the UNet run's recordings (same data settings)."""
+    out = runs["root"] / "wan"
+    res = study.run_study(out, scale="smoke", seed=SEED, backbone="wan", data_dir=runs["root"] / "a" / "data",
+                          log=lambda m: None)
+    return out, res
+
+
+def test_wan_backbone_runs_transfer_against_scratch(wan_run):
+    out, res = wan_run
+    assert res["study"]["config"]["backbone"] == "wan"
+    assert json.loads((out / "pretrain" / "model" / "config.json").read_text())["_class_name"] == "WanTransformer3DModel"
+    assert set(res["variants"]) == {"causal", "scratch"}
+    for v, d in res["variants"].items():
+        assert d["verification"]["passed"] is True, v  # the frame-causal mask leaves nothing to leak
+        assert d["pipeline"].startswith("block-causal-attention"), d["pipeline"]
+    claims = {c["claim"] for c in res["comparisons"]}
+    assert "pretrained transfer beats training from scratch" in claims
+    assert not any("shift" in c or "norm" in c for c in claims)  # the UNet-only ablations are not invented
+    assert {r["guidance"] for r in res["runs"].values() if r["variant"] == "causal" and r["actions"] == "real"} == {1.0, 1.5, 2.5}
+    assert "backbone `wan`" in (out / "README.md").read_text()
+
+
+def test_a_directory_of_one_backbone_refuses_the_other(runs, wan_run):
+    with pytest.raises(study.StudyError, match="another scale, seed or configuration"):
+        study.run_study(wan_run[0], scale="smoke", seed=SEED, log=lambda m: None)  # unet3d into the wan study
+
+
+def test_studies_recorded_before_backbones_resume_as_unet3d(tmp_path):
+    cfg = study.resolve_config("smoke")
+    old = {k: v for k, v in cfg.items() if k != "backbone"}
+    (tmp_path / "study.json").write_text(json.dumps({"scale": "smoke", "seed": SEED, "config": old}))
+    study.Study(tmp_path, cfg, SEED, scale="smoke").check_identity()  # accepted, not refused
+
+
+def test_unknown_backbone_and_foreign_variants_are_refused():
+    with pytest.raises(study.StudyError, match="unknown backbone"):
+        study.resolve_config("smoke", backbone="vqgan")
+    with pytest.raises(study.StudyError, match="not a variant of the wan backbone"):
+        study.eval_runs(study.resolve_config("smoke", ['eval.random_variants=["shift"]'], backbone="wan"))

@@ -1,8 +1,9 @@
-"""Plain bidirectional video diffusion pretraining of a small pixel-space UNet3D on action-free clips.
+"""Plain bidirectional video diffusion pretraining of a small pixel-space model on action-free clips.
 
 This is the stand-in for an "internet video" model (Vid2World's DynamiCrafter): a diffusers
-``UNet3DConditionModel`` over RGB frames in [-1, 1], trained as an ordinary video diffusion model
-so that ``causalize.api.convert`` has a real bidirectional checkpoint to causalize.
+``UNet3DConditionModel`` (or a small ``WanTransformer3DModel`` DiT, see ``backbones.py``) over RGB
+frames in [-1, 1], trained as an ordinary video diffusion model so that ``causalize.api.convert``
+has a real bidirectional checkpoint to causalize.
 
 What one step does, and why it matches the fine-tuning that follows:
 
@@ -13,13 +14,13 @@ What one step does, and why it matches the fine-tuning that follows:
 * v-prediction on the zero-terminal-SNR scaled-linear schedule (``NoiseSchedule.from_config()``),
   the same schedule and target the Diffusion-Forcing trainer uses (METHOD.md §6);
 * the model's other inputs are exactly what the trainer passes (``conditioning_kwargs`` of the
-  unet3d plan: an all-zero ``encoder_hidden_states``, the "empty prompt"), so the cross-attention
+  backbone's plan: an all-zero ``encoder_hidden_states``, the "empty prompt"), so the cross-attention
   sees the same constant input before and after conversion;
 * AdamW with a linear warm-up then a constant learning rate, gradient clipping.
 
 Reproducibility: the model is initialised from ``torch.manual_seed(seed)``; every step draws its
 timesteps and noise from the trainer's ``step_generator(seed, step)``, reseeds the global RNG (for
-the UNet's dropout layers) from ``(seed, step)``, and reads its windows in the trainer's per-epoch
+the model's dropout layers) from ``(seed, step)``, and reads its windows in the trainer's per-epoch
 order (``EpochSampler``). A checkpoint (model + optimizer + step) is written every
 ``checkpoint_every`` steps, and a resumed run takes exactly the steps an uninterrupted run would.
 
@@ -47,6 +48,8 @@ from causalize.training.data import EpisodeDataset
 from causalize.training.objective import NoiseSchedule, sample_frame_timesteps
 from causalize.training.trainer import EpochSampler, conditioning_kwargs, step_generator
 
+from benchmarks.atari.backbones import get_backbone
+
 __all__ = ["MODEL_DIR", "SUMMARY_FILE", "PretrainConfig", "build_model", "pretrain", "pretrain_step", "save_model"]
 
 MODEL_DIR = "model"
@@ -63,8 +66,10 @@ class PretrainConfig:
 
     data: str
     output_dir: str
-    #: ``UNet3DConditionModel`` keyword arguments other than in/out channels and sample size.
+    #: the model class's keyword arguments other than in/out channels and sample size.
     model: dict[str, Any] = field(default_factory=dict)
+    #: ``unet3d`` or ``wan`` (``benchmarks.atari.backbones``)
+    backbone: str = "unet3d"
     window: int = 8
     stride: int = 4
     batch_size: int = 4
@@ -81,19 +86,16 @@ class PretrainConfig:
         return asdict(self)
 
 
-def build_model(model_kwargs: dict[str, Any], channels: int, size: int, seed: int) -> torch.nn.Module:
-    """A freshly initialised UNet3D; the init depends only on ``seed`` (shared with the scratch
-    baseline, which must be the same architecture at its random init)."""
-    from diffusers import UNet3DConditionModel
-
-    torch.manual_seed(seed)
-    return UNet3DConditionModel(in_channels=channels, out_channels=channels, sample_size=size, **model_kwargs)
+def build_model(model_kwargs: dict[str, Any], channels: int, size: int, seed: int,
+                backbone: str = "unet3d") -> torch.nn.Module:
+    """A freshly initialised model of the backbone; the init depends only on ``seed``."""
+    return get_backbone(backbone).build(model_kwargs, channels, size, seed)
 
 
-def _unet3d_plan():
+def _plan(backbone: str):
     from causalize.plugin_manager import registries
 
-    return registries().plans.get("unet3d")
+    return registries().plans.get(get_backbone(backbone).plan)
 
 
 def pretrain_step(
@@ -104,7 +106,7 @@ def pretrain_step(
     model_kwargs: dict[str, Any],
 ) -> torch.Tensor:
     """The loss of one batch: (B, T, C, H, W) frames in [-1, 1], one noise level per clip, v target."""
-    x0 = frames.movedim(1, 2)  # the UNet3D layout (B, C, T, H, W)
+    x0 = frames.movedim(1, 2)  # the UNet3D and Wan layout (B, C, T, H, W)
     batch, t = x0.shape[0], x0.shape[2]
     k = sample_frame_timesteps(batch, t, schedule.num_train_timesteps, generator, x0.device, mode="shared")
     noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
@@ -167,8 +169,8 @@ def pretrain(config: PretrainConfig, progress: Progress | None = None, device: s
     out.mkdir(parents=True, exist_ok=True)
     dataset = EpisodeDataset(config.data, config.window, stride=config.stride, split=None)
     channels, size = dataset.info.channels, dataset.info.shape[0]
-    model = build_model(config.model, channels, size, config.seed).to(device)
-    plan = _unet3d_plan()
+    model = build_model(config.model, channels, size, config.seed, config.backbone).to(device)
+    plan = _plan(config.backbone)
     model_kwargs = conditioning_kwargs(plan, model, config.batch_size, config.window, device=device)
     schedule = NoiseSchedule.from_config()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -188,7 +190,7 @@ def pretrain(config: PretrainConfig, progress: Progress | None = None, device: s
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, config)
         frames = next(batches)["frames"].to(device)  # first: a new loader iterator draws from the global RNG
-        torch.manual_seed(_global_seed(config.seed, step))  # the UNet's dropout layers
+        torch.manual_seed(_global_seed(config.seed, step))  # the model's dropout layers
         loss = pretrain_step(model, frames, schedule, step_generator(config.seed, step, device=device), model_kwargs)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip) if config.grad_clip else None

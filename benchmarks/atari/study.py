@@ -1,19 +1,21 @@
 """The Atari world-model study (issue 6), end to end: one command, resumable, deterministic.
 
-    python -m benchmarks.atari.study --out DIR [--scale smoke|cpu|gpu] [--seed S] [--threads N]
+    python -m benchmarks.atari.study --out DIR [--scale smoke|cpu|gpu] [--backbone unet3d|wan] [--seed S] [--threads N]
 
 Stages (each writes under DIR and is skipped when its completion marker is there, so an
 interrupted run resumes where it stopped; progress goes to stderr):
 
 1. ``data``: record action-free clips of several games (the "internet video") and action-labelled
    train / test episodes of a held-out game (Pong) with ``benchmarks.atari.data``.
-2. ``pretrain``: a bidirectional pixel-space UNet3D trained as a plain video diffusion model on
-   the clips, ignoring their actions (``benchmarks.atari.pretrain``).
+2. ``pretrain``: a bidirectional pixel-space model (the backbone: a UNet3D by default, or a small
+   Wan DiT) trained as a plain video diffusion model on the clips, ignoring their actions
+   (``benchmarks.atari.pretrain``).
 3. ``convert``: ``causalize.api.convert`` with a discrete action adapter, one checkpoint per
-   variant: the pretrained model with extrapolative (the method), shift or masked weight transfer,
-   with the time-spanning GroupNorms left as they are (not causal: converted with
-   ``allow_leak=True``, its failed verification is recorded), and the same architecture at its
-   random initialisation ("scratch", converted like the method).
+   variant (``benchmarks.atari.backbones``). UNet3D: the pretrained model with extrapolative (the
+   method), shift or masked weight transfer, with the time-spanning GroupNorms left as they are
+   (not causal: converted with ``allow_leak=True``, its failed verification is recorded), and the
+   same architecture at its random initialisation ("scratch", converted like the method). Wan:
+   the pretrained model with its frame-causal mask ("causal"), and "scratch".
 4. ``finetune``: Diffusion-Forcing fine-tuning of every variant on the held-out game's training
    episodes with the same budget (steps, batch, window, learning rate, seed).
 5. ``eval``: autoregressive rollouts on the test segments from the real actions (guidance scales
@@ -45,24 +47,21 @@ import numpy as np
 import torch
 
 from benchmarks.atari import data as atari_data
+from benchmarks.atari.backbones import BACKBONES, UNET3D, Backbone, get_backbone
 from benchmarks.atari import evaluate as ev
 from benchmarks.atari import pretrain as pt
 
-__all__ = ["SCALES", "VARIANTS", "StudyError", "eval_runs", "main", "resolve_config", "run_study", "variant_pipeline"]
+__all__ = ["DIT_SCALES", "SCALES", "VARIANTS", "StudyError", "eval_runs", "main", "resolve_config", "run_study",
+           "variant_pipeline"]
 
 Log = Callable[[str], None]
 
-MAIN = "extrapolative"
 BASELINE = "copy-last"
 
-#: Conversion variants: initial weights, weight transfer of the temporal convs, causal norm or not.
-VARIANTS: dict[str, dict[str, Any]] = {
-    "extrapolative": {"init": "pretrained", "transfer": "extrapolative", "causal_norm": True},
-    "shift": {"init": "pretrained", "transfer": "shift", "causal_norm": True},
-    "masked": {"init": "pretrained", "transfer": "masked", "causal_norm": True},
-    "noncausal-norm": {"init": "pretrained", "transfer": "extrapolative", "causal_norm": False},
-    "scratch": {"init": "random", "transfer": "extrapolative", "causal_norm": True},
-}
+#: The default (UNet3D) backbone's method and conversion variants: initial weights, weight
+#: transfer of the temporal convs, causal norm or not (``backbones.UNET3D``).
+MAIN = UNET3D.main
+VARIANTS: dict[str, dict[str, Any]] = UNET3D.variants
 
 _SMALL_UNET = {
     "down_block_types": ["DownBlock3D", "DownBlock3D", "CrossAttnDownBlock3D"],
@@ -119,6 +118,24 @@ SCALES: dict[str, dict[str, Any]] = {
     },
 }
 
+_SMALL_WAN = {"cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 64}
+
+#: The Wan backbone (``--backbone wan``): its sections replace the scale's ``model`` and update the
+#: others. 4×4 patches: 256 tokens per 64×64 frame, so full 3-D attention over 16 frames stays
+#: affordable on a CPU. The cpu sizes match the UNet3D's parameter count (~1.6M); the DiT's
+#: learning rates are not tuned (no probe was run for it).
+DIT_SCALES: dict[str, dict[str, Any]] = {
+    "smoke": {"model": {**_SMALL_WAN, "patch_size": [1, 4, 4], "num_attention_heads": 2, "attention_head_dim": 12,
+                        "text_dim": 8, "freq_dim": 32, "ffn_dim": 32, "num_layers": 2}},
+    "cpu": {"model": {**_SMALL_WAN, "patch_size": [1, 4, 4], "num_attention_heads": 4, "attention_head_dim": 24,
+                      "text_dim": 16, "freq_dim": 64, "ffn_dim": 384, "num_layers": 8},
+            "pretrain": {"lr": 5e-4}, "finetune": {"lr": 2e-4}},
+    "gpu": {"model": {**_SMALL_WAN, "patch_size": [1, 4, 4], "num_attention_heads": 8, "attention_head_dim": 64,
+                      "text_dim": 64, "freq_dim": 256, "ffn_dim": 2048, "num_layers": 12},
+            "pretrain": {"lr": 1e-4}, "finetune": {"lr": 5e-5},
+            "eval": {"random_variants": ["scratch"]}},
+}
+
 
 class StudyError(RuntimeError):
     """The study cannot run as asked (e.g. DIR holds a study with another configuration)."""
@@ -139,11 +156,22 @@ def _set_path(cfg: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
-def resolve_config(scale: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """The scale's configuration with ``section.key=JSON`` overrides applied."""
+def resolve_config(scale: str, overrides: Sequence[str] = (), backbone: str = "unet3d") -> dict[str, Any]:
+    """The scale's configuration for the backbone, with ``section.key=JSON`` overrides applied."""
     if scale not in SCALES:
         raise StudyError(f"unknown scale {scale!r}; use one of {', '.join(SCALES)}")
+    try:
+        get_backbone(backbone)
+    except ValueError as exc:
+        raise StudyError(str(exc)) from None
     cfg = copy.deepcopy(SCALES[scale])
+    if backbone != UNET3D.name:
+        for section, values in copy.deepcopy(DIT_SCALES[scale]).items():
+            if section == "model":
+                cfg["model"] = values
+            else:
+                cfg[section].update(values)
+    cfg["backbone"] = backbone
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep:
@@ -156,34 +184,36 @@ def resolve_config(scale: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
     return cfg
 
 
-def variant_pipeline(variant: str) -> str:
-    """The unet3d plan's default pipeline with the variant's weight transfer, without causal-norm
-    for the non-causal-norm ablation (the frame-conditioning pass is added by convert)."""
-    from causalize.api import parse_pipeline
-    from causalize.passes.pipeline import Pipeline
+def backbone_of(cfg: dict[str, Any]) -> Backbone:
+    """The configuration's backbone (studies recorded before backbones existed are UNet3D ones)."""
+    return get_backbone(cfg.get("backbone", UNET3D.name))
+
+
+def variant_pipeline(variant: str, backbone: str = UNET3D.name) -> str:
+    """The conversion pipeline of a variant of the backbone (the frame-conditioning pass is added
+    by convert)."""
     from causalize.plugin_manager import registries
 
-    spec = VARIANTS[variant]
-    plan = registries().plans.get("unet3d")
-    pipe = parse_pipeline(plan.pipeline, plan)
-    for name in ("causal-temporal-conv", "causal-norm"):
-        if name not in pipe.names():
-            raise StudyError(f"the unet3d pipeline {plan.pipeline!r} has no {name} pass")
-    pipe = pipe.replace_options("causal-temporal-conv", transfer=spec["transfer"])
-    if not spec["causal_norm"]:
-        pipe = Pipeline(tuple(s for s in pipe.steps if s.name != "causal-norm"))
-    return str(pipe)
+    bb = get_backbone(backbone)
+    try:
+        return bb.pipeline(registries().plans.get(bb.plan), bb.variants[variant])
+    except ValueError as exc:
+        raise StudyError(str(exc)) from None
 
 
 def eval_runs(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     """Every rollout to evaluate: (variant, guidance scale, real or random actions)."""
-    e = cfg["eval"]
-    runs = [{"variant": MAIN, "guidance": float(s), "actions": "real"} for s in e["guidance"]]
-    for v in VARIANTS:
-        if v != MAIN:
+    e, bb = cfg["eval"], backbone_of(cfg)
+    main = bb.main
+    runs = [{"variant": main, "guidance": float(s), "actions": "real"} for s in e["guidance"]]
+    for v in bb.variants:
+        if v != main:
             runs += [{"variant": v, "guidance": float(s), "actions": "real"} for s in e["ablation_guidance"]]
-    runs += [{"variant": MAIN, "guidance": float(s), "actions": "random"} for s in e["random_main_guidance"]]
+    runs += [{"variant": main, "guidance": float(s), "actions": "random"} for s in e["random_main_guidance"]]
     for v in e["random_variants"]:
+        if v not in bb.variants:
+            raise StudyError(f"eval.random_variants: {v!r} is not a variant of the {bb.name} backbone "
+                             f"({', '.join(bb.variants)})")
         runs += [{"variant": v, "guidance": float(s), "actions": "random"} for s in e["ablation_guidance"]]
     for r in runs:
         r["name"] = run_name(r["variant"], r["guidance"], r["actions"])
@@ -265,6 +295,7 @@ class Study:
         self.out, self.cfg, self.seed, self.scale = out, cfg, seed, scale
         self.data_root = data_dir or out / "data"
         self.device, self.log = device, log
+        self.backbone = backbone_of(cfg)
         self.executed: list[str] = []  # stages run (not skipped) by this invocation
 
     # ---- bookkeeping -------------------------------------------------------------------------
@@ -275,6 +306,7 @@ class Study:
         path = self.out / "study.json"
         if path.is_file():
             old = _read_json(path)
+            old.get("config", {}).setdefault("backbone", UNET3D.name)  # recorded before backbones existed
             if old != json.loads(json.dumps(ident)):
                 raise StudyError(f"{self.out} holds a study with another scale, seed or configuration ({path}); "
                                  "use another --out, or delete it")
@@ -326,7 +358,7 @@ class Study:
         if self._skip(marker, "pretrain"):
             return _read_json(marker)
         config = pt.PretrainConfig(data=str(self.dataset("pretrain")), output_dir=str(out), model=self.cfg["model"],
-                                   seed=self.seed, **self.cfg["pretrain"])
+                                   backbone=self.backbone.name, seed=self.seed, **self.cfg["pretrain"])
         return pt.pretrain(config, progress=_Progress(self.log, "[pretrain]"), device=self.device)
 
     def scratch_init(self) -> dict[str, Any]:
@@ -339,7 +371,7 @@ class Study:
         from causalize.training.data import read_info
 
         info = read_info(self.dataset("pretrain"))
-        model = pt.build_model(self.cfg["model"], info.channels, info.shape[0], self.seed)
+        model = pt.build_model(self.cfg["model"], info.channels, info.shape[0], self.seed, self.backbone.name)
         pt.save_model(model, out / pt.MODEL_DIR)
         doc = {"seed": self.seed, "parameters": sum(p.numel() for p in model.parameters()),
                "note": "the initial weights of pretraining (same architecture and seed), never trained"}
@@ -355,13 +387,13 @@ class Study:
         marker = self.out / "convert" / f"{variant}.json"
         if self._skip(marker, f"convert {variant}"):
             return _read_json(marker)
-        spec = VARIANTS[variant]
+        spec = self.backbone.variants[variant]
         src = self.out / ("pretrain" if spec["init"] == "pretrained" else "scratch_init") / pt.MODEL_DIR
         space = read_info(self.dataset("train")).action_space
-        pipeline = variant_pipeline(variant)
+        pipeline = variant_pipeline(variant, self.backbone.name)
         torch.manual_seed(self.seed)  # the action adapter's initialisation
         report = convert(src, self.out / "convert" / variant, pipeline=pipeline, action_dim=space.num_actions,
-                         action_type="discrete", verify=True, allow_leak=not spec["causal_norm"], overwrite=True)
+                         action_type="discrete", verify=True, allow_leak=not spec["causal"], overwrite=True)
         ver = report.verification or {}
         doc = {"variant": variant, **spec, "src": str(src), "pipeline": report.pipeline, "parameters": report.parameters,
                "verification": {k: ver.get(k) for k in ("passed", "max_leak", "culprit", "summary")},
@@ -408,7 +440,7 @@ class Study:
             guidance_rescale=e["guidance_rescale"], eta=e["eta"], history_noise=e["history_noise"], seed=self.seed,
             # Streaming caches are exact only for a causal model; the time-spanning-norm ablation
             # recomputes the whole window at every step (the reference strategy).
-            cache=VARIANTS[variant]["causal_norm"],
+            cache=self.backbone.variants[variant]["causal"],
         )
         return config
 
@@ -453,17 +485,18 @@ def _paired(a: dict[str, Any], b: dict[str, Any], metric: str) -> dict[str, floa
 def comparisons(runs: dict[str, dict[str, Any]], cfg: dict[str, Any]) -> list[dict[str, Any]]:
     """The paired comparisons behind each claim: (claim, a, b) with a − b for PSNR and SSIM."""
     s0 = float(cfg["eval"]["ablation_guidance"][0])
-    pairs = [
-        ("pretrained transfer beats training from scratch", run_name(MAIN, s0, "real"), run_name("scratch", s0, "real")),
-        ("extrapolative beats masked transfer", run_name(MAIN, s0, "real"), run_name("masked", s0, "real")),
-        ("extrapolative beats shift transfer", run_name(MAIN, s0, "real"), run_name("shift", s0, "real")),
+    main = backbone_of(cfg).main
+    pairs = [  # pairs whose runs the backbone does not have are left out below
+        ("pretrained transfer beats training from scratch", run_name(main, s0, "real"), run_name("scratch", s0, "real")),
+        ("extrapolative beats masked transfer", run_name(main, s0, "real"), run_name("masked", s0, "real")),
+        ("extrapolative beats shift transfer", run_name(main, s0, "real"), run_name("shift", s0, "real")),
         ("masked beats shift transfer", run_name("masked", s0, "real"), run_name("shift", s0, "real")),
-        ("causal norm beats the time-spanning norm left as is", run_name(MAIN, s0, "real"), run_name("noncausal-norm", s0, "real")),
-        ("the world model beats repeating the last context frame", run_name(MAIN, s0, "real"), BASELINE),
+        ("causal norm beats the time-spanning norm left as is", run_name(main, s0, "real"), run_name("noncausal-norm", s0, "real")),
+        ("the world model beats repeating the last context frame", run_name(main, s0, "real"), BASELINE),
     ]
     for s in cfg["eval"]["guidance"]:
         if float(s) != 1.0:
-            pairs.append((f"action guidance s={s:g} beats s=1", run_name(MAIN, float(s), "real"), run_name(MAIN, 1.0, "real")))
+            pairs.append((f"action guidance s={s:g} beats s=1", run_name(main, float(s), "real"), run_name(main, 1.0, "real")))
     for name, r in runs.items():
         if r.get("actions") == "random":
             real = run_name(r["variant"], r["guidance"], "real")
@@ -513,18 +546,19 @@ def write_report(study: Study, results: dict[str, Any], segments: ev.Segments) -
 
     out, cfg = study.out, study.cfg
     runs = results["runs"]
+    main, variants = study.backbone.main, study.backbone.variants
     s0 = float(cfg["eval"]["ablation_guidance"][0])
     plots = out / "plots"
     xlabel = "generated frame (1 = first after the context)"
-    variants_real = {v: runs[run_name(v, s0, "real")] for v in VARIANTS if run_name(v, s0, "real") in runs}
+    variants_real = {v: runs[run_name(v, s0, "real")] for v in variants if run_name(v, s0, "real") in runs}
     for metric, label in (("psnr", "PSNR (dB)"), ("ssim", "SSIM")):
         curves = {v: _curve(r["metrics"][metric]) for v, r in variants_real.items()}
         curves[BASELINE] = _curve(runs[BASELINE]["metrics"][metric])
         rp.plot_horizon(plots / f"variants_{metric}.png", curves, ylabel=label, xlabel=xlabel,
                         title=f"variants, real actions, s={s0:g}")
-        guided = {f"s={s:g}": _curve(runs[run_name(MAIN, float(s), 'real')]["metrics"][metric]) for s in cfg["eval"]["guidance"]}
+        guided = {f"s={s:g}": _curve(runs[run_name(main, float(s), 'real')]["metrics"][metric]) for s in cfg["eval"]["guidance"]}
         rp.plot_horizon(plots / f"guidance_{metric}.png", guided, ylabel=label, xlabel=xlabel,
-                        title=f"{MAIN}: action guidance scale")
+                        title=f"{main}: action guidance scale")
         ctrl = {}
         for name, r in runs.items():
             if r.get("actions") == "random":
@@ -535,7 +569,7 @@ def write_report(study: Study, results: dict[str, Any], segments: ev.Segments) -
             rp.plot_horizon(plots / f"controllability_{metric}.png", ctrl, ylabel=label, xlabel=xlabel,
                             title="real vs random actions")
     losses = {}
-    for v in VARIANTS:
+    for v in variants:
         path = out / "finetune" / v / "metrics.jsonl"
         if path.is_file():
             rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
@@ -552,11 +586,11 @@ def write_report(study: Study, results: dict[str, Any], segments: ev.Segments) -
         pred = np.load(out / "eval" / f"{name}.npz")["frames"][0]
         return np.concatenate([real[:c], pred])
 
-    panels = {"real": real, f"{MAIN} s={best:g}": with_context(run_name(MAIN, best, "real"))}
+    panels = {"real": real, f"{main} s={best:g}": with_context(run_name(main, best, "real"))}
     if run_name("scratch", s0, "real") in runs:
         panels[f"scratch s={s0:g}"] = with_context(run_name("scratch", s0, "real"))
-    if run_name(MAIN, best, "random") in runs:
-        panels["random actions"] = with_context(run_name(MAIN, best, "random"))
+    if run_name(main, best, "random") in runs:
+        panels["random actions"] = with_context(run_name(main, best, "random"))
     rp.write_comparison_gif(out / "rollout.gif", panels, context=c, fps=4.0)
     rp.save_frame_grid(out / "rollout_grid.png", list(panels.values()))
     (out / "README.md").write_text(markdown(results, list(panels)), encoding="utf-8")
@@ -593,7 +627,7 @@ def markdown(results: dict[str, Any], panels: list[str]) -> str:
     e, st = cfg["eval"], results["study"]
     t = results["timings"]
     lines = [
-        f"# Atari world-model study — scale `{st['scale']}`, seed {st['seed']}",
+        f"# Atari world-model study — backbone `{backbone_of(cfg).name}`, scale `{st['scale']}`, seed {st['seed']}",
         "",
         f"Generated by `python -m benchmarks.atari.study` ({st['command']}). Held-out game "
         f"{cfg['data']['heldout']}; {results['segments']['count']} test segments of {e['context']} context + "
@@ -612,7 +646,7 @@ def markdown(results: dict[str, Any], panels: list[str]) -> str:
         "",
         *comp,
         "",
-        f"Best guidance scale for `{MAIN}` (overall PSNR): s = {results['best_main_guidance']:g}.",
+        f"Best guidance scale for `{backbone_of(cfg).main}` (overall PSNR): s = {results['best_main_guidance']:g}.",
         "",
         "## Figures",
         "",
@@ -647,11 +681,12 @@ def run_study(
     device: str | None = None,
     data_dir: str | os.PathLike | None = None,
     overrides: Sequence[str] = (),
+    backbone: str = UNET3D.name,
     log: Log = _stderr,
     command: str = "",
 ) -> dict[str, Any]:
     """Run (or resume) every stage and write the report; returns the results document."""
-    cfg = resolve_config(scale, overrides)
+    cfg = resolve_config(scale, overrides, backbone)
     threads = int(threads or cfg["threads"])
     device = device or ("cuda" if scale == "gpu" and torch.cuda.is_available() else "cpu")
     saved = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
@@ -670,15 +705,16 @@ def _run(out: Path, cfg: dict[str, Any], *, scale: str, seed: int, threads: int,
     out.mkdir(parents=True, exist_ok=True)
     study = Study(out, cfg, seed, scale=scale, data_dir=Path(data_dir) if data_dir else None, device=device, log=log)
     study.check_identity()
-    log(f"study: scale {scale}, seed {seed}, {threads} torch thread(s), device {device}, output {out}")
+    log(f"study: backbone {study.backbone.name}, scale {scale}, seed {seed}, {threads} torch thread(s), device {device}, "
+        f"output {out}")
 
     data = study.data()
     pre = study.pretrain()
     study.scratch_init()
     variants: dict[str, Any] = {}
-    for v in VARIANTS:
+    for v in study.backbone.variants:
         variants[v] = {**study.convert(v)}
-    for v in VARIANTS:
+    for v in study.backbone.variants:
         ft = study.finetune(v)
         variants[v]["finetune"] = {k: ft.get(k) for k in ("steps", "final_loss", "train_seconds", "seconds", "samples_per_second",
                                                           "parameters", "trainable_parameters")}
@@ -687,7 +723,8 @@ def _run(out: Path, cfg: dict[str, Any], *, scale: str, seed: int, threads: int,
     for run in eval_runs(cfg):
         runs[run["name"]] = study.evaluate(run, segments)
 
-    best = max(cfg["eval"]["guidance"], key=lambda s: runs[run_name(MAIN, float(s), "real")]["metrics"]["psnr"]["overall"])
+    main = study.backbone.main
+    best = max(cfg["eval"]["guidance"], key=lambda s: runs[run_name(main, float(s), "real")]["metrics"]["psnr"]["overall"])
 
     timings = {
         "data": data.get("seconds", 0.0),
@@ -729,6 +766,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.atari.study", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output directory (resumed if it holds this study)")
     p.add_argument("--scale", choices=list(SCALES), default="cpu", help="smoke (<1 min), cpu (about 2 h on 2 cores), gpu")
+    p.add_argument("--backbone", choices=list(BACKBONES), default=UNET3D.name,
+                   help="unet3d (every ablation) or wan (a small DiT: transfer against scratch, guidance, controllability)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the scale's)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda for the gpu scale when available)")
@@ -743,7 +782,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = " ".join(["python -m benchmarks.atari.study", *(argv if argv is not None else sys.argv[1:])])
     try:
         run_study(args.out, scale=args.scale, seed=args.seed, threads=args.threads, device=args.device, data_dir=args.data,
-                  overrides=args.overrides, command=command)
+                  overrides=args.overrides, backbone=args.backbone, command=command)
     except (StudyError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
