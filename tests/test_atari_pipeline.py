@@ -53,6 +53,8 @@ def test_every_stage_writes_its_outputs(runs):
     for v in study.VARIANTS:
         assert (out / "convert" / v / "causalize.json").is_file()
         assert (out / "finetune" / v / "final" / "causalize.json").is_file()
+    for v in study.VARIANTS:
+        assert (out / "eval" / f"denoise_{v}.json").is_file()
     for run in study.eval_runs(study.resolve_config("smoke")):
         assert (out / "eval" / f"{run['name']}.json").is_file()
         assert (out / "eval" / f"{run['name']}.npz").is_file()
@@ -78,6 +80,14 @@ def test_results_cover_every_variant_run_and_metric(runs):
     assert ver == {v: spec["causal_norm"] for v, spec in study.VARIANTS.items()}
     assert "causal-norm" not in res["variants"]["noncausal-norm"]["pipeline"]
     assert "transfer=shift" in res["variants"]["shift"]["pipeline"]
+    # the one-step denoising check: every variant, every level; no denoising scores worse at
+    # higher noise (the noisy input carries less of the frame)
+    assert set(res["denoising"]) == set(study.VARIANTS)
+    for v, levels in res["denoising"].items():
+        assert [int(k) for k in levels] == list(study.DENOISE_LEVELS)
+        inputs = [levels[k]["input"] for k in levels]
+        assert inputs == sorted(inputs, reverse=True), (v, inputs)
+        assert all(d["x0"] == d["x0"] for d in levels.values())
     claims = {c["claim"] for c in res["comparisons"]}
     assert "pretrained transfer beats training from scratch" in claims
     assert all(c["verdict"] for c in res["comparisons"])

@@ -18,7 +18,9 @@ interrupted run resumes where it stopped; progress goes to stderr):
    the pretrained model with its frame-causal mask ("causal"), and "scratch".
 4. ``finetune``: Diffusion-Forcing fine-tuning of every variant on the held-out game's training
    episodes with the same budget (steps, batch, window, learning rate, seed).
-5. ``eval``: autoregressive rollouts on the test segments from the real actions (guidance scales
+5. ``eval``: a one-step denoising check of every fine-tuned variant (x0 predicted from test
+   segments noised to a few fixed levels: how good a denoiser it is, apart from the sampler), then
+   autoregressive rollouts on the test segments from the real actions (guidance scales
    for the method, the ablation scale for the others) and from uniformly random actions (action
    controllability), scored per horizon step with PSNR and SSIM; plus the copy-last-frame baseline.
 6. ``report``: ``results.json``, ``README.md`` (tables and paired comparisons), plots of the metrics
@@ -57,6 +59,8 @@ __all__ = ["DIT_SCALES", "SCALES", "VARIANTS", "StudyError", "eval_runs", "main"
 Log = Callable[[str], None]
 
 BASELINE = "copy-last"
+#: Noise levels of the one-step denoising check (a fixed diagnostic, not part of a scale).
+DENOISE_LEVELS = (20, 100, 300, 600, 999)
 
 #: The default (UNet3D) backbone's method and conversion variants: initial weights, weight
 #: transfer of the temporal convs, causal norm or not (``backbones.UNET3D``).
@@ -463,6 +467,20 @@ class Study:
                  f"SSIM {doc['metrics']['ssim']['overall']:.4f} ({timing['seconds']:.1f}s)")
         return doc
 
+    def denoise(self, variant: str, segments: ev.Segments) -> dict[str, Any]:
+        """One-step x0 prediction quality of the fine-tuned variant at DENOISE_LEVELS."""
+        from causalize.rollout.loading import load_world_model
+
+        marker = self.out / "eval" / f"denoise_{variant}.json"
+        if self._skip(marker, f"denoise {variant}"):
+            return _read_json(marker)
+        wm, _ = load_world_model(self.out / "finetune" / variant / "final", device=self.device)
+        doc = {"variant": variant, "levels": ev.denoising_psnr(wm, segments, list(DENOISE_LEVELS), self.seed)}
+        _write_json(marker, doc)
+        self.log(f"[denoise {variant}] x0 PSNR by level: " + ", ".join(
+            f"{k}: {d['x0']:.1f} dB (input {d['input']:.1f})" for k, d in doc["levels"].items()))
+        return doc
+
     def baseline(self, segments: ev.Segments) -> dict[str, Any]:
         pred = ev.copy_last_baseline(segments)
         return {"name": BASELINE, "variant": BASELINE, "guidance": None, "actions": "none",
@@ -619,6 +637,9 @@ def markdown(results: dict[str, Any], panels: list[str]) -> str:
                     "max leak": d["verification"]["max_leak"], "final FT loss": d["finetune"]["final_loss"]}
                 for v, d in results["variants"].items()}
     var_table = write_markdown_table(var_rows, row_header="variant", float_format=".4g")
+    den = results.get("denoising") or {}
+    den_rows = {v: {f"k={k}": f"{d['x0']:.2f} ({d['input']:.2f})" for k, d in levels.items()} for v, levels in den.items()}
+    den_table = write_markdown_table(den_rows, row_header="variant") if den_rows else ""
     comp = ["| claim | a − b | ΔPSNR dB (± s.e.) | ΔSSIM (± s.e.) | verdict |", "|---|---|---:|---:|---|"]
     for cmp in results["comparisons"]:
         p, s = cmp["psnr"], cmp["ssim"]
@@ -642,6 +663,13 @@ def markdown(results: dict[str, Any], panels: list[str]) -> str:
         "## Variants (conversion and fine-tuning, equal budget)",
         "",
         var_table,
+        "## One-step denoising (how good a denoiser each model is, apart from the sampler)",
+        "",
+        "Every frame of the test segments (context and future) noised to the same level k, the real actions, one "
+        "forward pass: PSNR (dB) of the predicted x0 against the real frames, and in brackets the PSNR of the noisy "
+        "input rescaled by 1/sqrt(alpha_k) (no denoising).",
+        "",
+        den_table,
         "## Paired comparisons (same test segments; a − b, mean over segments ± standard error)",
         "",
         *comp,
@@ -719,6 +747,7 @@ def _run(out: Path, cfg: dict[str, Any], *, scale: str, seed: int, threads: int,
         variants[v]["finetune"] = {k: ft.get(k) for k in ("steps", "final_loss", "train_seconds", "seconds", "samples_per_second",
                                                           "parameters", "trainable_parameters")}
     segments = study.segments()
+    denoising = {v: study.denoise(v, segments)["levels"] for v in study.backbone.variants}
     runs: dict[str, Any] = {BASELINE: study.baseline(segments)}
     for run in eval_runs(cfg):
         runs[run["name"]] = study.evaluate(run, segments)
@@ -748,6 +777,7 @@ def _run(out: Path, cfg: dict[str, Any], *, scale: str, seed: int, threads: int,
         "segments": {"count": len(segments.index), "index": segments.index, "context": segments.context,
                      "horizon": segments.horizon, "num_actions": segments.num_actions},
         "runs": {n: {k: r[k] for k in ("variant", "guidance", "actions", "metrics")} for n, r in runs.items()},
+        "denoising": denoising,
         "best_main_guidance": float(best),
         "timings": timings,
     }
