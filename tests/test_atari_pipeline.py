@@ -189,3 +189,22 @@ def test_unknown_backbone_and_foreign_variants_are_refused():
         study.resolve_config("smoke", backbone="vqgan")
     with pytest.raises(study.StudyError, match="not a variant of the wan backbone"):
         study.eval_runs(study.resolve_config("smoke", ['eval.random_variants=["shift"]'], backbone="wan"))
+
+
+def test_denoising_check_does_not_depend_on_the_batch(runs):
+    from benchmarks.atari import evaluate as ev
+    from causalize.rollout.loading import load_world_model
+
+    out = runs["root"] / "a"
+    wm, _ = load_world_model(out / "finetune" / "scratch" / "final")
+    e = study.resolve_config("smoke")["eval"]
+    segments = ev.load_segments(out / "data" / "heldout_test", e["context"], e["horizon"], e["segments_per_episode"])
+    whole = ev.denoising_psnr(wm, segments, [20, 999], SEED)
+    one_by_one = ev.denoising_psnr(wm, segments, [20, 999], SEED, batch_size=1)
+    assert whole.keys() == one_by_one.keys()
+    for k in whole:
+        for name in ("x0", "input"):
+            assert abs(whole[k][name] - one_by_one[k][name]) < 1e-3, (k, name)
+    assert whole["20"]["input"] > whole["999"]["input"]
+    assert json.loads((out / "eval" / "denoise_scratch.json").read_text())["levels"]["20"] == pytest.approx(
+        ev.denoising_psnr(wm, segments, list(study.DENOISE_LEVELS), SEED)["20"])

@@ -147,36 +147,41 @@ def rollout_segments(
     return torch.cat(outs), {"seconds": total, "seconds_per_frame": seconds, "frame_passes": passes, "samples": n}
 
 
-def denoising_psnr(wm: Any, segments: Segments, levels: list[int], seed: int) -> dict[str, Any]:
+def denoising_psnr(wm: Any, segments: Segments, levels: list[int], seed: int,
+                   batch_size: int | None = None) -> dict[str, Any]:
     """How good a denoiser the world model is, apart from the sampler: every frame of every
     segment (context and future) noised to the same level k, the real actions, one forward pass;
     PSNR of the predicted x0 against the real frames, next to the PSNR of the noisy input
     rescaled by 1/sqrt(alpha_k) (what "no denoising" scores). Model space is [-1, 1]; PSNR over
-    [0, 1] pixels, clamped. One noise draw per level from ``seed``."""
+    [0, 1] pixels, clamped. One noise draw per level from ``seed`` (on the CPU, for the whole set,
+    so the numbers do not depend on ``batch_size``, the segments per forward pass)."""
     from causalize.training.objective import NoiseSchedule
     from causalize.training.trainer import conditioning_kwargs
 
     device = next(wm.parameters()).device
     schedule = NoiseSchedule.from_config()
-    x0 = torch.from_numpy(segments.frames).float().div(127.5).sub(1.0).permute(0, 4, 1, 2, 3).contiguous().to(device)
-    actions = torch.from_numpy(np.concatenate([segments.context_actions, segments.actions], 1)).to(device)
+    x0 = torch.from_numpy(segments.frames).float().div(127.5).sub(1.0).permute(0, 4, 1, 2, 3).contiguous()
+    actions = torch.from_numpy(np.concatenate([segments.context_actions, segments.actions], 1))
     n, frames = x0.shape[0], x0.shape[2]
-    kwargs = conditioning_kwargs(wm.plan, wm.model, n, frames, device=device)
+    chunk = batch_size or n
     real = frames_to_unit(torch.from_numpy(np.ascontiguousarray(segments.frames)), "uint8")
     out: dict[str, Any] = {}
     with torch.no_grad():
         for k in levels:
-            g = torch.Generator(device=device).manual_seed(int(seed) * 1000 + int(k))
-            noise = torch.randn(x0.shape, generator=g, device=device)
-            kk = torch.full((n, frames), int(k), dtype=torch.long, device=device)
-            x_k = schedule.q_sample(x0, noise, kk, frame_axis=2)
-            v = wm(x_k, kk, actions, **kwargs)
-            a = schedule.alphas_cumprod[int(k)].float().to(device)
-            pred = a.sqrt() * x_k - (1 - a).sqrt() * v.float()  # x0 from v
-            rescaled = x_k / a.sqrt().clamp(min=1e-3)
-            scores = {}
-            for name, x in (("x0", pred), ("input", rescaled)):
-                p = frames_to_unit(x.cpu().movedim(2, 1), "signed")
-                scores[name] = float(video_metrics(p, real)["psnr"].double().mean())
-            out[str(int(k))] = scores
+            noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(int(seed) * 1000 + int(k)))
+            a = schedule.alphas_cumprod[int(k)].float()
+            preds, inputs = [], []
+            for lo in range(0, n, chunk):
+                xb = x0[lo : lo + chunk].to(device)
+                kk = torch.full((xb.shape[0], frames), int(k), dtype=torch.long, device=device)
+                x_k = schedule.q_sample(xb, noise[lo : lo + chunk].to(device), kk, frame_axis=2)
+                kwargs = conditioning_kwargs(wm.plan, wm.model, xb.shape[0], frames, device=device)
+                v = wm(x_k, kk, actions[lo : lo + chunk].to(device), **kwargs).float().cpu()
+                x_k = x_k.cpu()
+                preds.append(a.sqrt() * x_k - (1 - a).sqrt() * v)  # x0 from v
+                inputs.append(x_k / a.sqrt().clamp(min=1e-3))
+            out[str(int(k))] = {
+                name: float(video_metrics(frames_to_unit(torch.cat(xs).movedim(2, 1), "signed"), real)["psnr"].double().mean())
+                for name, xs in (("x0", preds), ("input", inputs))
+            }
     return out

@@ -475,7 +475,8 @@ class Study:
         if self._skip(marker, f"denoise {variant}"):
             return _read_json(marker)
         wm, _ = load_world_model(self.out / "finetune" / variant / "final", device=self.device)
-        doc = {"variant": variant, "levels": ev.denoising_psnr(wm, segments, list(DENOISE_LEVELS), self.seed)}
+        doc = {"variant": variant, "levels": ev.denoising_psnr(wm, segments, list(DENOISE_LEVELS), self.seed,
+                                                                 batch_size=self.cfg["eval"]["batch_size"])}
         _write_json(marker, doc)
         self.log(f"[denoise {variant}] x0 PSNR by level: " + ", ".join(
             f"{k}: {d['x0']:.1f} dB (input {d['input']:.1f})" for k, d in doc["levels"].items()))
