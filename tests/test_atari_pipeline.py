@@ -77,7 +77,7 @@ def test_results_cover_every_variant_run_and_metric(runs):
     assert any(r["actions"] == "random" for r in res["runs"].values())
     # the time-spanning norm is not causal, and the verification says so; every other variant is causal
     ver = {v: d["verification"]["passed"] for v, d in res["variants"].items()}
-    assert ver == {v: spec["causal_norm"] for v, spec in study.VARIANTS.items()}
+    assert ver == {v: spec["causal"] for v, spec in study.VARIANTS.items()}
     assert "causal-norm" not in res["variants"]["noncausal-norm"]["pipeline"]
     assert "transfer=shift" in res["variants"]["shift"]["pipeline"]
     # the one-step denoising check: every variant, every level; no denoising scores worse at

@@ -50,9 +50,14 @@ class Segments:
         return self.frames[:, self.context :]
 
     def context_tensor(self) -> torch.Tensor:
-        """Context frames in model space ([-1, 1], as the training loader maps pixels), (N, C, c, H, W)."""
-        x = torch.from_numpy(self.frames[:, : self.context]).float().div(127.5).sub(1.0)
-        return x.permute(0, 4, 1, 2, 3).contiguous()
+        """Context frames in model space, (N, C, c, H, W)."""
+        return model_space(self.frames[:, : self.context])
+
+
+def model_space(frames: np.ndarray) -> torch.Tensor:
+    """uint8 (N, T, H, W, C) frames in model space ([-1, 1], as the training loader maps pixels),
+    (N, C, T, H, W)."""
+    return torch.from_numpy(frames).float().div(127.5).sub(1.0).permute(0, 4, 1, 2, 3).contiguous()
 
 
 def load_segments(root: str | Path, context: int, horizon: int, per_episode: int) -> Segments:
@@ -160,7 +165,7 @@ def denoising_psnr(wm: Any, segments: Segments, levels: list[int], seed: int,
 
     device = next(wm.parameters()).device
     schedule = NoiseSchedule.from_config()
-    x0 = torch.from_numpy(segments.frames).float().div(127.5).sub(1.0).permute(0, 4, 1, 2, 3).contiguous()
+    x0 = model_space(segments.frames)
     actions = torch.from_numpy(np.concatenate([segments.context_actions, segments.actions], 1))
     n, frames = x0.shape[0], x0.shape[2]
     chunk = batch_size or n
@@ -178,7 +183,7 @@ def denoising_psnr(wm: Any, segments: Segments, levels: list[int], seed: int,
                 kwargs = conditioning_kwargs(wm.plan, wm.model, xb.shape[0], frames, device=device)
                 v = wm(x_k, kk, actions[lo : lo + chunk].to(device), **kwargs).float().cpu()
                 x_k = x_k.cpu()
-                preds.append(a.sqrt() * x_k - (1 - a).sqrt() * v)  # x0 from v
+                preds.append(schedule.predicted_x0(x_k, v, kk.cpu(), "v", frame_axis=2))
                 inputs.append(x_k / a.sqrt().clamp(min=1e-3))
             out[str(int(k))] = {
                 name: float(video_metrics(frames_to_unit(torch.cat(xs).movedim(2, 1), "signed"), real)["psnr"].double().mean())
