@@ -64,6 +64,7 @@ from causalize.errors import UsageError
 from causalize.modules.action_encoder import ActionEncoder, ActionType
 from causalize.modules.causal_conv import is_causal_conv
 from causalize.passes.frame_conditioning import ADAPTER_ATTR, CTX
+from causalize.precision import model_device, model_dtype
 
 DEFAULT_LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 _LORA_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # what PEFT's LoRA wraps in a diffusers model
@@ -246,8 +247,7 @@ def _register(model: nn.Module, name: str, config: Any, action_dim: int, action_
     same_space = (base.action_dim, base.action_type) == (action_dim, action_type)
     if not same_space or (hidden is not None and hidden != _hidden(base)):
         # PEFT's slot holds a copy of the converted encoder; this action space needs its own.
-        ref = next(base.parameters())
-        fresh = ActionEncoder(action_dim, base.emb_dim, action_type, hidden).to(ref.device, ref.dtype)
+        fresh = ActionEncoder(action_dim, base.emb_dim, action_type, hidden).to(model_device(base), model_dtype(base))
         _wrapper(model).modules_to_save[name] = fresh
     # PEFT leaves a new adapter half active when another one exists (its LoRA layers on, the
     # encoder wrapper on no adapter at all); activating it sets every part consistently.
@@ -275,8 +275,7 @@ def _base_encoder(model: nn.Module, action_dim: int, action_type: ActionType) ->
         from causalize.passes.frame_conditioning import _out_features
 
         width = _out_features(model.get_submodule(plan_for(model).conditioning.embedding))
-        ref = next(model.parameters())
-        model.add_module(ADAPTER_ATTR, ActionEncoder(action_dim, width, action_type).to(ref.device, ref.dtype))
+        model.add_module(ADAPTER_ATTR, ActionEncoder(action_dim, width, action_type).to(model_device(model), model_dtype(model)))
         return getattr(model, ADAPTER_ATTR)
     encoder = current.original_module if _is_wrapper(current) else current
     if not isinstance(encoder, ActionEncoder):

@@ -15,8 +15,10 @@ from causalize.manifest import Manifest, is_converted
 from causalize.passes.base import PassContext, Record, Site
 from causalize.passes.pipeline import Pipeline, parse
 from causalize.plan import Plan
+from causalize.precision import check_dtype_on, describe as describe_dtype, model_device, model_dtype, parse_dtype, resolve_device, to_precision
 
 if TYPE_CHECKING:
+    import torch
     import torch.nn as nn
 
     from causalize.plugin_manager import Registries
@@ -165,38 +167,56 @@ def _load_dir(path: str | os.PathLike, subfolder: str | None, allow_pickle: bool
     return md, model, checkpoint.load_state_dict(md, allow_pickle)
 
 
-def load(path: str | os.PathLike, *, allow_pickle: bool = False, progress: Progress | None = None) -> "nn.Module":
+def load(path: str | os.PathLike, *, allow_pickle: bool = False, torch_dtype: "torch.dtype | str | None" = None,
+         device: "torch.device | str | None" = None, progress: Progress | None = None) -> "nn.Module":
     """A converted checkpoint as an instance of its diffusers class: drop-in and causal.
 
     Builds the base structure from config.json, replays the pipeline stored in causalize.json,
-    then assigns the saved weights.
+    then assigns the saved weights; `torch_dtype` (None: as stored) and `device` (None: CPU) as in
+    diffusers' `from_pretrained`, with `_keep_in_fp32_modules` kept in fp32.
     """
     from causalize import checkpoint
 
+    dtype, device = _checked_precision(torch_dtype, device)
     manifest = Manifest.read(Path(path))
     md, model, state = _load_dir(path, None, allow_pickle, progress)
     convert_model(model, manifest.plan, manifest.pipeline)
     checkpoint.assign_weights(model, state, md.path)
-    return model
+    return to_precision(model, dtype, device)
 
 
-def load_any(path: str | os.PathLike, *, subfolder: str | None = None, allow_pickle: bool = False, progress: Progress | None = None) -> tuple["nn.Module", Manifest | None]:
+def _checked_precision(torch_dtype, device):
+    """The dtype and device, both checked to exist and compute here (one-line errors, before any work)."""
+    dtype = parse_dtype(torch_dtype)
+    dev = resolve_device(device)
+    check_dtype_on(dtype, dev)
+    return dtype, dev
+
+
+def load_any(path: str | os.PathLike, *, subfolder: str | None = None, allow_pickle: bool = False,
+             torch_dtype: "torch.dtype | str | None" = None, device: "torch.device | str | None" = None,
+             progress: Progress | None = None) -> tuple["nn.Module", Manifest | None]:
     """A converted checkpoint through `load`, or a plain diffusers one as is (with no manifest)."""
     from causalize import checkpoint
 
     if subfolder is None and is_converted(Path(path)):
-        return load(path, allow_pickle=allow_pickle, progress=progress), Manifest.read(Path(path))
+        model = load(path, allow_pickle=allow_pickle, torch_dtype=torch_dtype, device=device, progress=progress)
+        return model, Manifest.read(Path(path))
+    dtype, dev = _checked_precision(torch_dtype, device)
     md, model, state = _load_dir(path, subfolder, allow_pickle, progress)
     checkpoint.assign_weights(model, state, md.path)
-    return model, None
+    return to_precision(model, dtype, dev), None
 
 
 def verify(path: str | os.PathLike, *, frames: int = DEFAULT_FRAMES, plan: str | None = None, subfolder: str | None = None,
-           allow_pickle: bool = False, progress: Progress | None = None) -> "CausalityReport":
-    """Causality of a checkpoint on disk (converted or not: an unconverted one is expected to leak)."""
-    model, manifest = load_any(path, subfolder=subfolder, allow_pickle=allow_pickle, progress=progress)
+           allow_pickle: bool = False, torch_dtype: "torch.dtype | str | None" = None,
+           device: "torch.device | str | None" = None, progress: Progress | None = None) -> "CausalityReport":
+    """Causality of a checkpoint on disk (converted or not: an unconverted one is expected to leak),
+    probed in `torch_dtype` (None: as stored) on `device` (None: CPU)."""
+    model, manifest = load_any(path, subfolder=subfolder, allow_pickle=allow_pickle, torch_dtype=torch_dtype,
+                               device=device, progress=progress)
     plan_name = plan or (manifest.plan if manifest else None)
-    _say(progress, f"probing {frames} frames")
+    _say(progress, f"probing {frames} frames in {describe_dtype(model_dtype(model))} on {model_device(model)}")
     return verify_model(model, plan_for(model, plan_name), frames=frames)
 
 
@@ -249,6 +269,8 @@ def convert(
     action_dim: int = 0,
     action_type: str = "continuous",
     frames: int = DEFAULT_FRAMES,
+    torch_dtype: "torch.dtype | str | None" = None,
+    device: "torch.device | str | None" = None,
     progress: Progress | None = None,
 ) -> ConvertReport:
     """Convert a diffusers checkpoint directory into a causal one at OUT (atomically; SRC untouched).
@@ -256,11 +278,14 @@ def convert(
     If verification fails, nothing is written unless `allow_leak` (the manifest then records it).
     `action_dim` > 0 appends `frame-conditioning{action_dim=N,action_type=...}` to the pipeline:
     per-frame timesteps and a frame-level action adapter (see causalize.WorldModel).
+    `torch_dtype` (None: the checkpoint's) is the dtype the passes, the verification and the saved
+    weights use; `device` (None: CPU) is where the model is converted and verified.
     """
     from causalize import checkpoint
 
     t0 = time.perf_counter()
     out = Path(out)
+    dtype, dev = _checked_precision(torch_dtype, device)
     md = checkpoint.open_model_dir(src, subfolder)
     checkpoint.check_out_path(md.path, out, overwrite or dry_run)  # a dry run writes nothing
     the_plan = plan_for(md.class_name, plan, md.config)
@@ -269,6 +294,7 @@ def convert(
         pipe = with_action_adapter(pipe, action_dim, action_type)
     model = checkpoint.build_empty(md.class_name, md.config)
     checkpoint.assign_weights(model, checkpoint.load_state_dict(md, allow_pickle), md.path)
+    to_precision(model, dtype, dev)
     seconds = {"load": time.perf_counter() - t0}
     n_params = sum(p.numel() for p in model.parameters())
     _say(progress, f"loaded {md.class_name} ({n_params:,} parameters) in {seconds['load']:.1f}s")

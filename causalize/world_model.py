@@ -13,11 +13,13 @@ own forward runs; the per-frame conditioning travels in its frame context.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from causalize import precision
 from causalize.context import CONTEXT_ATTR
 from causalize.errors import CausalizeError, UsageError
 from causalize.passes.frame_conditioning import ADAPTER_ATTR
@@ -38,12 +40,30 @@ class WorldModel(nn.Module):
             )
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, **load_kwargs: Any) -> "WorldModel":
-        from causalize.api import load
-        from causalize.manifest import Manifest
+    def from_pretrained(cls, path: str | os.PathLike, *, torch_dtype: "torch.dtype | str | None" = None,
+                        device: "torch.device | str | None" = None, **load_kwargs: Any) -> "WorldModel":
+        """Load a converted checkpoint (`causalize.load`) in `torch_dtype` on `device` (None: as stored, CPU)."""
         from pathlib import Path
 
-        return cls(load(path, **load_kwargs), Manifest.read(Path(path)).plan)
+        from causalize.api import load
+        from causalize.manifest import Manifest
+
+        model = load(path, torch_dtype=torch_dtype, device=device, **load_kwargs)
+        return cls(model, Manifest.read(Path(path)).plan)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (modules diffusers keeps in fp32 do not count)."""
+        return precision.model_dtype(self.model)
+
+    @property
+    def device(self) -> torch.device:
+        return precision.model_device(self.model)
+
+    def unconditional_inputs(self, batch: int, frames: int, overrides: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
+        """The model's other inputs for an unconditional call (see `conditioning_kwargs`), in the
+        model's dtype and on its device."""
+        return conditioning_kwargs(self.plan, self.model, batch, frames, overrides, self.device, self.dtype)
 
     @property
     def action_encoder(self) -> nn.Module | None:
@@ -57,10 +77,11 @@ class WorldModel(nn.Module):
         if timesteps.shape != (batch, frames):
             raise UsageError(f"timesteps must be (batch, frames) = ({batch}, {frames}), got {tuple(timesteps.shape)}")
         ctx = getattr(self.model, CONTEXT_ATTR)
-        ctx.timesteps = timesteps if cond.mode == "delta" else None
-        ctx.action_emb = self._action_embedding(actions, action_mask, batch, frames)
-        inputs = {cond.sample_arg: sample, cond.timestep_arg: self._model_timesteps(sample, timesteps), **dict(cond.extra_kwargs), **model_kwargs}
-        try:
+        try:  # the context is cleared even when a check below refuses the call
+            ctx.timesteps = timesteps if cond.mode == "delta" else None
+            ctx.action_emb = self._action_embedding(actions, action_mask, batch, frames)
+            inputs = {cond.sample_arg: sample, cond.timestep_arg: self._model_timesteps(sample, timesteps),
+                      **dict(cond.extra_kwargs), **model_kwargs}
             return self.plan.forward(self.model, inputs)
         finally:
             ctx.timesteps = ctx.action_emb = None
@@ -95,10 +116,61 @@ class WorldModel(nn.Module):
         return encoder(actions, action_mask)
 
 
+def _keeps_value(name: str) -> bool:
+    """Example inputs that are settings rather than content (masks, SVD's added_time_ids, fps)."""
+    return "mask" in name or "time_ids" in name or name in ("fps",)
+
+
+def conditioning_kwargs(
+    plan: Plan,
+    model: nn.Module,
+    batch: int,
+    frames: int,
+    overrides: Mapping[str, torch.Tensor] | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> dict[str, Any]:
+    """The model's extra keyword arguments for an unconditional ("empty prompt") training call at
+    ``batch``: the plan's example inputs without the sample and the timestep, with every
+    content tensor (text embeddings, image latents, ...) zeroed, masks and settings kept, and
+    ``overrides`` (tensors at batch 1, e.g. the real empty-prompt embedding) used where given.
+    Expanded to the batch; an input whose frame axis is 0 folds frames into the batch
+    ((B·F, ...), AnimateDiff's encoder_hidden_states) and is repeated per sample. Floating tensors
+    take ``dtype`` (default: the model's compute dtype), all tensors go to ``device``."""
+    cond = plan.conditioning
+    dtype = dtype or precision.model_dtype(model)
+    example = plan.make_inputs(model, frames, torch.Generator().manual_seed(0))
+    example.pop(cond.sample_arg, None)
+    example.pop(cond.timestep_arg, None)
+    overrides = dict(overrides or {})
+    out: dict[str, Any] = {}
+    for name, value in {**example, **{k: v for k, v in overrides.items() if k not in example}}.items():
+        folded = plan.layout.inputs.get(name) == 0
+        if name in overrides:
+            value = overrides[name]
+            if folded and torch.is_tensor(value) and value.shape[:1] == (1,) and frames > 1:
+                value = value.repeat(frames, *([1] * (value.ndim - 1)))  # one row per frame
+        elif torch.is_tensor(value) and value.is_floating_point() and not _keeps_value(name):
+            value = torch.zeros_like(value)
+        if torch.is_tensor(value):
+            if name in cond.unbatched:
+                pass  # the model's forward repeats it over the batch itself
+            elif folded:
+                value = value.repeat(batch, *([1] * (value.ndim - 1)))
+            elif value.ndim >= 1 and value.shape[0] == 1:
+                value = value.expand(batch, *value.shape[1:]).contiguous()
+            if value.is_floating_point():
+                value = value.to(dtype=dtype)
+            if device is not None:
+                value = value.to(device)
+        out[name] = value
+    return out
+
+
 def _has_conditioning(model: nn.Module) -> bool:
     from causalize.passes.frame_conditioning import CTX
 
     return any(hasattr(m, CTX) for m in model.modules())
 
 
-__all__ = ["WorldModel", "CausalizeError"]
+__all__ = ["CausalizeError", "WorldModel", "conditioning_kwargs"]

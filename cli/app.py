@@ -72,6 +72,8 @@ PIPELINE_OPT = typer.Option(None, "--pipeline", metavar="TEXT", help="Pass pipel
 SUBFOLDER_OPT = typer.Option(None, "--subfolder", metavar="NAME", help="Denoiser subfolder of a pipeline directory (default: unet/ or transformer/, whichever exists).")
 FRAMES_OPT = typer.Option(None, "--frames", metavar="N", help="Frames in the causality probe (default 4).")
 PICKLE_OPT = typer.Option(False, "--allow-pickle", help="Accept diffusion_pytorch_model.bin (loaded with weights_only=True).")
+DTYPE_OPT = typer.Option(None, "--dtype", metavar="fp32|bf16|fp16", help="Compute dtype (default: the checkpoint's own). Modules diffusers keeps in fp32 stay fp32.")
+DEVICE_OPT = typer.Option(None, "--device", metavar="DEV", help="cpu, cuda, cuda:1, ... (default: cpu).")
 
 
 def _version(value: bool) -> None:
@@ -199,6 +201,13 @@ def _print_convert_summary(report: ConvertReport) -> None:
         err.print("[red]nothing written[/]: verification failed; fix the pipeline, or pass --allow-leak to write anyway")
 
 
+def _check_precision_names(dtype: str | None) -> None:
+    """--dtype checked by name before torch is imported (the device is checked once torch is in)."""
+    from causalize.precision import check_dtype_name
+
+    check_dtype_name(dtype)
+
+
 # --- commands ----------------------------------------------------------------------------------
 
 
@@ -217,6 +226,8 @@ def convert(
     action_dim: int = typer.Option(0, "--action-dim", metavar="N", help="Add per-frame timesteps and a frame-level action adapter for N-dimensional actions (0: none)."),
     action_type: str = typer.Option("continuous", "--action-type", help="continuous (an MLP on action vectors) or discrete (a sum of embeddings of active entries)."),
     frames: Optional[int] = FRAMES_OPT,
+    dtype: Optional[str] = DTYPE_OPT,
+    device: Optional[str] = DEVICE_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
     """Convert a diffusers checkpoint into a causal one, verify it, and write it to OUT.
@@ -232,6 +243,7 @@ def convert(
       causalize convert ./svd-pipeline ./svd-causal --subfolder unet --dry-run
       causalize convert SRC OUT --pipeline 'causal-temporal-conv{transfer=extrapolative},causal-temporal-attention,causal-norm'
       causalize convert SRC OUT --action-dim 13        # a world model: per-frame timesteps + actions
+      causalize convert SRC OUT --dtype bf16 --device cuda   # converted, verified and saved in bf16
 
     \b
     Exit codes:
@@ -242,12 +254,14 @@ def convert(
       4  conversion error: no plan, a pass matched nothing, bad checkpoint, pickle refused
     """
     with _guard(as_json):
+        _check_precision_names(dtype)
         from causalize import api
 
         report = api.convert(
             src, out_dir, plan=plan, pipeline=pipeline, subfolder=subfolder, dry_run=dry_run, overwrite=overwrite,
             allow_pickle=allow_pickle, allow_leak=allow_leak, verify=not no_verify,
-            action_dim=action_dim, action_type=action_type, frames=_frames(frames), progress=_progress,
+            action_dim=action_dim, action_type=action_type, frames=_frames(frames), torch_dtype=dtype, device=device,
+            progress=_progress,
         )
     _print_convert_summary(report)
     if as_json:
@@ -267,6 +281,8 @@ def verify(
     plan: Optional[str] = PLAN_OPT,
     subfolder: Optional[str] = SUBFOLDER_OPT,
     allow_pickle: bool = PICKLE_OPT,
+    dtype: Optional[str] = DTYPE_OPT,
+    device: Optional[str] = DEVICE_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
     """Measure whether any output frame depends on a later input frame.
@@ -279,6 +295,7 @@ def verify(
     Examples:
       causalize verify ./zeroscope-causal
       causalize verify ./zeroscope/unet --frames 6 --json   # negative control: leaks
+      causalize verify ./wan-causal --dtype bf16 --device cuda   # in the precision you run it in
 
     \b
     Exit codes:
@@ -289,10 +306,11 @@ def verify(
       4  the checkpoint cannot be read, or no plan supports it
     """
     with _guard(as_json):
+        _check_precision_names(dtype)
         from causalize import api
 
-        report = api.verify(path, frames=_frames(frames), plan=plan, subfolder=subfolder,
-                            allow_pickle=allow_pickle, progress=_progress)
+        report = api.verify(path, frames=_frames(frames), plan=plan, subfolder=subfolder, allow_pickle=allow_pickle,
+                            torch_dtype=dtype, device=device, progress=_progress)
     if as_json:
         _emit_json({"path": str(path), **report.to_json()})
     else:
@@ -550,6 +568,9 @@ def train(
     lr: Optional[float] = typer.Option(None, "--lr", metavar="X", help="AdamW learning rate (default 1e-5)."),
     window: Optional[int] = typer.Option(None, "--window", metavar="N", help="Frames per training window (default 16)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the output directory."),
+    mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", "--dtype", metavar="no|bf16|fp16", help="accelerate's mixed precision: weights stay fp32, the forward runs in bf16 / fp16 (default: no)."),
+    device: Optional[str] = typer.Option(None, "--device", metavar="cpu|cuda", help="cpu trains on the CPU even where CUDA exists (default: accelerate's choice)."),
+    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations in backward (less memory)."),
     as_json: bool = JSON_OPT,
 ) -> None:
     """Fine-tune a converted world model with the Diffusion Forcing objective.
@@ -575,7 +596,9 @@ def train(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     overrides = {"model": model, "data": data, "output_dir": out_dir, "steps": steps, "batch_size": batch_size,
-                 "lr": lr, "window": window, "resume": True if resume else None}
+                 "lr": lr, "window": window, "resume": True if resume else None,
+                 "mixed_precision": {"fp32": "no"}.get(mixed_precision, mixed_precision), "device": device,
+                 "gradient_checkpointing": gradient_checkpointing}
     bar = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                    TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=False)
     task = bar.add_task("train", total=None, loss="-")
@@ -621,6 +644,7 @@ def rollout(
     fps: float = typer.Option(8.0, "--fps", metavar="F", help="Frames per second of .mp4 / .gif output."),
     generated_only: bool = typer.Option(False, "--generated-only", help="Write only the generated frames (default: context frames first)."),
     device: Optional[str] = typer.Option(None, "--device", metavar="DEV", help="cpu, cuda, cuda:1, ... (default: cuda when available)."),
+    dtype: Optional[str] = DTYPE_OPT,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
     as_json: bool = JSON_OPT,
 ) -> None:
@@ -674,11 +698,13 @@ def rollout(
                "guidance_scale": guidance_scale, "guidance_rescale": guidance_rescale, "prediction_type": prediction_type,
                "zero_terminal_snr": zero_terminal_snr, "cache": False if no_cache else None, "seed": seed}
     with _guard(as_json):
+        _check_precision_names(dtype)
         from causalize.rollout.io import rollout_to_file
 
         try:
             report = rollout_to_file(checkpoint, context, actions, out_path, context_frames=context_frames, overwrite=overwrite,
-                                     fps=fps, include_context=not generated_only, device=device, progress=on_frame, **options)
+                                     fps=fps, include_context=not generated_only, device=device, dtype=dtype,
+                                     progress=on_frame, **options)
         finally:
             bar.stop()
     t = report.timing

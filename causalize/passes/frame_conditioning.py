@@ -25,6 +25,7 @@ from causalize.modules.action_encoder import ActionEncoder
 from causalize.modules.frame_modulation import make_frame_modulated
 from causalize.passes.base import Pass, PassContext, Record, Site
 from causalize.plan import Conditioning, Plan
+from causalize.precision import model_device, model_dtype
 
 ADAPTER_ATTR = "causalize_action_encoder"
 
@@ -191,8 +192,8 @@ class FrameConditioning(Pass):
         records = [Record(self.name, cond.embedding, "per-sample timestep", f"per-frame timestep ({cond.mode}, {hooks} sites)")]
         if ctx.options.action_dim > 0:
             width = _out_features(_submodule(model, cond.embedding, "timestep embedding"))
-            ref = next(model.parameters())
-            encoder = ActionEncoder(ctx.options.action_dim, width, ctx.options.action_type).to(device=ref.device, dtype=ref.dtype)
+            encoder = ActionEncoder(ctx.options.action_dim, width, ctx.options.action_type)
+            encoder.to(device=model_device(model), dtype=model_dtype(model))
             model.add_module(ADAPTER_ATTR, encoder)
             records.append(Record(self.name, ADAPTER_ATTR, "-", f"ActionEncoder({ctx.options.action_type}, {ctx.options.action_dim} -> {width})"))
         return records

@@ -101,15 +101,16 @@ class WorldModelEnv(gymnasium.Env):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, config: RolloutConfig | None = None, *, device: str | None = None,
-                        **kwargs: Any) -> "WorldModelEnv":
-        """An env over a checkpoint (a converted model, or a training run's output directory).
+                        dtype: str | None = None, **kwargs: Any) -> "WorldModelEnv":
+        """An env over a checkpoint (a converted model, or a training run's output directory), on
+        `device` (None: CUDA when available) in `dtype` (None: as stored; 'bf16' for speed).
         Without `config` the sampler settings follow the checkpoint's training.json
         (causalize.rollout.loading.resolve_config)."""
         from causalize.rollout.loading import load_world_model, resolve_config
 
         if config is None:
             config, _ = resolve_config(path)
-        wm, _ = load_world_model(path, device=device)
+        wm, _ = load_world_model(path, device=device, dtype=dtype)
         return cls(wm, config, **kwargs)
 
     # --- spaces --------------------------------------------------------------------------------

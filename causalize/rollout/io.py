@@ -537,6 +537,7 @@ def rollout_to_file(
     fps: float = DEFAULT_FPS,
     include_context: bool = True,
     device: str | None = None,
+    dtype: str | None = None,
     progress: ProgressFn | None = None,
     **options: Any,
 ) -> RolloutFileReport:
@@ -546,7 +547,9 @@ def rollout_to_file(
     else the checkpoint's training.json (prediction_type, zero_terminal_snr, window), else the
     RolloutConfig default. The written clip holds the context frames followed by one generated
     frame per action (`include_context=False`: the generated frames only). Inputs and the output
-    path are checked before the model runs; nothing is written unless the rollout succeeds."""
+    path are checked before the model runs; nothing is written unless the rollout succeeds.
+    `device` (None: CUDA when available) and `dtype` (None: the checkpoint's) are where and in
+    what precision the model runs; frames are written from fp32."""
     from causalize.rollout.loading import load_world_model, resolve_config
     from causalize.rollout.sampler import RolloutSession, rollout
 
@@ -556,7 +559,7 @@ def rollout_to_file(
     clip = read_frames(context, context_frames)
     raw_actions = read_actions(actions)
     config, sources = resolve_config(checkpoint, **options)
-    wm, ckpt = load_world_model(checkpoint, device=device)
+    wm, ckpt = load_world_model(checkpoint, device=device, dtype=dtype)
     RolloutSession(wm, config)  # refuses a model without an action adapter before any file work
     encoder = wm.action_encoder
     acts = actions_to_tensor(raw_actions, encoder.action_type, encoder.action_dim, str(actions))

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 from causalize.errors import CheckpointError, UsageError
 
 if TYPE_CHECKING:
+    import torch
+
     from causalize.rollout.sampler import RolloutConfig
     from causalize.world_model import WorldModel
 
@@ -72,23 +74,21 @@ def resolve_config(checkpoint: str | os.PathLike | None = None, **options: Any) 
     return config, sources
 
 
-def load_world_model(path: str | os.PathLike, device: str | None = None) -> tuple["WorldModel", Path]:
-    """The checkpoint as an eval-mode WorldModel on `device` (None: CUDA when available), and the
-    directory it came from. A model converted without frame conditioning is a UsageError."""
-    import torch
-
+def load_world_model(path: str | os.PathLike, device: str | None = None,
+                     dtype: "str | torch.dtype | None" = None) -> tuple["WorldModel", Path]:
+    """The checkpoint as an eval-mode WorldModel on `device` (None: CUDA when available) in `dtype`
+    (None: as stored), and the directory it came from. Device and dtype are checked before the
+    weights are read; a model converted without frame conditioning is a UsageError."""
+    from causalize.precision import check_dtype_on, parse_dtype, resolve_device
     from causalize.world_model import WorldModel
 
+    torch_dtype = parse_dtype(dtype)
+    dev = resolve_device(device, default_cuda=True)
+    check_dtype_on(torch_dtype, dev)
     p = checkpoint_dir(path)
     if not p.exists():
         raise CheckpointError(f"{p} does not exist", "give a converted checkpoint (causalize convert ... --action-dim N)")
-    wm = WorldModel.from_pretrained(p)
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        wm.to(torch.device(device))
-    except (RuntimeError, ValueError) as exc:
-        raise UsageError(f"cannot use device {device!r}: {exc}") from None
+    wm = WorldModel.from_pretrained(p, torch_dtype=torch_dtype, device=dev)
     return wm.eval(), p
 
 

@@ -100,12 +100,9 @@ class _Denoiser:
     """Runs the model on [history window ; current frame] and returns the current frame's output."""
 
     def __init__(self, wm: WorldModel, model_kwargs: dict[str, Any] | None):
-        from causalize.training.trainer import conditioning_kwargs
-
         self.wm = wm
         self.axis = _frame_axis(wm)
         self.out_axis = wm.plan.layout.output_axis
-        self._kwargs_fn = conditioning_kwargs
         self._overrides = model_kwargs or {}
         self._kwargs: dict[tuple[int, int], dict[str, Any]] = {}
         self.frame_passes = 0
@@ -114,7 +111,7 @@ class _Denoiser:
     def kwargs(self, batch: int, frames: int, like: torch.Tensor) -> dict[str, Any]:
         key = (batch, frames)
         if key not in self._kwargs:
-            self._kwargs[key] = self._kwargs_fn(self.wm.plan, self.wm.model, batch, frames, self._overrides, like.device)
+            self._kwargs[key] = self.wm.unconditional_inputs(batch, frames, self._overrides)
         return self._kwargs[key]
 
     def call(self, sample, timesteps, actions, mask) -> torch.Tensor:
@@ -266,8 +263,7 @@ class RolloutSession:
             raise UsageError(f"history_noise {self.level_h} is beyond the schedule's {self.schedule.num_train_timesteps} levels")
         self.prediction = "v" if config.prediction_type == "v_prediction" else config.prediction_type
         self.axis, self.out_axis = _frame_axis(wm), wm.plan.layout.output_axis
-        param = next(wm.model.parameters())
-        self.device, self.dtype = param.device, param.dtype
+        self.device, self.dtype = wm.device, wm.dtype
         self.model_kwargs = model_kwargs
         self.denoiser: _Denoiser | None = None
         self.generated = 0

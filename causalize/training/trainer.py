@@ -50,6 +50,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from causalize.errors import UsageError
+from causalize.world_model import conditioning_kwargs
 from causalize.training.objective import (
     PREDICTION_TYPES,
     TIMESTEP_MODES,
@@ -148,6 +149,9 @@ class TrainConfig:
     #: accelerate's mixed precision: "no", "fp16" (the paper) or "bf16". Weights are trained in
     #: fp32 (a half-precision checkpoint is upcast); the loss is always computed in fp32.
     mixed_precision: str = "no"
+    #: "cpu" trains on the CPU even where CUDA exists, "cuda" requires a GPU; None lets
+    #: accelerate choose (CUDA when available).
+    device: str | None = None
     #: Recompute activations in backward when the diffusers model supports it (its
     #: enable_gradient_checkpointing); a warning otherwise.
     gradient_checkpointing: bool = False
@@ -288,6 +292,8 @@ class TrainConfig:
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise bad(name, "must be one of " + ", ".join(valid))
+        if self.device not in (None, "cpu", "cuda"):
+            raise bad("device", 'must be "cpu", "cuda" or null (accelerate places each process on its own GPU)')
         if self.split not in (None, "train", "test"):
             raise bad("split", 'must be "train", "test" or null')
         for name in ("zero_terminal_snr", "gradient_checkpointing", "log_per_frame"):
@@ -426,50 +432,6 @@ def compute_loss(
     return loss, per_frame, draws
 
 
-def _keeps_value(name: str) -> bool:
-    """Example inputs that are settings rather than content (masks, SVD's added_time_ids, fps)."""
-    return "mask" in name or "time_ids" in name or name in ("fps",)
-
-
-def conditioning_kwargs(
-    plan: Plan,
-    model: nn.Module,
-    batch: int,
-    frames: int,
-    overrides: Mapping[str, torch.Tensor] | None = None,
-    device: torch.device | str | None = None,
-) -> dict[str, Any]:
-    """The model's extra keyword arguments for an unconditional ("empty prompt") training call at
-    ``batch``: the plan's example inputs without the sample and the timestep, with every
-    content tensor (text embeddings, image latents, ...) zeroed, masks and settings kept, and
-    ``overrides`` (tensors at batch 1, e.g. the real empty-prompt embedding) used where given.
-    Expanded to the batch; an input whose frame axis is 0 folds frames into the batch
-    ((B·F, ...), AnimateDiff's encoder_hidden_states) and is repeated per sample."""
-    cond = plan.conditioning
-    example = plan.make_inputs(model, frames, torch.Generator().manual_seed(0))
-    example.pop(cond.sample_arg, None)
-    example.pop(cond.timestep_arg, None)
-    overrides = dict(overrides or {})
-    out: dict[str, Any] = {}
-    for name, value in {**example, **{k: v for k, v in overrides.items() if k not in example}}.items():
-        folded = plan.layout.inputs.get(name) == 0
-        if name in overrides:
-            value = overrides[name]
-            if folded and torch.is_tensor(value) and value.shape[:1] == (1,) and frames > 1:
-                value = value.repeat(frames, *([1] * (value.ndim - 1)))  # one row per frame
-        elif torch.is_tensor(value) and value.is_floating_point() and not _keeps_value(name):
-            value = torch.zeros_like(value)
-        if torch.is_tensor(value):
-            if name in cond.unbatched:
-                pass  # the model's forward repeats it over the batch itself
-            elif folded:
-                value = value.repeat(batch, *([1] * (value.ndim - 1)))
-            elif value.ndim >= 1 and value.shape[0] == 1:
-                value = value.expand(batch, *value.shape[1:]).contiguous()
-            if device is not None:
-                value = value.to(device)
-        out[name] = value
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -713,8 +675,11 @@ def train(config: TrainConfig, progress: Progress | None = None) -> dict[str, An
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     # Several processes without CUDA (torchrun on CPUs): accelerate joins them only with cpu=True.
     cpu_ddp = world > 1 and not torch.cuda.is_available()
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("device='cuda' but this torch has no usable CUDA device", "use --device cpu")
     try:
-        accelerator = Accelerator(mixed_precision=config.mixed_precision, **({"cpu": True} if cpu_ddp else {}))
+        cpu = cpu_ddp or config.device == "cpu"
+        accelerator = Accelerator(mixed_precision=config.mixed_precision, **({"cpu": True} if cpu else {}))
     except (ValueError, RuntimeError) as exc:
         raise TrainingError(f"accelerate cannot set up mixed_precision={config.mixed_precision!r}: {exc}") from exc
     if accelerator.num_processes != world:

@@ -1,15 +1,19 @@
 """The influence matrix M[i, j] = max |Δ output frame i| when only what belongs to input frame j moves.
 
-A model is causal iff M[i, j] == 0 whenever j's causal block lies after i's (exactly, in fp32 on
-CPU). The diagonal must move, or the probe proves nothing. Zero-initialised layers hide leaks, so
-structural checks run on a copy whose all-zero parameters are re-randomised.
+A model is causal iff M[i, j] == 0 whenever j's causal block lies after i's (exactly: masked keys
+and causal conv taps contribute exact zeros in fp32 and in bf16, on CPU and GPU). The diagonal
+must move, or the probe proves nothing. Zero-initialised layers hide leaks, so structural checks
+re-randomise all-zero parameters. The probe runs on the model itself, in its own dtype and on its
+own device, and gives it back unchanged (zeros restored, modes restored): a 14B model needs no
+second copy.
 """
 
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -26,7 +30,7 @@ def rerandomize_zero_params(model: nn.Module, std: float = 0.05, seed: int = 0) 
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.numel() and not p.is_meta and torch.count_nonzero(p) == 0:
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p) * std)
+                p.copy_((torch.randn(p.shape, generator=gen, dtype=torch.float32) * std).to(p))
                 names.append(name)
     return names
 
@@ -40,9 +44,9 @@ def perturb_frame(inputs: dict[str, Any], layout: FrameLayout, j: int, gen: torc
         x = inputs[name].clone()
         sl = x.narrow(axis, j, 1)
         if sl.is_floating_point():
-            sl.add_(torch.randn(sl.shape, generator=gen, dtype=sl.dtype))
+            sl.add_(torch.randn(sl.shape, generator=gen).to(sl))
         else:
-            sl.copy_((sl + torch.randint(1, 500, sl.shape, generator=gen)) % 1000)
+            sl.copy_((sl + torch.randint(1, 500, sl.shape, generator=gen).to(sl.device)) % 1000)
         out[name] = x
     return out
 
@@ -55,14 +59,37 @@ def slice_frames(inputs: dict[str, Any], layout: FrameLayout, frames: int) -> di
     return out
 
 
-def _as_fp32(inputs: dict[str, Any]) -> dict[str, Any]:
-    return {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
+def as_model_inputs(model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+    """Floating inputs in the model's compute dtype, every tensor on its device."""
+    from causalize.precision import follow_model, model_device, model_dtype
+
+    dtype, device = model_dtype(model), model_device(model)
+    return {k: follow_model(v, dtype, device) for k, v in inputs.items()}
+
+
+@contextmanager
+def probing(model: nn.Module, *, rerandomize: bool = True, seed: int = 0) -> Iterator[int]:
+    """The model as a probe, in place: eval mode, all-zero parameters re-randomised (their count is
+    yielded); on exit the zeros and every module's training flag are restored exactly."""
+    modes = [(m, m.training) for m in model.modules()]
+    names: list[str] = []
+    try:
+        model.eval()
+        names = rerandomize_zero_params(model, seed=seed) if rerandomize else []
+        yield len(names)
+    finally:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name in names:
+                params[name].zero_()
+        for m, training in modes:
+            m.training = training
 
 
 @torch.no_grad()
 def influence_matrix(model: nn.Module, inputs: dict[str, Any], layout: FrameLayout, forward: Forward, seed: int = 0) -> torch.Tensor:
     """(T_out, T_in) float64 matrix of max |Δ output frame i| after perturbing input frame j."""
-    inputs = _as_fp32(inputs)
+    inputs = as_model_inputs(model, inputs)
     base = forward(model, inputs)
     frames = layout.num_frames(inputs)
     cols = []
@@ -173,23 +200,29 @@ def check_causality(
     seed: int = 0,
     rerandomize: bool = True,
     localize: bool = True,
+    dtype: torch.dtype | str | None = None,
 ) -> CausalityReport:
     """Measure whether future frames influence past outputs; name the first leaking module if so.
 
-    Runs on an fp32 eval copy (zero parameters re-randomised unless `rerandomize=False`); the
-    model passed in is not modified.
+    Runs in the model's own dtype on its own device, in eval mode, with zero parameters
+    re-randomised unless `rerandomize=False`; the model is given back unchanged. `dtype` probes
+    in another dtype: on a cast copy (the model itself is never cast).
     """
     from causalize.plan import default_forward
+    from causalize.precision import model_dtype, parse_dtype, to_precision
 
     forward = forward or default_forward
-    probe = copy.deepcopy(model).float().eval()
-    n_rand = len(rerandomize_zero_params(probe, seed=seed)) if rerandomize else 0
-    matrix = influence_matrix(probe, inputs, layout, forward, seed=seed)
-    violations, inert = judge(matrix, layout.block_size, tolerance)
-    report = CausalityReport(matrix, layout.block_size, tolerance, violations, inert, rerandomized=n_rand)
-    if violations and localize:
-        from causalize.verify.localize import localize_leak
+    dtype = parse_dtype(dtype)
+    probe = model
+    if dtype is not None and dtype != model_dtype(model):
+        probe = to_precision(copy.deepcopy(model), dtype)
+    with probing(probe, rerandomize=rerandomize, seed=seed) as n_rand:
+        matrix = influence_matrix(probe, inputs, layout, forward, seed=seed)
+        violations, inert = judge(matrix, layout.block_size, tolerance)
+        report = CausalityReport(matrix, layout.block_size, tolerance, violations, inert, rerandomized=n_rand)
+        if violations and localize:
+            from causalize.verify.localize import localize_leak
 
-        j = max(j for _, j, _ in violations)
-        report.culprits, report.localization_note = localize_leak(probe, _as_fp32(inputs), layout, forward, j, seed=seed)
+            j = max(j for _, j, _ in violations)
+            report.culprits, report.localization_note = localize_leak(probe, as_model_inputs(probe, inputs), layout, forward, j, seed=seed)
     return report

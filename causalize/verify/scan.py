@@ -8,7 +8,6 @@ with H·W = T), so attention calls are reported as "possible" only.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -45,10 +44,11 @@ def scan_time_mixers(model: nn.Module, plan: Plan, inputs: dict[str, Any]) -> li
             if not getattr(mod, "is_cross_attention", False):
                 found.setdefault(_path, {"path": _path, "class": type(mod).__name__, "what": f"possible attention over frames (sequence length {frames})"})
 
-    probe = model if next(model.parameters()).dtype == torch.float32 else copy.deepcopy(model).float()
-    handles = [m.register_forward_hook(lambda m, a, o, _p=p: hook(m, a, o, _p)) for p, m in probe.named_modules() if p]
+    from causalize.verify.influence import as_model_inputs
+
+    handles = [m.register_forward_hook(lambda m, a, o, _p=p: hook(m, a, o, _p)) for p, m in model.named_modules() if p]
     try:
-        plan.forward(probe, inputs)
+        plan.forward(model, as_model_inputs(model, inputs))
     finally:
         for h in handles:
             h.remove()
