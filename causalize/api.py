@@ -120,7 +120,8 @@ def example_inputs(model: "nn.Module", plan: Plan, frames: int = DEFAULT_FRAMES,
 
 
 def verify_model(model: "nn.Module", plan: str | Plan | None = None, frames: int = DEFAULT_FRAMES, seed: int = 0, tolerance: float = 0.0) -> "CausalityReport":
-    """Measure causality of an in-memory model with the plan's example inputs (on an fp32 copy)."""
+    """Measure causality of an in-memory model with the plan's example inputs, in its own dtype on
+    its own device (the model is probed in place and given back unchanged)."""
     from causalize.errors import UsageError
     from causalize.verify import check_causality
 
@@ -210,14 +211,43 @@ def load_any(path: str | os.PathLike, *, subfolder: str | None = None, allow_pic
 
 def verify(path: str | os.PathLike, *, frames: int = DEFAULT_FRAMES, plan: str | None = None, subfolder: str | None = None,
            allow_pickle: bool = False, torch_dtype: "torch.dtype | str | None" = None,
-           device: "torch.device | str | None" = None, progress: Progress | None = None) -> "CausalityReport":
+           device: "torch.device | str | None" = None, shrink: bool = False,
+           progress: Progress | None = None) -> "CausalityReport":
     """Causality of a checkpoint on disk (converted or not: an unconverted one is expected to leak),
-    probed in `torch_dtype` (None: as stored) on `device` (None: CPU)."""
+    probed in `torch_dtype` (None: as stored) on `device` (None: CPU).
+
+    `shrink`: probe a random-weight model of the same class built from the checkpoint's config
+    with the plan's tiny sizes (causalize.verify.shrink) instead of the checkpoint itself; no
+    weights are read, so a model too large for the device is still checked (a proof for the class,
+    config flags and pipeline rather than for these weights)."""
+    if shrink:
+        return _verify_shrunken(path, frames=frames, plan=plan, subfolder=subfolder, torch_dtype=torch_dtype,
+                                device=device, progress=progress)
     model, manifest = load_any(path, subfolder=subfolder, allow_pickle=allow_pickle, torch_dtype=torch_dtype,
                                device=device, progress=progress)
     plan_name = plan or (manifest.plan if manifest else None)
     _say(progress, f"probing {frames} frames in {describe_dtype(model_dtype(model))} on {model_device(model)}")
     return verify_model(model, plan_for(model, plan_name), frames=frames)
+
+
+def _verify_shrunken(path, *, frames, plan, subfolder, torch_dtype, device, progress) -> "CausalityReport":
+    from causalize import checkpoint
+    from causalize.verify.shrink import build_shrunken
+
+    dtype, dev = _checked_precision(torch_dtype, device)
+    converted = subfolder is None and is_converted(Path(path))
+    manifest = Manifest.read(Path(path)) if converted else None
+    md = checkpoint.open_model_dir(path, subfolder)
+    the_plan = plan_for(md.class_name, plan or (manifest.plan if manifest else None), md.config)
+    model, shrunk = build_shrunken(the_plan, md.config)
+    _say(progress, f"probing a shrunken {md.class_name} ({sum(p.numel() for p in model.parameters()):,} parameters, "
+                   f"sizes from plan '{the_plan.name}') on {frames} frames")
+    if manifest is not None:
+        convert_model(model, the_plan, manifest.pipeline)
+    to_precision(model, dtype, dev)
+    report = verify_model(model, the_plan, frames=frames)
+    report.subject = "shrunken copy"
+    return report
 
 
 def inspect(path: str | os.PathLike, *, plan: str | None = None, pipeline: str | None = None, subfolder: str | None = None,

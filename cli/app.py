@@ -283,6 +283,7 @@ def verify(
     allow_pickle: bool = PICKLE_OPT,
     dtype: Optional[str] = DTYPE_OPT,
     device: Optional[str] = DEVICE_OPT,
+    shrink: bool = typer.Option(False, "--shrink", help="Probe a random-weight copy of the same class with the plan's tiny sizes (no weights read): for models too large for the device; proves the class, config flags and pipeline, not these weights."),
     as_json: bool = JSON_OPT,
 ) -> None:
     """Measure whether any output frame depends on a later input frame.
@@ -296,6 +297,7 @@ def verify(
       causalize verify ./zeroscope-causal
       causalize verify ./zeroscope/unet --frames 6 --json   # negative control: leaks
       causalize verify ./wan-causal --dtype bf16 --device cuda   # in the precision you run it in
+      causalize verify ./wan14b-causal --shrink                  # too large to probe: a shrunken copy
 
     \b
     Exit codes:
@@ -310,7 +312,7 @@ def verify(
         from causalize import api
 
         report = api.verify(path, frames=_frames(frames), plan=plan, subfolder=subfolder, allow_pickle=allow_pickle,
-                            torch_dtype=dtype, device=device, progress=_progress)
+                            torch_dtype=dtype, device=device, shrink=shrink, progress=_progress)
     if as_json:
         _emit_json({"path": str(path), **report.to_json()})
     else:

@@ -211,3 +211,48 @@ def test_cli_convert_and_verify_in_bf16(tmp_path):
     result = CliRunner().invoke(app, ["verify", str(out), "--device", "cpu", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["max_leak"] == 0
+
+
+# ------------------------------------------------------------------- large checkpoints
+
+
+@pytest.mark.parametrize("name", PLANS)
+def test_shrunken_copy_keeps_the_class_and_is_verified(name):
+    """A config with larger sizes shrinks to the plan's tiny sizes (kinds kept), builds, leaks
+    unconverted (negative control) and is exactly causal converted."""
+    from causalize.verify.shrink import build_shrunken
+
+    plan = registries().plans.get(name)
+    real = dict(plan.build_tiny().config)
+    model, shrunk = build_shrunken(plan, real)
+    assert type(model) is plan.model_cls()
+    assert not verify_model(model, plan).passed
+    convert_model(model, plan)
+    assert verify_model(model, plan).max_leak == 0
+
+
+def test_verify_shrink_reads_no_weights(tmp_path):
+    """The real Wan2.1-1.3B config, with a weights file that is not even readable: --shrink probes
+    a shrunken copy and says so; plain verification refuses the weights."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from gpu_check import WAN_1_3B
+
+    from causalize.verify.shrink import shrunken_config
+
+    plan = registries().plans.get("wan")
+    src = tmp_path / "wan13b"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"_class_name": "WanTransformer3DModel", **{k: list(v) if isinstance(v, tuple) else v for k, v in WAN_1_3B.items()}}))
+    (src / "diffusion_pytorch_model.safetensors").write_bytes(b"not weights")
+    assert shrunken_config(plan, WAN_1_3B)["num_layers"] == plan.tiny_config["num_layers"]
+    assert shrunken_config(plan, WAN_1_3B)["qk_norm"] == "rms_norm_across_heads"
+    report = verify(src, shrink=True)
+    assert not report.passed and report.subject == "shrunken copy"  # unconverted: leaks
+    assert "shrunken copy" in report.summary()
+    result = CliRunner().invoke(app, ["verify", str(src), "--shrink", "--json"])
+    assert result.exit_code == 1 and json.loads(result.stdout)["subject"] == "shrunken copy"
+    result = CliRunner().invoke(app, ["verify", str(src)])
+    assert result.exit_code == 4  # the real weights are read without --shrink

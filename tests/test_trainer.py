@@ -83,8 +83,10 @@ def work(tmp_path_factory):
 
 
 def _config(work, out: Path, **kw) -> TrainConfig:
+    # device="cpu": bit-exact resume is a CPU guarantee (GPU kernels are not bit-deterministic), so
+    # these tests pin the CPU even on a machine with a GPU
     base = dict(model=str(work["model"]), data=str(work["data"]), output_dir=str(out), window=6, batch_size=2, steps=2,
-                lr=1e-3, log_every=1, checkpoint_every=0, split=None)
+                lr=1e-3, log_every=1, checkpoint_every=0, split=None, device="cpu")
     return TrainConfig(**{**base, **kw})
 
 

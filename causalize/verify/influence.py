@@ -112,6 +112,9 @@ class CausalityReport:
     culprits: list[dict[str, Any]] = field(default_factory=list)
     localization_note: str = ""
     rerandomized: int = 0
+    #: what was probed: "model" (the weights given), or "shrunken copy" (same class and config
+    #: flags, the plan's tiny sizes, random weights: a proof for the structure, not the weights)
+    subject: str = "model"
 
     @property
     def passed(self) -> bool:
@@ -126,6 +129,10 @@ class CausalityReport:
         return self.culprits[0] if self.culprits else None
 
     def summary(self) -> str:
+        text = self._verdict()
+        return text if self.subject == "model" else f"{text} [probed on a {self.subject}]"
+
+    def _verdict(self) -> str:
         if self.passed and self.block_size > 1:
             return (f"block-causal: no output frame depends on an input frame of a later block of {self.block_size} frames "
                     f"(max leak 0); frames inside a block see each other, so frame-level causality is not claimed")
@@ -171,6 +178,7 @@ class CausalityReport:
             "culprits": self.culprits,
             "localization_note": self.localization_note,
             "rerandomized_zero_params": self.rerandomized,
+            "subject": self.subject,
             "summary": self.summary(),
         }
 
