@@ -1,19 +1,22 @@
 """Block-causal attention over frame-major tokens, for DiTs with full spatio-temporal attention.
 
-The processor wraps the model's own processor and hands it a mask it builds itself from the frame
-context (Wan-style blocks pass `None` as the mask). Context tokens (text, image) get frame id −1:
+The processor wraps the model's own processor. Context tokens (text, image) get frame id −1:
 context rows see only context (otherwise they would carry future frames into the next layer),
 video rows see the context plus their own and earlier frame blocks (METHOD.md §3).
 
-Execution: a dense boolean / additive mask through SDPA on CPU; on CUDA, for processors that go
-through diffusers' `dispatch_attention_fn`, a flex-attention `BlockMask` so that masked blocks
-are skipped (same results).
+Execution (`causalize.modules.attention_exec` chooses and runs it):
+- "dense" (CPU default): the processor builds the mask and hands it to the model's processor
+  ("bool4d": a (1, 1, L, L) boolean for `dispatch_attention_fn`; "heads3d": a (B·heads, L, L)
+  bias for legacy processors that call `attn.prepare_attention_mask` first).
+- "chunked" / "flex" (CUDA default): the model's processor runs with its own mask untouched inside
+  an SDPA scope, and the self-attention SDPA call over the joint sequence runs per frame block
+  (chunked) or as compiled flex attention, with no (L, L) mask.
 
-A third mode, "sdpa-scope", serves processors that take no usable mask at all (Mochi: a Python
-loop over the batch keeps each sample's valid text tokens and calls SDPA without a mask). While
-the wrapped processor runs, and only then, `torch.nn.functional.scaled_dot_product_attention`
-is routed through a wrapper that builds the block-causal mask of each call from that call's own
-length (`sdpa_scope`).
+The SDPA scope: while the wrapped processor runs, and only then,
+`torch.nn.functional.scaled_dot_product_attention` is routed through a wrapper that handles each
+call with Lq == Lk >= T·P from that call's own length L (L − T·P context tokens). Mode
+"sdpa-scope" serves processors that take no usable mask at all (Mochi: a Python loop over the
+batch keeps each sample's valid text tokens and calls SDPA without a mask) with every backend.
 """
 
 from __future__ import annotations
@@ -28,11 +31,14 @@ import torch.nn.functional as F
 from causalize.context import FrameContext, TokenGrid
 from causalize.errors import CausalizeError
 from causalize.layout import causal_block_allowed
+from causalize.modules import attention_exec
 from causalize.modules.wrapping import AdvertisedCall
 
 ContextPosition = Literal["none", "prefix", "suffix"]
 MaskFormat = Literal["bool4d", "heads3d", "sdpa-scope"]
 MASK_FORMATS = ("bool4d", "heads3d", "sdpa-scope")
+# diffusers attention backends that end in torch.nn.functional.scaled_dot_product_attention
+SDPA_DISPATCH_BACKENDS = ("native", "_native_cudnn", "_native_efficient", "_native_flash", "_native_math")
 
 
 def token_frame_ids(grid: TokenGrid, context_len: int = 0, position: ContextPosition = "none", device=None) -> torch.Tensor:
@@ -53,17 +59,9 @@ def block_causal_mask(fid: torch.Tensor, block_size: int = 1, context_sees_video
 
 
 def flex_block_mask(fid: torch.Tensor, block_size: int = 1, context_sees_video: bool = False):
-    """The same rule as `block_causal_mask`, as a flex-attention BlockMask (CUDA)."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    blk = torch.where(fid < 0, torch.full_like(fid, -1), torch.div(fid, block_size, rounding_mode="floor"))
-
-    def mask_mod(b, h, q, kv):
-        ok = blk[kv] <= blk[q]
-        return ok | (blk[q] < 0) if context_sees_video else ok
-
-    n = fid.numel()
-    return create_block_mask(mask_mod, None, None, n, n, device=fid.device)
+    """The same rule as `block_causal_mask`, as a flex-attention BlockMask (built per tile)."""
+    blocks = attention_exec.block_ids(fid, block_size, queries=True, context_sees_video=context_sees_video)
+    return attention_exec.build_block_mask(blocks, attention_exec.block_ids(fid, block_size))
 
 
 # --- sdpa-scope: a scoped, re-entrant re-routing of F.scaled_dot_product_attention -------------
@@ -108,13 +106,21 @@ class SdpaScope:
         self.masked_calls: list[int] = []  # joint lengths of the calls that were masked
 
     def run(self, original, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *args, **kwargs):
-        """Mask calls whose query and key lengths are equal and at least the video token count
-        (the self-attention over the joint sequence); pass all others through."""
+        """Make calls whose query and key lengths are equal and at least the video token count
+        (the self-attention over the joint sequence) block-causal; pass all others through."""
         length = query.shape[-2]
         if key.shape[-2] != length or length < self.grid.video_tokens:
             return original(query, key, value, attn_mask, dropout_p, is_causal, *args, **kwargs)
-        attn_mask = self.mask_for(length, query, attn_mask, is_causal)
-        return original(query, key, value, attn_mask, dropout_p, False, *args, **kwargs)
+        options = _sdpa_options(args, kwargs)
+        if options is None or attention_exec.active_backend(query.device, length) == "dense":
+            attn_mask = self.mask_for(length, query, attn_mask, is_causal)
+            attention_exec.record_execution("dense")
+            return original(query, key, value, attn_mask, dropout_p, False, *args, **kwargs)
+        fid, layout_key = self.processor._scoped_frame_ids(self.grid, length, query.device)
+        self.masked_calls.append(length)
+        return attention_exec.block_causal_attention(
+            query, key, value, fid, block_size=self.processor.block_size, context_sees_video=self.processor.context_sees_video,
+            attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, sdpa=original, layout_key=layout_key, **options)
 
     def mask_for(self, length: int, query: torch.Tensor, attn_mask, is_causal: bool):
         """The call's own mask combined with the block-causal one (bool, or additive if it was)."""
@@ -122,11 +128,31 @@ class SdpaScope:
         if is_causal:  # SDPA forbids a mask together with is_causal: fold the tril in
             allowed = allowed & torch.ones(length, length, dtype=torch.bool, device=query.device).tril()
         self.masked_calls.append(length)
-        if attn_mask is None:
-            return allowed
-        if attn_mask.dtype == torch.bool:
-            return attn_mask & allowed
-        return attn_mask + torch.zeros(allowed.shape, dtype=attn_mask.dtype, device=attn_mask.device).masked_fill(~allowed, float("-inf"))
+        return attention_exec.combine_masks(attn_mask, allowed)
+
+
+def _dispatch_backend(inner: Any) -> str | None:
+    """The diffusers attention backend a processor dispatches to, or None if it has none (it calls
+    attention itself, e.g. legacy processors that call F.scaled_dot_product_attention)."""
+    if not hasattr(inner, "_attention_backend"):
+        return None
+    backend = inner._attention_backend
+    if backend is None:
+        try:
+            from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+            backend = _AttentionBackendRegistry.get_active_backend()[0]
+        except (ImportError, AttributeError):
+            return None
+    return str(getattr(backend, "value", backend))
+
+
+def _sdpa_options(args: tuple, kwargs: dict) -> dict | None:
+    """SDPA's `scale` and `enable_gqa` from a call's extra arguments; None if there are others."""
+    names = ("scale", "enable_gqa")
+    if len(args) > len(names) or set(kwargs) - set(names[len(args):]):
+        return None
+    return {**dict(zip(names, args)), **kwargs}
 
 
 @contextmanager
@@ -164,13 +190,14 @@ class BlockCausalAttnProcessor:
         itself (CogVideoX, Hunyuan); otherwise a call with `encoder_hidden_states` is
         cross-attention and passes through unchanged.
     position: where context tokens sit in the joint sequence; "none" means video only.
-    mask_format: "bool4d" for processors that hand the mask to `dispatch_attention_fn`;
-        "heads3d" for legacy ones that call `attn.prepare_attention_mask` first;
-        "sdpa-scope" for processors that call `F.scaled_dot_product_attention` with no usable
-        mask (Mochi): `attention_mask` is passed through untouched, and during the call every SDPA
-        call with Lq == Lk >= T·P gets the block-causal mask of its own length L, with
-        L − T·P context tokens at `position` (per-sample lengths work). A call that masks nothing
-        is an error: the processor did not go through SDPA, so it would have stayed non-causal.
+    mask_format: how the dense backend hands the processor its mask: "bool4d" for processors that
+        pass it to `dispatch_attention_fn`; "heads3d" for legacy ones that call
+        `attn.prepare_attention_mask` first; "sdpa-scope" for processors that call
+        `F.scaled_dot_product_attention` with no usable mask (Mochi), which always run in the SDPA
+        scope (per-sample lengths work). With the chunked and flex backends every format runs in
+        the scope, `attention_mask` passed through untouched. A scoped call that handled no SDPA
+        call is an error: the processor did not go through SDPA, so it would have stayed
+        non-causal. So is a diffusers attention backend that does not end in SDPA (flash, sage…).
     """
 
     def __init__(self, inner: Any, context: FrameContext, *, block_size: int = 1, position: ContextPosition = "none",
@@ -185,29 +212,51 @@ class BlockCausalAttnProcessor:
         self.mask_format = mask_format
         self.context_sees_video = context_sees_video
         self._cache: tuple[tuple, Any] | None = None
-        self._scoped_cache: dict[tuple, torch.Tensor] = {}
+        self._scoped_cache: dict[tuple, torch.Tensor] = {}  # dense masks of scoped calls
+        self._fid_cache: dict[tuple, torch.Tensor] = {}  # frame ids of scoped calls (chunked, flex)
         self.__call__ = AdvertisedCall(self)  # keyword arguments the inner processor names get through
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         if encoder_hidden_states is not None and not self.joint:
             return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
-        if self.mask_format == "sdpa-scope":
-            return self._call_scoped(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
-        fid = self._frame_ids(hidden_states, encoder_hidden_states)
-        if hidden_states.is_cuda and attention_mask is None and self.mask_format == "bool4d" and hasattr(self.inner, "_attention_backend"):
-            return self._call_flex(fid, attn, hidden_states, encoder_hidden_states, *args, **kwargs)
-        mask = self._dense(fid, attn, hidden_states, attention_mask)
-        return self.inner(attn, hidden_states, encoder_hidden_states, mask, *args, **kwargs)
+        self._check_dispatch()
+        if self.mask_format != "sdpa-scope":
+            length = self._joint_length(hidden_states, encoder_hidden_states)
+            if attention_exec.active_backend(hidden_states.device, length) == "dense":
+                fid = self._frame_ids(hidden_states, encoder_hidden_states)
+                mask = self._dense(fid, attn, hidden_states, attention_mask)
+                attention_exec.record_execution("dense")
+                return self.inner(attn, hidden_states, encoder_hidden_states, mask, *args, **kwargs)
+        return self._call_scoped(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
 
-    def _frame_ids(self, hidden_states, encoder_hidden_states) -> torch.Tensor:
-        grid = self.context.current()
+    def _joint_length(self, hidden_states, encoder_hidden_states) -> int:
         length = hidden_states.shape[1]
         if self.joint and encoder_hidden_states is not None:
             length += encoder_hidden_states.shape[1]
+        return length
+
+    def _frame_ids(self, hidden_states, encoder_hidden_states) -> torch.Tensor:
+        grid = self.context.current()
+        length = self._joint_length(hidden_states, encoder_hidden_states)
         context_len = length - grid.video_tokens
         if context_len < 0 or (context_len > 0 and self.position == "none"):
             self._misfit(length, grid)
         return token_frame_ids(grid, context_len, self.position, hidden_states.device)
+
+    def _check_dispatch(self) -> None:
+        """The scope and the masks reach attention only through SDPA: refuse a diffusers attention
+        backend that ends elsewhere (it would drop or reject the mask), and context parallelism."""
+        if getattr(self.inner, "_parallel_config", None) is not None:
+            raise CausalizeError("block-causal attention does not support diffusers context parallelism",
+                                 "run the converted model without a parallel config")
+        backend = _dispatch_backend(self.inner)
+        if backend is not None and backend not in SDPA_DISPATCH_BACKENDS:
+            raise CausalizeError(
+                f"{type(self.inner).__name__} uses the diffusers attention backend '{backend}', which does not call "
+                "torch.nn.functional.scaled_dot_product_attention, so block-causal attention cannot apply its mask",
+                f"use one of {', '.join(SDPA_DISPATCH_BACKENDS)} (model.set_attention_backend('native') before converting, "
+                "or unset DIFFUSERS_ATTN_BACKEND); causalize picks the kernel itself ($CAUSALIZE_ATTENTION)",
+            )
 
     @staticmethod
     def _mask_key(kind: str, fid: torch.Tensor, *extra) -> tuple:
@@ -239,21 +288,34 @@ class BlockCausalAttnProcessor:
 
     def _call_scoped(self, attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs):
         grid = self.context.current()
-        length = hidden_states.shape[1]
-        if self.joint and encoder_hidden_states is not None:
-            length += encoder_hidden_states.shape[1]
+        length = self._joint_length(hidden_states, encoder_hidden_states)
         if length < grid.video_tokens:
             self._misfit(length, grid)
         with sdpa_scope(SdpaScope(self, grid)) as scope:
             out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         if not scope.masked_calls:
+            hint = ("use mask_format 'bool4d' or 'heads3d' for it" if self.mask_format == "sdpa-scope"
+                    else f"set {attention_exec.ENV_VAR}=dense: the mask then goes through the processor")
             raise CausalizeError(
                 f"{type(self.inner).__name__} made no scaled_dot_product_attention call over the {grid.video_tokens} video "
-                "tokens, so sdpa-scope masked nothing and the attention stayed bidirectional",
-                "this processor does not call torch.nn.functional.scaled_dot_product_attention: use mask_format "
-                "'bool4d' or 'heads3d' for it",
+                "tokens, so the SDPA scope masked nothing and the attention stayed bidirectional",
+                f"this processor does not call torch.nn.functional.scaled_dot_product_attention: {hint}",
             )
         return out
+
+    def _scoped_frame_ids(self, grid: TokenGrid, length: int, device) -> tuple[torch.Tensor, tuple]:
+        """Frame ids of one SDPA call of joint length L, and the key naming their layout (cached)."""
+        context_len = length - grid.video_tokens
+        if context_len < 0 or (context_len > 0 and self.position == "none"):
+            self._misfit(length, grid)
+        layout_key = ("grid", grid.frames, grid.per_frame, context_len, self.position)
+        key = (*layout_key, str(device))
+        fid = self._fid_cache.get(key)
+        if fid is None:
+            if len(self._fid_cache) >= 32:
+                self._fid_cache.clear()
+            fid = self._fid_cache[key] = token_frame_ids(grid, context_len, self.position, device)
+        return fid, layout_key
 
     def _scoped_allowed(self, grid: TokenGrid, length: int, device) -> torch.Tensor:
         """Boolean (L, L) block-causal mask for one SDPA call of joint length L (cached per shape)."""
@@ -275,20 +337,6 @@ class BlockCausalAttnProcessor:
             + ("" if self.position == "none" else f" + {self.position} context"),
             "the plan's token layout is wrong for this model: fix its `tokens` function",
         )
-
-    def _call_flex(self, fid, attn, hidden_states, encoder_hidden_states, *args, **kwargs):
-        key = self._mask_key("flex", fid, hidden_states.device)
-        if self._cache and self._cache[0] == key:
-            block_mask = self._cache[1]
-        else:
-            block_mask = flex_block_mask(fid, self.block_size, self.context_sees_video)
-            self._cache = (key, block_mask)
-        previous = self.inner._attention_backend
-        self.inner._attention_backend = "flex"
-        try:
-            return self.inner(attn, hidden_states, encoder_hidden_states, block_mask, *args, **kwargs)
-        finally:
-            self.inner._attention_backend = previous
 
     def __repr__(self) -> str:
         return (f"BlockCausalAttnProcessor(inner={type(self.inner).__name__}, block_size={self.block_size}, "
