@@ -153,7 +153,17 @@ def inspect_model(model: "nn.Module", plan: str | Plan | None = None, pipeline: 
         "sites": {name: [s.__dict__ for s in sites] for name, sites in covered.items()},
         "uncovered": [m for m in mixers if m["path"] not in paths],
         "notes": list(plan.notes),
+        "attention": _attention_path(model, covered),
     }
+
+
+def _attention_path(model: "nn.Module", covered: dict[str, list[Site]]) -> dict[str, Any] | None:
+    """Which block-causal attention execution this model's device gets (None without such sites)."""
+    from causalize.modules.attention_exec import describe
+
+    if not covered.get("block-causal-attention"):
+        return None
+    return describe(model_device(model))
 
 
 # --- checkpoints on disk -------------------------------------------------------------------

@@ -364,6 +364,9 @@ def inspect(
         out.print(table)
     out.print("sites: " + ", ".join(f"{name} {len(sites)}" for name, sites in info["sites"].items()))
     out.print(f"uncovered: {len(info['uncovered'])}")
+    if info.get("attention"):
+        a = info["attention"]
+        out.print(f"attention on {a['device']}: {a['backend']} ({escape(a['reason'])}; set CAUSALIZE_ATTENTION=flex|chunked|dense to override)")
     for note in info["notes"]:
         out.print(f"note: {escape(note)}")
 
@@ -498,6 +501,11 @@ def _env_info() -> dict[str, Any]:
         "gpus": torch.cuda.device_count(),
         "platform": platform.platform(),
     })
+    from causalize.modules.attention_exec import describe
+
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        a = describe(torch.device(device))
+        info[f"attention_{device}"] = f"{a['backend']} ({a['reason']}); flex: {a['flex_note']}"
     return info
 
 

@@ -550,3 +550,26 @@ def test_hunyuan_under_flex_equals_dense_and_is_exactly_causal():
     torch.testing.assert_close(flex, dense, rtol=1e-5, atol=1e-5)
     assert report.passed, report.summary()
     assert _graphs() == graphs  # the probe's many forwards at one shape reuse the kernel
+
+
+def test_env_and_inspect_show_the_attention_path(tmp_path, monkeypatch):
+    """`causalize env` and `inspect` name the execution in use and follow the override."""
+    import json as _json
+
+    from typer.testing import CliRunner
+
+    from causalize.cli.app import app
+
+    result = CliRunner().invoke(app, ["env", "--json"])
+    assert result.exit_code == 0 and _json.loads(result.stdout)["attention_cpu"].startswith("dense")
+    src = tmp_path / "wan"
+    registries().plans.get("wan").build_tiny().save_pretrained(src)
+    monkeypatch.setenv("CAUSALIZE_ATTENTION", "chunked")
+    result = CliRunner().invoke(app, ["inspect", str(src), "--json"])
+    assert result.exit_code == 0, result.output
+    assert _json.loads(result.stdout)["attention"]["backend"] == "chunked"
+    result = CliRunner().invoke(app, ["inspect", str(src)])
+    assert "attention on cpu: chunked" in result.stdout
+    monkeypatch.setenv("CAUSALIZE_ATTENTION", "fast")
+    result = CliRunner().invoke(app, ["inspect", str(src)])
+    assert result.exit_code == 2 and "CAUSALIZE_ATTENTION" in result.output
