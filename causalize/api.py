@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -359,29 +358,26 @@ def convert(
         records=[rec.to_json() for r in runs for rec in r.records], verification=report.verification,
         source=str(Path(src).resolve()), causalize_version=__version__,
     )
-    _write_atomic(model, manifest, out, progress)
+    _write_atomic(model, manifest, out, overwrite, progress)
     seconds["save"] = time.perf_counter() - t3
     seconds["total"] = time.perf_counter() - t0
     report.written = True
     return report
 
 
-def _write_atomic(model: "nn.Module", manifest: Manifest, out: Path, progress: Progress | None) -> None:
-    """Write to a temporary sibling directory, then rename it into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tag = f"{os.getpid()}-{time.time_ns()}"
-    tmp = out.parent / f".{out.name}.causalize-tmp-{tag}"
-    old = out.parent / f".{out.name}.causalize-old-{tag}"
+def _write_atomic(model: "nn.Module", manifest: Manifest, out: Path, overwrite: bool, progress: Progress | None) -> None:
+    """Write to a temporary sibling directory, then put it at OUT in one step (causalize.fs):
+    a concurrent writer that got there first wins, and this one fails with a usage error."""
+    from causalize import fs
+    from causalize.errors import UsageError
+
+    for stale in fs.clean_stale(out):
+        _say(progress, f"removed {stale}, left by an interrupted causalize run")
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        manifest.write(tmp)
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not out.exists():
-            os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+        with fs.new_directory(out, overwrite=overwrite) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            manifest.write(tmp)
+    except FileExistsError:
+        raise UsageError(f"{out} was created by someone else while converting; it was left as it is",
+                         "choose another OUT, or pass --overwrite to replace it") from None
     _say(progress, f"wrote {out}")
