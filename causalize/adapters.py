@@ -63,7 +63,8 @@ import torch.nn as nn
 from causalize.errors import UsageError
 from causalize.modules.action_encoder import ActionEncoder, ActionType
 from causalize.modules.causal_conv import is_causal_conv
-from causalize.passes.frame_conditioning import ADAPTER_ATTR, CTX
+from causalize.context import MODULE_CONTEXT as CTX
+from causalize.modules.action_encoder import ADAPTER_ATTR, embedding_width
 from causalize.precision import model_device, model_dtype
 
 DEFAULT_LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
@@ -272,9 +273,7 @@ def _base_encoder(model: nn.Module, action_dim: int, action_type: ActionType) ->
     current = getattr(model, ADAPTER_ATTR, None)
     if current is None:
         from causalize.api import plan_for
-        from causalize.passes.frame_conditioning import _out_features
-
-        width = _out_features(model.get_submodule(plan_for(model).conditioning.embedding))
+        width = embedding_width(model.get_submodule(plan_for(model).conditioning.embedding))
         model.add_module(ADAPTER_ATTR, ActionEncoder(action_dim, width, action_type).to(model_device(model), model_dtype(model)))
         return getattr(model, ADAPTER_ATTR)
     encoder = current.original_module if _is_wrapper(current) else current

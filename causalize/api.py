@@ -27,7 +27,8 @@ Progress = Callable[[str], None]
 DEFAULT_FRAMES = 4
 
 
-def _say(progress: Progress | None, msg: str) -> None:
+def say(progress: Progress | None, msg: str) -> None:
+    """Send a progress message to the caller's callback, if there is one."""
     if progress:
         progress(msg)
 
@@ -108,7 +109,7 @@ def convert_model(
                 "remove it from the pipeline, or fix the plan's targets",
             )
         runs.append(PassRun(step.name, cls.version, _options_dict(ctx.options), records, seconds))
-        _say(progress, f"{step.name}: {len(records)} sites in {seconds:.2f}s")
+        say(progress, f"{step.name}: {len(records)} sites in {seconds:.2f}s")
     return runs
 
 
@@ -172,7 +173,7 @@ def _load_dir(path: str | os.PathLike, subfolder: str | None, allow_pickle: bool
     from causalize import checkpoint
 
     md = checkpoint.open_model_dir(path, subfolder)
-    _say(progress, f"reading {md.path} ({md.class_name})")
+    say(progress, f"reading {md.path} ({md.class_name})")
     model = checkpoint.build_empty(md.class_name, md.config)
     return md, model, checkpoint.load_state_dict(md, allow_pickle)
 
@@ -235,7 +236,7 @@ def verify(path: str | os.PathLike, *, frames: int = DEFAULT_FRAMES, plan: str |
     model, manifest = load_any(path, subfolder=subfolder, allow_pickle=allow_pickle, torch_dtype=torch_dtype,
                                device=device, progress=progress)
     plan_name = plan or (manifest.plan if manifest else None)
-    _say(progress, f"probing {frames} frames in {describe_dtype(model_dtype(model))} on {model_device(model)}")
+    say(progress, f"probing {frames} frames in {describe_dtype(model_dtype(model))} on {model_device(model)}")
     return verify_model(model, plan_for(model, plan_name), frames=frames)
 
 
@@ -249,7 +250,7 @@ def _verify_shrunken(path, *, frames, plan, subfolder, torch_dtype, device, prog
     md = checkpoint.open_model_dir(path, subfolder)
     the_plan = plan_for(md.class_name, plan or (manifest.plan if manifest else None), md.config)
     model, shrunk = build_shrunken(the_plan, md.config)
-    _say(progress, f"probing a shrunken {md.class_name} ({sum(p.numel() for p in model.parameters()):,} parameters, "
+    say(progress, f"probing a shrunken {md.class_name} ({sum(p.numel() for p in model.parameters()):,} parameters, "
                    f"sizes from plan '{the_plan.name}') on {frames} frames")
     if manifest is not None:
         convert_model(model, the_plan, manifest.pipeline)
@@ -336,7 +337,7 @@ def convert(
     to_precision(model, dtype, dev)
     seconds = {"load": time.perf_counter() - t0}
     n_params = sum(p.numel() for p in model.parameters())
-    _say(progress, f"loaded {md.class_name} ({n_params:,} parameters) in {seconds['load']:.1f}s")
+    say(progress, f"loaded {md.class_name} ({n_params:,} parameters) in {seconds['load']:.1f}s")
 
     t1 = time.perf_counter()
     runs = convert_model(model, the_plan, pipe, progress)
@@ -345,7 +346,7 @@ def convert(
                            sum(p.numel() for p in model.parameters()))  # after the passes: adapters included
     if verify:
         t2 = time.perf_counter()
-        _say(progress, f"verifying causality on {frames} frames")
+        say(progress, f"verifying causality on {frames} frames")
         report.verification = verify_model(model, the_plan, frames=frames).to_json()
         seconds["verify"] = time.perf_counter() - t2
     if dry_run or (not report.passed and not allow_leak):
@@ -372,7 +373,7 @@ def _write_atomic(model: "nn.Module", manifest: Manifest, out: Path, overwrite: 
     from causalize.errors import UsageError
 
     for stale in fs.clean_stale(out):
-        _say(progress, f"removed {stale}, left by an interrupted causalize run")
+        say(progress, f"removed {stale}, left by an interrupted causalize run")
     try:
         with fs.new_directory(out, overwrite=overwrite) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
@@ -380,4 +381,4 @@ def _write_atomic(model: "nn.Module", manifest: Manifest, out: Path, overwrite: 
     except FileExistsError:
         raise UsageError(f"{out} was created by someone else while converting; it was left as it is",
                          "choose another OUT, or pass --overwrite to replace it") from None
-    _say(progress, f"wrote {out}")
+    say(progress, f"wrote {out}")

@@ -16,6 +16,9 @@ import torch.nn as nn
 from causalize.errors import CausalizeError
 
 CONTEXT_ATTR = "_causalize_frame_context"
+#: The attribute under which hooked submodules (timestep embeddings, modulation twins) find the
+#: root model's frame context.
+MODULE_CONTEXT = "_causalize_ctx"
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,7 @@ class FrameContext:
         return self.grid
 
 
-def _bound_arguments(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+def bound_arguments(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
     try:
         return inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments
     except TypeError:
@@ -76,7 +79,7 @@ def install_context(model: nn.Module, tokens: TokenFn | None = None) -> FrameCon
     def pre_hook(module, args, kwargs):
         c = getattr(module, CONTEXT_ATTR)
         if c.tokens is not None:
-            c.grid = c.tokens(module, _bound_arguments(module, args, kwargs))
+            c.grid = c.tokens(module, bound_arguments(module, args, kwargs))
 
     def post_hook(module, args, kwargs, output):
         c = getattr(module, CONTEXT_ATTR)

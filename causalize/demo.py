@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from causalize.api import DEFAULT_FRAMES, Progress, _say, convert, load, verify_model
+from causalize.api import DEFAULT_FRAMES, Progress, say, convert, load, verify_model
 
 
 def demo_family(plan, workdir: Path, frames: int = DEFAULT_FRAMES, seed: int = 0, progress: Progress | None = None) -> dict[str, Any]:
@@ -76,6 +76,6 @@ def run_demo(workdir: str | Path | None = None, frames: int = DEFAULT_FRAMES, pr
         root = Path(workdir) if workdir else Path(tmp)
         rows = []
         for plan in registries().plans:
-            _say(progress, f"{plan.name}: {plan.model_class}")
+            say(progress, f"{plan.name}: {plan.model_class}")
             rows.append(demo_family(plan, root, frames, progress=progress))
         return rows

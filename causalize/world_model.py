@@ -20,9 +20,9 @@ import torch
 import torch.nn as nn
 
 from causalize import precision
-from causalize.context import CONTEXT_ATTR
+from causalize.context import CONTEXT_ATTR, MODULE_CONTEXT
 from causalize.errors import CausalizeError, UsageError
-from causalize.passes.frame_conditioning import ADAPTER_ATTR
+from causalize.modules.action_encoder import ADAPTER_ATTR
 from causalize.plan import Plan
 
 
@@ -168,9 +168,7 @@ def conditioning_kwargs(
 
 
 def _has_conditioning(model: nn.Module) -> bool:
-    from causalize.passes.frame_conditioning import CTX
-
-    return any(hasattr(m, CTX) for m in model.modules())
+    return any(hasattr(m, MODULE_CONTEXT) for m in model.modules())
 
 
 __all__ = ["CausalizeError", "WorldModel", "conditioning_kwargs"]

@@ -10,6 +10,17 @@ import torch.nn as nn
 
 ActionType = Literal["continuous", "discrete"]
 
+#: The submodule name under which a converted model holds its action encoder.
+ADAPTER_ATTR = "causalize_action_encoder"
+
+
+def embedding_width(module: nn.Module) -> int:
+    """Output width of a timestep-embedding module (its last Linear): the action embedding's width."""
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"cannot tell the width of the timestep embedding {type(module).__name__} (it has no Linear)")
+    return linears[-1].out_features
+
 
 class ActionEncoder(nn.Module):
     """Continuous: Linear(A→C0) → SiLU → Linear(C0→D) → SiLU → Linear(D→D), mirroring the timestep

@@ -20,7 +20,7 @@ from torch import nn
 
 from causalize.layout import tile_history
 
-from .causal_conv import _causal_class, _rebuild_as
+from .swap import causal_subclass, rebuild_as
 
 __all__ = ["MODES", "CausalGroupNorm"]
 
@@ -66,7 +66,7 @@ class CausalGroupNorm(nn.GroupNorm):
         mode, time_dim = _check_mode(mode), _check_time_dim(time_dim)
         with torch.no_grad():
             params = {name: None if t is None else t.detach().clone() for name, t in gn._parameters.items()}
-        new = _rebuild_as(gn, _causal_class(cls, nn.GroupNorm, type(gn)), params)
+        new = rebuild_as(gn, causal_subclass(cls, nn.GroupNorm, type(gn)), params)
         new.mode, new.time_dim = mode, time_dim
         return new
 

@@ -50,11 +50,12 @@ from diffusers.models.normalization import (
     CogVideoXLayerNormZero,
 )
 
+from causalize.context import MODULE_CONTEXT
 from causalize.errors import CausalizeError
 from causalize.modules.frame_tensor import FrameTensor, TokenLayout
 
-# The attribute frame-conditioning sets on the modules it hooks (causalize.passes.frame_conditioning.CTX).
-CTX = "_causalize_ctx"
+# The attribute frame-conditioning sets on the modules it hooks.
+CTX = MODULE_CONTEXT
 # Where a twin's context (text) tokens sit around the video tokens: "none" / "prefix" / "suffix".
 CONTEXT = "_causalize_context"
 

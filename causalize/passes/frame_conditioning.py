@@ -19,28 +19,27 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from causalize.context import FrameContext, install_context
+from causalize.context import MODULE_CONTEXT, FrameContext, install_context
 from causalize.errors import CausalizeError, PassError
-from causalize.modules.action_encoder import ActionEncoder
+from causalize.modules.action_encoder import ADAPTER_ATTR, ActionEncoder, embedding_width
 from causalize.modules.frame_modulation import make_frame_modulated
 from causalize.passes.base import Pass, PassContext, Record, Site
 from causalize.plan import Conditioning, Plan
 from causalize.precision import model_device, model_dtype
 
-ADAPTER_ATTR = "causalize_action_encoder"
 
 
 def _out_features(module: nn.Module) -> int:
-    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise PassError(f"cannot tell the width of the timestep embedding {type(module).__name__}")
-    return linears[-1].out_features
+    try:
+        return embedding_width(module)
+    except ValueError as exc:
+        raise PassError(str(exc)) from None
 
 
 # Hooks are module-level functions that find their state on the hooked module (set with
 # object.__setattr__, so nothing is registered as a submodule): a deepcopy of the model (the
 # causality probe runs on one) then drives its own copied context and modules.
-CTX = "_causalize_ctx"
+CTX = MODULE_CONTEXT
 TIME_PROJ = "_causalize_time_proj"
 
 

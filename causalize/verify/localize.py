@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from causalize.layout import FrameLayout
-from causalize.verify.influence import Forward, perturb_frame, slice_frames
+from causalize.verify.probe import Forward, perturb_frame, slice_frames
 
 Key = tuple[str, int, str, int]  # (module path, call index, "in"/"out", tensor index)
 

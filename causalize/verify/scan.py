@@ -44,7 +44,7 @@ def scan_time_mixers(model: nn.Module, plan: Plan, inputs: dict[str, Any]) -> li
             if not getattr(mod, "is_cross_attention", False):
                 found.setdefault(_path, {"path": _path, "class": type(mod).__name__, "what": f"possible attention over frames (sequence length {frames})"})
 
-    from causalize.verify.influence import as_model_inputs
+    from causalize.verify.probe import as_model_inputs
 
     handles = [m.register_forward_hook(lambda m, a, o, _p=p: hook(m, a, o, _p)) for p, m in model.named_modules() if p]
     try:
