@@ -306,11 +306,11 @@ def _offset_rope(module: nn.Module, args, kwargs, output):
 
 def _refuse_caller_positions(module: nn.Module, args, kwargs):
     """A root pre-hook: a streaming call must not carry positions its caller computed for a whole clip."""
-    from causalize.context import _bound_arguments
+    from causalize.context import bound_arguments
 
     if state_of(module) is None:
         return None
-    given = _bound_arguments(module, args, kwargs)
+    given = bound_arguments(module, args, kwargs)
     passed = [n for n in getattr(module, CALLER_ATTR) if given.get(n) is not None]
     if passed:
         raise UsageError(
