@@ -31,3 +31,13 @@ def causalize_register_plans(register: Callable[[object], object]) -> None:
     One plan per model class (`Plan.model_class`); a second plan for the same class is an error
     unless its name differs and the user picks it with `--plan`.
     """
+
+
+@hookspec
+def causalize_register_twins(register: Callable[[str, type], None]) -> None:
+    """Register per-frame twins of modulation classes: call `register("ClassName", TwinClass)`.
+
+    A twin is a direct subclass of the diffusers modulation class with a `supports(module)`
+    classmethod; `frame-conditioning` swaps instances of "ClassName" to it (same parameters and
+    state-dict keys) so that each frame gets its own timestep modulation.
+    """

@@ -27,7 +27,7 @@ from diffusers.models.transformers.transformer_easyanimate import EasyAnimateLay
 from causalize.context import TokenGrid
 from causalize.hookspecs import hookimpl
 from causalize.layout import FrameLayout
-from causalize.modules.frame_modulation import frame_tensor, register_twin
+from causalize.modules.frame_modulation import frame_tensor
 from causalize.plan import Conditioning, Plan, Streaming, Targets
 from causalize.plugins.common import mid_timestep, randn
 
@@ -48,7 +48,10 @@ class FrameEasyAnimateLayerNormZero(EasyAnimateLayerNormZero):
         return video, text, gate, text_gate
 
 
-register_twin("EasyAnimateLayerNormZero", FrameEasyAnimateLayerNormZero)
+
+@hookimpl
+def causalize_register_twins(register):
+    register("EasyAnimateLayerNormZero", FrameEasyAnimateLayerNormZero)
 
 
 def tokens(model, kwargs) -> TokenGrid:

@@ -29,7 +29,7 @@ from diffusers.models.transformers.transformer_mochi import MochiRMSNormZero
 from causalize.context import TokenGrid
 from causalize.hookspecs import hookimpl
 from causalize.layout import FrameLayout
-from causalize.modules.frame_modulation import frame_tensor, register_twin
+from causalize.modules.frame_modulation import frame_tensor
 from causalize.plan import Conditioning, Plan, Streaming, Targets
 from causalize.plugins.common import mid_timestep, randn
 
@@ -46,7 +46,10 @@ class FrameMochiRMSNormZero(MochiRMSNormZero):
         return super().forward(hidden_states, emb if frames is None else frames)
 
 
-register_twin("MochiRMSNormZero", FrameMochiRMSNormZero)
+
+@hookimpl
+def causalize_register_twins(register):
+    register("MochiRMSNormZero", FrameMochiRMSNormZero)
 
 TEXT_TOKENS = 16
 VALID_TEXT = 11  # the example inputs pad the prompt, so the per-sample text length is exercised

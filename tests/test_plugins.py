@@ -122,3 +122,32 @@ def test_library_import_is_light():
 
     code = "import sys, causalize, causalize.hookspecs; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_builtin_plugins_are_an_explicit_list():
+    """A stray module dropped into the plugins package is not loaded: only the listed families are."""
+    from causalize.plugin_manager import BUILTIN_MODEL_PLUGINS
+
+    assert BUILTIN_PLUGINS == ("causalize.passes", *(f"causalize.plugins.{n}" for n in BUILTIN_MODEL_PLUGINS))
+    assert "causalize.plugins.common" not in BUILTIN_PLUGINS
+
+
+def test_twins_register_through_the_hook():
+    """Importing a plugin module registers nothing; building the registries does (the hook)."""
+    from causalize.hookspecs import hookimpl
+    from causalize.modules import frame_modulation
+
+    class Twin:
+        pass
+
+    class Plugin:
+        @hookimpl
+        def causalize_register_twins(self, register):
+            register("SomeNewNormZero", Twin)
+
+    regs = build_registries(autoload=False)
+    regs.manager.register(Plugin(), name="twin-plugin")
+    assert "SomeNewNormZero" not in frame_modulation.TWINS
+    regs.manager.hook.causalize_register_twins(register=frame_modulation.register_twin)
+    assert frame_modulation.TWINS.pop("SomeNewNormZero") is Twin
+    assert {"MochiRMSNormZero", "EasyAnimateLayerNormZero"} <= set(frame_modulation.TWINS)
