@@ -27,6 +27,12 @@ from causalize.plan import Plan
 
 
 class WorldModel(nn.Module):
+    """A converted denoiser driven with a noise level and an action per frame (see the module
+    docstring). It holds the diffusers model (`.model`, still a drop-in for its pipelines) and its
+    plan; `forward` sets the per-frame conditioning in the model's frame context and runs the
+    model's own forward. Built from a model converted with `frame-conditioning`, or loaded with
+    `WorldModel.from_pretrained(path, torch_dtype=..., device=...)`."""
+
     def __init__(self, model: nn.Module, plan: str | Plan | None = None):
         super().__init__()
         from causalize.api import plan_for

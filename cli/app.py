@@ -391,8 +391,9 @@ def passes(as_json: bool = JSON_OPT) -> None:
         return
     table = _table("passes", "name", "version", "options", "summary")
     for r in rows:
-        opts = "; ".join(
+        opts = "\n".join(
             f"{o['name']}={o['default']}" + (f" ({'|'.join(map(str, o['choices']))})" if o["choices"] else f" ({o['type']})")
+            + (f": {o['help']}" if o["help"] else "")
             for o in r["options"]
         )
         table.add_row(r["name"], str(r["version"]), escape(opts or "-"), escape(r["summary"]))
@@ -403,6 +404,7 @@ def _pass_rows() -> list[dict[str, Any]]:
     import dataclasses
     from typing import Literal, get_args, get_origin
 
+    from causalize.passes.base import option_help
     from causalize.passes.registry import option_type
     from causalize.plugin_manager import registries
 
@@ -413,7 +415,8 @@ def _pass_rows() -> list[dict[str, Any]]:
             tp = option_type(cls, fld)
             literal = get_origin(tp) is Literal
             opts.append({"name": fld.name, "type": "choice" if literal else getattr(tp, "__name__", str(tp)),
-                         "default": fld.default, "choices": list(get_args(tp)) if literal else []})
+                         "default": fld.default, "choices": list(get_args(tp)) if literal else [],
+                         "help": option_help(fld)})
         rows.append({"name": cls.name, "version": cls.version, "summary": cls.summary, "module": cls.__module__, "options": opts})
     return rows
 

@@ -151,3 +151,20 @@ def test_twins_register_through_the_hook():
     regs.manager.hook.causalize_register_twins(register=frame_modulation.register_twin)
     assert frame_modulation.TWINS.pop("SomeNewNormZero") is Twin
     assert {"MochiRMSNormZero", "EasyAnimateLayerNormZero"} <= set(frame_modulation.TWINS)
+
+
+def test_every_pass_option_has_help_and_passes_shows_it():
+    import dataclasses
+    import json as _json
+
+    from typer.testing import CliRunner
+
+    from causalize.cli.app import app
+    from causalize.passes.base import option_help
+
+    for cls in registries().passes:
+        for fld in dataclasses.fields(cls.Options):
+            assert option_help(fld), f"{cls.name}.{fld.name} has no help text"
+    doc = _json.loads(CliRunner().invoke(app, ["passes", "--json"]).stdout)
+    conv = next(p for p in doc["passes"] if p["name"] == "causal-temporal-conv")
+    assert "extrapolation" in next(o for o in conv["options"] if o["name"] == "transfer")["help"]

@@ -42,6 +42,16 @@ class Record:
         return dataclasses.asdict(self)
 
 
+def option(default: Any, help: str) -> Any:
+    """A pass option with its help text (shown by `causalize passes`), as PEFT's config fields
+    carry theirs: `transfer: str = option("extrapolative", "how the kernel moves into the past")`."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def option_help(fld: "dataclasses.Field") -> str:
+    return str(fld.metadata.get("help", ""))
+
+
 @dataclass
 class PassContext:
     """What a pass may consult besides the model: the plan (targets, layout) and the pass options."""

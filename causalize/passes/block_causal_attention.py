@@ -10,7 +10,7 @@ import torch.nn as nn
 from causalize.context import install_context
 from causalize.errors import PassError
 from causalize.modules.block_attention import BlockCausalAttnProcessor
-from causalize.passes.base import Pass, PassContext, Record, Site
+from causalize.passes.base import Pass, PassContext, Record, Site, option
 
 
 def _has_processor(m: nn.Module) -> bool:
@@ -33,8 +33,9 @@ class BlockCausalAttention(Pass):
 
     @dataclass(frozen=True)
     class Options:
-        block_size: int = 1
-        context_sees_video: bool = False
+        block_size: int = option(1, "token frames per causal block: a frame sees its whole block and every earlier one")
+        context_sees_video: bool = option(False, "let text / context rows see video: a deliberate leak, only to "
+                                          "demonstrate the context rule (METHOD.md §3)")
 
     def _candidates(self, model: nn.Module, ctx: PassContext):
         return list(ctx.plan.iter_targets(self.name, model, _has_processor))

@@ -16,7 +16,7 @@ import torch.nn as nn
 from causalize.context import install_context
 from causalize.errors import PassError, UsageError
 from causalize.modules.linear_attention import BlockCausalLinearAttnProcessor
-from causalize.passes.base import Pass, PassContext, Record, Site
+from causalize.passes.base import Pass, PassContext, Record, Site, option
 
 # Processors whose math BlockCausalLinearAttnProcessor reproduces (ReLU kernel, RoPE after the
 # kernel, normaliser Σφ(k)·φ(q) + 1e-15). Sana (image)'s SanaLinearAttnProcessor2_0 differs
@@ -38,7 +38,7 @@ class BlockCausalLinearAttention(Pass):
 
     @dataclass(frozen=True)
     class Options:
-        block_size: int = 1
+        block_size: int = option(1, "token frames per causal block of the prefix sums")
 
     def _candidates(self, model: nn.Module, ctx: PassContext):
         return list(ctx.plan.iter_targets(self.name, model, _is_linear_attention))

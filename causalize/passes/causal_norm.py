@@ -8,7 +8,7 @@ from typing import Literal
 import torch.nn as nn
 
 from causalize.modules.causal_norm import CausalGroupNorm
-from causalize.passes.base import Pass, PassContext, Record, Site
+from causalize.passes.base import Pass, PassContext, Record, Site, option
 
 
 def _is_plain_groupnorm(m: nn.Module) -> bool:
@@ -22,7 +22,8 @@ class CausalNorm(Pass):
 
     @dataclass(frozen=True)
     class Options:
-        mode: Literal["per-frame", "cumulative"] = "per-frame"
+        mode: Literal["per-frame", "cumulative"] = option(
+            "per-frame", "GroupNorm statistics of each frame alone, or over frames <= t (METHOD.md §5)")
 
     def _candidates(self, model: nn.Module, ctx: PassContext):
         return [(path, mod) for path, mod, _ in ctx.plan.iter_targets(self.name, model, _is_plain_groupnorm)]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from causalize.modules.frame_attention import CausalFrameAttnProcessor, is_wrapped
-from causalize.passes.base import Pass, PassContext, Record, Site
+from causalize.passes.base import Pass, PassContext, Record, Site, option
 
 
 def _is_attention(m: nn.Module) -> bool:
@@ -23,7 +23,7 @@ class CausalTemporalAttention(Pass):
 
     @dataclass(frozen=True)
     class Options:
-        block_size: int = 1
+        block_size: int = option(1, "frames per causal block: a frame attends to its block and every earlier frame")
 
     def _candidates(self, model: nn.Module, ctx: PassContext):
         return [(path, mod) for path, mod, _ in ctx.plan.iter_targets(self.name, model, _is_attention)]

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from causalize.errors import PassError
 from causalize.modules.causal_conv import is_causal_conv, is_temporal_conv, make_causal_conv, temporal_conv_problem
-from causalize.passes.base import Pass, PassContext, Record, Site
+from causalize.passes.base import Pass, PassContext, Record, Site, option
 
 _CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
@@ -31,8 +31,10 @@ class CausalTemporalConv(Pass):
 
     @dataclass(frozen=True)
     class Options:
-        transfer: Literal["shift", "masked", "extrapolative"] = "extrapolative"
-        p: int = 2
+        transfer: Literal["shift", "masked", "extrapolative"] = option(
+            "extrapolative", "how the future taps move into the past: shift the kernel, drop them (masked), or fold them "
+            "onto past taps through a linear extrapolation over the last p frames (METHOD.md §4.2)")
+        p: int = option(2, "frames the extrapolative transfer fits its line through (2 <= p <= kernel size)")
 
     def _candidates(self, model: nn.Module, ctx: PassContext) -> list[tuple[str, nn.Module, int]]:
         found = []

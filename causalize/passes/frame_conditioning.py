@@ -23,7 +23,7 @@ from causalize.context import MODULE_CONTEXT, FrameContext, install_context
 from causalize.errors import CausalizeError, PassError
 from causalize.modules.action_encoder import ADAPTER_ATTR, ActionEncoder, embedding_width
 from causalize.modules.frame_modulation import make_frame_modulated
-from causalize.passes.base import Pass, PassContext, Record, Site
+from causalize.passes.base import Pass, PassContext, Record, Site, option
 from causalize.plan import Conditioning, Plan
 from causalize.precision import model_device, model_dtype
 
@@ -163,8 +163,9 @@ class FrameConditioning(Pass):
 
     @dataclass(frozen=True)
     class Options:
-        action_dim: int = 0
-        action_type: Literal["continuous", "discrete"] = "continuous"
+        action_dim: int = option(0, "dimension of the actions; 0 adds per-frame timesteps only, no action adapter")
+        action_type: Literal["continuous", "discrete"] = option(
+            "continuous", "continuous: an MLP on action vectors; discrete: a sum of embeddings of the active entries")
 
     def _conditioning(self, ctx: PassContext) -> Conditioning:
         cond = ctx.plan.conditioning
