@@ -15,6 +15,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Sequence
 
+from causalize import fs
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
@@ -109,9 +111,8 @@ def write_json(name: str, payload: dict[str, Any], digits: int = 6) -> Path:
     """results/NAME.json, floats rounded to `digits` significant digits, written atomically."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(_rounded(payload, digits), indent=1, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    # json.dumps rather than fs.write_json: a measurement may be NaN or infinite, and is recorded as such
+    fs.write_text(path, json.dumps(_rounded(payload, digits), indent=1, sort_keys=False) + "\n", overwrite=True)
     return path
 
 

@@ -270,7 +270,7 @@ def _single_step(session, action, device: torch.device, sizes: Sizes, tflops: fl
 
 def check_train(sizes: Sizes, device: torch.device) -> dict[str, Any]:
     from causalize.context import enable_gradient_checkpointing
-    from causalize.training.objective import NoiseSchedule
+    from causalize.noise import NoiseSchedule
     from causalize.training.trainer import compute_loss
 
     wm = _world_model(sizes, device, torch.float32).train()

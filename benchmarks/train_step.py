@@ -108,7 +108,7 @@ class Runner:
     def __init__(self, variant: str, wm, batch, kwargs, device: str):
         import torch
 
-        from causalize.training.objective import NoiseSchedule
+        from causalize.noise import NoiseSchedule
 
         self.variant, self.batch, self.kwargs, self.device = variant, batch, kwargs, device
         self.wm = copy.deepcopy(wm)

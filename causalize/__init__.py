@@ -15,6 +15,8 @@ _LAZY = {
     "verify": "causalize.api",
     "inspect": "causalize.api",
     "convert_model": "causalize.api",
+    "unconvert": "causalize.state",
+    "installed": "causalize.state",
     "check_causality": "causalize.verify",
     "CausalityReport": "causalize.verify",
     "Plan": "causalize.plan",

@@ -60,6 +60,7 @@ from typing import Any
 
 import torch.nn as nn
 
+from causalize import state
 from causalize.errors import UsageError
 from causalize.modules.action_encoder import ActionEncoder, ActionType
 from causalize.modules.causal_conv import is_causal_conv
@@ -274,8 +275,8 @@ def _base_encoder(model: nn.Module, action_dim: int, action_type: ActionType) ->
     if current is None:
         from causalize.api import plan_for
         width = embedding_width(model.get_submodule(plan_for(model).conditioning.embedding))
-        model.add_module(ADAPTER_ATTR, ActionEncoder(action_dim, width, action_type).to(model_device(model), model_dtype(model)))
-        return getattr(model, ADAPTER_ATTR)
+        encoder = ActionEncoder(action_dim, width, action_type).to(model_device(model), model_dtype(model))
+        return state.add_module(model, ADAPTER_ATTR, encoder, by="adapters")  # recorded: unconvert removes it
     encoder = current.original_module if _is_wrapper(current) else current
     if not isinstance(encoder, ActionEncoder):
         raise UsageError(f"model.{ADAPTER_ATTR} is a {type(encoder).__name__}, not an ActionEncoder")

@@ -90,9 +90,17 @@ def _options_dict(opts: Any) -> dict[str, Any]:
 
 
 def convert_model(
-    model: "nn.Module", plan: str | Plan | None = None, pipeline: str | Pipeline | None = None, progress: Progress | None = None
+    model: "nn.Module", plan: str | Plan | None = None, pipeline: str | Pipeline | None = None, progress: Progress | None = None,
+    *, keep_original_weights: bool = False,
 ) -> list[PassRun]:
-    """Run the pipeline on `model` in place. A pass that matches nothing is an error."""
+    """Run the pipeline on `model` in place. A pass that matches nothing is an error.
+
+    Every change is recorded on the model (causalize.state: `installed(model)` lists them,
+    `causalize.unconvert(model)` undoes them). `keep_original_weights`: keep the stock values of
+    the parameters a weight transfer overwrites, so that `unconvert` restores them too (costs
+    their memory)."""
+    from causalize import state
+
     plan = plan_for(model, plan)
     pipe = parse_pipeline(pipeline, plan)
     regs = _registries()
@@ -101,7 +109,8 @@ def convert_model(
         cls = regs.passes.get(step.name)
         ctx = PassContext(plan=plan, options=step.resolved(regs.passes))
         t0 = time.perf_counter()
-        records = cls().apply(model, ctx)
+        with state.recording(model, step.name, keep_weights=keep_original_weights):
+            records = cls().apply(model, ctx)
         seconds = time.perf_counter() - t0
         if not records:
             raise PassError(
@@ -133,7 +142,9 @@ def verify_model(model: "nn.Module", plan: str | Plan | None = None, frames: int
 
 
 def inspect_model(model: "nn.Module", plan: str | Plan | None = None, pipeline: str | Pipeline | None = None, frames: int = DEFAULT_FRAMES) -> dict[str, Any]:
-    """The time-mixing sites each pass covers, and any found by a traced forward that none covers."""
+    """The time-mixing sites each pass covers, and any found by a traced forward that none covers;
+    for a converted model (e.g. from `causalize.load`) also what its conversion installed."""
+    from causalize import state
     from causalize.verify.scan import scan_time_mixers
 
     plan = plan_for(model, plan)
@@ -145,7 +156,7 @@ def inspect_model(model: "nn.Module", plan: str | Plan | None = None, pipeline: 
         covered[step.name] = regs.passes.get(step.name)().find_sites(model, ctx)
     paths = {s.path for sites in covered.values() for s in sites}
     mixers = scan_time_mixers(model, plan, example_inputs(model, plan, frames))
-    return {
+    info = {
         "model_class": type(model).__name__,
         "plan": plan.name,
         "pipeline": str(pipe),
@@ -155,6 +166,9 @@ def inspect_model(model: "nn.Module", plan: str | Plan | None = None, pipeline: 
         "notes": list(plan.notes),
         "attention": _attention_path(model, covered),
     }
+    if state.registry(model) is not None:
+        info["installed"] = state.installed(model)
+    return info
 
 
 def _attention_path(model: "nn.Module", covered: dict[str, list[Site]]) -> dict[str, Any] | None:

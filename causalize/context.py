@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import torch.nn as nn
 
+from causalize import state
 from causalize.errors import CausalizeError
 
 CONTEXT_ATTR = "_causalize_frame_context"
@@ -65,30 +66,34 @@ def bound_arguments(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, An
         return dict(kwargs)
 
 
+# The hooks find the context through the module, not a closure, so that a deepcopy of the
+# model (the causality probe runs on one) drives its own copied context and processors.
+def _fill_frame_grid(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Root pre-hook: this call's TokenGrid, from its inputs."""
+    c = getattr(module, CONTEXT_ATTR)
+    if c.tokens is not None:
+        c.grid = c.tokens(module, bound_arguments(module, args, kwargs))
+
+
+def _clear_frame_grid(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    """Root hook (always called): nothing of this call outlives it."""
+    c = getattr(module, CONTEXT_ATTR)
+    c.grid = None
+    c.temb_delta = None
+
+
 def install_context(model: nn.Module, tokens: TokenFn | None = None) -> FrameContext:
-    """The model's frame context, installing the pre-hook that fills it on first use."""
+    """The model's frame context, installing the pre-hook that fills it on first use (recorded in
+    the model's registry, causalize.state, so that `unconvert` removes hooks and context)."""
     ctx = getattr(model, CONTEXT_ATTR, None)
     if ctx is not None:
         if ctx.tokens is None and tokens is not None:
             ctx.tokens = tokens
         return ctx
     ctx = FrameContext(tokens)
-
-    # The hooks find the context through the module, not a closure, so that a deepcopy of the
-    # model (the causality probe runs on one) drives its own copied context and processors.
-    def pre_hook(module, args, kwargs):
-        c = getattr(module, CONTEXT_ATTR)
-        if c.tokens is not None:
-            c.grid = c.tokens(module, bound_arguments(module, args, kwargs))
-
-    def post_hook(module, args, kwargs, output):
-        c = getattr(module, CONTEXT_ATTR)
-        c.grid = None
-        c.temb_delta = None
-
-    model.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    model.register_forward_hook(post_hook, with_kwargs=True, always_call=True)
-    object.__setattr__(model, CONTEXT_ATTR, ctx)
+    state.set_attribute(model, "", CONTEXT_ATTR, ctx)
+    state.register_hook(model, "", _fill_frame_grid, pre=True, with_kwargs=True)
+    state.register_hook(model, "", _clear_frame_grid, with_kwargs=True, always_call=True)
     return ctx
 
 

@@ -28,7 +28,7 @@ from typing import Any, Iterator
 
 TMP_TAG = ".causalize-tmp-"
 OLD_TAG = ".causalize-old-"
-_STALE = re.compile(r"^\.(?P<name>.+)\.causalize-(?:tmp|old)-(?P<pid>\d+)-\d+$")
+_STALE = re.compile(r"^\.(?P<name>.+)\.causalize-(?:tmp|old)-(?P<pid>\d+)-\d+(?P<suffix>\.[^.]+)?$")
 
 
 def _tag() -> str:
@@ -210,7 +210,8 @@ def clean_stale(target: str | os.PathLike) -> list[Path]:
         return removed
     for entry in target.parent.iterdir():
         m = _STALE.match(entry.name)
-        if not m or m.group("name") not in (target.name, target.stem) or _alive(int(m.group("pid"))):
+        names = (target.name,) if m is None or not m.group("suffix") else (target.stem,)
+        if not m or m.group("name") not in names or _alive(int(m.group("pid"))):
             continue
         if entry.is_symlink() or not entry.is_dir():
             entry.unlink(missing_ok=True)

@@ -364,6 +364,9 @@ def inspect(
         out.print(table)
     out.print("sites: " + ", ".join(f"{name} {len(sites)}" for name, sites in info["sites"].items()))
     out.print(f"uncovered: {len(info['uncovered'])}")
+    kinds = [c["kind"] for c in info.get("installed", [])]
+    for kind in dict.fromkeys(kinds):  # what a converted checkpoint's conversion installed (details: --json)
+        out.print(f"installed {kind}: {kinds.count(kind)}")
     if info.get("attention"):
         a = info["attention"]
         out.print(f"attention on {a['device']}: {a['backend']} ({escape(a['reason'])}; set CAUSALIZE_ATTENTION=flex|chunked|dense to override)")

@@ -15,7 +15,7 @@ pytest.importorskip("gymnasium")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives at the repo root
 
 from benchmarks.atari import data as atari
-from causalize.training.data import EpisodeDataset, list_episodes, read_info
+from causalize.episodes import EpisodeDataset, list_episodes, read_info
 
 TINY = atari.RecordSettings(warmup=(0, 12))
 GAMES = ["Breakout", "Freeway"]

@@ -1,4 +1,4 @@
-"""Episode format and loader (causalize.training.data, docs/EPISODES.md)."""
+"""Episode format and loader (causalize.episodes, docs/EPISODES.md)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
-from causalize.training.data import (
+from causalize.episodes import (
     ActionSpace,
     DataError,
     DataWarning,
@@ -591,16 +591,18 @@ def test_dataloader_collates(tmp_path, workers):
 
 
 def test_written_files_get_ordinary_permissions(tmp_path):
-    """Atomic writes go through mkstemp (0600); the final files get 0666 & ~umask like open()."""
+    """Writes go through a private temporary (0600); dataset.json and episodes end up with
+    0666 & ~umask, like open() gives."""
     import os
     import stat
 
-    from causalize.training import data as d
-
-    umask = os.umask(0o022)
-    try:
-        dest = tmp_path / "f.bin"
-        d._atomic_write_bytes(dest, lambda f: f.write(b"x"), overwrite=False)
-    finally:
-        os.umask(umask)
-    assert stat.S_IMODE(dest.stat().st_mode) == 0o644
+    for umask, want in ((0o022, 0o644), (0o027, 0o640)):
+        old = os.umask(umask)
+        try:
+            root = tmp_path / f"ds{umask:o}"
+            create_dataset(root, ActionSpace.continuous(2), frame_shape=(H, W, C))
+            ep = write_episode(root, 0, frames=_frames(3), actions=_arange_actions(3))
+        finally:
+            os.umask(old)
+        for p in (root / "dataset.json", ep):
+            assert stat.S_IMODE(p.stat().st_mode) == want, p

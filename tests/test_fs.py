@@ -149,3 +149,10 @@ def test_convert_loses_a_race_for_out_without_clobbering_it(tmp_path, monkeypatc
     assert result.exit_code == 2 and "created by someone else" in result.output
     assert [p.name for p in out.iterdir()] == ["winner"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+def test_stale_file_temporaries_with_a_suffix_are_found(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".checkpoint.causalize-tmp-{int(dead.stdout)}-9.pt"
+    stale.write_bytes(b"x")
+    assert fs.clean_stale(tmp_path / "checkpoint.pt") == [stale]

@@ -129,22 +129,25 @@ def test_convert_and_load_in_bf16(tmp_path):
 
 
 def test_bf16_mixed_precision_training_step(tmp_path):
-    """accelerate's bf16 autocast on the CPU: fp32 master weights, a finite loss, weights move."""
-    from test_trainer import _converted, _moving_square
+    """accelerate's bf16 autocast on the CPU: fp32 master weights, a finite loss. Run as its own
+    process through the CLI: accelerate keeps one mixed-precision setting per process."""
+    import subprocess
+    import sys
 
-    from causalize.training.trainer import TrainConfig, train
+    from test_trainer import _converted, _moving_square
 
     model = _converted(tmp_path, "wm")
     data = _moving_square(tmp_path / "data")
-    cfg = TrainConfig(model=str(model), data=str(data), output_dir=str(tmp_path / "run"), window=4, batch_size=1,
-                      steps=1, lr=1e-3, log_every=1, checkpoint_every=0, split=None, mixed_precision="bf16",
-                      device="cpu")
-    result = train(cfg)
-    assert result["steps"] == 1 and result["final_loss"] == result["final_loss"]  # finite, not NaN
-    line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert line["loss"] > 0
-    trained = WorldModel.from_pretrained(tmp_path / "run" / "final")
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "causalize.cli.app", "train", "--model", str(model), "--data", str(data), "--out", str(run),
+           "--steps", "1", "--batch-size", "1", "--window", "4", "--mixed-precision", "bf16", "--device", "cpu", "--json"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout)
+    assert summary["steps"] == 1 and summary["final_loss"] == summary["final_loss"]  # finite, not NaN
+    trained = WorldModel.from_pretrained(run / "final")
     assert trained.dtype == torch.float32
+    assert json.loads((run / "final" / "training.json").read_text())["config"]["mixed_precision"] == "bf16"
 
 
 # ------------------------------------------------------------------------------ bad input

@@ -10,11 +10,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from causalize.noise import NoiseSchedule, rescale_zero_terminal_snr
 from causalize.training.objective import (
-    NoiseSchedule,
     action_keep_mask,
     diffusion_forcing_loss,
-    rescale_zero_terminal_snr,
     sample_frame_timesteps,
 )
 
@@ -123,12 +122,12 @@ def test_round_trip_per_frame(schedule, b, t, extra, axis_choice, negative, pred
 
     x_k = schedule.q_sample(x0, noise, ts, frame_axis=fa)
     tgt = schedule.target(x0, noise, ts, prediction_type=pred, frame_axis=fa)
-    x0_hat = schedule.predicted_x0(x_k, tgt, ts, prediction_type=pred, frame_axis=fa)
-    eps_hat = schedule.predicted_eps(x_k, tgt, ts, prediction_type=pred, frame_axis=fa)
+    x0_hat = schedule.convert(x_k, tgt, ts, pred, "sample", frame_axis=fa)
+    eps_hat = schedule.convert(x_k, tgt, ts, pred, "epsilon", frame_axis=fa)
     atol = 1e-9 if pred != "epsilon" else 1e-6  # ε: x̂0 divides by √ᾱ, tiny near the end
     torch.testing.assert_close(x0_hat, x0, rtol=0, atol=atol)
     torch.testing.assert_close(eps_hat, noise, rtol=0, atol=1e-9)
-    v = schedule.predicted_v(x_k, tgt, ts, prediction_type=pred, frame_axis=fa)
+    v = schedule.convert(x_k, tgt, ts, pred, "v", frame_axis=fa)
     torch.testing.assert_close(
         v, schedule.target(x0, noise, ts, "v", fa), rtol=0, atol=1e-6
     )
@@ -156,9 +155,9 @@ def test_round_trip_float32_and_sample(schedule):
     x_k = schedule.q_sample(x0, noise, ts)
     assert x_k.dtype == torch.float32
     v = schedule.target(x0, noise, ts)
-    torch.testing.assert_close(schedule.predicted_x0(x_k, v, ts), x0, rtol=0, atol=1e-5)
+    torch.testing.assert_close(schedule.convert(x_k, v, ts, "v", "sample"), x0, rtol=0, atol=1e-5)
     torch.testing.assert_close(
-        schedule.predicted_eps(x_k, v, ts), noise, rtol=0, atol=1e-5
+        schedule.convert(x_k, v, ts, "v", "epsilon"), noise, rtol=0, atol=1e-5
     )
     # at the zero-SNR step the noisy input is pure noise and v = -x0
     torch.testing.assert_close(x_k[0, 3], noise[0, 3])
@@ -167,7 +166,7 @@ def test_round_trip_float32_and_sample(schedule):
     assert torch.equal(schedule.target(x0, noise, ts, "sample"), x0)
     ts2 = ts.clamp(max=998)
     x_k2 = schedule.q_sample(x0.double(), noise.double(), ts2)
-    eps = schedule.predicted_eps(x_k2, x0.double(), ts2, "sample")
+    eps = schedule.convert(x_k2, x0.double(), ts2, "sample", "epsilon")
     torch.testing.assert_close(eps, noise.double(), rtol=0, atol=1e-9)
     # half-precision inputs keep their dtype
     assert schedule.q_sample(x0.half(), noise.half(), ts).dtype == torch.float16
@@ -320,7 +319,9 @@ def test_bad_inputs_raise(schedule):
     with pytest.raises(ValueError, match="v, epsilon, sample"):
         schedule.target(x, x, ts, prediction_type="x0")
     with pytest.raises(ValueError, match="v, epsilon, sample"):
-        schedule.predicted_x0(x, x, ts, prediction_type="eps")
+        schedule.convert(x, x, ts, "eps", "sample")
+    with pytest.raises(ValueError, match="v, epsilon, sample"):
+        schedule.convert(x, x, ts, "v", "x0")
     with pytest.raises(ValueError, match="batch axis"):
         schedule.q_sample(x, x, ts, frame_axis=0)
     with pytest.raises(ValueError, match="out of range"):

@@ -17,7 +17,7 @@ from causalize.rollout import RolloutConfig, RolloutSession, rollout
 from causalize.rollout import schedule as sched
 from causalize.rollout.sampler import FullRecompute, _branches
 from causalize.rollout.streaming import Stream
-from causalize.training.objective import NoiseSchedule
+from causalize.noise import NoiseSchedule
 from causalize.world_model import WorldModel
 from world_models import tiny_world_model
 

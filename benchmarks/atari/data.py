@@ -1,6 +1,6 @@
 """Deterministic Atari recordings in the causalize episode format (``docs/EPISODES.md``).
 
-Two kinds of dataset, both written with ``causalize.training.data.create_dataset/write_episode``:
+Two kinds of dataset, both written with ``causalize.episodes.create_dataset/write_episode``:
 
 * **clips** (:func:`record_clips`): short clips from several games, the stand-in for action-free
   "internet video" used to pretrain the bidirectional model. The format has no action-free mode,
@@ -43,9 +43,7 @@ import argparse
 import difflib
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -57,7 +55,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from causalize.training.data import (
+from causalize import fs
+from causalize.episodes import (
     ActionSpace,
     create_dataset,
     episode_path,
@@ -289,24 +288,17 @@ def _record(game: AtariGame, length: int, seed: int, *keys: str | int) -> _Recor
 
 @contextmanager
 def _staged(out_dir: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary sibling directory that replaces ``out_dir`` only on success."""
+    """Yield a temporary sibling directory that replaces ``out_dir`` only on success.
+
+    An existing empty ``out_dir`` is replaced like an overwrite (it holds nothing to lose); a
+    non-empty one only with ``overwrite``, checked again before the swap.
+    """
     out = Path(out_dir)
     _check_target(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    os.chmod(tmp, 0o755)
-    try:
+    replace = overwrite or out.is_dir()  # _check_target let through only an empty directory
+    with fs.new_directory(out, overwrite=replace) as tmp:
         yield tmp
         _check_target(out, overwrite)  # someone may have written it meanwhile
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.rename(out, trash / out.name)
-            os.rename(tmp, out)
-            shutil.rmtree(trash)
-        else:
-            os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _check_target(out: Path, overwrite: bool) -> None:

@@ -25,7 +25,7 @@ import torch
 
 from benchmarks.atari.data import load_episode
 from benchmarks.atari.metrics import frames_to_unit, horizon_summary, video_metrics
-from causalize.training.data import list_episodes, read_info
+from causalize.episodes import list_episodes, read_info
 
 __all__ = ["Segments", "copy_last_baseline", "load_segments", "random_actions", "rollout_segments", "score", "to_uint8"]
 
@@ -160,8 +160,8 @@ def denoising_psnr(wm: Any, segments: Segments, levels: list[int], seed: int,
     rescaled by 1/sqrt(alpha_k) (what "no denoising" scores). Model space is [-1, 1]; PSNR over
     [0, 1] pixels, clamped. One noise draw per level from ``seed`` (on the CPU, for the whole set,
     so the numbers do not depend on ``batch_size``, the segments per forward pass)."""
-    from causalize.training.objective import NoiseSchedule
-    from causalize.training.trainer import conditioning_kwargs
+    from causalize.noise import NoiseSchedule
+    from causalize.world_model import conditioning_kwargs
 
     device = next(wm.parameters()).device
     schedule = NoiseSchedule.from_config()
@@ -183,7 +183,7 @@ def denoising_psnr(wm: Any, segments: Segments, levels: list[int], seed: int,
                 kwargs = conditioning_kwargs(wm.plan, wm.model, xb.shape[0], frames, device=device)
                 v = wm(x_k, kk, actions[lo : lo + chunk].to(device), **kwargs).float().cpu()
                 x_k = x_k.cpu()
-                preds.append(schedule.predicted_x0(x_k, v, kk.cpu(), "v", frame_axis=2))
+                preds.append(schedule.convert(x_k, v, kk.cpu(), "v", "sample", frame_axis=2))
                 inputs.append(x_k / a.sqrt().clamp(min=1e-3))
             out[str(int(k))] = {
                 name: float(video_metrics(frames_to_unit(torch.cat(xs).movedim(2, 1), "signed"), real)["psnr"].double().mean())

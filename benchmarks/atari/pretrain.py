@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -44,8 +42,10 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from causalize.training.data import EpisodeDataset
-from causalize.training.objective import NoiseSchedule, sample_frame_timesteps
+from causalize import fs
+from causalize.episodes import EpisodeDataset
+from causalize.noise import NoiseSchedule
+from causalize.training.objective import sample_frame_timesteps
 from causalize.training.trainer import EpochSampler, conditioning_kwargs, step_generator
 
 from benchmarks.atari.backbones import get_backbone
@@ -135,9 +135,9 @@ def _batches(loader: DataLoader, sampler: EpochSampler, start: int) -> Iterator[
 
 
 def _save_checkpoint(out: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
-    tmp = out / f".{CHECKPOINT_FILE}.tmp"
-    torch.save({"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict()}, tmp)
-    os.replace(tmp, out / CHECKPOINT_FILE)
+    """checkpoint.pt, replacing the previous one in one step (a crash keeps the older, whole one)."""
+    with fs.new_file(out / CHECKPOINT_FILE, overwrite=True) as tmp:
+        torch.save({"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict()}, tmp)
 
 
 def _resume(out: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
@@ -153,7 +153,7 @@ def _resume(out: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer)
     step = int(state["step"])
     if metrics.is_file():
         keep = [ln for ln in metrics.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        metrics.write_text("".join(ln + "\n" for ln in keep))
+        fs.write_text(metrics, "".join(ln + "\n" for ln in keep), overwrite=True)
     return step
 
 
@@ -227,18 +227,15 @@ def pretrain(config: PretrainConfig, progress: Progress | None = None, device: s
         "median_seconds_per_step": sorted(step_seconds)[len(step_seconds) // 2] if step_seconds else None,
         "model_kwargs": {k: list(v.shape) for k, v in model_kwargs.items() if torch.is_tensor(v)},
     }
-    tmp = out / f".{SUMMARY_FILE}.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out / SUMMARY_FILE)
+    # json.dumps, not fs.write_json: a resumed run that had nothing left to do has a NaN final_loss
+    fs.write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n", overwrite=True)
     (out / CHECKPOINT_FILE).unlink(missing_ok=True)
     return summary
 
 
 def save_model(model: torch.nn.Module, dest: Path) -> None:
-    """save_pretrained into a temporary sibling, then rename (a crash leaves no half model)."""
-    tmp = dest.parent / f".{dest.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)
+    """save_pretrained into a temporary sibling, then rename (a crash leaves no half model); an
+    earlier model at ``dest`` is replaced."""
+    fs.clean_stale(dest)  # temporaries of a killed run
+    with fs.new_directory(dest, overwrite=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)

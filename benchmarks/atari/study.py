@@ -48,6 +48,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from causalize import fs
+
 from benchmarks.atari import data as atari_data
 from benchmarks.atari.backbones import BACKBONES, UNET3D, Backbone, get_backbone
 from benchmarks.atari import evaluate as ev
@@ -232,10 +234,11 @@ def run_name(variant: str, guidance: float, actions: str) -> str:
 
 
 def _write_json(path: Path, obj: Any) -> None:
+    """Atomic, replacing an earlier file (a rerun redoes a stage). json.dumps rather than
+    fs.write_json: a single-segment comparison has a NaN standard error, a perfect frame an
+    infinite PSNR, and both must still be recorded."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    fs.write_text(path, json.dumps(obj, indent=1, default=str) + "\n", overwrite=True)
 
 
 def _read_json(path: Path) -> Any:
@@ -372,7 +375,7 @@ class Study:
         marker = out / "init.json"
         if self._skip(marker, "scratch-init"):
             return _read_json(marker)
-        from causalize.training.data import read_info
+        from causalize.episodes import read_info
 
         info = read_info(self.dataset("pretrain"))
         model = pt.build_model(self.cfg["model"], info.channels, info.shape[0], self.seed, self.backbone.name)
@@ -386,7 +389,7 @@ class Study:
 
     def convert(self, variant: str) -> dict[str, Any]:
         from causalize.api import convert
-        from causalize.training.data import read_info
+        from causalize.episodes import read_info
 
         marker = self.out / "convert" / f"{variant}.json"
         if self._skip(marker, f"convert {variant}"):

@@ -25,6 +25,7 @@ __all__ = [
     "is_temporal_conv",
     "make_causal_conv",
     "temporal_conv_problem",
+    "transferred_parameters",
 ]
 
 _CAUSAL_PADDING_MODES = ("zeros", "replicate")
@@ -254,6 +255,15 @@ def make_causal_conv(
         if isinstance(conv, base):
             return causal.from_module(conv, time_axis=time_axis, transfer=transfer, p=p)
     raise TypeError(f"expected an nn.Conv1d/Conv2d/Conv3d, got {type(conv).__name__}")
+
+
+def transferred_parameters(conv: nn.Module) -> tuple[str, ...]:
+    """Names of the parameters whose stock values the weight transfer overwrote: the kernel,
+    unless the transfer is the identity (shift, None, or a temporal kernel of size 1). Decided
+    from the transfer, not the data, so it also holds for a structure built on meta tensors."""
+    if conv.transfer in (None, "shift") or conv.kernel_size[conv.time_axis] == 1:
+        return ()
+    return ("weight",)
 
 
 def is_causal_conv(module: nn.Module) -> bool:

@@ -29,7 +29,8 @@ embedding), so frame t's embedding is `temb + delta_t`.
   (without an action). Frame 0 is in the past of every frame, so text modulated by it carries
   nothing from later frames: causality holds; the text stream is not per-frame.
 
-Conversion swaps the module's class in place (`module.__class__ = twin`): same parameters, same
+Conversion swaps the module's class in place (`module.__class__ = twin`, recorded by
+causalize.state so that `unconvert` puts the original class back): same parameters, same
 submodules, same state-dict keys, so convert -> save -> load round-trips. Without per-frame
 embeddings in the context (the model called directly, or outside a WorldModel call) the twin
 calls the original forward: bit-identical. Which instances are swapped (e.g. HunyuanVideo's video
@@ -50,6 +51,7 @@ from diffusers.models.normalization import (
     CogVideoXLayerNormZero,
 )
 
+from causalize import state
 from causalize.context import MODULE_CONTEXT
 from causalize.errors import CausalizeError
 from causalize.modules.frame_tensor import FrameTensor, TokenLayout
@@ -249,19 +251,23 @@ def _twin_for(module: nn.Module) -> type[nn.Module]:
     return twin
 
 
-def make_frame_modulated(module: nn.Module, ctx, context: str = "none") -> nn.Module:
+def make_frame_modulated(module: nn.Module, ctx, context: str = "none", *, model: nn.Module | None = None,
+                         path: str = "") -> nn.Module:
     """Turn `module` (in place) into its frame-modulated twin reading the frame context `ctx`.
     `context`: where context (text) tokens sit around the video tokens in the sequence it
     modulates, "none" / "prefix" / "suffix" (they keep the per-sample modulation).
 
     Only the class changes: parameters, buffers, submodules and hooks stay, so do state-dict keys.
+    The class swap and the two attributes are recorded (causalize.state) in the registry of
+    `model`, the root `module` sits at `path` in (default: `module` itself), so `unconvert` undoes them.
     """
     if context not in ("none", "prefix", "suffix"):
         raise CausalizeError(f"context must be 'none', 'prefix' or 'suffix', got {context!r}")
+    root = module if model is None else model
     if type(module) not in TWINS.values():
-        module.__class__ = _twin_for(module)
-    object.__setattr__(module, CTX, ctx)
-    object.__setattr__(module, CONTEXT, context)
+        state.swap_class(root, path, _twin_for(module))
+    state.set_attribute(root, path, CTX, ctx)
+    state.set_attribute(root, path, CONTEXT, context)
     return module
 
 

@@ -93,6 +93,8 @@ def transfer_kernel(weight: torch.Tensor, axis: int, strategy: str, p: int = 2) 
     axis %= weight.ndim
     k = weight.shape[axis]
     matrix = transfer_matrix(k, strategy, p if k > 1 else 1)
+    if strategy == "shift" or k == 1:  # the identity: copied, so the kernel stays bit for bit (-0.0, inf)
+        return torch.empty_like(weight).copy_(weight)
     # float64 is unsupported on MPS; compute on the CPU there.
     device = torch.device("cpu") if weight.device.type == "mps" else weight.device
     moved = weight.movedim(axis, -1).to(device=device, dtype=torch.float64)

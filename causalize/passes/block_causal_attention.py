@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
+from causalize import state
 from causalize.context import install_context
 from causalize.errors import PassError
 from causalize.modules.block_attention import BlockCausalAttnProcessor
@@ -15,15 +16,6 @@ from causalize.passes.base import Pass, PassContext, Record, Site, option
 
 def _has_processor(m: nn.Module) -> bool:
     return callable(getattr(m, "processor", None))
-
-
-def _set_processor(m: nn.Module, processor) -> None:
-    """`set_processor` where the class has one (it may do bookkeeping); a plain assignment otherwise
-    (e.g. MochiAttention in diffusers 0.42 has a `processor` but no setter)."""
-    if callable(getattr(m, "set_processor", None)):
-        m.set_processor(processor)
-    else:
-        m.processor = processor
 
 
 class BlockCausalAttention(Pass):
@@ -64,7 +56,7 @@ class BlockCausalAttention(Pass):
             if isinstance(attn.processor, BlockCausalAttnProcessor):
                 continue
             before = type(attn.processor).__name__
-            _set_processor(attn, BlockCausalAttnProcessor(
+            state.wrap_processor(model, path, BlockCausalAttnProcessor(
                 attn.processor, frame_ctx, block_size=ctx.options.block_size, position=spec.context,
                 joint=spec.joint, mask_format=spec.mask_format, context_sees_video=ctx.options.context_sees_video,
             ))

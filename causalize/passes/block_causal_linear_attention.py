@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
+from causalize import state
 from causalize.context import install_context
 from causalize.errors import PassError, UsageError
 from causalize.modules.linear_attention import BlockCausalLinearAttnProcessor
@@ -68,6 +69,6 @@ class BlockCausalLinearAttention(Pass):
             if isinstance(attn.processor, BlockCausalLinearAttnProcessor):
                 continue
             before = type(attn.processor).__name__
-            attn.set_processor(BlockCausalLinearAttnProcessor(frame_ctx, block_size=ctx.options.block_size))
+            state.wrap_processor(model, path, BlockCausalLinearAttnProcessor(frame_ctx, block_size=ctx.options.block_size))
             records.append(Record(self.name, path, before, "BlockCausalLinearAttnProcessor", f"block_size={ctx.options.block_size}"))
         return records

@@ -7,6 +7,7 @@ from typing import Literal
 
 import torch.nn as nn
 
+from causalize import state
 from causalize.modules.causal_norm import CausalGroupNorm
 from causalize.passes.base import Pass, PassContext, Record, Site, option
 
@@ -38,6 +39,6 @@ class CausalNorm(Pass):
         records = []
         for path, gn in self._candidates(model, ctx):
             new = CausalGroupNorm.from_module(gn, mode=ctx.options.mode)
-            model.set_submodule(path, new)
+            state.swap_module(model, path, new)
             records.append(Record(self.name, path, type(gn).__name__, f"CausalGroupNorm({ctx.options.mode})"))
         return records

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
+from causalize import state
 from causalize.modules.frame_attention import CausalFrameAttnProcessor, is_wrapped
 from causalize.passes.base import Pass, PassContext, Record, Site, option
 
@@ -50,6 +51,6 @@ class CausalTemporalAttention(Pass):
             if attn.is_cross_attention or is_wrapped(attn.processor):
                 continue
             before = type(attn.processor).__name__
-            attn.set_processor(CausalFrameAttnProcessor(attn.processor, ctx.options.block_size))
+            state.wrap_processor(model, path, CausalFrameAttnProcessor(attn.processor, ctx.options.block_size))
             records.append(Record(self.name, path, before, f"CausalFrameAttnProcessor({before})"))
         return records

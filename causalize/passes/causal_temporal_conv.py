@@ -7,8 +7,11 @@ from typing import Literal
 
 import torch.nn as nn
 
+from causalize import state
 from causalize.errors import PassError
-from causalize.modules.causal_conv import is_causal_conv, is_temporal_conv, make_causal_conv, temporal_conv_problem
+from causalize.modules.causal_conv import (
+    is_causal_conv, is_temporal_conv, make_causal_conv, temporal_conv_problem, transferred_parameters,
+)
 from causalize.passes.base import Pass, PassContext, Record, Site, option
 
 _CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -67,6 +70,6 @@ class CausalTemporalConv(Pass):
             if problem:
                 raise PassError(f"{path}: {problem}", "exclude it in the plan's targets, or write a pass for it")
             new = make_causal_conv(conv, time_axis=axis, transfer=ctx.options.transfer, p=ctx.options.p)
-            model.set_submodule(path, new)
+            state.swap_module(model, path, new, weights_changed=transferred_parameters(new))
             records.append(Record(self.name, path, type(conv).__name__, type(new).__name__, _kernel_desc(conv, axis)))
         return records

@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
+from causalize import state
 from causalize.context import MODULE_CONTEXT, FrameContext, install_context
 from causalize.errors import CausalizeError, PassError
 from causalize.modules.action_encoder import ADAPTER_ATTR, ActionEncoder, embedding_width
@@ -36,9 +37,9 @@ def _out_features(module: nn.Module) -> int:
         raise PassError(str(exc)) from None
 
 
-# Hooks are module-level functions that find their state on the hooked module (set with
-# object.__setattr__, so nothing is registered as a submodule): a deepcopy of the model (the
-# causality probe runs on one) then drives its own copied context and modules.
+# Hooks are module-level functions that find their state on the hooked module (a plain attribute
+# set through causalize.state.set_attribute, so nothing is registered as a submodule): a deepcopy
+# of the model (the causality probe runs on one) then drives its own copied context and modules.
 CTX = MODULE_CONTEXT
 TIME_PROJ = "_causalize_time_proj"
 
@@ -135,23 +136,25 @@ def _modulation_sites(model: nn.Module, plan: Plan) -> list[tuple[str, nn.Module
 
 
 def _install_hooks(model: nn.Module, plan: Plan, ctx: FrameContext) -> int:
+    """Hooks, their state and the per-frame twins, each recorded in the model's registry
+    (causalize.state) with its handle, so that `unconvert` takes them off again."""
     cond = plan.conditioning
-    embedding = _submodule(model, cond.embedding, "timestep embedding")
-    object.__setattr__(embedding, CTX, ctx)
+    _submodule(model, cond.embedding, "timestep embedding")
+    state.set_attribute(model, cond.embedding, CTX, ctx)
     if cond.mode == "per-token":
-        embedding.register_forward_hook(_on_token_embedding)
+        state.register_hook(model, cond.embedding, _on_token_embedding)
         return 1
-    object.__setattr__(embedding, TIME_PROJ, _submodule(model, cond.time_proj, "timestep projection"))
-    embedding.register_forward_hook(_on_delta_embedding)
+    state.set_attribute(model, cond.embedding, TIME_PROJ, _submodule(model, cond.time_proj, "timestep projection"))
+    state.register_hook(model, cond.embedding, _on_delta_embedding)
     n = 0
-    for _, mod in model.named_modules():
+    for path, mod in list(model.named_modules()):
         if type(mod).__name__ in cond.consumers:
-            object.__setattr__(mod, CTX, ctx)
-            mod.register_forward_pre_hook(_on_consumer, with_kwargs=True)
+            state.set_attribute(model, path, CTX, ctx)
+            state.register_hook(model, path, _on_consumer, pre=True, with_kwargs=True)
             n += 1
     # per-sample DiTs: modulation modules become per-frame twins that read ctx.temb_delta
-    for _, mod, context in _modulation_sites(model, plan):
-        make_frame_modulated(mod, ctx, context)
+    for path, mod, context in _modulation_sites(model, plan):
+        make_frame_modulated(mod, ctx, context, model=model, path=path)
         n += 1
     return n
 
@@ -194,6 +197,6 @@ class FrameConditioning(Pass):
             width = _out_features(_submodule(model, cond.embedding, "timestep embedding"))
             encoder = ActionEncoder(ctx.options.action_dim, width, ctx.options.action_type)
             encoder.to(device=model_device(model), dtype=model_dtype(model))
-            model.add_module(ADAPTER_ATTR, encoder)
+            state.add_module(model, ADAPTER_ATTR, encoder)
             records.append(Record(self.name, ADAPTER_ATTR, "-", f"ActionEncoder({ctx.options.action_type}, {ctx.options.action_dim} -> {width})"))
         return records

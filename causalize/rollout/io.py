@@ -24,7 +24,6 @@ import math
 import os
 import re
 import statistics
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import numpy as np
 
+from causalize import fs
 from causalize.errors import UsageError
 
 if TYPE_CHECKING:
@@ -406,17 +406,16 @@ def write_frames(
     check_fps(fps)
     ext = p.suffix.lower()
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=f".tmp{ext}")
-    os.close(fd)
-    tmp = Path(tmp_name)
+    # fs.new_file: the temporary keeps the extension (imageio picks the format by it), and the
+    # final rename never replaces a file that appeared meanwhile unless `overwrite`.
     try:
-        if ext == ".npz":
-            _write_npz(tmp, frames, actions, meta, context_frames)
-        else:
-            _write_media(tmp, frames.data, ext, fps)
-        _commit(tmp, p, overwrite)
-    finally:
-        tmp.unlink(missing_ok=True)
+        with fs.new_file(p, overwrite=overwrite) as tmp:
+            if ext == ".npz":
+                _write_npz(tmp, frames, actions, meta, context_frames)
+            else:
+                _write_media(tmp, frames.data, ext, fps)
+    except FileExistsError:
+        raise UsageError(f"{p} exists", "pass --overwrite (overwrite=True) to replace it") from None
     return p
 
 
@@ -451,22 +450,6 @@ def _write_media(tmp: Path, data: np.ndarray, ext: str, fps: float) -> None:
             raise UsageError(f"cannot write .mp4: {_short(exc)}", "install imageio-ffmpeg, or write .gif / .npz") from None
     else:
         iio.imwrite(tmp, data, duration=1000.0 / fps, loop=0)
-
-
-def _commit(tmp: Path, dest: Path, overwrite: bool) -> None:
-    """Move the finished temporary file into place; without `overwrite` a hard link makes the
-    final step fail (instead of replacing) if dest appeared meanwhile."""
-    if overwrite:
-        os.replace(tmp, dest)
-        return
-    try:
-        os.link(tmp, dest)
-    except FileExistsError:
-        raise UsageError(f"{dest} exists", "pass --overwrite (overwrite=True) to replace it") from None
-    except OSError:  # no hard links on this file system
-        if dest.exists():
-            raise UsageError(f"{dest} exists", "pass --overwrite (overwrite=True) to replace it") from None
-        os.replace(tmp, dest)
 
 
 # ------------------------------------------------------------------------------- file to file

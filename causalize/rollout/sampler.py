@@ -30,8 +30,8 @@ from typing import Any, Callable, Literal
 import torch
 
 from causalize.errors import UsageError
+from causalize.noise import NoiseSchedule
 from causalize.rollout import schedule as sched
-from causalize.training.objective import NoiseSchedule
 from causalize.world_model import WorldModel
 
 ProgressFn = Callable[[int, int, float], None]
@@ -313,7 +313,7 @@ class RolloutSession:
             return out
         copies = out.shape[0] // x.shape[0]
         ts = torch.full((out.shape[0], 1), level, dtype=torch.long, device=self.device)
-        return self.schedule.predicted_v(x.repeat(copies, *([1] * (x.ndim - 1))), out, ts, self.prediction, self.out_axis)
+        return self.schedule.convert(x.repeat(copies, *([1] * (x.ndim - 1))), out, ts, self.prediction, "v", self.out_axis)
 
     @torch.no_grad()
     def step(self, action: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Sampling schedules and single denoising steps (METHOD.md §8–§9), pure torch.
 
-The noise levels are those of the model's training schedule (`NoiseSchedule`, ᾱ_k for
-k = 0..K−1); a sampler visits S of them. Two spacings:
+The noise levels are those of the model's training schedule (`causalize.noise.NoiseSchedule`,
+ᾱ_k for k = 0..K−1); a sampler visits S of them. Two spacings:
 
 - "trailing": K·(1 − i/S) − 1 for i = 0..S−1, i.e. 999, 979, …, 19 for K = 1000, S = 50. It starts
   at the last level, which matters with a zero-terminal-SNR schedule (ᾱ_{K−1} = 0).
@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 
 from causalize.errors import UsageError
-from causalize.training.objective import NoiseSchedule
+from causalize.noise import NoiseSchedule, convert_prediction
 
 Spacing = Literal["trailing", "uniform"]
 SamplerKind = Literal["ddim", "euler"]
@@ -103,8 +103,8 @@ def step(
         return (xf + (phi_next - phi) * vf).to(x.dtype)
     if kind != "ddim":
         raise UsageError(f"unknown sampler {kind!r}", f"use one of {', '.join(SAMPLERS)}")
-    x0 = sa * xf - ss * vf
-    eps = ss * xf + sa * vf
+    x0 = convert_prediction(xf, vf, sa, ss, "v", "sample")
+    eps = convert_prediction(xf, vf, sa, ss, "v", "epsilon")
     sigma = 0.0
     if eta and next_level is not None and a < 1.0:
         sigma = eta * math.sqrt((1.0 - a_next) / (1.0 - a)) * math.sqrt(max(0.0, 1.0 - a / a_next))

@@ -1,0 +1,185 @@
+"""The files of a training run: ``checkpoints/step-N/``, ``final/``, ``metrics.jsonl``, and the
+checkpoint a run resumes from.
+
+Directories appear in one step through :mod:`causalize.fs`, so a reader (or a resumed run) never
+sees half a checkpoint. Only a resumed run may replace what an earlier run in the same
+``output_dir`` wrote: a fresh run refuses such a directory before it starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import shutil
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from causalize import fs
+from causalize.manifest import Manifest
+from causalize.training.config import TrainConfig, TrainingError
+
+__all__ = [
+    "CHECKPOINT_DIR",
+    "FINAL_DIR",
+    "METRICS_FILE",
+    "STATE_FILE",
+    "TRAINING_FILE",
+    "append_metrics",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "resume_point",
+    "save_checkpoint",
+    "save_final",
+    "truncate_metrics",
+]
+
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_DIR = "checkpoints"
+FINAL_DIR = "final"
+STATE_FILE = "trainer_state.json"
+TRAINING_FILE = "training.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+#: Settings that decide which windows, noise and dropout a step draws: resuming with other values
+#: cannot replay the interrupted run.
+_REPLAY_SETTINGS = ("seed", "batch_size", "window", "gradient_accumulation", "timestep_mode", "action_dropout", "data", "split")
+
+
+# --------------------------------------------------------------------------------------------
+# Finding and choosing checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete ``output_dir/checkpoints/step-N``, oldest first."""
+    root = Path(output_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and (p / STATE_FILE).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete ``output_dir/checkpoints/step-N`` (None if there is none)."""
+    found = list_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def resume_point(config: TrainConfig, is_main: bool) -> tuple[Path | None, int]:
+    """(checkpoint to resume from, its step); refuses to mix a fresh run into an old one."""
+    out = Path(config.output_dir)
+    if config.resume is False:
+        if (out / METRICS_FILE).exists() or list_checkpoints(out) or (out / FINAL_DIR).exists():
+            raise TrainingError(f"{out} already holds a training run",
+                                "continue it with resume=True (CLI: --resume), or choose another output directory")
+        return None, 0
+    if config.resume is True:
+        ckpt = latest_checkpoint(out)
+        if ckpt is None:
+            return None, 0
+    else:
+        ckpt = Path(config.resume)
+        if not (ckpt / STATE_FILE).is_file():
+            raise TrainingError(f"not a training checkpoint: {ckpt} (no {STATE_FILE})")
+    state = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
+    saved = state.get("config", {})
+    differs = [k for k in _REPLAY_SETTINGS if k in saved and saved[k] != getattr(config, k)]
+    if differs and is_main:
+        warnings.warn(f"resuming from {ckpt} with different {', '.join(differs)}: the run will not replay the uninterrupted one",
+                      stacklevel=4)
+    return ckpt, int(state["step"])
+
+
+# --------------------------------------------------------------------------------------------
+# metrics.jsonl
+# --------------------------------------------------------------------------------------------
+
+
+def append_metrics(path: Path, record: Mapping[str, Any]) -> None:
+    """One JSON line per logged step (an append-only log: no temporary, no rename)."""
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def truncate_metrics(path: Path, after_step: int) -> None:
+    """Drop metrics lines of steps later than the checkpoint we resume from (they will be redone)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if int(json.loads(line)["step"]) <= after_step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    fs.write_text(path, "".join(line + "\n" for line in keep), overwrite=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Writing checkpoints and the final model
+# --------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(accelerator: Any, config: TrainConfig, step: int, loss: float) -> Path:
+    """``checkpoints/step-N``: ``accelerator.save_state`` (every process writes its part) plus
+    ``trainer_state.json``, in a temporary directory renamed into place by the main process."""
+    dest = Path(config.output_dir) / CHECKPOINT_DIR / f"step-{step}"
+    if accelerator.is_main_process:
+        fs.clean_stale(dest)  # temporaries of a killed run
+    with _shared_new_directory(accelerator, dest, overwrite=_may_replace(config)) as tmp:
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            _write_json(tmp / STATE_FILE, {"step": step, "loss": loss, "config": config.to_json()})
+    if accelerator.is_main_process and config.keep_checkpoints:
+        for _, old in list_checkpoints(config.output_dir)[: -config.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return dest
+
+
+def save_final(wm: Any, config: TrainConfig, step: int, loss: float, resumed_from: Path | None) -> Path:
+    """``final/``: the trained denoiser (safetensors), the conversion manifest of the model it
+    started from and ``training.json`` (step, loss, settings), so that
+    ``WorldModel.from_pretrained`` loads it and rollout picks up the training settings.
+    Main process only."""
+    final = Path(config.output_dir) / FINAL_DIR
+    fs.clean_stale(final)  # temporaries of a killed run
+    with fs.new_directory(final, overwrite=_may_replace(config)) as tmp:
+        wm.model.save_pretrained(tmp, safe_serialization=True)
+        Manifest.read(Path(config.model)).write(tmp)
+        _write_json(tmp / TRAINING_FILE, {"step": step, "final_loss": loss, "config": config.to_json(),
+                                          "resumed_from": None if resumed_from is None else str(resumed_from)})
+    return final
+
+
+def _may_replace(config: TrainConfig) -> bool:
+    """A resumed run redoes steps, so it replaces their checkpoints and the final model; a fresh
+    run found none (resume_point), and replacing one that appeared meanwhile would lose data."""
+    return config.resume is not False
+
+
+@contextlib.contextmanager
+def _shared_new_directory(accelerator: Any, dest: Path, overwrite: bool) -> Iterator[Path]:
+    """fs.new_directory on the main process, its temporary path sent to every process (each
+    writes its own RNG state there); the main process renames it into place on exit."""
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(fs.new_directory(dest, overwrite=overwrite)) if accelerator.is_main_process else None
+        if accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            tmp = broadcast_object_list([tmp])[0]
+        yield tmp
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    """Indented JSON through fs.write_text rather than fs.write_json: the loss of a diverged run
+    (or of a resume past the last step) is NaN, which must not fail the save."""
+    fs.write_text(path, json.dumps(obj, indent=2, default=str) + "\n")

@@ -1,0 +1,165 @@
+"""What a training run loads before its first step, and the checks that it all fits together:
+the episode dataset, the converted world model, an optional frozen VAE and conditioning inputs.
+
+Every mismatch (paths, action space, channels) is a :class:`TrainingError` naming both sides, raised
+before any weights change.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from causalize.training.config import TrainConfig, TrainingError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from causalize.plan import Plan
+    from causalize.episodes import EpisodeDataset
+    from causalize.world_model import WorldModel
+
+__all__ = [
+    "check_compatible",
+    "enable_checkpointing",
+    "load_conditioning",
+    "load_vae",
+    "load_world_model",
+    "open_dataset",
+    "select_trainable",
+]
+
+
+def open_dataset(config: TrainConfig) -> EpisodeDataset:
+    """The training windows of ``config.data`` (split, stride, window as configured)."""
+    from causalize.episodes import DataError, EpisodeDataset
+
+    if not Path(config.data).exists():
+        raise TrainingError(f"dataset not found: {config.data}", "pass the root of an episode dataset (docs/EPISODES.md)")
+    try:
+        return EpisodeDataset(config.data, config.window, stride=config.stride, split=config.split, test_fraction=config.test_fraction)
+    except DataError as exc:
+        raise TrainingError(f"cannot use dataset {config.data}: {exc}") from exc
+
+
+def load_world_model(config: TrainConfig) -> WorldModel:
+    """The converted checkpoint ``config.model``; a plain diffusers model is refused (no manifest)."""
+    from causalize.manifest import MANIFEST
+    from causalize.world_model import WorldModel
+
+    path = Path(config.model)
+    if not path.exists():
+        raise TrainingError(f"model checkpoint not found: {path}", "convert one first: causalize convert SRC OUT --action-dim N")
+    if not (path / MANIFEST).is_file():
+        raise TrainingError(f"{path} is not a converted causalize checkpoint (no {MANIFEST})",
+                            "convert it first: causalize convert SRC OUT --action-dim N")
+    return WorldModel.from_pretrained(path)
+
+
+def load_vae(path: str) -> Any:
+    """A frozen diffusers autoencoder from its directory or a pipeline directory with ``vae/``."""
+    import diffusers
+
+    p = Path(path)
+    if not p.exists():
+        raise TrainingError(f"VAE not found: {p}")
+    if not (p / "config.json").is_file() and (p / "vae" / "config.json").is_file():
+        p = p / "vae"
+    if not (p / "config.json").is_file():
+        raise TrainingError(f"{p} is not a diffusers VAE directory (no config.json)")
+    class_name = json.loads((p / "config.json").read_text()).get("_class_name", "AutoencoderKL")
+    cls = getattr(diffusers, class_name, None)
+    if cls is None or not hasattr(cls, "encode"):
+        raise TrainingError(f"{p}: {class_name} is not a diffusers autoencoder")
+    vae = cls.from_pretrained(p).eval()
+    vae.requires_grad_(False)
+    return vae
+
+
+def _sample_channels(plan: Plan, model: nn.Module, frames: int) -> int | None:
+    """Channels of the denoiser's sample (from the plan's example input), None if not 5-D."""
+    cond = plan.conditioning
+    sample = plan.make_inputs(model, frames, torch.Generator().manual_seed(0))[cond.sample_arg]
+    if sample.ndim != 5:
+        return None
+    return int(sample.movedim(plan.layout.inputs[cond.sample_arg], 1).shape[2])
+
+
+def check_compatible(wm: WorldModel, info: Any, vae: Any, config: TrainConfig) -> None:
+    """The model's action adapter and sample channels fit the dataset (through the VAE, if any)."""
+    _check_action_space(wm, info, config)
+    _check_channels(wm, info, vae, config)
+
+
+def _check_action_space(wm: WorldModel, info: Any, config: TrainConfig) -> None:
+    space = info.action_space
+    encoder = wm.action_encoder
+    if encoder is None:
+        raise TrainingError(
+            f"the model at {config.model} has no action adapter, but the dataset has {space.width}-dimensional {space.type} actions",
+            f"convert it with an adapter: causalize convert SRC OUT --action-dim {space.width}",
+        )
+    if encoder.action_dim != space.width:
+        raise TrainingError(
+            f"action dimension mismatch: the dataset's action space has {space.width} dimensions ({space.type}) "
+            f"but the model's action adapter expects {encoder.action_dim}",
+            f"convert the model with --action-dim {space.width}, or use a dataset with {encoder.action_dim}-dimensional actions",
+        )
+    if encoder.action_type != space.type:
+        raise TrainingError(f"action type mismatch: the dataset's actions are {space.type}, the model's adapter is {encoder.action_type}",
+                            f"convert the model with --action-type {space.type}")
+
+
+def _check_channels(wm: WorldModel, info: Any, vae: Any, config: TrainConfig) -> None:
+    data_channels = info.channels
+    source = f"the dataset's {info.kind}"
+    if vae is not None:
+        if info.kind != "pixels":
+            raise TrainingError(f"vae is set but the dataset {config.data} stores {info.kind}", "drop vae, or use a pixel dataset")
+        vae_in = int(getattr(vae.config, "in_channels", data_channels))
+        if vae_in != data_channels:
+            raise TrainingError(f"channel mismatch: the dataset's pixels have {data_channels} channels but the VAE takes {vae_in}")
+        data_channels = int(vae.config.latent_channels)
+        source = "the VAE's latents"
+    model_channels = _sample_channels(wm.plan, wm.model, min(config.window, 4))
+    if model_channels is not None and model_channels != data_channels:
+        hint = ("set vae to the base model's VAE to train on latents" if vae is None and info.kind == "pixels"
+                else "train a model whose in_channels equal the data's channels")
+        raise TrainingError(f"channel mismatch: {source} have {data_channels} channels but the model's sample has {model_channels}", hint)
+
+
+def select_trainable(wm: WorldModel, train_only: str) -> list[torch.nn.Parameter]:
+    """Set requires_grad for "all" or "adapter" (the action encoder only); the trained parameters."""
+    wm.requires_grad_(train_only == "all")
+    if train_only == "adapter":
+        encoder = wm.action_encoder
+        if encoder is None:
+            raise TrainingError("train_only='adapter' needs a model with an action adapter")
+        encoder.requires_grad_(True)
+    return [p for p in wm.parameters() if p.requires_grad]
+
+
+def load_conditioning(path: str | None) -> dict[str, torch.Tensor]:
+    """Model keyword arguments at batch 1 from a safetensors file ({} without one: zeros are used)."""
+    if path is None:
+        return {}
+    if not Path(path).is_file():
+        raise TrainingError(f"conditioning file not found: {path}")
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+def enable_checkpointing(model: nn.Module) -> bool:
+    """Gradient checkpointing that keeps the frame context; a warning (not an error) where the
+    model does not support it, since training still works, only with more memory."""
+    from causalize.context import enable_gradient_checkpointing
+
+    if enable_gradient_checkpointing(model):
+        return True
+    warnings.warn(f"{type(model).__name__} does not support gradient checkpointing; training without it", stacklevel=4)
+    return False

@@ -1,0 +1,78 @@
+"""Inference never imports training (docs/ARCHITECTURE.md): rollout shares the noise schedule
+through causalize.noise, so a deployment can drop the training stack (accelerate, data loaders)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import causalize.rollout
+
+ROLLOUT = Path(causalize.rollout.__file__).parent
+FORBIDDEN = "causalize.training"
+
+
+def _package(path: Path) -> str:
+    """The dotted package a file under causalize/ belongs to, e.g. causalize.rollout."""
+    return ".".join(path.parent.relative_to(ROLLOUT.parent.parent).parts)
+
+
+def _imported_modules(path: Path, package: str) -> list[tuple[int, str]]:
+    """(line, module) of every import in the file, also those inside functions (lazy imports);
+    relative imports resolved against ``package``."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")
+                base = parts[: len(parts) - (node.level - 1)]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            found.append((node.lineno, module))
+            found += [(node.lineno, f"{module}.{alias.name}") for alias in node.names]
+    return found
+
+
+def _is_training(module: str) -> bool:
+    return module == FORBIDDEN or module.startswith(FORBIDDEN + ".")
+
+
+def test_no_rollout_source_imports_training():
+    files = sorted(ROLLOUT.rglob("*.py"))
+    assert files
+    offending = [f"{path.relative_to(ROLLOUT.parent.parent)}:{line}: {module}"
+                 for path in files for line, module in _imported_modules(path, _package(path)) if _is_training(module)]
+    assert not offending, "causalize.rollout imports training code:\n" + "\n".join(offending)
+
+
+def test_the_check_sees_a_lazy_relative_import(tmp_path):
+    """Negative control: an import inside a function, written relatively, is found."""
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    from ..training.objective import diffusion_forcing_loss\n")
+    assert any(_is_training(m) for _, m in _imported_modules(bad, "causalize.rollout"))
+
+
+_BLOCKER = """
+import importlib, pkgutil, sys
+
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "causalize.training" or name.startswith("causalize.training."):
+            raise ImportError(f"inference imported {name}")
+
+sys.meta_path.insert(0, Block())
+import causalize.rollout
+for info in pkgutil.iter_modules(causalize.rollout.__path__):
+    importlib.import_module("causalize.rollout." + info.name)
+"""
+
+
+def test_every_rollout_module_imports_without_training():
+    """Transitively too: every rollout module imports with causalize.training blocked."""
+    proc = subprocess.run([sys.executable, "-c", _BLOCKER], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
