@@ -212,20 +212,44 @@ def _tiled_state(state: LinearAttnState, batch: int) -> LinearAttnState:
 
 
 class LinearAttnCache:
-    """The streaming state of one linear-attention module: the running sums over every cached frame."""
+    """The streaming state of one linear-attention module: the running sums over every cached frame,
+    held in buffers that each write overwrites in place (kept across `reset`)."""
 
     def __init__(self) -> None:
-        self.state: LinearAttnState | None = None
+        self._kv: torch.Tensor | None = None
+        self._ksum: torch.Tensor | None = None
         self.frames = 0
 
     @property
     def length(self) -> int:
         return self.frames
 
+    @property
+    def state(self) -> LinearAttnState | None:
+        """The sums over the cached frames, or None while no frame is cached."""
+        return LinearAttnState(self._kv, self._ksum) if self.frames else None
+
+    def store(self, state: LinearAttnState, frames: int) -> None:
+        """The sums after `frames` more frames: copied into the buffers (which then hold nothing
+        else: the state may be a view of a call's whole prefix stack)."""
+        if self.frames and state.kv.shape[0] != self._kv.shape[0]:
+            raise CausalizeError(f"history written with batch {state.kv.shape[0]}, the cache holds batch {self._kv.shape[0]}")
+        if _same_layout(self._kv, state.kv) and _same_layout(self._ksum, state.ksum):
+            self._kv.copy_(state.kv)
+            self._ksum.copy_(state.ksum)
+        else:
+            self._kv, self._ksum = state.kv.detach().clone(), state.ksum.detach().clone()
+        self.frames += frames
+
+    def reset(self) -> None:
+        self.frames = 0
+
     def nbytes(self) -> int:
-        if self.state is None:
-            return 0
-        return sum(t.numel() * t.element_size() for t in (self.state.kv, self.state.ksum))
+        return sum(t.numel() * t.element_size() for t in (self._kv, self._ksum) if t is not None)
+
+
+def _same_layout(buffer: torch.Tensor | None, t: torch.Tensor) -> bool:
+    return buffer is not None and buffer.shape == t.shape and buffer.dtype == t.dtype and buffer.device == t.device
 
 
 class StreamingLinearAttnProcessor:
@@ -268,11 +292,8 @@ class StreamingLinearAttnProcessor:
         state = None if self.cache.state is None else _tiled_state(self.cache.state, hidden_states.shape[0])
         out, final = block_causal_linear_attention(f, grid.frames, self.block_size, state)
         if stream.mode == "write":
-            if self.cache.state is not None and self.cache.state.kv.shape[0] != hidden_states.shape[0]:
-                raise CausalizeError(f"history written with batch {hidden_states.shape[0]}, "
-                                     f"the cache holds batch {self.cache.state.kv.shape[0]}")
-            self.cache.state = LinearAttnState(final.kv.detach(), final.ksum.detach())
-            self.cache.frames += grid.frames
+            with torch.no_grad():
+                self.cache.store(final, grid.frames)
         out = out.transpose(1, 2).flatten(2).to(dtype)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)

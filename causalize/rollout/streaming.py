@@ -199,7 +199,7 @@ class Stream:
         self._conv.clear()
         self._norms.clear()
         for p in self._processors:
-            p.cache.__init__()
+            p.cache.reset()  # keeps the buffers: the next window has the same shapes
 
     @contextmanager
     def _call(self, mode: Literal["write", "read"], frames: int) -> Iterator[StreamState]:
@@ -255,7 +255,8 @@ def _streaming_pad_time(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     else:
         padded = torch.cat([tile_history(buffer, x.shape[0], "conv cache").to(x.dtype), x], dim=dim)
     if state.mode == "write":
-        state.conv[id(self)] = padded.narrow(dim, padded.shape[dim] - self.left_pad, self.left_pad).detach()
+        # a copy, not a view: a view would keep the whole padded input alive until the next write
+        state.conv[id(self)] = padded.narrow(dim, padded.shape[dim] - self.left_pad, self.left_pad).detach().clone()
     return padded
 
 
