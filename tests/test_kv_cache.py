@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from causalize.errors import CausalizeError
 from causalize.layout import causal_block_allowed
 from causalize.modules import kv_cache
-from causalize.modules.kv_cache import CallTokens, KVCache, SampleKVCaches, attend_with_cache, frame_tokens, grid_tokens
+from causalize.modules.kv_cache import CallTokens, KVCache, attend_with_cache, frame_tokens, grid_tokens
+from causalize.modules.streaming_attention import SampleKVCaches
 from causalize.modules.linear_attention import LinearAttnCache, LinearAttnState, StreamingLinearAttnProcessor
 from causalize.context import TokenGrid
 from causalize.rollout import RolloutConfig, rollout

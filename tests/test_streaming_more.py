@@ -13,7 +13,7 @@ import torch
 
 import causalize.modules.kv_cache as kv_cache
 from causalize.errors import UsageError
-from causalize.modules.kv_cache import SampleKVCaches, StreamingAttnProcessor
+from causalize.modules.streaming_attention import SampleKVCaches, StreamingAttnProcessor
 from causalize.modules.linear_attention import StreamingLinearAttnProcessor
 from causalize.plugin_manager import registries
 from causalize.rollout import RolloutConfig, rollout

@@ -37,7 +37,7 @@ from causalize.modules.block_attention import BlockCausalAttnProcessor
 from causalize.modules.causal_conv import is_causal_conv
 from causalize.modules.causal_norm import CausalGroupNorm
 from causalize.modules.frame_attention import CausalFrameAttnProcessor
-from causalize.modules.kv_cache import StreamingAttnProcessor
+from causalize.modules.streaming_attention import StreamingAttnProcessor
 from causalize.modules.linear_attention import BlockCausalLinearAttnProcessor, StreamingLinearAttnProcessor
 from causalize.layout import tile_history
 from causalize.plan import OffsetPositions, Plan
