@@ -123,8 +123,9 @@ class Streaming:
     hooks: plugin functions `install(model, stream)` called once per model when streaming is
         installed, for model-specific position offsets (CogVideoX's sincos patch positions, Latte's
         frame table); the hooks they register find the call in progress through the module
-        (`stream.attach(module)`, then `causalize.rollout.streaming.state_of(module)`) and must be
-        inert outside a streaming call.
+        (`stream.attach(module)`, then `stream.state_of(module)` inside the hook: the stream is
+        passed in, so a plugin imports nothing from the rollout runtime) and must be inert outside
+        a streaming call.
     """
 
     rope: str = ""

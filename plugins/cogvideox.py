@@ -95,7 +95,7 @@ def offset_sincos_positions(model, stream) -> None:
     in a full-window call. Learned position tables (CogVideoX-5b-I2V) are tied to `sample_frames`
     and refused; RoPE passed by the caller (`image_rotary_emb`) is refused by `caller_positions`.
     """
-    from causalize.rollout.streaming import state_of
+    state_of = stream.state_of  # found through the module: deep copies work
 
     embed = model.patch_embed
     stream.attach(embed)

@@ -75,7 +75,7 @@ def offset_frame_positions(model: nn.Module, stream: Any) -> None:
       addition, at the same place, that a full-window call makes for that frame.
     Rows depend on the frame index only (the sincos table), so they match a full-window call.
     """
-    from causalize.rollout.streaming import state_of, stream_of
+    state_of, stream_of = stream.state_of, stream.stream_of  # found through the module: deep copies work
 
     blocks = getattr(model, "temporal_transformer_blocks", None)
     if not blocks:
