@@ -151,18 +151,6 @@ class Stream:
         if OFFSET_ATTR in vars(module):
             return
         object.__setattr__(module, STREAM_ATTR, self)
-
-    @staticmethod
-    def state_of(module: nn.Module) -> "StreamState | None":
-        """The streaming call in progress for the model an attached `module` belongs to, or None
-        outside one: what plugin position hooks read (they get the stream, so they import nothing
-        from the runtime)."""
-        return state_of(module)
-
-    @staticmethod
-    def stream_of(module: nn.Module) -> "Stream":
-        """The Stream an attached `module` belongs to (its `.model` is the model being streamed)."""
-        return stream_of(module)
         object.__setattr__(module, OFFSET_ATTR, positions)
         module.register_forward_hook(_offset_rope, with_kwargs=True)
 
