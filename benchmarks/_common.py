@@ -11,9 +11,10 @@ import os
 import platform
 import subprocess
 import sys
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from causalize import fs
 
@@ -72,7 +73,7 @@ def machine_info() -> dict[str, Any]:
     except AttributeError:  # not on Linux
         affinity = None
     return {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "platform": platform.platform(),
         "machine": platform.machine(),
         "cpu_model": _cpu_model(),

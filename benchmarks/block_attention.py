@@ -16,11 +16,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
-
 from _common import machine_info, machine_line, table, write_json
+
 from causalize.context import FrameContext, TokenGrid
 from causalize.modules import attention_exec
 from causalize.modules.block_attention import BlockCausalAttnProcessor

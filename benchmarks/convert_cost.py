@@ -269,7 +269,7 @@ def main() -> None:
     for m in ("b", "c"):
         ph = summary[m]["phases_s"]
         print(f"  ({m}) convert() phases (median s): " + ", ".join(f"{k} {v:.2f}" for k, v in ph.items()))
-    print("  best-of-%d ratios (min/min): " % repeats + "; ".join(
+    print(f"  best-of-{repeats} ratios (min/min): " + "; ".join(
         f"{m}: wall ×{r['process_wall_s']:.2f}, work ×{r['work_s']:.2f}" for m, r in ratios_min.items()))
     print(f"  machine: {machine_line(info_after)}")
     print(f"  load average before / after: {info_before['load_average']} / {info_after['load_average']}; "

@@ -32,13 +32,13 @@ import statistics
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-
 from _common import RESULTS, machine_info, machine_line, table  # noqa: E402
 
 WAN_1_3B = dict(
@@ -205,7 +205,6 @@ def check_forward(sizes: Sizes, device: torch.device) -> dict[str, Any]:
             out[path]["output_scale"] = reference.abs().max().item()
         except Exception as exc:  # noqa: BLE001
             out[path] = {"error": f"{type(exc).__name__}: {exc}"}
-    del model
     return out
 
 
@@ -295,7 +294,7 @@ def check_train(sizes: Sizes, device: torch.device) -> dict[str, Any]:
         losses.append(loss.item())
 
     t = timed(step, device, repeats=2 if not sizes.quick else 1)
-    return {**t, "gradient_checkpointing": checkpointing, "loss": losses[-1], "loss_finite": all(l == l for l in losses),
+    return {**t, "gradient_checkpointing": checkpointing, "loss": losses[-1], "loss_finite": all(x == x for x in losses),
             "window_frames": sizes.frames, "parameters": sum(p.numel() for p in wm.parameters())}
 
 

@@ -47,7 +47,6 @@ import sys
 import time
 
 import torch
-
 from _common import machine_info, machine_line, table, write_json
 
 MODELS = {

@@ -172,7 +172,8 @@ def time_variants(cfg, device: str, repeats: int, steps: int) -> dict[str, dict[
     runners = {v: Runner(v, wm, batch, kwargs, device) for v in VARIANTS}
     del wm
     for r in runners.values():  # warm-up (allocator, AdamW state)
-        r.step(); r.step()
+        r.step()
+        r.step()
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     mem: dict[str, list[float]] = {v: [] for v in VARIANTS}
     losses: dict[str, list[float]] = {v: [] for v in VARIANTS}
@@ -222,7 +223,8 @@ def child(variant: str, config: str) -> None:
     wm, batch, kwargs = build(cfg, "cpu")
     runner = Runner(variant, wm, batch, kwargs, "cpu")
     del wm
-    runner.step(); runner.step()
+    runner.step()
+    runner.step()
     reset = False
     try:
         with open("/proc/self/clear_refs", "w") as fh:
@@ -231,7 +233,8 @@ def child(variant: str, config: str) -> None:
     except OSError:
         pass
     rss0 = _status_kib("VmRSS")
-    runner.step(); runner.step()
+    runner.step()
+    runner.step()
     hwm = _status_kib("VmHWM")
     print(json.dumps({"variant": variant, "rss_before_mib": rss0 / 1024, "peak_rss_mib": hwm / 1024,
                       "step_peak_mib": (hwm - rss0) / 1024 if reset else None, "peak_reset": reset}))

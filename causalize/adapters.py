@@ -61,11 +61,10 @@ from typing import Any
 import torch.nn as nn
 
 from causalize import state
-from causalize.errors import UsageError
-from causalize.modules.action_encoder import ActionEncoder, ActionType
-from causalize.modules.causal_conv import is_causal_conv
 from causalize.context import MODULE_CONTEXT as CTX
-from causalize.modules.action_encoder import ADAPTER_ATTR, embedding_width
+from causalize.errors import UsageError
+from causalize.modules.action_encoder import ADAPTER_ATTR, ActionEncoder, ActionType, embedding_width
+from causalize.modules.causal_conv import is_causal_conv
 from causalize.precision import model_device, model_dtype
 
 DEFAULT_LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from causalize import __version__
 from causalize.errors import PassError
@@ -14,7 +15,8 @@ from causalize.manifest import Manifest, is_converted
 from causalize.passes.base import PassContext, Record, Site
 from causalize.passes.pipeline import Pipeline, parse
 from causalize.plan import Plan
-from causalize.precision import check_dtype_on, describe as describe_dtype, model_device, model_dtype, parse_dtype, resolve_device, to_precision
+from causalize.precision import check_dtype_on, model_device, model_dtype, parse_dtype, resolve_device, to_precision
+from causalize.precision import describe as describe_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -33,7 +35,7 @@ def say(progress: Progress | None, msg: str) -> None:
         progress(msg)
 
 
-def _registries() -> "Registries":
+def _registries() -> Registries:
     from causalize.plugin_manager import registries
 
     return registries()
@@ -90,7 +92,7 @@ def _options_dict(opts: Any) -> dict[str, Any]:
 
 
 def convert_model(
-    model: "nn.Module", plan: str | Plan | None = None, pipeline: str | Pipeline | None = None, progress: Progress | None = None,
+    model: nn.Module, plan: str | Plan | None = None, pipeline: str | Pipeline | None = None, progress: Progress | None = None,
     *, keep_original_weights: bool = False,
 ) -> list[PassRun]:
     """Run the pipeline on `model` in place. A pass that matches nothing is an error.
@@ -122,13 +124,13 @@ def convert_model(
     return runs
 
 
-def example_inputs(model: "nn.Module", plan: Plan, frames: int = DEFAULT_FRAMES, seed: int = 0) -> dict[str, Any]:
+def example_inputs(model: nn.Module, plan: Plan, frames: int = DEFAULT_FRAMES, seed: int = 0) -> dict[str, Any]:
     import torch
 
     return plan.make_inputs(model, frames, torch.Generator().manual_seed(seed))
 
 
-def verify_model(model: "nn.Module", plan: str | Plan | None = None, frames: int = DEFAULT_FRAMES, seed: int = 0, tolerance: float = 0.0) -> "CausalityReport":
+def verify_model(model: nn.Module, plan: str | Plan | None = None, frames: int = DEFAULT_FRAMES, seed: int = 0, tolerance: float = 0.0) -> CausalityReport:
     """Measure causality of an in-memory model with the plan's example inputs, in its own dtype on
     its own device (the model is probed in place and given back unchanged)."""
     from causalize.errors import UsageError
@@ -141,7 +143,7 @@ def verify_model(model: "nn.Module", plan: str | Plan | None = None, frames: int
     return check_causality(model, inputs, plan.layout, plan.forward, tolerance=tolerance, seed=seed)
 
 
-def inspect_model(model: "nn.Module", plan: str | Plan | None = None, pipeline: str | Pipeline | None = None, frames: int = DEFAULT_FRAMES) -> dict[str, Any]:
+def inspect_model(model: nn.Module, plan: str | Plan | None = None, pipeline: str | Pipeline | None = None, frames: int = DEFAULT_FRAMES) -> dict[str, Any]:
     """The time-mixing sites each pass covers, and any found by a traced forward that none covers;
     for a converted model (e.g. from `causalize.load`) also what its conversion installed."""
     from causalize import state
@@ -171,7 +173,7 @@ def inspect_model(model: "nn.Module", plan: str | Plan | None = None, pipeline: 
     return info
 
 
-def _attention_path(model: "nn.Module", covered: dict[str, list[Site]]) -> dict[str, Any] | None:
+def _attention_path(model: nn.Module, covered: dict[str, list[Site]]) -> dict[str, Any] | None:
     """Which block-causal attention execution this model's device gets (None without such sites)."""
     from causalize.modules.attention_exec import describe
 
@@ -192,8 +194,8 @@ def _load_dir(path: str | os.PathLike, subfolder: str | None, allow_pickle: bool
     return md, model, checkpoint.load_state_dict(md, allow_pickle)
 
 
-def load(path: str | os.PathLike, *, allow_pickle: bool = False, torch_dtype: "torch.dtype | str | None" = None,
-         device: "torch.device | str | None" = None, progress: Progress | None = None) -> "nn.Module":
+def load(path: str | os.PathLike, *, allow_pickle: bool = False, torch_dtype: torch.dtype | str | None = None,
+         device: torch.device | str | None = None, progress: Progress | None = None) -> nn.Module:
     """A converted checkpoint as an instance of its diffusers class: drop-in and causal.
 
     Builds the base structure from config.json, replays the pipeline stored in causalize.json,
@@ -219,8 +221,8 @@ def _checked_precision(torch_dtype, device):
 
 
 def load_any(path: str | os.PathLike, *, subfolder: str | None = None, allow_pickle: bool = False,
-             torch_dtype: "torch.dtype | str | None" = None, device: "torch.device | str | None" = None,
-             progress: Progress | None = None) -> tuple["nn.Module", Manifest | None]:
+             torch_dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
+             progress: Progress | None = None) -> tuple[nn.Module, Manifest | None]:
     """A converted checkpoint through `load`, or a plain diffusers one as is (with no manifest)."""
     from causalize import checkpoint
 
@@ -234,9 +236,9 @@ def load_any(path: str | os.PathLike, *, subfolder: str | None = None, allow_pic
 
 
 def verify(path: str | os.PathLike, *, frames: int = DEFAULT_FRAMES, plan: str | None = None, subfolder: str | None = None,
-           allow_pickle: bool = False, torch_dtype: "torch.dtype | str | None" = None,
-           device: "torch.device | str | None" = None, shrink: bool = False,
-           progress: Progress | None = None) -> "CausalityReport":
+           allow_pickle: bool = False, torch_dtype: torch.dtype | str | None = None,
+           device: torch.device | str | None = None, shrink: bool = False,
+           progress: Progress | None = None) -> CausalityReport:
     """Causality of a checkpoint on disk (converted or not: an unconverted one is expected to leak),
     probed in `torch_dtype` (None: as stored) on `device` (None: CPU).
 
@@ -254,7 +256,7 @@ def verify(path: str | os.PathLike, *, frames: int = DEFAULT_FRAMES, plan: str |
     return verify_model(model, plan_for(model, plan_name), frames=frames)
 
 
-def _verify_shrunken(path, *, frames, plan, subfolder, torch_dtype, device, progress) -> "CausalityReport":
+def _verify_shrunken(path, *, frames, plan, subfolder, torch_dtype, device, progress) -> CausalityReport:
     from causalize import checkpoint
     from causalize.verify.shrink import build_shrunken
 
@@ -323,8 +325,8 @@ def convert(
     action_dim: int = 0,
     action_type: str = "continuous",
     frames: int = DEFAULT_FRAMES,
-    torch_dtype: "torch.dtype | str | None" = None,
-    device: "torch.device | str | None" = None,
+    torch_dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
     progress: Progress | None = None,
 ) -> ConvertReport:
     """Convert a diffusers checkpoint directory into a causal one at OUT (atomically; SRC untouched).
@@ -380,7 +382,7 @@ def convert(
     return report
 
 
-def _write_atomic(model: "nn.Module", manifest: Manifest, out: Path, overwrite: bool, progress: Progress | None) -> None:
+def _write_atomic(model: nn.Module, manifest: Manifest, out: Path, overwrite: bool, progress: Progress | None) -> None:
     """Write to a temporary sibling directory, then put it at OUT in one step (causalize.fs):
     a concurrent writer that got there first wins, and this one fails with a usage error."""
     from causalize import fs

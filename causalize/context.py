@@ -8,8 +8,9 @@ passes read it to build their masks. It is runtime state, never saved.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch.nn as nn
 

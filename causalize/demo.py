@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from causalize.api import DEFAULT_FRAMES, Progress, say, convert, load, verify_model
+from causalize.api import DEFAULT_FRAMES, Progress, convert, load, say, verify_model
 
 
 def demo_family(plan, workdir: Path, frames: int = DEFAULT_FRAMES, seed: int = 0, progress: Progress | None = None) -> dict[str, Any]:

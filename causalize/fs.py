@@ -23,8 +23,9 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 TMP_TAG = ".causalize-tmp-"
 OLD_TAG = ".causalize-old-"

@@ -6,7 +6,7 @@ A plugin is a module (or object) with functions named like the hooks below, deco
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pluggy
 

@@ -48,7 +48,7 @@ class Manifest:
         return path
 
     @classmethod
-    def read(cls, directory: Path) -> "Manifest":
+    def read(cls, directory: Path) -> Manifest:
         path = Path(directory) / MANIFEST
         try:
             data = json.loads(path.read_text())

@@ -8,8 +8,9 @@ Adding a model = one plugin file registering one Plan.
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from causalize.layout import FrameLayout
 
@@ -41,7 +42,7 @@ class Targets:
     joint: bool = False
     mask_format: str = "bool4d"
 
-    def iter_modules(self, model: "nn.Module", leaf: Callable[["nn.Module"], bool]) -> Iterator[tuple[str, "nn.Module"]]:
+    def iter_modules(self, model: nn.Module, leaf: Callable[[nn.Module], bool]) -> Iterator[tuple[str, nn.Module]]:
         """(path, module) of every module accepted by `leaf` that lies under an owner and matches a path."""
         owner_paths: list[str] = []
         for path, mod in model.named_modules():
@@ -86,7 +87,7 @@ class Conditioning:
     timestep_arg: str = "timestep"
     # per-token mode: (model, sample, timesteps (B, T)) -> the timestep tensor the model's forward
     # takes; default: repeat each frame's timestep over its tokens, (B, T·P).
-    model_timesteps: Callable[["nn.Module", Any, Any], Any] | None = None
+    model_timesteps: Callable[[nn.Module, Any, Any], Any] | None = None
     # extra model kwargs a per-frame call needs (e.g. {"enable_diffusion_forcing": True})
     extra_kwargs: tuple[tuple[str, Any], ...] = ()
     # delta mode: modulation module classes swapped for per-frame twins (frame_modulation.TWINS)
@@ -134,9 +135,9 @@ class Streaming:
     rope_frames_arg: int | None = None
     frame_index: tuple[str, ...] = ()
     pe_tables: tuple[str, ...] = ()
-    positions: tuple["OffsetPositions", ...] = ()
+    positions: tuple[OffsetPositions, ...] = ()
     caller_positions: tuple[str, ...] = ()
-    hooks: tuple[Callable[["nn.Module", Any], None], ...] = ()
+    hooks: tuple[Callable[[nn.Module, Any], None], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,7 @@ class OffsetPositions:
 InputsFactory = Callable[["nn.Module", int, "torch.Generator"], dict[str, Any]]
 
 
-def default_forward(model: "nn.Module", inputs: dict[str, Any]) -> "torch.Tensor":
+def default_forward(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
     """Call the diffusers model's own forward and return its sample tensor."""
     out = model(**inputs, return_dict=False)
     return out[0] if isinstance(out, (tuple, list)) else out
@@ -173,11 +174,11 @@ class Plan:
     targets: dict[str, Targets | tuple[Targets, ...]]
     tiny_config: dict[str, Any]
     make_inputs: InputsFactory
-    forward: Callable[["nn.Module", dict[str, Any]], "torch.Tensor"] = default_forward
+    forward: Callable[[nn.Module, dict[str, Any]], torch.Tensor] = default_forward
     description: str = ""
     notes: tuple[str, ...] = ()
     min_frames: int = 2
-    tokens: Callable[["nn.Module", dict[str, Any]], Any] | None = None
+    tokens: Callable[[nn.Module, dict[str, Any]], Any] | None = None
     conditioning: Conditioning | None = None
     streaming: Streaming | None = None
     # For classes with several plans (CogVideoX 1.0 / 1.5): does this plan fit a given config?
@@ -189,7 +190,7 @@ class Plan:
 
         return getattr(diffusers, self.model_class)
 
-    def build_tiny(self, seed: int = 0) -> "nn.Module":
+    def build_tiny(self, seed: int = 0) -> nn.Module:
         """The tiny random-weight model of this plan (fp32, eval mode)."""
         import torch
 
@@ -201,7 +202,7 @@ class Plan:
         spec = self.targets.get(pass_name, Targets())
         return spec if isinstance(spec, tuple) else (spec,)
 
-    def iter_targets(self, pass_name: str, model: "nn.Module", leaf: Callable[["nn.Module"], bool]):
+    def iter_targets(self, pass_name: str, model: nn.Module, leaf: Callable[[nn.Module], bool]):
         """(path, module, spec) of every module a pass should rewrite, each path once."""
         seen = set()
         for spec in self.targets_for(pass_name):

@@ -33,7 +33,7 @@ def check_dtype_name(name: str | None) -> str | None:
     return canonical
 
 
-def parse_dtype(value: "str | torch.dtype | None") -> "torch.dtype | None":
+def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
     """A torch dtype from a name ('bf16', 'float32', ...) or a dtype; None stays None."""
     import torch
 
@@ -45,7 +45,7 @@ def parse_dtype(value: "str | torch.dtype | None") -> "torch.dtype | None":
     return None if canonical is None else getattr(torch, canonical)
 
 
-def resolve_device(value: "str | torch.device | None", *, default_cuda: bool = False) -> "torch.device | None":
+def resolve_device(value: str | torch.device | None, *, default_cuda: bool = False) -> torch.device | None:
     """A device that exists on this machine, or a one-line UsageError before any work.
 
     None stays None unless `default_cuda` (then CUDA when available, else the CPU)."""
@@ -73,7 +73,7 @@ def resolve_device(value: "str | torch.device | None", *, default_cuda: bool = F
     return device
 
 
-def check_dtype_on(dtype: "torch.dtype | None", device: "torch.device | None") -> None:
+def check_dtype_on(dtype: torch.dtype | None, device: torch.device | None) -> None:
     """Refuse a dtype the device cannot compute in, with a one-line error, before any work: runs the
     operations every denoiser needs (matmul, conv, group / layer norm, SDPA) on a few elements."""
     import torch
@@ -98,7 +98,7 @@ def check_dtype_on(dtype: "torch.dtype | None", device: "torch.device | None") -
         raise UsageError(f"{name} is not supported on {device} by this torch: {first}", "use --dtype fp32 (or bf16)") from None
 
 
-def _keep_fp32_patterns(model: "nn.Module") -> tuple[str, ...]:
+def _keep_fp32_patterns(model: nn.Module) -> tuple[str, ...]:
     """Module-name substrings diffusers keeps in fp32 for this model (`_keep_in_fp32_modules`)."""
     import torch.nn as nn
 
@@ -116,7 +116,7 @@ def _kept_fp32(name: str, patterns: tuple[str, ...]) -> bool:
     return any(p in parts for p in patterns)
 
 
-def model_dtype(model: "nn.Module") -> "torch.dtype":
+def model_dtype(model: nn.Module) -> torch.dtype:
     """The compute dtype: the first floating parameter that diffusers does not keep in fp32 (as
     diffusers' own `ModelMixin.dtype`), float32 for a model without floating parameters."""
     import torch
@@ -132,7 +132,7 @@ def model_dtype(model: "nn.Module") -> "torch.dtype":
     return fallback or torch.float32
 
 
-def model_device(model: "nn.Module") -> "torch.device":
+def model_device(model: nn.Module) -> torch.device:
     import torch
 
     for p in model.parameters():
@@ -142,8 +142,8 @@ def model_device(model: "nn.Module") -> "torch.device":
     return torch.device("cpu")
 
 
-def to_precision(model: "nn.Module", dtype: "torch.dtype | str | None" = None,
-                 device: "torch.device | str | None" = None) -> "nn.Module":
+def to_precision(model: nn.Module, dtype: torch.dtype | str | None = None,
+                 device: torch.device | str | None = None) -> nn.Module:
     """Move `model` to `device` and cast its floating parameters and buffers to `dtype` in place,
     keeping diffusers' `_keep_in_fp32_modules` in fp32 when casting to half precision. None keeps
     what the model has. Returns the model."""
@@ -167,7 +167,7 @@ def to_precision(model: "nn.Module", dtype: "torch.dtype | str | None" = None,
     return model
 
 
-def follow_model(value: Any, dtype: "torch.dtype", device: "torch.device") -> Any:
+def follow_model(value: Any, dtype: torch.dtype, device: torch.device) -> Any:
     """A floating tensor cast to the model's dtype and moved to its device; other tensors moved;
     anything else as it is."""
     import torch
@@ -179,7 +179,7 @@ def follow_model(value: Any, dtype: "torch.dtype", device: "torch.device") -> An
     return value.to(device=device)
 
 
-def describe(dtype: "torch.dtype | None") -> str:
+def describe(dtype: torch.dtype | None) -> str:
     import torch
 
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))

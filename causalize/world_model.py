@@ -46,8 +46,8 @@ class WorldModel(nn.Module):
             )
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, torch_dtype: "torch.dtype | str | None" = None,
-                        device: "torch.device | str | None" = None, **load_kwargs: Any) -> "WorldModel":
+    def from_pretrained(cls, path: str | os.PathLike, *, torch_dtype: torch.dtype | str | None = None,
+                        device: torch.device | str | None = None, **load_kwargs: Any) -> WorldModel:
         """Load a converted checkpoint (`causalize.load`) in `torch_dtype` on `device` (None: as stored, CPU)."""
         from pathlib import Path
 

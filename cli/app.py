@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.markup import escape
@@ -86,9 +86,9 @@ def _root(
 def convert(
     src: Path = typer.Argument(..., metavar="SRC", help="diffusers model directory (config.json + safetensors), or a pipeline directory."),
     out_dir: Path = typer.Argument(..., metavar="OUT", help="Where to write the causal checkpoint (written atomically)."),
-    plan: Optional[str] = PLAN_OPT,
-    pipeline: Optional[str] = PIPELINE_OPT,
-    subfolder: Optional[str] = SUBFOLDER_OPT,
+    plan: str | None = PLAN_OPT,
+    pipeline: str | None = PIPELINE_OPT,
+    subfolder: str | None = SUBFOLDER_OPT,
     dry_run: bool = typer.Option(False, "--dry-run", help="Convert and verify in memory, list the sites, write nothing."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
     allow_pickle: bool = PICKLE_OPT,
@@ -96,9 +96,9 @@ def convert(
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the causality check."),
     action_dim: int = typer.Option(0, "--action-dim", metavar="N", help="Add per-frame timesteps and a frame-level action adapter for N-dimensional actions (0: none)."),
     action_type: str = typer.Option("continuous", "--action-type", help="continuous (an MLP on action vectors) or discrete (a sum of embeddings of active entries)."),
-    frames: Optional[int] = FRAMES_OPT,
-    dtype: Optional[str] = DTYPE_OPT,
-    device: Optional[str] = DEVICE_OPT,
+    frames: int | None = FRAMES_OPT,
+    dtype: str | None = DTYPE_OPT,
+    device: str | None = DEVICE_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
     """Convert a diffusers checkpoint into a causal one, verify it, and write it to OUT.
@@ -148,12 +148,12 @@ def convert(
 @app.command()
 def verify(
     path: Path = typer.Argument(..., metavar="PATH", help="A converted checkpoint, or a plain diffusers one (expected to leak)."),
-    frames: Optional[int] = FRAMES_OPT,
-    plan: Optional[str] = PLAN_OPT,
-    subfolder: Optional[str] = SUBFOLDER_OPT,
+    frames: int | None = FRAMES_OPT,
+    plan: str | None = PLAN_OPT,
+    subfolder: str | None = SUBFOLDER_OPT,
     allow_pickle: bool = PICKLE_OPT,
-    dtype: Optional[str] = DTYPE_OPT,
-    device: Optional[str] = DEVICE_OPT,
+    dtype: str | None = DTYPE_OPT,
+    device: str | None = DEVICE_OPT,
     shrink: bool = typer.Option(False, "--shrink", help="Probe a random-weight copy of the same class with the plan's tiny sizes (no weights read): for models too large for the device; proves the class, config flags and pipeline, not these weights."),
     as_json: bool = JSON_OPT,
 ) -> None:
@@ -195,9 +195,9 @@ def verify(
 @app.command()
 def inspect(
     path: Path = typer.Argument(..., metavar="PATH", help="A diffusers model or pipeline directory (or a converted one)."),
-    plan: Optional[str] = PLAN_OPT,
-    pipeline: Optional[str] = PIPELINE_OPT,
-    subfolder: Optional[str] = SUBFOLDER_OPT,
+    plan: str | None = PLAN_OPT,
+    pipeline: str | None = PIPELINE_OPT,
+    subfolder: str | None = SUBFOLDER_OPT,
     allow_pickle: bool = PICKLE_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
@@ -388,8 +388,8 @@ def _env_info() -> dict[str, Any]:
 
 @app.command()
 def demo(
-    workdir: Optional[Path] = typer.Option(None, "--workdir", metavar="DIR", help="Keep the generated checkpoints here (default: a temporary directory)."),
-    frames: Optional[int] = FRAMES_OPT,
+    workdir: Path | None = typer.Option(None, "--workdir", metavar="DIR", help="Keep the generated checkpoints here (default: a temporary directory)."),
+    frames: int | None = FRAMES_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
     """Convert and verify a tiny locally generated checkpoint of every supported family.

@@ -10,7 +10,8 @@ import math
 import os
 import sys
 import traceback
-from typing import TYPE_CHECKING, Any, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console

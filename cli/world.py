@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.markup import escape
@@ -15,18 +14,18 @@ from causalize.cli.common import DTYPE_OPT, JSON_OPT, check_precision_names, emi
 
 
 def train(
-    config: Optional[Path] = typer.Argument(None, metavar="CONFIG", help="Training settings as a .json or .toml file (keys: the fields of causalize.training.trainer.TrainConfig)."),
-    model: Optional[Path] = typer.Option(None, "--model", metavar="PATH", help="Converted checkpoint with an action adapter (causalize convert SRC OUT --action-dim N)."),
-    data: Optional[Path] = typer.Option(None, "--data", metavar="DIR", help="Episode dataset root (docs/EPISODES.md)."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", metavar="DIR", help="Output directory: metrics.jsonl, checkpoints/, final/."),
-    steps: Optional[int] = typer.Option(None, "--steps", metavar="N", help="Optimizer steps to reach."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", metavar="N", help="Windows per device per micro-batch."),
-    lr: Optional[float] = typer.Option(None, "--lr", metavar="X", help="AdamW learning rate (default 1e-5)."),
-    window: Optional[int] = typer.Option(None, "--window", metavar="N", help="Frames per training window (default 16)."),
+    config: Path | None = typer.Argument(None, metavar="CONFIG", help="Training settings as a .json or .toml file (keys: the fields of causalize.training.trainer.TrainConfig)."),
+    model: Path | None = typer.Option(None, "--model", metavar="PATH", help="Converted checkpoint with an action adapter (causalize convert SRC OUT --action-dim N)."),
+    data: Path | None = typer.Option(None, "--data", metavar="DIR", help="Episode dataset root (docs/EPISODES.md)."),
+    out_dir: Path | None = typer.Option(None, "--out", metavar="DIR", help="Output directory: metrics.jsonl, checkpoints/, final/."),
+    steps: int | None = typer.Option(None, "--steps", metavar="N", help="Optimizer steps to reach."),
+    batch_size: int | None = typer.Option(None, "--batch-size", metavar="N", help="Windows per device per micro-batch."),
+    lr: float | None = typer.Option(None, "--lr", metavar="X", help="AdamW learning rate (default 1e-5)."),
+    window: int | None = typer.Option(None, "--window", metavar="N", help="Frames per training window (default 16)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the output directory."),
-    mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", "--dtype", metavar="no|bf16|fp16", help="accelerate's mixed precision: weights stay fp32, the forward runs in bf16 / fp16 (default: no)."),
-    device: Optional[str] = typer.Option(None, "--device", metavar="cpu|cuda", help="cpu trains on the CPU even where CUDA exists (default: accelerate's choice)."),
-    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations in backward (less memory)."),
+    mixed_precision: str | None = typer.Option(None, "--mixed-precision", "--dtype", metavar="no|bf16|fp16", help="accelerate's mixed precision: weights stay fp32, the forward runs in bf16 / fp16 (default: no)."),
+    device: str | None = typer.Option(None, "--device", metavar="cpu|cuda", help="cpu trains on the CPU even where CUDA exists (default: accelerate's choice)."),
+    gradient_checkpointing: bool | None = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations in backward (less memory)."),
     as_json: bool = JSON_OPT,
 ) -> None:
     """Fine-tune a converted world model with the Diffusion Forcing objective.
@@ -49,7 +48,14 @@ def train(
       3  internal error (re-run with --debug for the traceback)
       4  the model checkpoint cannot be read
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     overrides = {"model": model, "data": data, "output_dir": out_dir, "steps": steps, "batch_size": batch_size,
                  "lr": lr, "window": window, "resume": True if resume else None,
@@ -64,7 +70,8 @@ def train(
 
     leader = os.environ.get("RANK", "0") == "0"  # under `accelerate launch`: one bar, one summary
     with guard(as_json):
-        from causalize.training.trainer import TrainConfig, train as run_training
+        from causalize.training.trainer import TrainConfig
+        from causalize.training.trainer import train as run_training
 
         cfg = TrainConfig.from_file(config, **{k: str(v) if isinstance(v, Path) else v for k, v in overrides.items()})
         with bar if leader else contextlib.nullcontext():
@@ -83,23 +90,23 @@ def rollout(
     context: Path = typer.Option(..., "--context", metavar="FRAMES", help="Context frames: episode .npz (frames or latents), .npy, or a video / image (.mp4, .gif, .png)."),
     actions: Path = typer.Option(..., "--actions", metavar="ACTIONS", help="One action per generated frame: .npy, .npz (key actions), .json list, or text (one per line)."),
     out_path: Path = typer.Option(..., "--out", metavar="OUT", help="Output: .mp4, .gif (pixels) or .npz (pixels or latents + actions + settings)."),
-    context_frames: Optional[int] = typer.Option(None, "--context-frames", metavar="K", help="Use the first K frames of FRAMES (default: all)."),
-    steps: Optional[int] = typer.Option(None, "--steps", metavar="S", help="Denoising steps per frame (default 50)."),
-    sampler: Optional[str] = typer.Option(None, "--sampler", metavar="NAME", help="ddim (default) or euler."),
-    spacing: Optional[str] = typer.Option(None, "--spacing", metavar="NAME", help="trailing (default) or uniform."),
-    eta: Optional[float] = typer.Option(None, "--eta", metavar="X", help="DDIM eta in [0, 1] (default 0: deterministic steps)."),
-    history_noise: Optional[str] = typer.Option(None, "--history-noise", metavar="K", help="History noise level: an integer, or second_to_last (default)."),
-    window: Optional[int] = typer.Option(None, "--window", metavar="L", help="Sliding window incl. the current frame (default: training.json's window, else 16)."),
-    guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", metavar="S", help="Causal action guidance scale (default 2.5; 1 disables guidance)."),
-    guidance_rescale: Optional[float] = typer.Option(None, "--guidance-rescale", metavar="PHI", help="Guidance rescale in [0, 1] (default 0.7)."),
-    prediction_type: Optional[str] = typer.Option(None, "--prediction-type", metavar="NAME", help="v, epsilon or sample (default: training.json's, else v)."),
-    zero_terminal_snr: Optional[bool] = typer.Option(None, "--zero-terminal-snr/--no-zero-terminal-snr", help="Schedule rescaled to zero terminal SNR (default: training.json's, else on)."),
+    context_frames: int | None = typer.Option(None, "--context-frames", metavar="K", help="Use the first K frames of FRAMES (default: all)."),
+    steps: int | None = typer.Option(None, "--steps", metavar="S", help="Denoising steps per frame (default 50)."),
+    sampler: str | None = typer.Option(None, "--sampler", metavar="NAME", help="ddim (default) or euler."),
+    spacing: str | None = typer.Option(None, "--spacing", metavar="NAME", help="trailing (default) or uniform."),
+    eta: float | None = typer.Option(None, "--eta", metavar="X", help="DDIM eta in [0, 1] (default 0: deterministic steps)."),
+    history_noise: str | None = typer.Option(None, "--history-noise", metavar="K", help="History noise level: an integer, or second_to_last (default)."),
+    window: int | None = typer.Option(None, "--window", metavar="L", help="Sliding window incl. the current frame (default: training.json's window, else 16)."),
+    guidance_scale: float | None = typer.Option(None, "--guidance-scale", metavar="S", help="Causal action guidance scale (default 2.5; 1 disables guidance)."),
+    guidance_rescale: float | None = typer.Option(None, "--guidance-rescale", metavar="PHI", help="Guidance rescale in [0, 1] (default 0.7)."),
+    prediction_type: str | None = typer.Option(None, "--prediction-type", metavar="NAME", help="v, epsilon or sample (default: training.json's, else v)."),
+    zero_terminal_snr: bool | None = typer.Option(None, "--zero-terminal-snr/--no-zero-terminal-snr", help="Schedule rescaled to zero terminal SNR (default: training.json's, else on)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the whole window at every step instead of streaming caches (same frames, slower)."),
-    seed: Optional[int] = typer.Option(None, "--seed", metavar="N", help="Seed of all noise (default 0)."),
+    seed: int | None = typer.Option(None, "--seed", metavar="N", help="Seed of all noise (default 0)."),
     fps: float = typer.Option(8.0, "--fps", metavar="F", help="Frames per second of .mp4 / .gif output."),
     generated_only: bool = typer.Option(False, "--generated-only", help="Write only the generated frames (default: context frames first)."),
-    device: Optional[str] = typer.Option(None, "--device", metavar="DEV", help="cpu, cuda, cuda:1, ... (default: cuda when available)."),
-    dtype: Optional[str] = DTYPE_OPT,
+    device: str | None = typer.Option(None, "--device", metavar="DEV", help="cpu, cuda, cuda:1, ... (default: cuda when available)."),
+    dtype: str | None = DTYPE_OPT,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
     as_json: bool = JSON_OPT,
 ) -> None:
@@ -136,7 +143,14 @@ def rollout(
       3  internal error (re-run with --debug for the traceback)
       4  the checkpoint cannot be read
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     bar = Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[speed]}"),
                    TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=False)

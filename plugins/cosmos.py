@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+from collections.abc import Iterator
 from types import SimpleNamespace
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,8 @@ from causalize.errors import CausalizeError
 from causalize.hookspecs import hookimpl
 from causalize.layout import FrameLayout
 from causalize.plan import Conditioning, OffsetPositions, Plan, Streaming, Targets, default_forward
-from causalize.plugins.common import patch3d_tokens as tokens, mid_timestep, randn
+from causalize.plugins.common import mid_timestep, randn
+from causalize.plugins.common import patch3d_tokens as tokens
 
 _COSMOS_MODULE = "diffusers.models.transformers.transformer_cosmos"
 

@@ -26,8 +26,9 @@ temporal token f gets frame f's modulation. Only a video with as many frames as 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn as nn

@@ -23,7 +23,6 @@ the video tokens. `norm1_context` (the text stream, the same class) keeps the pe
 from __future__ import annotations
 
 import torch
-
 from diffusers.models.transformers.transformer_mochi import MochiRMSNormZero
 
 from causalize.context import TokenGrid

@@ -21,7 +21,8 @@ from __future__ import annotations
 from causalize.hookspecs import hookimpl
 from causalize.layout import FrameLayout
 from causalize.plan import Conditioning, Plan, Streaming, Targets
-from causalize.plugins.common import patch3d_tokens as tokens, mid_timestep, randn
+from causalize.plugins.common import mid_timestep, randn
+from causalize.plugins.common import patch3d_tokens as tokens
 
 
 def make_inputs(model, frames, gen):

@@ -340,7 +340,7 @@ def test_chunked_processor_masks_only_the_joint_self_attention(mask_format):
     fid = token_frame_ids(TokenGrid(3, 2), 3, "suffix")
     q, k, v, mask, out = outs[0]
     torch.testing.assert_close(out, _reference(q, k, v, fid, 1, False, mask), rtol=1e-6, atol=1e-6)
-    for q, k, v, mask, out in outs[1:]:
+    for q, k, v, _mask, out in outs[1:]:
         torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), rtol=0, atol=0)
     assert F.scaled_dot_product_attention is ORIGINAL_SDPA  # the routing is undone
 

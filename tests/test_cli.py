@@ -16,9 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
-
 from cli_helpers import assert_one_line_error
+from typer.testing import CliRunner
 
 from causalize.cli.app import app, main
 

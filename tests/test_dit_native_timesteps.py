@@ -10,7 +10,8 @@ timestep format (Wan / LTX: per token (B, N); SkyReels-V2: diffusion forcing (B,
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
+from world_models import tiny_world_model
 
 from causalize import precision
 from causalize.api import convert, convert_model, load, verify, verify_model
@@ -18,7 +19,6 @@ from causalize.errors import UsageError
 from causalize.plugin_manager import registries
 from causalize.rollout.sampler import RolloutConfig, rollout
 from causalize.world_model import WorldModel, conditioning_kwargs
-from world_models import tiny_world_model
 
 PLANS = registries().plans.names()
 FRAME_CAUSAL = [p.name for p in registries().plans if p.conditioning is not None and p.layout.block_size == 1]

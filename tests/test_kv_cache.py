@@ -12,17 +12,17 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from world_models import tiny_world_model
 
+from causalize.context import TokenGrid
 from causalize.errors import CausalizeError
 from causalize.layout import causal_block_allowed
 from causalize.modules import kv_cache
 from causalize.modules.kv_cache import CallTokens, KVCache, attend_with_cache, frame_tokens, grid_tokens
-from causalize.modules.streaming_attention import SampleKVCaches
 from causalize.modules.linear_attention import LinearAttnCache, LinearAttnState, StreamingLinearAttnProcessor
-from causalize.context import TokenGrid
+from causalize.modules.streaming_attention import SampleKVCaches
 from causalize.rollout import RolloutConfig, rollout
 from causalize.rollout.streaming import Stream
-from world_models import tiny_world_model
 
 HEADS, DK, DV = 3, 4, 5
 

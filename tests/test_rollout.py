@@ -9,17 +9,17 @@ import math
 
 import pytest
 import torch
+from world_models import tiny_world_model
 
 from causalize.api import convert_model
 from causalize.errors import UsageError
+from causalize.noise import NoiseSchedule
 from causalize.plugin_manager import registries
 from causalize.rollout import RolloutConfig, RolloutSession, rollout
 from causalize.rollout import schedule as sched
 from causalize.rollout.sampler import FullRecompute, _branches
 from causalize.rollout.streaming import Stream
-from causalize.noise import NoiseSchedule
 from causalize.world_model import WorldModel
-from world_models import tiny_world_model
 
 ACTION_DIM = 3
 STREAMING_PLANS = [p.name for p in registries().plans if p.streaming is not None]

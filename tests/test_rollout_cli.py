@@ -13,11 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_helpers import assert_one_line_error
 from typer.testing import CliRunner
 
 from causalize.api import convert
-from cli_helpers import assert_one_line_error
-
 from causalize.cli.app import app
 from causalize.plugin_manager import registries
 
@@ -149,7 +148,7 @@ def _bad_inputs(d: Path, good: Path) -> dict[str, tuple[str, str, str]]:
 def test_bad_inputs_exit_2_and_write_nothing(work, tmp_path):
     cases = _bad_inputs(tmp_path, work / "inputs")
     out_dir = _out_dir(tmp_path)
-    for name, (context, actions, needle) in cases.items():
+    for context, actions, needle in cases.values():
         result = cli("rollout", work / "wm", "--context", context, "--actions", actions, "--out", out_dir / "x.npz", *FAST)
         assert_one_line_error(result, 2, needle)
     assert list(out_dir.iterdir()) == []

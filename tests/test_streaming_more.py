@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from world_models import tiny_world_model
 
 import causalize.modules.kv_cache as kv_cache
 from causalize.errors import UsageError
-from causalize.modules.streaming_attention import SampleKVCaches, StreamingAttnProcessor
 from causalize.modules.linear_attention import StreamingLinearAttnProcessor
+from causalize.modules.streaming_attention import SampleKVCaches, StreamingAttnProcessor
 from causalize.plugin_manager import registries
 from causalize.rollout import RolloutConfig, rollout
 from causalize.rollout.streaming import Stream
 from causalize.training.trainer import conditioning_kwargs
 from causalize.world_model import WorldModel
-from world_models import tiny_world_model
 
 ACTION_DIM = 3
 NEW_PLANS = ["sana-video", "cosmos", "allegro", "latte", "mochi", "cogvideox"]

@@ -19,11 +19,11 @@ from typer.testing import CliRunner
 
 import causalize.training.trainer as trainer_mod
 from causalize.api import convert, convert_model, verify_model
-from causalize.errors import UsageError
-from causalize.plugin_manager import registries
-from causalize.episodes import ActionSpace, create_dataset, write_episode
-from causalize.noise import NoiseSchedule
 from causalize.context import context_preserving_checkpoint
+from causalize.episodes import ActionSpace, create_dataset, write_episode
+from causalize.errors import UsageError
+from causalize.noise import NoiseSchedule
+from causalize.plugin_manager import registries
 from causalize.training.trainer import (
     TrainConfig,
     TrainingError,

@@ -15,7 +15,15 @@ from typer.testing import CliRunner
 
 import causalize
 from causalize import state
-from causalize.api import convert, convert_model, example_inputs, load, parse_pipeline, verify_model, with_action_adapter
+from causalize.api import (
+    convert,
+    convert_model,
+    example_inputs,
+    load,
+    parse_pipeline,
+    verify_model,
+    with_action_adapter,
+)
 from causalize.errors import UsageError
 from causalize.plugin_manager import registries
 from causalize.world_model import WorldModel

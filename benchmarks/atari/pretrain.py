@@ -42,13 +42,12 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from benchmarks.atari.backbones import get_backbone
 from causalize import fs
 from causalize.episodes import EpisodeDataset
 from causalize.noise import NoiseSchedule
 from causalize.training.objective import sample_frame_timesteps
 from causalize.training.trainer import EpochSampler, conditioning_kwargs, step_generator
-
-from benchmarks.atari.backbones import get_backbone
 
 __all__ = ["MODEL_DIR", "SUMMARY_FILE", "PretrainConfig", "build_model", "pretrain", "pretrain_step", "save_model"]
 

@@ -48,12 +48,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from causalize import fs
-
 from benchmarks.atari import data as atari_data
-from benchmarks.atari.backbones import BACKBONES, UNET3D, Backbone, get_backbone
 from benchmarks.atari import evaluate as ev
 from benchmarks.atari import pretrain as pt
+from benchmarks.atari.backbones import BACKBONES, UNET3D, Backbone, get_backbone
+from causalize import fs
 
 __all__ = ["DIT_SCALES", "SCALES", "VARIANTS", "StudyError", "eval_runs", "main", "resolve_config", "run_study",
            "variant_pipeline"]
@@ -272,7 +271,7 @@ def _machine() -> dict[str, Any]:
     if not _MACHINE:
         _MACHINE.update(machine_info())
     return {**_MACHINE, "torch_threads": torch.get_num_threads(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None}
 
 
@@ -582,7 +581,7 @@ def write_report(study: Study, results: dict[str, Any], segments: ev.Segments) -
         rp.plot_horizon(plots / f"guidance_{metric}.png", guided, ylabel=label, xlabel=xlabel,
                         title=f"{main}: action guidance scale")
         ctrl = {}
-        for name, r in runs.items():
+        for r in runs.values():
             if r.get("actions") == "random":
                 real = runs[run_name(r["variant"], r["guidance"], "real")]
                 ctrl[f"{r['variant']} s={r['guidance']:g} real"] = _curve(real["metrics"][metric])

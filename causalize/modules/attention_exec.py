@@ -28,8 +28,9 @@ import os
 import threading
 import warnings
 from collections import Counter, OrderedDict
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Hashable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -98,7 +99,7 @@ def flex_status(device: torch.device | str) -> tuple[bool, str]:
     return _flex_platform(torch.device(device).type)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _flex_platform(device_type: str) -> tuple[bool, str]:
     try:
         from torch.nn.attention.flex_attention import BlockMask, flex_attention  # noqa: F401

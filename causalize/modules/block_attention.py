@@ -22,8 +22,9 @@ batch keeps each sample's valid text tokens and calls SDPA without a mask) with 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -100,7 +101,7 @@ def _masked_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
 class SdpaScope:
     """The masking state of one wrapped processor call: its frame grid and mask builder."""
 
-    def __init__(self, processor: "BlockCausalAttnProcessor", grid: TokenGrid):
+    def __init__(self, processor: BlockCausalAttnProcessor, grid: TokenGrid):
         self.processor = processor
         self.grid = grid
         self.masked_calls: list[int] = []  # joint lengths of the calls that were masked

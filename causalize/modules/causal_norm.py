@@ -95,7 +95,7 @@ class CausalGroupNorm(nn.GroupNorm):
         """
         return self.cumulative_with(x, None)[0]
 
-    def cumulative_with(self, x: torch.Tensor, carry: "NormCarry | None") -> "tuple[torch.Tensor, NormCarry]":
+    def cumulative_with(self, x: torch.Tensor, carry: NormCarry | None) -> tuple[torch.Tensor, NormCarry]:
         """`_cumulative` continuing from the statistics `carry` of earlier frames (streaming:
         frames arrive over several calls); returns the output and the carry after these frames."""
         b, c, t = x.shape[:3]

@@ -35,8 +35,9 @@ detached view used only for its metadata).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch.overrides import resolve_name
@@ -103,7 +104,7 @@ class FrameTensor(torch.Tensor):
     _layout: TokenLayout
 
     @classmethod
-    def wrap(cls, sample: torch.Tensor, frames: torch.Tensor, layout: TokenLayout) -> "FrameTensor":
+    def wrap(cls, sample: torch.Tensor, frames: torch.Tensor, layout: TokenLayout) -> FrameTensor:
         """sample (R, *S); frames (R, F, *S) with F = layout.frames."""
         if sample.dim() < 1 or frames.shape != (sample.shape[0], layout.frames, *sample.shape[1:]):
             raise CausalizeError(f"FrameTensor: per-frame values {tuple(frames.shape)} do not match per-sample "

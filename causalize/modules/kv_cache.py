@@ -82,7 +82,7 @@ class CallTokens:
         return self.video_len // self.frames if self.frames else 0
 
     @classmethod
-    def from_ids(cls, ids: torch.Tensor) -> "CallTokens":
+    def from_ids(cls, ids: torch.Tensor) -> CallTokens:
         """From bare frame ids (reads them back: for callers outside a stream's hot path). The video
         tokens must be one contiguous run of consecutive, non-decreasing frames."""
         video = (ids >= 0).nonzero().flatten().tolist()
@@ -372,13 +372,13 @@ class KVCache:
         self._ids.narrow(0, n, m).copy_(ids)
         return self._ids.narrow(0, 0, n + m)
 
-    def _record(self, call: "CallTokens") -> None:
+    def _record(self, call: CallTokens) -> None:
         """After a write of `call`'s video tokens."""
         self.next_frame = call.first_frame + call.frames
         if self.signature is not None:
             self.signature = (*self.signature, (call.first_frame, call.frames, call.per_frame))
 
-    def layout_key(self, call: "CallTokens") -> tuple | None:
+    def layout_key(self, call: CallTokens) -> tuple | None:
         """A name for the frame ids of [history ; call] (the block-causal executor caches its layout
         under it), or None when they are not known without reading them."""
         if call.layout is None or self.signature is None:

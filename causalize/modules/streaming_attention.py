@@ -12,10 +12,8 @@ import torch
 from causalize.errors import CausalizeError
 from causalize.modules.block_attention import BlockCausalAttnProcessor, sdpa_scope
 from causalize.modules.frame_attention import CausalFrameAttnProcessor
-from causalize.modules.wrapping import AdvertisedCall
-
 from causalize.modules.kv_cache import CallTokens, KVCache, attend_with_cache, frame_tokens, grid_tokens
-
+from causalize.modules.wrapping import AdvertisedCall
 
 
 class KVCacheScope:

@@ -48,7 +48,7 @@ def option(default: Any, help: str) -> Any:
     return dataclasses.field(default=default, metadata={"help": help})
 
 
-def option_help(fld: "dataclasses.Field") -> str:
+def option_help(fld: dataclasses.Field) -> str:
     return str(fld.metadata.get("help", ""))
 
 
@@ -56,7 +56,7 @@ def option_help(fld: "dataclasses.Field") -> str:
 class PassContext:
     """What a pass may consult besides the model: the plan (targets, layout) and the pass options."""
 
-    plan: "Plan"
+    plan: Plan
     options: Any
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -76,10 +76,10 @@ class Pass:
     class Options:
         pass
 
-    def find_sites(self, model: "nn.Module", ctx: PassContext) -> list[Site]:
+    def find_sites(self, model: nn.Module, ctx: PassContext) -> list[Site]:
         raise NotImplementedError
 
-    def apply(self, model: "nn.Module", ctx: PassContext) -> list[Record]:
+    def apply(self, model: nn.Module, ctx: PassContext) -> list[Record]:
         raise NotImplementedError
 
     @classmethod

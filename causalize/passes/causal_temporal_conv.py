@@ -10,7 +10,11 @@ import torch.nn as nn
 from causalize import state
 from causalize.errors import PassError
 from causalize.modules.causal_conv import (
-    is_causal_conv, is_temporal_conv, make_causal_conv, temporal_conv_problem, transferred_parameters,
+    is_causal_conv,
+    is_temporal_conv,
+    make_causal_conv,
+    temporal_conv_problem,
+    transferred_parameters,
 )
 from causalize.passes.base import Pass, PassContext, Record, Site, option
 

@@ -29,7 +29,6 @@ from causalize.plan import Conditioning, Plan
 from causalize.precision import model_device, model_dtype
 
 
-
 def _out_features(module: nn.Module) -> int:
     try:
         return embedding_width(module)

@@ -47,7 +47,7 @@ class Pipeline:
     def names(self) -> list[str]:
         return [s.name for s in self.steps]
 
-    def replace_options(self, name: str, **options: Any) -> "Pipeline":
+    def replace_options(self, name: str, **options: Any) -> Pipeline:
         """A copy where step `name` has these options set (others kept)."""
         steps = []
         for s in self.steps:

@@ -31,7 +31,15 @@ from gymnasium import spaces
 from gymnasium.utils import seeding
 
 from causalize.errors import UsageError
-from causalize.rollout.io import Frames, actions_to_tensor, as_frames, fit_channels, frames_to_model, model_to_frames, sample_geometry
+from causalize.rollout.io import (
+    Frames,
+    actions_to_tensor,
+    as_frames,
+    fit_channels,
+    frames_to_model,
+    model_to_frames,
+    sample_geometry,
+)
 from causalize.rollout.sampler import RolloutConfig, RolloutSession
 from causalize.world_model import WorldModel
 
@@ -101,7 +109,7 @@ class WorldModelEnv(gymnasium.Env):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, config: RolloutConfig | None = None, *, device: str | None = None,
-                        dtype: str | None = None, **kwargs: Any) -> "WorldModelEnv":
+                        dtype: str | None = None, **kwargs: Any) -> WorldModelEnv:
         """An env over a checkpoint (a converted model, or a training run's output directory), on
         `device` (None: CUDA when available) in `dtype` (None: as stored; 'bf16' for speed).
         Without `config` the sampler settings follow the checkpoint's training.json

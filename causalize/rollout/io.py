@@ -26,9 +26,10 @@ import re
 import statistics
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -62,7 +63,7 @@ class Frames:
     def channels(self) -> int:
         return int(self.data.shape[3] if self.kind == "pixels" else self.data.shape[1])
 
-    def first(self, k: int) -> "Frames":
+    def first(self, k: int) -> Frames:
         return Frames(self.data[:k], self.kind)
 
 
@@ -194,7 +195,7 @@ def _short(exc: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def frames_to_model(frames: Frames, frame_axis: int, channels: int | None = None, where: str = "context") -> "torch.Tensor":
+def frames_to_model(frames: Frames, frame_axis: int, channels: int | None = None, where: str = "context") -> torch.Tensor:
     """(1, ...) tensor in the model's native layout (frames on `frame_axis`), in model space.
 
     RGBA pixels lose their alpha channel when the model takes 3 channels."""
@@ -219,7 +220,7 @@ def fit_channels(frames: Frames, channels: int | None) -> Frames:
     return frames
 
 
-def model_to_frames(x: "torch.Tensor", frame_axis: int, kind: Kind, batch_index: int = 0) -> Frames:
+def model_to_frames(x: torch.Tensor, frame_axis: int, kind: Kind, batch_index: int = 0) -> Frames:
     """The inverse of `frames_to_model` for one sample: pixels are clamped to [−1, 1] and rounded."""
     import torch
 
@@ -316,7 +317,7 @@ def _number(tok: str, p: Path, lineno: int) -> int | float:
         raise UsageError(f"{p}: line {lineno}: {tok!r} is not a number") from None
 
 
-def actions_to_tensor(actions: Any, action_type: str, action_dim: int, where: str = "actions") -> "torch.Tensor":
+def actions_to_tensor(actions: Any, action_type: str, action_dim: int, where: str = "actions") -> torch.Tensor:
     """Checked actions as the sampler takes them at batch 1.
 
     discrete: (n,) integer indices in [0, N) -> (1, n) int64, or (n, N) 0/1 multi-hot rows ->
@@ -496,7 +497,7 @@ class RolloutFileReport:
         }
 
 
-def sample_geometry(wm: "WorldModel") -> tuple[int, int | None]:
+def sample_geometry(wm: WorldModel) -> tuple[int, int | None]:
     """(frame axis, channels) of the model's sample; channels None when the sample is not a 5-D
     video tensor (packed tokens), which file rollouts do not support."""
     import torch
@@ -573,7 +574,7 @@ def rollout_to_file(
     return report
 
 
-def _stored_actions(acts: "torch.Tensor", action_type: str) -> np.ndarray:
+def _stored_actions(acts: torch.Tensor, action_type: str) -> np.ndarray:
     """Actions as the episode format stores them: int64 indices, uint8 multi-hot, float32 rows."""
     a = acts[0].cpu().numpy()
     if action_type == "discrete" and a.ndim == 2:

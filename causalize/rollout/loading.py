@@ -52,7 +52,7 @@ def training_defaults(path: str | os.PathLike) -> dict[str, Any]:
     return found
 
 
-def resolve_config(checkpoint: str | os.PathLike | None = None, **options: Any) -> tuple["RolloutConfig", dict[str, str]]:
+def resolve_config(checkpoint: str | os.PathLike | None = None, **options: Any) -> tuple[RolloutConfig, dict[str, str]]:
     """A validated RolloutConfig and, per field, where its value came from ("option",
     "training.json" or "default"). Options whose value is None count as not given."""
     from causalize.rollout.sampler import RolloutConfig
@@ -75,7 +75,7 @@ def resolve_config(checkpoint: str | os.PathLike | None = None, **options: Any) 
 
 
 def load_world_model(path: str | os.PathLike, device: str | None = None,
-                     dtype: "str | torch.dtype | None" = None) -> tuple["WorldModel", Path]:
+                     dtype: str | torch.dtype | None = None) -> tuple[WorldModel, Path]:
     """The checkpoint as an eval-mode WorldModel on `device` (None: CUDA when available) in `dtype`
     (None: as stored), and the directory it came from. Device and dtype are checked before the
     weights are read; a model converted without frame conditioning is a UsageError."""

@@ -24,22 +24,23 @@ re-prefilled after `reset()` (the rollout does), never edited in place.
 from __future__ import annotations
 
 import types
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
 import torch.nn as nn
 
 from causalize.context import CONTEXT_ATTR, FrameContext
 from causalize.errors import CausalizeError, UsageError
+from causalize.layout import tile_history
 from causalize.modules.block_attention import BlockCausalAttnProcessor
 from causalize.modules.causal_conv import is_causal_conv
 from causalize.modules.causal_norm import CausalGroupNorm
 from causalize.modules.frame_attention import CausalFrameAttnProcessor
-from causalize.modules.streaming_attention import StreamingAttnProcessor
 from causalize.modules.linear_attention import BlockCausalLinearAttnProcessor, StreamingLinearAttnProcessor
-from causalize.layout import tile_history
+from causalize.modules.streaming_attention import StreamingAttnProcessor
 from causalize.plan import OffsetPositions, Plan
 
 STREAM_ATTR = "_causalize_stream"
@@ -89,7 +90,7 @@ class Stream:
         self._install_plugin_hooks()
 
     @classmethod
-    def of(cls, model: nn.Module, plan: Plan) -> "Stream":
+    def of(cls, model: nn.Module, plan: Plan) -> Stream:
         stream = getattr(model, STREAM_ATTR, None)
         if stream is None:
             stream = cls(model, plan)
@@ -194,14 +195,14 @@ class Stream:
         object.__setattr__(module, STREAM_ATTR, self)
 
     @staticmethod
-    def state_of(module: nn.Module) -> "StreamState | None":
+    def state_of(module: nn.Module) -> StreamState | None:
         """The streaming call in progress for the model an attached `module` belongs to, or None
         outside one: what plugin position hooks read (they get the stream, so they import nothing
         from the runtime)."""
         return state_of(module)
 
     @staticmethod
-    def stream_of(module: nn.Module) -> "Stream":
+    def stream_of(module: nn.Module) -> Stream:
         """The Stream an attached `module` belongs to (its `.model` is the model being streamed)."""
         return stream_of(module)
 

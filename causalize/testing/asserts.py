@@ -19,7 +19,8 @@ message holds the verdict, the influence matrix and the leaking module: what pyt
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Union
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 
 DEFAULT_FRAMES = 4
 
-Inputs = Union[Mapping[str, Any], Callable[[int], Mapping[str, Any]], None]
+Inputs = Mapping[str, Any] | Callable[[int], Mapping[str, Any]] | None
 Forward = Callable[["nn.Module", dict], "torch.Tensor"]
 
 __all__ = ["CausalityCheckFailed", "assert_causal", "assert_leaks", "module_forward", "DEFAULT_FRAMES"]
@@ -40,12 +41,12 @@ __all__ = ["CausalityCheckFailed", "assert_causal", "assert_leaks", "module_forw
 class CausalityCheckFailed(AssertionError):
     """A causality assertion failed; `.report` is the CausalityReport it was judged on."""
 
-    def __init__(self, message: str, report: "CausalityReport | None" = None):
+    def __init__(self, message: str, report: CausalityReport | None = None):
         super().__init__(message)
         self.report = report
 
 
-def module_forward(model: "nn.Module", inputs: dict[str, Any]) -> "torch.Tensor":
+def module_forward(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
     """`model(**inputs)`, reduced to one tensor: the tensor itself, or the first element of a
     tuple / list / diffusers BaseOutput."""
     import torch
@@ -64,17 +65,17 @@ def module_forward(model: "nn.Module", inputs: dict[str, Any]) -> "torch.Tensor"
 
 
 def _resolve(
-    model: "nn.Module",
+    model: nn.Module,
     inputs: Inputs,
-    plan: "str | Plan | None",
-    layout: "FrameLayout | None",
+    plan: str | Plan | None,
+    layout: FrameLayout | None,
     frame_axes: Mapping[str, int] | None,
     output_axis: int | None,
     block_size: int | None,
     forward: Forward | None,
     frames: int,
     seed: int,
-) -> tuple[dict[str, Any], "FrameLayout", Forward]:
+) -> tuple[dict[str, Any], FrameLayout, Forward]:
     """The concrete inputs, layout and forward of one check (see the module docstring)."""
     from dataclasses import replace
 
@@ -127,7 +128,7 @@ def _resolve(
     return inputs, layout, forward
 
 
-def _check_inputs(inputs: dict[str, Any], layout: "FrameLayout") -> None:
+def _check_inputs(inputs: dict[str, Any], layout: FrameLayout) -> None:
     import torch
 
     if not layout.inputs:
@@ -149,7 +150,7 @@ def _check_inputs(inputs: dict[str, Any], layout: "FrameLayout") -> None:
 
 
 def _check(model, inputs, *, plan, layout, frame_axes, output_axis, block_size, forward, frames, tolerance, seed,
-           rerandomize, localize) -> "CausalityReport":
+           rerandomize, localize) -> CausalityReport:
     from causalize.verify import check_causality
 
     inputs, layout, forward = _resolve(model, inputs, plan, layout, frame_axes, output_axis, block_size, forward, frames, seed)
@@ -157,7 +158,7 @@ def _check(model, inputs, *, plan, layout, frame_axes, output_axis, block_size, 
                            rerandomize=rerandomize, localize=localize)
 
 
-def _explain(report: "CausalityReport", model: Any) -> str:
+def _explain(report: CausalityReport, model: Any) -> str:
     """The body of a failure message: matrix with its legend, culprits, and what to do."""
     lines = [
         f"influence matrix of {type(model).__name__} (rows: output frames; columns: perturbed input frames; "
@@ -183,11 +184,11 @@ def _explain(report: "CausalityReport", model: Any) -> str:
 
 
 def assert_causal(
-    model: "nn.Module",
+    model: nn.Module,
     inputs: Inputs = None,
     *,
-    plan: "str | Plan | None" = None,
-    layout: "FrameLayout | None" = None,
+    plan: str | Plan | None = None,
+    layout: FrameLayout | None = None,
     frame_axes: Mapping[str, int] | None = None,
     output_axis: int | None = None,
     block_size: int | None = None,
@@ -197,7 +198,7 @@ def assert_causal(
     seed: int = 0,
     rerandomize: bool = True,
     localize: bool = True,
-) -> "CausalityReport":
+) -> CausalityReport:
     """Assert that no output frame of `model` depends on a later input frame; return the report.
 
     inputs: keyword arguments of the forward (or a callable frames -> dict); None = the plan's
@@ -222,11 +223,11 @@ def assert_causal(
 
 
 def assert_leaks(
-    model: "nn.Module",
+    model: nn.Module,
     inputs: Inputs = None,
     *,
-    plan: "str | Plan | None" = None,
-    layout: "FrameLayout | None" = None,
+    plan: str | Plan | None = None,
+    layout: FrameLayout | None = None,
     frame_axes: Mapping[str, int] | None = None,
     output_axis: int | None = None,
     block_size: int | None = None,
@@ -236,7 +237,7 @@ def assert_leaks(
     seed: int = 0,
     rerandomize: bool = True,
     localize: bool = False,
-) -> "CausalityReport":
+) -> CausalityReport:
     """Negative control: assert that some output frame DOES depend on a later input frame.
 
     Same arguments as `assert_causal` (localisation is off by default: pass localize=True to get

@@ -19,8 +19,8 @@ from causalize.training.config import TrainConfig, TrainingError
 if TYPE_CHECKING:
     from torch import nn
 
-    from causalize.plan import Plan
     from causalize.episodes import EpisodeDataset
+    from causalize.plan import Plan
     from causalize.world_model import WorldModel
 
 __all__ = [

@@ -11,16 +11,18 @@ second copy.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from causalize.layout import FrameLayout, per_frame_max_abs
 from causalize.verify.localize import localize_leak
-from causalize.verify.probe import Forward, as_model_inputs, perturb_frame, rerandomize_zero_params, slice_frames
+from causalize.verify.probe import Forward, as_model_inputs, perturb_frame, rerandomize_zero_params
+
 
 @contextmanager
 def probing(model: nn.Module, *, rerandomize: bool = True, seed: int = 0) -> Iterator[int]:

@@ -4,7 +4,8 @@ influence matrix and the leak localisation (neither imports the other's internal
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
