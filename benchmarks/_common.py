@@ -56,7 +56,9 @@ def _cpu_model() -> str:
 def _git() -> dict[str, Any]:
     def run(*args: str) -> str | None:
         try:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=20, check=True).stdout.strip()
+            return subprocess.run(
+                ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=20, check=True
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return None
 

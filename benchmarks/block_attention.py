@@ -77,8 +77,9 @@ def run(args) -> dict[str, Any]:
     dim = args.heads * args.head_dim
     x = torch.randn(1, ctx.grid.video_tokens, dim, generator=gen, device=device, dtype=dtype)
     text = torch.randn(1, args.text, dim, generator=gen, device=device, dtype=dtype) if joint and args.text else None
-    causal = BlockCausalAttnProcessor(stock, ctx, block_size=args.block_size, position="suffix" if text is not None else "none",
-                                      joint=joint)
+    causal = BlockCausalAttnProcessor(
+        stock, ctx, block_size=args.block_size, position="suffix" if text is not None else "none", joint=joint
+    )
 
     def call(processor) -> torch.Tensor:
         attn.set_processor(processor) if hasattr(attn, "set_processor") else setattr(attn, "processor", processor)
@@ -88,7 +89,13 @@ def run(args) -> dict[str, Any]:
     rows, outputs = [], {}
     with torch.no_grad():
         stock_s, _ = _time(lambda: call(stock), args.repeats, device)
-        rows.append({"backend": "stock (bidirectional)", "seconds": stock_s, "peak_bytes": _peak_bytes(lambda: call(stock), device)})
+        rows.append(
+            {
+                "backend": "stock (bidirectional)",
+                "seconds": stock_s,
+                "peak_bytes": _peak_bytes(lambda: call(stock), device),
+            }
+        )
         for backend in args.backends:
             before = dict(attention_exec.describe(device)["executions"])
             try:
@@ -100,15 +107,32 @@ def run(args) -> dict[str, Any]:
                 continue
             after = attention_exec.describe(device)["executions"]
             outputs[backend] = out.float()
-            rows.append({"backend": backend, "seconds": seconds, "over_stock": seconds / stock_s, "peak_bytes": peak,
-                         "executions": {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}})
+            rows.append(
+                {
+                    "backend": backend,
+                    "seconds": seconds,
+                    "over_stock": seconds / stock_s,
+                    "peak_bytes": peak,
+                    "executions": {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)},
+                }
+            )
     ref = outputs.get("dense")
     for row in rows:
         if ref is not None and row["backend"] in outputs:
             row["max_abs_diff_vs_dense"] = float((outputs[row["backend"]] - ref).abs().max())
-    shape = {"model": args.model, "device": device, "dtype": args.dtype, "frames": args.frames, "tokens_per_frame": args.per_frame,
-             "video_tokens": ctx.grid.video_tokens, "text_tokens": args.text if joint else 0, "heads": args.heads,
-             "head_dim": args.head_dim, "block_size": args.block_size, "repeats": args.repeats}
+    shape = {
+        "model": args.model,
+        "device": device,
+        "dtype": args.dtype,
+        "frames": args.frames,
+        "tokens_per_frame": args.per_frame,
+        "video_tokens": ctx.grid.video_tokens,
+        "text_tokens": args.text if joint else 0,
+        "heads": args.heads,
+        "head_dim": args.head_dim,
+        "block_size": args.block_size,
+        "repeats": args.repeats,
+    }
     return {"shape": shape, "rows": rows, "selection": attention_exec.describe(device)}
 
 
@@ -116,7 +140,12 @@ def _parse() -> argparse.Namespace:
     cuda = torch.cuda.is_available()
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny CPU shape, 5 repeats (checks the script works)")
-    ap.add_argument("--model", choices=["wan", "hunyuan"], default="wan", help="wan: video self-attention; hunyuan: joint [video ; text]")
+    ap.add_argument(
+        "--model",
+        choices=["wan", "hunyuan"],
+        default="wan",
+        help="wan: video self-attention; hunyuan: joint [video ; text]",
+    )
     ap.add_argument("--frames", type=int, default=16)
     ap.add_argument("--per-frame", type=int, default=1560)
     ap.add_argument("--text", type=int, default=512, help="joint text tokens (hunyuan only)")
@@ -141,21 +170,34 @@ def main() -> None:
     result = run(args)
     s = result["shape"]
     print(machine_line(info))
-    print(f"{s['model']} attention, {s['frames']} x {s['tokens_per_frame']} = {s['video_tokens']} video tokens"
-          + (f" + {s['text_tokens']} text" if s["text_tokens"] else "") + f", {s['heads']} x {s['head_dim']} heads, "
-          f"{s['dtype']} on {s['device']}, block {s['block_size']}, median of {s['repeats']}")
+    print(
+        f"{s['model']} attention, {s['frames']} x {s['tokens_per_frame']} = {s['video_tokens']} video tokens"
+        + (f" + {s['text_tokens']} text" if s["text_tokens"] else "")
+        + f", {s['heads']} x {s['head_dim']} heads, "
+        f"{s['dtype']} on {s['device']}, block {s['block_size']}, median of {s['repeats']}"
+    )
     gib = lambda b: "n/a" if b is None else f"{b / 2**30:.2f} GiB"
-    print(table(
-        ["backend", "time (s)", "x stock", "peak mem", "max |diff| vs dense", "executions"],
-        [[r["backend"], f"{r['seconds']:.4f}" if "seconds" in r else r.get("error", "?"),
-          f"{r['over_stock']:.2f}" if "over_stock" in r else "", gib(r.get("peak_bytes")),
-          f"{r['max_abs_diff_vs_dense']:.2e}" if "max_abs_diff_vs_dense" in r else "",
-          ", ".join(f"{k} {v}" for k, v in r.get("executions", {}).items())]
-         for r in result["rows"]],
-        align="lrrrrl",
-    ))
-    path = write_json("block_attention" + (".quick" if args.quick else f".{s['model']}.{s['device']}"),
-                      {"benchmark": "block_attention", "machine": info, **result})
+    print(
+        table(
+            ["backend", "time (s)", "x stock", "peak mem", "max |diff| vs dense", "executions"],
+            [
+                [
+                    r["backend"],
+                    f"{r['seconds']:.4f}" if "seconds" in r else r.get("error", "?"),
+                    f"{r['over_stock']:.2f}" if "over_stock" in r else "",
+                    gib(r.get("peak_bytes")),
+                    f"{r['max_abs_diff_vs_dense']:.2e}" if "max_abs_diff_vs_dense" in r else "",
+                    ", ".join(f"{k} {v}" for k, v in r.get("executions", {}).items()),
+                ]
+                for r in result["rows"]
+            ],
+            align="lrrrrl",
+        )
+    )
+    path = write_json(
+        "block_attention" + (".quick" if args.quick else f".{s['model']}.{s['device']}"),
+        {"benchmark": "block_attention", "machine": info, **result},
+    )
     print(f"wrote {path}")
 
 

@@ -40,13 +40,26 @@ WORKDIR = WORK / NAME
 # Full mode: ~237M parameters (~0.95 GB fp32). Quick mode: a small model for smoke runs only.
 CONFIGS = {
     "full": dict(
-        block_out_channels=(128, 256, 512, 512), layers_per_block=2, cross_attention_dim=1024,
-        attention_head_dim=64, norm_num_groups=32, in_channels=4, out_channels=4, sample_size=32,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        cross_attention_dim=1024,
+        attention_head_dim=64,
+        norm_num_groups=32,
+        in_channels=4,
+        out_channels=4,
+        sample_size=32,
     ),
     "quick": dict(
-        block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=64,
-        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
-        attention_head_dim=8, norm_num_groups=8, in_channels=4, out_channels=4, sample_size=16,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        cross_attention_dim=64,
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        attention_head_dim=8,
+        norm_num_groups=8,
+        in_channels=4,
+        out_channels=4,
+        sample_size=16,
     ),
 }
 MIN_PARAMS_FULL = 100_000_000
@@ -167,11 +180,17 @@ def _med(xs: list[float]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    ap.add_argument("--quick", action="store_true", help="small model, 1 repeat (smoke run; does not meet the 100M requirement)")
+    ap.add_argument(
+        "--quick", action="store_true", help="small model, 1 repeat (smoke run; does not meet the 100M requirement)"
+    )
     ap.add_argument("--repeats", type=int, default=None, help="runs per variant (default 3, quick 1)")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoint in benchmarks/_work/")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch intra-op threads in the children (OMP_NUM_THREADS; default: torch's default)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads in the children (OMP_NUM_THREADS; default: torch's default)",
+    )
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--src", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -197,8 +216,11 @@ def main() -> None:
     gen = spawn("generate", src=None, out=src, config=cfg)
     params = gen["parameters"]
     ckpt_bytes = _dir_bytes(src)
-    print(f"[{NAME}] parameters: {params:,} ({params / 1e6:.1f}M); checkpoint {ckpt_bytes / 2**20:.1f} MiB; "
-          f"generated in {gen['process_wall_s']:.1f}s", flush=True)
+    print(
+        f"[{NAME}] parameters: {params:,} ({params / 1e6:.1f}M); checkpoint {ckpt_bytes / 2**20:.1f} MiB; "
+        f"generated in {gen['process_wall_s']:.1f}s",
+        flush=True,
+    )
     if size == "full" and params < MIN_PARAMS_FULL:
         raise SystemExit(f"full config has only {params:,} parameters (< {MIN_PARAMS_FULL:,})")
     _warm_page_cache(src)
@@ -206,7 +228,7 @@ def main() -> None:
     modes = list(VARIANTS)
     runs: dict[str, list[dict]] = {m: [] for m in modes}
     for rep in range(repeats):
-        order = modes[rep % len(modes):] + modes[: rep % len(modes)]
+        order = modes[rep % len(modes) :] + modes[: rep % len(modes)]
         for mode in order:
             out = WORKDIR / f"out-{mode}"
             shutil.rmtree(out, ignore_errors=True)
@@ -219,8 +241,11 @@ def main() -> None:
                 raise SystemExit(f"verification failed in run {rep}: {r}")
             shutil.rmtree(out, ignore_errors=True)
             runs[mode].append(r)
-            print(f"[{NAME}] rep {rep} {mode}: wall {r['process_wall_s']:.2f}s (import {r['import_s']:.2f}s, "
-                  f"work {r['work_s']:.2f}s), cpu {r['cpu_s']:.2f}s, peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
+            print(
+                f"[{NAME}] rep {rep} {mode}: wall {r['process_wall_s']:.2f}s (import {r['import_s']:.2f}s, "
+                f"work {r['work_s']:.2f}s), cpu {r['cpu_s']:.2f}s, peak RSS {r['peak_rss_mib']:.0f} MiB",
+                flush=True,
+            )
 
     keys = ["process_wall_s", "import_s", "work_s", "cpu_s", "peak_rss_mib", "rss_after_import_mib"]
     summary = {m: {k: _med([r[k] for r in runs[m]]) for k in keys} for m in modes}
@@ -231,7 +256,9 @@ def main() -> None:
         summary[m]["work_s_max"] = max(r["work_s"] for r in runs[m])
         if m in ("b", "c"):
             phases = {k for r in runs[m] for k in r["phases_s"]}
-            summary[m]["phases_s"] = {k: _med([r["phases_s"][k] for r in runs[m] if k in r["phases_s"]]) for k in sorted(phases)}
+            summary[m]["phases_s"] = {
+                k: _med([r["phases_s"][k] for r in runs[m] if k in r["phases_s"]]) for k in sorted(phases)
+            }
     ratios = {
         f"{m}/a": {k: summary[m][k] / summary["a"][k] for k in ("process_wall_s", "work_s", "cpu_s", "peak_rss_mib")}
         for m in ("b", "c")
@@ -247,33 +274,52 @@ def main() -> None:
     for m in modes:
         s = summary[m]
         ratio = ratios.get(f"{m}/a")
-        rows.append([
-            f"({m}) {VARIANTS[m]}",
-            f"{s['process_wall_s']:.2f} [{s['process_wall_s_min']:.2f}-{s['process_wall_s_max']:.2f}]",
-            f"{s['import_s']:.2f}",
-            f"{s['work_s']:.2f} [{s['work_s_min']:.2f}-{s['work_s_max']:.2f}]",
-            f"{s['cpu_s']:.2f}",
-            f"{s['peak_rss_mib']:.0f}",
-            f"{s['rss_after_import_mib']:.0f}",
-            "1.00" if ratio is None else f"{ratio['process_wall_s']:.2f}",
-            "1.00" if ratio is None else f"{ratio['work_s']:.2f}",
-            "1.00" if ratio is None else f"{ratio['peak_rss_mib']:.2f}",
-        ])
-    headers = ["variant", "wall s [min-max]", "import s", "work s [min-max]", "CPU s", "peak RSS MiB",
-               "RSS after import MiB", "wall ×a", "work ×a", "RSS ×a"]
+        rows.append(
+            [
+                f"({m}) {VARIANTS[m]}",
+                f"{s['process_wall_s']:.2f} [{s['process_wall_s_min']:.2f}-{s['process_wall_s_max']:.2f}]",
+                f"{s['import_s']:.2f}",
+                f"{s['work_s']:.2f} [{s['work_s_min']:.2f}-{s['work_s_max']:.2f}]",
+                f"{s['cpu_s']:.2f}",
+                f"{s['peak_rss_mib']:.0f}",
+                f"{s['rss_after_import_mib']:.0f}",
+                "1.00" if ratio is None else f"{ratio['process_wall_s']:.2f}",
+                "1.00" if ratio is None else f"{ratio['work_s']:.2f}",
+                "1.00" if ratio is None else f"{ratio['peak_rss_mib']:.2f}",
+            ]
+        )
+    headers = [
+        "variant",
+        "wall s [min-max]",
+        "import s",
+        "work s [min-max]",
+        "CPU s",
+        "peak RSS MiB",
+        "RSS after import MiB",
+        "wall ×a",
+        "work ×a",
+        "RSS ×a",
+    ]
     print()
-    print(f"convert_cost: UNet3DConditionModel, {params:,} parameters ({params / 1e6:.1f}M), "
-          f"checkpoint {ckpt_bytes / 2**20:.0f} MiB fp32 safetensors; medians of {repeats} run(s) per variant, "
-          f"each in a fresh process with {runs['a'][0]['torch_threads']} torch thread(s)")
+    print(
+        f"convert_cost: UNet3DConditionModel, {params:,} parameters ({params / 1e6:.1f}M), "
+        f"checkpoint {ckpt_bytes / 2**20:.0f} MiB fp32 safetensors; medians of {repeats} run(s) per variant, "
+        f"each in a fresh process with {runs['a'][0]['torch_threads']} torch thread(s)"
+    )
     print(table(headers, rows))
     for m in ("b", "c"):
         ph = summary[m]["phases_s"]
         print(f"  ({m}) convert() phases (median s): " + ", ".join(f"{k} {v:.2f}" for k, v in ph.items()))
-    print(f"  best-of-{repeats} ratios (min/min): " + "; ".join(
-        f"{m}: wall ×{r['process_wall_s']:.2f}, work ×{r['work_s']:.2f}" for m, r in ratios_min.items()))
+    print(
+        f"  best-of-{repeats} ratios (min/min): "
+        + "; ".join(f"{m}: wall ×{r['process_wall_s']:.2f}, work ×{r['work_s']:.2f}" for m, r in ratios_min.items())
+    )
     print(f"  machine: {machine_line(info_after)}")
-    print(f"  load average before / after: {info_before['load_average']} / {info_after['load_average']}; "
-          f"1-min load before each run: " + ", ".join(f"{m}{r['repeat']} {r['load_avg_1min_before']}" for m in modes for r in runs[m]))
+    print(
+        f"  load average before / after: {info_before['load_average']} / {info_after['load_average']}; "
+        f"1-min load before each run: "
+        + ", ".join(f"{m}{r['repeat']} {r['load_avg_1min_before']}" for m in modes for r in runs[m])
+    )
 
     payload = {
         "benchmark": NAME,
@@ -282,8 +328,14 @@ def main() -> None:
         "child_torch_threads": runs["a"][0]["torch_threads"],
         "machine": info_after,
         "load_average_before": info_before["load_average"],
-        "model": {"class": "UNet3DConditionModel", "config": cfg, "parameters": params, "checkpoint_bytes": ckpt_bytes,
-                  "meets_100M_requirement": params >= MIN_PARAMS_FULL, "generate": gen},
+        "model": {
+            "class": "UNet3DConditionModel",
+            "config": cfg,
+            "parameters": params,
+            "checkpoint_bytes": ckpt_bytes,
+            "meets_100M_requirement": params >= MIN_PARAMS_FULL,
+            "generate": gen,
+        },
         "variants": VARIANTS,
         "definitions": {
             "process_wall_s": "parent-measured wall time from spawn to exit of the child (interpreter start included)",

@@ -42,9 +42,19 @@ import torch  # noqa: E402
 from _common import RESULTS, machine_info, machine_line, table  # noqa: E402
 
 WAN_1_3B = dict(
-    patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
-    text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
+    patch_size=(1, 2, 2),
+    num_attention_heads=12,
+    attention_head_dim=128,
+    in_channels=16,
+    out_channels=16,
+    text_dim=4096,
+    freq_dim=256,
+    ffn_dim=8960,
+    num_layers=30,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    rope_max_seq_len=1024,
 )
 
 
@@ -101,7 +111,11 @@ def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int
         fn()
         _sync(device)
         seconds.append(time.perf_counter() - t0)
-    return {"seconds": statistics.median(seconds), "runs": [round(s, 5) for s in seconds], "peak_gib": _peak_gib(device)}
+    return {
+        "seconds": statistics.median(seconds),
+        "runs": [round(s, 5) for s in seconds],
+        "peak_gib": _peak_gib(device),
+    }
 
 
 def section(results: dict, name: str):
@@ -139,8 +153,11 @@ def wan_inputs(sizes: Sizes, device: torch.device, dtype: torch.dtype, batch: in
     c = sizes.config
     latents = torch.randn(batch, c["in_channels"], sizes.frames, sizes.height, sizes.width, generator=gen)
     text = torch.randn(batch, sizes.text, c["text_dim"], generator=gen)
-    return {"hidden_states": latents.to(device, dtype), "encoder_hidden_states": text.to(device, dtype),
-            "timestep": torch.full((batch,), 500, device=device)}
+    return {
+        "hidden_states": latents.to(device, dtype),
+        "encoder_hidden_states": text.to(device, dtype),
+        "timestep": torch.full((batch,), 500, device=device),
+    }
 
 
 def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int) -> float:
@@ -187,8 +204,11 @@ def check_forward(sizes: Sizes, device: torch.device) -> dict[str, Any]:
     def forward():
         return model(**inputs, return_dict=False)[0]
 
-    out: dict[str, Any] = {"video_tokens": sizes.frames * sizes.tokens_per_frame(), "text_tokens": sizes.text,
-                           "parameters": sum(p.numel() for p in model.parameters())}
+    out: dict[str, Any] = {
+        "video_tokens": sizes.frames * sizes.tokens_per_frame(),
+        "text_tokens": sizes.text,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
     out["stock"] = timed(forward, device, sizes.repeats)
     convert_model(model, plan)
     reference = None
@@ -286,7 +306,9 @@ def check_train(sizes: Sizes, device: torch.device) -> dict[str, Any]:
     def step():
         gen = torch.Generator(device=device).manual_seed(len(losses))
         with autocast:
-            loss, _, _ = compute_loss(wm, x0, actions, None, schedule=schedule, frame_axis=2, generator=gen, model_kwargs=kwargs)
+            loss, _, _ = compute_loss(
+                wm, x0, actions, None, schedule=schedule, frame_axis=2, generator=gen, model_kwargs=kwargs
+            )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(wm.parameters(), 0.5)
         optim.step()
@@ -294,8 +316,14 @@ def check_train(sizes: Sizes, device: torch.device) -> dict[str, Any]:
         losses.append(loss.item())
 
     t = timed(step, device, repeats=2 if not sizes.quick else 1)
-    return {**t, "gradient_checkpointing": checkpointing, "loss": losses[-1], "loss_finite": all(x == x for x in losses),
-            "window_frames": sizes.frames, "parameters": sum(p.numel() for p in wm.parameters())}
+    return {
+        **t,
+        "gradient_checkpointing": checkpointing,
+        "loss": losses[-1],
+        "loss_finite": all(x == x for x in losses),
+        "window_frames": sizes.frames,
+        "parameters": sum(p.numel() for p in wm.parameters()),
+    }
 
 
 # -------------------------------------------------------------------------------------- report
@@ -306,8 +334,10 @@ def report_table(results: dict[str, Any]) -> str:
     causal = results.get("causality", [])
     if causal:
         bad = [f"{r['plan']}/{r['dtype']}" for r in causal if not r.get("passed")]
-        lines.append(f"causality: {sum(bool(r.get('passed')) for r in causal)}/{len(causal)} plan x dtype checks exact "
-                     f"(leak 0 after, > 0 before){'; failed: ' + ', '.join(bad) if bad else ''}")
+        lines.append(
+            f"causality: {sum(bool(r.get('passed')) for r in causal)}/{len(causal)} plan x dtype checks exact "
+            f"(leak 0 after, > 0 before){'; failed: ' + ', '.join(bad) if bad else ''}"
+        )
     fwd = results.get("forward")
     if fwd:
         rows = []
@@ -317,24 +347,55 @@ def report_table(results: dict[str, Any]) -> str:
                 rows.append([path, "error", "", "", r["error"][:60]])
             elif r:
                 peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") else "-"
-                rows.append([path, f"{r['seconds']:.4f}", f"{r.get('ratio_to_stock', 1.0):.2f}x", peak,
-                             f"{r.get('memory_ratio_to_stock', 1.0):.2f}x" if r.get("peak_gib") else "-"])
+                rows.append(
+                    [
+                        path,
+                        f"{r['seconds']:.4f}",
+                        f"{r.get('ratio_to_stock', 1.0):.2f}x",
+                        peak,
+                        f"{r.get('memory_ratio_to_stock', 1.0):.2f}x" if r.get("peak_gib") else "-",
+                    ]
+                )
         lines.append(f"forward, {fwd['video_tokens']} video + {fwd['text_tokens']} text tokens, bf16:")
         lines.append(table(["path", "seconds", "vs stock", "peak GiB", "memory vs stock"], rows))
     stream = results.get("streaming")
     if stream:
-        rows = [[r["steps"], f"{r['streaming_seconds_per_frame']:.3f}", f"{r['full_seconds_per_frame']:.3f}",
-                 f"{r['speedup']:.2f}x", f"{r['frame_pass_ideal']:.2f}x", f"{r['fraction_of_ideal']:.2f}",
-                 f"{r['single_frame_step']['seconds']:.4f}", f"{r['single_frame_step']['ratio_to_flop_time']:.1f}x"]
-                for r in stream]
+        rows = [
+            [
+                r["steps"],
+                f"{r['streaming_seconds_per_frame']:.3f}",
+                f"{r['full_seconds_per_frame']:.3f}",
+                f"{r['speedup']:.2f}x",
+                f"{r['frame_pass_ideal']:.2f}x",
+                f"{r['fraction_of_ideal']:.2f}",
+                f"{r['single_frame_step']['seconds']:.4f}",
+                f"{r['single_frame_step']['ratio_to_flop_time']:.1f}x",
+            ]
+            for r in stream
+        ]
         lines.append("streaming rollout, bf16, guidance 2.5:")
-        lines.append(table(["S", "stream s/frame", "full s/frame", "speed-up", "ideal", "of ideal", "1-frame step s",
-                            "vs FLOP time"], rows))
+        lines.append(
+            table(
+                [
+                    "S",
+                    "stream s/frame",
+                    "full s/frame",
+                    "speed-up",
+                    "ideal",
+                    "of ideal",
+                    "1-frame step s",
+                    "vs FLOP time",
+                ],
+                rows,
+            )
+        )
     tr = results.get("train")
     if tr:
         peak = f"{tr['peak_gib']:.1f} GiB" if tr.get("peak_gib") else "-"
-        lines.append(f"train step (bf16 autocast, checkpointing={tr['gradient_checkpointing']}): {tr['seconds']:.3f} s, "
-                     f"peak {peak}, loss {tr['loss']:.4g}")
+        lines.append(
+            f"train step (bf16 autocast, checkpointing={tr['gradient_checkpointing']}): {tr['seconds']:.3f} s, "
+            f"peak {peak}, loss {tr['loss']:.4g}"
+        )
     if results.get("errors"):
         lines.append("errors: " + "; ".join(f"{k}: {v[:120]}" for k, v in results["errors"].items()))
     return "\n".join(lines)
@@ -366,11 +427,15 @@ def run(quick: bool, device: torch.device, only: list[str] | None = None) -> dic
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes on the CPU (or --device), under 3 minutes")
     parser.add_argument("--device", default=None, help="default: cuda (full run) / cpu (--quick)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory of gpu_check[.quick].json")
-    parser.add_argument("--only", nargs="*", choices=("causality", "forward", "streaming", "train"), help="run only these sections")
+    parser.add_argument(
+        "--only", nargs="*", choices=("causality", "forward", "streaming", "train"), help="run only these sections"
+    )
     args = parser.parse_args(argv)
     from causalize.precision import resolve_device
 

@@ -48,13 +48,21 @@ KINDS = ("smooth", "iid")
 DRIFT, JITTER = 0.1, 0.05
 # A wider unet3d (the tiny one has 4 and 8 channels with 4 groups, i.e. 1-2 channels per group).
 EXTRA_CONFIGS = {
-    "unet3d-wide": ("unet3d", dict(
-        block_out_channels=(32, 64), norm_num_groups=8,
-        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
-        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
-        cross_attention_dim=32, attention_head_dim=8, out_channels=4, in_channels=4,
-        layers_per_block=1, sample_size=16,
-    )),
+    "unet3d-wide": (
+        "unet3d",
+        dict(
+            block_out_channels=(32, 64),
+            norm_num_groups=8,
+            down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+            up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            out_channels=4,
+            in_channels=4,
+            layers_per_block=1,
+            sample_size=16,
+        ),
+    ),
 }
 
 
@@ -67,10 +75,10 @@ def pipelines_for(plan) -> dict[str, str]:
     i = names.index("causal-norm")
     out = {}
     for mode in MODES:
-        full = steps[:i] + [f"causal-norm{{mode={mode}}}"] + steps[i + 1:]
+        full = steps[:i] + [f"causal-norm{{mode={mode}}}"] + steps[i + 1 :]
         out[f"full/{mode}"] = ",".join(full)
         out[f"norm-only/{mode}"] = f"causal-norm{{mode={mode}}}"
-    rest = steps[:i] + steps[i + 1:]
+    rest = steps[:i] + steps[i + 1 :]
     if rest:
         out["reference/no-norm"] = ",".join(rest)
     return out
@@ -117,8 +125,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="1 seed, 4 frames, tiny configs only (smoke run)")
     ap.add_argument("--seeds", type=int, default=None, help="seeds per model (default 5, quick 1)")
     ap.add_argument("--no-as-init", action="store_true", help="skip the secondary as-initialised condition")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (default 1: tiny models gain nothing from more, and a shared machine punishes it)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: tiny models gain nothing from more, and a shared machine punishes it)",
+    )
     args = ap.parse_args()
 
     import torch
@@ -161,11 +173,18 @@ def main() -> None:
                 runs = convert_model(m, plan, text)
                 converted[key] = m.eval()
                 sites[key] = {r.name: len(r.records) for r in runs}
-            model_info.setdefault(cname, {
-                "plan": plan.name, "config": cfg or dict(plan.tiny_config),
-                "parameters": sum(p.numel() for p in orig.parameters()),
-                "rerandomize": rerandomize, "rerandomized_zero_params": len(rerand), "pipelines": pipes, "sites": sites,
-            })
+            model_info.setdefault(
+                cname,
+                {
+                    "plan": plan.name,
+                    "config": cfg or dict(plan.tiny_config),
+                    "parameters": sum(p.numel() for p in orig.parameters()),
+                    "rerandomize": rerandomize,
+                    "rerandomized_zero_params": len(rerand),
+                    "pipelines": pipes,
+                    "sites": sites,
+                },
+            )
             for frames in frame_counts:
                 for kind in KINDS:
                     gen = torch.Generator().manual_seed(10_000 * seed + 100 * frames + KINDS.index(kind))
@@ -177,11 +196,24 @@ def main() -> None:
                         for key, m in converted.items():
                             y = plan.forward(m, inputs)
                             scope, mode = key.split("/")
-                            results.append({"config": cname, "plan": plan.name, "init": "rerandomized" if rerandomize else "as-init",
-                                            "seed": seed, "frames": frames, "kind": kind,
-                                            "scope": scope, "mode": mode, **frame_metrics(y, ref, plan.layout.output_axis)})
-            print(f"[{NAME}] {cname} seed {seed}: {model_info[cname]['parameters']:,} params, "
-                  f"{len(rerand)} zero params re-randomised, {time.perf_counter() - t_start:.0f}s", flush=True)
+                            results.append(
+                                {
+                                    "config": cname,
+                                    "plan": plan.name,
+                                    "init": "rerandomized" if rerandomize else "as-init",
+                                    "seed": seed,
+                                    "frames": frames,
+                                    "kind": kind,
+                                    "scope": scope,
+                                    "mode": mode,
+                                    **frame_metrics(y, ref, plan.layout.output_axis),
+                                }
+                            )
+            print(
+                f"[{NAME}] {cname} seed {seed}: {model_info[cname]['parameters']:,} params, "
+                f"{len(rerand)} zero params re-randomised, {time.perf_counter() - t_start:.0f}s",
+                flush=True,
+            )
 
     # --- aggregate over seeds ---
     groups: dict[tuple, list[dict]] = {}
@@ -193,12 +225,29 @@ def main() -> None:
         co_m, co_s = mean_std([r["past_cos100"] for r in rs])
         le_m, _ = mean_std([r["last_rel_err"] for r in rs])
         per_frame = [statistics.fmean(r["rel_err_per_frame"][t] for r in rs) for t in range(frames)]
-        agg.append({"config": cname, "frames": frames, "kind": kind, "scope": scope, "mode": mode, "seeds": len(rs),
-                    "past_rel_err_mean": pe_m, "past_rel_err_std": pe_s, "past_cos100_mean": co_m, "past_cos100_std": co_s,
-                    "last_rel_err_mean": le_m, "rel_err_per_frame_mean": per_frame})
+        agg.append(
+            {
+                "config": cname,
+                "frames": frames,
+                "kind": kind,
+                "scope": scope,
+                "mode": mode,
+                "seeds": len(rs),
+                "past_rel_err_mean": pe_m,
+                "past_rel_err_std": pe_s,
+                "past_cos100_mean": co_m,
+                "past_cos100_std": co_s,
+                "last_rel_err_mean": le_m,
+                "rel_err_per_frame_mean": per_frame,
+            }
+        )
 
     def find(cname, frames, kind, scope, mode):
-        return next(a for a in agg if (a["config"], a["frames"], a["kind"], a["scope"], a["mode"]) == (cname, frames, kind, scope, mode))
+        return next(
+            a
+            for a in agg
+            if (a["config"], a["frames"], a["kind"], a["scope"], a["mode"]) == (cname, frames, kind, scope, mode)
+        )
 
     conditions = []
     for cname in configs:
@@ -207,31 +256,62 @@ def main() -> None:
                 for scope in ("full", "norm-only"):
                     e = {m: find(cname, frames, kind, scope, m)["past_rel_err_mean"] for m in MODES}
                     winner = "tie" if e["per-frame"] == e["cumulative"] else min(MODES, key=lambda m: e[m])
-                    ratio = (1.0 if e["per-frame"] == e["cumulative"]
-                             else e["cumulative"] / e["per-frame"] if e["per-frame"] > 0 else math.inf)
-                    per_seed = {m: {r["seed"]: r["past_rel_err"] for r in groups[(cname, frames, kind, scope, m)]} for m in MODES}
-                    seed_wins = {m: sum(per_seed[m][sd] < per_seed[o][sd] for sd in seeds) for m, o in (MODES, MODES[::-1])}
-                    conditions.append({"config": cname, "init": "rerandomized" if configs[cname][2] else "as-init",
-                                       "frames": frames, "kind": kind, "scope": scope,
-                                       "past_rel_err": e, "winner": winner, "seed_wins": seed_wins,
-                                       "ratio_cumulative_over_per_frame": ratio})
+                    ratio = (
+                        1.0
+                        if e["per-frame"] == e["cumulative"]
+                        else e["cumulative"] / e["per-frame"]
+                        if e["per-frame"] > 0
+                        else math.inf
+                    )
+                    per_seed = {
+                        m: {r["seed"]: r["past_rel_err"] for r in groups[(cname, frames, kind, scope, m)]}
+                        for m in MODES
+                    }
+                    seed_wins = {
+                        m: sum(per_seed[m][sd] < per_seed[o][sd] for sd in seeds) for m, o in (MODES, MODES[::-1])
+                    }
+                    conditions.append(
+                        {
+                            "config": cname,
+                            "init": "rerandomized" if configs[cname][2] else "as-init",
+                            "frames": frames,
+                            "kind": kind,
+                            "scope": scope,
+                            "past_rel_err": e,
+                            "winner": winner,
+                            "seed_wins": seed_wins,
+                            "ratio_cumulative_over_per_frame": ratio,
+                        }
+                    )
 
     # Sanity: with every pass applied the model is causal and cumulative == per-frame statistics at
     # t = 0, so output frame 0 must agree between the two modes (up to float rounding).
-    frame0 = max(abs(a["rel_err_per_frame"][0] - b["rel_err_per_frame"][0])
-                 for a in results if a["scope"] == "full" and a["mode"] == "per-frame"
-                 for b in results if b["scope"] == "full" and b["mode"] == "cumulative"
-                 and (a["config"], a["seed"], a["frames"], a["kind"]) == (b["config"], b["seed"], b["frames"], b["kind"]))
+    frame0 = max(
+        abs(a["rel_err_per_frame"][0] - b["rel_err_per_frame"][0])
+        for a in results
+        if a["scope"] == "full" and a["mode"] == "per-frame"
+        for b in results
+        if b["scope"] == "full"
+        and b["mode"] == "cumulative"
+        and (a["config"], a["seed"], a["frames"], a["kind"]) == (b["config"], b["seed"], b["frames"], b["kind"])
+    )
 
     def overall(conds: list[dict]) -> dict[str, Any]:
         wins = {m: sum(c["winner"] == m for c in conds) for m in MODES + ("tie",)}
         seed_wins = {m: sum(c["seed_wins"][m] for c in conds) for m in MODES}
-        finite = [c["ratio_cumulative_over_per_frame"] for c in conds if math.isfinite(c["ratio_cumulative_over_per_frame"])]
+        finite = [
+            c["ratio_cumulative_over_per_frame"] for c in conds if math.isfinite(c["ratio_cumulative_over_per_frame"])
+        ]
         gm = math.exp(statistics.fmean(math.log(r) for r in finite)) if finite else 1.0
         mean_err = {m: statistics.fmean(c["past_rel_err"][m] for c in conds) for m in MODES}
-        return {"conditions": len(conds), "wins": wins, "seed_level_wins": seed_wins,
-                "geomean_ratio_cumulative_over_per_frame": gm,
-                "mean_past_rel_err": mean_err, "winner": "cumulative" if gm < 1 else "per-frame" if gm > 1 else "tie"}
+        return {
+            "conditions": len(conds),
+            "wins": wins,
+            "seed_level_wins": seed_wins,
+            "geomean_ratio_cumulative_over_per_frame": gm,
+            "mean_past_rel_err": mean_err,
+            "winner": "cumulative" if gm < 1 else "per-frame" if gm > 1 else "tie",
+        }
 
     # The primary criterion (METHOD.md §5: "keeps the converted model closest to the original") is the
     # full pipeline, since the default mode is always used together with the other passes; the
@@ -252,40 +332,91 @@ def main() -> None:
     # --- print ---
     info = machine_info()
     print()
-    print(f"norm_mode: past-frame (t = 0..T-2) relative L2 error of converted vs ORIGINAL output, mean ± std over "
-          f"{len(seeds)} seed(s); cos = cosine similarity ×100 over past frames. All-zero parameters of each original "
-          f"model were re-randomised (std 0.05) before copying, so zero-initialised temporal branches are active.")
-    headers = ["model", "T", "input", "scope", "per-frame err", "cumulative err", "cum/pf", "pf cos", "cum cos", "winner",
-               "seeds won pf:cum", "ref (no norm) err"]
+    print(
+        f"norm_mode: past-frame (t = 0..T-2) relative L2 error of converted vs ORIGINAL output, mean ± std over "
+        f"{len(seeds)} seed(s); cos = cosine similarity ×100 over past frames. All-zero parameters of each original "
+        f"model were re-randomised (std 0.05) before copying, so zero-initialised temporal branches are active."
+    )
+    headers = [
+        "model",
+        "T",
+        "input",
+        "scope",
+        "per-frame err",
+        "cumulative err",
+        "cum/pf",
+        "pf cos",
+        "cum cos",
+        "winner",
+        "seeds won pf:cum",
+        "ref (no norm) err",
+    ]
     rows = []
     for c in prim:
         pf = find(c["config"], c["frames"], c["kind"], c["scope"], "per-frame")
         cu = find(c["config"], c["frames"], c["kind"], c["scope"], "cumulative")
-        ref = (find(c["config"], c["frames"], c["kind"], "reference", "no-norm")
-               if c["scope"] == "full" and "reference/no-norm" in model_info[c["config"]]["pipelines"] else None)
-        rows.append([c["config"], c["frames"], c["kind"], c["scope"],
-                     f"{pf['past_rel_err_mean']:.4f} ± {pf['past_rel_err_std']:.4f}",
-                     f"{cu['past_rel_err_mean']:.4f} ± {cu['past_rel_err_std']:.4f}",
-                     f"{c['ratio_cumulative_over_per_frame']:.2f}",
-                     f"{pf['past_cos100_mean']:.2f}", f"{cu['past_cos100_mean']:.2f}", c["winner"],
-                     f"{c['seed_wins']['per-frame']}:{c['seed_wins']['cumulative']}",
-                     "" if ref is None else f"{ref['past_rel_err_mean']:.4f}"])
+        ref = (
+            find(c["config"], c["frames"], c["kind"], "reference", "no-norm")
+            if c["scope"] == "full" and "reference/no-norm" in model_info[c["config"]]["pipelines"]
+            else None
+        )
+        rows.append(
+            [
+                c["config"],
+                c["frames"],
+                c["kind"],
+                c["scope"],
+                f"{pf['past_rel_err_mean']:.4f} ± {pf['past_rel_err_std']:.4f}",
+                f"{cu['past_rel_err_mean']:.4f} ± {cu['past_rel_err_std']:.4f}",
+                f"{c['ratio_cumulative_over_per_frame']:.2f}",
+                f"{pf['past_cos100_mean']:.2f}",
+                f"{cu['past_cos100_mean']:.2f}",
+                c["winner"],
+                f"{c['seed_wins']['per-frame']}:{c['seed_wins']['cumulative']}",
+                "" if ref is None else f"{ref['past_rel_err_mean']:.4f}",
+            ]
+        )
     print(table(headers, rows, align="lrllrrrrrlrr"))
     if sec:
         print()
-        print("Secondary condition (not used for the winner): the same models AS INITIALISED (no re-randomisation; "
-              "zero-initialised output layers leave some temporal branches and their norms inert). Past-frame rel. error:")
+        print(
+            "Secondary condition (not used for the winner): the same models AS INITIALISED (no re-randomisation; "
+            "zero-initialised output layers leave some temporal branches and their norms inert). Past-frame rel. error:"
+        )
         rows2 = []
         for c in sec:
             pf = find(c["config"], c["frames"], c["kind"], c["scope"], "per-frame")
             cu = find(c["config"], c["frames"], c["kind"], c["scope"], "cumulative")
-            rows2.append([c["config"], c["frames"], c["kind"], c["scope"],
-                          f"{pf['past_rel_err_mean']:.4f} ± {pf['past_rel_err_std']:.4f}",
-                          f"{cu['past_rel_err_mean']:.4f} ± {cu['past_rel_err_std']:.4f}",
-                          f"{c['ratio_cumulative_over_per_frame']:.2f}", c["winner"],
-                          f"{c['seed_wins']['per-frame']}:{c['seed_wins']['cumulative']}"])
-        print(table(["model", "T", "input", "scope", "per-frame err", "cumulative err", "cum/pf", "winner", "seeds won pf:cum"],
-                    rows2, align="lrllrrrlr"))
+            rows2.append(
+                [
+                    c["config"],
+                    c["frames"],
+                    c["kind"],
+                    c["scope"],
+                    f"{pf['past_rel_err_mean']:.4f} ± {pf['past_rel_err_std']:.4f}",
+                    f"{cu['past_rel_err_mean']:.4f} ± {cu['past_rel_err_std']:.4f}",
+                    f"{c['ratio_cumulative_over_per_frame']:.2f}",
+                    c["winner"],
+                    f"{c['seed_wins']['per-frame']}:{c['seed_wins']['cumulative']}",
+                ]
+            )
+        print(
+            table(
+                [
+                    "model",
+                    "T",
+                    "input",
+                    "scope",
+                    "per-frame err",
+                    "cumulative err",
+                    "cum/pf",
+                    "winner",
+                    "seeds won pf:cum",
+                ],
+                rows2,
+                align="lrllrrrlr",
+            )
+        )
 
     fmax = max(frame_counts)
     print()
@@ -299,35 +430,48 @@ def main() -> None:
 
     print()
     for key, s in summary.items():
-        print(f"<{key}> winner {s['winner']}: conditions won per-frame {s['wins']['per-frame']} / cumulative "
-              f"{s['wins']['cumulative']} / tie {s['wins']['tie']} of {s['conditions']} (seed-level {s['seed_level_wins']['per-frame']}:"
-              f"{s['seed_level_wins']['cumulative']}); geomean(cum/pf) {s['geomean_ratio_cumulative_over_per_frame']:.3f}; "
-              f"mean past err per-frame {s['mean_past_rel_err']['per-frame']:.4f}, cumulative {s['mean_past_rel_err']['cumulative']:.4f}")
+        print(
+            f"<{key}> winner {s['winner']}: conditions won per-frame {s['wins']['per-frame']} / cumulative "
+            f"{s['wins']['cumulative']} / tie {s['wins']['tie']} of {s['conditions']} (seed-level {s['seed_level_wins']['per-frame']}:"
+            f"{s['seed_level_wins']['cumulative']}); geomean(cum/pf) {s['geomean_ratio_cumulative_over_per_frame']:.3f}; "
+            f"mean past err per-frame {s['mean_past_rel_err']['per-frame']:.4f}, cumulative {s['mean_past_rel_err']['cumulative']:.4f}"
+        )
     w = summary["full_pipeline"]
-    print(f"OVERALL WINNER (full pipeline, all models / T / inputs): {w['winner']} "
-          f"(cumulative/per-frame past-frame error, geometric mean = {w['geomean_ratio_cumulative_over_per_frame']:.3f})")
-    print(f"sanity: max |frame-0 error(per-frame) - frame-0 error(cumulative)| over full-pipeline conditions = {frame0:.2e} "
-          f"(should be ~0: both modes use frame 0's own statistics at t = 0)")
+    print(
+        f"OVERALL WINNER (full pipeline, all models / T / inputs): {w['winner']} "
+        f"(cumulative/per-frame past-frame error, geometric mean = {w['geomean_ratio_cumulative_over_per_frame']:.3f})"
+    )
+    print(
+        f"sanity: max |frame-0 error(per-frame) - frame-0 error(cumulative)| over full-pipeline conditions = {frame0:.2e} "
+        f"(should be ~0: both modes use frame 0's own statistics at t = 0)"
+    )
     print(f"machine: {machine_line(info)}")
 
     payload = {
         "benchmark": NAME,
         "mode": "quick" if args.quick else "full",
         "machine": info,
-        "settings": {"seeds": seeds, "frames": list(frame_counts), "input_kinds": {
-            "smooth": f"x_t = x_0 + {DRIFT}*t*d + {JITTER}*eps_t, x_0, d, eps_t ~ N(0,1)", "iid": "x_t ~ N(0,1)"},
+        "settings": {
+            "seeds": seeds,
+            "frames": list(frame_counts),
+            "input_kinds": {
+                "smooth": f"x_t = x_0 + {DRIFT}*t*d + {JITTER}*eps_t, x_0, d, eps_t ~ N(0,1)",
+                "iid": "x_t ~ N(0,1)",
+            },
             "metric": "rel. L2 per output frame ||y_conv - y_orig|| / ||y_orig||; past = mean over t = 0..T-2",
             "cosine": "cosine similarity x100 of past frames flattened",
             "rerandomized_zero_params": "all-zero parameters of the original re-randomised (std 0.05, seed = model seed) before "
-                                        "copying; configs named '...@as-init' skip this (secondary, not used for the winner)",
+            "copying; configs named '...@as-init' skip this (secondary, not used for the winner)",
             "other_inputs": "plan.make_inputs (timestep 500, text / image embeddings, image_latents, ...)",
-            "torch_threads": torch.get_num_threads(), "dtype": "float32"},
+            "torch_threads": torch.get_num_threads(),
+            "dtype": "float32",
+        },
         "models": model_info,
         "conditions": conditions,
         "summary": summary,
         "winner": summary["full_pipeline"]["winner"],
         "winner_rule": "full pipeline (the converted model) over all models x T x input kinds: geometric mean of the "
-                       "past-frame error ratio cumulative/per-frame; < 1 -> cumulative, else per-frame",
+        "past-frame error ratio cumulative/per-frame; < 1 -> cumulative, else per-frame",
         "winner_norm_only": summary["norm_only"]["winner"],
         "winner_all_scopes": summary["all"]["winner"],
         "sanity_frame0_max_abs_diff_full": frame0,

@@ -53,16 +53,31 @@ MODELS = {
     # A Wan 2.1-style DiT: 4 layers of width 384 (6 heads x 64), 16 latent channels, 16x16 latents
     # with 2x2 patches = 64 tokens per frame; 1024 tokens in a 16-frame window.
     "wan": dict(
-        patch_size=(1, 2, 2), num_attention_heads=6, attention_head_dim=64, in_channels=16, out_channels=16,
-        text_dim=64, freq_dim=256, ffn_dim=1536, num_layers=4, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", rope_max_seq_len=1024,
+        patch_size=(1, 2, 2),
+        num_attention_heads=6,
+        attention_head_dim=64,
+        in_channels=16,
+        out_channels=16,
+        text_dim=64,
+        freq_dim=256,
+        ffn_dim=1536,
+        num_layers=4,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=1024,
     ),
     # A ModelScope-style UNet3D at 32x32 latents.
     "unet3d": dict(
-        block_out_channels=(64, 128, 256), norm_num_groups=32,
+        block_out_channels=(64, 128, 256),
+        norm_num_groups=32,
         down_block_types=("CrossAttnDownBlock3D", "CrossAttnDownBlock3D", "DownBlock3D"),
         up_block_types=("UpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D"),
-        cross_attention_dim=64, attention_head_dim=32, out_channels=4, in_channels=4, layers_per_block=1, sample_size=32,
+        cross_attention_dim=64,
+        attention_head_dim=32,
+        out_channels=4,
+        in_channels=4,
+        layers_per_block=1,
+        sample_size=32,
     ),
 }
 QUICK = {
@@ -180,8 +195,10 @@ def step_costs(wm, context: torch.Tensor, branches: int, repeats: int) -> dict:
     passes = {"full": branches * window, "prefill": hist_frames, "step": branches}
     per_pass = {k: med[k] / passes[k] for k in med}
     return {
-        "seconds": med, "seconds_min": {"full": min(full), "prefill": min(pre), "step": min(steps)},
-        "seconds_all": {"full": full, "prefill": pre, "step": steps}, "frame_passes": passes,
+        "seconds": med,
+        "seconds_min": {"full": min(full), "prefill": min(pre), "step": min(steps)},
+        "seconds_all": {"full": full, "prefill": pre, "step": steps},
+        "frame_passes": passes,
         "seconds_per_frame_pass": per_pass,
         "step_vs_full_per_frame_pass": per_pass["step"] / per_pass["full"],
         "prefill_vs_full_per_frame_pass": per_pass["prefill"] / per_pass["full"],
@@ -198,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--step-repeats", type=int, default=5, help="timed full forwards / prefills (4x as many steps)")
     ap.add_argument("--section", choices=("all", "rollout", "steps"), default="all")
-    ap.add_argument("--size", type=int, default=None, help="latent height = width (default wan 16, unet3d 32; quick 8, 16)")
+    ap.add_argument(
+        "--size", type=int, default=None, help="latent height = width (default wan 16, unet3d 32; quick 8, 16)"
+    )
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
@@ -221,23 +240,49 @@ def main(argv: list[str] | None = None) -> int:
     n_params = sum(p.numel() for p in wm.parameters())
     info = machine_info()
     payload = {
-        "benchmark": "rollout_streaming", "quick": args.quick, "model": args.model, "config": config,
-        "parameters": n_params, "steps": steps, "window": L, "guidance_scale": scale, "device": args.device,
-        "dtype": args.dtype, "latent_size": size,
+        "benchmark": "rollout_streaming",
+        "quick": args.quick,
+        "model": args.model,
+        "config": config,
+        "parameters": n_params,
+        "steps": steps,
+        "window": L,
+        "guidance_scale": scale,
+        "device": args.device,
+        "dtype": args.dtype,
+        "latent_size": size,
     }
     t_start = time.perf_counter()
-    print(f"model {args.model} ({n_params / 1e6:.1f}M parameters, {args.dtype} on {args.device}), S={steps}, L={L}, "
-          f"guidance s={scale}", file=sys.stderr)
+    print(
+        f"model {args.model} ({n_params / 1e6:.1f}M parameters, {args.dtype} on {args.device}), S={steps}, L={L}, "
+        f"guidance s={scale}",
+        file=sys.stderr,
+    )
     if args.section in ("all", "rollout"):
         payload.update(rollout_section(wm, context, actions, steps, L, scale, branches, args))
     if args.section in ("all", "steps"):
         costs = step_costs(wm, context, branches, args.step_repeats)
         sec, passes, per = costs["seconds"], costs["frame_passes"], costs["seconds_per_frame_pass"]
-        rows = [[name, f"{1e3 * sec[key]:.2f}", f"{1e3 * costs['seconds_min'][key]:.2f}", passes[key],
-                 f"{1e3 * per[key]:.3f}", f"{per[key] / per['full']:.2f}"]
-                for name, key in (("full-window forward", "full"), ("history prefill", "prefill"),
-                                  ("streaming step", "step"))]
-        print(table(["call", "ms (median)", "ms (min)", "frame-passes", "ms / frame-pass", "vs full per frame-pass"], rows))
+        rows = [
+            [
+                name,
+                f"{1e3 * sec[key]:.2f}",
+                f"{1e3 * costs['seconds_min'][key]:.2f}",
+                passes[key],
+                f"{1e3 * per[key]:.3f}",
+                f"{per[key] / per['full']:.2f}",
+            ]
+            for name, key in (
+                ("full-window forward", "full"),
+                ("history prefill", "prefill"),
+                ("streaming step", "step"),
+            )
+        ]
+        print(
+            table(
+                ["call", "ms (median)", "ms (min)", "frame-passes", "ms / frame-pass", "vs full per frame-pass"], rows
+            )
+        )
         payload["step_costs"] = costs
     payload.update(wall_seconds=time.perf_counter() - t_start, machine=info)
     print(machine_line(info), file=sys.stderr)
@@ -279,20 +324,36 @@ def rollout_section(wm, context, actions, steps: int, L: int, scale: float, bran
     speedup = med["full"] / med["streaming"]
     ideal = passes_full / passes_stream
     rows = [
-        ["full recomputation", f"{med['full']:.3f}", f"{min(seconds['full']):.3f}", f"{measured_passes['full']:.0f}", "-"],
-        ["streaming", f"{med['streaming']:.3f}", f"{min(seconds['streaming']):.3f}", f"{measured_passes['streaming']:.0f}",
-         f"{stream.cache_bytes / 2**20:.1f}"],
+        [
+            "full recomputation",
+            f"{med['full']:.3f}",
+            f"{min(seconds['full']):.3f}",
+            f"{measured_passes['full']:.0f}",
+            "-",
+        ],
+        [
+            "streaming",
+            f"{med['streaming']:.3f}",
+            f"{min(seconds['streaming']):.3f}",
+            f"{measured_passes['streaming']:.0f}",
+            f"{stream.cache_bytes / 2**20:.1f}",
+        ],
     ]
     print(table(["strategy", "s/frame (median)", "s/frame (min)", "frame-passes/frame", "cache MiB"], rows))
-    print(f"speed-up {speedup:.2f}x (ideal by frame-passes {ideal:.2f}x; -> L = {L} as S grows); "
-          f"max |streaming - full| = {diff:.2e}")
+    print(
+        f"speed-up {speedup:.2f}x (ideal by frame-passes {ideal:.2f}x; -> L = {L} as S grows); "
+        f"max |streaming - full| = {diff:.2e}"
+    )
     return {
         "timed_frames": args.frames * args.repeats,
         "seconds_per_frame": {"full": med["full"], "streaming": med["streaming"]},
         "seconds_per_frame_min": {k: min(v) for k, v in seconds.items()},
-        "seconds_all": seconds, "speedup": speedup, "ideal_speedup": ideal,
+        "seconds_all": seconds,
+        "speedup": speedup,
+        "ideal_speedup": ideal,
         "frame_passes_per_frame": {"full": passes_full, "streaming": passes_stream, "measured": measured_passes},
-        "cache_bytes": stream.cache_bytes, "max_abs_diff": diff,
+        "cache_bytes": stream.cache_bytes,
+        "max_abs_diff": diff,
     }
 
 

@@ -55,17 +55,38 @@ CONFIGS = {
     # attention at 16×16 and 8×8 (none at 32×32, which would dominate the CPU time); temporal
     # attention (causal, over the 8 frames) in every cross-attention block and in transformer_in.
     "full": dict(
-        model=dict(block_out_channels=(32, 64, 128), layers_per_block=1, cross_attention_dim=64,
-                   down_block_types=("DownBlock3D", "CrossAttnDownBlock3D", "CrossAttnDownBlock3D"),
-                   up_block_types=("CrossAttnUpBlock3D", "CrossAttnUpBlock3D", "UpBlock3D"),
-                   attention_head_dim=8, norm_num_groups=16, in_channels=4, out_channels=4, sample_size=32),
-        batch=2, frames=8, size=32,
+        model=dict(
+            block_out_channels=(32, 64, 128),
+            layers_per_block=1,
+            cross_attention_dim=64,
+            down_block_types=("DownBlock3D", "CrossAttnDownBlock3D", "CrossAttnDownBlock3D"),
+            up_block_types=("CrossAttnUpBlock3D", "CrossAttnUpBlock3D", "UpBlock3D"),
+            attention_head_dim=8,
+            norm_num_groups=16,
+            in_channels=4,
+            out_channels=4,
+            sample_size=32,
+        ),
+        batch=2,
+        frames=8,
+        size=32,
     ),
     "quick": dict(
-        model=dict(block_out_channels=(16, 32), layers_per_block=1, cross_attention_dim=16,
-                   down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
-                   attention_head_dim=4, norm_num_groups=8, in_channels=4, out_channels=4, sample_size=16),
-        batch=2, frames=4, size=16,
+        model=dict(
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            cross_attention_dim=16,
+            down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+            up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+            attention_head_dim=4,
+            norm_num_groups=8,
+            in_channels=4,
+            out_channels=4,
+            sample_size=16,
+        ),
+        batch=2,
+        frames=4,
+        size=16,
     ),
 }
 
@@ -127,8 +148,18 @@ class Runner:
         b = self.batch
         if self.variant != "plain":
             mode = "independent" if self.variant == "diffusion-forcing" else "shared"
-            loss, _, _ = compute_loss(self.wm, b["x0"], b["actions"], b["action_mask"], schedule=self.schedule, frame_axis=2,
-                                      generator=gen, model_kwargs=self.kwargs, timestep_mode=mode, action_dropout=0.2)
+            loss, _, _ = compute_loss(
+                self.wm,
+                b["x0"],
+                b["actions"],
+                b["action_mask"],
+                schedule=self.schedule,
+                frame_axis=2,
+                generator=gen,
+                model_kwargs=self.kwargs,
+                timestep_mode=mode,
+                action_dropout=0.2,
+            )
             return loss
         import torch
 
@@ -179,7 +210,7 @@ def time_variants(cfg, device: str, repeats: int, steps: int) -> dict[str, dict[
     losses: dict[str, list[float]] = {v: [] for v in VARIANTS}
     order = list(VARIANTS)
     for rep in range(repeats):
-        rot = order[rep % len(order):] + order[: rep % len(order)]
+        rot = order[rep % len(order) :] + order[: rep % len(order)]
         for v in rot:
             for _ in range(steps):
                 if device.startswith("cuda"):
@@ -236,8 +267,17 @@ def child(variant: str, config: str) -> None:
     runner.step()
     runner.step()
     hwm = _status_kib("VmHWM")
-    print(json.dumps({"variant": variant, "rss_before_mib": rss0 / 1024, "peak_rss_mib": hwm / 1024,
-                      "step_peak_mib": (hwm - rss0) / 1024 if reset else None, "peak_reset": reset}))
+    print(
+        json.dumps(
+            {
+                "variant": variant,
+                "rss_before_mib": rss0 / 1024,
+                "peak_rss_mib": hwm / 1024,
+                "step_peak_mib": (hwm - rss0) / 1024 if reset else None,
+                "peak_reset": reset,
+            }
+        )
+    )
 
 
 def cpu_memory(config: str, repeats: int, threads: int | None) -> dict[str, dict[str, Any]]:
@@ -250,8 +290,10 @@ def cpu_memory(config: str, repeats: int, threads: int | None) -> dict[str, dict
         env["OMP_NUM_THREADS"] = str(threads)
     order = list(VARIANTS)
     for rep in range(repeats):
-        for v in order[rep % 3:] + order[: rep % 3]:
-            cmd = [sys.executable, __file__, "--child", v, "--config", config] + (["--threads", str(threads)] if threads else [])
+        for v in order[rep % 3 :] + order[: rep % 3]:
+            cmd = [sys.executable, __file__, "--child", v, "--config", config] + (
+                ["--threads", str(threads)] if threads else []
+            )
             res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
             runs[v].append(json.loads(res.stdout.strip().splitlines()[-1]))
     out = {}
@@ -274,7 +316,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny model, few repeats (smoke run)")
     ap.add_argument("--repeats", type=int, default=None, help="alternating rounds (default 5; quick 2)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per variant per round (default 3; quick 2)")
-    ap.add_argument("--mem-repeats", type=int, default=None, help="CPU memory child processes per variant (default 2; quick 1)")
+    ap.add_argument(
+        "--mem-repeats", type=int, default=None, help="CPU memory child processes per variant (default 2; quick 1)"
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -313,8 +357,11 @@ def main() -> None:
             "time": results[v]["seconds_per_step_median"] / plain["seconds_per_step_median"],
             "time_min": results[v]["seconds_per_step_min"] / plain["seconds_per_step_min"],
             "samples_per_second": results[v]["samples_per_second"] / plain["samples_per_second"],
-            **({"step_peak_memory": results[v]["step_peak_mib"] / plain["step_peak_mib"]}
-               if results[v].get("step_peak_mib") and plain.get("step_peak_mib") else {}),
+            **(
+                {"step_peak_memory": results[v]["step_peak_mib"] / plain["step_peak_mib"]}
+                if results[v].get("step_peak_mib") and plain.get("step_peak_mib")
+                else {}
+            ),
         }
         for v in ("diffusion-forcing", "shared-level")
     }
@@ -322,34 +369,54 @@ def main() -> None:
     rows = []
     for v in VARIANTS:
         r = results[v]
-        rows.append([
-            v, f"{r['seconds_per_step_median'] * 1000:.0f}", f"{r['seconds_per_step_min'] * 1000:.0f}-{r['seconds_per_step_max'] * 1000:.0f}",
-            f"{r['samples_per_second']:.2f}",
-            "-" if r.get("step_peak_mib") is None else f"{r['step_peak_mib']:.0f}",
-            "-" if r.get("peak_rss_mib") is None else f"{r['peak_rss_mib']:.0f}",
-            "1.00" if v == "plain" else f"{ratios[f'{v}/plain']['time']:.2f}",
-        ])
+        rows.append(
+            [
+                v,
+                f"{r['seconds_per_step_median'] * 1000:.0f}",
+                f"{r['seconds_per_step_min'] * 1000:.0f}-{r['seconds_per_step_max'] * 1000:.0f}",
+                f"{r['samples_per_second']:.2f}",
+                "-" if r.get("step_peak_mib") is None else f"{r['step_peak_mib']:.0f}",
+                "-" if r.get("peak_rss_mib") is None else f"{r['peak_rss_mib']:.0f}",
+                "1.00" if v == "plain" else f"{ratios[f'{v}/plain']['time']:.2f}",
+            ]
+        )
     headers = ["variant", "ms/step (median)", "min-max", "samples/s", mem_head, "process peak RSS MiB", "time / plain"]
-    print(f"train_step ({config}): UNet3D world model, {n_params:,} parameters, batch {cfg['batch']} x {cfg['frames']} frames "
-          f"of 4x{cfg['size']}x{cfg['size']} latents, action_dim {ACTION_DIM}, device {device}")
+    print(
+        f"train_step ({config}): UNet3D world model, {n_params:,} parameters, batch {cfg['batch']} x {cfg['frames']} frames "
+        f"of 4x{cfg['size']}x{cfg['size']} latents, action_dim {ACTION_DIM}, device {device}"
+    )
     print(f"{repeats} rounds x {steps} timed steps per variant (rotated order), medians; wall {wall:.0f}s")
     print(table(headers, rows))
     for k, r in ratios.items():
-        print(f"{k}: time x{r['time']:.3f} (median), x{r['time_min']:.3f} (min); samples/s x{r['samples_per_second']:.3f}"
-              + (f", step peak memory x{r['step_peak_memory']:.3f}" if "step_peak_memory" in r else ""))
+        print(
+            f"{k}: time x{r['time']:.3f} (median), x{r['time_min']:.3f} (min); samples/s x{r['samples_per_second']:.3f}"
+            + (f", step peak memory x{r['step_peak_memory']:.3f}" if "step_peak_memory" in r else "")
+        )
     print(machine_line(info))
-    path = write_json(NAME + (".quick" if args.quick else ""), {
-        "benchmark": NAME,
-        "config": config,
-        "device": device,
-        "model": {"class": "UNet3DConditionModel", "config": cfg["model"], "parameters": n_params, "action_dim": ACTION_DIM},
-        "batch": cfg["batch"], "frames": cfg["frames"], "latent_size": cfg["size"],
-        "repeats": repeats, "steps_per_repeat": steps, "memory_repeats": None if device.startswith("cuda") else mem_repeats,
-        "results": results,
-        "ratios": ratios,
-        "wall_seconds": wall,
-        "machine": info,
-    })
+    path = write_json(
+        NAME + (".quick" if args.quick else ""),
+        {
+            "benchmark": NAME,
+            "config": config,
+            "device": device,
+            "model": {
+                "class": "UNet3DConditionModel",
+                "config": cfg["model"],
+                "parameters": n_params,
+                "action_dim": ACTION_DIM,
+            },
+            "batch": cfg["batch"],
+            "frames": cfg["frames"],
+            "latent_size": cfg["size"],
+            "repeats": repeats,
+            "steps_per_repeat": steps,
+            "memory_repeats": None if device.startswith("cuda") else mem_repeats,
+            "results": results,
+            "ratios": ratios,
+            "wall_seconds": wall,
+            "machine": info,
+        },
+    )
     print(f"wrote {path}")
 
 

@@ -127,7 +127,9 @@ def set_action_adapter(model: nn.Module, name: str) -> None:
     from peft.functional import set_adapter
 
     if name not in list_action_adapters(model):
-        raise UsageError(f"no action adapter named {name!r}", f"adapters of this model: {list_action_adapters(model) or 'none'}")
+        raise UsageError(
+            f"no action adapter named {name!r}", f"adapters of this model: {list_action_adapters(model) or 'none'}"
+        )
     set_adapter(model, name, inference_mode=False)
     trainable = {id(p) for p in _adapter_parameters(model, name)}
     for p in model.parameters():
@@ -154,7 +156,9 @@ def save_action_adapter(model: nn.Module, name: str, directory: str | os.PathLik
     from safetensors.torch import save_file
 
     if name not in list_action_adapters(model):
-        raise UsageError(f"no action adapter named {name!r}", f"adapters of this model: {list_action_adapters(model) or 'none'}")
+        raise UsageError(
+            f"no action adapter named {name!r}", f"adapters of this model: {list_action_adapters(model) or 'none'}"
+        )
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     state = get_peft_model_state_dict(model, adapter_name=name)
@@ -165,9 +169,14 @@ def save_action_adapter(model: nn.Module, name: str, directory: str | os.PathLik
     config.save_pretrained(str(out))
     encoder = _wrapper(model).modules_to_save[name]
     sidecar = {
-        "format": SIDECAR_FORMAT, "version": SIDECAR_VERSION, "model_class": type(model).__name__,
-        "module": ADAPTER_ATTR, "action_dim": encoder.action_dim, "action_type": encoder.action_type,
-        "emb_dim": encoder.emb_dim, "hidden": _hidden(encoder),
+        "format": SIDECAR_FORMAT,
+        "version": SIDECAR_VERSION,
+        "model_class": type(model).__name__,
+        "module": ADAPTER_ATTR,
+        "action_dim": encoder.action_dim,
+        "action_type": encoder.action_type,
+        "emb_dim": encoder.emb_dim,
+        "hidden": _hidden(encoder),
     }
     (out / SIDECAR_FILE).write_text(json.dumps(sidecar, indent=2) + "\n")
     return out
@@ -198,7 +207,9 @@ def load_action_adapter(model: nn.Module, directory: str | os.PathLike, name: st
     _check_new_name(model, name)
     base = _base_encoder(model, meta["action_dim"], meta["action_type"])
     if meta.get("emb_dim", base.emb_dim) != base.emb_dim:
-        raise UsageError(f"the adapter in {src} embeds actions to width {meta['emb_dim']}, this model's timestep embedding is {base.emb_dim} wide")
+        raise UsageError(
+            f"the adapter in {src} embeds actions to width {meta['emb_dim']}, this model's timestep embedding is {base.emb_dim} wide"
+        )
     _register(model, name, config, meta["action_dim"], meta["action_type"], hidden=meta.get("hidden"))
     state = {k.removeprefix(_PEFT_PREFIX): v for k, v in load_file(str(src / WEIGHTS_FILE)).items()}
     try:
@@ -208,8 +219,10 @@ def load_action_adapter(model: nn.Module, directory: str | os.PathLike, name: st
             raise UsageError(f"{src / WEIGHTS_FILE} lacks {len(missing)} adapter weights, e.g. {missing[0]}")
         result = set_peft_model_state_dict(model, state, adapter_name=name)
         if result.unexpected_keys:
-            raise UsageError(f"{src / WEIGHTS_FILE} has weights this model has no place for, e.g. {result.unexpected_keys[0]}",
-                             "load it on the model class and converted base it was trained on")
+            raise UsageError(
+                f"{src / WEIGHTS_FILE} has weights this model has no place for, e.g. {result.unexpected_keys[0]}",
+                "load it on the model class and converted base it was trained on",
+            )
     except BaseException:
         remove_action_adapter(model, name)
         raise
@@ -229,8 +242,9 @@ def remove_action_adapter(model: nn.Module, name: str) -> None:
 # --- internals -------------------------------------------------------------------------------
 
 
-def _register(model: nn.Module, name: str, config: Any, action_dim: int, action_type: ActionType,
-              hidden: int | None = None) -> None:
+def _register(
+    model: nn.Module, name: str, config: Any, action_dim: int, action_type: ActionType, hidden: int | None = None
+) -> None:
     """Inject `config` as adapter `name`, give it an encoder for its action space, activate it."""
     from peft.functional import inject_adapter_in_model
 
@@ -268,11 +282,14 @@ def _base_encoder(model: nn.Module, action_dim: int, action_type: ActionType) ->
     """The converted encoder (unwrapped). A model converted without actions gets one for this
     action space first (zero last layer: the null action), so adapters have a module to copy."""
     if not any(hasattr(m, CTX) for m in model.modules()):
-        raise UsageError(f"this {type(model).__name__} has no per-frame conditioning",
-                         "convert it with a pipeline that ends in 'frame-conditioning'")
+        raise UsageError(
+            f"this {type(model).__name__} has no per-frame conditioning",
+            "convert it with a pipeline that ends in 'frame-conditioning'",
+        )
     current = getattr(model, ADAPTER_ATTR, None)
     if current is None:
         from causalize.api import plan_for
+
         width = embedding_width(model.get_submodule(plan_for(model).conditioning.embedding))
         encoder = ActionEncoder(action_dim, width, action_type).to(model_device(model), model_dtype(model))
         return state.add_module(model, ADAPTER_ATTR, encoder, by="adapters")  # recorded: unconvert removes it
@@ -289,7 +306,8 @@ def _check_lora_targets(model: nn.Module, config: Any) -> None:
     if config.target_modules == _dummy_targets():
         return
     matched = [
-        (key, mod) for key, mod in model.named_modules()
+        (key, mod)
+        for key, mod in model.named_modules()
         if key and key.split(".")[0] != ADAPTER_ATTR and check_target_module_exists(config, key)
     ]
     if not matched:
@@ -301,8 +319,10 @@ def _check_lora_targets(model: nn.Module, config: Any) -> None:
                 "target attention projections or per-frame layers instead",
             )
         if not isinstance(mod, (*_LORA_LAYERS, BaseTunerLayer)):  # a LoRA layer takes one more adapter
-            raise UsageError(f"LoRA cannot target {key}: a {type(mod).__name__}, not a Linear or convolution",
-                             "name the layer itself (targets match module-name suffixes)")
+            raise UsageError(
+                f"LoRA cannot target {key}: a {type(mod).__name__}, not a Linear or convolution",
+                "name the layer itself (targets match module-name suffixes)",
+            )
 
 
 def _adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
@@ -353,7 +373,9 @@ def _check_new_name(model: nn.Module, name: str) -> None:
     if not isinstance(name, str) or not name or "." in name or not name.replace("-", "_").isidentifier():
         raise UsageError(f"adapter name must be a non-empty identifier without '.', got {name!r}")
     if name in getattr(model, "peft_config", {}):
-        raise UsageError(f"this model already has an adapter named {name!r}", "remove_action_adapter it first, or pick another name")
+        raise UsageError(
+            f"this model already has an adapter named {name!r}", "remove_action_adapter it first, or pick another name"
+        )
     if any(name == key.split(".")[-1] for key, _ in model.named_modules()):
         raise UsageError(f"adapter name {name!r} is also a module name in this model", "pick another name")
 
@@ -370,7 +392,11 @@ def _read_sidecar(src: Path) -> dict[str, Any]:
         meta = json.loads((src / SIDECAR_FILE).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise UsageError(f"cannot read {src / SIDECAR_FILE}: {e}") from None
-    if meta.get("format") != SIDECAR_FORMAT or not isinstance(meta.get("version"), int) or meta["version"] > SIDECAR_VERSION:
+    if (
+        meta.get("format") != SIDECAR_FORMAT
+        or not isinstance(meta.get("version"), int)
+        or meta["version"] > SIDECAR_VERSION
+    ):
         raise UsageError(f"{src / SIDECAR_FILE} is not a causalize action-adapter sidecar this version reads")
     for key in ("model_class", "action_dim", "action_type"):
         if key not in meta:
@@ -379,6 +405,12 @@ def _read_sidecar(src: Path) -> dict[str, Any]:
 
 
 __all__ = [
-    "DEFAULT_LORA_TARGETS", "active_action_adapter", "add_action_adapter", "list_action_adapters",
-    "load_action_adapter", "remove_action_adapter", "save_action_adapter", "set_action_adapter",
+    "DEFAULT_LORA_TARGETS",
+    "active_action_adapter",
+    "add_action_adapter",
+    "list_action_adapters",
+    "load_action_adapter",
+    "remove_action_adapter",
+    "save_action_adapter",
+    "set_action_adapter",
 ]

@@ -50,7 +50,9 @@ def plan_for(model_or_class: Any, plan: str | Plan | None = None, config: dict |
         return regs.plans.get(plan)
     if isinstance(model_or_class, str):
         return regs.plans.for_class(model_or_class, config)
-    return regs.plans.for_class(type(model_or_class).__name__, config if config is not None else getattr(model_or_class, "config", None))
+    return regs.plans.for_class(
+        type(model_or_class).__name__, config if config is not None else getattr(model_or_class, "config", None)
+    )
 
 
 def parse_pipeline(text: str | Pipeline | None, plan: Plan) -> Pipeline:
@@ -82,7 +84,13 @@ class PassRun:
     seconds: float
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "version": self.version, "options": self.options, "sites": len(self.records), "seconds": round(self.seconds, 4)}
+        return {
+            "name": self.name,
+            "version": self.version,
+            "options": self.options,
+            "sites": len(self.records),
+            "seconds": round(self.seconds, 4),
+        }
 
 
 def _options_dict(opts: Any) -> dict[str, Any]:
@@ -92,8 +100,12 @@ def _options_dict(opts: Any) -> dict[str, Any]:
 
 
 def convert_model(
-    model: nn.Module, plan: str | Plan | None = None, pipeline: str | Pipeline | None = None, progress: Progress | None = None,
-    *, keep_original_weights: bool = False,
+    model: nn.Module,
+    plan: str | Plan | None = None,
+    pipeline: str | Pipeline | None = None,
+    progress: Progress | None = None,
+    *,
+    keep_original_weights: bool = False,
 ) -> list[PassRun]:
     """Run the pipeline on `model` in place. A pass that matches nothing is an error.
 
@@ -130,7 +142,13 @@ def example_inputs(model: nn.Module, plan: Plan, frames: int = DEFAULT_FRAMES, s
     return plan.make_inputs(model, frames, torch.Generator().manual_seed(seed))
 
 
-def verify_model(model: nn.Module, plan: str | Plan | None = None, frames: int = DEFAULT_FRAMES, seed: int = 0, tolerance: float = 0.0) -> CausalityReport:
+def verify_model(
+    model: nn.Module,
+    plan: str | Plan | None = None,
+    frames: int = DEFAULT_FRAMES,
+    seed: int = 0,
+    tolerance: float = 0.0,
+) -> CausalityReport:
     """Measure causality of an in-memory model with the plan's example inputs, in its own dtype on
     its own device (the model is probed in place and given back unchanged)."""
     from causalize.errors import UsageError
@@ -143,7 +161,12 @@ def verify_model(model: nn.Module, plan: str | Plan | None = None, frames: int =
     return check_causality(model, inputs, plan.layout, plan.forward, tolerance=tolerance, seed=seed)
 
 
-def inspect_model(model: nn.Module, plan: str | Plan | None = None, pipeline: str | Pipeline | None = None, frames: int = DEFAULT_FRAMES) -> dict[str, Any]:
+def inspect_model(
+    model: nn.Module,
+    plan: str | Plan | None = None,
+    pipeline: str | Pipeline | None = None,
+    frames: int = DEFAULT_FRAMES,
+) -> dict[str, Any]:
     """The time-mixing sites each pass covers, and any found by a traced forward that none covers;
     for a converted model (e.g. from `causalize.load`) also what its conversion installed."""
     from causalize import state
@@ -194,8 +217,14 @@ def _load_dir(path: str | os.PathLike, subfolder: str | None, allow_pickle: bool
     return md, model, checkpoint.load_state_dict(md, allow_pickle)
 
 
-def load(path: str | os.PathLike, *, allow_pickle: bool = False, torch_dtype: torch.dtype | str | None = None,
-         device: torch.device | str | None = None, progress: Progress | None = None) -> nn.Module:
+def load(
+    path: str | os.PathLike,
+    *,
+    allow_pickle: bool = False,
+    torch_dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    progress: Progress | None = None,
+) -> nn.Module:
     """A converted checkpoint as an instance of its diffusers class: drop-in and causal.
 
     Builds the base structure from config.json, replays the pipeline stored in causalize.json,
@@ -220,9 +249,15 @@ def _checked_precision(torch_dtype, device):
     return dtype, dev
 
 
-def load_any(path: str | os.PathLike, *, subfolder: str | None = None, allow_pickle: bool = False,
-             torch_dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
-             progress: Progress | None = None) -> tuple[nn.Module, Manifest | None]:
+def load_any(
+    path: str | os.PathLike,
+    *,
+    subfolder: str | None = None,
+    allow_pickle: bool = False,
+    torch_dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    progress: Progress | None = None,
+) -> tuple[nn.Module, Manifest | None]:
     """A converted checkpoint through `load`, or a plain diffusers one as is (with no manifest)."""
     from causalize import checkpoint
 
@@ -235,10 +270,18 @@ def load_any(path: str | os.PathLike, *, subfolder: str | None = None, allow_pic
     return to_precision(model, dtype, dev), None
 
 
-def verify(path: str | os.PathLike, *, frames: int = DEFAULT_FRAMES, plan: str | None = None, subfolder: str | None = None,
-           allow_pickle: bool = False, torch_dtype: torch.dtype | str | None = None,
-           device: torch.device | str | None = None, shrink: bool = False,
-           progress: Progress | None = None) -> CausalityReport:
+def verify(
+    path: str | os.PathLike,
+    *,
+    frames: int = DEFAULT_FRAMES,
+    plan: str | None = None,
+    subfolder: str | None = None,
+    allow_pickle: bool = False,
+    torch_dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    shrink: bool = False,
+    progress: Progress | None = None,
+) -> CausalityReport:
     """Causality of a checkpoint on disk (converted or not: an unconverted one is expected to leak),
     probed in `torch_dtype` (None: as stored) on `device` (None: CPU).
 
@@ -247,10 +290,18 @@ def verify(path: str | os.PathLike, *, frames: int = DEFAULT_FRAMES, plan: str |
     weights are read, so a model too large for the device is still checked (a proof for the class,
     config flags and pipeline rather than for these weights)."""
     if shrink:
-        return _verify_shrunken(path, frames=frames, plan=plan, subfolder=subfolder, torch_dtype=torch_dtype,
-                                device=device, progress=progress)
-    model, manifest = load_any(path, subfolder=subfolder, allow_pickle=allow_pickle, torch_dtype=torch_dtype,
-                               device=device, progress=progress)
+        return _verify_shrunken(
+            path,
+            frames=frames,
+            plan=plan,
+            subfolder=subfolder,
+            torch_dtype=torch_dtype,
+            device=device,
+            progress=progress,
+        )
+    model, manifest = load_any(
+        path, subfolder=subfolder, allow_pickle=allow_pickle, torch_dtype=torch_dtype, device=device, progress=progress
+    )
     plan_name = plan or (manifest.plan if manifest else None)
     say(progress, f"probing {frames} frames in {describe_dtype(model_dtype(model))} on {model_device(model)}")
     return verify_model(model, plan_for(model, plan_name), frames=frames)
@@ -266,8 +317,11 @@ def _verify_shrunken(path, *, frames, plan, subfolder, torch_dtype, device, prog
     md = checkpoint.open_model_dir(path, subfolder)
     the_plan = plan_for(md.class_name, plan or (manifest.plan if manifest else None), md.config)
     model, shrunk = build_shrunken(the_plan, md.config)
-    say(progress, f"probing a shrunken {md.class_name} ({sum(p.numel() for p in model.parameters()):,} parameters, "
-                   f"sizes from plan '{the_plan.name}') on {frames} frames")
+    say(
+        progress,
+        f"probing a shrunken {md.class_name} ({sum(p.numel() for p in model.parameters()):,} parameters, "
+        f"sizes from plan '{the_plan.name}') on {frames} frames",
+    )
     if manifest is not None:
         convert_model(model, the_plan, manifest.pipeline)
     to_precision(model, dtype, dev)
@@ -276,8 +330,16 @@ def _verify_shrunken(path, *, frames, plan, subfolder, torch_dtype, device, prog
     return report
 
 
-def inspect(path: str | os.PathLike, *, plan: str | None = None, pipeline: str | None = None, subfolder: str | None = None,
-            allow_pickle: bool = False, frames: int = DEFAULT_FRAMES, progress: Progress | None = None) -> dict[str, Any]:
+def inspect(
+    path: str | os.PathLike,
+    *,
+    plan: str | None = None,
+    pipeline: str | None = None,
+    subfolder: str | None = None,
+    allow_pickle: bool = False,
+    frames: int = DEFAULT_FRAMES,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
     """`inspect_model` on a checkpoint on disk, without converting it."""
     model, manifest = load_any(path, subfolder=subfolder, allow_pickle=allow_pickle, progress=progress)
     return inspect_model(model, plan_for(model, plan or (manifest.plan if manifest else None)), pipeline, frames)
@@ -303,10 +365,17 @@ class ConvertReport:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "src": self.src, "out": self.out, "model_class": self.model_class, "plan": self.plan,
-            "pipeline": self.pipeline, "passes": [p.to_json() for p in self.passes],
-            "verification": self.verification, "written": self.written, "dry_run": self.dry_run,
-            "seconds": {k: round(v, 4) for k, v in self.seconds.items()}, "parameters": self.parameters,
+            "src": self.src,
+            "out": self.out,
+            "model_class": self.model_class,
+            "plan": self.plan,
+            "pipeline": self.pipeline,
+            "passes": [p.to_json() for p in self.passes],
+            "verification": self.verification,
+            "written": self.written,
+            "dry_run": self.dry_run,
+            "seconds": {k: round(v, 4) for k, v in self.seconds.items()},
+            "parameters": self.parameters,
         }
 
 
@@ -358,8 +427,19 @@ def convert(
     t1 = time.perf_counter()
     runs = convert_model(model, the_plan, pipe, progress)
     seconds["passes"] = time.perf_counter() - t1
-    report = ConvertReport(str(src), str(out), md.class_name, the_plan.name, str(pipe), runs, None, False, dry_run, seconds,
-                           sum(p.numel() for p in model.parameters()))  # after the passes: adapters included
+    report = ConvertReport(
+        str(src),
+        str(out),
+        md.class_name,
+        the_plan.name,
+        str(pipe),
+        runs,
+        None,
+        False,
+        dry_run,
+        seconds,
+        sum(p.numel() for p in model.parameters()),
+    )  # after the passes: adapters included
     if verify:
         t2 = time.perf_counter()
         say(progress, f"verifying causality on {frames} frames")
@@ -371,9 +451,14 @@ def convert(
 
     t3 = time.perf_counter()
     manifest = Manifest(
-        base_class=md.class_name, plan=the_plan.name, pipeline=str(pipe), passes=[r.to_json() for r in runs],
-        records=[rec.to_json() for r in runs for rec in r.records], verification=report.verification,
-        source=str(Path(src).resolve()), causalize_version=__version__,
+        base_class=md.class_name,
+        plan=the_plan.name,
+        pipeline=str(pipe),
+        passes=[r.to_json() for r in runs],
+        records=[rec.to_json() for r in runs for rec in r.records],
+        verification=report.verification,
+        source=str(Path(src).resolve()),
+        causalize_version=__version__,
     )
     _write_atomic(model, manifest, out, overwrite, progress)
     seconds["save"] = time.perf_counter() - t3
@@ -395,6 +480,8 @@ def _write_atomic(model: nn.Module, manifest: Manifest, out: Path, overwrite: bo
             model.save_pretrained(tmp, safe_serialization=True)
             manifest.write(tmp)
     except FileExistsError:
-        raise UsageError(f"{out} was created by someone else while converting; it was left as it is",
-                         "choose another OUT, or pass --overwrite to replace it") from None
+        raise UsageError(
+            f"{out} was created by someone else while converting; it was left as it is",
+            "choose another OUT, or pass --overwrite to replace it",
+        ) from None
     say(progress, f"wrote {out}")

@@ -59,9 +59,14 @@ def resolve(src: str | os.PathLike, subfolder: str | None = None) -> Path:
         if len(found) == 1:
             return src / found[0]
         if not found:
-            raise CheckpointError(f"pipeline {src} has no denoiser subfolder ({' or '.join(DENOISER_SUBFOLDERS)})", "pass --subfolder NAME")
+            raise CheckpointError(
+                f"pipeline {src} has no denoiser subfolder ({' or '.join(DENOISER_SUBFOLDERS)})",
+                "pass --subfolder NAME",
+            )
         raise CheckpointError(f"pipeline {src} has several denoisers: {', '.join(found)}", "pass --subfolder NAME")
-    raise CheckpointError(f"no {CONFIG} in {src}", "give a diffusers model directory (config.json + safetensors) or a pipeline directory")
+    raise CheckpointError(
+        f"no {CONFIG} in {src}", "give a diffusers model directory (config.json + safetensors) or a pipeline directory"
+    )
 
 
 def read_config(model_dir: Path) -> dict[str, Any]:
@@ -87,11 +92,16 @@ def _weight_files(model_dir: Path) -> tuple[list[Path], bool]:
                 raise CheckpointError(f"{index} is corrupt: {exc}", "restore it from the original checkpoint") from None
             missing = [s for s in shards if not (model_dir / s).exists()]
             if missing:
-                raise CheckpointError(f"{index} lists missing shards: {', '.join(missing[:3])}", "download the whole checkpoint")
+                raise CheckpointError(
+                    f"{index} lists missing shards: {', '.join(missing[:3])}", "download the whole checkpoint"
+                )
             return [model_dir / s for s in shards], is_pickle
         if (model_dir / name).exists():
             return [model_dir / name], is_pickle
-    raise CheckpointError(f"no weights in {model_dir} (expected {WEIGHTS_ST})", "save the model with save_pretrained(safe_serialization=True)")
+    raise CheckpointError(
+        f"no weights in {model_dir} (expected {WEIGHTS_ST})",
+        "save the model with save_pretrained(safe_serialization=True)",
+    )
 
 
 def open_model_dir(src: str | os.PathLike, subfolder: str | None = None) -> ModelDir:
@@ -116,7 +126,10 @@ def load_state_dict(md: ModelDir, allow_pickle: bool = False) -> dict[str, Any]:
         try:
             part = torch.load(f, map_location="cpu", weights_only=True) if md.pickle else load_file(str(f))
         except Exception as exc:
-            raise CheckpointError(f"cannot read weights {f}: {type(exc).__name__}: {str(exc)[:200]}", "the file is corrupt or truncated; restore it") from None
+            raise CheckpointError(
+                f"cannot read weights {f}: {type(exc).__name__}: {str(exc)[:200]}",
+                "the file is corrupt or truncated; restore it",
+            ) from None
         state.update(part)
     return state
 
@@ -126,7 +139,9 @@ def model_class(class_name: str) -> type:
 
     cls = getattr(diffusers, class_name, None)
     if cls is None:
-        raise CheckpointError(f"diffusers has no model class {class_name!r}", "check config.json's _class_name and your diffusers version")
+        raise CheckpointError(
+            f"diffusers has no model class {class_name!r}", "check config.json's _class_name and your diffusers version"
+        )
     return cls
 
 
@@ -139,7 +154,9 @@ def build_empty(class_name: str, config: dict[str, Any]):
         with init_empty_weights(include_buffers=False):
             return cls.from_config(config)
     except Exception as exc:
-        raise CheckpointError(f"config.json does not build a {class_name}: {type(exc).__name__}: {exc}", "check the config values") from None
+        raise CheckpointError(
+            f"config.json does not build a {class_name}: {type(exc).__name__}: {exc}", "check the config values"
+        ) from None
 
 
 def assign_weights(model, state: dict[str, Any], where: Path) -> None:
@@ -152,11 +169,17 @@ def assign_weights(model, state: dict[str, Any], where: Path) -> None:
             parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        raise CheckpointError(f"weights in {where} do not match config.json: {'; '.join(parts)}", "the weights and config come from different models")
+        raise CheckpointError(
+            f"weights in {where} do not match config.json: {'; '.join(parts)}",
+            "the weights and config come from different models",
+        )
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"weights in {where} do not fit the model: {str(exc).splitlines()[0]}", "the weights and config come from different models") from None
+        raise CheckpointError(
+            f"weights in {where} do not fit the model: {str(exc).splitlines()[0]}",
+            "the weights and config come from different models",
+        ) from None
     model.eval()
 
 
@@ -166,9 +189,13 @@ def check_out_path(src_dir: Path, out: Path, overwrite: bool) -> None:
     roots = {src_r, src_r.parent} if src_r.name in DENOISER_SUBFOLDERS else {src_r}
     for root in roots:
         if out_r == root or root in out_r.parents:
-            raise UsageError(f"OUT {out} is inside SRC {root}", "choose an output directory outside the source checkpoint")
+            raise UsageError(
+                f"OUT {out} is inside SRC {root}", "choose an output directory outside the source checkpoint"
+            )
         if out_r in root.parents:
-            raise UsageError(f"OUT {out} contains SRC {root}", "choose an output directory that does not contain the source")
+            raise UsageError(
+                f"OUT {out} contains SRC {root}", "choose an output directory that does not contain the source"
+            )
     if out.exists() and not overwrite:
         raise UsageError(f"{out} already exists", "pass --overwrite to replace it, or choose another OUT")
     if out.exists() and not out.is_dir():

@@ -140,7 +140,9 @@ def enable_gradient_checkpointing(model: nn.Module) -> bool:
     """Gradient checkpointing that is correct on a converted model (use this, not the model's own
     `enable_gradient_checkpointing()`, whose default would drop the frame context). Returns False
     when the diffusers class does not support checkpointing."""
-    if not getattr(model, "_supports_gradient_checkpointing", False) or not hasattr(model, "enable_gradient_checkpointing"):
+    if not getattr(model, "_supports_gradient_checkpointing", False) or not hasattr(
+        model, "enable_gradient_checkpointing"
+    ):
         return False
     ctx = getattr(model, CONTEXT_ATTR, None)
     model.enable_gradient_checkpointing(context_preserving_checkpoint(ctx) if ctx is not None else None)

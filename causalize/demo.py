@@ -13,14 +13,18 @@ from typing import Any
 from causalize.api import DEFAULT_FRAMES, Progress, convert, load, say, verify_model
 
 
-def demo_family(plan, workdir: Path, frames: int = DEFAULT_FRAMES, seed: int = 0, progress: Progress | None = None) -> dict[str, Any]:
+def demo_family(
+    plan, workdir: Path, frames: int = DEFAULT_FRAMES, seed: int = 0, progress: Progress | None = None
+) -> dict[str, Any]:
     """One row of the demo table for one plan."""
     t0 = time.perf_counter()
     base = plan.build_tiny(seed)
     src = workdir / "base" / plan.name
     base.save_pretrained(src, safe_serialization=True)
     before = verify_model(base, plan, frames=frames)
-    report = convert(src, workdir / "causal" / plan.name, plan=plan.name, overwrite=True, frames=frames, progress=progress)
+    report = convert(
+        src, workdir / "causal" / plan.name, plan=plan.name, overwrite=True, frames=frames, progress=progress
+    )
     after = verify_model(load(report.out), plan, frames=frames)
     culprit = before.culprit
     return {
@@ -64,11 +68,17 @@ def demo_rollout(plan, seed: int = 0) -> dict[str, Any] | None:
     if plan.streaming is None:
         return {"streaming": False, "full_frame_passes": full.frame_passes}
     streamed = rollout(wm, context, actions, config=config)
-    return {"streaming": True, "max_abs_diff": float((streamed.frames - full.frames).abs().max()),
-            "frame_passes": streamed.frame_passes, "full_frame_passes": full.frame_passes}
+    return {
+        "streaming": True,
+        "max_abs_diff": float((streamed.frames - full.frames).abs().max()),
+        "frame_passes": streamed.frame_passes,
+        "full_frame_passes": full.frame_passes,
+    }
 
 
-def run_demo(workdir: str | Path | None = None, frames: int = DEFAULT_FRAMES, progress: Progress | None = None) -> list[dict[str, Any]]:
+def run_demo(
+    workdir: str | Path | None = None, frames: int = DEFAULT_FRAMES, progress: Progress | None = None
+) -> list[dict[str, Any]]:
     """Convert and verify a locally generated checkpoint of every registered family."""
     from causalize.plugin_manager import registries
 

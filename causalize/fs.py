@@ -223,6 +223,12 @@ def clean_stale(target: str | os.PathLike) -> list[Path]:
 
 
 __all__ = [
-    "clean_stale", "new_directory", "new_file", "rename_noreplace", "temp_sibling", "write_bytes", "write_json",
+    "clean_stale",
+    "new_directory",
+    "new_file",
+    "rename_noreplace",
+    "temp_sibling",
+    "write_bytes",
+    "write_json",
     "write_text",
 ]

@@ -53,15 +53,26 @@ class Manifest:
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
-            raise CheckpointError(f"{directory} has no {MANIFEST}: it is not a causalize checkpoint", "convert it first with `causalize convert`") from None
+            raise CheckpointError(
+                f"{directory} has no {MANIFEST}: it is not a causalize checkpoint",
+                "convert it first with `causalize convert`",
+            ) from None
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"{path} is corrupt: {exc}", "re-run `causalize convert`") from None
         if data.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(f"{path} has format_version {data.get('format_version')}, this causalize reads {FORMAT_VERSION}", "upgrade causalize")
+            raise CheckpointError(
+                f"{path} has format_version {data.get('format_version')}, this causalize reads {FORMAT_VERSION}",
+                "upgrade causalize",
+            )
         try:
             return cls(
-                base_class=data["base_class"], plan=data["plan"], pipeline=data["pipeline"], passes=data["passes"],
-                records=data.get("records", []), verification=data.get("verification"), source=data.get("source", ""),
+                base_class=data["base_class"],
+                plan=data["plan"],
+                pipeline=data["pipeline"],
+                passes=data["passes"],
+                records=data.get("records", []),
+                verification=data.get("verification"),
+                source=data.get("source", ""),
                 causalize_version=data.get("causalize_version", ""),
             )
         except KeyError as exc:

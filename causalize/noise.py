@@ -106,33 +106,25 @@ def rescale_zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """
     ac = _as_float64_vector(alphas_cumprod, "alphas_cumprod")
     if ac.numel() < 2:
-        raise ValueError(
-            f"rescale_zero_terminal_snr needs at least 2 steps, got {ac.numel()}"
-        )
+        raise ValueError(f"rescale_zero_terminal_snr needs at least 2 steps, got {ac.numel()}")
     sqrt_ac = ac.sqrt()
     first, last = sqrt_ac[0].clone(), sqrt_ac[-1].clone()
     if not bool(first > last):
-        raise ValueError(
-            f"rescale_zero_terminal_snr needs √ᾱ_0 > √ᾱ_{{K-1}}, got {first.item()} and {last.item()}"
-        )
+        raise ValueError(f"rescale_zero_terminal_snr needs √ᾱ_0 > √ᾱ_{{K-1}}, got {first.item()} and {last.item()}")
     rescaled = (sqrt_ac - last) * (first / (first - last))
     rescaled[0] = first  # exact by construction; pin it against rounding
     rescaled[-1] = 0.0
     return rescaled.square()
 
 
-_rescale_zero_terminal_snr = (
-    rescale_zero_terminal_snr  # from_config's flag shadows the name
-)
+_rescale_zero_terminal_snr = rescale_zero_terminal_snr  # from_config's flag shadows the name
 
 
 def _as_float64_vector(values: Any, name: str) -> torch.Tensor:
     """A 1-D float64 CPU tensor from a tensor, numpy array or sequence (schedules are tiny)."""
     t = torch.as_tensor(values).detach().to(device="cpu", dtype=torch.float64).clone()
     if t.ndim != 1:
-        raise ValueError(
-            f"{name} must be 1-D (one entry per training step), got shape {tuple(t.shape)}"
-        )
+        raise ValueError(f"{name} must be 1-D (one entry per training step), got shape {tuple(t.shape)}")
     return t
 
 
@@ -142,9 +134,7 @@ def _betas(num_train_timesteps: int, beta_start: float, beta_end: float, beta_sc
         return torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
     if beta_schedule == "linear":
         return torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
-    raise ValueError(
-        f"unknown beta_schedule {beta_schedule!r}; valid: {', '.join(BETA_SCHEDULES)}"
-    )
+    raise ValueError(f"unknown beta_schedule {beta_schedule!r}; valid: {', '.join(BETA_SCHEDULES)}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -161,11 +151,7 @@ class NoiseSchedule:
         ac = _as_float64_vector(self.alphas_cumprod, "alphas_cumprod")
         if ac.numel() == 0:
             raise ValueError("alphas_cumprod must have at least one entry")
-        if (
-            not bool(torch.isfinite(ac).all())
-            or bool((ac < 0).any())
-            or bool((ac > 1).any())
-        ):
+        if not bool(torch.isfinite(ac).all()) or bool((ac < 0).any()) or bool((ac > 1).any()):
             raise ValueError("alphas_cumprod must be finite and lie in [0, 1]")
         object.__setattr__(self, "alphas_cumprod", ac)
 
@@ -187,20 +173,14 @@ class NoiseSchedule:
         """The Vid2World schedule by default (§6): β_k = linspace(√0.00085, √0.012, 1000)_k², then
         zero terminal SNR. "scaled_linear" is what the paper and DynamiCrafter call "linear";
         ``beta_schedule="linear"`` is the plain linspace(β_start, β_end)."""
-        if isinstance(num_train_timesteps, bool) or not isinstance(
-            num_train_timesteps, int
-        ):
+        if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int):
             raise ValueError(  # noqa: TRY004
                 f"num_train_timesteps must be an int, got {num_train_timesteps!r}"
             )
         if num_train_timesteps < 2:
-            raise ValueError(
-                f"num_train_timesteps must be >= 2, got {num_train_timesteps}"
-            )
+            raise ValueError(f"num_train_timesteps must be >= 2, got {num_train_timesteps}")
         if not (0.0 < beta_start < 1.0 and 0.0 < beta_end < 1.0):
-            raise ValueError(
-                f"beta_start and beta_end must lie in (0, 1), got {beta_start} and {beta_end}"
-            )
+            raise ValueError(f"beta_start and beta_end must lie in (0, 1), got {beta_start} and {beta_end}")
         betas = _betas(num_train_timesteps, beta_start, beta_end, beta_schedule)
         alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         if rescale_zero_terminal_snr:
@@ -266,27 +246,17 @@ class NoiseSchedule:
         idx = timesteps.to(device=like.device, dtype=torch.long)
         shape = [1] * like.ndim
         shape[0], shape[axis] = like.shape[0], like.shape[axis]
-        a = self.sqrt_alphas_cumprod.to(device=like.device, dtype=dtype)[idx].reshape(
-            shape
-        )
-        s = self.sqrt_one_minus_alphas_cumprod.to(device=like.device, dtype=dtype)[
-            idx
-        ].reshape(shape)
+        a = self.sqrt_alphas_cumprod.to(device=like.device, dtype=dtype)[idx].reshape(shape)
+        s = self.sqrt_one_minus_alphas_cumprod.to(device=like.device, dtype=dtype)[idx].reshape(shape)
         return a, s
 
-    def _check_timesteps(
-        self, timesteps: torch.Tensor, like: torch.Tensor, axis: int
-    ) -> None:
+    def _check_timesteps(self, timesteps: torch.Tensor, like: torch.Tensor, axis: int) -> None:
         """Timesteps index the schedule: integer (B, T) matching the data, within [0, K)."""
         if not isinstance(timesteps, torch.Tensor):
             raise ValueError(  # noqa: TRY004
                 f"timesteps must be a torch.Tensor of shape (B, T), got {type(timesteps).__name__}"
             )
-        if (
-            timesteps.is_floating_point()
-            or timesteps.is_complex()
-            or timesteps.dtype == torch.bool
-        ):
+        if timesteps.is_floating_point() or timesteps.is_complex() or timesteps.dtype == torch.bool:
             raise ValueError(
                 f"timesteps must be an integer tensor (they index the {self.num_train_timesteps}-step "
                 f"schedule), got dtype {timesteps.dtype}"
@@ -381,17 +351,9 @@ def _frame_axis(x: torch.Tensor, frame_axis: int) -> int:
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"expected a torch.Tensor, got {type(x).__name__}")  # noqa: TRY004
     if x.ndim < 2:
-        raise ValueError(
-            f"data must have a batch and a frame axis (ndim >= 2), got shape {tuple(x.shape)}"
-        )
-    if (
-        isinstance(frame_axis, bool)
-        or not isinstance(frame_axis, int)
-        or not -x.ndim <= frame_axis < x.ndim
-    ):
-        raise ValueError(
-            f"frame_axis={frame_axis!r} is out of range for data of shape {tuple(x.shape)}"
-        )
+        raise ValueError(f"data must have a batch and a frame axis (ndim >= 2), got shape {tuple(x.shape)}")
+    if isinstance(frame_axis, bool) or not isinstance(frame_axis, int) or not -x.ndim <= frame_axis < x.ndim:
+        raise ValueError(f"frame_axis={frame_axis!r} is out of range for data of shape {tuple(x.shape)}")
     axis = frame_axis % x.ndim
     if axis == 0:
         raise ValueError(
@@ -401,30 +363,20 @@ def _frame_axis(x: torch.Tensor, frame_axis: int) -> int:
     return axis
 
 
-def _check_same_shape(
-    a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str
-) -> None:
+def _check_same_shape(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str) -> None:
     for name, t in ((name_a, a), (name_b, b)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")  # noqa: TRY004
         if not t.is_floating_point():
-            raise ValueError(
-                f"{name} must be a floating-point tensor, got dtype {t.dtype}"
-            )
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
     if a.shape != b.shape:
-        raise ValueError(
-            f"shape mismatch: {name_a} has shape {tuple(a.shape)} but {name_b} has shape {tuple(b.shape)}"
-        )
+        raise ValueError(f"shape mismatch: {name_a} has shape {tuple(a.shape)} but {name_b} has shape {tuple(b.shape)}")
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """float64 if any input is float64, else float32: half-precision coefficients near ᾱ ≈ 1 or 0
     lose the small terms that distinguish low-noise frames."""
-    return (
-        torch.float64
-        if any(t.dtype == torch.float64 for t in tensors)
-        else torch.float32
-    )
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _result_dtype(a: torch.Tensor, b: torch.Tensor) -> torch.dtype:

@@ -21,8 +21,21 @@ from causalize.plan import Plan
 #: then one module per model family. Adding a family = adding its file to plugins/ and here
 #: (a test checks that every file in plugins/ is listed); nothing else in the folder is loaded.
 BUILTIN_MODEL_PLUGINS = (
-    "allegro", "animatediff", "cogvideox", "cosmos", "easyanimate", "hunyuan", "i2vgenxl", "latte", "ltx", "mochi",
-    "sana_video", "skyreels_v2", "svd", "unet3d", "wan",
+    "allegro",
+    "animatediff",
+    "cogvideox",
+    "cosmos",
+    "easyanimate",
+    "hunyuan",
+    "i2vgenxl",
+    "latte",
+    "ltx",
+    "mochi",
+    "sana_video",
+    "skyreels_v2",
+    "svd",
+    "unet3d",
+    "wan",
 )
 BUILTIN_PLUGINS = ("causalize.passes", *(f"causalize.plugins.{name}" for name in BUILTIN_MODEL_PLUGINS))
 AUTOLOAD_ENV = "CAUSALIZE_DISABLE_PLUGIN_AUTOLOAD"
@@ -47,7 +60,9 @@ class PlanRegistry:
         try:
             return self._plans[name]
         except KeyError:
-            raise UsageError(f"unknown plan '{name}'.{did_you_mean(name, self._plans)}", "run `causalize plugins` to list plans") from None
+            raise UsageError(
+                f"unknown plan '{name}'.{did_you_mean(name, self._plans)}", "run `causalize plugins` to list plans"
+            ) from None
 
     def for_class(self, class_name: str, config: dict | None = None) -> Plan:
         """The plan for a diffusers class; with several, the first whose `accepts(config)` holds."""

@@ -17,8 +17,15 @@ if TYPE_CHECKING:
     import torch.nn as nn
 
 #: The names `--dtype` accepts, with their aliases.
-DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
-               "fp16": "float16", "float16": "float16", "half": "float16"}
+DTYPE_NAMES = {
+    "fp32": "float32",
+    "float32": "float32",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp16": "float16",
+    "float16": "float16",
+    "half": "float16",
+}
 DTYPE_CHOICES = ("fp32", "bf16", "fp16")
 
 
@@ -61,10 +68,14 @@ def resolve_device(value: str | torch.device | None, *, default_cuda: bool = Fal
         raise UsageError(f"unknown device {value!r}: {exc}", "use cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UsageError(f"device {value!r} is not available: this torch has no usable CUDA device", "use --device cpu")
+            raise UsageError(
+                f"device {value!r} is not available: this torch has no usable CUDA device", "use --device cpu"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"device {value!r} does not exist: {torch.cuda.device_count()} CUDA device(s) here",
-                             f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+            raise UsageError(
+                f"device {value!r} does not exist: {torch.cuda.device_count()} CUDA device(s) here",
+                f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}",
+            )
     elif device.type == "mps":
         if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
             raise UsageError(f"device {value!r} is not available on this machine", "use --device cpu")
@@ -95,7 +106,9 @@ def check_dtype_on(dtype: torch.dtype | None, device: torch.device | None) -> No
         F.linear(q, torch.randn(4, 4, device=device).to(dtype))
     except (RuntimeError, NotImplementedError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"{name} is not supported on {device} by this torch: {first}", "use --dtype fp32 (or bf16)") from None
+        raise UsageError(
+            f"{name} is not supported on {device} by this torch: {first}", "use --dtype fp32 (or bf16)"
+        ) from None
 
 
 def _keep_fp32_patterns(model: nn.Module) -> tuple[str, ...]:
@@ -142,8 +155,9 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def to_precision(model: nn.Module, dtype: torch.dtype | str | None = None,
-                 device: torch.device | str | None = None) -> nn.Module:
+def to_precision(
+    model: nn.Module, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None
+) -> nn.Module:
     """Move `model` to `device` and cast its floating parameters and buffers to `dtype` in place,
     keeping diffusers' `_keep_in_fp32_modules` in fp32 when casting to half precision. None keeps
     what the model has. Returns the model."""
@@ -186,6 +200,14 @@ def describe(dtype: torch.dtype | None) -> str:
 
 
 __all__ = [
-    "DTYPE_CHOICES", "check_dtype_name", "check_dtype_on", "describe", "follow_model", "model_device", "model_dtype",
-    "parse_dtype", "resolve_device", "to_precision",
+    "DTYPE_CHOICES",
+    "check_dtype_name",
+    "check_dtype_on",
+    "describe",
+    "follow_model",
+    "model_device",
+    "model_dtype",
+    "parse_dtype",
+    "resolve_device",
+    "to_precision",
 ]

@@ -41,8 +41,13 @@ KINDS = ("hook", "pre-hook", "processor", "module-swap", "class-swap", "module-a
 
 # Every dict a forward (pre-)hook id can sit in: removal by id also reaches a copy of the dict
 # that a later module swap (rebuild_as copies containers) gave the module now at the path.
-_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+)
 # Streaming rollout marks every module it hooks with this attribute (causalize.rollout.streaming).
 _STREAM_ATTR = "_causalize_stream"
 
@@ -62,8 +67,13 @@ class Change:
     data: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "path": self.path, "pass": self.by, "detail": self.detail,
-                "weights_changed": [_join(self.path, name) for name in self.weights_changed]}
+        return {
+            "kind": self.kind,
+            "path": self.path,
+            "pass": self.by,
+            "detail": self.detail,
+            "weights_changed": [_join(self.path, name) for name in self.weights_changed],
+        }
 
 
 class Installed:
@@ -97,13 +107,19 @@ class UnconvertReport:
         if self.restored_weights:
             text += f"; restored {len(self.restored_weights)} kept parameters"
         if self.unrestored:
-            text += (f"; {len(self.unrestored)} parameters keep their converted values (the weight transfer "
-                     f"overwrote the stock ones): {', '.join(self.unrestored)}")
+            text += (
+                f"; {len(self.unrestored)} parameters keep their converted values (the weight transfer "
+                f"overwrote the stock ones): {', '.join(self.unrestored)}"
+            )
         return text
 
     def to_json(self) -> dict[str, Any]:
-        return {"undone": self.undone, "unrestored": self.unrestored, "restored_weights": self.restored_weights,
-                "exact": self.exact}
+        return {
+            "undone": self.undone,
+            "unrestored": self.unrestored,
+            "restored_weights": self.restored_weights,
+            "exact": self.exact,
+        }
 
 
 # --- the registry ------------------------------------------------------------------------------
@@ -141,8 +157,15 @@ def recording(model: nn.Module, pass_name: str, keep_weights: bool = False) -> I
             vars(model).pop(STATE_ATTR, None)
 
 
-def _record(model: nn.Module, kind: str, path: str, detail: str, by: str | None,
-            weights_changed: tuple[str, ...] = (), **data: Any) -> Change:
+def _record(
+    model: nn.Module,
+    kind: str,
+    path: str,
+    detail: str,
+    by: str | None,
+    weights_changed: tuple[str, ...] = (),
+    **data: Any,
+) -> Change:
     reg = registry(model, create=True)
     change = Change(kind, path, by or reg.current, detail, tuple(weights_changed), data)
     reg.changes.append(change)
@@ -163,8 +186,9 @@ def _module(model: nn.Module, path: str) -> nn.Module:
 # --- the helpers every installation goes through -------------------------------------------------
 
 
-def register_hook(model: nn.Module, path: str, fn: Callable, *, pre: bool = False, by: str | None = None,
-                  **options: Any) -> RemovableHandle:
+def register_hook(
+    model: nn.Module, path: str, fn: Callable, *, pre: bool = False, by: str | None = None, **options: Any
+) -> RemovableHandle:
     """A forward hook (`pre`: pre-hook) on the module at `path`, recorded with its handle.
     `options` go to torch (`with_kwargs`, `always_call`, `prepend`)."""
     module = _module(model, path)
@@ -192,8 +216,9 @@ def wrap_processor(model: nn.Module, path: str, processor: Any, *, by: str | Non
     _record(model, "processor", path, f"{type(original).__name__} -> {type(processor).__name__}", by, original=original)
 
 
-def swap_module(model: nn.Module, path: str, new: nn.Module, *, weights_changed: tuple[str, ...] = (),
-                by: str | None = None) -> nn.Module:
+def swap_module(
+    model: nn.Module, path: str, new: nn.Module, *, weights_changed: tuple[str, ...] = (), by: str | None = None
+) -> nn.Module:
     """Put `new` (rebuilt from the module at `path`, e.g. by `modules.swap.rebuild_as`) in its place.
 
     Recorded: the original class, the original values of the attributes `new` changed (padding)
@@ -206,12 +231,17 @@ def swap_module(model: nn.Module, path: str, new: nn.Module, *, weights_changed:
     old = _module(model, path)
     reg = registry(model, create=True)
     weights_changed = tuple(n for n in weights_changed if not _equal_values(old._parameters[n], new._parameters[n]))
-    data: dict[str, Any] = {"cls": type(old), "restore": _changed_attributes(old, new),
-                            "added": [k for k in vars(new) if k not in vars(old)]}
+    data: dict[str, Any] = {
+        "cls": type(old),
+        "restore": _changed_attributes(old, new),
+        "added": [k for k in vars(new) if k not in vars(old)],
+    }
     if weights_changed and reg.keep_weights:
         data["weights"] = {name: old._parameters[name].detach() for name in weights_changed}
     model.set_submodule(path, new)
-    _record(model, "module-swap", path, f"{type(old).__name__} -> {type(new).__name__}", by, tuple(weights_changed), **data)
+    _record(
+        model, "module-swap", path, f"{type(old).__name__} -> {type(new).__name__}", by, tuple(weights_changed), **data
+    )
     return new
 
 
@@ -259,8 +289,9 @@ def _changed_attributes(old: nn.Module, new: nn.Module) -> dict[str, Any]:
     """The attributes of `old` whose values `new` does not share (parameters aside), copied."""
     missing = object()
     new_vars = vars(new)
-    return {k: copy.copy(v) for k, v in vars(old).items()
-            if k != "_parameters" and not _same(v, new_vars.get(k, missing))}
+    return {
+        k: copy.copy(v) for k, v in vars(old).items() if k != "_parameters" and not _same(v, new_vars.get(k, missing))
+    }
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -337,8 +368,13 @@ def _undo_attribute(model: nn.Module, change: Change, report: UnconvertReport) -
 
 
 _UNDO: dict[str, Callable[[nn.Module, Change, UnconvertReport], None]] = {
-    "hook": _undo_hook, "pre-hook": _undo_hook, "processor": _undo_processor, "module-swap": _undo_module_swap,
-    "class-swap": _undo_class_swap, "module-added": _undo_module_added, "attribute": _undo_attribute,
+    "hook": _undo_hook,
+    "pre-hook": _undo_hook,
+    "processor": _undo_processor,
+    "module-swap": _undo_module_swap,
+    "class-swap": _undo_class_swap,
+    "module-added": _undo_module_added,
+    "attribute": _undo_attribute,
 }
 
 
@@ -351,14 +387,18 @@ def _check_undoable(model: nn.Module, reg: Installed) -> None:
             "unconvert a copy taken before streaming, or reload the stock model",
         )
     if getattr(model, "peft_config", None):
-        raise UsageError(f"this {type(model).__name__} has PEFT adapters ({', '.join(model.peft_config)})",
-                         "unload or delete the adapters first (PEFT), then unconvert")
+        raise UsageError(
+            f"this {type(model).__name__} has PEFT adapters ({', '.join(model.peft_config)})",
+            "unload or delete the adapters first (PEFT), then unconvert",
+        )
     for change in reg.changes:
         try:
             model.get_submodule(change.path)
         except AttributeError:
-            raise CausalizeError(f"cannot unconvert: {change.kind} at '{change.path}' ({change.detail}) is no longer in "
-                                 f"the model", "the model was restructured after conversion") from None
+            raise CausalizeError(
+                f"cannot unconvert: {change.kind} at '{change.path}' ({change.detail}) is no longer in the model",
+                "the model was restructured after conversion",
+            ) from None
 
 
 def lost_weights(model: nn.Module) -> list[str]:
@@ -366,8 +406,13 @@ def lost_weights(model: nn.Module) -> list[str]:
     reg = registry(model)
     if reg is None:
         return []
-    return [_join(c.path, name) for c in reg.changes if c.kind == "module-swap"
-            for name in c.weights_changed if name not in c.data.get("weights", {})]
+    return [
+        _join(c.path, name)
+        for c in reg.changes
+        if c.kind == "module-swap"
+        for name in c.weights_changed
+        if name not in c.data.get("weights", {})
+    ]
 
 
 def unconvert(model: nn.Module, *, strict: bool = False) -> UnconvertReport:
@@ -388,8 +433,10 @@ def unconvert(model: nn.Module, *, strict: bool = False) -> UnconvertReport:
     _check_undoable(model, reg)
     lost = lost_weights(model)
     if strict and lost:
-        raise UsageError(f"unconvert cannot restore {len(lost)} parameters the weight transfer overwrote: {', '.join(lost)}",
-                         "convert with keep_original_weights=True, or with causal-temporal-conv{transfer=shift}")
+        raise UsageError(
+            f"unconvert cannot restore {len(lost)} parameters the weight transfer overwrote: {', '.join(lost)}",
+            "convert with keep_original_weights=True, or with causal-temporal-conv{transfer=shift}",
+        )
     for change in reversed(reg.changes):
         _UNDO[change.kind](model, change, report)
         report.undone.append(change.to_json())
@@ -399,6 +446,23 @@ def unconvert(model: nn.Module, *, strict: bool = False) -> UnconvertReport:
     return report
 
 
-__all__ = ["DIRECT", "KINDS", "STATE_ATTR", "Change", "Installed", "UnconvertReport", "add_module", "installed",
-           "lost_weights", "recording", "register_hook", "registry", "set_attribute", "set_processor", "swap_class",
-           "swap_module", "unconvert", "wrap_processor"]
+__all__ = [
+    "DIRECT",
+    "KINDS",
+    "STATE_ATTR",
+    "Change",
+    "Installed",
+    "UnconvertReport",
+    "add_module",
+    "installed",
+    "lost_weights",
+    "recording",
+    "register_hook",
+    "registry",
+    "set_attribute",
+    "set_processor",
+    "swap_class",
+    "swap_module",
+    "unconvert",
+    "wrap_processor",
+]

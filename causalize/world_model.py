@@ -46,8 +46,14 @@ class WorldModel(nn.Module):
             )
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, torch_dtype: torch.dtype | str | None = None,
-                        device: torch.device | str | None = None, **load_kwargs: Any) -> WorldModel:
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        torch_dtype: torch.dtype | str | None = None,
+        device: torch.device | str | None = None,
+        **load_kwargs: Any,
+    ) -> WorldModel:
         """Load a converted checkpoint (`causalize.load`) in `torch_dtype` on `device` (None: as stored, CPU)."""
         from pathlib import Path
 
@@ -66,7 +72,9 @@ class WorldModel(nn.Module):
     def device(self) -> torch.device:
         return precision.model_device(self.model)
 
-    def unconditional_inputs(self, batch: int, frames: int, overrides: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    def unconditional_inputs(
+        self, batch: int, frames: int, overrides: Mapping[str, torch.Tensor] | None = None
+    ) -> dict[str, Any]:
         """The model's other inputs for an unconditional call (see `conditioning_kwargs`), in the
         model's dtype and on its device."""
         return conditioning_kwargs(self.plan, self.model, batch, frames, overrides, self.device, self.dtype)
@@ -75,8 +83,14 @@ class WorldModel(nn.Module):
     def action_encoder(self) -> nn.Module | None:
         return getattr(self.model, ADAPTER_ATTR, None)
 
-    def forward(self, sample: torch.Tensor, timesteps: torch.Tensor, actions: torch.Tensor | None = None,
-                action_mask: torch.Tensor | None = None, **model_kwargs: Any) -> torch.Tensor:
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timesteps: torch.Tensor,
+        actions: torch.Tensor | None = None,
+        action_mask: torch.Tensor | None = None,
+        **model_kwargs: Any,
+    ) -> torch.Tensor:
         cond = self.plan.conditioning
         frames = sample.shape[self.plan.layout.inputs[cond.sample_arg]]
         batch = sample.shape[0]
@@ -86,8 +100,12 @@ class WorldModel(nn.Module):
         try:  # the context is cleared even when a check below refuses the call
             ctx.timesteps = timesteps if cond.mode == "delta" else None
             ctx.action_emb = self._action_embedding(actions, action_mask, batch, frames)
-            inputs = {cond.sample_arg: sample, cond.timestep_arg: self._model_timesteps(sample, timesteps),
-                      **dict(cond.extra_kwargs), **model_kwargs}
+            inputs = {
+                cond.sample_arg: sample,
+                cond.timestep_arg: self._model_timesteps(sample, timesteps),
+                **dict(cond.extra_kwargs),
+                **model_kwargs,
+            }
             return self.plan.forward(self.model, inputs)
         finally:
             ctx.timesteps = ctx.action_emb = None
@@ -114,11 +132,15 @@ class WorldModel(nn.Module):
         if encoder is None:
             raise UsageError("this model has no action adapter", "convert it with --action-dim N")
         if actions.shape[:2] != (batch, frames):
-            raise UsageError(f"actions must start with (batch, frames) = ({batch}, {frames}), got {tuple(actions.shape)}")
+            raise UsageError(
+                f"actions must start with (batch, frames) = ({batch}, {frames}), got {tuple(actions.shape)}"
+            )
         if actions.is_floating_point() and not torch.isfinite(actions).all():
             raise UsageError("actions contain NaN or inf")
         if action_mask is not None and action_mask.shape != (batch, frames):
-            raise UsageError(f"action_mask must be (batch, frames) = ({batch}, {frames}), got {tuple(action_mask.shape)}")
+            raise UsageError(
+                f"action_mask must be (batch, frames) = ({batch}, {frames}), got {tuple(action_mask.shape)}"
+            )
         return encoder(actions, action_mask)
 
 

@@ -74,7 +74,9 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     debug: bool = typer.Option(False, "--debug", envvar="CAUSALIZE_DEBUG", help="Show tracebacks on errors."),
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
 ) -> None:
     state["debug"] = debug
 
@@ -84,18 +86,35 @@ def _root(
 
 @app.command()
 def convert(
-    src: Path = typer.Argument(..., metavar="SRC", help="diffusers model directory (config.json + safetensors), or a pipeline directory."),
-    out_dir: Path = typer.Argument(..., metavar="OUT", help="Where to write the causal checkpoint (written atomically)."),
+    src: Path = typer.Argument(
+        ..., metavar="SRC", help="diffusers model directory (config.json + safetensors), or a pipeline directory."
+    ),
+    out_dir: Path = typer.Argument(
+        ..., metavar="OUT", help="Where to write the causal checkpoint (written atomically)."
+    ),
     plan: str | None = PLAN_OPT,
     pipeline: str | None = PIPELINE_OPT,
     subfolder: str | None = SUBFOLDER_OPT,
-    dry_run: bool = typer.Option(False, "--dry-run", help="Convert and verify in memory, list the sites, write nothing."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Convert and verify in memory, list the sites, write nothing."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
     allow_pickle: bool = PICKLE_OPT,
-    allow_leak: bool = typer.Option(False, "--allow-leak", help="Write OUT even if verification finds a leak (recorded in causalize.json)."),
+    allow_leak: bool = typer.Option(
+        False, "--allow-leak", help="Write OUT even if verification finds a leak (recorded in causalize.json)."
+    ),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the causality check."),
-    action_dim: int = typer.Option(0, "--action-dim", metavar="N", help="Add per-frame timesteps and a frame-level action adapter for N-dimensional actions (0: none)."),
-    action_type: str = typer.Option("continuous", "--action-type", help="continuous (an MLP on action vectors) or discrete (a sum of embeddings of active entries)."),
+    action_dim: int = typer.Option(
+        0,
+        "--action-dim",
+        metavar="N",
+        help="Add per-frame timesteps and a frame-level action adapter for N-dimensional actions (0: none).",
+    ),
+    action_type: str = typer.Option(
+        "continuous",
+        "--action-type",
+        help="continuous (an MLP on action vectors) or discrete (a sum of embeddings of active entries).",
+    ),
     frames: int | None = FRAMES_OPT,
     dtype: str | None = DTYPE_OPT,
     device: str | None = DEVICE_OPT,
@@ -129,9 +148,21 @@ def convert(
         from causalize import api
 
         report = api.convert(
-            src, out_dir, plan=plan, pipeline=pipeline, subfolder=subfolder, dry_run=dry_run, overwrite=overwrite,
-            allow_pickle=allow_pickle, allow_leak=allow_leak, verify=not no_verify,
-            action_dim=action_dim, action_type=action_type, frames=probe_frames(frames), torch_dtype=dtype, device=device,
+            src,
+            out_dir,
+            plan=plan,
+            pipeline=pipeline,
+            subfolder=subfolder,
+            dry_run=dry_run,
+            overwrite=overwrite,
+            allow_pickle=allow_pickle,
+            allow_leak=allow_leak,
+            verify=not no_verify,
+            action_dim=action_dim,
+            action_type=action_type,
+            frames=probe_frames(frames),
+            torch_dtype=dtype,
+            device=device,
             progress=progress_message,
         )
     print_convert_summary(report)
@@ -147,14 +178,20 @@ def convert(
 
 @app.command()
 def verify(
-    path: Path = typer.Argument(..., metavar="PATH", help="A converted checkpoint, or a plain diffusers one (expected to leak)."),
+    path: Path = typer.Argument(
+        ..., metavar="PATH", help="A converted checkpoint, or a plain diffusers one (expected to leak)."
+    ),
     frames: int | None = FRAMES_OPT,
     plan: str | None = PLAN_OPT,
     subfolder: str | None = SUBFOLDER_OPT,
     allow_pickle: bool = PICKLE_OPT,
     dtype: str | None = DTYPE_OPT,
     device: str | None = DEVICE_OPT,
-    shrink: bool = typer.Option(False, "--shrink", help="Probe a random-weight copy of the same class with the plan's tiny sizes (no weights read): for models too large for the device; proves the class, config flags and pipeline, not these weights."),
+    shrink: bool = typer.Option(
+        False,
+        "--shrink",
+        help="Probe a random-weight copy of the same class with the plan's tiny sizes (no weights read): for models too large for the device; proves the class, config flags and pipeline, not these weights.",
+    ),
     as_json: bool = JSON_OPT,
 ) -> None:
     """Measure whether any output frame depends on a later input frame.
@@ -182,8 +219,17 @@ def verify(
         check_precision_names(dtype)
         from causalize import api
 
-        report = api.verify(path, frames=probe_frames(frames), plan=plan, subfolder=subfolder, allow_pickle=allow_pickle,
-                            torch_dtype=dtype, device=device, shrink=shrink, progress=progress_message)
+        report = api.verify(
+            path,
+            frames=probe_frames(frames),
+            plan=plan,
+            subfolder=subfolder,
+            allow_pickle=allow_pickle,
+            torch_dtype=dtype,
+            device=device,
+            shrink=shrink,
+            progress=progress_message,
+        )
     if as_json:
         emit_json({"path": str(path), **report.to_json()})
     else:
@@ -194,7 +240,9 @@ def verify(
 
 @app.command()
 def inspect(
-    path: Path = typer.Argument(..., metavar="PATH", help="A diffusers model or pipeline directory (or a converted one)."),
+    path: Path = typer.Argument(
+        ..., metavar="PATH", help="A diffusers model or pipeline directory (or a converted one)."
+    ),
     plan: str | None = PLAN_OPT,
     pipeline: str | None = PIPELINE_OPT,
     subfolder: str | None = SUBFOLDER_OPT,
@@ -220,9 +268,18 @@ def inspect(
     with guard(as_json):
         from causalize import api
 
-        info = api.inspect(path, plan=plan, pipeline=pipeline, subfolder=subfolder, allow_pickle=allow_pickle, progress=progress_message)
+        info = api.inspect(
+            path,
+            plan=plan,
+            pipeline=pipeline,
+            subfolder=subfolder,
+            allow_pickle=allow_pickle,
+            progress=progress_message,
+        )
     for m in info["uncovered"]:
-        err.print(f"[yellow]warning:[/] uncovered time mixer {escape(m['path'])} ({m['class']}): {escape(m.get('what', ''))}")
+        err.print(
+            f"[yellow]warning:[/] uncovered time mixer {escape(m['path'])} ({m['class']}): {escape(m.get('what', ''))}"
+        )
     if as_json:
         emit_json(info)
         return
@@ -240,7 +297,9 @@ def inspect(
         out.print(f"installed {kind}: {kinds.count(kind)}")
     if info.get("attention"):
         a = info["attention"]
-        out.print(f"attention on {a['device']}: {a['backend']} ({escape(a['reason'])}; set CAUSALIZE_ATTENTION=flex|chunked|dense to override)")
+        out.print(
+            f"attention on {a['device']}: {a['backend']} ({escape(a['reason'])}; set CAUSALIZE_ATTENTION=flex|chunked|dense to override)"
+        )
     for note in info["notes"]:
         out.print(f"note: {escape(note)}")
 
@@ -266,7 +325,8 @@ def passes(as_json: bool = JSON_OPT) -> None:
     table = make_table("passes", "name", "version", "options", "summary")
     for r in rows:
         opts = "\n".join(
-            f"{o['name']}={o['default']}" + (f" ({'|'.join(map(str, o['choices']))})" if o["choices"] else f" ({o['type']})")
+            f"{o['name']}={o['default']}"
+            + (f" ({'|'.join(map(str, o['choices']))})" if o["choices"] else f" ({o['type']})")
             + (f": {o['help']}" if o["help"] else "")
             for o in r["options"]
         )
@@ -288,10 +348,24 @@ def _pass_rows() -> list[dict[str, Any]]:
         for fld in dataclasses.fields(cls.Options):
             tp = option_type(cls, fld)
             literal = get_origin(tp) is Literal
-            opts.append({"name": fld.name, "type": "choice" if literal else getattr(tp, "__name__", str(tp)),
-                         "default": fld.default, "choices": list(get_args(tp)) if literal else [],
-                         "help": option_help(fld)})
-        rows.append({"name": cls.name, "version": cls.version, "summary": cls.summary, "module": cls.__module__, "options": opts})
+            opts.append(
+                {
+                    "name": fld.name,
+                    "type": "choice" if literal else getattr(tp, "__name__", str(tp)),
+                    "default": fld.default,
+                    "choices": list(get_args(tp)) if literal else [],
+                    "help": option_help(fld),
+                }
+            )
+        rows.append(
+            {
+                "name": cls.name,
+                "version": cls.version,
+                "summary": cls.summary,
+                "module": cls.__module__,
+                "options": opts,
+            }
+        )
     return rows
 
 
@@ -315,8 +389,15 @@ def plugins(as_json: bool = JSON_OPT) -> None:
         regs = registries()
         rows = regs.plugin_rows()
         plans = [
-            {"name": p.name, "model_class": p.model_class, "family": p.family, "pipeline": p.pipeline,
-             "block_size": p.layout.block_size, "source": p.source, "description": p.description}
+            {
+                "name": p.name,
+                "model_class": p.model_class,
+                "family": p.family,
+                "pipeline": p.pipeline,
+                "block_size": p.layout.block_size,
+                "source": p.source,
+                "description": p.description,
+            }
             for p in regs.plans
         ]
     if as_json:
@@ -372,12 +453,14 @@ def _env_info() -> dict[str, Any]:
 
     info: dict[str, Any] = {"causalize": __version__, "python": platform.python_version()}
     info.update({name: version(name) for name in ("torch", "diffusers", "peft", "pluggy", "accelerate")})
-    info.update({
-        "cuda_available": torch.cuda.is_available(),
-        "cuda": torch.version.cuda,
-        "gpus": torch.cuda.device_count(),
-        "platform": platform.platform(),
-    })
+    info.update(
+        {
+            "cuda_available": torch.cuda.is_available(),
+            "cuda": torch.version.cuda,
+            "gpus": torch.cuda.device_count(),
+            "platform": platform.platform(),
+        }
+    )
     from causalize.modules.attention_exec import describe
 
     for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
@@ -388,7 +471,9 @@ def _env_info() -> dict[str, Any]:
 
 @app.command()
 def demo(
-    workdir: Path | None = typer.Option(None, "--workdir", metavar="DIR", help="Keep the generated checkpoints here (default: a temporary directory)."),
+    workdir: Path | None = typer.Option(
+        None, "--workdir", metavar="DIR", help="Keep the generated checkpoints here (default: a temporary directory)."
+    ),
     frames: int | None = FRAMES_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
@@ -416,14 +501,28 @@ def demo(
     if as_json:
         emit_json({"rows": rows, "passed": ok})
     else:
-        t = make_table("causalize demo", "plan", "class", "params", "sites per pass", "leak before", "leak after", "verdict",
-                   "stream = full", "leaking module before")
+        t = make_table(
+            "causalize demo",
+            "plan",
+            "class",
+            "params",
+            "sites per pass",
+            "leak before",
+            "leak after",
+            "verdict",
+            "stream = full",
+            "leaking module before",
+        )
         for r in rows:
             t.add_row(
-                r["plan"], r["model_class"], f"{r['parameters']:,}",
+                r["plan"],
+                r["model_class"],
+                f"{r['parameters']:,}",
                 ", ".join(f"{k.removeprefix('causal-')} {n}" for k, n in r["sites"].items()),
-                f"{r['unconverted_max_leak']:.3g}", f"{r['converted_max_leak']:.3g}",
-                "[green]causal[/]" if r["causal"] else "[red]FAIL[/]", _rollout_cell(r["rollout"]),
+                f"{r['unconverted_max_leak']:.3g}",
+                f"{r['converted_max_leak']:.3g}",
+                "[green]causal[/]" if r["causal"] else "[red]FAIL[/]",
+                _rollout_cell(r["rollout"]),
                 escape(r["unconverted_culprit"] or "-"),
             )
         out.print(t)

@@ -1,7 +1,6 @@
 """What every `causalize` command shares: the two consoles (results on stdout, messages on
 stderr), the common options, JSON output, one-line errors with exit codes, and summary tables."""
 
-
 from __future__ import annotations
 
 import contextlib
@@ -31,26 +30,49 @@ EXIT_CODES = (
     "  4  conversion error (no plan, a pass matched nothing, bad checkpoint, pickle refused)"
 )
 
+
 def terminal_width(stream: Any) -> int | None:
     """Terminal width on a terminal (rich's default); wide enough for whole table rows in logs and pipes."""
     return None if stream.isatty() or "COLUMNS" in os.environ else 160
 
 
 out = Console(highlight=False, soft_wrap=True, width=terminal_width(sys.stdout))  # results (stdout)
-err = Console(stderr=True, highlight=False, soft_wrap=True, width=terminal_width(sys.stderr))  # messages, progress, summaries
+err = Console(
+    stderr=True, highlight=False, soft_wrap=True, width=terminal_width(sys.stderr)
+)  # messages, progress, summaries
 state = {"debug": False}
 
 # Options shared by several commands.
 JSON_OPT = typer.Option(False, "--json", help="Print one JSON document to stdout (errors too).")
-PLAN_OPT = typer.Option(None, "--plan", metavar="NAME", help="Use this plan instead of the one registered for the model class (see `causalize plugins`).")
-PIPELINE_OPT = typer.Option(None, "--pipeline", metavar="TEXT", help="Pass pipeline, e.g. 'causal-temporal-conv{transfer=extrapolative},causal-temporal-attention' (default: the plan's).")
-SUBFOLDER_OPT = typer.Option(None, "--subfolder", metavar="NAME", help="Denoiser subfolder of a pipeline directory (default: unet/ or transformer/, whichever exists).")
+PLAN_OPT = typer.Option(
+    None,
+    "--plan",
+    metavar="NAME",
+    help="Use this plan instead of the one registered for the model class (see `causalize plugins`).",
+)
+PIPELINE_OPT = typer.Option(
+    None,
+    "--pipeline",
+    metavar="TEXT",
+    help="Pass pipeline, e.g. 'causal-temporal-conv{transfer=extrapolative},causal-temporal-attention' (default: the plan's).",
+)
+SUBFOLDER_OPT = typer.Option(
+    None,
+    "--subfolder",
+    metavar="NAME",
+    help="Denoiser subfolder of a pipeline directory (default: unet/ or transformer/, whichever exists).",
+)
 FRAMES_OPT = typer.Option(None, "--frames", metavar="N", help="Frames in the causality probe (default 4).")
-PICKLE_OPT = typer.Option(False, "--allow-pickle", help="Accept diffusion_pytorch_model.bin (loaded with weights_only=True).")
-DTYPE_OPT = typer.Option(None, "--dtype", metavar="fp32|bf16|fp16", help="Compute dtype (default: the checkpoint's own). Modules diffusers keeps in fp32 stay fp32.")
+PICKLE_OPT = typer.Option(
+    False, "--allow-pickle", help="Accept diffusion_pytorch_model.bin (loaded with weights_only=True)."
+)
+DTYPE_OPT = typer.Option(
+    None,
+    "--dtype",
+    metavar="fp32|bf16|fp16",
+    help="Compute dtype (default: the checkpoint's own). Modules diffusers keeps in fp32 stay fp32.",
+)
 DEVICE_OPT = typer.Option(None, "--device", metavar="DEV", help="cpu, cuda, cuda:1, ... (default: cpu).")
-
-
 
 
 def jsonable(obj: Any) -> Any:
@@ -108,8 +130,14 @@ def guard(as_json: bool = False) -> Iterator[None]:
         err.print("interrupted")
         raise typer.Exit(130) from None
     except Exception as exc:  # a bug: say so briefly, exit 3
-        fail("internal-error", f"{type(exc).__name__}: {exc}", "re-run with --debug for the traceback" if not state["debug"] else None,
-              EXIT_INTERNAL, as_json, label="internal error")
+        fail(
+            "internal-error",
+            f"{type(exc).__name__}: {exc}",
+            "re-run with --debug for the traceback" if not state["debug"] else None,
+            EXIT_INTERNAL,
+            as_json,
+            label="internal error",
+        )
 
 
 def fmt_options(options: dict[str, Any]) -> str:
@@ -136,7 +164,13 @@ def make_table(title: str, *columns: str) -> Table:
 def print_convert_summary(report: ConvertReport) -> None:
     """The conversion summary on stderr: passes, (dry run) sites, verdict, what was written."""
     dry_run = report.dry_run
-    table = make_table(f"{report.model_class} -> plan '{report.plan}'  ({report.parameters:,} parameters)", "pass", "sites", "options", "seconds")
+    table = make_table(
+        f"{report.model_class} -> plan '{report.plan}'  ({report.parameters:,} parameters)",
+        "pass",
+        "sites",
+        "options",
+        "seconds",
+    )
     for run in report.passes:
         table.add_row(run.name, str(len(run.records)), escape(fmt_options(run.options)), f"{run.seconds:.2f}")
     err.print(table)
@@ -151,12 +185,16 @@ def print_convert_summary(report: ConvertReport) -> None:
     if v is not None and not v["passed"]:
         err.print(f"leak: max {v['max_leak']:.3g}, first leaking module {escape(culprit_text(v.get('culprit')))}")
     if report.written:
-        err.print(f"[green]wrote[/] {escape(str(report.out))} in {report.seconds.get('total', 0):.1f}s"
-                  + (" [red](with a leak, recorded in causalize.json)[/]" if not report.passed else ""))
+        err.print(
+            f"[green]wrote[/] {escape(str(report.out))} in {report.seconds.get('total', 0):.1f}s"
+            + (" [red](with a leak, recorded in causalize.json)[/]" if not report.passed else "")
+        )
     elif dry_run:
         err.print("dry run: nothing written")
     else:
-        err.print("[red]nothing written[/]: verification failed; fix the pipeline, or pass --allow-leak to write anyway")
+        err.print(
+            "[red]nothing written[/]: verification failed; fix the pipeline, or pass --allow-leak to write anyway"
+        )
 
 
 def check_precision_names(dtype: str | None) -> None:

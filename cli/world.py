@@ -14,18 +14,46 @@ from causalize.cli.common import DTYPE_OPT, JSON_OPT, check_precision_names, emi
 
 
 def train(
-    config: Path | None = typer.Argument(None, metavar="CONFIG", help="Training settings as a .json or .toml file (keys: the fields of causalize.training.trainer.TrainConfig)."),
-    model: Path | None = typer.Option(None, "--model", metavar="PATH", help="Converted checkpoint with an action adapter (causalize convert SRC OUT --action-dim N)."),
+    config: Path | None = typer.Argument(
+        None,
+        metavar="CONFIG",
+        help="Training settings as a .json or .toml file (keys: the fields of causalize.training.trainer.TrainConfig).",
+    ),
+    model: Path | None = typer.Option(
+        None,
+        "--model",
+        metavar="PATH",
+        help="Converted checkpoint with an action adapter (causalize convert SRC OUT --action-dim N).",
+    ),
     data: Path | None = typer.Option(None, "--data", metavar="DIR", help="Episode dataset root (docs/EPISODES.md)."),
-    out_dir: Path | None = typer.Option(None, "--out", metavar="DIR", help="Output directory: metrics.jsonl, checkpoints/, final/."),
+    out_dir: Path | None = typer.Option(
+        None, "--out", metavar="DIR", help="Output directory: metrics.jsonl, checkpoints/, final/."
+    ),
     steps: int | None = typer.Option(None, "--steps", metavar="N", help="Optimizer steps to reach."),
-    batch_size: int | None = typer.Option(None, "--batch-size", metavar="N", help="Windows per device per micro-batch."),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", metavar="N", help="Windows per device per micro-batch."
+    ),
     lr: float | None = typer.Option(None, "--lr", metavar="X", help="AdamW learning rate (default 1e-5)."),
     window: int | None = typer.Option(None, "--window", metavar="N", help="Frames per training window (default 16)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the output directory."),
-    mixed_precision: str | None = typer.Option(None, "--mixed-precision", "--dtype", metavar="no|bf16|fp16", help="accelerate's mixed precision: weights stay fp32, the forward runs in bf16 / fp16 (default: no)."),
-    device: str | None = typer.Option(None, "--device", metavar="cpu|cuda", help="cpu trains on the CPU even where CUDA exists (default: accelerate's choice)."),
-    gradient_checkpointing: bool | None = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations in backward (less memory)."),
+    mixed_precision: str | None = typer.Option(
+        None,
+        "--mixed-precision",
+        "--dtype",
+        metavar="no|bf16|fp16",
+        help="accelerate's mixed precision: weights stay fp32, the forward runs in bf16 / fp16 (default: no).",
+    ),
+    device: str | None = typer.Option(
+        None,
+        "--device",
+        metavar="cpu|cuda",
+        help="cpu trains on the CPU even where CUDA exists (default: accelerate's choice).",
+    ),
+    gradient_checkpointing: bool | None = typer.Option(
+        None,
+        "--gradient-checkpointing/--no-gradient-checkpointing",
+        help="Recompute activations in backward (less memory).",
+    ),
     as_json: bool = JSON_OPT,
 ) -> None:
     """Fine-tune a converted world model with the Diffusion Forcing objective.
@@ -57,12 +85,29 @@ def train(
         TimeRemainingColumn,
     )
 
-    overrides = {"model": model, "data": data, "output_dir": out_dir, "steps": steps, "batch_size": batch_size,
-                 "lr": lr, "window": window, "resume": True if resume else None,
-                 "mixed_precision": {"fp32": "no"}.get(mixed_precision, mixed_precision), "device": device,
-                 "gradient_checkpointing": gradient_checkpointing}
-    bar = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-                   TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=False)
+    overrides = {
+        "model": model,
+        "data": data,
+        "output_dir": out_dir,
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "window": window,
+        "resume": True if resume else None,
+        "mixed_precision": {"fp32": "no"}.get(mixed_precision, mixed_precision),
+        "device": device,
+        "gradient_checkpointing": gradient_checkpointing,
+    }
+    bar = Progress(
+        TextColumn("training"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=False,
+    )
     task = bar.add_task("train", total=None, loss="-")
 
     def on_step(step: int, total: int, loss: float) -> None:
@@ -81,31 +126,81 @@ def train(
     if as_json:
         emit_json(result)
     else:
-        typer.echo(f"trained to step {result['steps']} ({result['steps_run']} steps this run) in {result['seconds']:.1f}s, "
-                   f"final loss {result['final_loss']:.4g}: {result['final']}")
+        typer.echo(
+            f"trained to step {result['steps']} ({result['steps_run']} steps this run) in {result['seconds']:.1f}s, "
+            f"final loss {result['final_loss']:.4g}: {result['final']}"
+        )
 
 
 def rollout(
-    checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT", help="Converted world model with an action adapter (or a training run directory holding final/)."),
-    context: Path = typer.Option(..., "--context", metavar="FRAMES", help="Context frames: episode .npz (frames or latents), .npy, or a video / image (.mp4, .gif, .png)."),
-    actions: Path = typer.Option(..., "--actions", metavar="ACTIONS", help="One action per generated frame: .npy, .npz (key actions), .json list, or text (one per line)."),
-    out_path: Path = typer.Option(..., "--out", metavar="OUT", help="Output: .mp4, .gif (pixels) or .npz (pixels or latents + actions + settings)."),
-    context_frames: int | None = typer.Option(None, "--context-frames", metavar="K", help="Use the first K frames of FRAMES (default: all)."),
+    checkpoint: Path = typer.Argument(
+        ...,
+        metavar="CHECKPOINT",
+        help="Converted world model with an action adapter (or a training run directory holding final/).",
+    ),
+    context: Path = typer.Option(
+        ...,
+        "--context",
+        metavar="FRAMES",
+        help="Context frames: episode .npz (frames or latents), .npy, or a video / image (.mp4, .gif, .png).",
+    ),
+    actions: Path = typer.Option(
+        ...,
+        "--actions",
+        metavar="ACTIONS",
+        help="One action per generated frame: .npy, .npz (key actions), .json list, or text (one per line).",
+    ),
+    out_path: Path = typer.Option(
+        ...,
+        "--out",
+        metavar="OUT",
+        help="Output: .mp4, .gif (pixels) or .npz (pixels or latents + actions + settings).",
+    ),
+    context_frames: int | None = typer.Option(
+        None, "--context-frames", metavar="K", help="Use the first K frames of FRAMES (default: all)."
+    ),
     steps: int | None = typer.Option(None, "--steps", metavar="S", help="Denoising steps per frame (default 50)."),
     sampler: str | None = typer.Option(None, "--sampler", metavar="NAME", help="ddim (default) or euler."),
     spacing: str | None = typer.Option(None, "--spacing", metavar="NAME", help="trailing (default) or uniform."),
-    eta: float | None = typer.Option(None, "--eta", metavar="X", help="DDIM eta in [0, 1] (default 0: deterministic steps)."),
-    history_noise: str | None = typer.Option(None, "--history-noise", metavar="K", help="History noise level: an integer, or second_to_last (default)."),
-    window: int | None = typer.Option(None, "--window", metavar="L", help="Sliding window incl. the current frame (default: training.json's window, else 16)."),
-    guidance_scale: float | None = typer.Option(None, "--guidance-scale", metavar="S", help="Causal action guidance scale (default 2.5; 1 disables guidance)."),
-    guidance_rescale: float | None = typer.Option(None, "--guidance-rescale", metavar="PHI", help="Guidance rescale in [0, 1] (default 0.7)."),
-    prediction_type: str | None = typer.Option(None, "--prediction-type", metavar="NAME", help="v, epsilon or sample (default: training.json's, else v)."),
-    zero_terminal_snr: bool | None = typer.Option(None, "--zero-terminal-snr/--no-zero-terminal-snr", help="Schedule rescaled to zero terminal SNR (default: training.json's, else on)."),
-    no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the whole window at every step instead of streaming caches (same frames, slower)."),
+    eta: float | None = typer.Option(
+        None, "--eta", metavar="X", help="DDIM eta in [0, 1] (default 0: deterministic steps)."
+    ),
+    history_noise: str | None = typer.Option(
+        None, "--history-noise", metavar="K", help="History noise level: an integer, or second_to_last (default)."
+    ),
+    window: int | None = typer.Option(
+        None,
+        "--window",
+        metavar="L",
+        help="Sliding window incl. the current frame (default: training.json's window, else 16).",
+    ),
+    guidance_scale: float | None = typer.Option(
+        None, "--guidance-scale", metavar="S", help="Causal action guidance scale (default 2.5; 1 disables guidance)."
+    ),
+    guidance_rescale: float | None = typer.Option(
+        None, "--guidance-rescale", metavar="PHI", help="Guidance rescale in [0, 1] (default 0.7)."
+    ),
+    prediction_type: str | None = typer.Option(
+        None, "--prediction-type", metavar="NAME", help="v, epsilon or sample (default: training.json's, else v)."
+    ),
+    zero_terminal_snr: bool | None = typer.Option(
+        None,
+        "--zero-terminal-snr/--no-zero-terminal-snr",
+        help="Schedule rescaled to zero terminal SNR (default: training.json's, else on).",
+    ),
+    no_cache: bool = typer.Option(
+        False,
+        "--no-cache",
+        help="Recompute the whole window at every step instead of streaming caches (same frames, slower).",
+    ),
     seed: int | None = typer.Option(None, "--seed", metavar="N", help="Seed of all noise (default 0)."),
     fps: float = typer.Option(8.0, "--fps", metavar="F", help="Frames per second of .mp4 / .gif output."),
-    generated_only: bool = typer.Option(False, "--generated-only", help="Write only the generated frames (default: context frames first)."),
-    device: str | None = typer.Option(None, "--device", metavar="DEV", help="cpu, cuda, cuda:1, ... (default: cuda when available)."),
+    generated_only: bool = typer.Option(
+        False, "--generated-only", help="Write only the generated frames (default: context frames first)."
+    ),
+    device: str | None = typer.Option(
+        None, "--device", metavar="DEV", help="cpu, cuda, cuda:1, ... (default: cuda when available)."
+    ),
     dtype: str | None = DTYPE_OPT,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
     as_json: bool = JSON_OPT,
@@ -152,8 +247,16 @@ def rollout(
         TimeRemainingColumn,
     )
 
-    bar = Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[speed]}"),
-                   TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=False)
+    bar = Progress(
+        TextColumn("generating"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[speed]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=False,
+    )
     task = bar.add_task("rollout", total=None, speed="", start=False)
 
     def on_frame(done: int, total: int, seconds: float) -> None:
@@ -162,25 +265,50 @@ def rollout(
             bar.start_task(task)
         bar.update(task, completed=done, total=total, speed=f"{seconds:.2f} s/frame")
 
-    options = {"steps": steps, "sampler": sampler, "spacing": spacing, "eta": eta, "window": window,
-               "history_noise": int(history_noise) if history_noise and history_noise.isdigit() else history_noise,
-               "guidance_scale": guidance_scale, "guidance_rescale": guidance_rescale, "prediction_type": prediction_type,
-               "zero_terminal_snr": zero_terminal_snr, "cache": False if no_cache else None, "seed": seed}
+    options = {
+        "steps": steps,
+        "sampler": sampler,
+        "spacing": spacing,
+        "eta": eta,
+        "window": window,
+        "history_noise": int(history_noise) if history_noise and history_noise.isdigit() else history_noise,
+        "guidance_scale": guidance_scale,
+        "guidance_rescale": guidance_rescale,
+        "prediction_type": prediction_type,
+        "zero_terminal_snr": zero_terminal_snr,
+        "cache": False if no_cache else None,
+        "seed": seed,
+    }
     with guard(as_json):
         check_precision_names(dtype)
         from causalize.rollout.io import rollout_to_file
 
         try:
-            report = rollout_to_file(checkpoint, context, actions, out_path, context_frames=context_frames, overwrite=overwrite,
-                                     fps=fps, include_context=not generated_only, device=device, dtype=dtype,
-                                     progress=on_frame, **options)
+            report = rollout_to_file(
+                checkpoint,
+                context,
+                actions,
+                out_path,
+                context_frames=context_frames,
+                overwrite=overwrite,
+                fps=fps,
+                include_context=not generated_only,
+                device=device,
+                dtype=dtype,
+                progress=on_frame,
+                **options,
+            )
         finally:
             bar.stop()
     t = report.timing
-    err.print(f"[green]wrote[/] {escape(str(report.out))}: {report.context_frames} context + {report.generated} generated frames "
-              f"({report.kind}) in {report.seconds:.1f}s")
-    err.print(f"seconds per frame: mean {t['mean']:.3f}, median {t['median']:.3f}, min {t['min']:.3f}, max {t['max']:.3f}; "
-              f"cache: {report.cache_mode}; frame passes: {report.frame_passes} ({report.model_calls} model calls)")
+    err.print(
+        f"[green]wrote[/] {escape(str(report.out))}: {report.context_frames} context + {report.generated} generated frames "
+        f"({report.kind}) in {report.seconds:.1f}s"
+    )
+    err.print(
+        f"seconds per frame: mean {t['mean']:.3f}, median {t['median']:.3f}, min {t['min']:.3f}, max {t['max']:.3f}; "
+        f"cache: {report.cache_mode}; frame passes: {report.frame_passes} ({report.model_calls} model calls)"
+    )
     if as_json:
         emit_json(report.to_json())
     else:

@@ -43,7 +43,7 @@ def make_inputs(model, frames, gen):
     c = model.config
     size = 4 * c.patch_size
     mask = torch.ones(1, frames, size, size)
-    mask[..., -c.patch_size:] = 0  # the last token column of every frame is padding
+    mask[..., -c.patch_size :] = 0  # the last token column of every frame is padding
     return {
         "hidden_states": randn(gen, 1, c.in_channels, frames, size, size),
         "encoder_hidden_states": randn(gen, 1, 16, c.caption_channels),
@@ -60,13 +60,23 @@ PLAN = Plan(
     layout=FrameLayout(inputs={"hidden_states": 2, "attention_mask": 1}, output_axis=2),
     targets={"block-causal-attention": Targets(paths=("transformer_blocks.*.attn1",), mask_format="heads3d")},
     tiny_config=dict(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, num_layers=1,
-        cross_attention_dim=16, sample_width=8, sample_height=8, sample_frames=4, caption_channels=8,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        cross_attention_dim=16,
+        sample_width=8,
+        sample_height=8,
+        sample_frames=4,
+        caption_channels=8,
     ),
     make_inputs=make_inputs,
     conditioning=Conditioning(
-        embedding="adaln_single.emb.timestep_embedder", time_proj="adaln_single.emb.time_proj",
-        sample_arg="hidden_states", modulation=("PixArtAlphaCombinedTimestepSizeEmbeddings",),
+        embedding="adaln_single.emb.timestep_embedder",
+        time_proj="adaln_single.emb.time_proj",
+        sample_arg="hidden_states",
+        modulation=("PixArtAlphaCombinedTimestepSizeEmbeddings",),
     ),
     # The patch embedding adds no positions (pos_embed_type=None): Allegro's only positions are the
     # 3-D RoPE its pipeline passes as image_rotary_emb for the whole clip; the rollout passes none

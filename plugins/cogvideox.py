@@ -31,7 +31,9 @@ TARGETS = Targets(paths=("transformer_blocks.*.attn1",), context="prefix", joint
 # modulated by frame t's embedding (CogVideoX 1.5: the mean over the 2 latent frames of a token
 # frame), text tokens by the per-sample one (frame 0's timestep).
 CONDITIONING = Conditioning(
-    embedding="time_embedding", time_proj="time_proj", sample_arg="hidden_states",
+    embedding="time_embedding",
+    time_proj="time_proj",
+    sample_arg="hidden_states",
     modulation=("CogVideoXLayerNormZero", "AdaLayerNorm"),
 )
 
@@ -138,9 +140,21 @@ def offset_sincos_positions(model, stream) -> None:
 
 
 _TINY = dict(
-    num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=2, text_embed_dim=8,
-    num_layers=2, sample_width=8, sample_height=8, sample_frames=13, patch_size=2, patch_size_t=None,
-    temporal_compression_ratio=4, max_text_seq_length=8, use_rotary_positional_embeddings=True,
+    num_attention_heads=2,
+    attention_head_dim=8,
+    in_channels=4,
+    out_channels=4,
+    time_embed_dim=2,
+    text_embed_dim=8,
+    num_layers=2,
+    sample_width=8,
+    sample_height=8,
+    sample_frames=13,
+    patch_size=2,
+    patch_size_t=None,
+    temporal_compression_ratio=4,
+    max_text_seq_length=8,
+    use_rotary_positional_embeddings=True,
 )
 
 _COMMON_NOTES = (

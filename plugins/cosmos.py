@@ -125,9 +125,19 @@ PLAN = Plan(
     # image context, never mixes frames.
     targets={"block-causal-attention": Targets(paths=("transformer_blocks.*.attn1",), mask_format="bool4d")},
     tiny_config=dict(
-        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=12, num_layers=2, mlp_ratio=2,
-        text_embed_dim=16, adaln_lora_dim=4, max_size=(8, 32, 32), patch_size=(1, 2, 2), rope_scale=(2.0, 1.0, 1.0),
-        concat_padding_mask=True, extra_pos_embed_type="learnable",
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=12,
+        num_layers=2,
+        mlp_ratio=2,
+        text_embed_dim=16,
+        adaln_lora_dim=4,
+        max_size=(8, 32, 32),
+        patch_size=(1, 2, 2),
+        rope_scale=(2.0, 1.0, 1.0),
+        concat_padding_mask=True,
+        extra_pos_embed_type="learnable",
     ),
     make_inputs=make_inputs,
     forward=forward,
@@ -137,13 +147,18 @@ PLAN = Plan(
     # added to linear_1's (B·T, D) output, so it reaches all of them through the pretrained
     # SiLU -> linear_2 (as Wan's reaches its modulation through time_proj).
     conditioning=Conditioning(
-        embedding="time_embed.t_embedder.linear_1", mode="per-token", sample_arg="hidden_states",
-        model_timesteps=model_timesteps, unbatched=("padding_mask",),
+        embedding="time_embed.t_embedder.linear_1",
+        mode="per-token",
+        sample_arg="hidden_states",
+        model_timesteps=model_timesteps,
+        unbatched=("padding_mask",),
     ),
     # RoPE: `rope(hidden_states, fps=...)` returns (cos, sin) of (T·H·W, D), tokens on axis 0; the
     # learnable embedding returns (B, T·H·W, D). Both read only the shape of hidden_states (frames
     # on axis 2; hidden_states there already carries the padding-mask channel).
-    streaming=Streaming(rope="rope", rope_token_axis=0, positions=(OffsetPositions("learnable_pos_embed", token_axis=1),)),
+    streaming=Streaming(
+        rope="rope", rope_token_axis=0, positions=(OffsetPositions("learnable_pos_embed", token_axis=1),)
+    ),
     tokens=tokens,
     description="NVIDIA Cosmos 1.0 / 2.5 world-model DiT (text/video-to-world)",
     notes=(

@@ -48,7 +48,6 @@ class FrameEasyAnimateLayerNormZero(EasyAnimateLayerNormZero):
         return video, text, gate, text_gate
 
 
-
 @hookimpl
 def causalize_register_twins(register):
     register("EasyAnimateLayerNormZero", FrameEasyAnimateLayerNormZero)
@@ -83,17 +82,34 @@ PLAN = Plan(
     family="dit",
     pipeline="block-causal-attention",
     layout=FrameLayout(inputs={"hidden_states": 2}, output_axis=2),
-    targets={"block-causal-attention": Targets(
-        paths=("transformer_blocks.*.attn1",), context="prefix", joint=True, mask_format="bool4d",
-    )},
+    targets={
+        "block-causal-attention": Targets(
+            paths=("transformer_blocks.*.attn1",),
+            context="prefix",
+            joint=True,
+            mask_format="bool4d",
+        )
+    },
     tiny_config=dict(
-        attention_head_dim=16, num_attention_heads=2, in_channels=4, mmdit_layers=2, num_layers=2, out_channels=4,
-        patch_size=2, sample_height=60, sample_width=90, text_embed_dim=16, time_embed_dim=8,
-        time_position_encoding_type="3d_rope", timestep_activation_fn="silu",
+        attention_head_dim=16,
+        num_attention_heads=2,
+        in_channels=4,
+        mmdit_layers=2,
+        num_layers=2,
+        out_channels=4,
+        patch_size=2,
+        sample_height=60,
+        sample_width=90,
+        text_embed_dim=16,
+        time_embed_dim=8,
+        time_position_encoding_type="3d_rope",
+        timestep_activation_fn="silu",
     ),
     make_inputs=make_inputs,
     conditioning=Conditioning(
-        embedding="time_embedding", time_proj="time_proj", sample_arg="hidden_states",
+        embedding="time_embedding",
+        time_proj="time_proj",
+        sample_arg="hidden_states",
         modulation=("EasyAnimateLayerNormZero", "AdaLayerNorm"),
     ),
     streaming=Streaming(rope="rope_embedding", rope_token_axis=0),

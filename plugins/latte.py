@@ -94,7 +94,7 @@ def offset_frame_positions(model: nn.Module, stream: Any) -> None:
             return None
         table = module.temp_pos_embed
         object.__setattr__(module, "_causalize_frame_table", table)
-        module.temp_pos_embed = temporal_positions(table, state.offset + frames_of(args, kwargs))[:, state.offset:]
+        module.temp_pos_embed = temporal_positions(table, state.offset + frames_of(args, kwargs))[:, state.offset :]
         return None
 
     def restore(module, args, kwargs, output):
@@ -109,7 +109,7 @@ def offset_frame_positions(model: nn.Module, stream: Any) -> None:
         if state is None or hidden.shape[1] != 1:
             return None
         table = stream_of(block).model.temp_pos_embed
-        row = temporal_positions(table, state.offset + 1)[:, state.offset:]
+        row = temporal_positions(table, state.offset + 1)[:, state.offset :]
         return (hidden + row.to(hidden.dtype), *args[1:])
 
     model.register_forward_pre_hook(swap, with_kwargs=True)
@@ -151,16 +151,30 @@ PLAN = Plan(
         "causal-temporal-attention": Targets(paths=("temporal_transformer_blocks.*",)),
     },
     tiny_config=dict(
-        sample_size=8, num_layers=2, patch_size=2, attention_head_dim=4, num_attention_heads=2, caption_channels=8,
-        in_channels=4, cross_attention_dim=8, out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
-        num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-06,
+        sample_size=8,
+        num_layers=2,
+        patch_size=2,
+        attention_head_dim=4,
+        num_attention_heads=2,
+        caption_channels=8,
+        in_channels=4,
+        cross_attention_dim=8,
+        out_channels=8,
+        attention_bias=True,
+        activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000,
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-06,
         video_length=4,
     ),
     make_inputs=make_inputs,
     forward=forward,
     conditioning=Conditioning(
-        embedding="adaln_single.emb.timestep_embedder", time_proj="adaln_single.emb.time_proj",
-        sample_arg="hidden_states", modulation=("PixArtAlphaCombinedTimestepSizeEmbeddings",),
+        embedding="adaln_single.emb.timestep_embedder",
+        time_proj="adaln_single.emb.time_proj",
+        sample_arg="hidden_states",
+        modulation=("PixArtAlphaCombinedTimestepSizeEmbeddings",),
     ),
     streaming=Streaming(hooks=(offset_frame_positions,)),
     tokens=tokens,

@@ -42,7 +42,9 @@ def pack(latents: torch.Tensor, patch_size_t: int = 1, patch_size: int = 1) -> t
     return x.permute(0, 2, 4, 6, 1, 3, 5, 7).flatten(4, 7).flatten(1, 3)
 
 
-def unpack(tokens: torch.Tensor, frames: int, height: int, width: int, patch_size_t: int = 1, patch_size: int = 1) -> torch.Tensor:
+def unpack(
+    tokens: torch.Tensor, frames: int, height: int, width: int, patch_size_t: int = 1, patch_size: int = 1
+) -> torch.Tensor:
     """Inverse of `pack`: (B, F·H·W, C·pt·p·p) -> (B, C, F·pt, H·p, W·p), with F, H, W the token grid."""
     b = tokens.shape[0]
     pt, p = patch_size_t, patch_size
@@ -108,8 +110,14 @@ PLAN = Plan(
     layout=FrameLayout(inputs={"latents": 2}, output_axis=2),
     targets={"block-causal-attention": Targets(paths=("transformer_blocks.*.attn1",), mask_format="heads3d")},
     tiny_config=dict(
-        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
-        num_layers=1, qk_norm="rms_norm_across_heads", caption_channels=16,
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        cross_attention_dim=16,
+        num_layers=1,
+        qk_norm="rms_norm_across_heads",
+        caption_channels=16,
     ),
     make_inputs=make_inputs,
     forward=forward,
@@ -117,7 +125,9 @@ PLAN = Plan(
     # emb.timestep_embedder gives (B·N, D), which feeds time_embed.linear (the blocks' AdaLN, temb)
     # and is embedded_timestep (norm_out's shift/scale). Actions are added there, per token.
     conditioning=Conditioning(
-        embedding="time_embed.emb.timestep_embedder", mode="per-token", sample_arg="latents",
+        embedding="time_embed.emb.timestep_embedder",
+        mode="per-token",
+        sample_arg="latents",
         model_timesteps=model_timesteps,
     ),
     streaming=Streaming(rope="rope", rope_frames_arg=1),

@@ -45,10 +45,10 @@ class FrameMochiRMSNormZero(MochiRMSNormZero):
         return super().forward(hidden_states, emb if frames is None else frames)
 
 
-
 @hookimpl
 def causalize_register_twins(register):
     register("MochiRMSNormZero", FrameMochiRMSNormZero)
+
 
 TEXT_TOKENS = 16
 VALID_TEXT = 11  # the example inputs pad the prompt, so the per-sample text length is exercised
@@ -80,19 +80,33 @@ PLAN = Plan(
     layout=FrameLayout(inputs={"hidden_states": 2}, output_axis=2),
     targets={
         "block-causal-attention": Targets(
-            paths=("transformer_blocks.*.attn1",), context="suffix", joint=True, mask_format="sdpa-scope",
+            paths=("transformer_blocks.*.attn1",),
+            context="suffix",
+            joint=True,
+            mask_format="sdpa-scope",
         ),
         # the video stream's modulation (norm1_context, the text stream's, is the same class)
         "frame-conditioning": Targets(paths=("transformer_blocks.*.norm1", "norm_out")),
     },
     tiny_config=dict(
-        patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=2, pooled_projection_dim=16,
-        in_channels=4, out_channels=None, qk_norm="rms_norm", text_embed_dim=16, time_embed_dim=4,
-        activation_fn="swiglu", max_sequence_length=16,
+        patch_size=2,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=2,
+        pooled_projection_dim=16,
+        in_channels=4,
+        out_channels=None,
+        qk_norm="rms_norm",
+        text_embed_dim=16,
+        time_embed_dim=4,
+        activation_fn="swiglu",
+        max_sequence_length=16,
     ),
     make_inputs=make_inputs,
     conditioning=Conditioning(
-        embedding="time_embed.timestep_embedder", time_proj="time_embed.time_proj", sample_arg="hidden_states",
+        embedding="time_embed.timestep_embedder",
+        time_proj="time_embed.time_proj",
+        sample_arg="hidden_states",
         modulation=("MochiRMSNormZero", "AdaLayerNormContinuous"),
     ),
     # `rope(pos_frequencies, num_frames, height, width, ...)` returns (cos, sin) of (T·H·W, heads, ·);

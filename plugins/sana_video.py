@@ -45,15 +45,31 @@ PLAN = Plan(
         "block-causal-linear-attention": Targets(paths=("transformer_blocks.*.attn1",)),
     },
     tiny_config=dict(
-        in_channels=16, out_channels=16, num_attention_heads=2, attention_head_dim=12, num_layers=2,
-        num_cross_attention_heads=2, cross_attention_head_dim=12, cross_attention_dim=24, caption_channels=16,
-        mlp_ratio=2.5, dropout=0.0, attention_bias=False, sample_size=8, patch_size=(1, 2, 2),
-        norm_elementwise_affine=False, norm_eps=1e-06, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+        in_channels=16,
+        out_channels=16,
+        num_attention_heads=2,
+        attention_head_dim=12,
+        num_layers=2,
+        num_cross_attention_heads=2,
+        cross_attention_head_dim=12,
+        cross_attention_dim=24,
+        caption_channels=16,
+        mlp_ratio=2.5,
+        dropout=0.0,
+        attention_bias=False,
+        sample_size=8,
+        patch_size=(1, 2, 2),
+        norm_elementwise_affine=False,
+        norm_eps=1e-06,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
     ),
     make_inputs=make_inputs,
     # AdaLayerNormSingle (guidance_embeds=False, the released configs); the guidance variant
     # (SanaCombinedTimestepGuidanceEmbeddings) has no `emb` and is refused by the pass
-    conditioning=Conditioning(embedding="time_embed.emb.timestep_embedder", mode="per-token", sample_arg="hidden_states"),
+    conditioning=Conditioning(
+        embedding="time_embed.emb.timestep_embedder", mode="per-token", sample_arg="hidden_states"
+    ),
     # the linear attention streams its running sums, conv_temp its last 2 input frames (both
     # installed by Stream for any plan); the Wan-style RoPE reads only the input's shape
     streaming=Streaming(rope="rope"),

@@ -84,7 +84,11 @@ def test_save_then_load_gives_identical_outputs(tmp_path):
     ref = _run(wm, inputs, _continuous())
     save_action_adapter(model, "robot", tmp_path / "robot")
 
-    assert {p.name for p in (tmp_path / "robot").iterdir()} == {"adapter_config.json", "adapter_model.safetensors", "causalize_adapter.json"}
+    assert {p.name for p in (tmp_path / "robot").iterdir()} == {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "causalize_adapter.json",
+    }
     config = json.loads((tmp_path / "robot" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["modules_to_save"] == [ADAPTER_ATTR] and config["r"] == 2
     keys = load_file(tmp_path / "robot" / "adapter_model.safetensors").keys()
@@ -150,8 +154,10 @@ def test_two_action_spaces_switch(tmp_path):
         torch.testing.assert_close(_run(w, inputs, _continuous()), robot, rtol=0, atol=0)
 
     # adapters hold copies: the base weights (converted encoder included) never moved
-    unwrapped = {n.replace(f"{ADAPTER_ATTR}.original_module.", f"{ADAPTER_ATTR}.").replace(".base_layer.", "."): p
-                 for n, p in model.named_parameters()}
+    unwrapped = {
+        n.replace(f"{ADAPTER_ATTR}.original_module.", f"{ADAPTER_ATTR}.").replace(".base_layer.", "."): p
+        for n, p in model.named_parameters()
+    }
     for n, p in base.items():
         torch.testing.assert_close(unwrapped[n], p, rtol=0, atol=0)
 
@@ -219,8 +225,14 @@ def test_still_causal_with_adapters(plan_name):
     (zero parameters, LoRA-B included, are re-randomised by the probe)."""
     model, plan = _converted(plan_name)
     add_action_adapter(model, "robot", action_dim=3, lora_rank=2)
-    add_action_adapter(model, "game", action_dim=5, action_type="discrete", lora_rank=2,
-                       lora_targets=["to_q", "to_v", "resnets.0.conv1"] if plan_name == "unet3d" else None)  # per-frame Conv2d
+    add_action_adapter(
+        model,
+        "game",
+        action_dim=5,
+        action_type="discrete",
+        lora_rank=2,
+        lora_targets=["to_q", "to_v", "resnets.0.conv1"] if plan_name == "unet3d" else None,
+    )  # per-frame Conv2d
     wm = WorldModel(model, plan)
     latent_axis = plan.layout.inputs[plan.conditioning.sample_arg]
     for name, actions in (("robot", _continuous()), ("game", _one_hot())):

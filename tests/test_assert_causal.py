@@ -63,7 +63,9 @@ class Net(nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.inp = nn.Linear(C, C)
-        self.blocks = nn.ModuleList([Block(CausalConvTime()), Block(SymmetricConvTime() if leaky else CausalConvTime(2))])
+        self.blocks = nn.ModuleList(
+            [Block(CausalConvTime()), Block(SymmetricConvTime() if leaky else CausalConvTime(2))]
+        )
         self.out = nn.Linear(C, C)
 
     def forward(self, x):

@@ -143,8 +143,24 @@ def test_failed_recording_leaves_nothing(tmp_path, monkeypatch):
 
 
 def test_cli_records_and_prints_json(tmp_path, capsys):
-    argv = [str(tmp_path), "--games", "Freeway", "--clips-per-game", "1", "--clip-len", "3",
-            "--train-episodes", "2", "--test-episodes", "1", "--episode-len", "4", "--warmup", "0", "5"]
+    argv = [
+        str(tmp_path),
+        "--games",
+        "Freeway",
+        "--clips-per-game",
+        "1",
+        "--clip-len",
+        "3",
+        "--train-episodes",
+        "2",
+        "--test-episodes",
+        "1",
+        "--episode-len",
+        "4",
+        "--warmup",
+        "0",
+        "5",
+    ]
     assert atari.main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["datasets"]["pretrain"]["episodes"] == 1

@@ -45,10 +45,23 @@ def runs(tmp_path_factory):
 
 def test_every_stage_writes_its_outputs(runs):
     out = runs["root"] / "a"
-    for path in ["study.json", "data/summary.json", "pretrain/pretrain.json", "pretrain/model/config.json",
-                 "pretrain/metrics.jsonl", "scratch_init/model/config.json", "results.json", "README.md",
-                 "rollout.gif", "rollout_grid.png", "plots/variants_psnr.png", "plots/variants_ssim.png",
-                 "plots/guidance_psnr.png", "plots/controllability_psnr.png", "plots/finetune_loss.png"]:
+    for path in [
+        "study.json",
+        "data/summary.json",
+        "pretrain/pretrain.json",
+        "pretrain/model/config.json",
+        "pretrain/metrics.jsonl",
+        "scratch_init/model/config.json",
+        "results.json",
+        "README.md",
+        "rollout.gif",
+        "rollout_grid.png",
+        "plots/variants_psnr.png",
+        "plots/variants_ssim.png",
+        "plots/guidance_psnr.png",
+        "plots/controllability_psnr.png",
+        "plots/finetune_loss.png",
+    ]:
         assert (out / path).is_file(), path
     for v in study.VARIANTS:
         assert (out / "convert" / v / "causalize.json").is_file()
@@ -73,7 +86,11 @@ def test_results_cover_every_variant_run_and_metric(runs):
             m = run["metrics"][metric]
             assert len(m["mean"]) == horizon and m["n"] == res["segments"]["count"], name
             assert all(x == x for x in m["mean"]), name  # no NaN
-    assert {r["guidance"] for r in res["runs"].values() if r["variant"] == study.MAIN and r["actions"] == "real"} == {1.0, 1.5, 2.5}
+    assert {r["guidance"] for r in res["runs"].values() if r["variant"] == study.MAIN and r["actions"] == "real"} == {
+        1.0,
+        1.5,
+        2.5,
+    }
     assert any(r["actions"] == "random" for r in res["runs"].values())
     # the time-spanning norm is not causal, and the verification says so; every other variant is causal
     ver = {v: d["verification"]["passed"] for v, d in res["variants"].items()}
@@ -152,15 +169,18 @@ def test_pretraining_resumes_exactly(runs, tmp_path):
 def wan_run(runs):
     """The smoke study on the small Wan DiT, reusing the UNet run's recordings (same data settings)."""
     out = runs["root"] / "wan"
-    res = study.run_study(out, scale="smoke", seed=SEED, backbone="wan", data_dir=runs["root"] / "a" / "data",
-                          log=lambda m: None)
+    res = study.run_study(
+        out, scale="smoke", seed=SEED, backbone="wan", data_dir=runs["root"] / "a" / "data", log=lambda m: None
+    )
     return out, res
 
 
 def test_wan_backbone_runs_transfer_against_scratch(wan_run):
     out, res = wan_run
     assert res["study"]["config"]["backbone"] == "wan"
-    assert json.loads((out / "pretrain" / "model" / "config.json").read_text())["_class_name"] == "WanTransformer3DModel"
+    assert (
+        json.loads((out / "pretrain" / "model" / "config.json").read_text())["_class_name"] == "WanTransformer3DModel"
+    )
     assert set(res["variants"]) == {"causal", "scratch"}
     for v, d in res["variants"].items():
         assert d["verification"]["passed"] is True, v  # the frame-causal mask leaves nothing to leak
@@ -168,7 +188,11 @@ def test_wan_backbone_runs_transfer_against_scratch(wan_run):
     claims = {c["claim"] for c in res["comparisons"]}
     assert "pretrained transfer beats training from scratch" in claims
     assert not any("shift" in c or "norm" in c for c in claims)  # the UNet-only ablations are not invented
-    assert {r["guidance"] for r in res["runs"].values() if r["variant"] == "causal" and r["actions"] == "real"} == {1.0, 1.5, 2.5}
+    assert {r["guidance"] for r in res["runs"].values() if r["variant"] == "causal" and r["actions"] == "real"} == {
+        1.0,
+        1.5,
+        2.5,
+    }
     assert "backbone `wan`" in (out / "README.md").read_text()
 
 
@@ -207,4 +231,5 @@ def test_denoising_check_does_not_depend_on_the_batch(runs):
             assert abs(whole[k][name] - one_by_one[k][name]) < 1e-3, (k, name)
     assert whole["20"]["input"] > whole["999"]["input"]
     assert json.loads((out / "eval" / "denoise_scratch.json").read_text())["levels"]["20"] == pytest.approx(
-        ev.denoising_psnr(wm, segments, list(study.DENOISE_LEVELS), SEED)["20"])
+        ev.denoising_psnr(wm, segments, list(study.DENOISE_LEVELS), SEED)["20"]
+    )

@@ -33,7 +33,9 @@ def test_gif_side_by_side_keeps_every_frame(tmp_path):
 
 def test_gif_rejects_mismatched_panels(tmp_path):
     with pytest.raises(ValueError, match="same"):
-        report.write_comparison_gif(tmp_path / "x.gif", {"a": np.zeros((3, 8, 8, 3), np.uint8), "b": np.zeros((4, 8, 8, 3), np.uint8)})
+        report.write_comparison_gif(
+            tmp_path / "x.gif", {"a": np.zeros((3, 8, 8, 3), np.uint8), "b": np.zeros((4, 8, 8, 3), np.uint8)}
+        )
 
 
 def test_plot_horizon_png(tmp_path):

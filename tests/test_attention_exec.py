@@ -26,7 +26,9 @@ from causalize.plugin_manager import registries
 from causalize.verify.influence import rerandomize_zero_params
 
 ORIGINAL_SDPA = F.scaled_dot_product_attention
-PROCESSOR_PLANS = [n for n in registries().plans.names() if "block-causal-attention" in registries().plans.get(n).targets]
+PROCESSOR_PLANS = [
+    n for n in registries().plans.names() if "block-causal-attention" in registries().plans.get(n).targets
+]
 
 
 @pytest.fixture(autouse=True)
@@ -119,7 +121,10 @@ def test_flex_runs_chunked_for_inputs_it_cannot_take():
     out.sum().backward()
     assert q.grad is not None
     p = q.detach()
-    assert ae.flex_unsupported(p, p, p, torch.ones(1, 1, 6, 6, dtype=torch.bool)) == "the model's own mask is not a key mask"
+    assert (
+        ae.flex_unsupported(p, p, p, torch.ones(1, 1, 6, 6, dtype=torch.bool))
+        == "the model's own mask is not a key mask"
+    )
     assert ae.flex_unsupported(p[0], p[0], p[0], None) is not None  # 3-D
     assert ae.flex_unsupported(p, p, p, torch.ones(1, 6, dtype=torch.bool)) is None  # a (1, L) key mask
 
@@ -174,27 +179,33 @@ def _model_mask(kind: str, fid: torch.Tensor, batch: int, heads: int, gen, dtype
     return torch.zeros(full.shape, dtype=dtype).masked_fill(~full, float("-inf"))
 
 
-layouts = st.fixed_dictionaries({
-    "frames": st.integers(1, 5),
-    "per_frame": st.integers(1, 6),
-    "context": st.integers(0, 6),
-    "position": st.sampled_from(["prefix", "suffix"]),
-    "block": st.integers(1, 3),
-    "csv": st.booleans(),
-    "batch": st.integers(1, 2),
-    "heads": st.sampled_from([1, 2, 4]),
-    "gqa": st.booleans(),
-    "mask": st.sampled_from(["none", "key-bool", "key-bool-3d", "key-bool-2d", "key-additive", "full-bool", "full-additive"]),
-    "scale": st.sampled_from([None, 0.3]),
-    "seed": st.integers(0, 2**16),
-})
+layouts = st.fixed_dictionaries(
+    {
+        "frames": st.integers(1, 5),
+        "per_frame": st.integers(1, 6),
+        "context": st.integers(0, 6),
+        "position": st.sampled_from(["prefix", "suffix"]),
+        "block": st.integers(1, 3),
+        "csv": st.booleans(),
+        "batch": st.integers(1, 2),
+        "heads": st.sampled_from([1, 2, 4]),
+        "gqa": st.booleans(),
+        "mask": st.sampled_from(
+            ["none", "key-bool", "key-bool-3d", "key-bool-2d", "key-additive", "full-bool", "full-additive"]
+        ),
+        "scale": st.sampled_from([None, 0.3]),
+        "seed": st.integers(0, 2**16),
+    }
+)
 
 
 @settings(max_examples=120, deadline=None)
 @given(case=layouts)
 def test_chunked_and_dense_equal_the_reference(case):
     c = case
-    fid = token_frame_ids(TokenGrid(c["frames"], c["per_frame"]), c["context"], c["position"] if c["context"] else "none")
+    fid = token_frame_ids(
+        TokenGrid(c["frames"], c["per_frame"]), c["context"], c["position"] if c["context"] else "none"
+    )
     n, gen = fid.numel(), torch.Generator().manual_seed(c["seed"])
     kv_heads = 1 if c["gqa"] else c["heads"]
     q = torch.randn(c["batch"], c["heads"], n, 8, generator=gen)
@@ -203,13 +214,20 @@ def test_chunked_and_dense_equal_the_reference(case):
     kw = {"scale": c["scale"], "enable_gqa": c["gqa"]}
     expected = _reference(q, k, v, fid, c["block"], c["csv"], mask, **kw)
     for backend in ("chunked", "dense"):
-        got = ae.block_causal_attention(q, k, v, fid, block_size=c["block"], context_sees_video=c["csv"], attn_mask=mask,
-                                        backend=backend, **kw)
+        got = ae.block_causal_attention(
+            q, k, v, fid, block_size=c["block"], context_sees_video=c["csv"], attn_mask=mask, backend=backend, **kw
+        )
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 @settings(max_examples=60, deadline=None)
-@given(lq=st.integers(1, 24), lk=st.integers(1, 24), frames=st.integers(1, 4), block=st.integers(1, 3), seed=st.integers(0, 2**16))
+@given(
+    lq=st.integers(1, 24),
+    lk=st.integers(1, 24),
+    frames=st.integers(1, 4),
+    block=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+)
 def test_chunked_takes_any_frame_ids(lq, lk, frames, block, seed):
     """Unordered ids and Lq != Lk (e.g. cached history keys before the call's own): the key order
     and the query runs come from the ids themselves."""
@@ -237,7 +255,10 @@ def test_bf16_chunked_stays_within_rounding_of_dense(position):
         got = ae.block_causal_attention(*low, fid, block_size=2, attn_mask=mask, backend=backend)
         assert got.dtype == torch.bfloat16
         torch.testing.assert_close(got.float(), exact, rtol=3e-2, atol=3e-2)
-    chunked, dense = (ae.block_causal_attention(*low, fid, block_size=2, attn_mask=mask, backend=b).float() for b in ("chunked", "dense"))
+    chunked, dense = (
+        ae.block_causal_attention(*low, fid, block_size=2, attn_mask=mask, backend=b).float()
+        for b in ("chunked", "dense")
+    )
     assert (chunked - dense).abs().max() < 3e-2
 
 
@@ -286,12 +307,18 @@ def test_tile_block_mask_equals_create_block_mask():
     from torch.nn.attention.flex_attention import create_block_mask
 
     gen = torch.Generator().manual_seed(0)
-    for frames, per_frame, context, position, block, csv in [(5, 40, 11, "prefix", 2, False), (2, 130, 77, "suffix", 1, True),
-                                                              (7, 33, 0, "none", 3, False), (3, 128, 128, "prefix", 1, False)]:
+    for frames, per_frame, context, position, block, csv in [
+        (5, 40, 11, "prefix", 2, False),
+        (2, 130, 77, "suffix", 1, True),
+        (7, 33, 0, "none", 3, False),
+        (3, 128, 128, "prefix", 1, False),
+    ]:
         fid = token_frame_ids(TokenGrid(frames, per_frame), context, position)
         n = fid.numel()
         for keep in (None, torch.rand(2, 1, n, generator=gen) > 0.4, torch.rand(1, 3, n, generator=gen) > 0.9):
-            ours = ae.build_block_mask(ae.block_ids(fid, block, queries=True, context_sees_video=csv), ae.block_ids(fid, block), keep)
+            ours = ae.build_block_mask(
+                ae.block_ids(fid, block, queries=True, context_sees_video=csv), ae.block_ids(fid, block), keep
+            )
             b, h = (None, None) if keep is None else keep.shape[:2]
             theirs = create_block_mask(ours.mask_mod, b, h, n, n, device="cpu")
             for name in ("kv_num_blocks", "full_kv_num_blocks"):
@@ -331,8 +358,13 @@ def test_chunked_processor_masks_only_the_joint_self_attention(mask_format):
     >= T·P) is block-causal, with the model's own key mask kept."""
     key_pad = torch.ones(1, 1, 1, 9, dtype=torch.bool)
     key_pad[..., -1] = False
-    proc = BlockCausalAttnProcessor(_SdpaCalls([(9, 9), (1, 9), (9, 4), (4, 4)], key_pad), _ctx(), position="suffix",
-                                    joint=True, mask_format=mask_format)
+    proc = BlockCausalAttnProcessor(
+        _SdpaCalls([(9, 9), (1, 9), (9, 4), (4, 4)], key_pad),
+        _ctx(),
+        position="suffix",
+        joint=True,
+        mask_format=mask_format,
+    )
     before = _executions("chunked")
     with ae.attention_backend("chunked"):
         outs = proc(None, torch.zeros(1, 6, 1), torch.zeros(1, 3, 1), None)
@@ -454,9 +486,12 @@ def _mochi_batch(model, valid=(11, 5), frames=3):
     mask = torch.zeros(len(valid), 16, dtype=torch.long)
     for b, n in enumerate(valid):
         mask[b, :n] = 1
-    return {"hidden_states": torch.randn(len(valid), c.in_channels, frames, 16, 16, generator=gen),
-            "encoder_hidden_states": torch.randn(len(valid), 16, c.text_embed_dim, generator=gen),
-            "timestep": torch.tensor([500] * len(valid)), "encoder_attention_mask": mask}
+    return {
+        "hidden_states": torch.randn(len(valid), c.in_channels, frames, 16, 16, generator=gen),
+        "encoder_hidden_states": torch.randn(len(valid), 16, c.text_embed_dim, generator=gen),
+        "timestep": torch.tensor([500] * len(valid)),
+        "encoder_attention_mask": mask,
+    }
 
 
 def test_per_sample_text_lengths_and_padding_masks_chunked_equal_dense():
@@ -482,7 +517,9 @@ def test_per_sample_text_lengths_and_padding_masks_chunked_equal_dense():
 
 # --- compiled flex (CPU here; a few compiles only) ----------------------------------------------
 
-needs_flex = pytest.mark.skipif(not ae.flex_status("cpu")[0], reason=f"compiled flex cannot run here: {ae.flex_status('cpu')[1]}")
+needs_flex = pytest.mark.skipif(
+    not ae.flex_status("cpu")[0], reason=f"compiled flex cannot run here: {ae.flex_status('cpu')[1]}"
+)
 
 
 def _graphs() -> int:

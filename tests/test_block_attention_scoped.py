@@ -108,16 +108,20 @@ def test_own_mask_and_is_causal_are_combined():
     class Inner:
         def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
             bias = torch.zeros(9).masked_fill(~key_pad, float("-inf"))
-            return (F.scaled_dot_product_attention(q, k, v, attn_mask=key_pad),
-                    F.scaled_dot_product_attention(q, k, v, bias),
-                    F.scaled_dot_product_attention(q, k, v, is_causal=True))
+            return (
+                F.scaled_dot_product_attention(q, k, v, attn_mask=key_pad),
+                F.scaled_dot_product_attention(q, k, v, bias),
+                F.scaled_dot_product_attention(q, k, v, is_causal=True),
+            )
 
     proc = BlockCausalAttnProcessor(Inner(), _ctx(), position="suffix", joint=True, mask_format="sdpa-scope")
     as_bool, as_bias, causal = _call(proc, text_len=3)
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed & key_pad)
     torch.testing.assert_close(as_bool, expected, rtol=0, atol=0)
     torch.testing.assert_close(as_bias, expected, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(causal, F.scaled_dot_product_attention(q, k, v, attn_mask=allowed & tril), rtol=0, atol=0)
+    torch.testing.assert_close(
+        causal, F.scaled_dot_product_attention(q, k, v, attn_mask=allowed & tril), rtol=0, atol=0
+    )
 
 
 def test_original_sdpa_is_restored_when_the_inner_processor_raises():
@@ -129,8 +133,9 @@ def test_original_sdpa_is_restored_when_the_inner_processor_raises():
     assert inner.seen_function is not original
     assert F.scaled_dot_product_attention is original
     assert ba._SdpaRouting.depth == 0 and not ba._scope_stack()
-    (out,) = BlockCausalAttnProcessor(SdpaInner([(9, 9)]), _ctx(), position="suffix", joint=True, mask_format="sdpa-scope")(
-        None, torch.zeros(1, 6, 1), torch.zeros(1, 3, 1), None)
+    (out,) = BlockCausalAttnProcessor(
+        SdpaInner([(9, 9)]), _ctx(), position="suffix", joint=True, mask_format="sdpa-scope"
+    )(None, torch.zeros(1, 6, 1), torch.zeros(1, 3, 1), None)
     torch.testing.assert_close(out, _reference(9, 0), rtol=0, atol=0)  # still works afterwards
 
 
@@ -142,7 +147,9 @@ def test_misfit_length_is_a_clear_error_and_restores_sdpa():
         _call(proc)
     assert F.scaled_dot_product_attention is original
     # a joint input shorter than the video cannot be this model's layout either
-    proc = BlockCausalAttnProcessor(SdpaInner([(9, 9)]), _ctx(), position="suffix", joint=True, mask_format="sdpa-scope")
+    proc = BlockCausalAttnProcessor(
+        SdpaInner([(9, 9)]), _ctx(), position="suffix", joint=True, mask_format="sdpa-scope"
+    )
     with pytest.raises(CausalizeError, match="does not fit"):
         _call(proc, hidden_len=2, text_len=1)
     assert F.scaled_dot_product_attention is original
@@ -150,7 +157,9 @@ def test_misfit_length_is_a_clear_error_and_restores_sdpa():
 
 def test_a_processor_that_never_reaches_sdpa_is_an_error():
     """Silently bidirectional is the worst outcome: a call that masked nothing raises."""
-    proc = BlockCausalAttnProcessor(SdpaInner([(4, 4), (1, 9)]), _ctx(), position="suffix", joint=True, mask_format="sdpa-scope")
+    proc = BlockCausalAttnProcessor(
+        SdpaInner([(4, 4), (1, 9)]), _ctx(), position="suffix", joint=True, mask_format="sdpa-scope"
+    )
     with pytest.raises(CausalizeError, match="masked nothing"):
         _call(proc)
     assert ba._SdpaRouting.depth == 0
@@ -159,7 +168,9 @@ def test_a_processor_that_never_reaches_sdpa_is_an_error():
 def test_nested_scopes_mask_with_the_innermost_grid_and_unwind():
     original = F.scaled_dot_product_attention
     small = TokenGrid(frames=2, per_frame=2)
-    inner_proc = BlockCausalAttnProcessor(SdpaInner([(6, 6)]), _ctx(small), position="suffix", joint=True, mask_format="sdpa-scope")
+    inner_proc = BlockCausalAttnProcessor(
+        SdpaInner([(6, 6)]), _ctx(small), position="suffix", joint=True, mask_format="sdpa-scope"
+    )
     seen = {}
 
     def nested():
@@ -189,7 +200,9 @@ def test_other_threads_pass_through_while_a_scope_is_active():
         t.join()
         return None
 
-    proc = BlockCausalAttnProcessor(SdpaInner([(9, 9)], nested=nested), _ctx(), position="suffix", joint=True, mask_format="sdpa-scope")
+    proc = BlockCausalAttnProcessor(
+        SdpaInner([(9, 9)], nested=nested), _ctx(), position="suffix", joint=True, mask_format="sdpa-scope"
+    )
     _call(proc)
     torch.testing.assert_close(result["out"], F.scaled_dot_product_attention(*_qkv(9, 0)), rtol=0, atol=0)
 
@@ -287,7 +300,9 @@ def test_mochi_batch_with_different_text_lengths_is_causal_per_sample(mochi, mon
     inputs = _mochi_batch(base)
     lengths = []
     real = ba.SdpaScope.mask_for
-    monkeypatch.setattr(ba.SdpaScope, "mask_for", lambda self, length, *a: lengths.append(length) or real(self, length, *a))
+    monkeypatch.setattr(
+        ba.SdpaScope, "mask_for", lambda self, length, *a: lengths.append(length) or real(self, length, *a)
+    )
     with torch.no_grad():
         plan.forward(causal, inputs)
     video = 4 * 8 * 8

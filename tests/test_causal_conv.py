@@ -43,15 +43,26 @@ def conv_cases(draw: st.DrawFn) -> dict:
     m = (k - 1) // 2
     p = draw(st.integers(1, 2 * m + 1)) if transfer == "extrapolative" else 2
     conv = CONV[ndim](
-        cin, cout, tuple(kernel), padding=tuple(padding), dilation=tuple(dilation),
-        groups=groups, bias=draw(st.booleans()),
+        cin,
+        cout,
+        tuple(kernel),
+        padding=tuple(padding),
+        dilation=tuple(dilation),
+        groups=groups,
+        bias=draw(st.booleans()),
         padding_mode=draw(st.sampled_from(["zeros", "replicate"])),
     )
     frames = draw(st.integers(1, 9))
     shape = [2, cin] + [3] * ndim
     shape[2 + time_axis] = frames
-    return {"conv": conv, "time_axis": time_axis, "transfer": transfer, "p": p, "shape": shape,
-            "seed": draw(st.integers(0, 2**16))}
+    return {
+        "conv": conv,
+        "time_axis": time_axis,
+        "transfer": transfer,
+        "p": p,
+        "shape": shape,
+        "seed": draw(st.integers(0, 2**16)),
+    }
 
 
 def _perturb_from(x: torch.Tensor, dim: int, j: int, gen: torch.Generator) -> torch.Tensor:

@@ -37,7 +37,8 @@ def as_json(result) -> dict:
 def snapshot(directory: Path) -> dict[str, tuple[str, int]]:
     return {
         str(p.relative_to(directory)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-        for p in sorted(directory.rglob("*")) if p.is_file()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
     }
 
 
@@ -207,8 +208,14 @@ def test_unsupported_class_lists_plans_and_mentions_plugins(tmp_path):
     src = tmp_path / "unet2d"
     torch.manual_seed(0)
     diffusers.UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(4, 8), norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        layers_per_block=1,
+        block_out_channels=(4, 8),
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
     ).save_pretrained(src, safe_serialization=True)
     result = cli("convert", src, tmp_path / "out", "--json")
     assert_one_line_error(result, 4, "UNet2DModel", "UNet3DConditionModel (unet3d)", "plugin")
@@ -272,7 +279,9 @@ def test_unknown_option_is_a_usage_error(tiny):
 def test_pipeline_directory_is_accepted(tiny, tmp_path):
     pipe = tmp_path / "pipe"
     shutil.copytree(tiny, pipe / "unet")
-    (pipe / "model_index.json").write_text(json.dumps({"_class_name": "TextToVideoSDPipeline", "unet": ["diffusers", "UNet3DConditionModel"]}))
+    (pipe / "model_index.json").write_text(
+        json.dumps({"_class_name": "TextToVideoSDPipeline", "unet": ["diffusers", "UNet3DConditionModel"]})
+    )
     out = tmp_path / "out"
     result = cli("convert", pipe, out, "--no-verify", "--json")
     assert result.exit_code == 0, result.output
@@ -338,7 +347,17 @@ def test_env_json():
     result = cli("env", "--json")
     assert result.exit_code == 0, result.output
     doc = as_json(result)
-    for key in ("causalize", "python", "torch", "diffusers", "peft", "pluggy", "accelerate", "cuda_available", "platform"):
+    for key in (
+        "causalize",
+        "python",
+        "torch",
+        "diffusers",
+        "peft",
+        "pluggy",
+        "accelerate",
+        "cuda_available",
+        "platform",
+    ):
         assert key in doc, key
     assert doc["torch"] and isinstance(doc["cuda_available"], bool)
 

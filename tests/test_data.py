@@ -29,16 +29,12 @@ H, W, C = 4, 5, 3
 
 
 def _frames(T, seed=0):
-    return np.random.default_rng(seed).integers(
-        0, 256, size=(T, H, W, C), dtype=np.uint8
-    )
+    return np.random.default_rng(seed).integers(0, 256, size=(T, H, W, C), dtype=np.uint8)
 
 
 def _arange_actions(T, A=2):
     # row t = (t, 100 + t, ...): the stored a_t is recognisable from its value.
-    return np.stack(
-        [np.arange(T, dtype=np.float32) + 100 * j for j in range(A)], axis=1
-    )
+    return np.stack([np.arange(T, dtype=np.float32) + 100 * j for j in range(A)], axis=1)
 
 
 def _pixel_dataset(root, lengths, A=2, extras=()):
@@ -56,9 +52,7 @@ def _pixel_dataset(root, lengths, A=2, extras=()):
             kw["rewards"] = np.arange(T, dtype=np.float32) * 10
         if "dones" in extras:
             kw["dones"] = np.arange(T) == T - 2
-        write_episode(
-            root, i, frames=_frames(T, seed=i), actions=_arange_actions(T, A), **kw
-        )
+        write_episode(root, i, frames=_frames(T, seed=i), actions=_arange_actions(T, A), **kw)
     return root
 
 
@@ -68,12 +62,7 @@ def _pixel_dataset(root, lengths, A=2, extras=()):
 def test_round_trip_shapes_dtypes_range(tmp_path):
     root = _pixel_dataset(tmp_path / "ds", [6, 9])
     info = read_info(root)
-    assert (
-        info.kind == "pixels"
-        and info.shape == (H, W, C)
-        and info.fps == 4
-        and info.source == {"test": True}
-    )
+    assert info.kind == "pixels" and info.shape == (H, W, C) and info.fps == 4 and info.source == {"test": True}
     assert info.action_space == ActionSpace.continuous(2)
     assert list_episodes(root) == [0, 1]
     assert episode_path(root, 1).name == "000001.npz"
@@ -81,9 +70,7 @@ def test_round_trip_shapes_dtypes_range(tmp_path):
     ds = EpisodeDataset(root, window=4)
     item = ds[0]
     assert set(item) == {"frames", "actions", "action_mask", "episode", "start"}
-    assert (
-        item["frames"].shape == (4, C, H, W) and item["frames"].dtype == torch.float32
-    )
+    assert item["frames"].shape == (4, C, H, W) and item["frames"].dtype == torch.float32
     assert item["actions"].shape == (4, 2) and item["actions"].dtype == torch.float32
     assert item["action_mask"].dtype == torch.bool and item["action_mask"].shape == (4,)
     assert item["frames"].min() >= -1 and item["frames"].max() <= 1
@@ -121,9 +108,7 @@ def test_action_alignment_start_zero_and_later(tmp_path):
     assert it["start"] == 4 and it["actions"][:, 0].tolist() == [3.0, 4.0, 5.0]
     # frames are the stored ones at [s, s + window)
     raw = _frames(7, seed=0)
-    torch.testing.assert_close(
-        it["frames"], torch.from_numpy(raw[4:7]).permute(0, 3, 1, 2).float() / 127.5 - 1
-    )
+    torch.testing.assert_close(it["frames"], torch.from_numpy(raw[4:7]).permute(0, 3, 1, 2).float() / 127.5 - 1)
 
 
 def test_extras_shift_like_actions(tmp_path):
@@ -162,12 +147,7 @@ def test_window_count_and_positions(tmp_path_factory, lengths, window, stride):
         warnings.simplefilter("ignore", DataWarning)
         ds = EpisodeDataset(root, window, stride=stride, skip_short=True)
     assert len(ds) == sum((T - window) // stride + 1 for T in usable)
-    expected = [
-        (i, s)
-        for i, T in enumerate(lengths)
-        if T >= window
-        for s in range(0, T - window + 1, stride)
-    ]
+    expected = [(i, s) for i, T in enumerate(lengths) if T >= window for s in range(0, T - window + 1, stride)]
     assert [ds.window_at(k) for k in range(len(ds))] == expected
     for k in range(len(ds)):
         it = ds[k]
@@ -186,9 +166,7 @@ def test_deterministic_indexing(tmp_path):
     for k in range(len(a)):
         x, y = a[k], b[k]
         assert (x["episode"], x["start"]) == (y["episode"], y["start"])
-        assert torch.equal(x["frames"], y["frames"]) and torch.equal(
-            x["actions"], y["actions"]
-        )
+        assert torch.equal(x["frames"], y["frames"]) and torch.equal(x["actions"], y["actions"])
     # reading out of order (cache evictions) gives the same items
     c = EpisodeDataset(root, window=3, stride=2, cache_size=1)
     for k in reversed(range(len(a))):
@@ -204,11 +182,7 @@ def test_split_deterministic_disjoint(tmp_path):
     root = _pixel_dataset(tmp_path / "ds", [4] * 20)
     train, test = split_episodes(root, 0.25, seed=3)
     assert (train, test) == split_episodes(root, 0.25, seed=3)
-    assert (
-        len(test) == 5
-        and not set(train) & set(test)
-        and sorted(train + test) == list(range(20))
-    )
+    assert len(test) == 5 and not set(train) & set(test) and sorted(train + test) == list(range(20))
     assert split_episodes(root, 0.25, seed=4) != (train, test)
     tr = EpisodeDataset(root, 2, split="train", test_fraction=0.25, seed=3)
     te = EpisodeDataset(root, 2, split="test", test_fraction=0.25, seed=3)
@@ -233,17 +207,13 @@ def test_split_deterministic_disjoint(tmp_path):
 def test_discrete_single(tmp_path):
     root = tmp_path / "ds"
     create_dataset(root, ActionSpace.discrete(5), frame_shape=(H, W, C))
-    write_episode(
-        root, 0, frames=_frames(6), actions=np.array([4, 0, 3, 1, 2, 2], dtype=np.int32)
-    )
+    write_episode(root, 0, frames=_frames(6), actions=np.array([4, 0, 3, 1, 2, 2], dtype=np.int32))
     ds = EpisodeDataset(root, window=4)
     it = ds[0]
     assert it["action_index"].tolist() == [-1, 4, 0, 3]
     assert it["actions"].shape == (4, 5)
     assert it["actions"][0].eq(0).all()
-    assert it["actions"].argmax(1)[1:].tolist() == [4, 0, 3] and it["actions"].sum(
-        1
-    ).tolist() == [0, 1, 1, 1]
+    assert it["actions"].argmax(1)[1:].tolist() == [4, 0, 3] and it["actions"].sum(1).tolist() == [0, 1, 1, 1]
     assert ds[2]["action_index"].tolist() == [0, 3, 1, 2] and ds[2]["action_mask"].all()
     with pytest.raises(DataError, match="out of range"):
         write_episode(root, 1, frames=_frames(2), actions=np.array([0, 5]))
@@ -258,9 +228,7 @@ def test_discrete_multi_hot(tmp_path):
         {"type": "discrete", "num_actions": 4, "multi_hot": True},
         frame_shape=(H, W, C),
     )
-    acts = np.array(
-        [[1, 0, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1], [0, 1, 0, 0]], dtype=bool
-    )
+    acts = np.array([[1, 0, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1], [0, 1, 0, 0]], dtype=bool)
     write_episode(root, 0, frames=_frames(4), actions=acts)
     ds = EpisodeDataset(root, window=4)
     it = ds[0]
@@ -279,12 +247,8 @@ def test_discrete_multi_hot(tmp_path):
 
 def test_latents(tmp_path):
     root = tmp_path / "ds"
-    create_dataset(
-        root, ActionSpace.continuous(3), frame_shape=(4, 2, 3), kind="latents"
-    )
-    lat = (
-        np.random.default_rng(0).normal(size=(5, 4, 2, 3)) * 3
-    )  # float64, unbounded: stored as float32
+    create_dataset(root, ActionSpace.continuous(3), frame_shape=(4, 2, 3), kind="latents")
+    lat = np.random.default_rng(0).normal(size=(5, 4, 2, 3)) * 3  # float64, unbounded: stored as float32
     write_episode(root, 0, latents=lat, actions=np.zeros((5, 3)), compress=True)
     ds = EpisodeDataset(root, window=5)
     it = ds[0]
@@ -409,9 +373,7 @@ def test_nan_actions_and_latents(empty_ds, tmp_path):
     a = _arange_actions(5)
     a[3, 1] = np.nan
     bad = _raw_episode(empty_ds, 1, frames=_frames(5), actions=a)
-    ds = EpisodeDataset(
-        empty_ds, window=2
-    )  # headers are fine; values are checked on read
+    ds = EpisodeDataset(empty_ds, window=2)  # headers are fine; values are checked on read
     ds[ds.episodes.index(0)]
     with pytest.raises(DataError, match="NaN") as e:
         [ds[k] for k in range(len(ds))]
@@ -423,9 +385,7 @@ def test_nan_actions_and_latents(empty_ds, tmp_path):
         write_episode(empty_ds, 2, frames=_frames(5), actions=a)
 
     root = tmp_path / "lat"
-    create_dataset(
-        root, ActionSpace.continuous(1), frame_shape=(1, 2, 2), kind="latents"
-    )
+    create_dataset(root, ActionSpace.continuous(1), frame_shape=(1, 2, 2), kind="latents")
     lat = np.zeros((3, 1, 2, 2), np.float32)
     lat[2, 0, 1, 1] = np.nan
     bad = _raw_episode(root, 0, latents=lat, actions=np.zeros((3, 1), np.float32))
@@ -443,11 +403,7 @@ def test_too_short_error_and_skip(empty_ds):
     s2 = _raw_episode(empty_ds, 2, frames=_frames(3), actions=_arange_actions(3))
     with pytest.raises(DataError, match="shorter than window=4") as e:
         EpisodeDataset(empty_ds, window=4)
-    assert (
-        str(s1) in str(e.value)
-        and str(s2) in str(e.value)
-        and "skip_short=True" in str(e.value)
-    )
+    assert str(s1) in str(e.value) and str(s2) in str(e.value) and "skip_short=True" in str(e.value)
     with pytest.warns(DataWarning, match="skipping 2 episode") as w:
         ds = EpisodeDataset(empty_ds, window=4, skip_short=True)
     assert str(s1) in str(w[0].message)
@@ -508,9 +464,7 @@ def test_write_refuses_overwrite_and_validates(tmp_path, empty_ds):
     with pytest.raises(DataError, match="already exists") as e:
         write_episode(empty_ds, 0, frames=_frames(3), actions=_arange_actions(3))
     assert str(p) in str(e.value) and p.read_bytes() == before
-    write_episode(
-        empty_ds, 0, frames=_frames(3), actions=_arange_actions(3), overwrite=True
-    )
+    write_episode(empty_ds, 0, frames=_frames(3), actions=_arange_actions(3), overwrite=True)
     assert EpisodeDataset(empty_ds, window=1).episode_lengths == {0: 3}
     # no temporaries left behind, also after a failed write
     with pytest.raises(DataError):
@@ -527,9 +481,7 @@ def test_write_refuses_overwrite_and_validates(tmp_path, empty_ds):
             actions=_arange_actions(3),
         )
     with pytest.raises(DataError, match="frames shape"):
-        write_episode(
-            empty_ds, 1, frames=_frames(3)[..., :2], actions=_arange_actions(3)
-        )
+        write_episode(empty_ds, 1, frames=_frames(3)[..., :2], actions=_arange_actions(3))
     with pytest.raises(DataError, match=r"\(T, A\)"):
         write_episode(empty_ds, 1, frames=_frames(3), actions=_arange_actions(3, A=3))
     with pytest.raises(DataError, match="extras"):
@@ -541,14 +493,10 @@ def test_write_refuses_overwrite_and_validates(tmp_path, empty_ds):
             rewards=np.zeros(3),
         )
     with pytest.raises(DataError, match="does not exist"):
-        write_episode(
-            tmp_path / "nowhere-ds", 0, frames=_frames(3), actions=_arange_actions(3)
-        )
+        write_episode(tmp_path / "nowhere-ds", 0, frames=_frames(3), actions=_arange_actions(3))
     (tmp_path / "no-json").mkdir()
     with pytest.raises(DataError, match="missing dataset.json"):
-        write_episode(
-            tmp_path / "no-json", 0, frames=_frames(3), actions=_arange_actions(3)
-        )
+        write_episode(tmp_path / "no-json", 0, frames=_frames(3), actions=_arange_actions(3))
     with pytest.raises(DataError, match="index"):
         write_episode(empty_ds, -1, frames=_frames(3), actions=_arange_actions(3))
     # torch tensors are accepted
@@ -581,9 +529,7 @@ def test_dataloader_collates(tmp_path, workers):
     assert b["action_mask"].shape == (3, 4) and b["action_mask"].dtype == torch.bool
     assert b["rewards"].shape == (3, 4) and b["dones"].dtype == torch.bool
     assert b["episode"].dtype == torch.int64 and b["start"].shape == (3,)
-    seen = sorted(
-        (int(e), int(s)) for bb in batches for e, s in zip(bb["episode"], bb["start"])
-    )
+    seen = sorted((int(e), int(s)) for bb in batches for e, s in zip(bb["episode"], bb["start"]))
     assert seen == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (1, 3)]
     # mask is False exactly where the window starts at an episode's first frame
     for bb in batches:

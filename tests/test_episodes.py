@@ -39,7 +39,9 @@ def _actions(T: int) -> np.ndarray:
     return np.stack([np.arange(T, dtype=np.float32), 100 + np.arange(T, dtype=np.float32)], axis=1)
 
 
-def _npz(path: Path, arrays: dict, version: tuple[int, int] | None = None, compression: int = zipfile.ZIP_STORED) -> Path:
+def _npz(
+    path: Path, arrays: dict, version: tuple[int, int] | None = None, compression: int = zipfile.ZIP_STORED
+) -> Path:
     """An .npz written member by member, so the .npy header version can be chosen."""
     with zipfile.ZipFile(path, "w", compression=compression) as zf:
         for name, arr in arrays.items():

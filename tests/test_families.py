@@ -128,7 +128,9 @@ def test_unet3d_every_pass_is_needed(missing):
 def test_every_option_combination_is_causal(mode, transfer):
     plan = registries().plans.get("unet3d")
     model = plan.build_tiny()
-    convert_model(model, plan, f"causal-temporal-conv{{transfer={transfer}}},causal-temporal-attention,causal-norm{{mode={mode}}}")
+    convert_model(
+        model, plan, f"causal-temporal-conv{{transfer={transfer}}},causal-temporal-attention,causal-norm{{mode={mode}}}"
+    )
     assert verify_model(model, plan).passed
 
 

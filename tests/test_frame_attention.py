@@ -32,7 +32,13 @@ def test_equals_sdpa_with_tril_mask():
     attn = _attn()
     x = torch.randn(3, 5, 8)
     got = attn(x)
-    ref = AttnProcessor2_0()(attn, x, attention_mask=torch.zeros(5, 5).masked_fill(~torch.ones(5, 5, dtype=torch.bool).tril(), float("-inf")).expand(6, 5, 5))
+    ref = AttnProcessor2_0()(
+        attn,
+        x,
+        attention_mask=torch.zeros(5, 5)
+        .masked_fill(~torch.ones(5, 5, dtype=torch.bool).tril(), float("-inf"))
+        .expand(6, 5, 5),
+    )
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
 
 
@@ -48,5 +54,8 @@ def test_wrapper_advertises_the_inner_signature():
     """diffusers' Attention.forward drops keyword arguments the processor's __call__ does not name;
     the wrapper must advertise the inner processor's parameters (e.g. `temb`)."""
     proc = CausalFrameAttnProcessor(AttnProcessor2_0())
-    assert inspect.signature(proc.__call__).parameters.keys() == inspect.signature(AttnProcessor2_0().__call__).parameters.keys()
+    assert (
+        inspect.signature(proc.__call__).parameters.keys()
+        == inspect.signature(AttnProcessor2_0().__call__).parameters.keys()
+    )
     assert "temb" in inspect.signature(proc.__call__).parameters

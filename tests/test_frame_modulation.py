@@ -97,10 +97,10 @@ def test_twin_modulates_each_frame_with_its_own_embedding():
     for kind in originals:
         got = _call(kind, twins[kind], x, text, temb)
         for t in range(T):  # frame t's tokens = the original module run at frame t's embedding
-            want = _call(kind, originals[kind], x[:, t * P:(t + 1) * P], text, frame_temb[:, t])
-            torch.testing.assert_close(got[0][:, t * P:(t + 1) * P], want[0], rtol=0, atol=1e-6)
+            want = _call(kind, originals[kind], x[:, t * P : (t + 1) * P], text, frame_temb[:, t])
+            torch.testing.assert_close(got[0][:, t * P : (t + 1) * P], want[0], rtol=0, atol=1e-6)
             if kind == "zero":
-                torch.testing.assert_close(got[2][:, t * P:(t + 1) * P], want[2].expand(B, P, D), rtol=0, atol=1e-6)
+                torch.testing.assert_close(got[2][:, t * P : (t + 1) * P], want[2].expand(B, P, D), rtol=0, atol=1e-6)
         if kind == "zero":  # text keeps the per-sample modulation
             want = _call(kind, originals[kind], x, text, temb)
             assert torch.equal(got[1], want[1]) and torch.equal(got[3], want[3])
@@ -149,8 +149,12 @@ def test_cogvideox15_is_block_causal_with_per_frame_modulation():
     sample = extra.pop("hidden_states")
     extra.pop("timestep")
     g = torch.Generator().manual_seed(1)
-    inputs = {"sample": sample, "timesteps": torch.randint(0, 1000, (1, frames), generator=g),
-              "actions": torch.randn(1, frames, 3, generator=g), **extra}
+    inputs = {
+        "sample": sample,
+        "timesteps": torch.randint(0, 1000, (1, frames), generator=g),
+        "actions": torch.randn(1, frames, 3, generator=g),
+        **extra,
+    }
     for name, axis in (("sample", 1), ("timesteps", 1), ("actions", 1)):
         layout = FrameLayout(inputs={name: axis}, output_axis=1, block_size=2)
         report = check_causality(wm, inputs, layout, lambda w, x: w(**x))
@@ -177,12 +181,28 @@ def _new_twin_cases():
     #        outputs that belong to the text stream and stay per sample)
     return {
         "AdaLayerNormZero": (lambda: AdaLayerNormZero(D), lambda m, x, c, e: m(x, emb=e), "none", D, ()),
-        "AdaLayerNormZeroSingle": (lambda: AdaLayerNormZeroSingle(D), lambda m, x, c, e: m(torch.cat([x, c], 1), emb=e),
-                                   "suffix", D, ()),
-        "AdaLayerNormContinuous": (lambda: AdaLayerNormContinuous(D, TD, elementwise_affine=False, eps=1e-6),
-                                   lambda m, x, c, e: (m(x, e),), "none", TD, ()),
+        "AdaLayerNormZeroSingle": (
+            lambda: AdaLayerNormZeroSingle(D),
+            lambda m, x, c, e: m(torch.cat([x, c], 1), emb=e),
+            "suffix",
+            D,
+            (),
+        ),
+        "AdaLayerNormContinuous": (
+            lambda: AdaLayerNormContinuous(D, TD, elementwise_affine=False, eps=1e-6),
+            lambda m, x, c, e: (m(x, e),),
+            "none",
+            TD,
+            (),
+        ),
         "MochiRMSNormZero": (lambda: MochiRMSNormZero(TD, 4 * D), lambda m, x, c, e: m(x, e), "none", TD, ()),
-        "EasyAnimateLayerNormZero": (lambda: EasyAnimateLayerNormZero(TD, D), lambda m, x, c, e: m(x, c, e), "none", TD, (1, 3)),
+        "EasyAnimateLayerNormZero": (
+            lambda: EasyAnimateLayerNormZero(TD, D),
+            lambda m, x, c, e: m(x, c, e),
+            "none",
+            TD,
+            (1, 3),
+        ),
     }
 
 
@@ -205,7 +225,11 @@ def test_frame_tensor_twin_is_per_frame_on_video_and_per_sample_on_text(name):
     fm.make_frame_modulated(twin, ctx, context)
     assert type(twin).__name__ == "Frame" + name and isinstance(twin, type(original))
     g = torch.Generator().manual_seed(1)
-    x, text, temb = torch.randn(B, T * P, D, generator=g), torch.randn(B, L, D, generator=g), torch.randn(B, width, generator=g)
+    x, text, temb = (
+        torch.randn(B, T * P, D, generator=g),
+        torch.randn(B, L, D, generator=g),
+        torch.randn(B, width, generator=g),
+    )
     want = call(original, x, text, temb)
     for a, b in zip(want, call(twin, x, text, temb)):  # no per-frame embeddings: the original, exactly
         assert type(b) is torch.Tensor and torch.equal(a, b)
@@ -221,9 +245,9 @@ def test_frame_tensor_twin_is_per_frame_on_video_and_per_sample_on_text(name):
         out = _per_token(out, length)
         for t in range(T):  # frame t's tokens: the original module at frame t's embedding
             ref = _per_token(call(original, x, text, frame_temb[:, t])[i], length)
-            torch.testing.assert_close(out[:, t * P:(t + 1) * P], ref[:, t * P:(t + 1) * P], rtol=0, atol=1e-6)
+            torch.testing.assert_close(out[:, t * P : (t + 1) * P], ref[:, t * P : (t + 1) * P], rtol=0, atol=1e-6)
         if length > T * P:  # context tokens after the video: per sample
-            torch.testing.assert_close(out[:, T * P:], _per_token(want[i], length)[:, T * P:], rtol=0, atol=0)
+            torch.testing.assert_close(out[:, T * P :], _per_token(want[i], length)[:, T * P :], rtol=0, atol=0)
 
 
 def test_frame_tensor_twin_needs_the_declared_context():

@@ -81,13 +81,15 @@ def test_adaln_single_chain_stays_lazy_until_the_tokens():
     out = gate * (h * (1 + scale) + shift)
     for f in range(T):
         s, c, g = (table[None] + frames[:, f].reshape(B, 6, -1)).chunk(6, dim=1)[:3]
-        torch.testing.assert_close(out[:, f * P:(f + 1) * P], g * (h[:, f * P:(f + 1) * P] * (1 + c) + s), rtol=0, atol=0)
+        torch.testing.assert_close(
+            out[:, f * P : (f + 1) * P], g * (h[:, f * P : (f + 1) * P] * (1 + c) + s), rtol=0, atol=0
+        )
     # the final layer: table[None] + emb[:, None] broadcasts the per-sample axis over the table's 2 rows
     y, _, yf = _ft(layout, seed=5)
     shift, scale = (table[:2][None] + y[:, None]).chunk(2, dim=1)
     out = h * (1 + scale) + shift
     s, c = (table[:2][None] + yf[:, 1, None]).chunk(2, dim=1)
-    torch.testing.assert_close(out[:, P:2 * P], h[:, P:2 * P] * (1 + c) + s, rtol=0, atol=0)
+    torch.testing.assert_close(out[:, P : 2 * P], h[:, P : 2 * P] * (1 + c) + s, rtol=0, atol=0)
 
 
 def test_repeat_over_frames_gives_frame_rows_and_over_patches_frame_tokens():
@@ -119,8 +121,8 @@ def test_gradients_reach_the_per_sample_and_per_frame_values():
     frames = torch.randn(B, T, D, requires_grad=True)
     h = _tokens(layout)
     (h * (1 + FrameTensor.wrap(sample, frames, layout)[:, None])).sum().backward()
-    torch.testing.assert_close(sample.grad, h[:, T * P:].sum(dim=1))  # the context tokens
-    torch.testing.assert_close(frames.grad, h[:, :T * P].reshape(B, T, P, D).sum(dim=2))
+    torch.testing.assert_close(sample.grad, h[:, T * P :].sum(dim=1))  # the context tokens
+    torch.testing.assert_close(frames.grad, h[:, : T * P].reshape(B, T, P, D).sum(dim=2))
 
 
 def test_empty_sequence_is_not_modulated():
@@ -130,29 +132,35 @@ def test_empty_sequence_is_not_modulated():
     assert type(out) is torch.Tensor and out.shape == (B, 0, D)
 
 
-@pytest.mark.parametrize("op", [
-    lambda x: torch.cat([x, x], dim=1),
-    lambda x: x.transpose(0, 1),
-    lambda x: F.layer_norm(x, (D,)),
-    lambda x: x.sum(dim=1),
-    lambda x: x.mean(),
-    lambda x: torch.einsum("bd->db", x),
-])
+@pytest.mark.parametrize(
+    "op",
+    [
+        lambda x: torch.cat([x, x], dim=1),
+        lambda x: x.transpose(0, 1),
+        lambda x: F.layer_norm(x, (D,)),
+        lambda x: x.sum(dim=1),
+        lambda x: x.mean(),
+        lambda x: torch.einsum("bd->db", x),
+    ],
+)
 def test_unknown_operations_fail_loudly(op):
     x, _, _ = _ft()
     with pytest.raises(CausalizeError, match="does not know how to apply per frame"):
         op(x)
 
 
-@pytest.mark.parametrize("op, match", [
-    (lambda x: x.chunk(2, dim=0), "mix the rows"),
-    (lambda x: x.unsqueeze(0), "mix the rows"),
-    (lambda x: x.reshape(-1), "changes its rows"),
-    (lambda x: x[0], "indexing"),
-    (lambda x: x[torch.tensor([0])], "indexing"),
-    (lambda x: torch.randn(B, T * P + 1, D) * x[:, None], "over 13 tokens"),
-    (lambda x: x.repeat_interleave(T, dim=1), "integer repeat of its rows"),
-])
+@pytest.mark.parametrize(
+    "op, match",
+    [
+        (lambda x: x.chunk(2, dim=0), "mix the rows"),
+        (lambda x: x.unsqueeze(0), "mix the rows"),
+        (lambda x: x.reshape(-1), "changes its rows"),
+        (lambda x: x[0], "indexing"),
+        (lambda x: x[torch.tensor([0])], "indexing"),
+        (lambda x: torch.randn(B, T * P + 1, D) * x[:, None], "over 13 tokens"),
+        (lambda x: x.repeat_interleave(T, dim=1), "integer repeat of its rows"),
+    ],
+)
 def test_row_mixing_and_mismatched_sequences_are_refused(op, match):
     x, _, _ = _ft()
     with pytest.raises(CausalizeError, match=match):

@@ -34,9 +34,13 @@ def test_causality_is_exact_for_every_plan_in_fp32_and_bf16(quick):
     from causalize.plugin_manager import registries
 
     rows = quick["causality"]
-    assert {(r["plan"], r["dtype"]) for r in rows} == {(p, d) for p in registries().plans.names() for d in ("float32", "bfloat16")}
+    assert {(r["plan"], r["dtype"]) for r in rows} == {
+        (p, d) for p in registries().plans.names() for d in ("float32", "bfloat16")
+    }
     for r in rows:
-        assert r["passed"] and r["leak_after"] == 0 and r["leak_before"] > 0, r  # negative control: the stock model leaks
+        assert r["passed"] and r["leak_after"] == 0 and r["leak_before"] > 0, (
+            r
+        )  # negative control: the stock model leaks
 
 
 def test_forward_paths_and_streaming_and_training_are_measured(quick):

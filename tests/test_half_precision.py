@@ -102,7 +102,11 @@ def test_verification_gives_the_model_back_unchanged(dtype):
 def test_keep_in_fp32_modules_stay_fp32():
     plan = registries().plans.get("wan")
     model = precision.to_precision(plan.build_tiny(), "bf16")
-    kept = {n: p.dtype for n, p in model.named_parameters() if {"time_embedder", "scale_shift_table", "norm2"} & set(n.split("."))}
+    kept = {
+        n: p.dtype
+        for n, p in model.named_parameters()
+        if {"time_embedder", "scale_shift_table", "norm2"} & set(n.split("."))
+    }
     assert kept and set(kept.values()) == {torch.float32}
     assert precision.model_dtype(model) == torch.bfloat16
     assert model.patch_embedding.weight.dtype == torch.bfloat16
@@ -139,8 +143,29 @@ def test_bf16_mixed_precision_training_step(tmp_path):
     model = _converted(tmp_path, "wm")
     data = _moving_square(tmp_path / "data")
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "causalize.cli.app", "train", "--model", str(model), "--data", str(data), "--out", str(run),
-           "--steps", "1", "--batch-size", "1", "--window", "4", "--mixed-precision", "bf16", "--device", "cpu", "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "causalize.cli.app",
+        "train",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--out",
+        str(run),
+        "--steps",
+        "1",
+        "--batch-size",
+        "1",
+        "--window",
+        "4",
+        "--mixed-precision",
+        "bf16",
+        "--device",
+        "cpu",
+        "--json",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads(done.stdout)
@@ -176,7 +201,7 @@ def test_a_dtype_the_device_cannot_compute_is_refused(monkeypatch):
 
     def no_half(x, *a, **k):
         if x.dtype == torch.float16:
-            raise RuntimeError('"GroupNormKernelImpl" not implemented for \'Half\'')
+            raise RuntimeError("\"GroupNormKernelImpl\" not implemented for 'Half'")
         return real(x, *a, **k)
 
     monkeypatch.setattr(torch.nn.functional, "group_norm", no_half)
@@ -185,11 +210,14 @@ def test_a_dtype_the_device_cannot_compute_is_refused(monkeypatch):
     precision.check_dtype_on(torch.bfloat16, torch.device("cpu"))
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--dtype", "fp8"], "unknown dtype 'fp8'"),
-    (["--device", "cuda:7"], "cuda:7"),
-    (["--device", "tpu"], "unknown device"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--dtype", "fp8"], "unknown dtype 'fp8'"),
+        (["--device", "cuda:7"], "cuda:7"),
+        (["--device", "tpu"], "unknown device"),
+    ],
+)
 def test_cli_refuses_bad_dtype_or_device_before_any_work(tmp_path, args, message):
     if torch.cuda.is_available() and "cuda:7" in args and torch.cuda.device_count() > 7:
         pytest.skip("this machine has a cuda:7")
@@ -248,7 +276,14 @@ def test_verify_shrink_reads_no_weights(tmp_path):
     plan = registries().plans.get("wan")
     src = tmp_path / "wan13b"
     src.mkdir()
-    (src / "config.json").write_text(json.dumps({"_class_name": "WanTransformer3DModel", **{k: list(v) if isinstance(v, tuple) else v for k, v in WAN_1_3B.items()}}))
+    (src / "config.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "WanTransformer3DModel",
+                **{k: list(v) if isinstance(v, tuple) else v for k, v in WAN_1_3B.items()},
+            }
+        )
+    )
     (src / "diffusion_pytorch_model.safetensors").write_bytes(b"not weights")
     assert shrunken_config(plan, WAN_1_3B)["num_layers"] == plan.tiny_config["num_layers"]
     assert shrunken_config(plan, WAN_1_3B)["qk_norm"] == "rms_norm_across_heads"

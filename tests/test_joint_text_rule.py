@@ -90,13 +90,15 @@ def _brute_force(frames: int, per_frame: int, context: int, position: str, block
     return tokens, allowed
 
 
-layouts = st.fixed_dictionaries({
-    "frames": st.integers(1, 6),
-    "per_frame": st.integers(1, 5),
-    "context": st.integers(0, 7),
-    "position": st.sampled_from(["prefix", "suffix"]),
-    "block": st.integers(1, 4),
-})
+layouts = st.fixed_dictionaries(
+    {
+        "frames": st.integers(1, 6),
+        "per_frame": st.integers(1, 5),
+        "context": st.integers(0, 7),
+        "position": st.sampled_from(["prefix", "suffix"]),
+        "block": st.integers(1, 4),
+    }
+)
 
 
 @settings(max_examples=300, deadline=None)
@@ -122,8 +124,13 @@ def test_block_causal_mask_matches_definition(layout, context_sees_video):
 
 def _flex_cases():
     return [
-        (1, 1, 0, "prefix", 1), (3, 5, 7, "prefix", 1), (4, 6, 3, "suffix", 2), (6, 5, 0, "prefix", 4),
-        (5, 40, 11, "prefix", 2), (7, 33, 0, "suffix", 3), (2, 130, 77, "suffix", 1),  # spans several 128-blocks
+        (1, 1, 0, "prefix", 1),
+        (3, 5, 7, "prefix", 1),
+        (4, 6, 3, "suffix", 2),
+        (6, 5, 0, "prefix", 4),
+        (5, 40, 11, "prefix", 2),
+        (7, 33, 0, "suffix", 3),
+        (2, 130, 77, "suffix", 1),  # spans several 128-blocks
     ]
 
 

@@ -29,7 +29,10 @@ HEADS, DK, DV = 3, 4, 5
 
 def _kv(n: int, batch: int = 2, seed: int = 0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(batch, HEADS, n, DK, generator=g).to(dtype), torch.randn(batch, HEADS, n, DV, generator=g).to(dtype))
+    return (
+        torch.randn(batch, HEADS, n, DK, generator=g).to(dtype),
+        torch.randn(batch, HEADS, n, DV, generator=g).to(dtype),
+    )
 
 
 def _columns(n: int, kind: str, batch: int = 2, seed: int = 0) -> torch.Tensor:
@@ -47,6 +50,7 @@ def _assert_same(a: KVCache, b: KVCache) -> None:
 
 
 # --- buffers ----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", [None, "bool", "additive"])
 def test_appending_in_pieces_equals_appending_at_once(kind):
@@ -70,7 +74,9 @@ def test_mask_columns_arriving_late_or_of_the_other_kind():
     late.append(k[..., :2, :], v[..., :2, :], torch.arange(2))
     late.append(k[..., 2:, :], v[..., 2:, :], torch.arange(2, 6), _columns(4, "bool"))
     assert late.mask_columns.dtype == torch.bool
-    assert late.mask_columns[..., :2].all() and torch.equal(late.mask_columns[..., 2:], _columns(4, "bool").expand(2, 1, 1, 4))
+    assert late.mask_columns[..., :2].all() and torch.equal(
+        late.mask_columns[..., 2:], _columns(4, "bool").expand(2, 1, 1, 4)
+    )
     mixed = KVCache()
     mixed.append(k[..., :3, :], v[..., :3, :], torch.arange(3), _columns(3, "bool", seed=1))
     mixed.append(k[..., 3:, :], v[..., 3:, :], torch.arange(3, 6), _columns(3, "additive", seed=2))
@@ -88,9 +94,9 @@ def test_capacity_grows_and_keeps_the_contents():
     cache = KVCache()
     capacities = []
     for a in range(0, 40, 4):
-        cache.append(k[..., a:a + 4, :], v[..., a:a + 4, :], torch.arange(a, a + 4), _columns(4, "bool", seed=a))
+        cache.append(k[..., a : a + 4, :], v[..., a : a + 4, :], torch.arange(a, a + 4), _columns(4, "bool", seed=a))
         capacities.append(cache.capacity)
-        assert torch.equal(cache.key, k[..., :a + 4, :]) and torch.equal(cache.value, v[..., :a + 4, :])
+        assert torch.equal(cache.key, k[..., : a + 4, :]) and torch.equal(cache.value, v[..., : a + 4, :])
         assert torch.equal(cache.frame_ids, torch.arange(a + 4))
     assert capacities[0] == 4 and capacities[-1] >= 40
     growths = len(set(capacities)) - 1
@@ -182,6 +188,7 @@ def test_sample_caches_reset_and_follow_the_batch():
 
 # --- attention through the cache --------------------------------------------------------------
 
+
 def _reference(query, key, value, hist_k, hist_v, hist_ids, ids, own_mask=None, hist_cols=None, block_size=1):
     """The streaming attention written out: the history tiled to the call's batch, concatenated
     with the call's keys, masked by global frame index and by the model's own key mask."""
@@ -192,7 +199,11 @@ def _reference(query, key, value, hist_k, hist_v, hist_ids, ids, own_mask=None, 
     if own_mask is None and hist_cols is None:
         return F.scaled_dot_product_attention(query, keys, values, allowed)
     own = own_mask if own_mask is not None else torch.ones(1, 1, 1, key.shape[-2], dtype=torch.bool)
-    hist = hist_cols.repeat(reps, 1, 1, 1) if hist_cols is not None else torch.ones(1, 1, 1, hist_k.shape[-2], dtype=torch.bool)
+    hist = (
+        hist_cols.repeat(reps, 1, 1, 1)
+        if hist_cols is not None
+        else torch.ones(1, 1, 1, hist_k.shape[-2], dtype=torch.bool)
+    )
     lead = torch.broadcast_shapes(hist.shape[:-1], own.shape[:-1])
     cols = torch.cat([hist.expand(*lead, hist.shape[-1]), own.expand(*lead, own.shape[-1])], dim=-1)
     return F.scaled_dot_product_attention(query, keys, values, cols & allowed)
@@ -212,8 +223,10 @@ def _history(cache: KVCache, frames: int, per_frame: int, seed: int = 0, columns
     """Write `frames` frames (batch 1) into `cache` through attend_with_cache, as a prefill does."""
     grid = TokenGrid(frames, per_frame)
     call = grid_tokens(grid, 0, "none", 0, "cpu")
-    q, k, v = (torch.randn(1, HEADS, frames * per_frame, DK, generator=torch.Generator().manual_seed(seed + i))
-               for i in range(3))
+    q, k, v = (
+        torch.randn(1, HEADS, frames * per_frame, DK, generator=torch.Generator().manual_seed(seed + i))
+        for i in range(3)
+    )
     cols = _columns(frames * per_frame, "bool", batch=1, seed=seed) if columns else None
     attend_with_cache(F.scaled_dot_product_attention, cache, call, 1, True, q, k, v, cols)
     return k, v, call.ids, cols
@@ -242,16 +255,18 @@ def test_context_rows_see_only_context(position):
     call = grid_tokens(grid, 2, position, 0, "cpu")
     q, k, v = (torch.randn(1, HEADS, 8, DK, generator=torch.Generator().manual_seed(i)) for i in range(3))
     out = attend_with_cache(F.scaled_dot_product_attention, cache, call, 1, True, q, k, v)
-    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, causal_block_allowed(call.ids, call.ids)),
-                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        out, F.scaled_dot_product_attention(q, k, v, causal_block_allowed(call.ids, call.ids)), rtol=0, atol=1e-6
+    )
     video = call.ids >= 0
     assert torch.equal(cache.key, k[..., video, :]) and torch.equal(cache.frame_ids, call.ids[video])
     read = grid_tokens(TokenGrid(1, 3), 2, position, 2, "cpu")
     q2, k2, v2 = (torch.randn(2, HEADS, 5, DK, generator=torch.Generator().manual_seed(5 + i)) for i in range(3))
     sdpa, masks = _spy()
     out = attend_with_cache(sdpa, cache, read, 1, False, q2, k2, v2)
-    torch.testing.assert_close(out, _reference(q2, k2, v2, k[..., video, :], v[..., video, :], call.ids[video], read.ids),
-                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        out, _reference(q2, k2, v2, k[..., video, :], v[..., video, :], call.ids[video], read.ids), rtol=0, atol=1e-6
+    )
     attend_with_cache(sdpa, cache, read, 1, False, q2, k2, v2)
     assert masks[0] is not None and all(m is masks[0] for m in masks)  # one mask, reused
 
@@ -272,8 +287,17 @@ def test_history_key_columns_and_a_write_after_a_read():
     assert torch.equal(cache.mask_columns[..., 6:], own[:1])
     nxt = grid_tokens(TokenGrid(1, 3), 0, "none", 3, "cpu")
     out = attend_with_cache(F.scaled_dot_product_attention, cache, nxt, 1, False, q, k, v)
-    ref = _reference(q, k, v, torch.cat([hk, k[:1]], -2), torch.cat([hv, v[:1]], -2), torch.cat([hids, call.ids]),
-                     nxt.ids, None, torch.cat([hcols, own[:1]], -1))
+    ref = _reference(
+        q,
+        k,
+        v,
+        torch.cat([hk, k[:1]], -2),
+        torch.cat([hv, v[:1]], -2),
+        torch.cat([hids, call.ids]),
+        nxt.ids,
+        None,
+        torch.cat([hcols, own[:1]], -1),
+    )
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
 
 
@@ -295,8 +319,10 @@ def test_a_prefill_runs_through_the_block_causal_executor(backend):
             got = []
             for frames, offset, seed in ((3, 0, 0), (2, 3, 10)):
                 call = grid_tokens(TokenGrid(frames, 4), 0, "none", offset, "cpu")
-                q, k, v = (torch.randn(1, HEADS, frames * 4, 16, generator=torch.Generator().manual_seed(seed + i))
-                           for i in range(3))
+                q, k, v = (
+                    torch.randn(1, HEADS, frames * 4, 16, generator=torch.Generator().manual_seed(seed + i))
+                    for i in range(3)
+                )
                 got.append(attend_with_cache(sdpa, cache, call, 1, True, q, k, v))
         outs[name] = got
         if name == "chunked":
@@ -316,7 +342,9 @@ def test_bare_frame_ids_and_history_order():
     with pytest.raises(CausalizeError, match="must precede"):
         attend_with_cache(F.scaled_dot_product_attention, cache, torch.tensor([1, 1]), 1, False, q, k, v)
     with pytest.raises(CausalizeError, match="is_causal"):
-        attend_with_cache(F.scaled_dot_product_attention, cache, torch.tensor([2, 2]), 1, False, q, k, v, None, 0.0, True)
+        attend_with_cache(
+            F.scaled_dot_product_attention, cache, torch.tensor([2, 2]), 1, False, q, k, v, None, 0.0, True
+        )
 
 
 def test_gradients_flow_through_the_current_call():
@@ -347,6 +375,7 @@ def test_structure_masks_and_call_tokens_are_shared():
 
 # --- linear attention -------------------------------------------------------------------------
 
+
 def test_linear_attention_sums_are_updated_in_place():
     cache = LinearAttnCache()
     g = torch.Generator().manual_seed(0)
@@ -365,6 +394,7 @@ def test_linear_attention_sums_are_updated_in_place():
 
 
 # --- rollouts ---------------------------------------------------------------------------------
+
 
 def _rollout_pair(wm, frames: int = 4, **config):
     cond = wm.plan.conditioning

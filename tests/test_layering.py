@@ -45,8 +45,12 @@ def _is_training(module: str) -> bool:
 def test_no_rollout_source_imports_training():
     files = sorted(ROLLOUT.rglob("*.py"))
     assert files
-    offending = [f"{path.relative_to(ROLLOUT.parent.parent)}:{line}: {module}"
-                 for path in files for line, module in _imported_modules(path, _package(path)) if _is_training(module)]
+    offending = [
+        f"{path.relative_to(ROLLOUT.parent.parent)}:{line}: {module}"
+        for path in files
+        for line, module in _imported_modules(path, _package(path))
+        if _is_training(module)
+    ]
     assert not offending, "causalize.rollout imports training code:\n" + "\n".join(offending)
 
 

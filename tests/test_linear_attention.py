@@ -42,8 +42,15 @@ def fixed_context(frames: int, per_frame: int) -> FrameContext:
 def linear_attention_module(heads: int, head_dim: int, seed: int) -> Attention:
     """An attention module built like Sana-Video's attn1 (RMS qk-norm across heads, no bias)."""
     torch.manual_seed(seed)
-    return Attention(query_dim=heads * head_dim, heads=heads, dim_head=head_dim, kv_heads=heads,
-                     qk_norm="rms_norm_across_heads", bias=False, processor=SanaLinearAttnProcessor3_0()).eval()
+    return Attention(
+        query_dim=heads * head_dim,
+        heads=heads,
+        dim_head=head_dim,
+        kv_heads=heads,
+        qk_norm="rms_norm_across_heads",
+        bias=False,
+        processor=SanaLinearAttnProcessor3_0(),
+    ).eval()
 
 
 def random_rope(tokens: int, head_dim: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,7 +60,9 @@ def random_rope(tokens: int, head_dim: int, gen: torch.Generator) -> tuple[torch
     return cos, sin
 
 
-def well_conditioned(attn: Attention, x, rope, frames: int, per_frame: int, block_size: int, ratio: float = 0.05) -> torch.Tensor:
+def well_conditioned(
+    attn: Attention, x, rope, frames: int, per_frame: int, block_size: int, ratio: float = 0.05
+) -> torch.Tensor:
     """(B, N) True where every head's normaliser Σ φ(k)·φ(q) over the visible keys is at least
     `ratio` · Σ |φ(k)| |φ(q)|.
 
@@ -65,8 +74,8 @@ def well_conditioned(attn: Attention, x, rope, frames: int, per_frame: int, bloc
     with torch.no_grad():
         f = features(attn, x, rotary_emb=rope)
     fid = torch.arange(frames).repeat_interleave(per_frame) // block_size
-    visible = (fid[None, :] <= fid[:, None]).to(f.q.dtype)                  # (N_q, N_k)
-    den = (f.q @ f.k.transpose(-1, -2) * visible).sum(-1)                   # (B, H, N)
+    visible = (fid[None, :] <= fid[:, None]).to(f.q.dtype)  # (N_q, N_k)
+    den = (f.q @ f.k.transpose(-1, -2) * visible).sum(-1)  # (B, H, N)
     scale = (f.q.norm(dim=-1, keepdim=True) * f.k.norm(dim=-1)[:, :, None] * visible).sum(-1)
     return (den >= ratio * scale).all(dim=1)
 
@@ -85,7 +94,9 @@ def sana_attn1_case(plan, frames: int = 4, seed: int = 0):
     with torch.no_grad():
         rope = model.rope(video)
     grid = plan.tokens(model, {"hidden_states": video})
-    x = torch.randn(1, grid.video_tokens, model.config.num_attention_heads * model.config.attention_head_dim, generator=gen)
+    x = torch.randn(
+        1, grid.video_tokens, model.config.num_attention_heads * model.config.attention_head_dim, generator=gen
+    )
     return model.transformer_blocks[0].attn1, rope, x, grid
 
 
@@ -96,9 +107,16 @@ def sana_attn1_case(plan, frames: int = 4, seed: int = 0):
 def test_one_block_reproduces_the_stock_processor(plan, extra):
     attn, rope, x, grid = sana_attn1_case(plan)
     stock = call(attn, SanaLinearAttnProcessor3_0(), x, rope)
-    ours = call(attn, BlockCausalLinearAttnProcessor(fixed_context(grid.frames, grid.per_frame), block_size=grid.frames + extra), x, rope)
+    ours = call(
+        attn,
+        BlockCausalLinearAttnProcessor(fixed_context(grid.frames, grid.per_frame), block_size=grid.frames + extra),
+        x,
+        rope,
+    )
     torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-5)
-    causal = call(attn, BlockCausalLinearAttnProcessor(fixed_context(grid.frames, grid.per_frame), block_size=1), x, rope)
+    causal = call(
+        attn, BlockCausalLinearAttnProcessor(fixed_context(grid.frames, grid.per_frame), block_size=1), x, rope
+    )
     assert not torch.allclose(causal, stock, rtol=1e-5, atol=1e-5)  # frame-causal is a different function
 
 
@@ -138,7 +156,7 @@ def test_earlier_blocks_are_bit_exact_and_later_ones_see_their_prefix(case):
     rope = random_rope(t * p, case["head_dim"], gen)
     x = torch.randn(2, t * p, attn.inner_dim, generator=gen)
     moved = x.clone()
-    moved[:, j * p:] += torch.randn(moved[:, j * p:].shape, generator=gen)
+    moved[:, j * p :] += torch.randn(moved[:, j * p :].shape, generator=gen)
     proc = BlockCausalLinearAttnProcessor(fixed_context(t, p), block_size=b)
     out, out_moved = call(attn, proc, x, rope), call(attn, proc, moved, rope)
 
@@ -153,8 +171,10 @@ def test_earlier_blocks_are_bit_exact_and_later_ones_see_their_prefix(case):
         end = min(start + b, t)
         cos, sin = rope
         ref = call(attn, SanaLinearAttnProcessor3_0(), moved[:, : end * p], (cos[:, : end * p], sin[:, : end * p]))
-        rows = keep[:, start * p: end * p]
-        torch.testing.assert_close(out_moved[:, start * p: end * p][rows], ref[:, start * p:][rows], rtol=1e-5, atol=1e-5)
+        rows = keep[:, start * p : end * p]
+        torch.testing.assert_close(
+            out_moved[:, start * p : end * p][rows], ref[:, start * p :][rows], rtol=1e-5, atol=1e-5
+        )
 
 
 def test_chunked_prefix_equals_the_full_run_bit_exactly():
@@ -169,7 +189,10 @@ def test_chunked_prefix_equals_the_full_run_bit_exactly():
         full, full_state = block_causal_linear_attention(f, frames, block_size=2)
         outs, state = [], None
         for lo, hi in [(0, 2), (2, 6)]:  # chunks end on block boundaries
-            part = dataclasses.replace(f, **{k: getattr(f, k)[:, :, lo * per_frame: hi * per_frame] for k in ("q", "k", "q_rot", "k_rot", "v")})
+            part = dataclasses.replace(
+                f,
+                **{k: getattr(f, k)[:, :, lo * per_frame : hi * per_frame] for k in ("q", "k", "q_rot", "k_rot", "v")},
+            )
             out, state = block_causal_linear_attention(part, hi - lo, block_size=2, state=state)
             outs.append(out)
     assert torch.equal(torch.cat(outs, dim=2), full)
@@ -196,8 +219,12 @@ def test_pass_without_tokens_function_is_an_error(plan):
 
 def test_inspect_lists_both_paths(plan):
     info = inspect_model(plan.build_tiny(), plan)
-    assert [s["path"] for s in info["sites"]["causal-temporal-conv"]] == [f"transformer_blocks.{i}.ff.conv_temp" for i in range(2)]
-    assert [s["path"] for s in info["sites"]["block-causal-linear-attention"]] == [f"transformer_blocks.{i}.attn1" for i in range(2)]
+    assert [s["path"] for s in info["sites"]["causal-temporal-conv"]] == [
+        f"transformer_blocks.{i}.ff.conv_temp" for i in range(2)
+    ]
+    assert [s["path"] for s in info["sites"]["block-causal-linear-attention"]] == [
+        f"transformer_blocks.{i}.attn1" for i in range(2)
+    ]
     assert info["uncovered"] == []
 
 

@@ -18,7 +18,10 @@ KINDS = ("v", "epsilon", "sample")
 def test_every_pair_agrees_with_the_targets(source, target):
     """Converting the exact `source` prediction at x_k gives the exact `target` prediction."""
     g = torch.Generator().manual_seed(0)
-    x0, eps = torch.randn(2, 5, 3, generator=g, dtype=torch.float64), torch.randn(2, 5, 3, generator=g, dtype=torch.float64)
+    x0, eps = (
+        torch.randn(2, 5, 3, generator=g, dtype=torch.float64),
+        torch.randn(2, 5, 3, generator=g, dtype=torch.float64),
+    )
     alpha = torch.rand(2, 5, 1, generator=g, dtype=torch.float64).clamp(0.05, 0.95)
     sigma = (1 - alpha**2).sqrt()
     x_k = alpha * x0 + sigma * eps

@@ -40,18 +40,14 @@ def test_rescale_zero_terminal_snr_endpoints():
     resc = NoiseSchedule.from_config()
     assert resc.alphas_cumprod.dtype == torch.float64 and resc.num_train_timesteps == K
     assert abs(resc.sqrt_alphas_cumprod[-1].item()) < 1e-12
-    assert resc.sqrt_alphas_cumprod[0].item() == pytest.approx(
-        base.sqrt_alphas_cumprod[0].item(), abs=1e-15
-    )
+    assert resc.sqrt_alphas_cumprod[0].item() == pytest.approx(base.sqrt_alphas_cumprod[0].item(), abs=1e-15)
     assert resc.snr[-1].item() == 0.0
     # monotone: noise level increases with k
     assert bool((resc.alphas_cumprod[1:] <= resc.alphas_cumprod[:-1]).all())
     # the function agrees with the formula of METHOD.md §6 everywhere
     s = base.sqrt_alphas_cumprod
     expected = ((s - s[-1]) * s[0] / (s[0] - s[-1])) ** 2
-    torch.testing.assert_close(
-        rescale_zero_terminal_snr(base.alphas_cumprod), expected, rtol=0, atol=1e-15
-    )
+    torch.testing.assert_close(rescale_zero_terminal_snr(base.alphas_cumprod), expected, rtol=0, atol=1e-15)
 
 
 def test_unrescaled_terminal_alpha():
@@ -66,9 +62,7 @@ def test_linear_schedule_and_betas_round_trip():
         beta_schedule="linear",
         rescale_zero_terminal_snr=False,
     )
-    torch.testing.assert_close(
-        lin.betas, torch.linspace(1e-4, 0.02, K, dtype=torch.float64)
-    )
+    torch.testing.assert_close(lin.betas, torch.linspace(1e-4, 0.02, K, dtype=torch.float64))
 
 
 def test_matches_diffusers_ddim():
@@ -83,9 +77,7 @@ def test_matches_diffusers_ddim():
         timestep_spacing="trailing",
     )
     ours = NoiseSchedule.from_config()
-    assert torch.allclose(
-        ours.alphas_cumprod, ddim.alphas_cumprod.double(), rtol=0, atol=1e-6
-    )
+    assert torch.allclose(ours.alphas_cumprod, ddim.alphas_cumprod.double(), rtol=0, atol=1e-6)
     adopted = NoiseSchedule.from_diffusers(ddim)
     assert torch.equal(adopted.alphas_cumprod, ddim.alphas_cumprod.double())
 
@@ -128,9 +120,7 @@ def test_round_trip_per_frame(schedule, b, t, extra, axis_choice, negative, pred
     torch.testing.assert_close(x0_hat, x0, rtol=0, atol=atol)
     torch.testing.assert_close(eps_hat, noise, rtol=0, atol=1e-9)
     v = schedule.convert(x_k, tgt, ts, pred, "v", frame_axis=fa)
-    torch.testing.assert_close(
-        v, schedule.target(x0, noise, ts, "v", fa), rtol=0, atol=1e-6
-    )
+    torch.testing.assert_close(v, schedule.target(x0, noise, ts, "v", fa), rtol=0, atol=1e-6)
 
     # explicit formulas of METHOD.md §6, frame by frame
     a = schedule.sqrt_alphas_cumprod[ts]  # (B, T)
@@ -156,9 +146,7 @@ def test_round_trip_float32_and_sample(schedule):
     assert x_k.dtype == torch.float32
     v = schedule.target(x0, noise, ts)
     torch.testing.assert_close(schedule.convert(x_k, v, ts, "v", "sample"), x0, rtol=0, atol=1e-5)
-    torch.testing.assert_close(
-        schedule.convert(x_k, v, ts, "v", "epsilon"), noise, rtol=0, atol=1e-5
-    )
+    torch.testing.assert_close(schedule.convert(x_k, v, ts, "v", "epsilon"), noise, rtol=0, atol=1e-5)
     # at the zero-SNR step the noisy input is pure noise and v = -x0
     torch.testing.assert_close(x_k[0, 3], noise[0, 3])
     torch.testing.assert_close(v[0, 3], -x0[0, 3])
@@ -222,9 +210,7 @@ def test_sample_frame_timesteps_modes():
 @pytest.mark.parametrize("p", [0.0, 0.2, 0.5])
 def test_action_dropout_rate_and_independence(p):
     b, t = 4000, 16
-    keep = action_keep_mask(
-        b, t, drop_prob=p, generator=torch.Generator().manual_seed(3)
-    )
+    keep = action_keep_mask(b, t, drop_prob=p, generator=torch.Generator().manual_seed(3))
     assert keep.shape == (b, t) and keep.dtype == torch.bool
     drop = (~keep).double()
     n = drop.numel()
@@ -241,9 +227,7 @@ def test_action_dropout_rate_and_independence(p):
     # consecutive frames: joint drop frequency ≈ p² (independence across frames)
     joint = (drop[:, 1:] * drop[:, :-1]).mean().item()
     m = b * (t - 1)
-    se_j = (
-        math.sqrt(p * p * (1 - p * p) / m) * 2
-    )  # pairs overlap; double the iid standard error
+    se_j = math.sqrt(p * p * (1 - p * p) / m) * 2  # pairs overlap; double the iid standard error
     assert abs(joint - p * p) < 4 * se_j, (joint, p * p, se_j)
     # and rows are not all-or-nothing, unlike per-sequence dropout
     row_frac = drop.mean(1)
@@ -274,9 +258,7 @@ def test_loss_hand_computation():
         torch.randn(2, 3, 4, 2, 2, generator=g),
         torch.randn(2, 3, 4, 2, 2, generator=g),
     )
-    loss, per_frame = diffusion_forcing_loss(
-        out, tgt, frame_axis=1, return_per_frame=True
-    )
+    loss, per_frame = diffusion_forcing_loss(out, tgt, frame_axis=1, return_per_frame=True)
     assert per_frame.shape == (2, 3) and loss.ndim == 0
     hand = torch.zeros(2, 3)
     for bi in range(2):
@@ -288,9 +270,7 @@ def test_loss_hand_computation():
     torch.testing.assert_close(per_frame.mean(), loss)
     # equal per-frame element counts: identical to plain MSE, and the layout does not matter
     torch.testing.assert_close(loss, torch.nn.functional.mse_loss(out, tgt))
-    _, pf2 = diffusion_forcing_loss(
-        out.movedim(1, 2), tgt.movedim(1, 2), frame_axis=2, return_per_frame=True
-    )
+    _, pf2 = diffusion_forcing_loss(out.movedim(1, 2), tgt.movedim(1, 2), frame_axis=2, return_per_frame=True)
     torch.testing.assert_close(pf2, per_frame)
     torch.testing.assert_close(diffusion_forcing_loss(out, tgt), loss)
     # computed in float32 for half inputs; gradients flow
@@ -335,9 +315,7 @@ def test_bad_inputs_raise(schedule):
             action_keep_mask(2, 3, drop_prob=p)
     with pytest.raises(ValueError, match="batch"):
         sample_frame_timesteps(0, 3)
-    with pytest.raises(
-        ValueError, match=r"model_out.*\(2, 3, 4\).*target.*\(2, 4, 3\)"
-    ):
+    with pytest.raises(ValueError, match=r"model_out.*\(2, 3, 4\).*target.*\(2, 4, 3\)"):
         diffusion_forcing_loss(x, torch.zeros(2, 4, 3))
     with pytest.raises(ValueError, match="beta_schedule.*scaled_linear, linear"):
         NoiseSchedule.from_config(beta_schedule="cosine")

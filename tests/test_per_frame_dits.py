@@ -69,7 +69,7 @@ def _capture(model, path, arg):
 
 def _frame(x, how, f, per_frame):
     if how == "sequence":
-        return x[:, f * per_frame:(f + 1) * per_frame]
+        return x[:, f * per_frame : (f + 1) * per_frame]
     return x[f] if how == "rows" else x[:, f]
 
 
@@ -86,7 +86,9 @@ def test_first_block_modulation_is_frame_ts_own(name):
         with torch.no_grad():
             wm(sample, ks, **extra)
             for k in ks[0]:  # the stock model (twins inactive outside a world-model call) at one timestep
-                plan.forward(wm.model, {plan.conditioning.sample_arg: sample, plan.conditioning.timestep_arg: k[None], **extra})
+                plan.forward(
+                    wm.model, {plan.conditioning.sample_arg: sample, plan.conditioning.timestep_arg: k[None], **extra}
+                )
     finally:
         handle.remove()
     per_frame_run, stock = seen[0], seen[1:]
@@ -114,7 +116,9 @@ def test_conversion_keeps_keys_and_the_direct_call(name):
 def test_world_model_round_trips_through_disk(name, tmp_path):
     plan = _plan(name)
     plan.build_tiny(seed=2).save_pretrained(tmp_path / "base", safe_serialization=True)
-    report = convert(tmp_path / "base", tmp_path / "wm", pipeline=f"{plan.pipeline},frame-conditioning{{action_dim={ACTION_DIM}}}")
+    report = convert(
+        tmp_path / "base", tmp_path / "wm", pipeline=f"{plan.pipeline},frame-conditioning{{action_dim={ACTION_DIM}}}"
+    )
     assert report.written and report.passed
     wm = WorldModel.from_pretrained(tmp_path / "wm")
     with torch.no_grad():
@@ -213,7 +217,9 @@ def test_a_batch_is_its_samples(name):
     (s0, e0), (s1, e1) = _split(plan, wm.model, seed=0), _split(plan, wm.model, seed=10)
     gen = torch.Generator().manual_seed(3)
     t, a = torch.randint(0, 1000, (2, FRAMES), generator=gen), torch.randn(2, FRAMES, ACTION_DIM, generator=gen)
-    both = {k: torch.cat([v, e1[k]]) if torch.is_tensor(v) and v.dim() and v.shape[0] == 1 else v for k, v in e0.items()}
+    both = {
+        k: torch.cat([v, e1[k]]) if torch.is_tensor(v) and v.dim() and v.shape[0] == 1 else v for k, v in e0.items()
+    }
     with torch.no_grad():
         batch = wm(torch.cat([s0, s1]), t, a, **both)
         one = wm(s0, t[:1], a[:1], **e0)

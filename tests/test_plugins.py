@@ -13,7 +13,7 @@ from causalize.plugin_manager import AUTOLOAD_ENV, BUILTIN_PLUGINS, build_regist
 
 ROOT = Path(__file__).resolve().parents[1]
 
-THIRD_PARTY = '''
+THIRD_PARTY = """
 from dataclasses import dataclass
 from causalize import hookimpl
 from causalize.passes.base import Pass
@@ -39,7 +39,7 @@ def causalize_register_passes(register):
 def causalize_register_plans(register):
     import dataclasses
     register(dataclasses.replace(base.PLAN, name="fake-unet3d"))
-'''
+"""
 
 
 @pytest.fixture

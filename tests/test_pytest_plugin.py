@@ -85,8 +85,14 @@ def _warm():
     def forward(model, kw):
         return model(kw["x"] + kw["x"].mean(1, keepdim=True))
 
-    assert_leaks(torch.nn.Linear(2, 2), {"x": torch.randn(1, 3, 2)}, frame_axes={"x": 1}, output_axis=1,
-                 forward=forward, localize=True)
+    assert_leaks(
+        torch.nn.Linear(2, 2),
+        {"x": torch.randn(1, 3, 2)},
+        frame_axes={"x": 1},
+        output_axis=1,
+        forward=forward,
+        localize=True,
+    )
     yield
     torch.set_num_threads(before)
 
@@ -112,7 +118,9 @@ def test_plugin_import_is_light():
 
 
 def test_fixture_passes_fails_and_shows_matrix_and_culprit(pytester: pytest.Pytester):
-    _write(pytester, '''
+    _write(
+        pytester,
+        """
         def test_defaults(causality):
             assert (causality.frames, causality.tolerance, causality.block_size) == (4, 0.0, None)
 
@@ -128,21 +136,27 @@ def test_fixture_passes_fails_and_shows_matrix_and_culprit(pytester: pytest.Pyte
 
         def test_inputs_from_frames(causality):
             assert causality.check(Net(), frames_of, **PLAIN).matrix.shape == (4, 4)
-    ''')
+    """,
+    )
     result = pytester.runpytest()
     result.assert_outcomes(passed=4, failed=1)
     out = result.stdout.str()
     assert HEADER in out
-    result.stdout.fnmatch_lines([
-        "*test_leaky*",
-        "*CausalityCheckFailed: Net is not causal: LEAK: output frame * moves by * when input frame * changes*",
-        "*out\\in *0 *1 *2 *3 *4",
-        "*culprit: stages.1 (TimeConv)*",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "*test_leaky*",
+            "*CausalityCheckFailed: Net is not causal: LEAK: output frame * moves by * when input frame * changes*",
+            "*out\\in *0 *1 *2 *3 *4",
+            "*culprit: stages.1 (TimeConv)*",
+        ]
+    )
     assert "!" in out
     # Every check's verdict is a user property of its test report (shown by --junitxml).
-    props = {r.nodeid.split("::")[-1]: r.user_properties
-             for r in result.reprec.getreports("pytest_runtest_logreport") if r.when == "call"}
+    props = {
+        r.nodeid.split("::")[-1]: r.user_properties
+        for r in result.reprec.getreports("pytest_runtest_logreport")
+        if r.when == "call"
+    }
     assert props["test_causal"] == [("causalize.assert_causal", props["test_causal"][0][1])]
     assert props["test_causal"][0][1].startswith("causal:")
     assert props["test_leaky"][0][1].startswith("LEAK")
@@ -150,7 +164,9 @@ def test_fixture_passes_fails_and_shows_matrix_and_culprit(pytester: pytest.Pyte
 
 
 def test_marker_overrides_and_strict_markers(pytester: pytest.Pytester):
-    _write(pytester, '''
+    _write(
+        pytester,
+        """
         @pytest.mark.causal(frames=6, tolerance=1e-3, block_size=2, seed=3)
         def test_marker_settings(causality):
             assert (causality.frames, causality.tolerance, causality.block_size, causality.seed) == (6, 1e-3, 2, 3)
@@ -176,17 +192,26 @@ def test_marker_overrides_and_strict_markers(pytester: pytest.Pytester):
         @pytest.mark.causal(frame=6)
         def test_typo(causality):
             pass
-    ''')
+    """,
+    )
     result = pytester.runpytest("--strict-markers")
     result.assert_outcomes(passed=4, failed=1, errors=1)
-    result.stdout.fnmatch_lines(["*ERROR at setup of test_typo*", "*unknown @pytest.mark.causal argument(s) [[]'frame'[]]*",
-                                 "*test_default_frames_are_not_six*", "*ExactlySix got 4 frames*"])
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at setup of test_typo*",
+            "*unknown @pytest.mark.causal argument(s) [[]'frame'[]]*",
+            "*test_default_frames_are_not_six*",
+            "*ExactlySix got 4 frames*",
+        ]
+    )
     result = pytester.runpytest("--markers")
     result.stdout.fnmatch_lines(["@pytest.mark.causal(frames=None, tolerance=None, block_size=None, seed=None):*"])
 
 
 def test_command_line_options(pytester: pytest.Pytester):
-    _write(pytester, '''
+    _write(
+        pytester,
+        """
         def test_options(causality):
             assert (causality.frames, causality.tolerance, causality.seed) == (6, 1e-6, 7)
             causality.check(ExactlySix(), frames_of, **PLAIN)
@@ -194,14 +219,17 @@ def test_command_line_options(pytester: pytest.Pytester):
         @pytest.mark.causal(frames=3)
         def test_marker_beats_command_line(causality):
             assert (causality.frames, causality.tolerance) == (3, 1e-6)
-    ''')
+    """,
+    )
     result = pytester.runpytest("--causalize-frames", "6", "--causalize-tolerance", "1e-6", "--causalize-seed", "7")
     result.assert_outcomes(passed=2)
     result = pytester.runpytest("--causalize-frames", "1")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*--causalize-frames must be at least 2*"])
     result = pytester.runpytest("--help")
-    result.stdout.fnmatch_lines(["*causality checks (causalize)*", "*--causalize-frames=N*", "*--causalize-tolerance=X*"])
+    result.stdout.fnmatch_lines(
+        ["*causality checks (causalize)*", "*--causalize-frames=N*", "*--causalize-tolerance=X*"]
+    )
 
 
 def test_plugin_can_be_disabled(pytester: pytest.Pytester):

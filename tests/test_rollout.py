@@ -175,7 +175,9 @@ def test_ddim_with_the_true_v_lands_on_x0():
         torch.testing.assert_close(sched.step("ddim", schedule, x, v, level, None), x0)
         # and to an intermediate level: exactly the same x0 and eps re-mixed
         b = float(schedule.alphas_cumprod[9])
-        torch.testing.assert_close(sched.step("ddim", schedule, x, v, level, 9), math.sqrt(b) * x0 + math.sqrt(1 - b) * eps)
+        torch.testing.assert_close(
+            sched.step("ddim", schedule, x, v, level, 9), math.sqrt(b) * x0 + math.sqrt(1 - b) * eps
+        )
 
 
 def test_euler_agrees_with_ddim_to_second_order():
@@ -187,7 +189,12 @@ def test_euler_agrees_with_ddim_to_second_order():
     v = math.sqrt(a) * eps - math.sqrt(1 - a) * x0
     errors = []
     for nxt in (599, 590, 500):
-        d = (sched.step("euler", schedule, x, v, 600, nxt) - sched.step("ddim", schedule, x, v, 600, nxt)).abs().max().item()
+        d = (
+            (sched.step("euler", schedule, x, v, 600, nxt) - sched.step("ddim", schedule, x, v, 600, nxt))
+            .abs()
+            .max()
+            .item()
+        )
         errors.append(d)
     assert errors[0] < errors[1] < errors[2]
     assert errors[0] < 1e-5 and errors[2] > 1e-4  # O(Δφ²): a different integrator, not a copy
@@ -287,7 +294,9 @@ def test_context_action_mask_selects_known_context_actions():
     ctx, actions = _context(wm, 2), _actions(2)
     cfg = RolloutConfig(steps=2, window=3, guidance_scale=1.0)
     ctx_actions = _actions(2, seed=7)
-    masked = rollout(wm, ctx, actions, context_actions=ctx_actions, context_action_mask=torch.tensor([False, False]), config=cfg)
+    masked = rollout(
+        wm, ctx, actions, context_actions=ctx_actions, context_action_mask=torch.tensor([False, False]), config=cfg
+    )
     none = rollout(wm, ctx, actions, config=cfg)
     known = rollout(wm, ctx, actions, context_actions=ctx_actions, config=cfg)
     torch.testing.assert_close(masked.frames, none.frames, rtol=0, atol=0)
@@ -301,12 +310,16 @@ def test_block_causal_plans_are_refused_with_a_reason():
     model = plan.build_tiny()
     convert_model(model, plan, f"{plan.pipeline},frame-conditioning{{action_dim=2}}")
     wm = WorldModel(model, plan)
-    ctx = plan.make_inputs(model, 2 * plan.layout.block_size, torch.Generator().manual_seed(0))[plan.conditioning.sample_arg]
+    ctx = plan.make_inputs(model, 2 * plan.layout.block_size, torch.Generator().manual_seed(0))[
+        plan.conditioning.sample_arg
+    ]
     with pytest.raises(UsageError, match="block by"):
         rollout(wm, ctx, torch.randn(1, 2, 2), config=RolloutConfig(steps=2, cache=False))
 
 
-@pytest.mark.parametrize("name", [p.name for p in registries().plans if p.conditioning is not None and p.layout.block_size == 1])
+@pytest.mark.parametrize(
+    "name", [p.name for p in registries().plans if p.conditioning is not None and p.layout.block_size == 1]
+)
 def test_every_plan_rolls_out_with_full_recomputation(name):
     """Every frame-causal plan rolls out (guided: both branches batched), e.g. Cosmos' unbatched
     padding mask and Latte's learned-variance output."""

@@ -62,11 +62,28 @@ def _out_dir(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("ext", [".mp4", ".gif", ".npz"])
 def test_writes_each_format(work, tmp_path, ext):
     out = tmp_path / f"clip{ext}"
-    result = cli("rollout", work / "wm", "--context", work / "inputs/ep.npz", "--context-frames", CONTEXT,
-                 "--actions", work / "inputs/acts.txt", "--out", out, *FAST, "--device", "cpu")
+    result = cli(
+        "rollout",
+        work / "wm",
+        "--context",
+        work / "inputs/ep.npz",
+        "--context-frames",
+        CONTEXT,
+        "--actions",
+        work / "inputs/acts.txt",
+        "--out",
+        out,
+        *FAST,
+        "--device",
+        "cpu",
+    )
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == str(out)
-    assert "seconds per frame: mean" in result.stderr and "cache: streaming" in result.stderr and "frame passes" in result.stderr
+    assert (
+        "seconds per frame: mean" in result.stderr
+        and "cache: streaming" in result.stderr
+        and "frame passes" in result.stderr
+    )
     if ext == ".npz":
         z = np.load(out)
         assert z["frames"].shape == (CONTEXT + 2, 16, 16, 3) and z["frames"].dtype == np.uint8
@@ -81,10 +98,29 @@ def test_writes_each_format(work, tmp_path, ext):
 def test_json_summary_and_training_defaults(work, tmp_path):
     ckpt = tmp_path / "trained"
     shutil.copytree(work / "wm", ckpt)
-    (ckpt / "training.json").write_text(json.dumps({"config": {"prediction_type": "epsilon", "window": 3, "zero_terminal_snr": False}}))
+    (ckpt / "training.json").write_text(
+        json.dumps({"config": {"prediction_type": "epsilon", "window": 3, "zero_terminal_snr": False}})
+    )
     out = tmp_path / "gen.npz"
-    result = cli("rollout", ckpt, "--context", work / "inputs/start.png", "--actions", work / "inputs/acts.txt",
-                 "--out", out, "--steps", "2", "--window", "5", "--no-cache", "--generated-only", "--seed", "3", "--json")
+    result = cli(
+        "rollout",
+        ckpt,
+        "--context",
+        work / "inputs/start.png",
+        "--actions",
+        work / "inputs/acts.txt",
+        "--out",
+        out,
+        "--steps",
+        "2",
+        "--window",
+        "5",
+        "--no-cache",
+        "--generated-only",
+        "--seed",
+        "3",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["generated"] == 2 and doc["frames_written"] == 2 and doc["context_frames"] == 0
@@ -97,8 +133,19 @@ def test_json_summary_and_training_defaults(work, tmp_path):
 
 def test_continuous_actions_from_json(work, tmp_path):
     out = tmp_path / "c.npz"
-    result = cli("rollout", work / "wm-cont", "--context", work / "inputs/ep.npz", "--actions", work / "inputs/acts.json",
-                 "--out", out, *FAST, "--guidance-scale", "1")
+    result = cli(
+        "rollout",
+        work / "wm-cont",
+        "--context",
+        work / "inputs/ep.npz",
+        "--actions",
+        work / "inputs/acts.json",
+        "--out",
+        out,
+        *FAST,
+        "--guidance-scale",
+        "1",
+    )
     assert result.exit_code == 0, result.output
     z = np.load(out)
     assert z["frames"].shape[0] == CONTEXT + 2 + 2 and z["actions"].dtype == np.float32
@@ -107,7 +154,17 @@ def test_continuous_actions_from_json(work, tmp_path):
 def test_refuses_to_overwrite(work, tmp_path):
     out = tmp_path / "clip.gif"
     out.write_bytes(b"precious")
-    args = ("rollout", work / "wm", "--context", work / "inputs/ep.npz", "--actions", work / "inputs/acts.txt", "--out", out, *FAST)
+    args = (
+        "rollout",
+        work / "wm",
+        "--context",
+        work / "inputs/ep.npz",
+        "--actions",
+        work / "inputs/acts.txt",
+        "--out",
+        out,
+        *FAST,
+    )
     assert_one_line_error(cli(*args), 2, "exists")
     assert out.read_bytes() == b"precious"
     result = cli(*args, "--overwrite")
@@ -149,7 +206,9 @@ def test_bad_inputs_exit_2_and_write_nothing(work, tmp_path):
     cases = _bad_inputs(tmp_path, work / "inputs")
     out_dir = _out_dir(tmp_path)
     for context, actions, needle in cases.values():
-        result = cli("rollout", work / "wm", "--context", context, "--actions", actions, "--out", out_dir / "x.npz", *FAST)
+        result = cli(
+            "rollout", work / "wm", "--context", context, "--actions", actions, "--out", out_dir / "x.npz", *FAST
+        )
         assert_one_line_error(result, 2, needle)
     assert list(out_dir.iterdir()) == []
 
@@ -157,7 +216,9 @@ def test_bad_inputs_exit_2_and_write_nothing(work, tmp_path):
 def test_bad_options_exit_2(work, tmp_path):
     out_dir = _out_dir(tmp_path)
     base = ("rollout", work / "wm", "--context", work / "inputs/ep.npz", "--actions", work / "inputs/acts.txt")
-    assert_one_line_error(cli(*base, "--out", out_dir / "x.npz", "--context-frames", "9"), 2, "fewer than the 9 context frames")
+    assert_one_line_error(
+        cli(*base, "--out", out_dir / "x.npz", "--context-frames", "9"), 2, "fewer than the 9 context frames"
+    )
     assert_one_line_error(cli(*base, "--out", out_dir / "x.avi"), 2, "unknown output format")
     assert_one_line_error(cli(*base, "--out", out_dir / "x.npz", "--sampler", "heun"), 2, "unknown sampler")
     assert_one_line_error(cli(*base, "--out", out_dir / "x.npz", "--history-noise", "lots"), 2, "history_noise")
@@ -169,15 +230,32 @@ def test_bad_options_exit_2(work, tmp_path):
 @pytest.mark.parametrize("ckpt, needle", [("noact", "no action adapter"), ("plain", "no per-frame timesteps")])
 def test_checkpoint_without_action_adapter_is_refused(work, tmp_path, ckpt, needle):
     out_dir = _out_dir(tmp_path)
-    result = cli("rollout", work / ckpt, "--context", work / "inputs/ep.npz", "--actions", work / "inputs/acts.txt",
-                 "--out", out_dir / "x.mp4", *FAST)
+    result = cli(
+        "rollout",
+        work / ckpt,
+        "--context",
+        work / "inputs/ep.npz",
+        "--actions",
+        work / "inputs/acts.txt",
+        "--out",
+        out_dir / "x.mp4",
+        *FAST,
+    )
     assert_one_line_error(result, 2, needle)
     assert list(out_dir.iterdir()) == []
 
 
 def test_missing_checkpoint_exit_4(work, tmp_path):
-    result = cli("rollout", tmp_path / "nowhere", "--context", work / "inputs/ep.npz", "--actions", work / "inputs/acts.txt",
-                 "--out", tmp_path / "x.npz")
+    result = cli(
+        "rollout",
+        tmp_path / "nowhere",
+        "--context",
+        work / "inputs/ep.npz",
+        "--actions",
+        work / "inputs/acts.txt",
+        "--out",
+        tmp_path / "x.npz",
+    )
     assert result.exit_code == 4, result.output
 
 
@@ -196,5 +274,14 @@ def test_help_teaches_and_does_not_import_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "rollout" in proc.stdout and "Examples:" in proc.stdout and "causalize rollout ./run/final" in proc.stdout
-    for option in ("--context-frames", "--steps", "--history-noise", "--guidance-rescale", "--no-cache", "--seed", "--overwrite", "--json"):
+    for option in (
+        "--context-frames",
+        "--steps",
+        "--history-noise",
+        "--guidance-rescale",
+        "--no-cache",
+        "--seed",
+        "--overwrite",
+        "--json",
+    ):
         assert option in proc.stdout, option

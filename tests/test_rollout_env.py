@@ -38,7 +38,9 @@ def _unet(channels: int = 3):
 def _world_model(action_type: str, channels: int = 3, randomize: bool = True) -> WorldModel:
     plan = registries().plans.get("unet3d")
     model = _unet(channels)
-    convert_model(model, plan, f"{plan.pipeline},frame-conditioning{{action_dim={N_ACTIONS},action_type={action_type}}}")
+    convert_model(
+        model, plan, f"{plan.pipeline},frame-conditioning{{action_dim={N_ACTIONS},action_type={action_type}}}"
+    )
     wm = WorldModel(model, plan)
     if randomize:  # a fresh adapter's last layer is zero: give actions an effect
         gen = torch.Generator().manual_seed(1)
@@ -104,8 +106,12 @@ def test_same_seed_same_frames_and_matches_rollout(discrete):
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)
     assert any((x != y).any() for x, y in zip(a[1:], c[1:]))
-    ref = rollout(discrete, frames_to_model(Frames(_context(), "pixels"), 2), torch.tensor([actions]),
-                  config=RolloutConfig(steps=2, window=4, seed=7))
+    ref = rollout(
+        discrete,
+        frames_to_model(Frames(_context(), "pixels"), 2),
+        torch.tensor([actions]),
+        config=RolloutConfig(steps=2, window=4, seed=7),
+    )
     np.testing.assert_array_equal(np.stack(a[1:]), model_to_frames(ref.frames, 2, "pixels").data)
 
 
@@ -135,7 +141,9 @@ def test_truncation_and_options_context(continuous):
 def test_gymnasium_wrappers(discrete):
     from gymnasium.wrappers import FrameStackObservation, RecordEpisodeStatistics, TimeLimit
 
-    env = RecordEpisodeStatistics(FrameStackObservation(TimeLimit(WorldModelEnv(discrete, FAST, context=_context()), 2), 2))
+    env = RecordEpisodeStatistics(
+        FrameStackObservation(TimeLimit(WorldModelEnv(discrete, FAST, context=_context()), 2), 2)
+    )
     obs, _ = env.reset(seed=0)
     assert obs.shape == (2, 16, 16, 3)
     env.step(env.action_space.sample())
@@ -201,6 +209,11 @@ def test_from_pretrained_uses_training_settings(tmp_path):
     env.reset(seed=0)
     assert env.step(0)[3] is True
     (tmp_path / "plain").mkdir()
-    convert(tmp_path / "src", tmp_path / "noact", pipeline=f"{registries().plans.get('unet3d').pipeline},frame-conditioning", verify=False)
+    convert(
+        tmp_path / "src",
+        tmp_path / "noact",
+        pipeline=f"{registries().plans.get('unet3d').pipeline},frame-conditioning",
+        verify=False,
+    )
     with pytest.raises(UsageError, match="no action adapter"):
         WorldModelEnv.from_pretrained(tmp_path / "noact", device="cpu")

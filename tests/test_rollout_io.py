@@ -70,13 +70,16 @@ def test_npy_and_media_files(tmp_path):
     assert read_frames(tmp_path / "a.mp4", context_frames=3).data.shape == (3, 16, 16, 3)
 
 
-@pytest.mark.parametrize("name, content, needle", [
-    ("missing.npz", None, "not found"),
-    ("bad.npz", b"not a zip", "cannot read as .npz"),
-    ("bad.gif", b"GIF89", "cannot read as .gif"),
-    ("bad.npy", b"\x93NUMPY garbage", "cannot read as .npy"),
-    ("clip.xyz", b"", "unknown context format"),
-])
+@pytest.mark.parametrize(
+    "name, content, needle",
+    [
+        ("missing.npz", None, "not found"),
+        ("bad.npz", b"not a zip", "cannot read as .npz"),
+        ("bad.gif", b"GIF89", "cannot read as .gif"),
+        ("bad.npy", b"\x93NUMPY garbage", "cannot read as .npy"),
+        ("clip.xyz", b"", "unknown context format"),
+    ],
+)
 def test_unreadable_context_names_the_file(tmp_path, name, content, needle):
     if content is not None:
         (tmp_path / name).write_bytes(content)
@@ -151,14 +154,17 @@ def test_action_file_formats(tmp_path):
     assert read_actions(tmp_path / "ep.npz").shape == (2, 3)
 
 
-@pytest.mark.parametrize("name, content, needle", [
-    ("ragged.txt", "1 2\n3\n", "line 2 has 1 values"),
-    ("word.txt", "1\nleft\n", "line 2: 'left' is not a number"),
-    ("empty.txt", "# nothing\n", "no actions"),
-    ("bad.json", "[1, 2", "not valid JSON"),
-    ("ragged.json", "[[1, 2], [3]]", "same length"),
-    ("str.json", '["up", "down"]', "numbers"),
-])
+@pytest.mark.parametrize(
+    "name, content, needle",
+    [
+        ("ragged.txt", "1 2\n3\n", "line 2 has 1 values"),
+        ("word.txt", "1\nleft\n", "line 2: 'left' is not a number"),
+        ("empty.txt", "# nothing\n", "no actions"),
+        ("bad.json", "[1, 2", "not valid JSON"),
+        ("ragged.json", "[[1, 2], [3]]", "same length"),
+        ("str.json", '["up", "down"]', "numbers"),
+    ],
+)
 def test_malformed_action_files(tmp_path, name, content, needle):
     (tmp_path / name).write_text(content)
     with pytest.raises(UsageError, match=needle) as info:
@@ -237,10 +243,16 @@ def test_config_precedence(tmp_path):
     ckpt.mkdir()
     config, sources = resolve_config(ckpt)
     assert config.prediction_type == "v" and config.window == 16 and set(sources.values()) == {"default"}
-    (ckpt / "training.json").write_text(json.dumps({"config": {"prediction_type": "epsilon", "zero_terminal_snr": False, "window": 6, "lr": 1e-4}}))
+    (ckpt / "training.json").write_text(
+        json.dumps({"config": {"prediction_type": "epsilon", "zero_terminal_snr": False, "window": 6, "lr": 1e-4}})
+    )
     config, sources = resolve_config(ckpt, window=3, steps=None)
     assert (config.prediction_type, config.zero_terminal_snr, config.window, config.steps) == ("epsilon", False, 3, 50)
-    assert sources["prediction_type"] == "training.json" and sources["window"] == "option" and sources["steps"] == "default"
+    assert (
+        sources["prediction_type"] == "training.json"
+        and sources["window"] == "option"
+        and sources["steps"] == "default"
+    )
     run = tmp_path / "run"
     (run / "final").mkdir(parents=True)
     (run / "final" / "causalize.json").write_text("{}")

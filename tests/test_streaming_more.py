@@ -34,8 +34,10 @@ def _world_model(name: str, seed: int = 0, **config) -> WorldModel:
 
 def _context(wm: WorldModel, frames: int = 2, batch: int = 1, seed: int = 0) -> torch.Tensor:
     cond = wm.plan.conditioning
-    samples = [wm.plan.make_inputs(wm.model, frames, torch.Generator().manual_seed(seed + i))[cond.sample_arg]
-               for i in range(batch)]
+    samples = [
+        wm.plan.make_inputs(wm.model, frames, torch.Generator().manual_seed(seed + i))[cond.sample_arg]
+        for i in range(batch)
+    ]
     return torch.cat(samples)
 
 
@@ -66,7 +68,10 @@ def test_new_plans_declare_streaming():
 
 # --- chunked history: calls of several frames at an offset > 0 ----------------------------------
 
-def _chunked_vs_full(wm: WorldModel, chunks: list[int], batch: int = 1, model_kwargs=None) -> tuple[torch.Tensor, torch.Tensor]:
+
+def _chunked_vs_full(
+    wm: WorldModel, chunks: list[int], batch: int = 1, model_kwargs=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """History written in `chunks` (several frames at offset > 0, which a rollout never does), then
     the current frame read: the output of every call equals the same frames of one full forward."""
     frames = sum(chunks) + 1
@@ -88,7 +93,14 @@ def _chunked_vs_full(wm: WorldModel, chunks: list[int], batch: int = 1, model_kw
         pieces, start = [], 0
         for n in chunks:
             with stream.write(n):
-                pieces.append(wm(sample.narrow(axis, start, n), ts[:, start:start + n], actions[:, start:start + n], **kwargs(n)))
+                pieces.append(
+                    wm(
+                        sample.narrow(axis, start, n),
+                        ts[:, start : start + n],
+                        actions[:, start : start + n],
+                        **kwargs(n),
+                    )
+                )
             start += n
         with stream.read():
             pieces.append(wm(sample.narrow(axis, start, 1), ts[:, start:], actions[:, start:], **kwargs(1)))
@@ -104,6 +116,7 @@ def test_chunked_history_equals_a_full_forward(name):
 
 
 # --- Sana-Video: linear attention's running sums -------------------------------------------------
+
 
 def test_sana_linear_attention_streams_its_running_sums():
     wm = _world_model("sana-video")
@@ -129,6 +142,7 @@ def test_sana_batch_of_two_streams():
 
 
 # --- Mochi: one KV cache per sample ---------------------------------------------------------------
+
 
 def test_mochi_batch_of_two_streams_with_per_sample_caches():
     wm = _world_model("mochi")
@@ -162,6 +176,7 @@ def test_mochi_samples_with_different_valid_text_lengths():
 
 
 # --- Allegro: the video key-padding bias of history keys ------------------------------------------
+
 
 def test_allegro_history_keys_keep_their_padding_bias():
     wm = _world_model("allegro")
@@ -205,6 +220,7 @@ def test_caller_rope_is_refused_in_streaming_calls(name):
 
 # --- Cosmos: RoPE and learnable absolute positions --------------------------------------------------
 
+
 @pytest.mark.parametrize("module", ["learnable_pos_embed", "rope"])
 def test_cosmos_positions_are_offset(module):
     wm = _world_model("cosmos")
@@ -222,6 +238,7 @@ def test_cosmos_without_learnable_positions_streams():
 
 
 # --- Latte: the frame table, and 1-frame calls ------------------------------------------------------
+
 
 def test_latte_single_frame_calls_get_their_frame_row():
     wm = _world_model("latte")
@@ -241,6 +258,7 @@ def test_latte_streams_past_video_length():
 
 
 # --- CogVideoX: sincos patch positions ------------------------------------------------------------
+
 
 def test_cogvideox_sincos_positions_are_offset():
     wm = _world_model("cogvideox", **SINCOS)

@@ -85,8 +85,19 @@ def work(tmp_path_factory):
 def _config(work, out: Path, **kw) -> TrainConfig:
     # device="cpu": bit-exact resume is a CPU guarantee (GPU kernels are not bit-deterministic), so
     # these tests pin the CPU even on a machine with a GPU
-    base = dict(model=str(work["model"]), data=str(work["data"]), output_dir=str(out), window=6, batch_size=2, steps=2,
-                lr=1e-3, log_every=1, checkpoint_every=0, split=None, device="cpu")
+    base = dict(
+        model=str(work["model"]),
+        data=str(work["data"]),
+        output_dir=str(out),
+        window=6,
+        batch_size=2,
+        steps=2,
+        lr=1e-3,
+        log_every=1,
+        checkpoint_every=0,
+        split=None,
+        device="cpu",
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -102,8 +113,15 @@ class _Recorder:
         original = WorldModel.forward
 
         def forward(wm, sample, timesteps, actions=None, action_mask=None, **kw):
-            self.calls.append({"timesteps": timesteps.clone(), "action_mask": None if action_mask is None else action_mask.clone(),
-                               "actions": actions, "sample_shape": tuple(sample.shape), "kwargs": kw})
+            self.calls.append(
+                {
+                    "timesteps": timesteps.clone(),
+                    "action_mask": None if action_mask is None else action_mask.clone(),
+                    "actions": actions,
+                    "sample_shape": tuple(sample.shape),
+                    "kwargs": kw,
+                }
+            )
             return original(wm, sample, timesteps, actions, action_mask, **kw)
 
         monkeypatch.setattr(WorldModel, "forward", forward)
@@ -153,7 +171,9 @@ def test_resume_from_a_checkpoint_replays_the_uninterrupted_run(work, uninterrup
     full, _ = uninterrupted
     ckpt = full / "checkpoints" / "step-2"
     out = tmp_path / "resumed"
-    result = train(_config(work, out, steps=4, batch_size=4, gradient_accumulation=2, checkpoint_every=2, resume=str(ckpt)))
+    result = train(
+        _config(work, out, steps=4, batch_size=4, gradient_accumulation=2, checkpoint_every=2, resume=str(ckpt))
+    )
     assert result["start_step"] == 2 and result["steps_run"] == 2 and result["resumed_from"] == str(ckpt)
     expected = {m["step"]: m["loss"] for m in _metrics(full)}
     got = {m["step"]: m["loss"] for m in _metrics(out)}
@@ -209,7 +229,9 @@ def test_draws_drop_actions_with_probability_p_and_never_restore_missing_ones():
     data_mask[:, 0] = False
     dropped = total = 0
     for step in range(200):
-        d = draw_step_inputs(x0, data_mask, schedule=schedule, frame_axis=2, generator=step_generator(0, step), action_dropout=0.2)
+        d = draw_step_inputs(
+            x0, data_mask, schedule=schedule, frame_axis=2, generator=step_generator(0, step), action_dropout=0.2
+        )
         assert not d.keep[:, 0].any()
         dropped += int((~d.keep[:, 1:]).sum())
         total += d.keep[:, 1:].numel()
@@ -282,8 +304,13 @@ def test_missing_or_unusable_paths(work, tmp_path, what):
         kw[what] = str(tmp_path / "nowhere")
     with pytest.raises(UsageError) as info:
         train(_config(work, tmp_path / "run", **kw))
-    needle = {"model": "not found", "data": "not found", "resume": "not a training checkpoint",
-              "unconverted": "not a converted", "no-adapter": "no per-frame timesteps|no action adapter"}[what]
+    needle = {
+        "model": "not found",
+        "data": "not found",
+        "resume": "not a training checkpoint",
+        "unconverted": "not a converted",
+        "no-adapter": "no per-frame timesteps|no action adapter",
+    }[what]
     assert info.match(needle)
     assert not (tmp_path / "run" / "final").exists()
 
@@ -354,9 +381,16 @@ def test_latent_training_through_a_frozen_vae(work, tmp_path):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), latent_channels=4,
-                        norm_num_groups=4, sample_size=16)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 8),
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+    )
     vae.save_pretrained(tmp_path / "vae")
     model4 = _converted(tmp_path, "wm4", channels=4)  # 16x16 pixels -> 4x8x8 latents
     result = train(_config(work, tmp_path / "run", model=str(model4), vae=str(tmp_path / "vae"), steps=1))
@@ -381,14 +415,46 @@ def test_cli_train_json(work, tmp_path):
     from causalize.cli.app import app
 
     out = tmp_path / "run"
-    result = CliRunner().invoke(app, ["train", "--model", str(work["model"]), "--data", str(work["data"]), "--out", str(out),
-                                      "--steps", "2", "--batch-size", "2", "--window", "6", "--lr", "0.001", "--json"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--model",
+            str(work["model"]),
+            "--data",
+            str(work["data"]),
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--window",
+            "6",
+            "--lr",
+            "0.001",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["steps"] == 2 and doc["final"] == str(out / "final") and np.isfinite(doc["final_loss"])
     assert (out / "final" / "causalize.json").is_file()
-    again = CliRunner().invoke(app, ["train", "--model", str(work["model"]), "--data", str(work["data"]), "--out", str(out),
-                                     "--steps", "2", "--json"])
+    again = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--model",
+            str(work["model"]),
+            "--data",
+            str(work["data"]),
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            "--json",
+        ],
+    )
     assert again.exit_code == 2 and json.loads(again.stdout)["error"]["kind"] == "training-error"
 
 

@@ -52,14 +52,19 @@ def _out(plan, model, inputs) -> torch.Tensor:
 
 
 def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.contiguous().view(torch.uint8),
-                                                                       b.contiguous().view(torch.uint8))
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+    )
 
 
 def _structure(model) -> dict[str, tuple]:
     """Every module's class, instance attributes, processor class and padding."""
-    return {path: (type(m), sorted(vars(m)), type(getattr(m, "processor", None)), getattr(m, "padding", None))
-            for path, m in model.named_modules()}
+    return {
+        path: (type(m), sorted(vars(m)), type(getattr(m, "processor", None)), getattr(m, "padding", None))
+        for path, m in model.named_modules()
+    }
 
 
 def _drive_world_model(model, plan) -> None:

@@ -185,9 +185,7 @@ def test_shift_exact_on_constants_and_off_on_ramps(m: int, d: int, channels: int
     interior = slice(2 * m * d, length - m * d)  # both convs read only real frames
     w_shift = transfer_kernel(w, 2, "shift")
     const = a.expand(1, channels, length)
-    torch.testing.assert_close(
-        _causal(w_shift, b, const, d)[..., interior], _original(w, b, const, d)[..., interior]
-    )
+    torch.testing.assert_close(_causal(w_shift, b, const, d)[..., interior], _original(w, b, const, d)[..., interior])
     gap = _original(w, b, z, d) - _causal(w_shift, b, z, d)
     expected = m * d * (w.sum(dim=2) @ alpha.reshape(channels, 1))  # α·m·d·Σw per channel
     torch.testing.assert_close(gap[..., interior], expected.reshape(1, channels, 1).expand_as(gap[..., interior]))

@@ -34,12 +34,18 @@ def _inputs(wm, seed=0):
     sample = extra.pop(cond.sample_arg)
     extra.pop(cond.timestep_arg)
     gen = torch.Generator().manual_seed(seed + 1)
-    return {"sample": sample, "timesteps": torch.randint(0, 1000, (1, FRAMES), generator=gen),
-            "actions": torch.randn(1, FRAMES, ACTION_DIM, generator=gen), **extra}
+    return {
+        "sample": sample,
+        "timesteps": torch.randint(0, 1000, (1, FRAMES), generator=gen),
+        "actions": torch.randn(1, FRAMES, ACTION_DIM, generator=gen),
+        **extra,
+    }
 
 
 def _check(wm, inputs, name, axis):
-    layout = FrameLayout(inputs={name: axis}, output_axis=wm.plan.layout.output_axis, block_size=wm.plan.layout.block_size)
+    layout = FrameLayout(
+        inputs={name: axis}, output_axis=wm.plan.layout.output_axis, block_size=wm.plan.layout.block_size
+    )
     return check_causality(wm, inputs, layout, lambda w, x: w(**x))
 
 
@@ -55,8 +61,11 @@ def test_some_families_declare_conditioning():
 @pytest.mark.parametrize("kind", ["latent", "timestep", "action"])
 def test_frame_j_moves_no_earlier_output(wm, kind):
     inputs = _inputs(wm)
-    name, axis = {"latent": ("sample", wm.plan.layout.inputs[wm.plan.conditioning.sample_arg]),
-                  "timestep": ("timesteps", 1), "action": ("actions", 1)}[kind]
+    name, axis = {
+        "latent": ("sample", wm.plan.layout.inputs[wm.plan.conditioning.sample_arg]),
+        "timestep": ("timesteps", 1),
+        "action": ("actions", 1),
+    }[kind]
     report = _check(wm, inputs, name, axis)
     assert report.passed, report.summary() + "\n" + report.format_matrix()
 
@@ -87,7 +96,9 @@ def test_constant_timesteps_without_actions_match_the_model(wm):
     cond = wm.plan.conditioning
     extra = {k: v for k, v in inputs.items() if k not in ("sample", "timesteps", "actions")}
     with torch.no_grad():
-        base = wm.plan.forward(wm.model, {cond.sample_arg: inputs["sample"], cond.timestep_arg: torch.tensor([321]), **extra})
+        base = wm.plan.forward(
+            wm.model, {cond.sample_arg: inputs["sample"], cond.timestep_arg: torch.tensor([321]), **extra}
+        )
         per_frame = wm(inputs["sample"], torch.full((1, FRAMES), 321), **extra)
     torch.testing.assert_close(per_frame, base, rtol=0, atol=1e-5)
 
@@ -173,11 +184,25 @@ def test_cli_convert_adds_an_action_adapter(tmp_path):
 
     plan = registries().plans.get("unet3d")
     plan.build_tiny().save_pretrained(tmp_path / "base", safe_serialization=True)
-    result = CliRunner().invoke(app, ["convert", str(tmp_path / "base"), str(tmp_path / "wm"), "--action-dim", "4", "--action-type", "discrete", "--json"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "convert",
+            str(tmp_path / "base"),
+            str(tmp_path / "wm"),
+            "--action-dim",
+            "4",
+            "--action-type",
+            "discrete",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["pipeline"].endswith("frame-conditioning{action_dim=4,action_type=discrete}")
     wm = WorldModel.from_pretrained(tmp_path / "wm")
     assert wm.action_encoder.action_type == "discrete" and wm.action_encoder.action_dim == 4
-    bad = CliRunner().invoke(app, ["convert", str(tmp_path / "base"), str(tmp_path / "x"), "--action-dim", "4", "--action-type", "joystick"])
+    bad = CliRunner().invoke(
+        app, ["convert", str(tmp_path / "base"), str(tmp_path / "x"), "--action-dim", "4", "--action-type", "joystick"]
+    )
     assert bad.exit_code == 2 and not (tmp_path / "x").exists()

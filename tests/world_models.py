@@ -9,8 +9,15 @@ from causalize.plugin_manager import registries
 from causalize.world_model import WorldModel
 
 
-def tiny_world_model(name: str, *, action_dim: int = 3, action_type: str = "continuous", seed: int = 0,
-                     pipeline: str | None = None, **config) -> WorldModel:
+def tiny_world_model(
+    name: str,
+    *,
+    action_dim: int = 3,
+    action_type: str = "continuous",
+    seed: int = 0,
+    pipeline: str | None = None,
+    **config,
+) -> WorldModel:
     """The plan's tiny model (config overrides allowed), converted with frame-conditioning and an
     action adapter. Zero-initialised layers and tables (the adapter's last layer, UNet3D's last
     temporal conv, Cosmos' learnable positions) would hide what they carry: they get weights, as

@@ -481,8 +481,12 @@ def record_default(
         "seed": seed,
         "datasets": {
             "pretrain": record_clips(games, root / DATASETS["pretrain"], clips_per_game, clip_len, seed, **common),
-            "train": record_episodes(heldout, root / DATASETS["train"], train_episodes, episode_len, seed, split="train", **common),
-            "test": record_episodes(heldout, root / DATASETS["test"], test_episodes, episode_len, seed, split="test", **common),
+            "train": record_episodes(
+                heldout, root / DATASETS["train"], train_episodes, episode_len, seed, split="train", **common
+            ),
+            "test": record_episodes(
+                heldout, root / DATASETS["test"], test_episodes, episode_len, seed, split="test", **common
+            ),
         },
     }
 
@@ -530,7 +534,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--frameskip", type=int, default=d.frameskip)
     p.add_argument("--size", type=int, default=d.size, help="frame side in pixels")
     p.add_argument("--repeat-prob", type=float, default=d.repeat_prob, help="behaviour policy: P(keep previous action)")
-    p.add_argument("--warmup", type=int, nargs=2, default=list(d.warmup), metavar=("MIN", "MAX"), help="random warm-up steps before recording")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        nargs=2,
+        default=list(d.warmup),
+        metavar=("MIN", "MAX"),
+        help="random warm-up steps before recording",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing datasets")
     return p
 

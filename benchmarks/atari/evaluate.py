@@ -78,8 +78,14 @@ def load_segments(root: str | Path, context: int, horizon: int, per_episode: int
             index.append((e, s))
     if not frames:
         raise ValueError(f"no test episode of {root} holds a segment of {length} frames after frame 0")
-    return Segments(np.stack(frames), np.stack(ctx_actions).astype(np.int64), np.stack(actions).astype(np.int64),
-                    context, index, int(info.action_space.num_actions))
+    return Segments(
+        np.stack(frames),
+        np.stack(ctx_actions).astype(np.int64),
+        np.stack(actions).astype(np.int64),
+        context,
+        index,
+        int(info.action_space.num_actions),
+    )
 
 
 def random_actions(segments: Segments, seed: int) -> np.ndarray:
@@ -102,7 +108,9 @@ def score(pred: torch.Tensor, real: np.ndarray) -> dict[str, Any]:
     values = video_metrics(p, r)
     out: dict[str, Any] = {}
     for name, v in values.items():
-        v = torch.nan_to_num(v.double(), posinf=100.0) if name == "psnr" else v.double()  # identical frames: cap at 100 dB
+        v = (
+            torch.nan_to_num(v.double(), posinf=100.0) if name == "psnr" else v.double()
+        )  # identical frames: cap at 100 dB
         out[name] = {**horizon_summary(v), "overall": float(v.mean()), "per_sample": v.mean(1).tolist()}
     return out
 
@@ -152,8 +160,9 @@ def rollout_segments(
     return torch.cat(outs), {"seconds": total, "seconds_per_frame": seconds, "frame_passes": passes, "samples": n}
 
 
-def denoising_psnr(wm: Any, segments: Segments, levels: list[int], seed: int,
-                   batch_size: int | None = None) -> dict[str, Any]:
+def denoising_psnr(
+    wm: Any, segments: Segments, levels: list[int], seed: int, batch_size: int | None = None
+) -> dict[str, Any]:
     """How good a denoiser the world model is, apart from the sampler: every frame of every
     segment (context and future) noised to the same level k, the real actions, one forward pass;
     PSNR of the predicted x0 against the real frames, next to the PSNR of the noisy input
@@ -186,7 +195,9 @@ def denoising_psnr(wm: Any, segments: Segments, levels: list[int], seed: int,
                 preds.append(schedule.convert(x_k, v, kk.cpu(), "v", "sample", frame_axis=2))
                 inputs.append(x_k / a.sqrt().clamp(min=1e-3))
             out[str(int(k))] = {
-                name: float(video_metrics(frames_to_unit(torch.cat(xs).movedim(2, 1), "signed"), real)["psnr"].double().mean())
+                name: float(
+                    video_metrics(frames_to_unit(torch.cat(xs).movedim(2, 1), "signed"), real)["psnr"].double().mean()
+                )
                 for name, xs in (("x0", preds), ("input", inputs))
             }
     return out

@@ -85,8 +85,9 @@ class PretrainConfig:
         return asdict(self)
 
 
-def build_model(model_kwargs: dict[str, Any], channels: int, size: int, seed: int,
-                backbone: str = "unet3d") -> torch.nn.Module:
+def build_model(
+    model_kwargs: dict[str, Any], channels: int, size: int, seed: int, backbone: str = "unet3d"
+) -> torch.nn.Module:
     """A freshly initialised model of the backbone; the init depends only on ``seed``."""
     return get_backbone(backbone).build(model_kwargs, channels, size, seed)
 
@@ -176,7 +177,9 @@ def pretrain(config: PretrainConfig, progress: Progress | None = None, device: s
     sampler = EpochSampler(len(dataset), config.seed)
     loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, drop_last=True)
     if len(loader) == 0:
-        raise ValueError(f"{len(dataset)} windows of {config.window} frames: fewer than one batch of {config.batch_size}")
+        raise ValueError(
+            f"{len(dataset)} windows of {config.window} frames: fewer than one batch of {config.batch_size}"
+        )
     start = _resume(out, model, optimizer)
     model.train()
     batches = _batches(loader, sampler, start)
@@ -199,9 +202,14 @@ def pretrain(config: PretrainConfig, progress: Progress | None = None, device: s
         step_seconds.append(time.perf_counter() - t0)
         since_log.append(loss_value)
         if step % config.log_every == 0 or step == config.steps:
-            record = {"step": step, "loss": loss_value, "loss_avg": sum(since_log) / len(since_log),
-                      "lr": optimizer.param_groups[0]["lr"], "grad_norm": None if grad_norm is None else float(grad_norm),
-                      "seconds_per_step": step_seconds[-1]}
+            record = {
+                "step": step,
+                "loss": loss_value,
+                "loss_avg": sum(since_log) / len(since_log),
+                "lr": optimizer.param_groups[0]["lr"],
+                "grad_norm": None if grad_norm is None else float(grad_norm),
+                "seconds_per_step": step_seconds[-1],
+            }
             with (out / METRICS_FILE).open("a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record) + "\n")
             since_log = []

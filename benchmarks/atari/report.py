@@ -176,7 +176,13 @@ def _cell(value: Any, float_format: str) -> str:
     if isinstance(value, (bool, int, np.integer)):
         return str(value)
     if isinstance(value, (float, np.floating)):
-        return ("inf" if value > 0 else "-inf") if math.isinf(value) else "nan" if math.isnan(value) else format(value, float_format)
+        return (
+            ("inf" if value > 0 else "-inf")
+            if math.isinf(value)
+            else "nan"
+            if math.isnan(value)
+            else format(value, float_format)
+        )
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 

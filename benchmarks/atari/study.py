@@ -54,8 +54,17 @@ from benchmarks.atari import pretrain as pt
 from benchmarks.atari.backbones import BACKBONES, UNET3D, Backbone, get_backbone
 from causalize import fs
 
-__all__ = ["DIT_SCALES", "SCALES", "VARIANTS", "StudyError", "eval_runs", "main", "resolve_config", "run_study",
-           "variant_pipeline"]
+__all__ = [
+    "DIT_SCALES",
+    "SCALES",
+    "VARIANTS",
+    "StudyError",
+    "eval_runs",
+    "main",
+    "resolve_config",
+    "run_study",
+    "variant_pipeline",
+]
 
 Log = Callable[[str], None]
 
@@ -81,45 +90,147 @@ _SMALL_UNET = {
 SCALES: dict[str, dict[str, Any]] = {
     "smoke": {
         "threads": 1,
-        "data": {"games": ["Breakout", "Freeway"], "heldout": "Pong", "clips_per_game": 2, "clip_len": 8,
-                 "train_episodes": 3, "test_episodes": 2, "episode_len": 12, "warmup": [0, 8], "size": 32},
-        "model": {**_SMALL_UNET, "block_out_channels": [8, 8, 16], "norm_num_groups": 4, "cross_attention_dim": 8,
-                  "attention_head_dim": 2},
-        "pretrain": {"window": 4, "stride": 4, "batch_size": 2, "steps": 2, "lr": 2e-4, "warmup_steps": 0,
-                     "log_every": 1, "checkpoint_every": 0},
+        "data": {
+            "games": ["Breakout", "Freeway"],
+            "heldout": "Pong",
+            "clips_per_game": 2,
+            "clip_len": 8,
+            "train_episodes": 3,
+            "test_episodes": 2,
+            "episode_len": 12,
+            "warmup": [0, 8],
+            "size": 32,
+        },
+        "model": {
+            **_SMALL_UNET,
+            "block_out_channels": [8, 8, 16],
+            "norm_num_groups": 4,
+            "cross_attention_dim": 8,
+            "attention_head_dim": 2,
+        },
+        "pretrain": {
+            "window": 4,
+            "stride": 4,
+            "batch_size": 2,
+            "steps": 2,
+            "lr": 2e-4,
+            "warmup_steps": 0,
+            "log_every": 1,
+            "checkpoint_every": 0,
+        },
         "finetune": {"window": 4, "batch_size": 2, "steps": 2, "lr": 1e-4, "log_every": 1, "checkpoint_every": 0},
-        "eval": {"context": 2, "horizon": 2, "segments_per_episode": 1, "steps": 1, "window": 4,
-                 "history_noise": 20, "guidance": [1.0, 1.5, 2.5], "ablation_guidance": [1.0],
-                 "guidance_rescale": 0.7, "eta": 0.0, "random_main_guidance": [1.0, 2.5],
-                 "random_variants": ["scratch"], "batch_size": None},
+        "eval": {
+            "context": 2,
+            "horizon": 2,
+            "segments_per_episode": 1,
+            "steps": 1,
+            "window": 4,
+            "history_noise": 20,
+            "guidance": [1.0, 1.5, 2.5],
+            "ablation_guidance": [1.0],
+            "guidance_rescale": 0.7,
+            "eta": 0.0,
+            "random_main_guidance": [1.0, 2.5],
+            "random_variants": ["scratch"],
+            "batch_size": None,
+        },
     },
     "cpu": {
         "threads": 2,
-        "data": {"games": list(atari_data.DEFAULT_GAMES), "heldout": "Pong", "clips_per_game": 40, "clip_len": 16,
-                 "train_episodes": 32, "test_episodes": 10, "episode_len": 64, "warmup": [0, 200], "size": 64},
+        "data": {
+            "games": list(atari_data.DEFAULT_GAMES),
+            "heldout": "Pong",
+            "clips_per_game": 40,
+            "clip_len": 16,
+            "train_episodes": 32,
+            "test_episodes": 10,
+            "episode_len": 64,
+            "warmup": [0, 200],
+            "size": 64,
+        },
         "model": {**_SMALL_UNET, "block_out_channels": [16, 32, 64], "attention_head_dim": 4},
-        "pretrain": {"window": 8, "stride": 4, "batch_size": 4, "steps": 500, "lr": 1e-3, "warmup_steps": 50,
-                     "log_every": 10, "checkpoint_every": 100},
+        "pretrain": {
+            "window": 8,
+            "stride": 4,
+            "batch_size": 4,
+            "steps": 500,
+            "lr": 1e-3,
+            "warmup_steps": 50,
+            "log_every": 10,
+            "checkpoint_every": 100,
+        },
         "finetune": {"window": 16, "batch_size": 2, "steps": 120, "lr": 5e-4, "log_every": 10, "checkpoint_every": 40},
-        "eval": {"context": 4, "horizon": 12, "segments_per_episode": 1, "steps": 10, "window": 16,
-                 "history_noise": 20, "guidance": [1.0, 1.5, 2.5], "ablation_guidance": [1.0],
-                 "guidance_rescale": 0.7, "eta": 0.0, "random_main_guidance": [1.0, 2.5],
-                 "random_variants": ["scratch"], "batch_size": None},
+        "eval": {
+            "context": 4,
+            "horizon": 12,
+            "segments_per_episode": 1,
+            "steps": 10,
+            "window": 16,
+            "history_noise": 20,
+            "guidance": [1.0, 1.5, 2.5],
+            "ablation_guidance": [1.0],
+            "guidance_rescale": 0.7,
+            "eta": 0.0,
+            "random_main_guidance": [1.0, 2.5],
+            "random_variants": ["scratch"],
+            "batch_size": None,
+        },
     },
     "gpu": {
         "threads": 4,
-        "data": {"games": list(atari_data.DEFAULT_GAMES), "heldout": "Pong", "clips_per_game": 256, "clip_len": 16,
-                 "train_episodes": 256, "test_episodes": 64, "episode_len": 64, "warmup": [0, 400], "size": 64},
-        "model": {"block_out_channels": [64, 128, 256], "down_block_types": ["DownBlock3D", "CrossAttnDownBlock3D", "CrossAttnDownBlock3D"],
-                  "up_block_types": ["CrossAttnUpBlock3D", "CrossAttnUpBlock3D", "UpBlock3D"], "layers_per_block": 2,
-                  "norm_num_groups": 32, "cross_attention_dim": 64, "attention_head_dim": 8},
-        "pretrain": {"window": 16, "stride": 4, "batch_size": 16, "steps": 20000, "lr": 2e-4, "warmup_steps": 500,
-                     "log_every": 50, "checkpoint_every": 1000},
-        "finetune": {"window": 16, "batch_size": 16, "steps": 5000, "lr": 1e-4, "log_every": 50, "checkpoint_every": 1000},
-        "eval": {"context": 4, "horizon": 16, "segments_per_episode": 2, "steps": 50, "window": 16,
-                 "history_noise": 20, "guidance": [1.0, 1.5, 2.5], "ablation_guidance": [1.0, 2.5],
-                 "guidance_rescale": 0.7, "eta": 0.0, "random_main_guidance": [1.0, 2.5],
-                 "random_variants": ["scratch", "shift", "masked", "noncausal-norm"], "batch_size": 64},
+        "data": {
+            "games": list(atari_data.DEFAULT_GAMES),
+            "heldout": "Pong",
+            "clips_per_game": 256,
+            "clip_len": 16,
+            "train_episodes": 256,
+            "test_episodes": 64,
+            "episode_len": 64,
+            "warmup": [0, 400],
+            "size": 64,
+        },
+        "model": {
+            "block_out_channels": [64, 128, 256],
+            "down_block_types": ["DownBlock3D", "CrossAttnDownBlock3D", "CrossAttnDownBlock3D"],
+            "up_block_types": ["CrossAttnUpBlock3D", "CrossAttnUpBlock3D", "UpBlock3D"],
+            "layers_per_block": 2,
+            "norm_num_groups": 32,
+            "cross_attention_dim": 64,
+            "attention_head_dim": 8,
+        },
+        "pretrain": {
+            "window": 16,
+            "stride": 4,
+            "batch_size": 16,
+            "steps": 20000,
+            "lr": 2e-4,
+            "warmup_steps": 500,
+            "log_every": 50,
+            "checkpoint_every": 1000,
+        },
+        "finetune": {
+            "window": 16,
+            "batch_size": 16,
+            "steps": 5000,
+            "lr": 1e-4,
+            "log_every": 50,
+            "checkpoint_every": 1000,
+        },
+        "eval": {
+            "context": 4,
+            "horizon": 16,
+            "segments_per_episode": 2,
+            "steps": 50,
+            "window": 16,
+            "history_noise": 20,
+            "guidance": [1.0, 1.5, 2.5],
+            "ablation_guidance": [1.0, 2.5],
+            "guidance_rescale": 0.7,
+            "eta": 0.0,
+            "random_main_guidance": [1.0, 2.5],
+            "random_variants": ["scratch", "shift", "masked", "noncausal-norm"],
+            "batch_size": 64,
+        },
     },
 }
 
@@ -130,15 +241,47 @@ _SMALL_WAN = {"cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "rope
 #: affordable on a CPU. The cpu sizes come near the UNet3D's parameter count (1.29M against 1.65M); the DiT's
 #: learning rates are not tuned (no probe was run for it).
 DIT_SCALES: dict[str, dict[str, Any]] = {
-    "smoke": {"model": {**_SMALL_WAN, "patch_size": [1, 4, 4], "num_attention_heads": 2, "attention_head_dim": 12,
-                        "text_dim": 8, "freq_dim": 32, "ffn_dim": 32, "num_layers": 2}},
-    "cpu": {"model": {**_SMALL_WAN, "patch_size": [1, 4, 4], "num_attention_heads": 4, "attention_head_dim": 24,
-                      "text_dim": 16, "freq_dim": 64, "ffn_dim": 384, "num_layers": 8},
-            "pretrain": {"lr": 5e-4}, "finetune": {"lr": 2e-4}},
-    "gpu": {"model": {**_SMALL_WAN, "patch_size": [1, 4, 4], "num_attention_heads": 8, "attention_head_dim": 64,
-                      "text_dim": 64, "freq_dim": 256, "ffn_dim": 2048, "num_layers": 12},
-            "pretrain": {"lr": 1e-4}, "finetune": {"lr": 5e-5},
-            "eval": {"random_variants": ["scratch"]}},
+    "smoke": {
+        "model": {
+            **_SMALL_WAN,
+            "patch_size": [1, 4, 4],
+            "num_attention_heads": 2,
+            "attention_head_dim": 12,
+            "text_dim": 8,
+            "freq_dim": 32,
+            "ffn_dim": 32,
+            "num_layers": 2,
+        }
+    },
+    "cpu": {
+        "model": {
+            **_SMALL_WAN,
+            "patch_size": [1, 4, 4],
+            "num_attention_heads": 4,
+            "attention_head_dim": 24,
+            "text_dim": 16,
+            "freq_dim": 64,
+            "ffn_dim": 384,
+            "num_layers": 8,
+        },
+        "pretrain": {"lr": 5e-4},
+        "finetune": {"lr": 2e-4},
+    },
+    "gpu": {
+        "model": {
+            **_SMALL_WAN,
+            "patch_size": [1, 4, 4],
+            "num_attention_heads": 8,
+            "attention_head_dim": 64,
+            "text_dim": 64,
+            "freq_dim": 256,
+            "ffn_dim": 2048,
+            "num_layers": 12,
+        },
+        "pretrain": {"lr": 1e-4},
+        "finetune": {"lr": 5e-5},
+        "eval": {"random_variants": ["scratch"]},
+    },
 }
 
 
@@ -217,8 +360,9 @@ def eval_runs(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     runs += [{"variant": main, "guidance": float(s), "actions": "random"} for s in e["random_main_guidance"]]
     for v in e["random_variants"]:
         if v not in bb.variants:
-            raise StudyError(f"eval.random_variants: {v!r} is not a variant of the {bb.name} backbone "
-                             f"({', '.join(bb.variants)})")
+            raise StudyError(
+                f"eval.random_variants: {v!r} is not a variant of the {bb.name} backbone ({', '.join(bb.variants)})"
+            )
         runs += [{"variant": v, "guidance": float(s), "actions": "random"} for s in e["ablation_guidance"]]
     for r in runs:
         r["name"] = run_name(r["variant"], r["guidance"], r["actions"])
@@ -270,9 +414,12 @@ def _machine() -> dict[str, Any]:
 
     if not _MACHINE:
         _MACHINE.update(machine_info())
-    return {**_MACHINE, "torch_threads": torch.get_num_threads(),
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None}
+    return {
+        **_MACHINE,
+        "torch_threads": torch.get_num_threads(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+    }
 
 
 class _Progress:
@@ -287,7 +434,9 @@ class _Progress:
         if step == total or now - self.last >= self.every:
             self.last = now
             rate = (now - self.t0) / max(step, 1)
-            self.log(f"{self.label}: step {step}/{total} loss {loss:.4f} ({rate:.2f}s/step, ~{rate * (total - step) / 60:.1f} min left)")
+            self.log(
+                f"{self.label}: step {step}/{total} loss {loss:.4f} ({rate:.2f}s/step, ~{rate * (total - step) / 60:.1f} min left)"
+            )
 
 
 # ------------------------------------------------------------------------------------ the study
@@ -296,8 +445,17 @@ class _Progress:
 class Study:
     """The stages, sharing the output directory, the configuration and the seed."""
 
-    def __init__(self, out: Path, cfg: dict[str, Any], seed: int, *, scale: str, data_dir: Path | None = None,
-                 device: str = "cpu", log: Log = _stderr):
+    def __init__(
+        self,
+        out: Path,
+        cfg: dict[str, Any],
+        seed: int,
+        *,
+        scale: str,
+        data_dir: Path | None = None,
+        device: str = "cpu",
+        log: Log = _stderr,
+    ):
         self.out, self.cfg, self.seed, self.scale = out, cfg, seed, scale
         self.data_root = data_dir or out / "data"
         self.device, self.log = device, log
@@ -314,14 +472,18 @@ class Study:
             old = _read_json(path)
             old.get("config", {}).setdefault("backbone", UNET3D.name)  # recorded before backbones existed
             if old != json.loads(json.dumps(ident)):
-                raise StudyError(f"{self.out} holds a study with another scale, seed or configuration ({path}); "
-                                 "use another --out, or delete it")
+                raise StudyError(
+                    f"{self.out} holds a study with another scale, seed or configuration ({path}); "
+                    "use another --out, or delete it"
+                )
         else:
             _write_json(path, ident)
 
     def _skip(self, marker: Path, what: str) -> bool:
         if marker.is_file():
-            self.log(f"[{what}] done already ({marker.relative_to(self.out) if marker.is_relative_to(self.out) else marker}), skipped")
+            self.log(
+                f"[{what}] done already ({marker.relative_to(self.out) if marker.is_relative_to(self.out) else marker}), skipped"
+            )
             return True
         self.log(f"[{what}] running")
         self.executed.append(what)
@@ -338,15 +500,25 @@ class Study:
         if marker.is_file():
             found = _read_json(marker)
             if found.get("request") != json.loads(json.dumps(request)):
-                raise StudyError(f"{self.data_root} holds recordings made with other settings than this study's; "
-                                 "use another --data / --out")
+                raise StudyError(
+                    f"{self.data_root} holds recordings made with other settings than this study's; "
+                    "use another --data / --out"
+                )
         if self._skip(marker, "data"):
             return _read_json(marker)
         t0 = time.perf_counter()
         summary = atari_data.record_default(
-            self.data_root, seed=self.seed, games=d["games"], heldout=d["heldout"], clips_per_game=d["clips_per_game"],
-            clip_len=d["clip_len"], train_episodes=d["train_episodes"], test_episodes=d["test_episodes"],
-            episode_len=d["episode_len"], overwrite=self.data_root == self.out / "data", settings=settings,
+            self.data_root,
+            seed=self.seed,
+            games=d["games"],
+            heldout=d["heldout"],
+            clips_per_game=d["clips_per_game"],
+            clip_len=d["clip_len"],
+            train_episodes=d["train_episodes"],
+            test_episodes=d["test_episodes"],
+            episode_len=d["episode_len"],
+            overwrite=self.data_root == self.out / "data",
+            settings=settings,
             log=lambda m: self.log(f"[data] {m}"),
         )
         doc = {"request": request, "summary": summary, "seconds": time.perf_counter() - t0}
@@ -363,8 +535,14 @@ class Study:
         marker = out / pt.SUMMARY_FILE
         if self._skip(marker, "pretrain"):
             return _read_json(marker)
-        config = pt.PretrainConfig(data=str(self.dataset("pretrain")), output_dir=str(out), model=self.cfg["model"],
-                                   backbone=self.backbone.name, seed=self.seed, **self.cfg["pretrain"])
+        config = pt.PretrainConfig(
+            data=str(self.dataset("pretrain")),
+            output_dir=str(out),
+            model=self.cfg["model"],
+            backbone=self.backbone.name,
+            seed=self.seed,
+            **self.cfg["pretrain"],
+        )
         return pt.pretrain(config, progress=_Progress(self.log, "[pretrain]"), device=self.device)
 
     def scratch_init(self) -> dict[str, Any]:
@@ -379,8 +557,11 @@ class Study:
         info = read_info(self.dataset("pretrain"))
         model = pt.build_model(self.cfg["model"], info.channels, info.shape[0], self.seed, self.backbone.name)
         pt.save_model(model, out / pt.MODEL_DIR)
-        doc = {"seed": self.seed, "parameters": sum(p.numel() for p in model.parameters()),
-               "note": "the initial weights of pretraining (same architecture and seed), never trained"}
+        doc = {
+            "seed": self.seed,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "note": "the initial weights of pretraining (same architecture and seed), never trained",
+        }
         _write_json(marker, doc)
         return doc
 
@@ -398,16 +579,33 @@ class Study:
         space = read_info(self.dataset("train")).action_space
         pipeline = variant_pipeline(variant, self.backbone.name)
         torch.manual_seed(self.seed)  # the action adapter's initialisation
-        report = convert(src, self.out / "convert" / variant, pipeline=pipeline, action_dim=space.num_actions,
-                         action_type="discrete", verify=True, allow_leak=not spec["causal"], overwrite=True)
+        report = convert(
+            src,
+            self.out / "convert" / variant,
+            pipeline=pipeline,
+            action_dim=space.num_actions,
+            action_type="discrete",
+            verify=True,
+            allow_leak=not spec["causal"],
+            overwrite=True,
+        )
         ver = report.verification or {}
-        doc = {"variant": variant, **spec, "src": str(src), "pipeline": report.pipeline, "parameters": report.parameters,
-               "verification": {k: ver.get(k) for k in ("passed", "max_leak", "culprit", "summary")},
-               "written": report.written, "seconds": report.seconds}
+        doc = {
+            "variant": variant,
+            **spec,
+            "src": str(src),
+            "pipeline": report.pipeline,
+            "parameters": report.parameters,
+            "verification": {k: ver.get(k) for k in ("passed", "max_leak", "culprit", "summary")},
+            "written": report.written,
+            "seconds": report.seconds,
+        }
         if not report.written:
             raise StudyError(f"conversion of {variant} wrote nothing: {ver.get('summary')}")
-        self.log(f"[convert {variant}] {report.pipeline}: verification {'passed' if ver.get('passed') else 'FAILED'} "
-                 f"(max leak {ver.get('max_leak')})")
+        self.log(
+            f"[convert {variant}] {report.pipeline}: verification {'passed' if ver.get('passed') else 'FAILED'} "
+            f"(max leak {ver.get('max_leak')})"
+        )
         _write_json(marker, doc)
         return doc
 
@@ -421,10 +619,19 @@ class Study:
             return _read_json(marker)
         f = self.cfg["finetune"]
         config = TrainConfig(
-            model=str(self.out / "convert" / variant), data=str(self.dataset("train")),
-            output_dir=str(self.out / "finetune" / variant), window=f["window"], batch_size=f["batch_size"],
-            steps=f["steps"], lr=f["lr"], seed=self.seed, split=None, log_every=f["log_every"],
-            checkpoint_every=f["checkpoint_every"], keep_checkpoints=1, resume=True,
+            model=str(self.out / "convert" / variant),
+            data=str(self.dataset("train")),
+            output_dir=str(self.out / "finetune" / variant),
+            window=f["window"],
+            batch_size=f["batch_size"],
+            steps=f["steps"],
+            lr=f["lr"],
+            seed=self.seed,
+            split=None,
+            log_every=f["log_every"],
+            checkpoint_every=f["checkpoint_every"],
+            keep_checkpoints=1,
+            resume=True,
         )
         summary = train(config, progress=_Progress(self.log, f"[finetune {variant}]"))
         summary["config"] = config.to_json()
@@ -442,8 +649,14 @@ class Study:
 
         e = self.cfg["eval"]
         config, _ = resolve_config(
-            self.out / "finetune" / variant / "final", steps=e["steps"], window=e["window"], guidance_scale=guidance,
-            guidance_rescale=e["guidance_rescale"], eta=e["eta"], history_noise=e["history_noise"], seed=self.seed,
+            self.out / "finetune" / variant / "final",
+            steps=e["steps"],
+            window=e["window"],
+            guidance_scale=guidance,
+            guidance_rescale=e["guidance_rescale"],
+            eta=e["eta"],
+            history_noise=e["history_noise"],
+            seed=self.seed,
             # Streaming caches are exact only for a causal model; the time-spanning-norm ablation
             # recomputes the whole window at every step (the reference strategy).
             cache=self.backbone.variants[variant]["causal"],
@@ -462,11 +675,18 @@ class Study:
         pred, timing = ev.rollout_segments(wm, segments, actions, config, batch_size=self.cfg["eval"]["batch_size"])
         marker.parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(self.out / "eval" / f"{run['name']}.npz", frames=ev.to_uint8(pred), actions=actions)
-        doc = {**run, "metrics": ev.score(pred, segments.real_future), "timing": timing,
-               "rollout_config": config.to_json(), "checkpoint": str(path)}
+        doc = {
+            **run,
+            "metrics": ev.score(pred, segments.real_future),
+            "timing": timing,
+            "rollout_config": config.to_json(),
+            "checkpoint": str(path),
+        }
         _write_json(marker, doc)
-        self.log(f"[eval {run['name']}] PSNR {doc['metrics']['psnr']['overall']:.2f} dB, "
-                 f"SSIM {doc['metrics']['ssim']['overall']:.4f} ({timing['seconds']:.1f}s)")
+        self.log(
+            f"[eval {run['name']}] PSNR {doc['metrics']['psnr']['overall']:.2f} dB, "
+            f"SSIM {doc['metrics']['ssim']['overall']:.4f} ({timing['seconds']:.1f}s)"
+        )
         return doc
 
     def denoise(self, variant: str, segments: ev.Segments) -> dict[str, Any]:
@@ -477,17 +697,28 @@ class Study:
         if self._skip(marker, f"denoise {variant}"):
             return _read_json(marker)
         wm, _ = load_world_model(self.out / "finetune" / variant / "final", device=self.device)
-        doc = {"variant": variant, "levels": ev.denoising_psnr(wm, segments, list(DENOISE_LEVELS), self.seed,
-                                                                 batch_size=self.cfg["eval"]["batch_size"])}
+        doc = {
+            "variant": variant,
+            "levels": ev.denoising_psnr(
+                wm, segments, list(DENOISE_LEVELS), self.seed, batch_size=self.cfg["eval"]["batch_size"]
+            ),
+        }
         _write_json(marker, doc)
-        self.log(f"[denoise {variant}] x0 PSNR by level: " + ", ".join(
-            f"{k}: {d['x0']:.1f} dB (input {d['input']:.1f})" for k, d in doc["levels"].items()))
+        self.log(
+            f"[denoise {variant}] x0 PSNR by level: "
+            + ", ".join(f"{k}: {d['x0']:.1f} dB (input {d['input']:.1f})" for k, d in doc["levels"].items())
+        )
         return doc
 
     def baseline(self, segments: ev.Segments) -> dict[str, Any]:
         pred = ev.copy_last_baseline(segments)
-        return {"name": BASELINE, "variant": BASELINE, "guidance": None, "actions": "none",
-                "metrics": ev.score(pred, segments.real_future)}
+        return {
+            "name": BASELINE,
+            "variant": BASELINE,
+            "guidance": None,
+            "actions": "none",
+            "metrics": ev.score(pred, segments.real_future),
+        }
 
 
 # ------------------------------------------------------------------------------------ analysis
@@ -499,8 +730,13 @@ def _paired(a: dict[str, Any], b: dict[str, Any], metric: str) -> dict[str, floa
     y = np.asarray(b["metrics"][metric]["per_sample"], dtype=np.float64)
     d = x - y
     sem = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
-    return {"mean": float(d.mean()), "sem": sem, "n": int(len(d)),
-            "positive": bool(d.mean() > 0), "beyond_2sem": bool(len(d) > 1 and abs(d.mean()) > 2 * sem)}
+    return {
+        "mean": float(d.mean()),
+        "sem": sem,
+        "n": int(len(d)),
+        "positive": bool(d.mean() > 0),
+        "beyond_2sem": bool(len(d) > 1 and abs(d.mean()) > 2 * sem),
+    }
 
 
 def comparisons(runs: dict[str, dict[str, Any]], cfg: dict[str, Any]) -> list[dict[str, Any]]:
@@ -508,30 +744,49 @@ def comparisons(runs: dict[str, dict[str, Any]], cfg: dict[str, Any]) -> list[di
     s0 = float(cfg["eval"]["ablation_guidance"][0])
     main = backbone_of(cfg).main
     pairs = [  # pairs whose runs the backbone does not have are left out below
-        ("pretrained transfer beats training from scratch", run_name(main, s0, "real"), run_name("scratch", s0, "real")),
+        (
+            "pretrained transfer beats training from scratch",
+            run_name(main, s0, "real"),
+            run_name("scratch", s0, "real"),
+        ),
         ("extrapolative beats masked transfer", run_name(main, s0, "real"), run_name("masked", s0, "real")),
         ("extrapolative beats shift transfer", run_name(main, s0, "real"), run_name("shift", s0, "real")),
         ("masked beats shift transfer", run_name("masked", s0, "real"), run_name("shift", s0, "real")),
-        ("causal norm beats the time-spanning norm left as is", run_name(main, s0, "real"), run_name("noncausal-norm", s0, "real")),
+        (
+            "causal norm beats the time-spanning norm left as is",
+            run_name(main, s0, "real"),
+            run_name("noncausal-norm", s0, "real"),
+        ),
         ("the world model beats repeating the last context frame", run_name(main, s0, "real"), BASELINE),
     ]
     for s in cfg["eval"]["guidance"]:
         if float(s) != 1.0:
-            pairs.append((f"action guidance s={s:g} beats s=1", run_name(main, float(s), "real"), run_name(main, 1.0, "real")))
+            pairs.append(
+                (f"action guidance s={s:g} beats s=1", run_name(main, float(s), "real"), run_name(main, 1.0, "real"))
+            )
     for name, r in runs.items():
         if r.get("actions") == "random":
             real = run_name(r["variant"], r["guidance"], "real")
-            pairs.append((f"{r['variant']} (s={r['guidance']:g}) follows the real actions: real beats random", real, name))
+            pairs.append(
+                (f"{r['variant']} (s={r['guidance']:g}) follows the real actions: real beats random", real, name)
+            )
     out = []
     for claim, a, b in pairs:
         if a in runs and b in runs:
-            out.append({"claim": claim, "a": a, "b": b, "psnr": _paired(runs[a], runs[b], "psnr"),
-                        "ssim": _paired(runs[a], runs[b], "ssim")})
+            out.append(
+                {
+                    "claim": claim,
+                    "a": a,
+                    "b": b,
+                    "psnr": _paired(runs[a], runs[b], "psnr"),
+                    "ssim": _paired(runs[a], runs[b], "ssim"),
+                }
+            )
     return out
 
 
 def _sign(d: dict[str, Any]) -> str:
-    """"+" / "-" when the paired mean difference is beyond 2 standard errors, else "0"."""
+    """ "+" / "-" when the paired mean difference is beyond 2 standard errors, else "0"."""
     if not d["beyond_2sem"]:
         return "0"
     return "+" if d["mean"] > 0 else "-"
@@ -575,11 +830,24 @@ def write_report(study: Study, results: dict[str, Any], segments: ev.Segments) -
     for metric, label in (("psnr", "PSNR (dB)"), ("ssim", "SSIM")):
         curves = {v: _curve(r["metrics"][metric]) for v, r in variants_real.items()}
         curves[BASELINE] = _curve(runs[BASELINE]["metrics"][metric])
-        rp.plot_horizon(plots / f"variants_{metric}.png", curves, ylabel=label, xlabel=xlabel,
-                        title=f"variants, real actions, s={s0:g}")
-        guided = {f"s={s:g}": _curve(runs[run_name(main, float(s), 'real')]["metrics"][metric]) for s in cfg["eval"]["guidance"]}
-        rp.plot_horizon(plots / f"guidance_{metric}.png", guided, ylabel=label, xlabel=xlabel,
-                        title=f"{main}: action guidance scale")
+        rp.plot_horizon(
+            plots / f"variants_{metric}.png",
+            curves,
+            ylabel=label,
+            xlabel=xlabel,
+            title=f"variants, real actions, s={s0:g}",
+        )
+        guided = {
+            f"s={s:g}": _curve(runs[run_name(main, float(s), "real")]["metrics"][metric])
+            for s in cfg["eval"]["guidance"]
+        }
+        rp.plot_horizon(
+            plots / f"guidance_{metric}.png",
+            guided,
+            ylabel=label,
+            xlabel=xlabel,
+            title=f"{main}: action guidance scale",
+        )
         ctrl = {}
         for r in runs.values():
             if r.get("actions") == "random":
@@ -587,8 +855,13 @@ def write_report(study: Study, results: dict[str, Any], segments: ev.Segments) -
                 ctrl[f"{r['variant']} s={r['guidance']:g} real"] = _curve(real["metrics"][metric])
                 ctrl[f"{r['variant']} s={r['guidance']:g} random"] = _curve(r["metrics"][metric])
         if ctrl:
-            rp.plot_horizon(plots / f"controllability_{metric}.png", ctrl, ylabel=label, xlabel=xlabel,
-                            title="real vs random actions")
+            rp.plot_horizon(
+                plots / f"controllability_{metric}.png",
+                ctrl,
+                ylabel=label,
+                xlabel=xlabel,
+                title="real vs random actions",
+            )
     losses = {}
     for v in variants:
         path = out / "finetune" / v / "metrics.jsonl"
@@ -596,8 +869,13 @@ def write_report(study: Study, results: dict[str, Any], segments: ev.Segments) -
             rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
             losses[v] = {"steps": [r["step"] for r in rows], "mean": [r["loss_avg"] for r in rows]}
     if losses:
-        rp.plot_horizon(plots / "finetune_loss.png", losses, ylabel="Diffusion-Forcing loss (v)", xlabel="fine-tuning step",
-                        title="fine-tuning loss (same budget)")
+        rp.plot_horizon(
+            plots / "finetune_loss.png",
+            losses,
+            ylabel="Diffusion-Forcing loss (v)",
+            xlabel="fine-tuning step",
+            title="fine-tuning loss (same budget)",
+        )
     # GIF and grid: the first test segment, the method at its best guidance scale.
     best = results["best_main_guidance"]
     c = segments.context
@@ -630,24 +908,40 @@ def markdown(results: dict[str, Any], panels: list[str]) -> str:
     for name, r in runs.items():
         m = r["metrics"]
         rows[name] = {
-            "variant": r["variant"], "s": r["guidance"], "actions": r["actions"],
-            "PSNR": m["psnr"]["overall"], "SSIM": m["ssim"]["overall"],
-            "PSNR first": m["psnr"]["mean"][0], "PSNR last": m["psnr"]["mean"][-1],
-            "SSIM first": m["ssim"]["mean"][0], "SSIM last": m["ssim"]["mean"][-1],
+            "variant": r["variant"],
+            "s": r["guidance"],
+            "actions": r["actions"],
+            "PSNR": m["psnr"]["overall"],
+            "SSIM": m["ssim"]["overall"],
+            "PSNR first": m["psnr"]["mean"][0],
+            "PSNR last": m["psnr"]["mean"][-1],
+            "SSIM first": m["ssim"]["mean"][0],
+            "SSIM last": m["ssim"]["mean"][-1],
         }
     table = write_markdown_table(rows, row_header="run")
-    var_rows = {v: {"init": d["init"], "pipeline": d["pipeline"], "verified causal": d["verification"]["passed"],
-                    "max leak": d["verification"]["max_leak"], "final FT loss": d["finetune"]["final_loss"]}
-                for v, d in results["variants"].items()}
+    var_rows = {
+        v: {
+            "init": d["init"],
+            "pipeline": d["pipeline"],
+            "verified causal": d["verification"]["passed"],
+            "max leak": d["verification"]["max_leak"],
+            "final FT loss": d["finetune"]["final_loss"],
+        }
+        for v, d in results["variants"].items()
+    }
     var_table = write_markdown_table(var_rows, row_header="variant", float_format=".4g")
     den = results.get("denoising") or {}
-    den_rows = {v: {f"k={k}": f"{d['x0']:.2f} ({d['input']:.2f})" for k, d in levels.items()} for v, levels in den.items()}
+    den_rows = {
+        v: {f"k={k}": f"{d['x0']:.2f} ({d['input']:.2f})" for k, d in levels.items()} for v, levels in den.items()
+    }
     den_table = write_markdown_table(den_rows, row_header="variant") if den_rows else ""
     comp = ["| claim | a − b | ΔPSNR dB (± s.e.) | ΔSSIM (± s.e.) | verdict |", "|---|---|---:|---:|---|"]
     for cmp in results["comparisons"]:
         p, s = cmp["psnr"], cmp["ssim"]
-        comp.append(f"| {cmp['claim']} | `{cmp['a']}` − `{cmp['b']}` | {p['mean']:+.3g} ± {_fmt(p['sem'], '.2g')} | "
-                    f"{s['mean']:+.3g} ± {_fmt(s['sem'], '.2g')} | {cmp['verdict']} |")
+        comp.append(
+            f"| {cmp['claim']} | `{cmp['a']}` − `{cmp['b']}` | {p['mean']:+.3g} ± {_fmt(p['sem'], '.2g')} | "
+            f"{s['mean']:+.3g} ± {_fmt(s['sem'], '.2g')} | {cmp['verdict']} |"
+        )
     e, st = cfg["eval"], results["study"]
     t = results["timings"]
     lines = [
@@ -720,24 +1014,49 @@ def run_study(
     cfg = resolve_config(scale, overrides, backbone)
     threads = int(threads or cfg["threads"])
     device = device or ("cuda" if scale == "gpu" and torch.cuda.is_available() else "cpu")
-    saved = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    saved = (
+        torch.get_num_threads(),
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
     _set_determinism(threads, device)
     try:
-        return _run(Path(out), cfg, scale=scale, seed=seed, threads=threads, device=device, data_dir=data_dir, log=log,
-                    command=command)
+        return _run(
+            Path(out),
+            cfg,
+            scale=scale,
+            seed=seed,
+            threads=threads,
+            device=device,
+            data_dir=data_dir,
+            log=log,
+            command=command,
+        )
     finally:  # leave the calling process as it was (tests run in one process)
         torch.set_num_threads(saved[0])
         torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])
 
 
-def _run(out: Path, cfg: dict[str, Any], *, scale: str, seed: int, threads: int, device: str,
-         data_dir: str | os.PathLike | None, log: Log, command: str) -> dict[str, Any]:
+def _run(
+    out: Path,
+    cfg: dict[str, Any],
+    *,
+    scale: str,
+    seed: int,
+    threads: int,
+    device: str,
+    data_dir: str | os.PathLike | None,
+    log: Log,
+    command: str,
+) -> dict[str, Any]:
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     study = Study(out, cfg, seed, scale=scale, data_dir=Path(data_dir) if data_dir else None, device=device, log=log)
     study.check_identity()
-    log(f"study: backbone {study.backbone.name}, scale {scale}, seed {seed}, {threads} torch thread(s), device {device}, "
-        f"output {out}")
+    log(
+        f"study: backbone {study.backbone.name}, scale {scale}, seed {seed}, {threads} torch thread(s), device {device}, "
+        f"output {out}"
+    )
 
     data = study.data()
     pre = study.pretrain()
@@ -747,8 +1066,18 @@ def _run(out: Path, cfg: dict[str, Any], *, scale: str, seed: int, threads: int,
         variants[v] = {**study.convert(v)}
     for v in study.backbone.variants:
         ft = study.finetune(v)
-        variants[v]["finetune"] = {k: ft.get(k) for k in ("steps", "final_loss", "train_seconds", "seconds", "samples_per_second",
-                                                          "parameters", "trainable_parameters")}
+        variants[v]["finetune"] = {
+            k: ft.get(k)
+            for k in (
+                "steps",
+                "final_loss",
+                "train_seconds",
+                "seconds",
+                "samples_per_second",
+                "parameters",
+                "trainable_parameters",
+            )
+        }
     segments = study.segments()
     denoising = {v: study.denoise(v, segments)["levels"] for v in study.backbone.variants}
     runs: dict[str, Any] = {BASELINE: study.baseline(segments)}
@@ -756,7 +1085,9 @@ def _run(out: Path, cfg: dict[str, Any], *, scale: str, seed: int, threads: int,
         runs[run["name"]] = study.evaluate(run, segments)
 
     main = study.backbone.main
-    best = max(cfg["eval"]["guidance"], key=lambda s: runs[run_name(main, float(s), "real")]["metrics"]["psnr"]["overall"])
+    best = max(
+        cfg["eval"]["guidance"], key=lambda s: runs[run_name(main, float(s), "real")]["metrics"]["psnr"]["overall"]
+    )
 
     timings = {
         "data": data.get("seconds", 0.0),
@@ -768,17 +1099,37 @@ def _run(out: Path, cfg: dict[str, Any], *, scale: str, seed: int, threads: int,
     timings["convert_total"] = sum(timings["convert"].values())
     timings["finetune_total"] = sum(timings["finetune"].values())
     timings["eval_total"] = sum(timings["eval"].values())
-    timings["stages_total"] = timings["data"] + timings["pretrain"] + timings["convert_total"] + timings["finetune_total"] + timings["eval_total"]
+    timings["stages_total"] = (
+        timings["data"]
+        + timings["pretrain"]
+        + timings["convert_total"]
+        + timings["finetune_total"]
+        + timings["eval_total"]
+    )
     results: dict[str, Any] = {
-        "study": {"scale": scale, "seed": seed, "threads": threads, "device": device,
-                  "deterministic_algorithms": "warn_only" if device.startswith("cuda") else True,
-                  "config": cfg, "command": command or f"--scale {scale} --seed {seed}"},
+        "study": {
+            "scale": scale,
+            "seed": seed,
+            "threads": threads,
+            "device": device,
+            "deterministic_algorithms": "warn_only" if device.startswith("cuda") else True,
+            "config": cfg,
+            "command": command or f"--scale {scale} --seed {seed}",
+        },
         "machine": _machine(),
         "data": data["summary"],
-        "pretrain": {k: pre.get(k) for k in ("parameters", "steps", "final_loss", "train_seconds", "median_seconds_per_step", "windows")},
+        "pretrain": {
+            k: pre.get(k)
+            for k in ("parameters", "steps", "final_loss", "train_seconds", "median_seconds_per_step", "windows")
+        },
         "variants": variants,
-        "segments": {"count": len(segments.index), "index": segments.index, "context": segments.context,
-                     "horizon": segments.horizon, "num_actions": segments.num_actions},
+        "segments": {
+            "count": len(segments.index),
+            "index": segments.index,
+            "context": segments.context,
+            "horizon": segments.horizon,
+            "num_actions": segments.num_actions,
+        },
         "runs": {n: {k: r[k] for k in ("variant", "guidance", "actions", "metrics")} for n, r in runs.items()},
         "denoising": denoising,
         "best_main_guidance": float(best),
@@ -791,22 +1142,36 @@ def _run(out: Path, cfg: dict[str, Any], *, scale: str, seed: int, threads: int,
     results["stages_run_now"] = study.executed
     results["timings"]["this_invocation"] = time.perf_counter() - t_start
     _write_json(out / "results.json", results)
-    log(f"study: done in {results['timings']['this_invocation']:.1f}s; results in {out / 'results.json'}, report {out / 'README.md'}")
+    log(
+        f"study: done in {results['timings']['this_invocation']:.1f}s; results in {out / 'results.json'}, report {out / 'README.md'}"
+    )
     return results
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.atari.study", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output directory (resumed if it holds this study)")
-    p.add_argument("--scale", choices=list(SCALES), default="cpu", help="smoke (<1 min), cpu (about 2 h on 2 cores), gpu")
-    p.add_argument("--backbone", choices=list(BACKBONES), default=UNET3D.name,
-                   help="unet3d (every ablation) or wan (a small DiT: transfer against scratch, guidance, controllability)")
+    p.add_argument(
+        "--scale", choices=list(SCALES), default="cpu", help="smoke (<1 min), cpu (about 2 h on 2 cores), gpu"
+    )
+    p.add_argument(
+        "--backbone",
+        choices=list(BACKBONES),
+        default=UNET3D.name,
+        help="unet3d (every ablation) or wan (a small DiT: transfer against scratch, guidance, controllability)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the scale's)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda for the gpu scale when available)")
     p.add_argument("--data", default=None, help="reuse / record the datasets here instead of OUT/data")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a setting of the scale, e.g. --set pretrain.steps=800 (JSON values)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a setting of the scale, e.g. --set pretrain.steps=800 (JSON values)",
+    )
     return p
 
 
@@ -814,8 +1179,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     command = " ".join(["python -m benchmarks.atari.study", *(argv if argv is not None else sys.argv[1:])])
     try:
-        run_study(args.out, scale=args.scale, seed=args.seed, threads=args.threads, device=args.device, data_dir=args.data,
-                  overrides=args.overrides, backbone=args.backbone, command=command)
+        run_study(
+            args.out,
+            scale=args.scale,
+            seed=args.seed,
+            threads=args.threads,
+            device=args.device,
+            data_dir=args.data,
+            overrides=args.overrides,
+            backbone=args.backbone,
+            command=command,
+        )
     except (StudyError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -37,15 +37,11 @@ from causalize.episodes.reader import ArrayHeader, load_arrays, read_headers
 
 
 def _split_score(seed: int, index: int) -> int:
-    h = hashlib.blake2b(
-        f"causalize-split:{int(seed)}:{int(index)}".encode(), digest_size=8
-    )
+    h = hashlib.blake2b(f"causalize-split:{int(seed)}:{int(index)}".encode(), digest_size=8)
     return int.from_bytes(h.digest(), "big")
 
 
-def split_episodes(
-    root: str | os.PathLike, test_fraction: float, seed: int = 0
-) -> tuple[list[int], list[int]]:
+def split_episodes(root: str | os.PathLike, test_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
     """Deterministic train/test split of the episodes in ROOT; returns ``(train, test)`` index lists.
 
     Each episode index i gets a score ``blake2b(f"causalize-split:{seed}:{i}")``, independent of
@@ -79,9 +75,7 @@ class _Episode:
     members: dict[str, ArrayHeader]
 
 
-def _check_episode(
-    path: Path, index: int, info: DatasetInfo
-) -> tuple[_Episode | None, list[str]]:
+def _check_episode(path: Path, index: int, info: DatasetInfo) -> tuple[_Episode | None, list[str]]:
     """Header-level validation: keys, dtypes, shapes, lengths. Returns (episode, problems)."""
     try:
         members = read_headers(path)
@@ -166,9 +160,7 @@ class EpisodeDataset(Dataset):
             chosen = present
         elif isinstance(split, str):
             if split not in ("train", "test"):
-                raise ValueError(
-                    f'split must be None, "train", "test" or a list of episode indices, got {split!r}'
-                )
+                raise ValueError(f'split must be None, "train", "test" or a list of episode indices, got {split!r}')
             train, test = split_episodes(self.root, test_fraction, seed)
             chosen = train if split == "train" else test
         else:
@@ -208,9 +200,7 @@ class EpisodeDataset(Dataset):
                 raise DataError(
                     short[0][0],
                     f"episode shorter than window={window}: {listing}; pass skip_short=True to skip short episodes",
-                    problems=[
-                        (p, f"episode length {t} < window {window}") for p, t in short
-                    ],
+                    problems=[(p, f"episode length {t} < window {window}") for p, t in short],
                 )
             warnings.warn(
                 f"skipping {len(short)} episode(s) shorter than window={window}: {listing}",
@@ -218,14 +208,10 @@ class EpisodeDataset(Dataset):
                 stacklevel=2,
             )
         if not episodes:
-            raise DataError(
-                self.root, f"no usable episodes for window={window} in split {split!r}"
-            )
+            raise DataError(self.root, f"no usable episodes for window={window} in split {split!r}")
 
         self._episodes = episodes
-        counts = np.array(
-            [(e.length - window) // stride + 1 for e in episodes], dtype=np.int64
-        )
+        counts = np.array([(e.length - window) // stride + 1 for e in episodes], dtype=np.int64)
         self._offsets = np.concatenate([[0], np.cumsum(counts)])
         self._cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
         if check_values:
@@ -291,18 +277,11 @@ class EpisodeDataset(Dataset):
                 self._cache.popitem(last=False)
         return arrays
 
-    def _check_values(
-        self, k: int, arrays: dict[str, np.ndarray], lo: int, hi: int
-    ) -> None:
+    def _check_values(self, k: int, arrays: dict[str, np.ndarray], lo: int, hi: int) -> None:
         """Value checks on frames [lo, hi) and the actions rows that feed them."""
         ep = self._episodes[k]
-        if (
-            self.info.kind == "latents"
-            and not np.isfinite(arrays["latents"][lo:hi]).all()
-        ):
-            raise DataError(
-                ep.path, f"latents contain NaN or inf in frames [{lo}, {hi})"
-            )
+        if self.info.kind == "latents" and not np.isfinite(arrays["latents"][lo:hi]).all():
+            raise DataError(ep.path, f"latents contain NaN or inf in frames [{lo}, {hi})")
         a = np.asarray(arrays["actions"][max(lo - 1, 0) : max(hi - 1, 0)])
         space = self.info.action_space
         if space.type == "continuous":
@@ -313,20 +292,13 @@ class EpisodeDataset(Dataset):
                 )
         elif space.multi_hot:
             if a.size and a.max() > 1:
-                raise DataError(
-                    ep.path, "multi-hot actions contain values other than 0 and 1"
-                )
+                raise DataError(ep.path, "multi-hot actions contain values other than 0 and 1")
         elif a.size and (a.min() < 0 or a.max() >= space.num_actions):
             raise DataError(
                 ep.path,
                 f"discrete actions out of range [0, {space.num_actions}): min {a.min()}, max {a.max()}",
             )
-        if (
-            "rewards" in arrays
-            and not np.isfinite(
-                arrays["rewards"][max(lo - 1, 0) : max(hi - 1, 0)]
-            ).all()
-        ):
+        if "rewards" in arrays and not np.isfinite(arrays["rewards"][max(lo - 1, 0) : max(hi - 1, 0)]).all():
             raise DataError(ep.path, "rewards contain NaN or inf")
 
     def __getitem__(self, i: int) -> dict[str, Any]:
@@ -338,14 +310,7 @@ class EpisodeDataset(Dataset):
 
         obs = np.array(arrays[self.info.key][s : s + W])  # copy out of the memory map
         if self.info.kind == "pixels":
-            frames = (
-                torch.from_numpy(obs)
-                .permute(0, 3, 1, 2)
-                .float()
-                .div_(127.5)
-                .sub_(1.0)
-                .contiguous()
-            )
+            frames = torch.from_numpy(obs).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()
         else:
             frames = torch.from_numpy(obs)
 
@@ -370,9 +335,7 @@ class EpisodeDataset(Dataset):
         for name in self.info.extras:
             dtype = torch.float32 if name == "rewards" else torch.bool
             out = torch.zeros(W, dtype=dtype)
-            out[first:] = torch.from_numpy(
-                np.array(arrays[name][s - 1 + first : s + W - 1])
-            )
+            out[first:] = torch.from_numpy(np.array(arrays[name][s - 1 + first : s + W - 1]))
             item[name] = out
         item["episode"] = index
         item["start"] = s

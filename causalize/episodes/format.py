@@ -78,9 +78,7 @@ class ActionSpace:
 
     @classmethod
     def discrete(cls, num_actions: int, multi_hot: bool = False) -> ActionSpace:
-        return cls.from_json(
-            {"type": "discrete", "num_actions": num_actions, "multi_hot": multi_hot}
-        )
+        return cls.from_json({"type": "discrete", "num_actions": num_actions, "multi_hot": multi_hot})
 
     @property
     def width(self) -> int:
@@ -195,40 +193,22 @@ class DatasetInfo:
             )
         if "action_space" not in obj:
             raise bad('missing "action_space"')
-        space = ActionSpace.from_json(
-            obj["action_space"], where=None if where is None else str(where)
-        )
+        space = ActionSpace.from_json(obj["action_space"], where=None if where is None else str(where))
         obs = obj.get("observation")
         if not isinstance(obs, Mapping):
-            raise bad(
-                'missing "observation": {"kind": "pixels"|"latents", "shape": [...]}'
-            )
+            raise bad('missing "observation": {"kind": "pixels"|"latents", "shape": [...]}')
         kind = obs.get("kind")
         if kind not in ("pixels", "latents"):
             raise bad(f'"observation.kind" must be "pixels" or "latents", got {kind!r}')
         shape = obs.get("shape")
-        if not (
-            isinstance(shape, list)
-            and len(shape) == 3
-            and all(_is_pos_int(s) for s in shape)
-        ):
+        if not (isinstance(shape, list) and len(shape) == 3 and all(_is_pos_int(s) for s in shape)):
             order = "[H, W, C]" if kind == "pixels" else "[C, H, W]"
-            raise bad(
-                f'"observation.shape" must be {order} of positive integers, got {shape!r}'
-            )
+            raise bad(f'"observation.shape" must be {order} of positive integers, got {shape!r}')
         extras = obj.get("extras", [])
-        if not (
-            isinstance(extras, list)
-            and all(e in EXTRAS for e in extras)
-            and len(set(extras)) == len(extras)
-        ):
-            raise bad(
-                f'"extras" must be a list drawn from {list(EXTRAS)}, got {extras!r}'
-            )
+        if not (isinstance(extras, list) and all(e in EXTRAS for e in extras) and len(set(extras)) == len(extras)):
+            raise bad(f'"extras" must be a list drawn from {list(EXTRAS)}, got {extras!r}')
         fps = obj.get("fps")
-        if fps is not None and not (
-            isinstance(fps, (int, float)) and not isinstance(fps, bool) and fps > 0
-        ):
+        if fps is not None and not (isinstance(fps, (int, float)) and not isinstance(fps, bool) and fps > 0):
             raise bad(f'"fps" must be a positive number, got {fps!r}')
         known = {
             "format",
@@ -306,9 +286,7 @@ class ArrayLike(Protocol):
     dtype: np.dtype
 
 
-def episode_problems(
-    arrays: Mapping[str, ArrayLike], info: DatasetInfo
-) -> tuple[int, list[str]]:
+def episode_problems(arrays: Mapping[str, ArrayLike], info: DatasetInfo) -> tuple[int, list[str]]:
     """Check an episode's arrays (name -> shape and dtype) against dataset.json.
 
     Returns ``(T, problems)``: the number of frames and every mismatch found (keys, dtypes, shapes,
@@ -319,11 +297,7 @@ def episode_problems(
     key = info.key
     other = "latents" if key == "frames" else "frames"
     if key not in arrays:
-        hint = (
-            f" (it has {other!r}; dataset.json says kind={info.kind!r})"
-            if other in arrays
-            else ""
-        )
+        hint = f" (it has {other!r}; dataset.json says kind={info.kind!r})" if other in arrays else ""
         problems.append(f"missing array {key!r}{hint}; found {sorted(arrays)}")
     if "actions" not in arrays:
         problems.append(f"missing array 'actions'; found {sorted(arrays)}")
@@ -332,9 +306,7 @@ def episode_problems(
             problems.append(f"missing array {name!r} (listed in dataset.json extras)")
     for name, m in arrays.items():
         if m.dtype.hasobject:
-            problems.append(
-                f"array {name!r} has object dtype (pickled data is refused)"
-            )
+            problems.append(f"array {name!r} has object dtype (pickled data is refused)")
     if problems:
         return 0, problems
 
@@ -366,9 +338,7 @@ def episode_problems(
             )
     elif space.multi_hot:
         if act.dtype not in (np.dtype(np.uint8), np.dtype(np.bool_)):
-            problems.append(
-                f"actions dtype {act.dtype}, expected uint8 or bool multi-hot"
-            )
+            problems.append(f"actions dtype {act.dtype}, expected uint8 or bool multi-hot")
         if len(act.shape) != 2 or act.shape[1] != space.num_actions:
             problems.append(
                 f"actions shape {act.shape}, expected multi-hot (T, {space.num_actions}): num_actions from dataset.json"
@@ -377,20 +347,14 @@ def episode_problems(
         if act.dtype != np.int64:
             problems.append(f"actions dtype {act.dtype}, expected int64 indices")
         if len(act.shape) != 1:
-            problems.append(
-                f"actions shape {act.shape}, expected discrete indices (T,)"
-            )
+            problems.append(f"actions shape {act.shape}, expected discrete indices (T,)")
     if act.shape and act.shape[0] != T:
-        problems.append(
-            f"length mismatch: {T} {key} but {act.shape[0]} actions (need one action row per frame)"
-        )
+        problems.append(f"length mismatch: {T} {key} but {act.shape[0]} actions (need one action row per frame)")
     for name in info.extras:
         m = arrays[name]
         want = np.float32 if name == "rewards" else np.bool_
         if m.dtype != want or m.shape != (T,):
-            problems.append(
-                f"{name} has dtype {m.dtype} and shape {m.shape}, expected {np.dtype(want)} ({T},)"
-            )
+            problems.append(f"{name} has dtype {m.dtype} and shape {m.shape}, expected {np.dtype(want)} ({T},)")
     if T < 1 and not problems:
         problems.append("episode has no frames")
     return int(T), problems

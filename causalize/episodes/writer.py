@@ -60,9 +60,7 @@ def create_dataset(
             "version": FORMAT_VERSION,
             "observation": {
                 "kind": kind,
-                "shape": [int(s) for s in frame_shape]
-                if _seq_of_ints(frame_shape)
-                else frame_shape,
+                "shape": [int(s) for s in frame_shape] if _seq_of_ints(frame_shape) else frame_shape,
             },
             "action_space": ActionSpace.from_json(action_space).to_json(),
             "extras": list(extras),
@@ -74,9 +72,7 @@ def create_dataset(
     try:
         text = json.dumps(info.to_json(), indent=2, sort_keys=False) + "\n"
     except TypeError as e:
-        raise DataError(
-            root / INFO_FILE, f"source is not JSON-serialisable: {e}"
-        ) from e
+        raise DataError(root / INFO_FILE, f"source is not JSON-serialisable: {e}") from e
     root.mkdir(parents=True, exist_ok=True)
     (root / EPISODE_DIR).mkdir(exist_ok=True)
     # fs.write_json would format differently and stringify what JSON cannot hold; keep our text.
@@ -119,14 +115,8 @@ def write_episode(
     Returns the episode path.
     """
     info = read_info(root)
-    if not (
-        isinstance(index, (int, np.integer))
-        and not isinstance(index, bool)
-        and index >= 0
-    ):
-        raise DataError(
-            root, f"episode index must be a non-negative integer, got {index!r}"
-        )
+    if not (isinstance(index, (int, np.integer)) and not isinstance(index, bool) and index >= 0):
+        raise DataError(root, f"episode index must be a non-negative integer, got {index!r}")
     dest = episode_path(root, int(index))
     if dest.exists() and not overwrite:
         raise _exists(dest)
@@ -149,9 +139,7 @@ def write_episode(
             )
     else:
         if not np.issubdtype(obs.dtype, np.floating):
-            raise bad(
-                f"latents dtype {obs.dtype}, expected a floating dtype (stored as float32)"
-            )
+            raise bad(f"latents dtype {obs.dtype}, expected a floating dtype (stored as float32)")
         obs = obs.astype(np.float32, copy=False)
         if not np.isfinite(obs).all():
             raise bad("latents contain NaN or inf")
@@ -165,9 +153,7 @@ def write_episode(
         raise bad("episode has no frames")
 
     arrays: dict[str, np.ndarray] = {info.key: np.ascontiguousarray(obs)}
-    arrays["actions"] = _normalise_actions(
-        _to_numpy(actions), info.action_space, T, bad
-    )
+    arrays["actions"] = _normalise_actions(_to_numpy(actions), info.action_space, T, bad)
 
     for name, value in (("rewards", rewards), ("dones", dones)):
         declared = name in info.extras
@@ -176,25 +162,18 @@ def write_episode(
                 raise bad(f"dataset.json declares extra {name!r}; pass {name}=")
             continue
         if not declared:
-            raise bad(
-                f"{name}= given but dataset.json does not list {name!r} in extras"
-            )
+            raise bad(f"{name}= given but dataset.json does not list {name!r} in extras")
         v = _to_numpy(value)
         if v.shape != (T,):
             raise bad(f"{name} shape {tuple(v.shape)}, expected ({T},)")
         if name == "rewards":
-            if not (
-                np.issubdtype(v.dtype, np.floating)
-                or np.issubdtype(v.dtype, np.integer)
-            ):
+            if not (np.issubdtype(v.dtype, np.floating) or np.issubdtype(v.dtype, np.integer)):
                 raise bad(f"rewards dtype {v.dtype}, expected a real number dtype")
             v = v.astype(np.float32)
             if not np.isfinite(v).all():
                 raise bad("rewards contain NaN or inf")
         else:
-            if v.dtype != np.bool_ and not (
-                np.issubdtype(v.dtype, np.integer) and np.isin(v, (0, 1)).all()
-            ):
+            if v.dtype != np.bool_ and not (np.issubdtype(v.dtype, np.integer) and np.isin(v, (0, 1)).all()):
                 raise bad(f"dones must be bool or 0/1, got dtype {v.dtype}")
             v = v.astype(np.bool_)
         arrays[name] = v
@@ -222,17 +201,11 @@ def _to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def _normalise_actions(
-    a: np.ndarray, space: ActionSpace, T: int, bad: Callable[[str], DataError]
-) -> np.ndarray:
+def _normalise_actions(a: np.ndarray, space: ActionSpace, T: int, bad: Callable[[str], DataError]) -> np.ndarray:
     if space.type == "continuous":
         if a.shape != (T, space.dim):
-            raise bad(
-                f"actions shape {tuple(a.shape)}, expected (T, A) = ({T}, {space.dim}) (A from dataset.json)"
-            )
-        if not (
-            np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)
-        ):
+            raise bad(f"actions shape {tuple(a.shape)}, expected (T, A) = ({T}, {space.dim}) (A from dataset.json)")
+        if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
             raise bad(f"actions dtype {a.dtype}, expected float32")
         a = a.astype(np.float32)
         if not np.isfinite(a).all():
@@ -241,25 +214,18 @@ def _normalise_actions(
     n = space.num_actions
     if space.multi_hot:
         if a.shape != (T, n):
-            raise bad(
-                f"actions shape {tuple(a.shape)}, expected multi-hot (T, N) = ({T}, {n}) (N from dataset.json)"
-            )
+            raise bad(f"actions shape {tuple(a.shape)}, expected multi-hot (T, N) = ({T}, {n}) (N from dataset.json)")
         if a.dtype != np.bool_ and not (
-            (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating))
-            and np.isin(a, (0, 1)).all()
+            (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)) and np.isin(a, (0, 1)).all()
         ):
             raise bad("multi-hot actions must contain only 0 and 1")
         return a.astype(np.uint8)
     if a.shape != (T,):
-        raise bad(
-            f"actions shape {tuple(a.shape)}, expected discrete indices (T,) = ({T},)"
-        )
+        raise bad(f"actions shape {tuple(a.shape)}, expected discrete indices (T,) = ({T},)")
     if not np.issubdtype(a.dtype, np.integer):
         raise bad(f"actions dtype {a.dtype}, expected integer indices")
     if T and (a.min() < 0 or a.max() >= n):
-        raise bad(
-            f"discrete actions out of range [0, {n}): min {a.min()}, max {a.max()}"
-        )
+        raise bad(f"discrete actions out of range [0, {n}): min {a.min()}, max {a.max()}")
     return a.astype(np.int64)
 
 

@@ -32,7 +32,9 @@ class ActionEncoder(nn.Module):
     A masked-out (dropped, or absent) action is the null action: a zero embedding.
     """
 
-    def __init__(self, action_dim: int, emb_dim: int, action_type: ActionType = "continuous", hidden: int | None = None):
+    def __init__(
+        self, action_dim: int, emb_dim: int, action_type: ActionType = "continuous", hidden: int | None = None
+    ):
         super().__init__()
         if action_dim < 1:
             raise ValueError(f"action_dim must be >= 1, got {action_dim}")

@@ -116,7 +116,11 @@ def _flex_platform(device_type: str) -> tuple[bool, str]:
             from torch._inductor.kernel.flex.flex_cpu import check_cpu_supported
         except ImportError:
             return False, "this torch build has no CPU flex kernel"
-        return (True, "compiled flex kernel (C++)") if check_cpu_supported() else (False, "this CPU has no AVX2 flex kernel")
+        return (
+            (True, "compiled flex kernel (C++)")
+            if check_cpu_supported()
+            else (False, "this CPU has no AVX2 flex kernel")
+        )
     return False, f"flex is not wired for device type {device_type}"
 
 
@@ -152,8 +156,14 @@ def describe(device: torch.device | str | None = None) -> dict[str, Any]:
     backend, reason = _resolve(device)
     flex_ok, flex_why = flex_status(device)
     return {
-        "device": device.type, "requested": requested, "source": source, "backend": backend, "reason": reason,
-        "flex_available": flex_ok, "flex_note": flex_why, "flex_compiled": device.type in _Selection.compiled,
+        "device": device.type,
+        "requested": requested,
+        "source": source,
+        "backend": backend,
+        "reason": reason,
+        "flex_available": flex_ok,
+        "flex_note": flex_why,
+        "flex_compiled": device.type in _Selection.compiled,
         "executions": dict(_Selection.executions),
     }
 
@@ -161,7 +171,9 @@ def describe(device: torch.device | str | None = None) -> dict[str, Any]:
 # --- the layout of one call: query runs and key prefixes -------------------------------------------
 
 
-def block_ids(frames: torch.Tensor, block_size: int = 1, *, queries: bool = False, context_sees_video: bool = False) -> torch.Tensor:
+def block_ids(
+    frames: torch.Tensor, block_size: int = 1, *, queries: bool = False, context_sees_video: bool = False
+) -> torch.Tensor:
     """Frame ids -> the block ids the rule compares (key block <= query block). Context is −1;
     context query rows that may see video (the deliberately leaky option) see every block."""
     blk = torch.div(frames, block_size, rounding_mode="floor")
@@ -189,7 +201,10 @@ class _Layout:
         """The layout's tensors on `device` (moved once)."""
         key = str(device)
         if key not in self._on:
-            moved = {"q_blocks": self.q_blocks.to(device, torch.int32), "k_blocks": self.k_blocks.to(device, torch.int32)}
+            moved = {
+                "q_blocks": self.q_blocks.to(device, torch.int32),
+                "k_blocks": self.k_blocks.to(device, torch.int32),
+            }
             if self.order is not None:
                 moved["order"] = self.order.to(device)
             self._on[key] = moved
@@ -221,17 +236,22 @@ _BLOCK_MASKS = _LRU(8)
 _CACHE_LOCK = threading.Lock()
 
 
-def _layout(q_frames: torch.Tensor, k_frames: torch.Tensor, block_size: int, context_sees_video: bool,
-            key: Hashable | None) -> tuple[_Layout, tuple]:
+def _layout(
+    q_frames: torch.Tensor, k_frames: torch.Tensor, block_size: int, context_sees_video: bool, key: Hashable | None
+) -> tuple[_Layout, tuple]:
     """The layout and its cache key: the caller's name for these ids, or else their content (one
     read-back from the device)."""
     if key is None:
         key = ("ids", q_frames.cpu().numpy().tobytes(), k_frames.cpu().numpy().tobytes())
     full_key = (key, block_size, context_sees_video)
     with _CACHE_LOCK:
-        layout = _LAYOUTS.get_or(full_key, lambda: _Layout(
-            block_ids(q_frames, block_size, queries=True, context_sees_video=context_sees_video),
-            block_ids(k_frames, block_size)))
+        layout = _LAYOUTS.get_or(
+            full_key,
+            lambda: _Layout(
+                block_ids(q_frames, block_size, queries=True, context_sees_video=context_sees_video),
+                block_ids(k_frames, block_size),
+            ),
+        )
     return layout, full_key
 
 
@@ -244,7 +264,9 @@ def combine_masks(attn_mask: torch.Tensor | None, allowed: torch.Tensor) -> torc
         return allowed
     if attn_mask.dtype == torch.bool:
         return attn_mask & allowed
-    bias = torch.zeros(allowed.shape, dtype=attn_mask.dtype, device=attn_mask.device).masked_fill(~allowed, float("-inf"))
+    bias = torch.zeros(allowed.shape, dtype=attn_mask.dtype, device=attn_mask.device).masked_fill(
+        ~allowed, float("-inf")
+    )
     return attn_mask + bias
 
 
@@ -283,7 +305,9 @@ def _chunked(sdpa: _Sdpa, query, key, value, layout: _Layout, attn_mask, extra) 
         if attn_mask is not None:
             mask = _slice_rows(attn_mask, start, end)
             mask = mask if mask.shape[-1] == 1 else mask[..., :visible]
-        outs.append(sdpa(query[..., start:end, :], key[..., :visible, :], value[..., :visible, :], mask, 0.0, False, **extra))
+        outs.append(
+            sdpa(query[..., start:end, :], key[..., :visible, :], value[..., :visible, :], mask, 0.0, False, **extra)
+        )
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
 
 
@@ -345,6 +369,7 @@ def _tile_keep(k_blocks: torch.Tensor, keep: torch.Tensor, tile: int) -> tuple[t
 def _mask_mod(q_blocks: torch.Tensor, k_blocks: torch.Tensor, keep: torch.Tensor | None) -> Callable:
     """The element rule: key block <= query block, and the key kept by the model's key mask."""
     if keep is None:
+
         def mask_mod(b, h, q_idx, kv_idx):
             return k_blocks[kv_idx] <= q_blocks[q_idx]
     elif keep.shape[0] == 1 and keep.shape[1] == 1:
@@ -357,10 +382,13 @@ def _mask_mod(q_blocks: torch.Tensor, k_blocks: torch.Tensor, keep: torch.Tensor
 
         def mask_mod(b, h, q_idx, kv_idx):
             return (k_blocks[kv_idx] <= q_blocks[q_idx]) & keep[b if per_b else 0, h if per_h else 0, kv_idx]
+
     return mask_mod
 
 
-def build_block_mask(q_blocks: torch.Tensor, k_blocks: torch.Tensor, keep: torch.Tensor | None = None, tile: int = TILE):
+def build_block_mask(
+    q_blocks: torch.Tensor, k_blocks: torch.Tensor, keep: torch.Tensor | None = None, tile: int = TILE
+):
     """The BlockMask of the rule, computed per tile from block-id ranges (no (Lq, Lk) tensor).
 
     A tile pair is full when its largest key block is <= its smallest query block and every key is
@@ -384,8 +412,13 @@ def build_block_mask(q_blocks: torch.Tensor, k_blocks: torch.Tensor, keep: torch
         any_ = kept_lo[:, :, None, :] <= q_hi[:, None]
         full = full & kept_all[:, :, None, :]
     partial = any_ & ~full
-    return BlockMask.from_kv_blocks(*_ordered(partial), *_ordered(full), BLOCK_SIZE=tile,
-                                    mask_mod=_mask_mod(q_blocks, k_blocks, keep), seq_lengths=(lq, lk))
+    return BlockMask.from_kv_blocks(
+        *_ordered(partial),
+        *_ordered(full),
+        BLOCK_SIZE=tile,
+        mask_mod=_mask_mod(q_blocks, k_blocks, keep),
+        seq_lengths=(lq, lk),
+    )
 
 
 def _tensor_identity(t: torch.Tensor) -> tuple:
@@ -397,8 +430,9 @@ def _cached_block_mask(layout: _Layout, cache_key, device: torch.device, keep: t
     ident = None if keep is None else _tensor_identity(keep)
     key = (cache_key, str(device), ident)
     with _CACHE_LOCK:
-        entry = _BLOCK_MASKS.get_or(key, lambda: (keep, build_block_mask(
-            layout.on(device)["q_blocks"], layout.on(device)["k_blocks"], keep)))
+        entry = _BLOCK_MASKS.get_or(
+            key, lambda: (keep, build_block_mask(layout.on(device)["q_blocks"], layout.on(device)["k_blocks"], keep))
+        )
     return entry[1]
 
 
@@ -408,6 +442,7 @@ def _bias_score_mod(bias: torch.Tensor) -> Callable:
 
     def score_mod(score, b, h, q_idx, kv_idx):
         return score + bias[b if per_b else 0, h if per_h else 0, kv_idx]
+
     return score_mod
 
 
@@ -448,14 +483,17 @@ def _run_flex(explicit: bool, *args) -> torch.Tensor | None:
     except torch.OutOfMemoryError:
         raise
     except torch._dynamo.exc.FailOnRecompileLimitHit:
-        _warn_once("causalize: flex attention met more shapes than torch._dynamo.config.recompile_limit; "
-                   "calls past it run chunked SDPA")
+        _warn_once(
+            "causalize: flex attention met more shapes than torch._dynamo.config.recompile_limit; "
+            "calls past it run chunked SDPA"
+        )
         return None
     except Exception as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
         if explicit:
-            raise CausalizeError(f"compiled flex attention failed: {type(exc).__name__}: {first}",
-                                 f"set {ENV_VAR}=chunked") from exc
+            raise CausalizeError(
+                f"compiled flex attention failed: {type(exc).__name__}: {first}", f"set {ENV_VAR}=chunked"
+            ) from exc
         _Selection.flex_broken = f"compiled flex failed here ({type(exc).__name__}: {first})"
         _warn_once(f"causalize: compiled flex attention failed ({type(exc).__name__}: {first}); using chunked SDPA")
         return None
@@ -471,10 +509,22 @@ def _warn_once(message: str) -> None:
 
 
 def block_causal_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, q_frames: torch.Tensor, k_frames: torch.Tensor | None = None,
-    *, block_size: int = 1, context_sees_video: bool = False, attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
-    is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False, backend: str | None = None,
-    sdpa: _Sdpa | None = None, layout_key: Hashable | None = None,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    q_frames: torch.Tensor,
+    k_frames: torch.Tensor | None = None,
+    *,
+    block_size: int = 1,
+    context_sees_video: bool = False,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    backend: str | None = None,
+    sdpa: _Sdpa | None = None,
+    layout_key: Hashable | None = None,
 ) -> torch.Tensor:
     """Block-causal attention over q, k, v (…, L, d) as SDPA takes them.
 
@@ -489,8 +539,10 @@ def block_causal_attention(
     sdpa = sdpa or F.scaled_dot_product_attention
     k_frames = q_frames if k_frames is None else k_frames
     if q_frames.numel() != query.shape[-2] or k_frames.numel() != key.shape[-2]:
-        raise CausalizeError(f"frame ids for {q_frames.numel()} queries / {k_frames.numel()} keys, "
-                             f"attention over {query.shape[-2]} / {key.shape[-2]} tokens")
+        raise CausalizeError(
+            f"frame ids for {q_frames.numel()} queries / {k_frames.numel()} keys, "
+            f"attention over {query.shape[-2]} / {key.shape[-2]} tokens"
+        )
     path = _path(backend, query, key, value, attn_mask, dropout_p, is_causal)
     layout, cache_key = _layout(q_frames, k_frames, block_size, context_sees_video, layout_key)
     if path == "flex":
@@ -519,8 +571,9 @@ def _path(backend: str | None, query, key, value, attn_mask, dropout_p: float, i
     ok, why = flex_status(query.device)
     if not ok:
         if (backend or requested_backend()[0]) == "flex":
-            raise CausalizeError(f"flex attention was requested but cannot run on {query.device.type}: {why}",
-                                 f"set {ENV_VAR}=chunked")
+            raise CausalizeError(
+                f"flex attention was requested but cannot run on {query.device.type}: {why}", f"set {ENV_VAR}=chunked"
+            )
         return "chunked"
     return "flex" if flex_unsupported(query, key, value, attn_mask) is None else "chunked"
 
@@ -539,7 +592,19 @@ def _reset_caches() -> None:
 
 
 __all__ = [
-    "BACKENDS", "ENV_VAR", "active_backend", "attention_backend", "block_causal_attention", "block_ids", "build_block_mask",
-    "combine_masks", "compiled_flex", "describe", "flex_status", "flex_unsupported", "record_execution", "requested_backend",
+    "BACKENDS",
+    "ENV_VAR",
+    "active_backend",
+    "attention_backend",
+    "block_causal_attention",
+    "block_ids",
+    "build_block_mask",
+    "combine_masks",
+    "compiled_flex",
+    "describe",
+    "flex_status",
+    "flex_unsupported",
+    "record_execution",
+    "requested_backend",
     "set_attention_backend",
 ]

@@ -42,7 +42,9 @@ MASK_FORMATS = ("bool4d", "heads3d", "sdpa-scope")
 SDPA_DISPATCH_BACKENDS = ("native", "_native_cudnn", "_native_efficient", "_native_flash", "_native_math")
 
 
-def token_frame_ids(grid: TokenGrid, context_len: int = 0, position: ContextPosition = "none", device=None) -> torch.Tensor:
+def token_frame_ids(
+    grid: TokenGrid, context_len: int = 0, position: ContextPosition = "none", device=None
+) -> torch.Tensor:
     """Frame id of every token of the joint sequence: −1 for context, t for tokens of frame t."""
     video = torch.arange(grid.frames, device=device).repeat_interleave(grid.per_frame)
     if context_len == 0:
@@ -66,6 +68,7 @@ def flex_block_mask(fid: torch.Tensor, block_size: int = 1, context_sees_video: 
 
 
 # --- sdpa-scope: a scoped, re-entrant re-routing of F.scaled_dot_product_attention -------------
+
 
 class _SdpaRouting:
     """Process-wide install state of the masking SDPA wrapper (reference-counted over scopes)."""
@@ -120,8 +123,19 @@ class SdpaScope:
         fid, layout_key = self.processor._scoped_frame_ids(self.grid, length, query.device)
         self.masked_calls.append(length)
         return attention_exec.block_causal_attention(
-            query, key, value, fid, block_size=self.processor.block_size, context_sees_video=self.processor.context_sees_video,
-            attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, sdpa=original, layout_key=layout_key, **options)
+            query,
+            key,
+            value,
+            fid,
+            block_size=self.processor.block_size,
+            context_sees_video=self.processor.context_sees_video,
+            attn_mask=attn_mask,
+            dropout_p=dropout_p,
+            is_causal=is_causal,
+            sdpa=original,
+            layout_key=layout_key,
+            **options,
+        )
 
     def mask_for(self, length: int, query: torch.Tensor, attn_mask, is_causal: bool):
         """The call's own mask combined with the block-causal one (bool, or additive if it was)."""
@@ -151,7 +165,7 @@ def _dispatch_backend(inner: Any) -> str | None:
 def _sdpa_options(args: tuple, kwargs: dict) -> dict | None:
     """SDPA's `scale` and `enable_gqa` from a call's extra arguments; None if there are others."""
     names = ("scale", "enable_gqa")
-    if len(args) > len(names) or set(kwargs) - set(names[len(args):]):
+    if len(args) > len(names) or set(kwargs) - set(names[len(args) :]):
         return None
     return {**dict(zip(names, args)), **kwargs}
 
@@ -201,8 +215,17 @@ class BlockCausalAttnProcessor:
         non-causal. So is a diffusers attention backend that does not end in SDPA (flash, sage…).
     """
 
-    def __init__(self, inner: Any, context: FrameContext, *, block_size: int = 1, position: ContextPosition = "none",
-                 joint: bool = False, mask_format: MaskFormat = "bool4d", context_sees_video: bool = False):
+    def __init__(
+        self,
+        inner: Any,
+        context: FrameContext,
+        *,
+        block_size: int = 1,
+        position: ContextPosition = "none",
+        joint: bool = False,
+        mask_format: MaskFormat = "bool4d",
+        context_sees_video: bool = False,
+    ):
         if mask_format not in MASK_FORMATS:
             raise CausalizeError(f"unknown mask_format '{mask_format}'", f"use one of {', '.join(MASK_FORMATS)}")
         self.inner = inner
@@ -248,8 +271,10 @@ class BlockCausalAttnProcessor:
         """The scope and the masks reach attention only through SDPA: refuse a diffusers attention
         backend that ends elsewhere (it would drop or reject the mask), and context parallelism."""
         if getattr(self.inner, "_parallel_config", None) is not None:
-            raise CausalizeError("block-causal attention does not support diffusers context parallelism",
-                                 "run the converted model without a parallel config")
+            raise CausalizeError(
+                "block-causal attention does not support diffusers context parallelism",
+                "run the converted model without a parallel config",
+            )
         backend = _dispatch_backend(self.inner)
         if backend is not None and backend not in SDPA_DISPATCH_BACKENDS:
             raise CausalizeError(
@@ -270,7 +295,9 @@ class BlockCausalAttnProcessor:
             allowed, bias = self._cache[1]
         else:
             allowed = block_causal_mask(fid, self.block_size, self.context_sees_video)
-            bias = torch.zeros(allowed.shape, dtype=hidden_states.dtype, device=hidden_states.device).masked_fill(~allowed, float("-inf"))
+            bias = torch.zeros(allowed.shape, dtype=hidden_states.dtype, device=hidden_states.device).masked_fill(
+                ~allowed, float("-inf")
+            )
             self._cache = (key, (allowed, bias))
         batch, n = hidden_states.shape[0], fid.numel()
         if self.mask_format == "bool4d":
@@ -283,7 +310,9 @@ class BlockCausalAttnProcessor:
         if attention_mask is None:
             return bias.expand(batch * attn.heads, n, n)
         if attention_mask.dtype == torch.bool:
-            attention_mask = torch.zeros(attention_mask.shape, dtype=bias.dtype, device=bias.device).masked_fill(~attention_mask, float("-inf"))
+            attention_mask = torch.zeros(attention_mask.shape, dtype=bias.dtype, device=bias.device).masked_fill(
+                ~attention_mask, float("-inf")
+            )
         prepared = attn.prepare_attention_mask(attention_mask, n, batch)
         return prepared + bias
 
@@ -295,8 +324,11 @@ class BlockCausalAttnProcessor:
         with sdpa_scope(SdpaScope(self, grid)) as scope:
             out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         if not scope.masked_calls:
-            hint = ("use mask_format 'bool4d' or 'heads3d' for it" if self.mask_format == "sdpa-scope"
-                    else f"set {attention_exec.ENV_VAR}=dense: the mask then goes through the processor")
+            hint = (
+                "use mask_format 'bool4d' or 'heads3d' for it"
+                if self.mask_format == "sdpa-scope"
+                else f"set {attention_exec.ENV_VAR}=dense: the mask then goes through the processor"
+            )
             raise CausalizeError(
                 f"{type(self.inner).__name__} made no scaled_dot_product_attention call over the {grid.video_tokens} video "
                 "tokens, so the SDPA scope masked nothing and the attention stayed bidirectional",
@@ -340,6 +372,8 @@ class BlockCausalAttnProcessor:
         )
 
     def __repr__(self) -> str:
-        return (f"BlockCausalAttnProcessor(inner={type(self.inner).__name__}, block_size={self.block_size}, "
-                f"position={self.position}, joint={self.joint}"
-                + (f", mask_format={self.mask_format})" if self.mask_format != "bool4d" else ")"))
+        return (
+            f"BlockCausalAttnProcessor(inner={type(self.inner).__name__}, block_size={self.block_size}, "
+            f"position={self.position}, joint={self.joint}"
+            + (f", mask_format={self.mask_format})" if self.mask_format != "bool4d" else ")")
+        )

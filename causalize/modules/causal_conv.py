@@ -31,7 +31,6 @@ __all__ = [
 _CAUSAL_PADDING_MODES = ("zeros", "replicate")
 
 
-
 # --------------------------------------------------------------------------- inspection
 
 
@@ -87,8 +86,7 @@ def _symmetric_problem(conv: nn.Module, time_axis: int) -> str | None:
         return f"temporal kernel size {k} is even; a symmetric 'same' kernel has k = 2m+1"
     if conv.stride[time_axis] != 1:
         return (
-            f"temporal stride is {conv.stride[time_axis]}, not 1: the conv groups frames "
-            f"instead of sliding over them"
+            f"temporal stride is {conv.stride[time_axis]}, not 1: the conv groups frames instead of sliding over them"
         )
     padding = _temporal_padding(conv, time_axis)
     if padding != d * m:

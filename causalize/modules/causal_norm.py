@@ -126,7 +126,9 @@ class NormCarry:
         self.shift, self.mean_sum, self.var_sum, self.count = shift, mean_sum, var_sum, count
 
 
-def _prefix_statistics(groups: torch.Tensor, carry: NormCarry | None = None) -> tuple[torch.Tensor, torch.Tensor, NormCarry]:
+def _prefix_statistics(
+    groups: torch.Tensor, carry: NormCarry | None = None
+) -> tuple[torch.Tensor, torch.Tensor, NormCarry]:
     """Mean and biased variance over frames <= t of ``groups`` (B, G, C/G, T, S): each (B, G, T).
 
     Per frame: two-pass mean and variance (var_f = M2_f / n). Chan's merge of the prefix

@@ -43,10 +43,14 @@ class CausalFrameAttnProcessor:
 
     def _mask(self, attn, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         batch, frames, _ = hidden_states.shape
-        bias = frame_causal_bias(frames, block_size=self.block_size, dtype=hidden_states.dtype, device=hidden_states.device)
+        bias = frame_causal_bias(
+            frames, block_size=self.block_size, dtype=hidden_states.dtype, device=hidden_states.device
+        )
         if attention_mask is not None:
             if attention_mask.dtype == torch.bool:
-                attention_mask = torch.zeros_like(attention_mask, dtype=bias.dtype).masked_fill(~attention_mask, float("-inf"))
+                attention_mask = torch.zeros_like(attention_mask, dtype=bias.dtype).masked_fill(
+                    ~attention_mask, float("-inf")
+                )
             return attention_mask + bias
         # (batch*heads, T, T) as a zero-copy expand: prepare_attention_mask then neither repeats
         # nor copies it, and the processor's view to (batch, heads, T, T) keeps stride 0.

@@ -123,8 +123,9 @@ def frame_tensor(module: nn.Module, temb: torch.Tensor, tokens: torch.Tensor | N
             f"({grid.frames} frames x {grid.per_frame}) and the plan declares context '{where}'",
             "set the context position (prefix / suffix) in the plan's frame-conditioning targets",
         )
-    layout = TokenLayout(grid.frames, grid.per_frame, prefix=extra if where == "prefix" else 0,
-                         suffix=extra if where == "suffix" else 0)
+    layout = TokenLayout(
+        grid.frames, grid.per_frame, prefix=extra if where == "prefix" else 0, suffix=extra if where == "suffix" else 0
+    )
     return FrameTensor.wrap(temb, frames, layout)
 
 
@@ -251,8 +252,9 @@ def _twin_for(module: nn.Module) -> type[nn.Module]:
     return twin
 
 
-def make_frame_modulated(module: nn.Module, ctx, context: str = "none", *, model: nn.Module | None = None,
-                         path: str = "") -> nn.Module:
+def make_frame_modulated(
+    module: nn.Module, ctx, context: str = "none", *, model: nn.Module | None = None, path: str = ""
+) -> nn.Module:
     """Turn `module` (in place) into its frame-modulated twin reading the frame context `ctx`.
     `context`: where context (text) tokens sit around the video tokens in the sequence it
     modulates, "none" / "prefix" / "suffix" (they keep the per-sample modulation).
@@ -276,6 +278,20 @@ def register_twin(original: str, twin: type[nn.Module]) -> None:
     TWINS[original] = twin
 
 
-__all__ = ["CONTEXT", "CTX", "TWINS", "FrameAdaLayerNorm", "FrameAdaLayerNormContinuous", "FrameAdaLayerNormZero",
-           "FrameAdaLayerNormZeroSingle", "FrameCogVideoXLayerNormZero", "FramePixArtAlphaCombinedTimestepSizeEmbeddings",
-           "frame_embeddings", "frame_tensor", "frame_values", "make_frame_modulated", "per_token", "register_twin"]
+__all__ = [
+    "CONTEXT",
+    "CTX",
+    "TWINS",
+    "FrameAdaLayerNorm",
+    "FrameAdaLayerNormContinuous",
+    "FrameAdaLayerNormZero",
+    "FrameAdaLayerNormZeroSingle",
+    "FrameCogVideoXLayerNormZero",
+    "FramePixArtAlphaCombinedTimestepSizeEmbeddings",
+    "frame_embeddings",
+    "frame_tensor",
+    "frame_values",
+    "make_frame_modulated",
+    "per_token",
+    "register_twin",
+]

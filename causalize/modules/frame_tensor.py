@@ -65,21 +65,71 @@ class TokenLayout:
 
     def describe(self) -> str:
         video = f"{self.frames} frames x {self.per_frame} tokens"
-        return " + ".join(p for p in (f"{self.prefix} context" if self.prefix else "", video,
-                                      f"{self.suffix} context" if self.suffix else "") if p)
+        return " + ".join(
+            p
+            for p in (
+                f"{self.prefix} context" if self.prefix else "",
+                video,
+                f"{self.suffix} context" if self.suffix else "",
+            )
+            if p
+        )
 
 
 _METADATA = {
-    "shape.__get__", "dtype.__get__", "device.__get__", "ndim.__get__", "requires_grad.__get__", "is_cuda.__get__",
-    "layout.__get__", "is_meta.__get__", "dim", "size", "numel", "nelement", "is_floating_point", "is_complex",
-    "element_size", "__len__", "get_device",
+    "shape.__get__",
+    "dtype.__get__",
+    "device.__get__",
+    "ndim.__get__",
+    "requires_grad.__get__",
+    "is_cuda.__get__",
+    "layout.__get__",
+    "is_meta.__get__",
+    "dim",
+    "size",
+    "numel",
+    "nelement",
+    "is_floating_point",
+    "is_complex",
+    "element_size",
+    "__len__",
+    "get_device",
 }
 # operations that act elementwise on their tensor operands (broadcasting)
 _ELEMENTWISE = {
-    "add", "sub", "mul", "div", "true_divide", "__rsub__", "__rdiv__", "__rtruediv__", "__radd__", "__rmul__",
-    "__add__", "__sub__", "__mul__", "__truediv__", "__div__", "subtract", "multiply",
-    "neg", "__neg__", "negative", "tanh", "sigmoid", "exp", "abs", "square", "sqrt", "rsqrt", "reciprocal",
-    "nn.functional.silu", "nn.functional.gelu", "nn.functional.relu", "nn.functional.sigmoid", "nn.functional.tanh",
+    "add",
+    "sub",
+    "mul",
+    "div",
+    "true_divide",
+    "__rsub__",
+    "__rdiv__",
+    "__rtruediv__",
+    "__radd__",
+    "__rmul__",
+    "__add__",
+    "__sub__",
+    "__mul__",
+    "__truediv__",
+    "__div__",
+    "subtract",
+    "multiply",
+    "neg",
+    "__neg__",
+    "negative",
+    "tanh",
+    "sigmoid",
+    "exp",
+    "abs",
+    "square",
+    "sqrt",
+    "rsqrt",
+    "reciprocal",
+    "nn.functional.silu",
+    "nn.functional.gelu",
+    "nn.functional.relu",
+    "nn.functional.sigmoid",
+    "nn.functional.tanh",
     "nn.functional.mish",
 }
 # unary operations whose extra arguments are not operands (dtypes, devices, reference tensors)
@@ -91,7 +141,7 @@ def _name(func: Callable) -> str:
     name = resolve_name(func) or getattr(func, "__name__", repr(func))
     for prefix in ("torch.Tensor.", "torch."):
         if name.startswith(prefix):
-            return name[len(prefix):]
+            return name[len(prefix) :]
     return name
 
 
@@ -107,8 +157,10 @@ class FrameTensor(torch.Tensor):
     def wrap(cls, sample: torch.Tensor, frames: torch.Tensor, layout: TokenLayout) -> FrameTensor:
         """sample (R, *S); frames (R, F, *S) with F = layout.frames."""
         if sample.dim() < 1 or frames.shape != (sample.shape[0], layout.frames, *sample.shape[1:]):
-            raise CausalizeError(f"FrameTensor: per-frame values {tuple(frames.shape)} do not match per-sample "
-                                 f"{tuple(sample.shape)} with {layout.frames} frames")
+            raise CausalizeError(
+                f"FrameTensor: per-frame values {tuple(frames.shape)} do not match per-sample "
+                f"{tuple(sample.shape)} with {layout.frames} frames"
+            )
         with torch._C.DisableTorchFunctionSubclass():
             obj = sample.detach().as_subclass(cls)
         obj._sample, obj._frames, obj._layout = sample, frames, layout
@@ -129,8 +181,10 @@ class FrameTensor(torch.Tensor):
         return self._layout
 
     def __repr__(self, *args: Any, **kwargs: Any) -> str:
-        return (f"FrameTensor(per-sample {tuple(self._sample.shape)}, {self._layout.frames} frames, "
-                f"tokens: {self._layout.describe()})")
+        return (
+            f"FrameTensor(per-sample {tuple(self._sample.shape)}, {self._layout.frames} frames, "
+            f"tokens: {self._layout.describe()})"
+        )
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -183,8 +237,10 @@ def _frame_tensors(args, kwargs) -> list[FrameTensor]:
 
 def _rewrap(sample: torch.Tensor, frames: torch.Tensor, layout: TokenLayout, name: str) -> FrameTensor:
     if frames.shape != (sample.shape[0], layout.frames, *sample.shape[1:]):
-        raise CausalizeError(f"per-frame modulation: `{name}` gave per-sample {tuple(sample.shape)} but per-frame "
-                             f"{tuple(frames.shape)}; the operation does not act per sample")
+        raise CausalizeError(
+            f"per-frame modulation: `{name}` gave per-sample {tuple(sample.shape)} but per-frame "
+            f"{tuple(frames.shape)}; the operation does not act per sample"
+        )
     return FrameTensor.wrap(sample, frames, layout)
 
 
@@ -226,8 +282,10 @@ def _align(t, ndim: int):
     """A per-sample operand aligned with per-frame values (R, F, ...): a new axis after the rows."""
     if torch.is_tensor(t) and not isinstance(t, FrameTensor):
         if t.dim() > ndim:
-            raise CausalizeError(f"per-frame modulation: an operand of shape {tuple(t.shape)} has more axes than the "
-                                 f"per-sample modulation ({ndim})")
+            raise CausalizeError(
+                f"per-frame modulation: an operand of shape {tuple(t.shape)} has more axes than the "
+                f"per-sample modulation ({ndim})"
+            )
         if t.dim() == ndim:
             return t.unsqueeze(1)
     return t
@@ -263,7 +321,7 @@ def _materialise(func, args, kwargs, seq_ids: set[int], layout: TokenLayout, ndi
 
     def video(a):
         if id(a) in seq_ids:
-            return a[:, layout.prefix:layout.prefix + layout.video].unflatten(1, (layout.frames, layout.per_frame))
+            return a[:, layout.prefix : layout.prefix + layout.video].unflatten(1, (layout.frames, layout.per_frame))
         if isinstance(a, FrameTensor):
             return a._frames  # (R, F, 1, ...): broadcast over the frame's tokens
         return _align(a, ndim)
@@ -293,8 +351,10 @@ def _dim_arg(args, kwargs, pos: int) -> int:
 def _row_preserving_dim(dim: int, ndim: int, name: str) -> int:
     d = dim + ndim if dim < 0 else dim
     if d < 1 or d >= ndim:
-        raise CausalizeError(f"per-frame modulation: `{name}` over axis {dim} would mix the rows (samples) of a "
-                             f"per-sample modulation of {ndim} axes")
+        raise CausalizeError(
+            f"per-frame modulation: `{name}` over axis {dim} would mix the rows (samples) of a "
+            f"per-sample modulation of {ndim} axes"
+        )
     return d
 
 
@@ -321,8 +381,10 @@ def _reshape(func, args, kwargs):
     sample = func(ft._sample, shape)
     rows = ft._sample.shape[0]
     if sample.dim() < 1 or sample.shape[0] != rows:
-        raise CausalizeError(f"per-frame modulation: reshaping a per-sample modulation {tuple(ft._sample.shape)} to "
-                             f"{tuple(sample.shape)} changes its rows (samples)")
+        raise CausalizeError(
+            f"per-frame modulation: reshaping a per-sample modulation {tuple(ft._sample.shape)} to "
+            f"{tuple(sample.shape)} changes its rows (samples)"
+        )
     frames = ft._frames.reshape(rows, ft._layout.frames, *sample.shape[1:])
     return _rewrap(sample, frames, ft._layout, "reshape")
 
@@ -339,8 +401,10 @@ def _getitem(ft: FrameTensor, index):
     if not (isinstance(first, slice) and first == slice(None)) or any(
         torch.is_tensor(i) or isinstance(i, (list, bool)) for i in index
     ):
-        raise CausalizeError(f"per-frame modulation: indexing a per-sample modulation with {index!r} is not supported "
-                             f"(only `[:, ...]` with None, slices and integers after the rows)")
+        raise CausalizeError(
+            f"per-frame modulation: indexing a per-sample modulation with {index!r} is not supported "
+            f"(only `[:, ...]` with None, slices and integers after the rows)"
+        )
     sample = ft._sample[index]
     frames = ft._frames[(slice(None), slice(None), *index[1:])]
     return _rewrap(sample, frames, ft._layout, "__getitem__")
@@ -352,8 +416,10 @@ def _repeat_interleave(args, kwargs):
     dim = kwargs.get("dim", args[2] if len(args) > 2 else None)
     layout, rows = ft._layout, ft._sample.shape[0]
     if not isinstance(repeats, int) or dim not in (0, -ft._sample.dim()) or layout.prefix or layout.suffix:
-        raise CausalizeError(f"per-frame modulation: repeat_interleave({repeats!r}, dim={dim!r}) of a per-sample "
-                             "modulation is only supported as an integer repeat of its rows")
+        raise CausalizeError(
+            f"per-frame modulation: repeat_interleave({repeats!r}, dim={dim!r}) of a per-sample "
+            "modulation is only supported as an integer repeat of its rows"
+        )
     if repeats == layout.frames and repeats == layout.per_frame:
         raise CausalizeError(
             f"per-frame modulation: repeating a per-sample modulation {repeats} times is ambiguous when a video has as "
@@ -366,8 +432,10 @@ def _repeat_interleave(args, kwargs):
         sample = ft._sample.repeat_interleave(repeats, dim=0)
         frames = ft._frames.repeat_interleave(repeats, dim=0)
         return _rewrap(sample, frames, TokenLayout(layout.frames, 1), "repeat_interleave")
-    raise CausalizeError(f"per-frame modulation: repeat_interleave({repeats}) of a per-sample modulation is neither "
-                         f"over the {layout.frames} frames nor over the {layout.per_frame} tokens of a frame")
+    raise CausalizeError(
+        f"per-frame modulation: repeat_interleave({repeats}) of a per-sample modulation is neither "
+        f"over the {layout.frames} frames nor over the {layout.per_frame} tokens of a frame"
+    )
 
 
 __all__ = ["FrameTensor", "TokenLayout"]

@@ -251,16 +251,28 @@ class KVCache:
         if self._key is not None and tokens > self.capacity:
             self._grow(tokens)
 
-    def append(self, key: torch.Tensor, value: torch.Tensor, frame_ids: torch.Tensor,
-               mask_columns: torch.Tensor | None = None, headroom: int = 0) -> None:
+    def append(
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        frame_ids: torch.Tensor,
+        mask_columns: torch.Tensor | None = None,
+        headroom: int = 0,
+    ) -> None:
         """Add m entries: key (B, …, m, d), value (B, …, m, d_v), frame_ids (m,), the model's key-mask
         columns (…, 1, m) or None (allowed). `headroom`: entries to keep free after them when the
         buffers must grow (the next call's own tokens)."""
         self.signature = None
         self._append(key, value, frame_ids, mask_columns, headroom)
 
-    def _append(self, key: torch.Tensor, value: torch.Tensor, frame_ids: torch.Tensor,
-                mask_columns: torch.Tensor | None, headroom: int) -> None:
+    def _append(
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        frame_ids: torch.Tensor,
+        mask_columns: torch.Tensor | None,
+        headroom: int,
+    ) -> None:
         self._check_batch(key)
         n, m = self.length, key.shape[-2]
         self._prepare(key, value, n + m, headroom)
@@ -270,7 +282,9 @@ class KVCache:
 
     def _check_batch(self, key: torch.Tensor) -> None:
         if self.length and key.shape[0] != self._key.shape[0]:
-            raise CausalizeError(f"history written with batch {key.shape[0]}, the cache holds batch {self._key.shape[0]}")
+            raise CausalizeError(
+                f"history written with batch {key.shape[0]}, the cache holds batch {self._key.shape[0]}"
+            )
 
     def _advance(self, frame_ids: torch.Tensor, mask_columns: torch.Tensor | None) -> None:
         """Commit m entries whose keys and values are already in place at [length, length + m)."""
@@ -283,8 +297,12 @@ class KVCache:
         """Buffers shaped, typed and placed like key / value with room for `need` entries."""
         if self._key is None or not (_fits(self._key, key) and _fits(self._value, value)):
             if self.length:
-                if self._key.shape[:-2] != key.shape[:-2] or self._key.shape[-1] != key.shape[-1] \
-                        or self._value.shape[:-2] != value.shape[:-2] or self._value.shape[-1] != value.shape[-1]:
+                if (
+                    self._key.shape[:-2] != key.shape[:-2]
+                    or self._key.shape[-1] != key.shape[-1]
+                    or self._value.shape[:-2] != value.shape[:-2]
+                    or self._value.shape[-1] != value.shape[-1]
+                ):
                     raise CausalizeError(f"keys of shape {tuple(key.shape)} for a cache of {tuple(self.key.shape)}")
                 # the same history in another dtype / on another device: moved, not dropped
                 self._key = self._key.to(device=key.device, dtype=key.dtype)
@@ -332,8 +350,12 @@ class KVCache:
             target.fill_(True if target.dtype == torch.bool else 0)
             return
         if not self._has_columns:
-            if not (self._columns is not None and self._columns.shape[:-1] == columns.shape[:-1]
-                    and self._columns.dtype == columns.dtype and self._columns.device == columns.device):
+            if not (
+                self._columns is not None
+                and self._columns.shape[:-1] == columns.shape[:-1]
+                and self._columns.dtype == columns.dtype
+                and self._columns.device == columns.device
+            ):
                 self._columns = columns.new_empty((*columns.shape[:-1], self.capacity))
             front = self._columns.narrow(-1, 0, n)
             front.fill_(True if columns.dtype == torch.bool else 0)
@@ -349,7 +371,9 @@ class KVCache:
 
     # --- attending -----------------------------------------------------------------------------
 
-    def joined(self, key: torch.Tensor, value: torch.Tensor, headroom: int = 0) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    def joined(
+        self, key: torch.Tensor, value: torch.Tensor, headroom: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """[history ; key] and [history ; value] along the sequence axis, for keys of the cache's
         batch. Without gradients the call's keys are written right after the history and the
         result is a view of the buffers (no copy of the history); the flag says so."""
@@ -388,8 +412,12 @@ class KVCache:
 
 def _fits(buffer: torch.Tensor, t: torch.Tensor) -> bool:
     """Can `buffer` hold entries of `t` (same shape apart from the sequence axis, dtype, device)?"""
-    return (buffer.shape[:-2] == t.shape[:-2] and buffer.shape[-1] == t.shape[-1]
-            and buffer.dtype == t.dtype and buffer.device == t.device)
+    return (
+        buffer.shape[:-2] == t.shape[:-2]
+        and buffer.shape[-1] == t.shape[-1]
+        and buffer.dtype == t.dtype
+        and buffer.device == t.device
+    )
 
 
 def _allowed_columns(like: torch.Tensor, n: int) -> torch.Tensor:
@@ -417,7 +445,9 @@ def _same_kind(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 def _key_mask_columns(attn_mask: torch.Tensor | None, key_length: int) -> bool:
     """Is `attn_mask` a pure key mask (one row shared by every query) over the call's keys?"""
-    return attn_mask is not None and attn_mask.ndim >= 2 and attn_mask.shape[-2] == 1 and attn_mask.shape[-1] == key_length
+    return (
+        attn_mask is not None and attn_mask.ndim >= 2 and attn_mask.shape[-2] == 1 and attn_mask.shape[-1] == key_length
+    )
 
 
 def _extend_mask(attn_mask: torch.Tensor, history: int) -> torch.Tensor:
@@ -438,8 +468,9 @@ def _with_history_columns(attn_mask: torch.Tensor, cached: torch.Tensor) -> torc
     return torch.cat([cached.expand(*lead, cached.shape[-1]), attn_mask.expand(*lead, attn_mask.shape[-1])], dim=-1)
 
 
-def _model_mask(attn_mask: torch.Tensor | None, cached: torch.Tensor | None, history: int,
-                own_length: int) -> torch.Tensor | None:
+def _model_mask(
+    attn_mask: torch.Tensor | None, cached: torch.Tensor | None, history: int, own_length: int
+) -> torch.Tensor | None:
     """The model's own masking over [history ; own] keys: the call's mask and the cached keys'
     mask columns (None when neither masks anything)."""
     if attn_mask is None and cached is None:
@@ -476,8 +507,21 @@ def _batch_rows(attn_mask: torch.Tensor | None, rows: slice, batch: int, ndim: i
     return attn_mask[rows]
 
 
-def attend_with_cache(original, cache: KVCache, call: CallTokens | torch.Tensor, block_size: int, write: bool,
-                      query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *args, **kwargs):
+def attend_with_cache(
+    original,
+    cache: KVCache,
+    call: CallTokens | torch.Tensor,
+    block_size: int,
+    write: bool,
+    query,
+    key,
+    value,
+    attn_mask=None,
+    dropout_p=0.0,
+    is_causal=False,
+    *args,
+    **kwargs,
+):
     """One self-attention SDPA call of the tokens `call` (or bare frame ids) against the cached
     history: [cache ; own] keys, masked by global frame index (and by the call's own mask, whose
     key columns the cached keys keep when it is a key mask); in write calls the video tokens are
@@ -488,8 +532,10 @@ def attend_with_cache(original, cache: KVCache, call: CallTokens | torch.Tensor,
         call = CallTokens.from_ids(call.to(query.device))
     history = cache.length
     if history and call.frames and call.first_frame < cache.next_frame:
-        raise CausalizeError(f"a streaming call starting at frame {call.first_frame} after {cache.next_frame} cached "
-                             "frames: the history must precede the call (reset the stream for a new window)")
+        raise CausalizeError(
+            f"a streaming call starting at frame {call.first_frame} after {cache.next_frame} cached "
+            "frames: the history must precede the call (reset the stream for a new window)"
+        )
     batch = query.shape[0]
     if write:
         cache._check_batch(key)
@@ -513,11 +559,28 @@ def attend_with_cache(original, cache: KVCache, call: CallTokens | torch.Tensor,
         own = attn_mask if whole else _batch_rows(attn_mask, part, batch, query.ndim)
         model_mask = _model_mask(own, cached_columns, history, key.shape[-2])
         if executor:
-            key_ids = cache.joined_ids(call.ids) if in_place else \
-                torch.cat([cache.frame_ids, call.ids]) if history else call.ids
-            outs.append(attention_exec.block_causal_attention(
-                q, keys, values, call.ids, key_ids, block_size=block_size, attn_mask=model_mask, dropout_p=dropout_p,
-                sdpa=original, layout_key=cache.layout_key(call), **options))
+            key_ids = (
+                cache.joined_ids(call.ids)
+                if in_place
+                else torch.cat([cache.frame_ids, call.ids])
+                if history
+                else call.ids
+            )
+            outs.append(
+                attention_exec.block_causal_attention(
+                    q,
+                    keys,
+                    values,
+                    call.ids,
+                    key_ids,
+                    block_size=block_size,
+                    attn_mask=model_mask,
+                    dropout_p=dropout_p,
+                    sdpa=original,
+                    layout_key=cache.layout_key(call),
+                    **options,
+                )
+            )
         else:
             mask = _with_structure(model_mask, structure)
             outs.append(original(q, keys, values, mask, dropout_p, False, *args, **kwargs))

@@ -73,8 +73,12 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return rotated.flatten(-2).to(x.dtype)
 
 
-def features(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-             rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None) -> LinearAttnFeatures:
+def features(
+    attn,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor | None = None,
+    rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> LinearAttnFeatures:
     """Projections, qk-norm, the ReLU kernel and RoPE of a diffusers `Attention`, as (B, H, N, C)."""
     source = hidden_states if encoder_hidden_states is None else encoder_hidden_states
     q, k, v = attn.to_q(hidden_states), attn.to_k(source), attn.to_v(source)
@@ -99,13 +103,15 @@ def group_sums(k: torch.Tensor, k_rot: torch.Tensor, v: torch.Tensor, groups: in
     Each group's sums depend on that group's tokens only.
     """
     kr = k_rot.float().unflatten(2, (groups, -1))  # (B, H, G, L, C_k)
-    vv = v.float().unflatten(2, (groups, -1))      # (B, H, G, L, C_v)
-    kv = vv.transpose(-1, -2) @ kr                  # (B, H, G, C_v, C_k)
+    vv = v.float().unflatten(2, (groups, -1))  # (B, H, G, L, C_v)
+    kv = vv.transpose(-1, -2) @ kr  # (B, H, G, C_v, C_k)
     ksum = k.float().unflatten(2, (groups, -1)).sum(dim=3)
     return kv, ksum
 
 
-def prefix_sums(kv: torch.Tensor, ksum: torch.Tensor, state: LinearAttnState | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def prefix_sums(
+    kv: torch.Tensor, ksum: torch.Tensor, state: LinearAttnState | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Inclusive prefix sums over the group axis (2), continuing from `state` when given.
 
     Written as the recurrence s_g = s_{g-1} + x_g in fp32 rather than `torch.cumsum`, whose CPU
@@ -131,10 +137,10 @@ def read_out(q: torch.Tensor, q_rot: torch.Tensor, kv: torch.Tensor, ksum: torch
     The numerator is fp32; the normaliser 1 / (ẑ·φ(q) + eps) is computed in q's dtype, as in the
     stock processor.
     """
-    qg = q.unflatten(2, (groups, -1))                     # (B, H, G, L, C_k)
+    qg = q.unflatten(2, (groups, -1))  # (B, H, G, L, C_k)
     qr = q_rot.float().unflatten(2, (groups, -1))
-    num = qr @ kv.transpose(-1, -2)                         # (B, H, G, L, C_v)
-    den = qg @ ksum.to(q.dtype).unsqueeze(-1)               # (B, H, G, L, 1)
+    num = qr @ kv.transpose(-1, -2)  # (B, H, G, L, C_v)
+    den = qg @ ksum.to(q.dtype).unsqueeze(-1)  # (B, H, G, L, 1)
     z = 1 / (den + EPS)
     return (num * z).flatten(2, 3)
 
@@ -145,8 +151,9 @@ def block_ends(frames: int, block_size: int, device=None) -> torch.Tensor:
     return torch.clamp((t // block_size + 1) * block_size, max=frames) - 1
 
 
-def block_causal_linear_attention(f: LinearAttnFeatures, frames: int, block_size: int = 1,
-                                  state: LinearAttnState | None = None) -> tuple[torch.Tensor, LinearAttnState]:
+def block_causal_linear_attention(
+    f: LinearAttnFeatures, frames: int, block_size: int = 1, state: LinearAttnState | None = None
+) -> tuple[torch.Tensor, LinearAttnState]:
     """Block-causal linear attention over `frames` frame-major frames of equal token count.
 
     Returns the (B, H, N, C_v) fp32 output and the running sums after the last frame.
@@ -180,8 +187,14 @@ class BlockCausalLinearAttnProcessor:
         self.context = context
         self.block_size = block_size
 
-    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         dtype = hidden_states.dtype
         f = features(attn, hidden_states, encoder_hidden_states, rotary_emb)
         if encoder_hidden_states is not None:
@@ -203,6 +216,7 @@ class BlockCausalLinearAttnProcessor:
 
 
 # --- streaming (METHOD.md §10): the running sums are the cache -----------------------------------
+
 
 def _tiled_state(state: LinearAttnState, batch: int) -> LinearAttnState:
     """The cached sums for a call of `batch` samples: a multiple of the cache batch (both guidance
@@ -233,7 +247,9 @@ class LinearAttnCache:
         """The sums after `frames` more frames: copied into the buffers (which then hold nothing
         else: the state may be a view of a call's whole prefix stack)."""
         if self.frames and state.kv.shape[0] != self._kv.shape[0]:
-            raise CausalizeError(f"history written with batch {state.kv.shape[0]}, the cache holds batch {self._kv.shape[0]}")
+            raise CausalizeError(
+                f"history written with batch {state.kv.shape[0]}, the cache holds batch {self._kv.shape[0]}"
+            )
         if _same_layout(self._kv, state.kv) and _same_layout(self._ksum, state.ksum):
             self._kv.copy_(state.kv)
             self._ksum.copy_(state.ksum)
@@ -272,15 +288,25 @@ class StreamingLinearAttnProcessor:
     def block_size(self) -> int:
         return self.causal.block_size
 
-    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         stream = self.context.stream
         if stream is None or encoder_hidden_states is not None:
             return self.causal(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         if stream.offset % self.block_size:
-            raise CausalizeError(f"a streaming call starting at frame {stream.offset} splits a block of {self.block_size} frames")
+            raise CausalizeError(
+                f"a streaming call starting at frame {stream.offset} splits a block of {self.block_size} frames"
+            )
         if self.cache.frames != stream.offset:
-            raise CausalizeError(f"linear attention has sums of {self.cache.frames} frames for a streaming call at frame {stream.offset}")
+            raise CausalizeError(
+                f"linear attention has sums of {self.cache.frames} frames for a streaming call at frame {stream.offset}"
+            )
         dtype = hidden_states.dtype
         f = features(attn, hidden_states, None, rotary_emb)
         grid = self.context.current()

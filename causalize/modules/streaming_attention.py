@@ -35,8 +35,21 @@ class KVCacheScope:
         if key.shape[-2] != length or length != self.call.length:
             return original(query, key, value, attn_mask, dropout_p, is_causal, *args, **kwargs)
         self.calls += 1
-        return attend_with_cache(original, self.cache, self.call, self.block_size, self.write,
-                                 query, key, value, attn_mask, dropout_p, is_causal, *args, **kwargs)
+        return attend_with_cache(
+            original,
+            self.cache,
+            self.call,
+            self.block_size,
+            self.write,
+            query,
+            key,
+            value,
+            attn_mask,
+            dropout_p,
+            is_causal,
+            *args,
+            **kwargs,
+        )
 
 
 class SampleKVCaches:
@@ -100,13 +113,28 @@ class PerSampleKVCacheScope:
             return original(query, key, value, attn_mask, dropout_p, is_causal, *args, **kwargs)
         context_len = length - self.grid.video_tokens
         if context_len and self.position == "none":
-            raise CausalizeError(f"an attention call of {length} tokens does not fit {self.grid.frames} frames x "
-                                 f"{self.grid.per_frame} tokens")
+            raise CausalizeError(
+                f"an attention call of {length} tokens does not fit {self.grid.frames} frames x "
+                f"{self.grid.per_frame} tokens"
+            )
         call = grid_tokens(self.grid, context_len, self.position, self.offset, query.device)
         cache = self.caches.for_sample(self.calls, self.write)
         self.calls += 1
-        return attend_with_cache(original, cache, call, self.block_size, self.write,
-                                 query, key, value, attn_mask, dropout_p, is_causal, *args, **kwargs)
+        return attend_with_cache(
+            original,
+            cache,
+            call,
+            self.block_size,
+            self.write,
+            query,
+            key,
+            value,
+            attn_mask,
+            dropout_p,
+            is_causal,
+            *args,
+            **kwargs,
+        )
 
 
 class StreamingAttnProcessor:
@@ -153,8 +181,9 @@ class StreamingAttnProcessor:
         grid = self.context.current()
         if stream.mode == "write":
             self.cache.prepare_write(hidden_states.shape[0])
-        scope = PerSampleKVCacheScope(self.cache, grid, self.causal.position, stream.offset, self.causal.block_size,
-                                      stream.mode == "write")
+        scope = PerSampleKVCacheScope(
+            self.cache, grid, self.causal.position, stream.offset, self.causal.block_size, stream.mode == "write"
+        )
         with sdpa_scope(scope):
             out = self.causal.inner(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         if scope.calls != hidden_states.shape[0]:

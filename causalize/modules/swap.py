@@ -18,9 +18,6 @@ M = TypeVar("M", bound=nn.Module)
 _NOT_COPIED = frozenset({"forward", "_old_forward"})
 
 
-
-
-
 def rebuild_as(module: nn.Module, cls: type[M], parameters: dict[str, torch.Tensor | None]) -> M:
     """A new ``cls`` instance carrying ``module``'s attributes and hooks, with new parameters.
 

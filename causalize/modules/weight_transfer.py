@@ -60,9 +60,7 @@ def transfer_matrix(k: int, strategy: str, p: int = 2) -> torch.Tensor:
     """
     k = _as_int(k, "kernel size")
     if k < 1 or k % 2 == 0:
-        raise ValueError(
-            f"temporal kernel size must be odd (k = 2m+1) for a symmetric 'same' kernel, got k={k}"
-        )
+        raise ValueError(f"temporal kernel size must be odd (k = 2m+1) for a symmetric 'same' kernel, got k={k}")
     if strategy not in TRANSFERS:
         raise ValueError(f"unknown weight transfer {strategy!r}; valid: {', '.join(TRANSFERS)}")
     m = (k - 1) // 2

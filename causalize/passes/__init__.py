@@ -11,7 +11,14 @@ from causalize.passes.causal_temporal_attention import CausalTemporalAttention
 from causalize.passes.causal_temporal_conv import CausalTemporalConv
 from causalize.passes.frame_conditioning import FrameConditioning
 
-BUILTIN_PASSES = (CausalTemporalConv, CausalTemporalAttention, CausalNorm, BlockCausalAttention, BlockCausalLinearAttention, FrameConditioning)
+BUILTIN_PASSES = (
+    CausalTemporalConv,
+    CausalTemporalAttention,
+    CausalNorm,
+    BlockCausalAttention,
+    BlockCausalLinearAttention,
+    FrameConditioning,
+)
 
 
 @hookimpl

@@ -21,13 +21,17 @@ def _has_processor(m: nn.Module) -> bool:
 class BlockCausalAttention(Pass):
     name = "block-causal-attention"
     version = 1
-    summary = "DiT self / joint attention over frame-major tokens -> block-causal over frames; context rows see only context"
+    summary = (
+        "DiT self / joint attention over frame-major tokens -> block-causal over frames; context rows see only context"
+    )
 
     @dataclass(frozen=True)
     class Options:
         block_size: int = option(1, "token frames per causal block: a frame sees its whole block and every earlier one")
-        context_sees_video: bool = option(False, "let text / context rows see video: a deliberate leak, only to "
-                                          "demonstrate the context rule (METHOD.md §3)")
+        context_sees_video: bool = option(
+            False,
+            "let text / context rows see video: a deliberate leak, only to demonstrate the context rule (METHOD.md §3)",
+        )
 
     def _candidates(self, model: nn.Module, ctx: PassContext):
         return list(ctx.plan.iter_targets(self.name, model, _has_processor))
@@ -45,7 +49,10 @@ class BlockCausalAttention(Pass):
 
     def apply(self, model: nn.Module, ctx: PassContext) -> list[Record]:
         if ctx.plan.tokens is None:
-            raise PassError(f"plan '{ctx.plan.name}' has no `tokens` function", "a DiT plan must say how many token frames and tokens per frame a call has")
+            raise PassError(
+                f"plan '{ctx.plan.name}' has no `tokens` function",
+                "a DiT plan must say how many token frames and tokens per frame a call has",
+            )
         if ctx.options.block_size < 1:
             from causalize.errors import UsageError
 
@@ -56,9 +63,18 @@ class BlockCausalAttention(Pass):
             if isinstance(attn.processor, BlockCausalAttnProcessor):
                 continue
             before = type(attn.processor).__name__
-            state.wrap_processor(model, path, BlockCausalAttnProcessor(
-                attn.processor, frame_ctx, block_size=ctx.options.block_size, position=spec.context,
-                joint=spec.joint, mask_format=spec.mask_format, context_sees_video=ctx.options.context_sees_video,
-            ))
+            state.wrap_processor(
+                model,
+                path,
+                BlockCausalAttnProcessor(
+                    attn.processor,
+                    frame_ctx,
+                    block_size=ctx.options.block_size,
+                    position=spec.context,
+                    joint=spec.joint,
+                    mask_format=spec.mask_format,
+                    context_sees_video=ctx.options.context_sees_video,
+                ),
+            )
             records.append(Record(self.name, path, before, f"BlockCausalAttnProcessor({before})", spec.context))
         return records

@@ -50,8 +50,10 @@ class BlockCausalLinearAttention(Pass):
             if isinstance(attn.processor, BlockCausalLinearAttnProcessor):
                 note = "already block-causal"
             else:
-                note = (f"{type(attn.processor).__name__}: global KᵀV sums -> prefix sums over frames "
-                        f"(block {ctx.options.block_size} token frame(s))")
+                note = (
+                    f"{type(attn.processor).__name__}: global KᵀV sums -> prefix sums over frames "
+                    f"(block {ctx.options.block_size} token frame(s))"
+                )
             sites.append(Site(path, type(attn).__name__, note))
         return sites
 
@@ -69,6 +71,12 @@ class BlockCausalLinearAttention(Pass):
             if isinstance(attn.processor, BlockCausalLinearAttnProcessor):
                 continue
             before = type(attn.processor).__name__
-            state.wrap_processor(model, path, BlockCausalLinearAttnProcessor(frame_ctx, block_size=ctx.options.block_size))
-            records.append(Record(self.name, path, before, "BlockCausalLinearAttnProcessor", f"block_size={ctx.options.block_size}"))
+            state.wrap_processor(
+                model, path, BlockCausalLinearAttnProcessor(frame_ctx, block_size=ctx.options.block_size)
+            )
+            records.append(
+                Record(
+                    self.name, path, before, "BlockCausalLinearAttnProcessor", f"block_size={ctx.options.block_size}"
+                )
+            )
         return records

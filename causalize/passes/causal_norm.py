@@ -24,7 +24,8 @@ class CausalNorm(Pass):
     @dataclass(frozen=True)
     class Options:
         mode: Literal["per-frame", "cumulative"] = option(
-            "per-frame", "GroupNorm statistics of each frame alone, or over frames <= t (METHOD.md §5)")
+            "per-frame", "GroupNorm statistics of each frame alone, or over frames <= t (METHOD.md §5)"
+        )
 
     def _candidates(self, model: nn.Module, ctx: PassContext):
         return [(path, mod) for path, mod, _ in ctx.plan.iter_targets(self.name, model, _is_plain_groupnorm)]

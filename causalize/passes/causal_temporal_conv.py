@@ -39,8 +39,10 @@ class CausalTemporalConv(Pass):
     @dataclass(frozen=True)
     class Options:
         transfer: Literal["shift", "masked", "extrapolative"] = option(
-            "extrapolative", "how the future taps move into the past: shift the kernel, drop them (masked), or fold them "
-            "onto past taps through a linear extrapolation over the last p frames (METHOD.md §4.2)")
+            "extrapolative",
+            "how the future taps move into the past: shift the kernel, drop them (masked), or fold them "
+            "onto past taps through a linear extrapolation over the last p frames (METHOD.md §4.2)",
+        )
         p: int = option(2, "frames the extrapolative transfer fits its line through (2 <= p <= kernel size)")
 
     def _candidates(self, model: nn.Module, ctx: PassContext) -> list[tuple[str, nn.Module, int]]:
@@ -61,7 +63,11 @@ class CausalTemporalConv(Pass):
                 note = f"temporal patch embedding ({_kernel_desc(conv, axis)}): groups frames, left as is"
             else:
                 problem = temporal_conv_problem(conv, axis)
-                note = f"cannot convert: {problem}" if problem else f"{_kernel_desc(conv, axis)} -> causal, transfer={ctx.options.transfer}"
+                note = (
+                    f"cannot convert: {problem}"
+                    if problem
+                    else f"{_kernel_desc(conv, axis)} -> causal, transfer={ctx.options.transfer}"
+                )
             sites.append(Site(path, type(conv).__name__, note))
         return sites
 

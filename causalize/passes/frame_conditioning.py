@@ -49,8 +49,10 @@ def _on_delta_embedding(module, args, output):
     if ctx.timesteps is None or ctx.busy:
         return None
     if len(args) > 1 and args[1] is not None:  # TimestepEmbedding(sample, condition)
-        raise CausalizeError("per-frame timesteps with a timestep condition (e.g. timestep_cond) are not supported",
-                             "call the world model without it")
+        raise CausalizeError(
+            "per-frame timesteps with a timestep condition (e.g. timestep_cond) are not supported",
+            "call the world model without it",
+        )
     batch, frames = ctx.timesteps.shape
     ctx.busy = True
     try:
@@ -102,8 +104,10 @@ def _on_token_embedding(module, args, output):
     if output.dim() == 2:
         emb = emb.reshape(-1, width)
     if emb.shape != output.shape:
-        raise CausalizeError(f"timestep embedding {tuple(output.shape)} is neither per token nor per frame for the actions' "
-                             f"{tuple(ctx.action_emb.shape)} ({ctx.grid.per_frame} tokens per frame)")
+        raise CausalizeError(
+            f"timestep embedding {tuple(output.shape)} is neither per token nor per frame for the actions' "
+            f"{tuple(ctx.action_emb.shape)} ({ctx.grid.per_frame} tokens per frame)"
+        )
     return output + emb
 
 
@@ -111,8 +115,10 @@ def _submodule(model: nn.Module, path: str, what: str) -> nn.Module:
     try:
         return model.get_submodule(path)
     except AttributeError:
-        raise PassError(f"this {type(model).__name__} has no {what} '{path}'",
-                        "per-frame conditioning does not support this configuration of the model") from None
+        raise PassError(
+            f"this {type(model).__name__} has no {what} '{path}'",
+            "per-frame conditioning does not support this configuration of the model",
+        ) from None
 
 
 def _modulation_sites(model: nn.Module, plan: Plan) -> list[tuple[str, nn.Module, str]]:
@@ -128,9 +134,11 @@ def _modulation_sites(model: nn.Module, plan: Plan) -> list[tuple[str, nn.Module
         if type(mod).__name__ in names:
             sites.append((path, mod, spec.context))
         elif spec.paths:
-            raise PassError(f"{path} is a {type(mod).__name__}, which frame-conditioning cannot modulate per frame "
-                            f"(supported here: {', '.join(names)})",
-                            "per-frame conditioning does not support this configuration of the model")
+            raise PassError(
+                f"{path} is a {type(mod).__name__}, which frame-conditioning cannot modulate per frame "
+                f"(supported here: {', '.join(names)})",
+                "per-frame conditioning does not support this configuration of the model",
+            )
     return sites
 
 
@@ -167,22 +175,32 @@ class FrameConditioning(Pass):
     class Options:
         action_dim: int = option(0, "dimension of the actions; 0 adds per-frame timesteps only, no action adapter")
         action_type: Literal["continuous", "discrete"] = option(
-            "continuous", "continuous: an MLP on action vectors; discrete: a sum of embeddings of the active entries")
+            "continuous", "continuous: an MLP on action vectors; discrete: a sum of embeddings of the active entries"
+        )
 
     def _conditioning(self, ctx: PassContext) -> Conditioning:
         cond = ctx.plan.conditioning
         if cond is None:
-            raise PassError(f"plan '{ctx.plan.name}' does not declare how timesteps enter the model (Plan.conditioning)",
-                            "per-frame conditioning is not supported for this family yet")
+            raise PassError(
+                f"plan '{ctx.plan.name}' does not declare how timesteps enter the model (Plan.conditioning)",
+                "per-frame conditioning is not supported for this family yet",
+            )
         return cond
 
     def find_sites(self, model: nn.Module, ctx: PassContext) -> list[Site]:
         cond = self._conditioning(ctx)
         embedding = _submodule(model, cond.embedding, "timestep embedding")
         sites = [Site(cond.embedding, type(embedding).__name__, f"timestep embedding ({cond.mode})")]
-        sites += [Site(p, type(m).__name__, "receives the per-frame embedding") for p, m in model.named_modules() if type(m).__name__ in cond.consumers]
+        sites += [
+            Site(p, type(m).__name__, "receives the per-frame embedding")
+            for p, m in model.named_modules()
+            if type(m).__name__ in cond.consumers
+        ]
         if cond.mode == "delta":
-            sites += [Site(p, type(m).__name__, "per-frame modulation of the video tokens") for p, m, _ in _modulation_sites(model, ctx.plan)]
+            sites += [
+                Site(p, type(m).__name__, "per-frame modulation of the video tokens")
+                for p, m, _ in _modulation_sites(model, ctx.plan)
+            ]
         return sites
 
     def apply(self, model: nn.Module, ctx: PassContext) -> list[Record]:
@@ -190,12 +208,23 @@ class FrameConditioning(Pass):
         frame_ctx = install_context(model, ctx.plan.tokens)
         hooks = _install_hooks(model, ctx.plan, frame_ctx)
         if hooks == 0:
-            raise PassError(f"frame-conditioning found no consumer of the timestep embedding ({', '.join(cond.consumers + cond.modulation)})")
-        records = [Record(self.name, cond.embedding, "per-sample timestep", f"per-frame timestep ({cond.mode}, {hooks} sites)")]
+            raise PassError(
+                f"frame-conditioning found no consumer of the timestep embedding ({', '.join(cond.consumers + cond.modulation)})"
+            )
+        records = [
+            Record(self.name, cond.embedding, "per-sample timestep", f"per-frame timestep ({cond.mode}, {hooks} sites)")
+        ]
         if ctx.options.action_dim > 0:
             width = _out_features(_submodule(model, cond.embedding, "timestep embedding"))
             encoder = ActionEncoder(ctx.options.action_dim, width, ctx.options.action_type)
             encoder.to(device=model_device(model), dtype=model_dtype(model))
             state.add_module(model, ADAPTER_ATTR, encoder)
-            records.append(Record(self.name, ADAPTER_ATTR, "-", f"ActionEncoder({ctx.options.action_type}, {ctx.options.action_dim} -> {width})"))
+            records.append(
+                Record(
+                    self.name,
+                    ADAPTER_ATTR,
+                    "-",
+                    f"ActionEncoder({ctx.options.action_type}, {ctx.options.action_dim} -> {width})",
+                )
+            )
         return records

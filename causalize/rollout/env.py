@@ -97,7 +97,9 @@ class WorldModelEnv(gymnasium.Env):
         self.model_kwargs = model_kwargs
         self.frame_axis, self.channels = sample_geometry(world_model)
         if self.channels is None:
-            raise UsageError(f"plan '{world_model.plan.name}' takes packed tokens, not a video tensor: WorldModelEnv does not support it")
+            raise UsageError(
+                f"plan '{world_model.plan.name}' takes packed tokens, not a video tensor: WorldModelEnv does not support it"
+            )
         self.default_context = None if context is None else self._frames(context, "context")
         self.default_context_actions = context_actions
         self.observation_space = self._observation_space(frame_shape)
@@ -108,8 +110,15 @@ class WorldModelEnv(gymnasium.Env):
         self._steps = 0
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, config: RolloutConfig | None = None, *, device: str | None = None,
-                        dtype: str | None = None, **kwargs: Any) -> WorldModelEnv:
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        config: RolloutConfig | None = None,
+        *,
+        device: str | None = None,
+        dtype: str | None = None,
+        **kwargs: Any,
+    ) -> WorldModelEnv:
         """An env over a checkpoint (a converted model, or a training run's output directory), on
         `device` (None: CUDA when available) in `dtype` (None: as stored; 'bf16' for speed).
         Without `config` the sampler settings follow the checkpoint's training.json
@@ -161,7 +170,9 @@ class WorldModelEnv(gymnasium.Env):
 
     # --- gymnasium API -------------------------------------------------------------------------
 
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
         """Start from options["context"] (default: the constructor's context) with
         options["context_actions"] (the action that produced each context frame; default: the
         null action). Returns the last context frame."""
@@ -170,13 +181,23 @@ class WorldModelEnv(gymnasium.Env):
             seed = int(self.np_random.integers(0, 2**31 - 1))
         options = dict(options or {})
         if options.get("context") is not None:
-            context, context_actions = self._frames(options["context"], "options['context']"), options.get("context_actions")
+            context, context_actions = (
+                self._frames(options["context"], "options['context']"),
+                options.get("context_actions"),
+            )
         elif self.default_context is not None:
-            context, context_actions = self.default_context, options.get("context_actions", self.default_context_actions)
+            context, context_actions = (
+                self.default_context,
+                options.get("context_actions", self.default_context_actions),
+            )
         else:
-            raise UsageError("no context frames: pass reset(options={'context': frames}) or WorldModelEnv(..., context=frames)")
+            raise UsageError(
+                "no context frames: pass reset(options={'context': frames}) or WorldModelEnv(..., context=frames)"
+            )
         if tuple(context.data.shape[1:]) != self.observation_space.shape:
-            raise UsageError(f"context frames have shape {tuple(context.data.shape[1:])}, the observation space {self.observation_space.shape}")
+            raise UsageError(
+                f"context frames have shape {tuple(context.data.shape[1:])}, the observation space {self.observation_space.shape}"
+            )
         session = RolloutSession(self.wm, dataclasses.replace(self.config, seed=seed), self.model_kwargs)
         x = frames_to_model(context, self.frame_axis, self.channels).to(session.device)
         session.reset(x, self._context_actions(context_actions, context.count))
@@ -214,8 +235,12 @@ class WorldModelEnv(gymnasium.Env):
 
     def _info(self) -> dict[str, Any]:
         d = self._session.denoiser
-        info: dict[str, Any] = {"step": self._steps, "frame_passes": d.frame_passes, "model_calls": d.model_calls,
-                                "cache": "streaming" if self.config.cache else "full recompute"}
+        info: dict[str, Any] = {
+            "step": self._steps,
+            "frame_passes": d.frame_passes,
+            "model_calls": d.model_calls,
+            "cache": "streaming" if self.config.cache else "full recompute",
+        }
         if self.info_timing:
             s = self._session.seconds_per_frame
             info["seconds"] = s[-1]
@@ -225,7 +250,9 @@ class WorldModelEnv(gymnasium.Env):
     def _frames(self, data: Any, where: str) -> Frames:
         frames = fit_channels(as_frames(data, self.observation, where), self.channels)
         if frames.channels != self.channels:
-            raise UsageError(f"{where}: {self.observation} have {frames.channels} channels, the model's sample has {self.channels}")
+            raise UsageError(
+                f"{where}: {self.observation} have {frames.channels} channels, the model's sample has {self.channels}"
+            )
         return frames
 
     def _context_actions(self, actions: Any, count: int):

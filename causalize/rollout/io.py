@@ -84,8 +84,10 @@ def as_frames(data: Any, kind: Kind, where: str = "context") -> Frames:
         raise UsageError(f"{where}: {kind} must be {layout} or one frame, got shape {tuple(arr.shape)}")
     if kind == "pixels":
         if arr.dtype != np.uint8:
-            raise UsageError(f"{where}: pixels must be uint8 0..255, got {arr.dtype}",
-                             "latents are float (T, C, H, W); pixels are never rescaled silently")
+            raise UsageError(
+                f"{where}: pixels must be uint8 0..255, got {arr.dtype}",
+                "latents are float (T, C, H, W); pixels are never rescaled silently",
+            )
         return Frames(np.ascontiguousarray(arr), kind)
     if arr.dtype.kind != "f":
         raise UsageError(f"{where}: latents must be floating point, got {arr.dtype}", "uint8 arrays are pixels")
@@ -121,13 +123,17 @@ def read_frames(path: str | os.PathLike, context_frames: int | None = None) -> F
     elif ext in VIDEO_EXTS or ext in IMAGE_EXTS:
         frames = as_frames(_read_media(p), "pixels", str(p))
     else:
-        raise UsageError(f"{p}: unknown context format {ext or '(no extension)'!r}",
-                         "use an episode .npz, a .npy array, or a video / image (.mp4, .gif, .png, ...)")
+        raise UsageError(
+            f"{p}: unknown context format {ext or '(no extension)'!r}",
+            "use an episode .npz, a .npy array, or a video / image (.mp4, .gif, .png, ...)",
+        )
     if context_frames is not None:
         if isinstance(context_frames, bool) or not isinstance(context_frames, int) or context_frames < 1:
             raise UsageError(f"--context-frames must be an integer >= 1, got {context_frames!r}")
         if frames.count < context_frames:
-            raise UsageError(f"{p} has {frames.count} frame(s), fewer than the {context_frames} context frames asked for")
+            raise UsageError(
+                f"{p} has {frames.count} frame(s), fewer than the {context_frames} context frames asked for"
+            )
         frames = frames.first(context_frames)
     return frames
 
@@ -136,8 +142,10 @@ def _frames_from_npz(p: Path) -> Frames:
     with _open_npz(p) as z:
         keys = [k for k in ("frames", "latents") if k in z.files]
         if not keys:
-            raise UsageError(f"{p}: no 'frames' or 'latents' array (keys: {', '.join(z.files) or 'none'})",
-                             "an episode .npz holds frames uint8 (T, H, W, C) or latents float32 (T, C, H, W)")
+            raise UsageError(
+                f"{p}: no 'frames' or 'latents' array (keys: {', '.join(z.files) or 'none'})",
+                "an episode .npz holds frames uint8 (T, H, W, C) or latents float32 (T, C, H, W)",
+            )
         if len(keys) == 2:
             raise UsageError(f"{p}: holds both 'frames' and 'latents'; keep one")
         kind: Kind = "pixels" if keys[0] == "frames" else "latents"
@@ -173,7 +181,9 @@ def _read_media(p: Path) -> np.ndarray:
     try:
         import imageio.v3 as iio
     except ImportError:
-        raise UsageError(f"{p}: reading videos and images needs imageio", "pip install imageio imageio-ffmpeg") from None
+        raise UsageError(
+            f"{p}: reading videos and images needs imageio", "pip install imageio imageio-ffmpeg"
+        ) from None
     try:
         with warnings.catch_warnings():  # on a bad file imageio probes every plugin, some deprecated
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -186,7 +196,9 @@ def _read_media(p: Path) -> np.ndarray:
     if arr.ndim == 3:
         arr = arr[None]
     if arr.dtype != np.uint8:
-        raise UsageError(f"{p}: {arr.dtype} pixels are not supported, only 8-bit", "convert the file to 8 bits per channel")
+        raise UsageError(
+            f"{p}: {arr.dtype} pixels are not supported, only 8-bit", "convert the file to 8 bits per channel"
+        )
     return arr
 
 
@@ -195,7 +207,9 @@ def _short(exc: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def frames_to_model(frames: Frames, frame_axis: int, channels: int | None = None, where: str = "context") -> torch.Tensor:
+def frames_to_model(
+    frames: Frames, frame_axis: int, channels: int | None = None, where: str = "context"
+) -> torch.Tensor:
     """(1, ...) tensor in the model's native layout (frames on `frame_axis`), in model space.
 
     RGBA pixels lose their alpha channel when the model takes 3 channels."""
@@ -204,9 +218,14 @@ def frames_to_model(frames: Frames, frame_axis: int, channels: int | None = None
     frames = fit_channels(frames, channels)
     data = frames.data
     if channels is not None and frames.channels != channels:
-        hint = ("this model works on latents: pass latents (.npz key 'latents', or a float .npy)"
-                if frames.kind == "pixels" else "pass frames with the model's channel count")
-        raise UsageError(f"{where}: {frames.kind} have {frames.channels} channels, the model's sample has {channels}", hint)
+        hint = (
+            "this model works on latents: pass latents (.npz key 'latents', or a float .npy)"
+            if frames.kind == "pixels"
+            else "pass frames with the model's channel count"
+        )
+        raise UsageError(
+            f"{where}: {frames.kind} have {frames.channels} channels, the model's sample has {channels}", hint
+        )
     x = torch.from_numpy(np.ascontiguousarray(data))
     if frames.kind == "pixels":
         x = (x.float() / 127.5 - 1.0).permute(0, 3, 1, 2)  # (T, C, H, W)
@@ -333,7 +352,9 @@ def actions_to_tensor(actions: Any, action_type: str, action_dim: int, where: st
         raise UsageError(f"{where}: actions contain NaN or inf")
     if action_type == "discrete":
         if arr.dtype.kind == "f":
-            raise UsageError(f"{where}: the action adapter is discrete ({action_dim} actions): actions must be integer indices, got {arr.dtype}")
+            raise UsageError(
+                f"{where}: the action adapter is discrete ({action_dim} actions): actions must be integer indices, got {arr.dtype}"
+            )
         if arr.ndim == 1:
             if arr.dtype.kind == "b":
                 raise UsageError(f"{where}: discrete actions are integer indices, got booleans")
@@ -345,7 +366,9 @@ def actions_to_tensor(actions: Any, action_type: str, action_dim: int, where: st
             if not np.isin(arr, (0, 1)).all():
                 raise UsageError(f"{where}: multi-hot actions must be 0 or 1")
             return torch.from_numpy(arr.astype(np.float32))[None]
-        raise UsageError(f"{where}: discrete actions are (n,) indices or (n, {action_dim}) multi-hot rows, got shape {tuple(arr.shape)}")
+        raise UsageError(
+            f"{where}: discrete actions are (n,) indices or (n, {action_dim}) multi-hot rows, got shape {tuple(arr.shape)}"
+        )
     if action_type != "continuous":
         raise UsageError(f"unknown action type {action_type!r}")
     if arr.dtype.kind == "b":
@@ -354,14 +377,18 @@ def actions_to_tensor(actions: Any, action_type: str, action_dim: int, where: st
         arr = arr[:, None]
     if arr.ndim != 2 or arr.shape[1] != action_dim:
         got = f"dimension {arr.shape[1]}" if arr.ndim == 2 else f"shape {tuple(arr.shape)}"
-        raise UsageError(f"{where}: the action adapter expects {action_dim}-dimensional continuous actions (n, {action_dim}), got {got}")
+        raise UsageError(
+            f"{where}: the action adapter expects {action_dim}-dimensional continuous actions (n, {action_dim}), got {got}"
+        )
     return torch.from_numpy(arr.astype(np.float32))[None]
 
 
 # ---------------------------------------------------------------------------------------- writing
 
 
-def check_output(path: str | os.PathLike, kind: Kind = "pixels", overwrite: bool = False, channels: int | None = None) -> Path:
+def check_output(
+    path: str | os.PathLike, kind: Kind = "pixels", overwrite: bool = False, channels: int | None = None
+) -> Path:
     """Fail before any work if `path` cannot be written: unknown extension, latents (or pixels
     with other than 1, 3 or 4 channels) to a video, an existing file without `overwrite`, a
     directory in the way."""
@@ -420,9 +447,13 @@ def write_frames(
     return p
 
 
-def _write_npz(tmp: Path, frames: Frames, actions: np.ndarray | None, meta: dict[str, Any] | None, context_frames: int) -> None:
-    arrays: dict[str, np.ndarray] = {"frames" if frames.kind == "pixels" else "latents": frames.data,
-                                     "context_frames": np.asarray(context_frames, dtype=np.int64)}
+def _write_npz(
+    tmp: Path, frames: Frames, actions: np.ndarray | None, meta: dict[str, Any] | None, context_frames: int
+) -> None:
+    arrays: dict[str, np.ndarray] = {
+        "frames" if frames.kind == "pixels" else "latents": frames.data,
+        "context_frames": np.asarray(context_frames, dtype=np.int64),
+    }
     if actions is not None:
         arrays["actions"] = np.asarray(actions)
     if meta is not None:
@@ -437,7 +468,10 @@ def _write_media(tmp: Path, data: np.ndarray, ext: str, fps: float) -> None:
     try:
         import imageio.v3 as iio
     except ImportError:
-        raise UsageError(f"writing {ext} needs imageio (and imageio-ffmpeg for .mp4)", "pip install imageio imageio-ffmpeg, or write .npz") from None
+        raise UsageError(
+            f"writing {ext} needs imageio (and imageio-ffmpeg for .mp4)",
+            "pip install imageio imageio-ffmpeg, or write .npz",
+        ) from None
     if data.shape[-1] == 1:
         data = data[..., 0]
     if ext == ".mp4":
@@ -448,7 +482,9 @@ def _write_media(tmp: Path, data: np.ndarray, ext: str, fps: float) -> None:
         try:
             iio.imwrite(tmp, data, fps=fps, codec="libx264", macro_block_size=1)
         except Exception as exc:
-            raise UsageError(f"cannot write .mp4: {_short(exc)}", "install imageio-ffmpeg, or write .gif / .npz") from None
+            raise UsageError(
+                f"cannot write .mp4: {_short(exc)}", "install imageio-ffmpeg, or write .gif / .npz"
+            ) from None
     else:
         iio.imwrite(tmp, data, duration=1000.0 / fps, loop=0)
 
@@ -489,11 +525,22 @@ class RolloutFileReport:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "out": str(self.out), "checkpoint": str(self.checkpoint), "kind": self.kind,
-            "context_frames": self.context_frames, "generated": self.generated, "frames_written": self.frames_written,
-            "seconds_per_frame": self.timing, "seconds_per_frame_all": self.seconds_per_frame, "seconds": self.seconds,
-            "cache": self.cache_mode, "frame_passes": self.frame_passes, "model_calls": self.model_calls,
-            "cache_bytes": self.cache_bytes, "config": self.config, "config_sources": self.config_sources, "device": self.device,
+            "out": str(self.out),
+            "checkpoint": str(self.checkpoint),
+            "kind": self.kind,
+            "context_frames": self.context_frames,
+            "generated": self.generated,
+            "frames_written": self.frames_written,
+            "seconds_per_frame": self.timing,
+            "seconds_per_frame_all": self.seconds_per_frame,
+            "seconds": self.seconds,
+            "cache": self.cache_mode,
+            "frame_passes": self.frame_passes,
+            "model_calls": self.model_calls,
+            "cache_bytes": self.cache_bytes,
+            "config": self.config,
+            "config_sources": self.config_sources,
+            "device": self.device,
         }
 
 
@@ -549,12 +596,16 @@ def rollout_to_file(
     acts = actions_to_tensor(raw_actions, encoder.action_type, encoder.action_dim, str(actions))
     axis, channels = sample_geometry(wm)
     if channels is None:
-        raise UsageError(f"plan '{wm.plan.name}' takes packed tokens, not a video tensor: file rollouts do not support it",
-                         "use causalize.rollout.rollout() with tensors in the model's layout")
+        raise UsageError(
+            f"plan '{wm.plan.name}' takes packed tokens, not a video tensor: file rollouts do not support it",
+            "use causalize.rollout.rollout() with tensors in the model's layout",
+        )
     block = wm.plan.layout.block_size
     if clip.count % block:
-        raise UsageError(f"{context}: {clip.count} context frames; this model needs a multiple of {block}",
-                         "choose --context-frames accordingly")
+        raise UsageError(
+            f"{context}: {clip.count} context frames; this model needs a multiple of {block}",
+            "choose --context-frames accordingly",
+        )
     clip = fit_channels(clip, channels)
     check_output(out_path, clip.kind, overwrite, clip.channels)
     x = frames_to_model(clip, axis, channels, str(context))
@@ -562,14 +613,31 @@ def rollout_to_file(
     generated = model_to_frames(result.frames, axis, clip.kind)
     data = np.concatenate([clip.data, generated.data]) if include_context else generated.data
     report = RolloutFileReport(
-        out=out_path, checkpoint=ckpt, kind=clip.kind, context_frames=clip.count if include_context else 0,
-        generated=generated.count, frames_written=int(data.shape[0]), seconds_per_frame=list(result.seconds_per_frame),
-        seconds=0.0, frame_passes=result.frame_passes, model_calls=result.model_calls, cache_bytes=result.cache_bytes,
-        config=config.to_json(), config_sources=sources, device=str(next(wm.parameters()).device),
+        out=out_path,
+        checkpoint=ckpt,
+        kind=clip.kind,
+        context_frames=clip.count if include_context else 0,
+        generated=generated.count,
+        frames_written=int(data.shape[0]),
+        seconds_per_frame=list(result.seconds_per_frame),
+        seconds=0.0,
+        frame_passes=result.frame_passes,
+        model_calls=result.model_calls,
+        cache_bytes=result.cache_bytes,
+        config=config.to_json(),
+        config_sources=sources,
+        device=str(next(wm.parameters()).device),
     )
     meta = {k: v for k, v in report.to_json().items() if k not in ("out", "seconds")}
-    write_frames(out_path, Frames(data, clip.kind), fps=fps, actions=_stored_actions(acts, encoder.action_type), meta=meta,
-                 context_frames=report.context_frames, overwrite=overwrite)
+    write_frames(
+        out_path,
+        Frames(data, clip.kind),
+        fps=fps,
+        actions=_stored_actions(acts, encoder.action_type),
+        meta=meta,
+        context_frames=report.context_frames,
+        overwrite=overwrite,
+    )
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -583,6 +651,16 @@ def _stored_actions(acts: torch.Tensor, action_type: str) -> np.ndarray:
 
 
 __all__ = [
-    "Frames", "RolloutFileReport", "actions_to_tensor", "as_frames", "check_output", "frames_to_model",
-    "model_to_frames", "read_actions", "read_frames", "rollout_to_file", "sample_geometry", "write_frames",
+    "Frames",
+    "RolloutFileReport",
+    "actions_to_tensor",
+    "as_frames",
+    "check_output",
+    "frames_to_model",
+    "model_to_frames",
+    "read_actions",
+    "read_frames",
+    "rollout_to_file",
+    "sample_geometry",
+    "write_frames",
 ]

@@ -42,7 +42,9 @@ def training_defaults(path: str | os.PathLike) -> dict[str, Any]:
     try:
         doc = json.loads(f.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(f"{f} is corrupt: {exc}", "delete it to use the rollout defaults, or re-run training") from None
+        raise CheckpointError(
+            f"{f} is corrupt: {exc}", "delete it to use the rollout defaults, or re-run training"
+        ) from None
     cfg = doc.get("config") if isinstance(doc, dict) else None
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{f} has no 'config' object", "delete it to use the rollout defaults")
@@ -74,8 +76,9 @@ def resolve_config(checkpoint: str | os.PathLike | None = None, **options: Any) 
     return config, sources
 
 
-def load_world_model(path: str | os.PathLike, device: str | None = None,
-                     dtype: str | torch.dtype | None = None) -> tuple[WorldModel, Path]:
+def load_world_model(
+    path: str | os.PathLike, device: str | None = None, dtype: str | torch.dtype | None = None
+) -> tuple[WorldModel, Path]:
     """The checkpoint as an eval-mode WorldModel on `device` (None: CUDA when available) in `dtype`
     (None: as stored), and the directory it came from. Device and dtype are checked before the
     weights are read; a model converted without frame conditioning is a UsageError."""
@@ -87,9 +90,18 @@ def load_world_model(path: str | os.PathLike, device: str | None = None,
     check_dtype_on(torch_dtype, dev)
     p = checkpoint_dir(path)
     if not p.exists():
-        raise CheckpointError(f"{p} does not exist", "give a converted checkpoint (causalize convert ... --action-dim N)")
+        raise CheckpointError(
+            f"{p} does not exist", "give a converted checkpoint (causalize convert ... --action-dim N)"
+        )
     wm = WorldModel.from_pretrained(p, torch_dtype=torch_dtype, device=dev)
     return wm.eval(), p
 
 
-__all__ = ["FROM_TRAINING", "TRAINING_FILE", "checkpoint_dir", "load_world_model", "resolve_config", "training_defaults"]
+__all__ = [
+    "FROM_TRAINING",
+    "TRAINING_FILE",
+    "checkpoint_dir",
+    "load_world_model",
+    "resolve_config",
+    "training_defaults",
+]

@@ -121,7 +121,9 @@ class _Denoiser:
         self.frame_passes += batch * frames
         return self.wm(sample, timesteps, actions, mask, **self.kwargs(batch, frames, sample))
 
-    def set_history(self, frames: list[torch.Tensor], actions: torch.Tensor, mask: torch.Tensor, start: int, level: int) -> None:
+    def set_history(
+        self, frames: list[torch.Tensor], actions: torch.Tensor, mask: torch.Tensor, start: int, level: int
+    ) -> None:
         raise NotImplementedError
 
     def __call__(self, x, level, actions, mask) -> torch.Tensor:
@@ -208,8 +210,10 @@ def _check_inputs(wm: WorldModel, context: torch.Tensor, context_actions: torch.
         raise UsageError("context frames must be finite floating-point values in model space")
     block = wm.plan.layout.block_size
     if block != 1:
-        raise UsageError(f"plan '{wm.plan.name}' is causal over blocks of {block} frames: it must be rolled out block by "
-                         "block, which is not implemented (frame-by-frame rollout would feed it partial blocks)")
+        raise UsageError(
+            f"plan '{wm.plan.name}' is causal over blocks of {block} frames: it must be rolled out block by "
+            "block, which is not implemented (frame-by-frame rollout would feed it partial blocks)"
+        )
     if context.shape[axis] < 1:
         raise UsageError("the context needs at least one frame")
     if context_actions is not None:
@@ -226,7 +230,9 @@ def _check_actions(encoder: torch.nn.Module, acts: torch.Tensor, batch: int, nam
         if acts.is_floating_point() or acts.dtype == torch.bool:
             raise UsageError(f"{name}: discrete actions are integer indices, got dtype {acts.dtype}")
         if acts.numel() and (int(acts.min()) < 0 or int(acts.max()) >= encoder.action_dim):
-            raise UsageError(f"{name}: action indices must lie in [0, {encoder.action_dim}), got [{int(acts.min())}, {int(acts.max())}]")
+            raise UsageError(
+                f"{name}: action indices must lie in [0, {encoder.action_dim}), got [{int(acts.min())}, {int(acts.max())}]"
+            )
     elif acts.ndim == 3:
         if acts.shape[-1] != encoder.action_dim:
             raise UsageError(f"{name} have dimension {acts.shape[-1]}, the action adapter expects {encoder.action_dim}")
@@ -255,13 +261,17 @@ class RolloutSession:
         if not isinstance(wm, WorldModel):
             raise UsageError(f"rollout needs a causalize.WorldModel, got {type(wm).__name__}")
         if wm.action_encoder is None:
-            raise UsageError("this checkpoint has no action adapter: it cannot be rolled out from actions",
-                             "convert it with --action-dim N and fine-tune it (causalize train)")
+            raise UsageError(
+                "this checkpoint has no action adapter: it cannot be rolled out from actions",
+                "convert it with --action-dim N and fine-tune it (causalize train)",
+            )
         self.schedule = NoiseSchedule.from_config(rescale_zero_terminal_snr=config.zero_terminal_snr)
         self.levels = sched.sampling_timesteps(self.schedule.num_train_timesteps, config.steps, config.spacing)
         self.level_h = sched.history_level(self.levels, config.history_noise)
         if self.level_h >= self.schedule.num_train_timesteps:
-            raise UsageError(f"history_noise {self.level_h} is beyond the schedule's {self.schedule.num_train_timesteps} levels")
+            raise UsageError(
+                f"history_noise {self.level_h} is beyond the schedule's {self.schedule.num_train_timesteps} levels"
+            )
         self.prediction = "v" if config.prediction_type == "v_prediction" else config.prediction_type
         self.axis, self.out_axis = _frame_axis(wm), wm.plan.layout.output_axis
         self.device, self.dtype = wm.device, wm.dtype
@@ -269,8 +279,12 @@ class RolloutSession:
         self.denoiser: _Denoiser | None = None
         self.generated = 0
 
-    def reset(self, context: torch.Tensor, context_actions: torch.Tensor | None = None,
-              context_action_mask: torch.Tensor | None = None) -> None:
+    def reset(
+        self,
+        context: torch.Tensor,
+        context_actions: torch.Tensor | None = None,
+        context_action_mask: torch.Tensor | None = None,
+    ) -> None:
         """Start from `context` (c frames, model space, native layout); context frames get
         `context_actions` (their producing actions) or the null action; `context_action_mask`
         (c,) or (B, c) bool marks which of them are known (e.g. False for an episode's frame 0)."""
@@ -314,7 +328,9 @@ class RolloutSession:
             return out
         copies = out.shape[0] // x.shape[0]
         ts = torch.full((out.shape[0], 1), level, dtype=torch.long, device=self.device)
-        return self.schedule.convert(x.repeat(copies, *([1] * (x.ndim - 1))), out, ts, self.prediction, "v", self.out_axis)
+        return self.schedule.convert(
+            x.repeat(copies, *([1] * (x.ndim - 1))), out, ts, self.prediction, "v", self.out_axis
+        )
 
     @torch.no_grad()
     def step(self, action: torch.Tensor) -> torch.Tensor:
@@ -351,8 +367,11 @@ class RolloutSession:
         d = self.denoiser
         return RolloutResult(
             frames=torch.cat(frames, dim=self.axis),
-            seconds_per_frame=list(self.seconds_per_frame), frame_passes=d.frame_passes, model_calls=d.model_calls,
-            cache_bytes=d.stream.cache_bytes() if isinstance(d, Streaming) else 0, config=self.config,
+            seconds_per_frame=list(self.seconds_per_frame),
+            frame_passes=d.frame_passes,
+            model_calls=d.model_calls,
+            cache_bytes=d.stream.cache_bytes() if isinstance(d, Streaming) else 0,
+            config=self.config,
         )
 
 

@@ -72,8 +72,10 @@ class Stream:
         if self.context is None:
             raise UsageError(f"this {type(model).__name__} was not converted (no frame context): nothing to stream")
         if plan.streaming is None:
-            raise UsageError(f"plan '{plan.name}' does not declare streaming support",
-                             "use full recomputation (cache=False / --no-cache)")
+            raise UsageError(
+                f"plan '{plan.name}' does not declare streaming support",
+                "use full recomputation (cache=False / --no-cache)",
+            )
         self._check_supported()
         self.cached_frames = 0
         self.anchor_timestep: int | None = None
@@ -101,8 +103,10 @@ class Stream:
 
     def _check_supported(self) -> None:
         if self.plan.layout.block_size != 1:
-            raise UsageError(f"plan '{self.plan.name}' is causal over blocks of {self.plan.layout.block_size} frames",
-                             "block-by-block streaming is not implemented: use cache=False")
+            raise UsageError(
+                f"plan '{self.plan.name}' is causal over blocks of {self.plan.layout.block_size} frames",
+                "block-by-block streaming is not implemented: use cache=False",
+            )
 
     # --- installation ------------------------------------------------------------------------
 
@@ -237,7 +241,9 @@ class Stream:
 
     def cache_bytes(self) -> int:
         """Memory held by the caches (keys, values, conv buffers)."""
-        return sum(p.cache.nbytes() for p in self._processors) + sum(t.numel() * t.element_size() for t in self._conv.values())
+        return sum(p.cache.nbytes() for p in self._processors) + sum(
+            t.numel() * t.element_size() for t in self._conv.values()
+        )
 
 
 def stream_of(module: nn.Module) -> Stream:
@@ -348,10 +354,12 @@ def _shift_pe_table(module: nn.Module, args):
         return None
     table = module.pe
     if state.offset + args[0].shape[1] > table.shape[1]:
-        raise CausalizeError(f"{type(module).__name__} has {table.shape[1]} positions; the streaming window needs "
-                             f"{state.offset + args[0].shape[1]}")
+        raise CausalizeError(
+            f"{type(module).__name__} has {table.shape[1]} positions; the streaming window needs "
+            f"{state.offset + args[0].shape[1]}"
+        )
     object.__setattr__(module, "_causalize_pe", table)
-    module._buffers["pe"] = table[:, state.offset:]
+    module._buffers["pe"] = table[:, state.offset :]
     return None
 
 

@@ -149,13 +149,30 @@ def _check_inputs(inputs: dict[str, Any], layout: FrameLayout) -> None:
         raise ValueError(f"a causality check needs at least 2 frames, got {counts}")
 
 
-def _check(model, inputs, *, plan, layout, frame_axes, output_axis, block_size, forward, frames, tolerance, seed,
-           rerandomize, localize) -> CausalityReport:
+def _check(
+    model,
+    inputs,
+    *,
+    plan,
+    layout,
+    frame_axes,
+    output_axis,
+    block_size,
+    forward,
+    frames,
+    tolerance,
+    seed,
+    rerandomize,
+    localize,
+) -> CausalityReport:
     from causalize.verify import check_causality
 
-    inputs, layout, forward = _resolve(model, inputs, plan, layout, frame_axes, output_axis, block_size, forward, frames, seed)
-    return check_causality(model, inputs, layout, forward, tolerance=tolerance, seed=seed,
-                           rerandomize=rerandomize, localize=localize)
+    inputs, layout, forward = _resolve(
+        model, inputs, plan, layout, frame_axes, output_axis, block_size, forward, frames, seed
+    )
+    return check_causality(
+        model, inputs, layout, forward, tolerance=tolerance, seed=seed, rerandomize=rerandomize, localize=localize
+    )
 
 
 def _explain(report: CausalityReport, model: Any) -> str:
@@ -167,8 +184,10 @@ def _explain(report: CausalityReport, model: Any) -> str:
     ]
     if report.culprits:
         c = report.culprits[0]
-        lines.append(f"culprit: {c['path']} ({c['class']}) - the first module whose past-frame output moved "
-                     "although its past-frame input did not")
+        lines.append(
+            f"culprit: {c['path']} ({c['class']}) - the first module whose past-frame output moved "
+            "although its past-frame input did not"
+        )
         for other in report.culprits[1:]:
             lines.append(f"  also leaking: {other['path']} ({other['class']})")
     elif report.violations and report.localization_note:
@@ -214,11 +233,25 @@ def assert_causal(
     Raises CausalityCheckFailed (an AssertionError) on a leak or when the probe is ineffective.
     """
     __tracebackhide__ = True
-    report = _check(model, inputs, plan=plan, layout=layout, frame_axes=frame_axes, output_axis=output_axis,
-                    block_size=block_size, forward=forward, frames=frames, tolerance=tolerance, seed=seed,
-                    rerandomize=rerandomize, localize=localize)
+    report = _check(
+        model,
+        inputs,
+        plan=plan,
+        layout=layout,
+        frame_axes=frame_axes,
+        output_axis=output_axis,
+        block_size=block_size,
+        forward=forward,
+        frames=frames,
+        tolerance=tolerance,
+        seed=seed,
+        rerandomize=rerandomize,
+        localize=localize,
+    )
     if not report.passed:
-        raise CausalityCheckFailed(f"{type(model).__name__} is not causal: {report.summary()}\n{_explain(report, model)}", report)
+        raise CausalityCheckFailed(
+            f"{type(model).__name__} is not causal: {report.summary()}\n{_explain(report, model)}", report
+        )
     return report
 
 
@@ -244,11 +277,28 @@ def assert_leaks(
     `report.culprit`). An ineffective probe alone is not a leak. Returns the report.
     """
     __tracebackhide__ = True
-    report = _check(model, inputs, plan=plan, layout=layout, frame_axes=frame_axes, output_axis=output_axis,
-                    block_size=block_size, forward=forward, frames=frames, tolerance=tolerance, seed=seed,
-                    rerandomize=rerandomize, localize=localize)
+    report = _check(
+        model,
+        inputs,
+        plan=plan,
+        layout=layout,
+        frame_axes=frame_axes,
+        output_axis=output_axis,
+        block_size=block_size,
+        forward=forward,
+        frames=frames,
+        tolerance=tolerance,
+        seed=seed,
+        rerandomize=rerandomize,
+        localize=localize,
+    )
     if not report.violations:
-        why = ("no output frame depends on a later input frame" if not report.inert
-               else f"no leak found ({report.summary()})")
-        raise CausalityCheckFailed(f"expected {type(model).__name__} to leak, but {why}\n{_explain(report, model)}", report)
+        why = (
+            "no output frame depends on a later input frame"
+            if not report.inert
+            else f"no leak found ({report.summary()})"
+        )
+        raise CausalityCheckFailed(
+            f"expected {type(model).__name__} to leak, but {why}\n{_explain(report, model)}", report
+        )
     return report

@@ -33,8 +33,14 @@ _REPORTS_KEY = pytest.StashKey[list]()
 class Causality:
     """What the ``causality`` fixture returns: assert_causal / assert_leaks with this test's settings."""
 
-    def __init__(self, frames: int = DEFAULT_FRAMES, tolerance: float = DEFAULT_TOLERANCE,
-                 block_size: int | None = None, seed: int = DEFAULT_SEED, reports: list | None = None):
+    def __init__(
+        self,
+        frames: int = DEFAULT_FRAMES,
+        tolerance: float = DEFAULT_TOLERANCE,
+        block_size: int | None = None,
+        seed: int = DEFAULT_SEED,
+        reports: list | None = None,
+    ):
         self.frames = frames
         self.tolerance = tolerance
         self.block_size = block_size
@@ -75,18 +81,38 @@ class Causality:
         return report
 
     def __repr__(self) -> str:
-        return (f"Causality(frames={self.frames}, tolerance={self.tolerance}, "
-                f"block_size={self.block_size}, seed={self.seed})")
+        return (
+            f"Causality(frames={self.frames}, tolerance={self.tolerance}, "
+            f"block_size={self.block_size}, seed={self.seed})"
+        )
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("causalize", "causality checks (causalize)")
-    group.addoption("--causalize-frames", type=int, default=None, metavar="N", dest="causalize_frames",
-                    help=f"frames of the example inputs of the 'causality' fixture (default {DEFAULT_FRAMES})")
-    group.addoption("--causalize-tolerance", type=float, default=None, metavar="X", dest="causalize_tolerance",
-                    help="largest |change| of a past output frame still counted as no influence (default 0: exact)")
-    group.addoption("--causalize-seed", type=int, default=None, metavar="S", dest="causalize_seed",
-                    help=f"seed of the example inputs and perturbations (default {DEFAULT_SEED})")
+    group.addoption(
+        "--causalize-frames",
+        type=int,
+        default=None,
+        metavar="N",
+        dest="causalize_frames",
+        help=f"frames of the example inputs of the 'causality' fixture (default {DEFAULT_FRAMES})",
+    )
+    group.addoption(
+        "--causalize-tolerance",
+        type=float,
+        default=None,
+        metavar="X",
+        dest="causalize_tolerance",
+        help="largest |change| of a past output frame still counted as no influence (default 0: exact)",
+    )
+    group.addoption(
+        "--causalize-seed",
+        type=int,
+        default=None,
+        metavar="S",
+        dest="causalize_seed",
+        help=f"seed of the example inputs and perturbations (default {DEFAULT_SEED})",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -123,12 +149,15 @@ def _settings(request: pytest.FixtureRequest) -> dict[str, Any]:
     marker = request.node.get_closest_marker("causal")
     if marker is not None:
         if marker.args:
-            pytest.fail(f"@pytest.mark.causal takes keyword arguments only ({', '.join(MARKER_KWARGS)}), "
-                        f"got {marker.args!r}", pytrace=False)
+            pytest.fail(
+                f"@pytest.mark.causal takes keyword arguments only ({', '.join(MARKER_KWARGS)}), got {marker.args!r}",
+                pytrace=False,
+            )
         unknown = sorted(set(marker.kwargs) - set(MARKER_KWARGS))
         if unknown:
-            pytest.fail(f"unknown @pytest.mark.causal argument(s) {unknown}; expected {', '.join(MARKER_KWARGS)}",
-                        pytrace=False)
+            pytest.fail(
+                f"unknown @pytest.mark.causal argument(s) {unknown}; expected {', '.join(MARKER_KWARGS)}", pytrace=False
+            )
         kw.update(marker.kwargs)
     if kw["frames"] < 2:
         pytest.fail(f"causality checks need at least 2 frames, got {kw['frames']}", pytrace=False)

@@ -45,7 +45,16 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 #: Settings that decide which windows, noise and dropout a step draws: resuming with other values
 #: cannot replay the interrupted run.
-_REPLAY_SETTINGS = ("seed", "batch_size", "window", "gradient_accumulation", "timestep_mode", "action_dropout", "data", "split")
+_REPLAY_SETTINGS = (
+    "seed",
+    "batch_size",
+    "window",
+    "gradient_accumulation",
+    "timestep_mode",
+    "action_dropout",
+    "data",
+    "split",
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -77,8 +86,10 @@ def resume_point(config: TrainConfig, is_main: bool) -> tuple[Path | None, int]:
     out = Path(config.output_dir)
     if config.resume is False:
         if (out / METRICS_FILE).exists() or list_checkpoints(out) or (out / FINAL_DIR).exists():
-            raise TrainingError(f"{out} already holds a training run",
-                                "continue it with resume=True (CLI: --resume), or choose another output directory")
+            raise TrainingError(
+                f"{out} already holds a training run",
+                "continue it with resume=True (CLI: --resume), or choose another output directory",
+            )
         return None, 0
     if config.resume is True:
         ckpt = latest_checkpoint(out)
@@ -92,8 +103,10 @@ def resume_point(config: TrainConfig, is_main: bool) -> tuple[Path | None, int]:
     saved = state.get("config", {})
     differs = [k for k in _REPLAY_SETTINGS if k in saved and saved[k] != getattr(config, k)]
     if differs and is_main:
-        warnings.warn(f"resuming from {ckpt} with different {', '.join(differs)}: the run will not replay the uninterrupted one",
-                      stacklevel=4)
+        warnings.warn(
+            f"resuming from {ckpt} with different {', '.join(differs)}: the run will not replay the uninterrupted one",
+            stacklevel=4,
+        )
     return ckpt, int(state["step"])
 
 
@@ -155,8 +168,15 @@ def save_final(wm: Any, config: TrainConfig, step: int, loss: float, resumed_fro
     with fs.new_directory(final, overwrite=_may_replace(config)) as tmp:
         wm.model.save_pretrained(tmp, safe_serialization=True)
         Manifest.read(Path(config.model)).write(tmp)
-        _write_json(tmp / TRAINING_FILE, {"step": step, "final_loss": loss, "config": config.to_json(),
-                                          "resumed_from": None if resumed_from is None else str(resumed_from)})
+        _write_json(
+            tmp / TRAINING_FILE,
+            {
+                "step": step,
+                "final_loss": loss,
+                "config": config.to_json(),
+                "resumed_from": None if resumed_from is None else str(resumed_from),
+            },
+        )
     return final
 
 

@@ -130,13 +130,21 @@ class TrainConfig:
         if unknown:
             key = unknown[0]
             close = difflib.get_close_matches(key, names, n=1)
-            raise TrainingError(f"{where}: unknown setting {key!r}" + (f"; did you mean {close[0]!r}?" if close else ""),
-                                "valid settings: " + ", ".join(names))
-        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+            raise TrainingError(
+                f"{where}: unknown setting {key!r}" + (f"; did you mean {close[0]!r}?" if close else ""),
+                "valid settings: " + ", ".join(names),
+            )
+        required = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
         missing = [k for k in required if values.get(k) is None]
         if missing:
-            raise TrainingError(f"{where}: missing required setting(s) {', '.join(missing)}",
-                                "set them in the config file or on the command line (--model, --data, --out)")
+            raise TrainingError(
+                f"{where}: missing required setting(s) {', '.join(missing)}",
+                "set them in the config file or on the command line (--model, --data, --out)",
+            )
         return cls(**{k: v for k, v in values.items()})
 
     @classmethod

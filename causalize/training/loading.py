@@ -39,9 +39,13 @@ def open_dataset(config: TrainConfig) -> EpisodeDataset:
     from causalize.episodes import DataError, EpisodeDataset
 
     if not Path(config.data).exists():
-        raise TrainingError(f"dataset not found: {config.data}", "pass the root of an episode dataset (docs/EPISODES.md)")
+        raise TrainingError(
+            f"dataset not found: {config.data}", "pass the root of an episode dataset (docs/EPISODES.md)"
+        )
     try:
-        return EpisodeDataset(config.data, config.window, stride=config.stride, split=config.split, test_fraction=config.test_fraction)
+        return EpisodeDataset(
+            config.data, config.window, stride=config.stride, split=config.split, test_fraction=config.test_fraction
+        )
     except DataError as exc:
         raise TrainingError(f"cannot use dataset {config.data}: {exc}") from exc
 
@@ -53,10 +57,14 @@ def load_world_model(config: TrainConfig) -> WorldModel:
 
     path = Path(config.model)
     if not path.exists():
-        raise TrainingError(f"model checkpoint not found: {path}", "convert one first: causalize convert SRC OUT --action-dim N")
+        raise TrainingError(
+            f"model checkpoint not found: {path}", "convert one first: causalize convert SRC OUT --action-dim N"
+        )
     if not (path / MANIFEST).is_file():
-        raise TrainingError(f"{path} is not a converted causalize checkpoint (no {MANIFEST})",
-                            "convert it first: causalize convert SRC OUT --action-dim N")
+        raise TrainingError(
+            f"{path} is not a converted causalize checkpoint (no {MANIFEST})",
+            "convert it first: causalize convert SRC OUT --action-dim N",
+        )
     return WorldModel.from_pretrained(path)
 
 
@@ -110,8 +118,10 @@ def _check_action_space(wm: WorldModel, info: Any, config: TrainConfig) -> None:
             f"convert the model with --action-dim {space.width}, or use a dataset with {encoder.action_dim}-dimensional actions",
         )
     if encoder.action_type != space.type:
-        raise TrainingError(f"action type mismatch: the dataset's actions are {space.type}, the model's adapter is {encoder.action_type}",
-                            f"convert the model with --action-type {space.type}")
+        raise TrainingError(
+            f"action type mismatch: the dataset's actions are {space.type}, the model's adapter is {encoder.action_type}",
+            f"convert the model with --action-type {space.type}",
+        )
 
 
 def _check_channels(wm: WorldModel, info: Any, vae: Any, config: TrainConfig) -> None:
@@ -119,17 +129,27 @@ def _check_channels(wm: WorldModel, info: Any, vae: Any, config: TrainConfig) ->
     source = f"the dataset's {info.kind}"
     if vae is not None:
         if info.kind != "pixels":
-            raise TrainingError(f"vae is set but the dataset {config.data} stores {info.kind}", "drop vae, or use a pixel dataset")
+            raise TrainingError(
+                f"vae is set but the dataset {config.data} stores {info.kind}", "drop vae, or use a pixel dataset"
+            )
         vae_in = int(getattr(vae.config, "in_channels", data_channels))
         if vae_in != data_channels:
-            raise TrainingError(f"channel mismatch: the dataset's pixels have {data_channels} channels but the VAE takes {vae_in}")
+            raise TrainingError(
+                f"channel mismatch: the dataset's pixels have {data_channels} channels but the VAE takes {vae_in}"
+            )
         data_channels = int(vae.config.latent_channels)
         source = "the VAE's latents"
     model_channels = _sample_channels(wm.plan, wm.model, min(config.window, 4))
     if model_channels is not None and model_channels != data_channels:
-        hint = ("set vae to the base model's VAE to train on latents" if vae is None and info.kind == "pixels"
-                else "train a model whose in_channels equal the data's channels")
-        raise TrainingError(f"channel mismatch: {source} have {data_channels} channels but the model's sample has {model_channels}", hint)
+        hint = (
+            "set vae to the base model's VAE to train on latents"
+            if vae is None and info.kind == "pixels"
+            else "train a model whose in_channels equal the data's channels"
+        )
+        raise TrainingError(
+            f"channel mismatch: {source} have {data_channels} channels but the model's sample has {model_channels}",
+            hint,
+        )
 
 
 def select_trainable(wm: WorldModel, train_only: str) -> list[torch.nn.Parameter]:

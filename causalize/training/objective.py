@@ -87,11 +87,7 @@ def action_keep_mask(
         raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(DROPOUT_MODES)}")
     _check_positive_int(batch, "batch")
     _check_positive_int(frames, "frames")
-    if (
-        isinstance(drop_prob, bool)
-        or not isinstance(drop_prob, numbers.Real)
-        or not (0.0 <= float(drop_prob) < 1.0)
-    ):
+    if isinstance(drop_prob, bool) or not isinstance(drop_prob, numbers.Real) or not (0.0 <= float(drop_prob) < 1.0):
         raise ValueError(f"drop_prob must be a number in [0, 1), got {drop_prob!r}")
     device = _resolve_device(device, generator)
     cols = frames if mode == "per-frame" else 1
@@ -142,9 +138,7 @@ def diffusion_forcing_loss(
     _check_same_shape(model_out, target, "model_out", "target")
     axis = _frame_axis(model_out, frame_axis)
     if model_out.numel() == 0:
-        raise ValueError(
-            f"cannot compute a loss over an empty tensor of shape {tuple(model_out.shape)}"
-        )
+        raise ValueError(f"cannot compute a loss over an empty tensor of shape {tuple(model_out.shape)}")
     dtype = _compute_dtype(model_out, target)
     sq = (model_out.to(dtype) - target.to(dtype)).square()
     b, t = sq.shape[0], sq.shape[axis]
@@ -163,9 +157,7 @@ def _check_positive_int(value: Any, name: str) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
-def _resolve_device(
-    device: torch.device | str | None, generator: torch.Generator | None
-) -> torch.device:
+def _resolve_device(device: torch.device | str | None, generator: torch.Generator | None) -> torch.device:
     """Default to the generator's device so a CUDA generator works without repeating the device."""
     if device is not None:
         return torch.device(device)

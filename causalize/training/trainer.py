@@ -108,7 +108,9 @@ def _derive_seed(*parts: Any) -> int:
     return int.from_bytes(digest, "big") & ((1 << 63) - 1)
 
 
-def step_generator(seed: int, step: int, micro: int = 0, process: int = 0, device: torch.device | str = "cpu") -> torch.Generator:
+def step_generator(
+    seed: int, step: int, micro: int = 0, process: int = 0, device: torch.device | str = "cpu"
+) -> torch.Generator:
     """The generator of every random draw of (step, micro-batch, process): resumable by construction."""
     return torch.Generator(device=device).manual_seed(_derive_seed("step", seed, step, micro, process))
 
@@ -167,7 +169,9 @@ def draw_step_inputs(
     without an action, e.g. an episode's first frame, stay dropped)."""
     batch, frames = x0.shape[0], x0.shape[frame_axis]
     device = x0.device
-    timesteps = sample_frame_timesteps(batch, frames, schedule.num_train_timesteps, generator, device, mode=timestep_mode)
+    timesteps = sample_frame_timesteps(
+        batch, frames, schedule.num_train_timesteps, generator, device, mode=timestep_mode
+    )
     noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
     keep = action_keep_mask(batch, frames, action_dropout, generator, device)
     if action_mask is not None:
@@ -195,8 +199,15 @@ def compute_loss(
     on ``frame_axis``), ``model`` a :class:`causalize.WorldModel` (or anything called as
     ``model(x_k, timesteps, actions, keep, **model_kwargs)``). Returns (loss, per-frame losses
     (B, T), the step's draws)."""
-    draws = draw_step_inputs(x0, action_mask, schedule=schedule, frame_axis=frame_axis, generator=generator,
-                             timestep_mode=timestep_mode, action_dropout=action_dropout)
+    draws = draw_step_inputs(
+        x0,
+        action_mask,
+        schedule=schedule,
+        frame_axis=frame_axis,
+        generator=generator,
+        timestep_mode=timestep_mode,
+        action_dropout=action_dropout,
+    )
     out = model(draws.x_k, draws.timesteps, actions, draws.keep, **dict(model_kwargs or {}))
     if output_axis is not None and output_axis != frame_axis:
         out = out.movedim(output_axis, frame_axis)
@@ -303,8 +314,11 @@ def _set_up(config: TrainConfig) -> _Run:
     accelerator.wait_for_everyone()
     schedule = NoiseSchedule.from_config(rescale_zero_terminal_snr=config.zero_terminal_snr)
     if config.prediction_type == "epsilon" and config.zero_terminal_snr and is_main:
-        warnings.warn("epsilon prediction with a zero-terminal-SNR schedule: the last step's target carries no information "
-                      "about the frame (METHOD.md §6); prefer prediction_type='v'", stacklevel=3)
+        warnings.warn(
+            "epsilon prediction with a zero-terminal-SNR schedule: the last step's target carries no information "
+            "about the frame (METHOD.md §6); prefer prediction_type='v'",
+            stacklevel=3,
+        )
     plan = wm.plan
     model_kwargs = conditioning_kwargs(plan, wm.model, config.batch_size, config.window, overrides, accelerator.device)
     if any(p.is_floating_point() and p.dtype != torch.float32 for p in wm.parameters()):
@@ -313,11 +327,25 @@ def _set_up(config: TrainConfig) -> _Run:
     checkpointing = enable_checkpointing(wm.model) if config.gradient_checkpointing else False
     params = select_trainable(wm, config.train_only)
     model, optimizer, loader, sampler = _prepare(accelerator, config, wm, params, dataset, vae)
-    run = _Run(config=config, accelerator=accelerator, model=model, optimizer=optimizer, params=params, loader=loader,
-               sampler=sampler, per_epoch=len(loader), vae=vae, schedule=schedule, model_kwargs=model_kwargs,
-               frame_axis=plan.layout.inputs[plan.conditioning.sample_arg], output_axis=plan.layout.output_axis,
-               resume_from=resume_from, start_step=start_step, checkpointing=checkpointing,
-               n_params=sum(p.numel() for p in wm.parameters()))
+    run = _Run(
+        config=config,
+        accelerator=accelerator,
+        model=model,
+        optimizer=optimizer,
+        params=params,
+        loader=loader,
+        sampler=sampler,
+        per_epoch=len(loader),
+        vae=vae,
+        schedule=schedule,
+        model_kwargs=model_kwargs,
+        frame_axis=plan.layout.inputs[plan.conditioning.sample_arg],
+        output_axis=plan.layout.output_axis,
+        resume_from=resume_from,
+        start_step=start_step,
+        checkpointing=checkpointing,
+        n_params=sum(p.numel() for p in wm.parameters()),
+    )
     _restore(run, len(dataset))
     return run
 
@@ -338,17 +366,22 @@ def _accelerator(config: TrainConfig) -> Any:
     except (ValueError, RuntimeError) as exc:
         raise TrainingError(f"accelerate cannot set up mixed_precision={config.mixed_precision!r}: {exc}") from exc
     if accelerator.num_processes != world:
-        raise TrainingError(f"{world} processes were launched but accelerate set up {accelerator.num_processes}",
-                            "launch with `accelerate launch` (see `accelerate config`) or torchrun")
+        raise TrainingError(
+            f"{world} processes were launched but accelerate set up {accelerator.num_processes}",
+            "launch with `accelerate launch` (see `accelerate config`) or torchrun",
+        )
     return accelerator
 
 
-def _prepare(accelerator: Any, config: TrainConfig, wm: nn.Module, params: list[torch.nn.Parameter], dataset: Any,
-             vae: Any) -> tuple[nn.Module, torch.optim.Optimizer, Any, EpochSampler]:
+def _prepare(
+    accelerator: Any, config: TrainConfig, wm: nn.Module, params: list[torch.nn.Parameter], dataset: Any, vae: Any
+) -> tuple[nn.Module, torch.optim.Optimizer, Any, EpochSampler]:
     """AdamW and the data loader (in the per-epoch seeded order), placed by accelerate."""
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     sampler = EpochSampler(len(dataset), config.seed)
-    loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, drop_last=True, num_workers=config.num_workers)
+    loader = DataLoader(
+        dataset, batch_size=config.batch_size, sampler=sampler, drop_last=True, num_workers=config.num_workers
+    )
     if vae is not None:
         vae.to(accelerator.device)
     model, optimizer, loader = accelerator.prepare(wm, optimizer, loader)
@@ -359,8 +392,11 @@ def _restore(run: _Run, windows: int) -> None:
     """Refuse a dataset without one batch; continue from the resumed checkpoint's state."""
     config = run.config
     if run.per_epoch == 0:
-        raise TrainingError(f"the dataset has {windows} windows of {config.window} frames, fewer than one batch of "
-                            f"{config.batch_size} per process", "lower batch_size or window, or add episodes")
+        raise TrainingError(
+            f"the dataset has {windows} windows of {config.window} frames, fewer than one batch of "
+            f"{config.batch_size} per process",
+            "lower batch_size or window, or add episodes",
+        )
     if run.resume_from is not None:
         run.accelerator.load_state(str(run.resume_from))
     if run.accelerator.is_main_process and config.resume is not False:
@@ -413,9 +449,18 @@ def _micro_step(run: _Run, step: int, micro: int, batch: dict[str, Any]) -> tupl
     last = micro == config.gradient_accumulation - 1
     with contextlib.nullcontext() if last else accelerator.no_sync(run.model):
         loss, per_frame, _ = compute_loss(
-            run.model, x0, batch["actions"], batch["action_mask"], schedule=run.schedule, frame_axis=run.frame_axis,
-            generator=gen, model_kwargs=run.model_kwargs, prediction_type=config.prediction_type,
-            timestep_mode=config.timestep_mode, action_dropout=config.action_dropout, output_axis=run.output_axis,
+            run.model,
+            x0,
+            batch["actions"],
+            batch["action_mask"],
+            schedule=run.schedule,
+            frame_axis=run.frame_axis,
+            generator=gen,
+            model_kwargs=run.model_kwargs,
+            prediction_type=config.prediction_type,
+            timestep_mode=config.timestep_mode,
+            action_dropout=config.action_dropout,
+            output_axis=run.output_axis,
         )
         accelerator.backward(loss / config.gradient_accumulation)
     return loss.detach(), per_frame.detach().mean(0)
@@ -431,8 +476,14 @@ def _apply_gradients(run: _Run) -> torch.Tensor | None:
     return grad_norm
 
 
-def _log(run: _Run, loop: _Loop, per_frame_sum: torch.Tensor, grad_norm: torch.Tensor | None, seconds: float,
-         progress: Progress | None) -> None:
+def _log(
+    run: _Run,
+    loop: _Loop,
+    per_frame_sum: torch.Tensor,
+    grad_norm: torch.Tensor | None,
+    seconds: float,
+    progress: Progress | None,
+) -> None:
     """A metrics line every log_every steps and at the last one; progress after every step."""
     config, accelerator = run.config, run.accelerator
     loop.since_log.append(loop.last_loss)
@@ -449,8 +500,9 @@ def _log(run: _Run, loop: _Loop, per_frame_sum: torch.Tensor, grad_norm: torch.T
         loop.since_log = []
 
 
-def _metrics_record(run: _Run, loop: _Loop, grad_norm: torch.Tensor | None, seconds: float,
-                    per_frame: torch.Tensor | None) -> dict[str, Any]:
+def _metrics_record(
+    run: _Run, loop: _Loop, grad_norm: torch.Tensor | None, seconds: float, per_frame: torch.Tensor | None
+) -> dict[str, Any]:
     record: dict[str, Any] = {
         "step": loop.step,
         "loss": loop.last_loss,
@@ -493,7 +545,9 @@ def _summary(run: _Run, loop: _Loop, final: Path, seconds: float, train_seconds:
         "final_loss": loop.last_loss,
         "seconds": seconds,
         "train_seconds": train_seconds,
-        "samples_per_second": steps_run * run.samples_per_step / train_seconds if steps_run and train_seconds > 0 else None,
+        "samples_per_second": steps_run * run.samples_per_step / train_seconds
+        if steps_run and train_seconds > 0
+        else None,
         "resumed_from": None if run.resume_from is None else str(run.resume_from),
         "num_processes": run.accelerator.num_processes,
         "device": str(run.accelerator.device),

@@ -44,7 +44,9 @@ def probing(model: nn.Module, *, rerandomize: bool = True, seed: int = 0) -> Ite
 
 
 @torch.no_grad()
-def influence_matrix(model: nn.Module, inputs: dict[str, Any], layout: FrameLayout, forward: Forward, seed: int = 0) -> torch.Tensor:
+def influence_matrix(
+    model: nn.Module, inputs: dict[str, Any], layout: FrameLayout, forward: Forward, seed: int = 0
+) -> torch.Tensor:
     """(T_out, T_in) float64 matrix of max |Δ output frame i| after perturbing input frame j."""
     inputs = as_model_inputs(model, inputs)
     base = forward(model, inputs)
@@ -91,8 +93,10 @@ class CausalityReport:
 
     def _verdict(self) -> str:
         if self.passed and self.block_size > 1:
-            return (f"block-causal: no output frame depends on an input frame of a later block of {self.block_size} frames "
-                    f"(max leak 0); frames inside a block see each other, so frame-level causality is not claimed")
+            return (
+                f"block-causal: no output frame depends on an input frame of a later block of {self.block_size} frames "
+                f"(max leak 0); frames inside a block see each other, so frame-level causality is not claimed"
+            )
         if self.passed:
             return "causal: no output frame depends on a later input frame (max leak 0)"
         parts = []
@@ -187,5 +191,7 @@ def check_causality(
         report = CausalityReport(matrix, layout.block_size, tolerance, violations, inert, rerandomized=n_rand)
         if violations and localize:
             j = max(j for _, j, _ in violations)
-            report.culprits, report.localization_note = localize_leak(probe, as_model_inputs(probe, inputs), layout, forward, j, seed=seed)
+            report.culprits, report.localization_note = localize_leak(
+                probe, as_model_inputs(probe, inputs), layout, forward, j, seed=seed
+            )
     return report

@@ -147,5 +147,9 @@ def localize_leak(
         if any(c["path"].startswith(path + ".") for c in culprits):
             continue
         culprits.append({"path": path, "class": classes.get(path, "?"), "call": int(call)})
-    note = "" if culprits else "could not localise: no single module moved past frames on its own (the leak may enter through an input the probe does not see)"
+    note = (
+        ""
+        if culprits
+        else "could not localise: no single module moved past frames on its own (the leak may enter through an input the probe does not see)"
+    )
     return culprits, note

@@ -27,7 +27,11 @@ def scan_time_mixers(model: nn.Module, plan: Plan, inputs: dict[str, Any]) -> li
     for path, mod in model.named_modules():
         if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and not is_causal_conv(mod):
             if isinstance(mod, nn.Conv3d) and is_temporal_conv(mod, axis):
-                found[path] = {"path": path, "class": type(mod).__name__, "what": f"temporal kernel {mod.kernel_size[axis]}"}
+                found[path] = {
+                    "path": path,
+                    "class": type(mod).__name__,
+                    "what": f"temporal kernel {mod.kernel_size[axis]}",
+                }
 
     def hook(mod, args, _out, _path):
         x = args[0] if args and torch.is_tensor(args[0]) else None
@@ -36,13 +40,38 @@ def scan_time_mixers(model: nn.Module, plan: Plan, inputs: dict[str, Any]) -> li
         # A Conv1d/2d on (B, C, T, ...) at the probe's batch of 1 (per-frame convs see B*T rows).
         if isinstance(mod, (nn.Conv1d, nn.Conv2d)) and not is_causal_conv(mod) and x.shape[0] == 1 < frames:
             if x.ndim >= 3 and x.shape[2] == frames and mod.kernel_size[0] > 1:
-                found[_path] = {"path": _path, "class": type(mod).__name__, "what": f"possible temporal conv over {tuple(x.shape)}"}
+                found[_path] = {
+                    "path": _path,
+                    "class": type(mod).__name__,
+                    "what": f"possible temporal conv over {tuple(x.shape)}",
+                }
             return
-        if isinstance(mod, nn.GroupNorm) and not isinstance(mod, CausalGroupNorm) and x.ndim >= 5 and x.shape[2] == frames:
-            found[_path] = {"path": _path, "class": type(mod).__name__, "what": f"statistics over {tuple(x.shape)} span frames"}
-        elif hasattr(mod, "processor") and not is_wrapped(getattr(mod, "processor", None)) and x.ndim == 3 and x.shape[1] == frames:
+        if (
+            isinstance(mod, nn.GroupNorm)
+            and not isinstance(mod, CausalGroupNorm)
+            and x.ndim >= 5
+            and x.shape[2] == frames
+        ):
+            found[_path] = {
+                "path": _path,
+                "class": type(mod).__name__,
+                "what": f"statistics over {tuple(x.shape)} span frames",
+            }
+        elif (
+            hasattr(mod, "processor")
+            and not is_wrapped(getattr(mod, "processor", None))
+            and x.ndim == 3
+            and x.shape[1] == frames
+        ):
             if not getattr(mod, "is_cross_attention", False):
-                found.setdefault(_path, {"path": _path, "class": type(mod).__name__, "what": f"possible attention over frames (sequence length {frames})"})
+                found.setdefault(
+                    _path,
+                    {
+                        "path": _path,
+                        "class": type(mod).__name__,
+                        "what": f"possible attention over frames (sequence length {frames})",
+                    },
+                )
 
     from causalize.verify.probe import as_model_inputs
 
