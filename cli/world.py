@@ -281,7 +281,7 @@ def rollout(
     }
     with guard(as_json):
         check_precision_names(dtype)
-        from causalize.rollout.io import rollout_to_file
+        from causalize.rollout.to_file import rollout_to_file
 
         try:
             report = rollout_to_file(

@@ -8,7 +8,7 @@ __all__ = ["RolloutConfig", "RolloutResult", "RolloutSession", "rollout"]
 # Loaded on first use: the environment needs gymnasium, file rollouts may need imageio.
 _LAZY = {
     "WorldModelEnv": "causalize.rollout.env",
-    "rollout_to_file": "causalize.rollout.io",
+    "rollout_to_file": "causalize.rollout.to_file",
     "resolve_config": "causalize.rollout.loading",
 }
 

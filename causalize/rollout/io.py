@@ -13,8 +13,8 @@ Writing (`write_frames`): `.mp4` (imageio-ffmpeg), `.gif` or `.npz`, through a t
 the destination directory that is renamed into place; an existing file is never replaced unless
 `overwrite=True`.
 
-`rollout_to_file` ties it together for `causalize rollout`: checkpoint + files in, a file out.
-imageio is imported only where a video or image is read or written.
+`causalize.rollout.to_file.rollout_to_file` ties it together for `causalize rollout`. imageio is
+imported only where a video or image is read or written.
 """
 
 from __future__ import annotations
@@ -23,11 +23,8 @@ import json
 import math
 import os
 import re
-import statistics
-import time
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -489,61 +486,6 @@ def _write_media(tmp: Path, data: np.ndarray, ext: str, fps: float) -> None:
         iio.imwrite(tmp, data, duration=1000.0 / fps, loop=0)
 
 
-# ------------------------------------------------------------------------------- file to file
-
-
-ProgressFn = Callable[[int, int, float], None]
-
-
-@dataclass
-class RolloutFileReport:
-    """What `rollout_to_file` wrote and what it took."""
-
-    out: Path
-    checkpoint: Path
-    kind: Kind
-    context_frames: int
-    generated: int
-    frames_written: int
-    seconds_per_frame: list[float]
-    seconds: float
-    frame_passes: int
-    model_calls: int
-    cache_bytes: int
-    config: dict[str, Any]
-    config_sources: dict[str, str] = field(default_factory=dict)
-    device: str = "cpu"
-
-    @property
-    def timing(self) -> dict[str, float]:
-        s = self.seconds_per_frame
-        return {"mean": statistics.fmean(s), "median": statistics.median(s), "min": min(s), "max": max(s)} if s else {}
-
-    @property
-    def cache_mode(self) -> str:
-        return "streaming" if self.config.get("cache") else "full recompute"
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "out": str(self.out),
-            "checkpoint": str(self.checkpoint),
-            "kind": self.kind,
-            "context_frames": self.context_frames,
-            "generated": self.generated,
-            "frames_written": self.frames_written,
-            "seconds_per_frame": self.timing,
-            "seconds_per_frame_all": self.seconds_per_frame,
-            "seconds": self.seconds,
-            "cache": self.cache_mode,
-            "frame_passes": self.frame_passes,
-            "model_calls": self.model_calls,
-            "cache_bytes": self.cache_bytes,
-            "config": self.config,
-            "config_sources": self.config_sources,
-            "device": self.device,
-        }
-
-
 def sample_geometry(wm: WorldModel) -> tuple[int, int | None]:
     """(frame axis, channels) of the model's sample; channels None when the sample is not a 5-D
     video tensor (packed tokens), which file rollouts do not support."""
@@ -557,110 +499,17 @@ def sample_geometry(wm: WorldModel) -> tuple[int, int | None]:
     return axis, int(sample.movedim(axis, 1).shape[2])
 
 
-def rollout_to_file(
-    checkpoint: str | os.PathLike,
-    context: str | os.PathLike,
-    actions: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    context_frames: int | None = None,
-    overwrite: bool = False,
-    fps: float = DEFAULT_FPS,
-    include_context: bool = True,
-    device: str | None = None,
-    dtype: str | None = None,
-    progress: ProgressFn | None = None,
-    **options: Any,
-) -> RolloutFileReport:
-    """Roll a checkpoint out from a context file and an actions file, and write the clip to `out`.
-
-    `options` are RolloutConfig fields; None means "not given": each field comes from the option,
-    else the checkpoint's training.json (prediction_type, zero_terminal_snr, window), else the
-    RolloutConfig default. The written clip holds the context frames followed by one generated
-    frame per action (`include_context=False`: the generated frames only). Inputs and the output
-    path are checked before the model runs; nothing is written unless the rollout succeeds.
-    `device` (None: CUDA when available) and `dtype` (None: the checkpoint's) are where and in
-    what precision the model runs; frames are written from fp32."""
-    from causalize.rollout.loading import load_world_model, resolve_config
-    from causalize.rollout.sampler import RolloutSession, rollout
-
-    t0 = time.perf_counter()
-    out_path = check_output(out, "pixels", overwrite)  # extension and existence, before any work
-    check_fps(fps)
-    clip = read_frames(context, context_frames)
-    raw_actions = read_actions(actions)
-    config, sources = resolve_config(checkpoint, **options)
-    wm, ckpt = load_world_model(checkpoint, device=device, dtype=dtype)
-    RolloutSession(wm, config)  # refuses a model without an action adapter before any file work
-    encoder = wm.action_encoder
-    acts = actions_to_tensor(raw_actions, encoder.action_type, encoder.action_dim, str(actions))
-    axis, channels = sample_geometry(wm)
-    if channels is None:
-        raise UsageError(
-            f"plan '{wm.plan.name}' takes packed tokens, not a video tensor: file rollouts do not support it",
-            "use causalize.rollout.rollout() with tensors in the model's layout",
-        )
-    block = wm.plan.layout.block_size
-    if clip.count % block:
-        raise UsageError(
-            f"{context}: {clip.count} context frames; this model needs a multiple of {block}",
-            "choose --context-frames accordingly",
-        )
-    clip = fit_channels(clip, channels)
-    check_output(out_path, clip.kind, overwrite, clip.channels)
-    x = frames_to_model(clip, axis, channels, str(context))
-    result = rollout(wm, x, acts, config=config, progress=progress)
-    generated = model_to_frames(result.frames, axis, clip.kind)
-    data = np.concatenate([clip.data, generated.data]) if include_context else generated.data
-    report = RolloutFileReport(
-        out=out_path,
-        checkpoint=ckpt,
-        kind=clip.kind,
-        context_frames=clip.count if include_context else 0,
-        generated=generated.count,
-        frames_written=int(data.shape[0]),
-        seconds_per_frame=list(result.seconds_per_frame),
-        seconds=0.0,
-        frame_passes=result.frame_passes,
-        model_calls=result.model_calls,
-        cache_bytes=result.cache_bytes,
-        config=config.to_json(),
-        config_sources=sources,
-        device=str(next(wm.parameters()).device),
-    )
-    meta = {k: v for k, v in report.to_json().items() if k not in ("out", "seconds")}
-    write_frames(
-        out_path,
-        Frames(data, clip.kind),
-        fps=fps,
-        actions=_stored_actions(acts, encoder.action_type),
-        meta=meta,
-        context_frames=report.context_frames,
-        overwrite=overwrite,
-    )
-    report.seconds = time.perf_counter() - t0
-    return report
-
-
-def _stored_actions(acts: torch.Tensor, action_type: str) -> np.ndarray:
-    """Actions as the episode format stores them: int64 indices, uint8 multi-hot, float32 rows."""
-    a = acts[0].cpu().numpy()
-    if action_type == "discrete" and a.ndim == 2:
-        return a.astype(np.uint8)
-    return a
-
-
 __all__ = [
     "Frames",
-    "RolloutFileReport",
     "actions_to_tensor",
     "as_frames",
+    "check_fps",
     "check_output",
+    "fit_channels",
     "frames_to_model",
     "model_to_frames",
     "read_actions",
     "read_frames",
-    "rollout_to_file",
     "sample_geometry",
     "write_frames",
 ]
