@@ -240,9 +240,9 @@ class NoiseSchedule:
         """(√ᾱ_{k_t}, √(1−ᾱ_{k_t})) for per-frame ``timesteps`` (B, T), shaped to broadcast against
         ``like`` (batch on axis 0, frames on ``frame_axis``), in ``dtype`` (default: float64 if
         ``like`` is float64, else float32)."""
-        axis = _frame_axis(like, frame_axis)
+        axis = frame_axis_index(like, frame_axis)
         self._check_timesteps(timesteps, like, axis)
-        dtype = _compute_dtype(like) if dtype is None else dtype
+        dtype = compute_dtype(like) if dtype is None else dtype
         idx = timesteps.to(device=like.device, dtype=torch.long)
         shape = [1] * like.ndim
         shape[0], shape[axis] = like.shape[0], like.shape[axis]
@@ -287,8 +287,8 @@ class NoiseSchedule:
         """x_k = √ᾱ_{k_t}·x0 + √(1−ᾱ_{k_t})·ε, each frame t at its own level k_t (Diffusion Forcing).
 
         Computed in float32 (float64 if an input is float64); returned in the inputs' dtype."""
-        _check_same_shape(x0, noise, "x0", "noise")
-        a, s = self.coefficients(timesteps, x0, frame_axis, _compute_dtype(x0, noise))
+        check_same_shape(x0, noise, "x0", "noise")
+        a, s = self.coefficients(timesteps, x0, frame_axis, compute_dtype(x0, noise))
         dtype = a.dtype
         out = a * x0.to(dtype) + s * noise.to(dtype)
         return out.to(_result_dtype(x0, noise))
@@ -304,8 +304,8 @@ class NoiseSchedule:
         """Regression target for the parameterisation: v = √ᾱ·ε − √(1−ᾱ)·x0 (default), ε, or x0
         (see :func:`prediction_target`)."""
         kind = _prediction_type(prediction_type)
-        _check_same_shape(x0, noise, "x0", "noise")
-        a, s = self.coefficients(timesteps, x0, frame_axis, _compute_dtype(x0, noise))
+        check_same_shape(x0, noise, "x0", "noise")
+        a, s = self.coefficients(timesteps, x0, frame_axis, compute_dtype(x0, noise))
         out = prediction_target(x0.to(a.dtype), noise.to(a.dtype), a, s, kind)
         return out.to(_result_dtype(x0, noise))
 
@@ -324,8 +324,8 @@ class NoiseSchedule:
         Computed in float32 (float64 if an input is float64); returned in the inputs' dtype.
         See :func:`convert_prediction` for the formulas."""
         source, target = _prediction_type(source), _prediction_type(target)
-        _check_same_shape(x_k, model_out, "x_k", "model_out")
-        a, s = self.coefficients(timesteps, x_k, frame_axis, _compute_dtype(x_k, model_out))
+        check_same_shape(x_k, model_out, "x_k", "model_out")
+        a, s = self.coefficients(timesteps, x_k, frame_axis, compute_dtype(x_k, model_out))
         out_dtype = _result_dtype(x_k, model_out)
         x, m = x_k.to(a.dtype), model_out.to(a.dtype)
         return convert_prediction(x, m, a, s, source, target, round_to=out_dtype).to(out_dtype)
@@ -346,7 +346,7 @@ def _prediction_type(prediction_type: str) -> str:
     return kind
 
 
-def _frame_axis(x: torch.Tensor, frame_axis: int) -> int:
+def frame_axis_index(x: torch.Tensor, frame_axis: int) -> int:
     """Normalise a (possibly negative) frame axis; axis 0 is the batch and cannot hold frames."""
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"expected a torch.Tensor, got {type(x).__name__}")  # noqa: TRY004
@@ -363,7 +363,7 @@ def _frame_axis(x: torch.Tensor, frame_axis: int) -> int:
     return axis
 
 
-def _check_same_shape(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str) -> None:
+def check_same_shape(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str) -> None:
     for name, t in ((name_a, a), (name_b, b)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")  # noqa: TRY004
@@ -373,7 +373,7 @@ def _check_same_shape(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str
         raise ValueError(f"shape mismatch: {name_a} has shape {tuple(a.shape)} but {name_b} has shape {tuple(b.shape)}")
 
 
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """float64 if any input is float64, else float32: half-precision coefficients near ᾱ ≈ 1 or 0
     lose the small terms that distinguish low-noise frames."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32

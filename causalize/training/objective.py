@@ -18,7 +18,7 @@ from typing import Any, Literal, overload
 
 import torch
 
-from causalize.noise import _check_same_shape, _compute_dtype, _frame_axis
+from causalize.noise import check_same_shape, compute_dtype, frame_axis_index
 
 __all__ = [
     "DROPOUT_MODES",
@@ -135,11 +135,11 @@ def diffusion_forcing_loss(
     With ``return_per_frame=True`` also returns the (B, T) per-frame losses (still attached to the
     graph; detach before logging), whose mean is the scalar loss.
     """
-    _check_same_shape(model_out, target, "model_out", "target")
-    axis = _frame_axis(model_out, frame_axis)
+    check_same_shape(model_out, target, "model_out", "target")
+    axis = frame_axis_index(model_out, frame_axis)
     if model_out.numel() == 0:
         raise ValueError(f"cannot compute a loss over an empty tensor of shape {tuple(model_out.shape)}")
-    dtype = _compute_dtype(model_out, target)
+    dtype = compute_dtype(model_out, target)
     sq = (model_out.to(dtype) - target.to(dtype)).square()
     b, t = sq.shape[0], sq.shape[axis]
     per_frame = sq.movedim(axis, 1).reshape(b, t, -1).mean(dim=-1)
