@@ -99,15 +99,20 @@ def write_bytes(path: str | os.PathLike, data: bytes, *, overwrite: bool = False
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, _file_mode(mode))
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            rename_noreplace(tmp, path)
+        _commit_file(tmp, path, overwrite, mode)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
     return path
+
+
+def _commit_file(tmp: Path, path: Path, overwrite: bool, mode: int | None) -> None:
+    """Give the finished temporary its mode and put it at `path` (replacing only with `overwrite`)."""
+    os.chmod(tmp, _file_mode(mode))
+    if overwrite:
+        os.replace(tmp, path)
+    else:
+        rename_noreplace(tmp, path)
 
 
 def write_text(path: str | os.PathLike, text: str, *, overwrite: bool = False) -> Path:
@@ -130,11 +135,7 @@ def new_file(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Pa
     tmp = path.parent / f".{path.stem}{TMP_TAG}{_tag()}{path.suffix}"
     try:
         yield tmp
-        os.chmod(tmp, _file_mode(None))
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            rename_noreplace(tmp, path)
+        _commit_file(tmp, path, overwrite, None)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
