@@ -111,6 +111,51 @@ def check_dtype_on(dtype: torch.dtype | None, device: torch.device | None) -> No
         ) from None
 
 
+def available_bytes(device: torch.device) -> int | None:
+    """Memory free for a model on `device`: free CUDA memory, or the host's available RAM
+    (MemAvailable); None where it cannot be told."""
+    import torch
+
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as fh:
+                for line in fh:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def check_fits(nbytes: int, device: torch.device | None, what: str) -> None:
+    """Refuse, before any weight is read, a model whose weights alone exceed the memory free on the
+    device (one-line UsageError, exit 2)."""
+    import torch
+
+    device = device or torch.device("cpu")
+    free = available_bytes(device)
+    if free is not None and nbytes > free:
+        gib = 2**30
+        raise UsageError(
+            f"{what} needs {nbytes / gib:.1f} GiB for its weights, but only {free / gib:.1f} GiB is free on {device}",
+            "use a device with more memory, a smaller --dtype, or `causalize verify --shrink` to check the structure",
+        )
+
+
+def weight_bytes(files: list, stored: torch.dtype | None = None, target: torch.dtype | None = None) -> int:
+    """Bytes the weights take once loaded: the safetensors files' sizes, scaled when `target`
+    changes the element size (e.g. fp32 files loaded as bf16 take half)."""
+    import os
+
+    total = sum(os.path.getsize(f) for f in files)
+    if stored is not None and target is not None and stored.itemsize != target.itemsize:
+        total = total * target.itemsize // stored.itemsize
+    return total
+
+
 def _keep_fp32_patterns(model: nn.Module) -> tuple[str, ...]:
     """Module-name substrings diffusers keeps in fp32 for this model (`_keep_in_fp32_modules`)."""
     import torch.nn as nn
@@ -201,9 +246,12 @@ def describe(dtype: torch.dtype | None) -> str:
 
 __all__ = [
     "DTYPE_CHOICES",
+    "available_bytes",
     "check_dtype_name",
     "check_dtype_on",
+    "check_fits",
     "describe",
+    "weight_bytes",
     "follow_model",
     "model_device",
     "model_dtype",

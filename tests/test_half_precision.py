@@ -294,3 +294,17 @@ def test_verify_shrink_reads_no_weights(tmp_path):
     assert result.exit_code == 1 and json.loads(result.stdout)["subject"] == "shrunken copy"
     result = CliRunner().invoke(app, ["verify", str(src)])
     assert result.exit_code == 4  # the real weights are read without --shrink
+
+
+def test_a_model_larger_than_the_free_memory_is_refused(monkeypatch):
+    monkeypatch.setattr(precision, "available_bytes", lambda device: 2**30)
+    with pytest.raises(UsageError, match=r"needs 2\.0 GiB.*only 1\.0 GiB is free on cpu"):
+        precision.check_fits(2 * 2**30, torch.device("cpu"), "this model")
+    precision.check_fits(2**29, torch.device("cpu"), "this model")
+
+
+def test_weight_bytes_scale_with_the_target_dtype(tmp_path):
+    f = tmp_path / "w.safetensors"
+    f.write_bytes(b"\0" * 1000)
+    assert precision.weight_bytes([f]) == 1000
+    assert precision.weight_bytes([f], torch.float32, torch.bfloat16) == 500
