@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from causalize import __version__
-from causalize.errors import PassError
-from causalize.manifest import Manifest, is_converted
+from causalize.errors import CheckpointError, PassError, UsageError
+from causalize.manifest import MANIFEST, Manifest, is_converted
 from causalize.passes.base import PassContext, Record, Site
 from causalize.passes.pipeline import Pipeline, parse
 from causalize.plan import Plan
-from causalize.precision import check_dtype_on, model_device, model_dtype, parse_dtype, resolve_device, to_precision
+from causalize.precision import check_model_fits, checked_precision, model_device, model_dtype, to_precision
 from causalize.precision import describe as describe_dtype
 
 if TYPE_CHECKING:
@@ -63,8 +63,6 @@ def parse_pipeline(text: str | Pipeline | None, plan: Plan) -> Pipeline:
 
 def with_action_adapter(pipe: Pipeline, action_dim: int, action_type: str) -> Pipeline:
     """The pipeline with `frame-conditioning{action_dim=N,action_type=T}` set (appended if absent)."""
-    from causalize.errors import UsageError
-
     if action_dim < 0:
         raise UsageError(f"--action-dim must be >= 0, got {action_dim}")
     if action_type not in ("continuous", "discrete"):
@@ -151,7 +149,6 @@ def verify_model(
 ) -> CausalityReport:
     """Measure causality of an in-memory model with the plan's example inputs, in its own dtype on
     its own device (the model is probed in place and given back unchanged)."""
-    from causalize.errors import UsageError
     from causalize.verify import check_causality
 
     plan = plan_for(model, plan)
@@ -208,13 +205,120 @@ def _attention_path(model: nn.Module, covered: dict[str, list[Site]]) -> dict[st
 # --- checkpoints on disk -------------------------------------------------------------------
 
 
-def _load_dir(path: str | os.PathLike, subfolder: str | None, allow_pickle: bool, progress: Progress | None):
+def _check_model_class(md: Any) -> None:
+    """config.json's `_class_name` must name a diffusers model (a ModelMixin), checked before
+    anything is built: a pipeline's or a scheduler's config names a class too, and building one
+    fails in unrelated ways. Looked up in `diffusers.models`, so no pipeline module is imported."""
+    import diffusers.models
+
+    try:
+        cls = getattr(diffusers.models, md.class_name, None)
+    except Exception:  # a lazily imported model whose optional dependency is missing
+        cls = None
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.models.ModelMixin)):
+        raise CheckpointError(
+            f"{md.path / 'config.json'}: {md.class_name} is not a diffusers model class",
+            "give the denoiser's directory (a pipeline's unet/ or transformer/), not a pipeline or scheduler",
+        )
+
+
+def _load_dir(
+    path: str | os.PathLike,
+    subfolder: str | None,
+    allow_pickle: bool,
+    progress: Progress | None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
+):
     from causalize import checkpoint
 
     md = checkpoint.open_model_dir(path, subfolder)
+    _check_model_class(md)
+    check_model_fits(md, dtype, device)
     say(progress, f"reading {md.path} ({md.class_name})")
-    model = checkpoint.build_empty(md.class_name, md.config)
+    model = checkpoint.build_empty(md.class_name, md.config, md)
     return md, model, checkpoint.load_state_dict(md, allow_pickle)
+
+
+def _trusted_recipe(manifest: Manifest, md: Any) -> tuple[Plan, Pipeline]:
+    """The plan and pipeline of an (untrusted) causalize.json, checked against the checkpoint
+    before anything is built.
+
+    - `base_class` must be config.json's `_class_name`.
+    - `plan` and `pipeline` must parse: an error there is a bad checkpoint (exit 4), not a usage error.
+    - The pipeline must contain every pass of the plan's default pipeline. This is the cheap
+      stand-in for re-verifying on load: replaying the recipe *is* the conversion, so a recipe
+      cut down (say, to `frame-conditioning`) leaves those sites bidirectional while the recorded
+      verification still says "passed". Comparing pass names costs nothing; a re-verification
+      costs a forward per frame, and `causalize verify` does that. A manifest whose recorded
+      verification failed (written with --allow-leak) may omit passes: it declares its leak
+      (e.g. the Atari study's noncausal-norm ablation).
+    - frame-conditioning's action_dim must be the adapter input width in the safetensors headers
+      (`_check_action_dim`); `load` then compares every shape (`_check_shapes`).
+    """
+    where = md.path / MANIFEST
+    if manifest.base_class != md.class_name:
+        raise CheckpointError(
+            f"{where}: base_class {manifest.base_class!r} is not config.json's _class_name {md.class_name!r}",
+            "causalize.json and config.json come from different checkpoints; re-run `causalize convert`",
+        )
+    try:
+        plan = _registries().plans.get(manifest.plan)
+    except UsageError as exc:
+        raise CheckpointError(f"{where}: field 'plan': {exc.message}", exc.hint) from None
+    try:
+        pipe = parse_pipeline(manifest.pipeline, plan)
+    except UsageError as exc:
+        raise CheckpointError(f"{where}: field 'pipeline': {exc.message}", "re-run `causalize convert`") from None
+    missing = [name for name in parse_pipeline(None, plan).names() if name not in pipe.names()]
+    if missing and not manifest.declares_leak():
+        raise CheckpointError(
+            f"{where}: field 'pipeline' ({manifest.pipeline!r}) lacks {', '.join(missing)} of plan '{plan.name}', "
+            "so the loaded model would not be causal, but causalize.json does not record a failed verification",
+            "restore causalize.json, or re-run `causalize convert` (with --allow-leak if the leak is intended)",
+        )
+    _check_action_dim(pipe, md)
+    return plan, pipe
+
+
+def _check_action_dim(pipe: Pipeline, md: Any) -> None:
+    """frame-conditioning's action_dim against the input width of the action adapter the weights
+    hold, before anything is built: `verify --shrink` builds its adapter for real from this number
+    (`load` has the general check, `_check_shapes`)."""
+    from causalize.modules.action_encoder import ADAPTER_ATTR
+
+    step = next((s for s in pipe.steps if s.name == "frame-conditioning"), None)
+    action_dim = dict(step.options).get("action_dim", 0) if step else 0
+    stored = md.shapes if action_dim > 0 else None  # safetensors headers; None for pickle
+    if stored is None:
+        return
+    widths = sorted(
+        {shape[-1] for k, shape in stored.items() if k.startswith(f"{ADAPTER_ATTR}.inp.") and len(shape) == 2}
+    )
+    if widths != [action_dim]:
+        raise CheckpointError(
+            f"{md.path / MANIFEST}: field 'pipeline' sets frame-conditioning action_dim={action_dim}, "
+            f"but the action adapter in the weights takes {widths[0] if len(widths) == 1 else widths or 'no actions'}",
+            "causalize.json does not belong to these weights; restore it, or re-run `causalize convert`",
+        )
+
+
+def _check_shapes(model: nn.Module, md: Any) -> None:
+    """Every tensor the replayed recipe built (with meta parameters: nothing allocated yet) must have
+    the shape the checkpoint's safetensors headers give it, so no size taken from causalize.json
+    allocates anything before it is found wrong. Pickle checkpoints have no headers;
+    `assign_weights` compares their shapes after reading (the model is still meta, so nothing of
+    the manifest's size is allocated either)."""
+    stored = md.shapes
+    if stored is None:
+        return
+    for name, tensor in model.state_dict().items():
+        if name in stored and tuple(tensor.shape) != stored[name]:
+            raise CheckpointError(
+                f"{md.path / MANIFEST}: its pipeline builds {name} with shape {tuple(tensor.shape)}, "
+                f"but the weights hold {stored[name]}",
+                "causalize.json does not belong to these weights; restore it, or re-run `causalize convert`",
+            )
 
 
 def load(
@@ -227,26 +331,25 @@ def load(
 ) -> nn.Module:
     """A converted checkpoint as an instance of its diffusers class: drop-in and causal.
 
-    Builds the base structure from config.json, replays the pipeline stored in causalize.json,
-    then assigns the saved weights; `torch_dtype` (None: as stored) and `device` (None: CPU) as in
-    diffusers' `from_pretrained`, with `_keep_in_fp32_modules` kept in fp32.
+    Builds the base structure from config.json (parameters on the meta device), replays the
+    pipeline stored in causalize.json after checking it (`_trusted_recipe`, `_check_shapes`), then
+    reads and assigns the saved weights; `torch_dtype` (None: as stored) and `device` (None: CPU)
+    as in diffusers' `from_pretrained`, with `_keep_in_fp32_modules` kept in fp32.
     """
     from causalize import checkpoint
 
-    dtype, device = _checked_precision(torch_dtype, device)
+    dtype, device = checked_precision(torch_dtype, device)
     manifest = Manifest.read(Path(path))
-    md, model, state = _load_dir(path, None, allow_pickle, progress)
-    convert_model(model, manifest.plan, manifest.pipeline)
-    checkpoint.assign_weights(model, state, md.path)
+    md = checkpoint.open_model_dir(path, None)
+    _check_model_class(md)
+    check_model_fits(md, dtype, device)
+    the_plan, pipe = _trusted_recipe(manifest, md)
+    say(progress, f"reading {md.path} ({md.class_name})")
+    model = checkpoint.build_empty(md.class_name, md.config, md)
+    convert_model(model, the_plan, pipe)
+    _check_shapes(model, md)
+    checkpoint.assign_weights(model, checkpoint.load_state_dict(md, allow_pickle), md.path)
     return to_precision(model, dtype, device)
-
-
-def _checked_precision(torch_dtype, device):
-    """The dtype and device, both checked to exist and compute here (one-line errors, before any work)."""
-    dtype = parse_dtype(torch_dtype)
-    dev = resolve_device(device)
-    check_dtype_on(dtype, dev)
-    return dtype, dev
 
 
 def load_any(
@@ -264,8 +367,8 @@ def load_any(
     if subfolder is None and is_converted(Path(path)):
         model = load(path, allow_pickle=allow_pickle, torch_dtype=torch_dtype, device=device, progress=progress)
         return model, Manifest.read(Path(path))
-    dtype, dev = _checked_precision(torch_dtype, device)
-    md, model, state = _load_dir(path, subfolder, allow_pickle, progress)
+    dtype, dev = checked_precision(torch_dtype, device)
+    md, model, state = _load_dir(path, subfolder, allow_pickle, progress, dtype, dev)
     checkpoint.assign_weights(model, state, md.path)
     return to_precision(model, dtype, dev), None
 
@@ -311,19 +414,21 @@ def _verify_shrunken(path, *, frames, plan, subfolder, torch_dtype, device, prog
     from causalize import checkpoint
     from causalize.verify.shrink import build_shrunken
 
-    dtype, dev = _checked_precision(torch_dtype, device)
+    dtype, dev = checked_precision(torch_dtype, device)
     converted = subfolder is None and is_converted(Path(path))
     manifest = Manifest.read(Path(path)) if converted else None
     md = checkpoint.open_model_dir(path, subfolder)
-    the_plan = plan_for(md.class_name, plan or (manifest.plan if manifest else None), md.config)
+    _check_model_class(md)
+    recipe = _trusted_recipe(manifest, md) if manifest is not None else None
+    the_plan = plan_for(md.class_name, plan, md.config) if plan or recipe is None else recipe[0]
     model, shrunk = build_shrunken(the_plan, md.config)
     say(
         progress,
         f"probing a shrunken {md.class_name} ({sum(p.numel() for p in model.parameters()):,} parameters, "
         f"sizes from plan '{the_plan.name}') on {frames} frames",
     )
-    if manifest is not None:
-        convert_model(model, the_plan, manifest.pipeline)
+    if recipe is not None:
+        convert_model(model, the_plan, recipe[1])
     to_precision(model, dtype, dev)
     report = verify_model(model, the_plan, frames=frames)
     report.subject = "shrunken copy"
@@ -406,18 +511,26 @@ def convert(
     `torch_dtype` (None: the checkpoint's) is the dtype the passes, the verification and the saved
     weights use; `device` (None: CPU) is where the model is converted and verified.
     """
-    from causalize import checkpoint
+    from causalize import checkpoint, fs
 
     t0 = time.perf_counter()
     out = Path(out)
-    dtype, dev = _checked_precision(torch_dtype, device)
+    dtype, dev = checked_precision(torch_dtype, device)
     md = checkpoint.open_model_dir(src, subfolder)
-    checkpoint.check_out_path(md.path, out, overwrite or dry_run)  # a dry run writes nothing
+    _check_model_class(md)
+    check_model_fits(md, dtype, dev)
+    # OUT is checked (and stale temporaries of a killed run removed) before any weight is read;
+    # a dry run writes nothing.
+    checkpoint.check_out_path(md.path, out, overwrite or dry_run, md.pipeline_dir, writable=not dry_run)
+    if not dry_run:
+        for stale in fs.clean_stale(out):
+            say(progress, f"removed {stale}, left by an interrupted causalize run")
     the_plan = plan_for(md.class_name, plan, md.config)
     pipe = parse_pipeline(pipeline, the_plan)
     if action_dim:
         pipe = with_action_adapter(pipe, action_dim, action_type)
-    model = checkpoint.build_empty(md.class_name, md.config)
+    model = checkpoint.build_empty(md.class_name, md.config, md)
+    checkpoint.check_weights_fit(model, md)  # names and shapes from the headers, before reading data
     checkpoint.assign_weights(model, checkpoint.load_state_dict(md, allow_pickle), md.path)
     to_precision(model, dtype, dev)
     seconds = {"load": time.perf_counter() - t0}
@@ -460,28 +573,34 @@ def convert(
         source=str(Path(src).resolve()),
         causalize_version=__version__,
     )
-    _write_atomic(model, manifest, out, overwrite, progress)
+    from causalize import state
+
+    reuse = md if dtype is None and state.weights_untouched(model) else None  # no tensor changed
+    _write_atomic(model, manifest, out, overwrite, progress, reuse)
     seconds["save"] = time.perf_counter() - t3
     seconds["total"] = time.perf_counter() - t0
     report.written = True
     return report
 
 
-def _write_atomic(model: nn.Module, manifest: Manifest, out: Path, overwrite: bool, progress: Progress | None) -> None:
+def _write_atomic(
+    model: nn.Module, manifest: Manifest, out: Path, overwrite: bool, progress: Progress | None, reuse: Any = None
+) -> None:
     """Write to a temporary sibling directory, then put it at OUT in one step (causalize.fs):
     a concurrent writer that got there first wins, and this one fails with a usage error."""
-    from causalize import fs
-    from causalize.errors import UsageError
+    from causalize import checkpoint, fs
 
     for stale in fs.clean_stale(out):
         say(progress, f"removed {stale}, left by an interrupted causalize run")
     try:
         with fs.new_directory(out, overwrite=overwrite) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
+            how = checkpoint.save_model(model, tmp, reuse)
             manifest.write(tmp)
     except FileExistsError:
         raise UsageError(
             f"{out} was created by someone else while converting; it was left as it is",
             "choose another OUT, or pass --overwrite to replace it",
         ) from None
-    say(progress, f"wrote {out}")
+    except (PermissionError, NotADirectoryError) as exc:  # checked before the work; changed since
+        raise UsageError(f"cannot write {out}: {exc.strerror}: {exc.filename}", "choose another OUT") from None
+    say(progress, f"wrote {out} (weights {how})")

@@ -156,6 +156,27 @@ def weight_bytes(files: list, stored: torch.dtype | None = None, target: torch.d
     return total
 
 
+def check_model_fits(md, dtype: torch.dtype | None, device: torch.device | None) -> None:
+    """Weights that cannot fit the device are refused before any is read (their size from the
+    safetensors headers in the target dtype, else the files' size)."""
+    import math
+
+    shapes = md.shapes if dtype is not None else None
+    if shapes:
+        nbytes = sum(math.prod(s) for s in shapes.values()) * dtype.itemsize
+    else:
+        nbytes = weight_bytes(md.weight_files)
+    check_fits(nbytes, device, str(md.path))
+
+
+def checked_precision(torch_dtype, device):
+    """The dtype and device, both checked to exist and compute here (one-line errors, before any work)."""
+    dtype = parse_dtype(torch_dtype)
+    dev = resolve_device(device)
+    check_dtype_on(dtype, dev)
+    return dtype, dev
+
+
 def _keep_fp32_patterns(model: nn.Module) -> tuple[str, ...]:
     """Module-name substrings diffusers keeps in fp32 for this model (`_keep_in_fp32_modules`)."""
     import torch.nn as nn
@@ -250,6 +271,8 @@ __all__ = [
     "check_dtype_name",
     "check_dtype_on",
     "check_fits",
+    "check_model_fits",
+    "checked_precision",
     "describe",
     "weight_bytes",
     "follow_model",

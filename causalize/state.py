@@ -141,6 +141,14 @@ def installed(model: nn.Module) -> list[dict[str, Any]]:
     return [c.to_json() for c in reg.changes] if reg is not None else []
 
 
+def weights_untouched(model: nn.Module) -> bool:
+    """True when no recorded change altered or added a weight (processor wraps, hooks, class swaps
+    and weight-preserving module swaps only): the model's state dict is the checkpoint's."""
+    reg = registry(model)
+    changes = reg.changes if reg is not None else []
+    return not any(c.weights_changed or c.kind == "module-added" for c in changes)
+
+
 @contextmanager
 def recording(model: nn.Module, pass_name: str, keep_weights: bool = False) -> Iterator[Installed]:
     """Attribute the changes made inside to `pass_name` (convert_model runs every pass in one).

@@ -138,7 +138,7 @@ def convert(
     \b
     Exit codes:
       0  converted, and causal
-      1  verification found a leak (OUT is written only with --allow-leak)
+      1  verification found a leak or a non-finite output (OUT is written only with --allow-leak)
       2  usage error: bad --pipeline or --plan, OUT exists, OUT inside SRC
       3  internal error (re-run with --debug for the traceback)
       4  conversion error: no plan, a pass matched nothing, bad checkpoint, pickle refused
@@ -210,7 +210,7 @@ def verify(
     \b
     Exit codes:
       0  causal
-      1  a leak (or a probe that moved nothing)
+      1  a leak (or a probe that moved nothing, or an output that is NaN / inf)
       2  usage error (e.g. --frames too small, unknown --plan)
       3  internal error
       4  the checkpoint cannot be read, or no plan supports it

@@ -24,7 +24,7 @@ EXIT_OK, EXIT_LEAK, EXIT_USAGE, EXIT_INTERNAL, EXIT_CONVERSION = 0, 1, 2, 3, 4
 EXIT_CODES = (
     "\b\nExit codes:\n"
     "  0  ok\n"
-    "  1  verification failed: some output frame depends on a later input frame\n"
+    "  1  verification failed: some output frame depends on a later input frame, or the probe's output is not finite\n"
     "  2  usage error (bad option, bad --pipeline, OUT exists or lies inside SRC)\n"
     "  3  internal error (re-run with --debug for the traceback)\n"
     "  4  conversion error (no plan, a pass matched nothing, bad checkpoint, pickle refused)"
@@ -91,8 +91,15 @@ def emit_json(doc: Any) -> None:
 
 
 def probe_frames(frames: int | None) -> int:
+    """--frames of verify / convert, checked here so the error has its hint (a plan may need more)."""
     from causalize.api import DEFAULT_FRAMES
+    from causalize.errors import UsageError
 
+    if frames is not None and frames < 2:
+        raise UsageError(
+            f"--frames must be at least 2, got {frames}",
+            f"the probe perturbs a later frame and watches an earlier one: use --frames {DEFAULT_FRAMES} (the default)",
+        )
     return DEFAULT_FRAMES if frames is None else frames
 
 
@@ -104,9 +111,19 @@ def one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def fail(kind: str, message: str, hint: str | None, code: int, as_json: bool, label: str = "error") -> None:
+def fail(
+    kind: str,
+    message: str,
+    hint: str | None,
+    code: int,
+    as_json: bool,
+    label: str = "error",
+    command: str | None = None,
+) -> None:
     if state["debug"]:
         traceback.print_exc(file=sys.stderr)
+    if not hint and code in (EXIT_USAGE, EXIT_CONVERSION):  # the promise: every error has a hint
+        hint = default_hint(command)
     err.print(f"[bold red]{label}:[/] {escape(one_line(message))}")
     if hint:
         err.print(f"[yellow]hint:[/] {escape(one_line(hint))}")
@@ -115,9 +132,15 @@ def fail(kind: str, message: str, hint: str | None, code: int, as_json: bool, la
     raise typer.Exit(code)
 
 
+def default_hint(command: str | None = None) -> str:
+    """A pointer to the command's help, for errors raised without a more specific hint."""
+    return f"see `causalize {command} --help`" if command else "see `causalize --help`"
+
+
 @contextlib.contextmanager
-def guard(as_json: bool = False) -> Iterator[None]:
-    """Map library errors to their exit code with a one-line message (traceback only with --debug)."""
+def guard(as_json: bool = False, command: str | None = None) -> Iterator[None]:
+    """Map library errors to their exit code with a one-line message (traceback only with --debug);
+    `command` names the running command for the hint of an error raised without one."""
     from causalize.errors import CausalizeError
 
     try:
@@ -125,7 +148,7 @@ def guard(as_json: bool = False) -> Iterator[None]:
     except (typer.Exit, typer.Abort, typer.TyperException):  # typer's own control flow
         raise
     except CausalizeError as exc:
-        fail(exc.kind, exc.message, exc.hint, exc.code, as_json)
+        fail(exc.kind, exc.message, exc.hint, exc.code, as_json, command=command)
     except KeyboardInterrupt:
         err.print("interrupted")
         raise typer.Exit(130) from None
@@ -151,6 +174,8 @@ def culprit_text(c: dict[str, Any] | None) -> str:
 def verdict_text(v: dict[str, Any]) -> str:
     if v["passed"]:
         return f"[green]causal[/] (max leak {v['max_leak']:.3g})"
+    if v.get("nonfinite"):  # NaN / inf: nothing was measured, neither causal nor leaky
+        return f"[red]NOT verified[/]: {escape(v['summary'])}"
     return f"[red]NOT causal[/]: {escape(v['summary'])}"
 
 
@@ -182,19 +207,18 @@ def print_convert_summary(report: ConvertReport) -> None:
             err.print(sites)
     v = report.verification
     err.print("verification: " + ("skipped (--no-verify)" if v is None else verdict_text(v)))
-    if v is not None and not v["passed"]:
+    if v is not None and v.get("violations"):
         err.print(f"leak: max {v['max_leak']:.3g}, first leaking module {escape(culprit_text(v.get('culprit')))}")
     if report.written:
         err.print(
             f"[green]wrote[/] {escape(str(report.out))} in {report.seconds.get('total', 0):.1f}s"
-            + (" [red](with a leak, recorded in causalize.json)[/]" if not report.passed else "")
+            + (" [red](verification failed, recorded in causalize.json)[/]" if not report.passed else "")
         )
     elif dry_run:
         err.print("dry run: nothing written")
     else:
-        err.print(
-            "[red]nothing written[/]: verification failed; fix the pipeline, or pass --allow-leak to write anyway"
-        )
+        what = "fix the weights (non-finite output)" if v and v.get("nonfinite") else "fix the pipeline"
+        err.print(f"[red]nothing written[/]: verification failed; {what}, or pass --allow-leak to write anyway")
 
 
 def check_precision_names(dtype: str | None) -> None:

@@ -3,14 +3,15 @@ from actions). Registered on the app in cli/app.py; thin over causalize.training
 
 from __future__ import annotations
 
-import contextlib
 import os
+import re
 from pathlib import Path
 
 import typer
 from rich.markup import escape
 
 from causalize.cli.common import DTYPE_OPT, JSON_OPT, check_precision_names, emit_json, err, guard
+from causalize.errors import UsageError
 
 
 def train(
@@ -72,7 +73,9 @@ def train(
     \b
     Exit codes:
       0  trained; OUT/final holds the model
-      2  usage error: missing or mismatched model / data (channels, action dimension), bad setting
+      2  usage error: missing or mismatched model / data (channels, action dimension), invalid or
+         damaged episodes (checked before OUT is created), OUT already holds a run (or another run
+         claimed it first), bad setting
       3  internal error (re-run with --debug for the traceback)
       4  the model checkpoint cannot be read
     """
@@ -108,19 +111,29 @@ def train(
         console=err,
         transient=False,
     )
-    task = bar.add_task("train", total=None, loss="-")
+    task = bar.add_task("train", total=None, loss="-", start=False)
+    leader = os.environ.get("RANK", "0") == "0"  # under `accelerate launch`: one bar, one summary
 
     def on_step(step: int, total: int, loss: float) -> None:
+        if leader and not bar.live.is_started:  # shown from the first step: set-up errors stay one line
+            bar.start()
+            bar.start_task(task)
         bar.update(task, completed=step, total=total, loss=f"{loss:.4g}")
 
-    leader = os.environ.get("RANK", "0") == "0"  # under `accelerate launch`: one bar, one summary
-    with guard(as_json):
-        from causalize.training.trainer import TrainConfig
-        from causalize.training.trainer import train as run_training
+    with guard(as_json, command="train"):
+        # Settings and paths first, without torch: a wrong path fails in well under a second.
+        from causalize.training.config import TrainConfig
+        from causalize.training.loading import check_paths
 
         cfg = TrainConfig.from_file(config, **{k: str(v) if isinstance(v, Path) else v for k, v in overrides.items()})
-        with bar if leader else contextlib.nullcontext():
+        check_paths(cfg)
+        from causalize.training.trainer import train as run_training
+
+        try:
             result = run_training(cfg, progress=on_step)
+        finally:
+            if bar.live.is_started:  # stopping a bar never shown would print an empty line
+                bar.stop()
     if not leader:
         return
     if as_json:
@@ -130,6 +143,19 @@ def train(
             f"trained to step {result['steps']} ({result['steps_run']} steps this run) in {result['seconds']:.1f}s, "
             f"final loss {result['final_loss']:.4g}: {result['final']}"
         )
+
+
+def parse_seed(text: str | None) -> int | None:
+    """--seed as an integer (typer would accept only what fits its own int parsing, and report a
+    bad value in a multi-line usage box); the range is RolloutConfig's to check."""
+    if text is None:
+        return None
+    value = text.strip()
+    if not re.fullmatch(r"[+-]?[0-9]+", value):
+        raise UsageError(
+            f"--seed must be an integer, got {text!r}", "seeds are whole numbers from 0 to 2**64 - 1, e.g. --seed 1"
+        )
+    return int(value)
 
 
 def rollout(
@@ -193,7 +219,9 @@ def rollout(
         "--no-cache",
         help="Recompute the whole window at every step instead of streaming caches (same frames, slower).",
     ),
-    seed: int | None = typer.Option(None, "--seed", metavar="N", help="Seed of all noise (default 0)."),
+    seed: str | None = typer.Option(
+        None, "--seed", metavar="N", help="Seed of all noise: an integer from 0 to 2**64 - 1 (default 0)."
+    ),
     fps: float = typer.Option(8.0, "--fps", metavar="F", help="Frames per second of .mp4 / .gif output."),
     generated_only: bool = typer.Option(
         False, "--generated-only", help="Write only the generated frames (default: context frames first)."
@@ -277,12 +305,15 @@ def rollout(
         "prediction_type": prediction_type,
         "zero_terminal_snr": zero_terminal_snr,
         "cache": False if no_cache else None,
-        "seed": seed,
     }
-    with guard(as_json):
+    with guard(as_json, command="rollout"):
         check_precision_names(dtype)
-        from causalize.rollout.to_file import rollout_to_file
+        options["seed"] = parse_seed(seed)
+        # Paths first, without torch (causalize.rollout.to_file imports it only to run the model):
+        # a missing file or an existing OUT fails in well under a second.
+        from causalize.rollout.to_file import check_rollout_paths, rollout_to_file
 
+        check_rollout_paths(checkpoint, context, actions, out_path, overwrite=overwrite)
         try:
             report = rollout_to_file(
                 checkpoint,
@@ -299,7 +330,8 @@ def rollout(
                 **options,
             )
         finally:
-            bar.stop()
+            if bar.live.is_started:  # stopping a bar never shown would print an empty line
+                bar.stop()
     t = report.timing
     err.print(
         f"[green]wrote[/] {escape(str(report.out))}: {report.context_frames} context + {report.generated} generated frames "

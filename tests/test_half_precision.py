@@ -308,3 +308,35 @@ def test_weight_bytes_scale_with_the_target_dtype(tmp_path):
     f.write_bytes(b"\0" * 1000)
     assert precision.weight_bytes([f]) == 1000
     assert precision.weight_bytes([f], torch.float32, torch.bfloat16) == 500
+
+
+def test_convert_and_load_refuse_weights_larger_than_the_device(tmp_path, monkeypatch):
+    """Checked from the files before any weight is read: one line, exit 2, nothing written."""
+    src = tmp_path / "src"
+    registries().plans.get("wan").build_tiny().save_pretrained(src)
+    monkeypatch.setattr(precision, "available_bytes", lambda device: 1000)
+    result = CliRunner().invoke(app, ["convert", str(src), str(tmp_path / "out")])
+    assert result.exit_code == 2 and "only 0.0 GiB is free on cpu" in result.output, result.output
+    assert not (tmp_path / "out").exists()
+    result = CliRunner().invoke(app, ["verify", str(src), "--dtype", "bf16"])
+    assert result.exit_code == 2 and "needs" in result.output
+
+
+def test_a_conversion_that_changes_no_weight_copies_the_weight_files(tmp_path):
+    """Wan's block-causal attention changes no tensor: OUT's safetensors are the source's bytes.
+    A conversion that changes weights (UNet3D's extrapolative conv transfer), adds an adapter or
+    casts re-serialises (negative controls)."""
+    src = tmp_path / "wan"
+    registries().plans.get("wan").build_tiny().save_pretrained(src)
+    weights = "diffusion_pytorch_model.safetensors"
+    convert(src, tmp_path / "out")
+    assert (tmp_path / "out" / weights).read_bytes() == (src / weights).read_bytes()
+    assert verify(tmp_path / "out").passed
+    convert(src, tmp_path / "adapter", action_dim=2)
+    assert (tmp_path / "adapter" / weights).read_bytes() != (src / weights).read_bytes()
+    convert(src, tmp_path / "bf16", torch_dtype="bf16")
+    assert (tmp_path / "bf16" / weights).read_bytes() != (src / weights).read_bytes()
+    unet = tmp_path / "unet"
+    registries().plans.get("unet3d").build_tiny().save_pretrained(unet)
+    convert(unet, tmp_path / "unet-out")
+    assert (tmp_path / "unet-out" / weights).read_bytes() != (unet / weights).read_bytes()

@@ -26,7 +26,7 @@ from causalize.episodes.format import (
     list_episodes,
     read_info,
 )
-from causalize.episodes.reader import ArrayHeader, load_arrays, read_arrays, read_headers
+from causalize.episodes.reader import ArrayHeader, load_arrays, read_arrays, read_headers, read_leading, verify_crc
 from causalize.episodes.writer import create_dataset, write_episode
 
 if TYPE_CHECKING:
@@ -64,6 +64,8 @@ __all__ = [
     "read_arrays",
     "read_headers",
     "read_info",
+    "read_leading",
     "split_episodes",
+    "verify_crc",
     "write_episode",
 ]

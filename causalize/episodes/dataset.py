@@ -33,7 +33,7 @@ from causalize.episodes.format import (
     list_episodes,
     read_info,
 )
-from causalize.episodes.reader import ArrayHeader, load_arrays, read_headers
+from causalize.episodes.reader import CHECKSUM_MISMATCH, ArrayHeader, load_arrays, read_headers, verify_crc
 
 
 def _split_score(seed: int, index: int) -> int:
@@ -119,11 +119,14 @@ class EpisodeDataset(Dataset):
     :func:`split_episodes` with ``test_fraction`` and ``seed``) or an explicit list of episode
     indices.
 
-    Construction validates dataset.json and every selected episode's npz headers (keys, dtypes,
-    shapes, lengths) without loading arrays, and raises one :class:`DataError` listing every bad
-    file. Episodes shorter than ``window`` are an error, or skipped with a :class:`DataWarning`
-    when ``skip_short=True``. Values (NaN/inf, action ranges) are checked when an item is read, or
-    for everything up front with ``check_values=True``.
+    Construction validates everything a training run needs before its first step, and raises one
+    :class:`DataError` listing every bad file: dataset.json; every selected episode's npz headers
+    (keys, dtypes, shapes, lengths); with ``verify=True`` (the default) every episode read once in
+    full against the CRC-32 checksums its zip recorded at write time (the memory-mapped item reads
+    skip them, so a flipped bit would otherwise train silently); and the values of the small
+    arrays, actions and rewards (NaN/inf, action ranges, multi-hot 0/1). Episodes shorter than
+    ``window`` are an error, or skipped with a :class:`DataWarning` when ``skip_short=True``.
+    Latents are checked for NaN/inf when an item is read, or up front with ``check_values=True``.
 
     Memory: uncompressed npz members are memory-mapped, so an item reads only its window; compressed
     episodes are loaded whole. Up to ``cache_size`` episodes' arrays are kept (LRU, per worker).
@@ -140,6 +143,7 @@ class EpisodeDataset(Dataset):
         test_fraction: float = 0.1,
         skip_short: bool = False,
         check_values: bool = False,
+        verify: bool = True,
         cache_size: int = 4,
         transform: Callable[[dict], dict] | None = None,
     ):
@@ -183,15 +187,18 @@ class EpisodeDataset(Dataset):
         for idx in chosen:
             path = episode_path(self.root, idx)
             ep, probs = _check_episode(path, idx, self.info)
+            if ep is not None and verify:
+                probs = verify_crc(path)
             problems += [(str(path), p) for p in probs]
-            if ep is None:
+            if ep is None or probs:
                 continue
             if ep.length < window:
                 short.append((str(path), ep.length))
                 continue
             episodes.append(ep)
         if problems:
-            raise _many(problems)
+            damaged = any(CHECKSUM_MISMATCH in problem for _, problem in problems)
+            raise _many(problems, "restore the damaged files or write those episodes again" if damaged else None)
         if short:
             listing = ", ".join(f"{p} (T={t})" for p, t in short[:20]) + (
                 f", ... ({len(short)} in all)" if len(short) > 20 else ""
@@ -214,9 +221,17 @@ class EpisodeDataset(Dataset):
         counts = np.array([(e.length - window) // stride + 1 for e in episodes], dtype=np.int64)
         self._offsets = np.concatenate([[0], np.cumsum(counts)])
         self._cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
-        if check_values:
-            for k in range(len(episodes)):
-                self._check_values(k, self._arrays(k), 0, episodes[k].length)
+        # Values now, not mid-run: actions and rewards are small, latents only when asked.
+        small = ["actions", *(n for n in self.info.extras if n == "rewards")]
+        value_problems: list[tuple[str, str]] = []
+        for k, ep in enumerate(episodes):
+            arrays = self._arrays(k) if check_values else load_arrays(ep.path, ep.members, small)
+            try:
+                self._check_values(k, arrays, 0, ep.length, latents=check_values)
+            except DataError as e:
+                value_problems += e.problems
+        if value_problems:
+            raise _many(value_problems)
 
     # ---------------------------------------------------------------------------- introspection
 
@@ -277,10 +292,10 @@ class EpisodeDataset(Dataset):
                 self._cache.popitem(last=False)
         return arrays
 
-    def _check_values(self, k: int, arrays: dict[str, np.ndarray], lo: int, hi: int) -> None:
+    def _check_values(self, k: int, arrays: dict[str, np.ndarray], lo: int, hi: int, latents: bool = True) -> None:
         """Value checks on frames [lo, hi) and the actions rows that feed them."""
         ep = self._episodes[k]
-        if self.info.kind == "latents" and not np.isfinite(arrays["latents"][lo:hi]).all():
+        if latents and self.info.kind == "latents" and not np.isfinite(arrays["latents"][lo:hi]).all():
             raise DataError(ep.path, f"latents contain NaN or inf in frames [{lo}, {hi})")
         a = np.asarray(arrays["actions"][max(lo - 1, 0) : max(hi - 1, 0)])
         space = self.info.action_space
@@ -342,16 +357,17 @@ class EpisodeDataset(Dataset):
         return self.transform(item) if self.transform is not None else item
 
 
-def _many(problems: list[tuple[str, str]]) -> DataError:
+def _many(problems: list[tuple[str, str]], hint: str | None = None) -> DataError:
     if len(problems) == 1:
         p, msg = problems[0]
-        return DataError(p, msg, problems=problems)
+        return DataError(p, msg, problems=problems, hint=hint)
     shown = "\n".join(f"  {p}: {msg}" for p, msg in problems[:20])
     more = f"\n  ... ({len(problems)} problems in all)" if len(problems) > 20 else ""
     return DataError(
         problems[0][0],
         f"{len(problems)} problems in episode files:\n{shown}{more}",
         problems=problems,
+        hint=hint,
     )
 
 

@@ -35,6 +35,8 @@ class DataError(UsageError, ValueError):
     """
 
     kind = "bad-data"
+    #: What the CLI prints under the one-line error when the raiser gives no better hint.
+    DEFAULT_HINT = "the episode format is described in docs/EPISODES.md"
 
     def __init__(
         self,
@@ -42,10 +44,14 @@ class DataError(UsageError, ValueError):
         problem: str,
         *,
         problems: Sequence[tuple[str, str]] = (),
+        hint: str | None = None,
     ):
         self.path = None if path is None else str(path)
         self.problems = list(problems) or [(self.path or "", problem)]
-        UsageError.__init__(self, f"{path}: {problem}" if path is not None else problem)
+        UsageError.__init__(self, f"{path}: {problem}" if path is not None else problem, hint or self.DEFAULT_HINT)
+
+    def __str__(self) -> str:
+        return self.message  # plain Python callers see the problem; the hint is for the CLI
 
 
 class DataWarning(UserWarning):

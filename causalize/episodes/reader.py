@@ -32,6 +32,7 @@ import ast
 import os
 import struct
 import zipfile
+import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,8 +47,10 @@ _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, (fixed fields), name len
 _LOCAL_SIGNATURE = b"PK\x03\x04"
 _NPY_MAGIC = b"\x93NUMPY"
 _MAX_HEADER_SIZE = 10000  # numpy's default limit on a header it will literal_eval
+#: How :func:`verify_crc` words a damaged member (the dataset recognises it to choose its hint).
+CHECKSUM_MISMATCH = "does not match its checksum"
 #: What a damaged, truncated or foreign file raises while it is read; reported as a DataError.
-_READ_ERRORS = (zipfile.BadZipFile, ValueError, EOFError, OSError, KeyError)
+_READ_ERRORS = (zipfile.BadZipFile, zlib.error, ValueError, EOFError, OSError, KeyError)
 
 
 @dataclass(frozen=True)
@@ -201,4 +204,64 @@ def read_arrays(path: str | os.PathLike, names: Iterable[str] | None = None) -> 
     return load_arrays(path, headers, headers if names is None else names)
 
 
-__all__ = ["ArrayHeader", "load_arrays", "read_arrays", "read_headers"]
+def read_leading(path: str | os.PathLike, name: str, header: ArrayHeader, rows: int) -> np.ndarray:
+    """The first ``rows`` rows (along axis 0) of array ``name``, reading no more of the file than
+    they take, as an in-memory copy.
+
+    Why: a small compressed ``.npz`` can claim gigabytes (a zip bomb), and a context needs only its
+    first frames. Stored C-order members are sliced from a memory map; compressed ones are
+    decompressed only up to the last row needed; Fortran-order arrays (rows not contiguous) are
+    read whole, so check ``header`` against a size bound first. Errors are :class:`DataError`.
+    """
+    path = Path(path)
+    shape = tuple(header.shape)
+    rows = max(0, min(int(rows), shape[0] if shape else 0))
+    try:
+        if not shape:
+            return np.array(load_arrays(path, {name: header}, [name])[name])
+        if header.fortran_order or header.dtype.hasobject:
+            return np.array(load_arrays(path, {name: header}, [name])[name][:rows])
+        if header.offset is not None:
+            mapped = np.memmap(path, dtype=header.dtype, mode="r", offset=header.offset, shape=shape)
+            return np.array(mapped[:rows])
+        count = rows * int(np.prod(shape[1:], dtype=np.int64))
+        with zipfile.ZipFile(path) as zf, zf.open(f"{name}.npy") as member:
+            _read_npy_header(member)
+            data = _read_exact(member, count * header.dtype.itemsize)
+        return np.frombuffer(data, dtype=header.dtype, count=count).reshape((rows, *shape[1:])).copy()
+    except _READ_ERRORS as e:
+        raise DataError(path, f"corrupt or unreadable npz ({type(e).__name__}: {e})") from e
+
+
+def verify_crc(path: str | os.PathLike, chunk: int = 1 << 24) -> list[str]:
+    """Problems found by reading every member of an ``.npz`` once and checking it against the
+    CRC-32 that the zip writer (``np.savez``) recorded for it; empty when the file is intact.
+
+    The memory-mapped reads of :func:`load_arrays` bypass :mod:`zipfile` and so never check that
+    checksum: a flipped bit in stored data would otherwise be trained on silently. This costs one
+    sequential read of the file (zipfile checks the CRC when a member is read to its end).
+    """
+    problems = []
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                try:
+                    with zf.open(info) as member:
+                        while member.read(chunk):
+                            pass
+                except (zipfile.BadZipFile, zlib.error) as e:
+                    problems.append(f"member {info.filename!r} {CHECKSUM_MISMATCH} ({e}): the file is damaged")
+    except _READ_ERRORS as e:
+        problems.append(f"corrupt or unreadable npz ({type(e).__name__}: {e})")
+    return problems
+
+
+__all__ = [
+    "CHECKSUM_MISMATCH",
+    "ArrayHeader",
+    "load_arrays",
+    "read_arrays",
+    "read_headers",
+    "read_leading",
+    "verify_crc",
+]

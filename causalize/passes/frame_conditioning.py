@@ -13,6 +13,7 @@ without targets, every instance of the named classes.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Literal
 
@@ -216,8 +217,13 @@ class FrameConditioning(Pass):
         ]
         if ctx.options.action_dim > 0:
             width = _out_features(_submodule(model, cond.embedding, "timestep embedding"))
-            encoder = ActionEncoder(ctx.options.action_dim, width, ctx.options.action_type)
-            encoder.to(device=model_device(model), dtype=model_dtype(model))
+            device = model_device(model)
+            # on a meta model (causalize.load replays the recipe before reading weights) the encoder
+            # is built on meta too: an action_dim from an untrusted manifest allocates nothing
+            # until its shapes are checked against the checkpoint
+            with torch.device("meta") if device.type == "meta" else contextlib.nullcontext():
+                encoder = ActionEncoder(ctx.options.action_dim, width, ctx.options.action_type)
+            encoder.to(device=device, dtype=model_dtype(model))
             state.add_module(model, ADAPTER_ATTR, encoder)
             records.append(
                 Record(

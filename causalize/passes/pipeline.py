@@ -78,18 +78,24 @@ def coerce(cls: type[Pass], key: str, raw: str) -> Any:
             for c in choices:
                 if str(c) == raw:
                     return c
-            raise ValueError(f"expected one of {', '.join(map(str, choices))}{did_you_mean(raw, map(str, choices))}")
+            raise ValueError(f"expected one of {', '.join(map(str, choices))}.{did_you_mean(raw, map(str, choices))}")
         if tp is bool:
             if raw not in ("true", "false"):
                 raise ValueError("expected true or false")
             return raw == "true"
         if tp is int:
-            return int(raw)
+            value = int(raw)
+            if not -(2**63) <= value < 2**63:  # torch takes int64: a larger value would crash later
+                raise ValueError("out of range (a 64-bit integer)")
+            return value
         if tp is float:
             return float(raw)
         return raw
     except ValueError as exc:
-        raise UsageError(f"bad value '{raw}' for option '{key}' of pass '{cls.name}': {exc}") from None
+        raise UsageError(
+            f"bad value '{raw}' for option '{key}' of pass '{cls.name}': {exc}",
+            "run `causalize passes` to list the options and their values",
+        ) from None
 
 
 def _tokens(text: str) -> list[str]:

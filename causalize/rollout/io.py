@@ -7,7 +7,9 @@ space (pixels x / 127.5 − 1, as the trainer feeds them; latents as stored).
 Reading (`read_frames`, `read_actions`): episode `.npz` (key `frames` or `latents`), `.npy`, a
 video or image through imageio (`.mp4`, `.gif`, `.png`, ...); actions from `.npy`, `.npz` (key
 `actions`), `.json` (a list) or text (one action per line). Every problem is a UsageError that
-names the file, so the CLI reports it in one line with exit code 2.
+names the file, so the CLI reports it in one line with exit code 2. Array sizes are checked from
+the headers before data is read, and only the context frames asked for are read
+(causalize.rollout.arrays).
 
 Writing (`write_frames`): `.mp4` (imageio-ffmpeg), `.gif` or `.npz`, through a temporary file in
 the destination directory that is renamed into place; an existing file is never replaced unless
@@ -19,10 +21,12 @@ imported only where a video or image is read or written.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
 import re
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +36,7 @@ import numpy as np
 
 from causalize import fs
 from causalize.errors import UsageError
+from causalize.rollout.arrays import load_npy, npz_headers, read_rows, rows_within_bound, short_error
 
 if TYPE_CHECKING:
     import torch
@@ -43,6 +48,7 @@ VIDEO_EXTS = (".mp4", ".gif", ".avi", ".mov", ".mkv", ".webm", ".webp")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 OUTPUT_EXTS = (".mp4", ".gif", ".npz")
 DEFAULT_FPS = 8.0
+INT64_MAX = 2**63 - 1
 
 
 @dataclass
@@ -78,7 +84,15 @@ def as_frames(data: Any, kind: Kind, where: str = "context") -> Frames:
         arr = arr[None]  # one frame
     layout = "(T, H, W, C)" if kind == "pixels" else "(T, C, H, W)"
     if arr.ndim != 4 or arr.shape[0] < 1:
-        raise UsageError(f"{where}: {kind} must be {layout} or one frame, got shape {tuple(arr.shape)}")
+        raise UsageError(
+            f"{where}: {kind} must be {layout} or one frame, got shape {tuple(arr.shape)}",
+            "pixels are uint8 (T, H, W, C); latents float (T, C, H, W)",
+        )
+    if min(arr.shape[1:]) < 1:
+        raise UsageError(
+            f"{where}: {kind} of shape {tuple(arr.shape)} {layout} have an empty dimension",
+            "every frame needs a height, a width and channels of at least 1",
+        )
     if kind == "pixels":
         if arr.dtype != np.uint8:
             raise UsageError(
@@ -112,10 +126,14 @@ def read_frames(path: str | os.PathLike, context_frames: int | None = None) -> F
     if not p.is_file():
         raise UsageError(f"{p}: context file not found" if not p.exists() else f"{p}: not a file")
     ext = p.suffix.lower()
+    if context_frames is not None and (
+        isinstance(context_frames, bool) or not isinstance(context_frames, int) or context_frames < 1
+    ):
+        raise UsageError(f"--context-frames must be an integer >= 1, got {context_frames!r}", "e.g. --context-frames 4")
     if ext == ".npz":
-        frames = _frames_from_npz(p)
+        frames = _frames_from_npz(p, context_frames)
     elif ext == ".npy":
-        arr = _load_npy(p)
+        arr = load_npy(p, context_frames, "context frames")
         frames = as_frames(arr, "pixels" if arr.dtype == np.uint8 else "latents", str(p))
     elif ext in VIDEO_EXTS or ext in IMAGE_EXTS:
         frames = as_frames(_read_media(p), "pixels", str(p))
@@ -125,52 +143,34 @@ def read_frames(path: str | os.PathLike, context_frames: int | None = None) -> F
             "use an episode .npz, a .npy array, or a video / image (.mp4, .gif, .png, ...)",
         )
     if context_frames is not None:
-        if isinstance(context_frames, bool) or not isinstance(context_frames, int) or context_frames < 1:
-            raise UsageError(f"--context-frames must be an integer >= 1, got {context_frames!r}")
         if frames.count < context_frames:
             raise UsageError(
-                f"{p} has {frames.count} frame(s), fewer than the {context_frames} context frames asked for"
+                f"{p} has {frames.count} frame(s), fewer than the {context_frames} context frames asked for",
+                f"pass --context-frames {frames.count} or fewer",
             )
         frames = frames.first(context_frames)
     return frames
 
 
-def _frames_from_npz(p: Path) -> Frames:
-    with _open_npz(p) as z:
-        keys = [k for k in ("frames", "latents") if k in z.files]
-        if not keys:
-            raise UsageError(
-                f"{p}: no 'frames' or 'latents' array (keys: {', '.join(z.files) or 'none'})",
-                "an episode .npz holds frames uint8 (T, H, W, C) or latents float32 (T, C, H, W)",
-            )
-        if len(keys) == 2:
-            raise UsageError(f"{p}: holds both 'frames' and 'latents'; keep one")
-        kind: Kind = "pixels" if keys[0] == "frames" else "latents"
-        arr = _member(z, keys[0], p)
-    if arr.ndim != 4:
-        raise UsageError(f"{p}: '{keys[0]}' must be 4-D, got shape {tuple(arr.shape)}")
-    return as_frames(arr, kind, str(p))
-
-
-def _open_npz(p: Path):
-    try:
-        return np.load(p, allow_pickle=False)
-    except Exception as exc:  # zipfile.BadZipFile, OSError, ValueError, EOFError, ...
-        raise UsageError(f"{p}: cannot read as .npz: {_short(exc)}") from None
-
-
-def _member(z: Any, key: str, p: Path) -> np.ndarray:
-    try:
-        return np.asarray(z[key])
-    except Exception as exc:
-        raise UsageError(f"{p}: cannot read array {key!r}: {_short(exc)}") from None
-
-
-def _load_npy(p: Path) -> np.ndarray:
-    try:
-        return np.load(p, allow_pickle=False)
-    except Exception as exc:
-        raise UsageError(f"{p}: cannot read as .npy: {_short(exc)}") from None
+def _frames_from_npz(p: Path, context_frames: int | None) -> Frames:
+    headers = npz_headers(p)
+    keys = [k for k in ("frames", "latents") if k in headers]
+    if not keys:
+        raise UsageError(
+            f"{p}: no 'frames' or 'latents' array (keys: {', '.join(sorted(headers)) or 'none'})",
+            "an episode .npz holds frames uint8 (T, H, W, C) or latents float32 (T, C, H, W)",
+        )
+    if len(keys) == 2:
+        raise UsageError(f"{p}: holds both 'frames' and 'latents'; keep one", "write the context with one of them")
+    kind: Kind = "pixels" if keys[0] == "frames" else "latents"
+    header = headers[keys[0]]
+    if len(header.shape) != 4:
+        raise UsageError(
+            f"{p}: '{keys[0]}' must be 4-D, got shape {tuple(header.shape)}",
+            "frames are (T, H, W, C) uint8; latents (T, C, H, W) float32",
+        )
+    rows = rows_within_bound(p, keys[0], header.shape, header.dtype, context_frames, "context frames")
+    return as_frames(read_rows(p, keys[0], header, rows), kind, str(p))
 
 
 def _read_media(p: Path) -> np.ndarray:
@@ -186,7 +186,7 @@ def _read_media(p: Path) -> np.ndarray:
             warnings.simplefilter("ignore", DeprecationWarning)
             arr = np.asarray(iio.imread(p, index=None))
     except Exception as exc:  # imageio raises many types (OSError, ValueError, struct.error, ...)
-        raise UsageError(f"{p}: cannot read as {p.suffix.lower()}: {_short(exc)}") from None
+        raise UsageError(f"{p}: cannot read as {p.suffix.lower()}: {short_error(exc)}") from None
     single = p.suffix.lower() in IMAGE_EXTS
     if arr.ndim == 2 or (arr.ndim == 3 and not single):  # grayscale image / grayscale frames
         arr = arr[..., None]
@@ -197,11 +197,6 @@ def _read_media(p: Path) -> np.ndarray:
             f"{p}: {arr.dtype} pixels are not supported, only 8-bit", "convert the file to 8 bits per channel"
         )
     return arr
-
-
-def _short(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def frames_to_model(
@@ -251,6 +246,7 @@ def model_to_frames(x: torch.Tensor, frame_axis: int, kind: Kind, batch_index: i
 
 
 _SPLIT = re.compile(r"[\s,;]+")
+ACTIONS_HINT = "discrete adapters take integer indices (one per line); continuous ones rows of A numbers"
 
 
 def read_actions(path: str | os.PathLike) -> np.ndarray:
@@ -261,20 +257,24 @@ def read_actions(path: str | os.PathLike) -> np.ndarray:
         raise UsageError(f"{p}: actions file not found" if not p.exists() else f"{p}: not a file")
     ext = p.suffix.lower()
     if ext == ".npy":
-        arr = _load_npy(p)
+        arr = load_npy(p)
     elif ext == ".npz":
-        with _open_npz(p) as z:
-            if "actions" not in z.files:
-                raise UsageError(f"{p}: no 'actions' array (keys: {', '.join(z.files) or 'none'})")
-            arr = _member(z, "actions", p)
+        headers = npz_headers(p)
+        if "actions" not in headers:
+            raise UsageError(
+                f"{p}: no 'actions' array (keys: {', '.join(sorted(headers)) or 'none'})",
+                "store the actions under the key 'actions'",
+            )
+        h = headers["actions"]
+        arr = read_rows(p, "actions", h, rows_within_bound(p, "actions", h.shape, h.dtype, None, "actions"))
     elif ext == ".json":
         arr = _actions_from_json(p)
     else:
         arr = _actions_from_text(p)
     if arr.dtype == object or arr.dtype.kind not in "biuf":
-        raise UsageError(f"{p}: actions must be numbers, got {arr.dtype}")
+        raise UsageError(f"{p}: actions must be numbers, got {arr.dtype}", ACTIONS_HINT)
     if arr.ndim == 0 or arr.shape[0] == 0:
-        raise UsageError(f"{p}: no actions: nothing to generate")
+        raise UsageError(f"{p}: no actions: nothing to generate", "give one action per frame to generate")
     return arr
 
 
@@ -282,18 +282,34 @@ def _actions_from_json(p: Path) -> np.ndarray:
     try:
         doc = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise UsageError(f"{p}: not valid JSON: {_short(exc)}") from None
+        raise UsageError(f"{p}: not valid JSON: {short_error(exc)}") from None
     if isinstance(doc, dict) and "actions" in doc:
         doc = doc["actions"]
     if not isinstance(doc, list):
         raise UsageError(f"{p}: expected a JSON list of actions (or an object with an 'actions' list)")
+    big = _first_huge_int(doc)
+    if big is not None:
+        raise UsageError(f"{p}: {big} does not fit in a 64-bit integer", ACTIONS_HINT)
     try:
         arr = np.asarray(doc)
-    except ValueError:
-        raise UsageError(f"{p}: actions must all have the same length") from None
+    except (ValueError, OverflowError):
+        raise UsageError(f"{p}: actions must all have the same length", ACTIONS_HINT) from None
     if arr.dtype == object or arr.dtype.kind not in "biuf":
-        raise UsageError(f"{p}: actions must be numbers or lists of numbers of one length")
+        raise UsageError(f"{p}: actions must be numbers or lists of numbers of one length", ACTIONS_HINT)
     return arr
+
+
+def _first_huge_int(doc: Any) -> int | None:
+    """An integer of a parsed JSON document beyond int64 (numpy would make an object array or
+    overflow), or None."""
+    stack = [doc]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, list):
+            stack.extend(x)
+        elif isinstance(x, int) and not isinstance(x, bool) and not -INT64_MAX - 1 <= x <= INT64_MAX:
+            return x
+    return None
 
 
 def _actions_from_text(p: Path) -> np.ndarray:
@@ -301,7 +317,7 @@ def _actions_from_text(p: Path) -> np.ndarray:
     try:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{p}: cannot read as text: {_short(exc)}") from None
+        raise UsageError(f"{p}: cannot read as text: {short_error(exc)}") from None
     rows: list[list[int | float]] = []
     width = None
     for lineno, line in enumerate(text.splitlines(), 1):
@@ -310,11 +326,11 @@ def _actions_from_text(p: Path) -> np.ndarray:
             continue
         row = [_number(tok, p, lineno) for tok in _SPLIT.split(line) if tok]
         if width is not None and len(row) != width:
-            raise UsageError(f"{p}: line {lineno} has {len(row)} values, earlier lines {width}")
+            raise UsageError(f"{p}: line {lineno} has {len(row)} values, earlier lines {width}", ACTIONS_HINT)
         width = len(row)
         rows.append(row)
     if not rows:
-        raise UsageError(f"{p}: no actions: nothing to generate")
+        raise UsageError(f"{p}: no actions: nothing to generate", "give one action per frame to generate")
     if all(isinstance(v, int) for row in rows for v in row):
         arr = np.asarray(rows, dtype=np.int64)
     else:
@@ -324,13 +340,17 @@ def _actions_from_text(p: Path) -> np.ndarray:
 
 def _number(tok: str, p: Path, lineno: int) -> int | float:
     try:
-        return int(tok)
+        value = int(tok)
     except ValueError:
         pass
+    else:
+        if not -INT64_MAX - 1 <= value <= INT64_MAX:  # numpy could not hold it (OverflowError)
+            raise UsageError(f"{p}: line {lineno}: {tok} does not fit in a 64-bit integer", ACTIONS_HINT)
+        return value
     try:
         return float(tok)
     except ValueError:
-        raise UsageError(f"{p}: line {lineno}: {tok!r} is not a number") from None
+        raise UsageError(f"{p}: line {lineno}: {tok!r} is not a number", ACTIONS_HINT) from None
 
 
 def actions_to_tensor(actions: Any, action_type: str, action_dim: int, where: str = "actions") -> torch.Tensor:
@@ -341,41 +361,52 @@ def actions_to_tensor(actions: Any, action_type: str, action_dim: int, where: st
     import torch
 
     arr = _numpy(actions, where)
+    discrete_hint = (
+        f"this checkpoint's adapter is discrete: one integer index in [0, {action_dim}) per line, "
+        f"or rows of {action_dim} 0/1 values (multi-hot)"
+    )
+    continuous_hint = f"this checkpoint's adapter is continuous: one row of {action_dim} numbers per action"
+    hint = discrete_hint if action_type == "discrete" else continuous_hint
     if arr.dtype.kind not in "biuf":
-        raise UsageError(f"{where}: actions must be numbers, got {arr.dtype}")
+        raise UsageError(f"{where}: actions must be numbers, got {arr.dtype}", hint)
     if arr.ndim == 0 or arr.shape[0] == 0:
-        raise UsageError(f"{where}: no actions: nothing to generate")
+        raise UsageError(f"{where}: no actions: nothing to generate", "give one action per frame to generate")
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-        raise UsageError(f"{where}: actions contain NaN or inf")
+        raise UsageError(f"{where}: actions contain NaN or inf", hint)
     if action_type == "discrete":
         if arr.dtype.kind == "f":
             raise UsageError(
-                f"{where}: the action adapter is discrete ({action_dim} actions): actions must be integer indices, got {arr.dtype}"
+                f"{where}: the action adapter is discrete ({action_dim} actions): actions must be integer indices, got {arr.dtype}",
+                discrete_hint,
             )
         if arr.ndim == 1:
             if arr.dtype.kind == "b":
-                raise UsageError(f"{where}: discrete actions are integer indices, got booleans")
+                raise UsageError(f"{where}: discrete actions are integer indices, got booleans", discrete_hint)
             lo, hi = int(arr.min()), int(arr.max())
             if lo < 0 or hi >= action_dim:
-                raise UsageError(f"{where}: action indices must lie in [0, {action_dim}), got values in [{lo}, {hi}]")
+                raise UsageError(
+                    f"{where}: action indices must lie in [0, {action_dim}), got values in [{lo}, {hi}]", discrete_hint
+                )
             return torch.from_numpy(arr.astype(np.int64))[None]
         if arr.ndim == 2 and arr.shape[1] == action_dim:
             if not np.isin(arr, (0, 1)).all():
-                raise UsageError(f"{where}: multi-hot actions must be 0 or 1")
+                raise UsageError(f"{where}: multi-hot actions must be 0 or 1", discrete_hint)
             return torch.from_numpy(arr.astype(np.float32))[None]
         raise UsageError(
-            f"{where}: discrete actions are (n,) indices or (n, {action_dim}) multi-hot rows, got shape {tuple(arr.shape)}"
+            f"{where}: discrete actions are (n,) indices or (n, {action_dim}) multi-hot rows, got shape {tuple(arr.shape)}",
+            discrete_hint,
         )
     if action_type != "continuous":
-        raise UsageError(f"unknown action type {action_type!r}")
+        raise UsageError(f"unknown action type {action_type!r}", "action adapters are 'discrete' or 'continuous'")
     if arr.dtype.kind == "b":
-        raise UsageError(f"{where}: continuous actions must be numbers, got booleans")
+        raise UsageError(f"{where}: continuous actions must be numbers, got booleans", continuous_hint)
     if arr.ndim == 1 and action_dim == 1:
         arr = arr[:, None]
     if arr.ndim != 2 or arr.shape[1] != action_dim:
         got = f"dimension {arr.shape[1]}" if arr.ndim == 2 else f"shape {tuple(arr.shape)}"
         raise UsageError(
-            f"{where}: the action adapter expects {action_dim}-dimensional continuous actions (n, {action_dim}), got {got}"
+            f"{where}: the action adapter expects {action_dim}-dimensional continuous actions (n, {action_dim}), got {got}",
+            continuous_hint,
         )
     return torch.from_numpy(arr.astype(np.float32))[None]
 
@@ -398,12 +429,40 @@ def check_output(
     if channels is not None and ext != ".npz" and channels not in (1, 3, 4):
         raise UsageError(f"{p}: {channels}-channel frames cannot be written as {ext}", "write .npz")
     if p.is_dir():
-        raise UsageError(f"{p} is a directory")
+        raise UsageError(f"{p} is a directory", "give a file name ending in .mp4, .gif or .npz")
     if p.exists() and not overwrite:
-        raise UsageError(f"{p} exists", "pass --overwrite (overwrite=True) to replace it")
+        raise UsageError(f"{p} exists", "pass --overwrite to replace it, or choose another OUT")
     if p.parent.exists() and not p.parent.is_dir():
-        raise UsageError(f"{p.parent} is not a directory")
+        raise UsageError(f"{p.parent} is not a directory", "choose an output path inside a directory")
+    check_writer(ext)
     return p
+
+
+def check_writer(ext: str) -> None:
+    """The packages a video output needs are installed: found (not imported, so the check costs
+    nothing) before any frame is generated rather than when the clip is written."""
+    ext = ext.lower()
+    if ext not in (".mp4", ".gif"):
+        return
+    if not _installed("imageio"):
+        raise UsageError(
+            f"writing {ext} needs imageio, which is not installed",
+            "pip install imageio" + (" imageio-ffmpeg" if ext == ".mp4" else "") + ", or write .npz",
+        )
+    if ext == ".mp4" and not (_installed("imageio_ffmpeg") or _installed("av")):
+        raise UsageError(
+            "writing .mp4 needs an ffmpeg backend for imageio (imageio-ffmpeg or PyAV), and neither is installed",
+            "pip install imageio-ffmpeg, or write .gif / .npz",
+        )
+
+
+def _installed(module: str) -> bool:
+    if module in sys.modules:  # imported already, or blocked (None)
+        return sys.modules[module] is not None
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def check_fps(fps: float) -> None:
@@ -440,7 +499,7 @@ def write_frames(
             else:
                 _write_media(tmp, frames.data, ext, fps)
     except FileExistsError:
-        raise UsageError(f"{p} exists", "pass --overwrite (overwrite=True) to replace it") from None
+        raise UsageError(f"{p} exists", "pass --overwrite to replace it, or choose another OUT") from None
     return p
 
 
@@ -480,7 +539,7 @@ def _write_media(tmp: Path, data: np.ndarray, ext: str, fps: float) -> None:
             iio.imwrite(tmp, data, fps=fps, codec="libx264", macro_block_size=1)
         except Exception as exc:
             raise UsageError(
-                f"cannot write .mp4: {_short(exc)}", "install imageio-ffmpeg, or write .gif / .npz"
+                f"cannot write .mp4: {short_error(exc)}", "install imageio-ffmpeg, or write .gif / .npz"
             ) from None
     else:
         iio.imwrite(tmp, data, duration=1000.0 / fps, loop=0)
@@ -505,6 +564,7 @@ __all__ = [
     "as_frames",
     "check_fps",
     "check_output",
+    "check_writer",
     "fit_channels",
     "frames_to_model",
     "model_to_frames",

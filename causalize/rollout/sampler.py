@@ -23,6 +23,7 @@ activations are identical in both, so in streaming mode they share one cache.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -36,6 +37,7 @@ from causalize.rollout import schedule as sched
 from causalize.world_model import WorldModel
 
 ProgressFn = Callable[[int, int, float], None]
+MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed accepts
 
 
 @dataclass(frozen=True)
@@ -63,15 +65,30 @@ class RolloutConfig:
         if self.spacing not in sched.SPACINGS:
             raise UsageError(f"unknown spacing {self.spacing!r}", f"use one of {', '.join(sched.SPACINGS)}")
         if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 2:
-            raise UsageError(f"window must be an integer >= 2 (history frames + the current one), got {self.window!r}")
+            raise UsageError(
+                f"window must be an integer >= 2 (history frames + the current one), got {self.window!r}",
+                "e.g. 16 (the default), or the training window",
+            )
         if not (isinstance(self.eta, (int, float)) and 0.0 <= self.eta <= 1.0):
-            raise UsageError(f"eta must lie in [0, 1], got {self.eta!r}")
+            raise UsageError(f"eta must lie in [0, 1], got {self.eta!r}", "0: deterministic DDIM steps; 1: ancestral")
         if not (isinstance(self.guidance_scale, (int, float)) and math.isfinite(self.guidance_scale)):
-            raise UsageError(f"guidance_scale must be a finite number, got {self.guidance_scale!r}")
+            raise UsageError(
+                f"guidance_scale must be a finite number, got {self.guidance_scale!r}",
+                "1 disables guidance; 2.5 is the default",
+            )
         if not (isinstance(self.guidance_rescale, (int, float)) and 0.0 <= self.guidance_rescale <= 1.0):
-            raise UsageError(f"guidance_rescale must lie in [0, 1], got {self.guidance_rescale!r}")
+            raise UsageError(
+                f"guidance_rescale must lie in [0, 1], got {self.guidance_rescale!r}", "0.7 is the default"
+            )
         if self.prediction_type not in ("v", "v_prediction", "epsilon", "sample"):
             raise UsageError(f"unknown prediction_type {self.prediction_type!r}", "use v, epsilon or sample")
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
+            raise UsageError(f"steps must be a positive integer, got {self.steps!r}", "e.g. 50 (the default) or 20")
+        if not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool) or not 0 <= self.seed <= MAX_SEED:
+            # torch.Generator.manual_seed takes at most 64 bits; a negative seed would wrap silently
+            raise UsageError(
+                f"seed must be an integer from 0 to 2**64 - 1, got {self.seed!r}", "e.g. seed=0 (CLI: --seed 0)"
+            )
 
     @property
     def guided(self) -> bool:
@@ -215,11 +232,56 @@ def _check_inputs(wm: WorldModel, context: torch.Tensor, context_actions: torch.
             "block, which is not implemented (frame-by-frame rollout would feed it partial blocks)"
         )
     if context.shape[axis] < 1:
-        raise UsageError("the context needs at least one frame")
+        raise UsageError("the context needs at least one frame", "pass c >= 1 context frames")
+    if context.numel() == 0:
+        raise UsageError(
+            f"the context has an empty dimension: shape {tuple(context.shape)}",
+            "every frame needs a height, a width and channels of at least 1",
+        )
     if context_actions is not None:
         _check_actions(encoder, context_actions, context.shape[0], "context_actions")
     if context_actions is not None and context_actions.shape[1] != context.shape[axis]:
         raise UsageError(f"context_actions has {context_actions.shape[1]} frames, the context {context.shape[axis]}")
+
+
+def check_frame_size(wm: WorldModel, context: torch.Tensor, where: str = "context") -> None:
+    """Refuse, as a usage error, frames too small (or oddly sized) for the model, before a rollout
+    (5-D video samples: (B, C, T, H, W) or (B, T, C, H, W)).
+
+    Whether a size works depends on the whole architecture (a UNet's downsampling and its
+    GroupNorms' group sizes, a DiT's patches), so rather than guess from the config this runs the
+    model once on one zero frame of the context's size. If that fails and the same probe at the
+    size of the plan's own example input works, the size is at fault and the error says so;
+    otherwise the original error propagates (a bug, not a bad input)."""
+    axis = _frame_axis(wm)
+    frame = torch.zeros_like(context.narrow(axis, 0, 1)[:1], device=wm.device, dtype=wm.dtype)
+    try:
+        _probe(wm, frame)
+    except (RuntimeError, ValueError) as exc:
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            raise
+        sample_arg = wm.plan.conditioning.sample_arg
+        example = wm.plan.make_inputs(wm.model, wm.plan.layout.block_size, torch.Generator().manual_seed(0))
+        good = example[sample_arg].narrow(axis, 0, 1)[:1]
+        if good.shape == frame.shape:
+            raise
+        try:
+            _probe(wm, torch.zeros_like(good, device=wm.device, dtype=wm.dtype))
+        except (RuntimeError, ValueError):
+            raise exc from None
+        hw = "×".join(str(n) for n in frame.movedim(axis, 1).shape[3:])
+        good_hw = "×".join(str(n) for n in good.movedim(axis, 1).shape[3:])
+        raise UsageError(
+            f"{where}: frames of {hw} do not fit this model ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})",
+            f"use the frame size the model was trained on; {good_hw} works (the model downsamples, so very small "
+            "frames cannot pass through it)",
+        ) from None
+
+
+@torch.no_grad()
+def _probe(wm: WorldModel, frame: torch.Tensor) -> None:
+    ts = torch.zeros(frame.shape[0], 1, dtype=torch.long, device=frame.device)
+    wm(frame, ts, None, None, **wm.unconditional_inputs(frame.shape[0], 1))
 
 
 def _check_actions(encoder: torch.nn.Module, acts: torch.Tensor, batch: int, name: str) -> None:
@@ -235,7 +297,10 @@ def _check_actions(encoder: torch.nn.Module, acts: torch.Tensor, batch: int, nam
             )
     elif acts.ndim == 3:
         if acts.shape[-1] != encoder.action_dim:
-            raise UsageError(f"{name} have dimension {acts.shape[-1]}, the action adapter expects {encoder.action_dim}")
+            raise UsageError(
+                f"{name} have dimension {acts.shape[-1]}, the action adapter expects {encoder.action_dim}",
+                f"pass {encoder.action_dim} numbers per action (the --action-dim the checkpoint was converted with)",
+            )
         if acts.is_floating_point() and not torch.isfinite(acts).all():
             raise UsageError(f"{name} contain NaN or inf")
     else:
@@ -428,4 +493,13 @@ def _as_rows(actions: torch.Tensor) -> list[torch.Tensor]:
     return list(actions.split(1, dim=1))
 
 
-__all__ = ["FullRecompute", "RolloutConfig", "RolloutResult", "RolloutSession", "Streaming", "rollout"]
+__all__ = [
+    "MAX_SEED",
+    "FullRecompute",
+    "RolloutConfig",
+    "RolloutResult",
+    "RolloutSession",
+    "Streaming",
+    "check_frame_size",
+    "rollout",
+]

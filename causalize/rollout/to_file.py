@@ -1,5 +1,8 @@
 """`rollout_to_file`, what `causalize rollout` runs: a checkpoint, a context file and an actions
-file in, a clip out (reading and writing through causalize.rollout.io), with a report."""
+file in, a clip out (reading and writing through causalize.rollout.io), with a report.
+
+Importing this module does not import torch: paths, the output and the input files are checked
+first (`check_rollout_paths`, then the readers), so that a bad input fails before torch loads."""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from causalize.errors import UsageError
+from causalize.errors import CheckpointError, UsageError
 from causalize.rollout.io import (
     DEFAULT_FPS,
     Frames,
@@ -106,18 +109,20 @@ def rollout_to_file(
     `options` are RolloutConfig fields; None means "not given": each field comes from the option,
     else the checkpoint's training.json (prediction_type, zero_terminal_snr, window), else the
     RolloutConfig default. The written clip holds the context frames followed by one generated
-    frame per action (`include_context=False`: the generated frames only). Inputs and the output
-    path are checked before the model runs; nothing is written unless the rollout succeeds.
+    frame per action (`include_context=False`: the generated frames only). Paths, the output and
+    the input files are checked before torch is imported, the frame size by one 1-frame forward
+    before the rollout (`check_frame_size`); nothing is written unless the rollout succeeds.
     `device` (None: CUDA when available) and `dtype` (None: the checkpoint's) are where and in
     what precision the model runs; frames are written from fp32."""
-    from causalize.rollout.loading import load_world_model, resolve_config
-    from causalize.rollout.sampler import RolloutSession, rollout
-
     t0 = time.perf_counter()
-    out_path = check_output(out, "pixels", overwrite)  # extension and existence, before any work
+    out_path = check_rollout_paths(checkpoint, context, actions, out, overwrite=overwrite)
     check_fps(fps)
-    clip = read_frames(context, context_frames)
+    clip = read_frames(context, context_frames)  # headers and sizes first, only the frames needed
     raw_actions = read_actions(actions)
+    # torch and the model only now: every input above is checked without them
+    from causalize.rollout.loading import load_world_model, resolve_config
+    from causalize.rollout.sampler import RolloutSession, check_frame_size, rollout
+
     config, sources = resolve_config(checkpoint, **options)
     wm, ckpt = load_world_model(checkpoint, device=device, dtype=dtype)
     RolloutSession(wm, config)  # refuses a model without an action adapter before any file work
@@ -138,6 +143,7 @@ def rollout_to_file(
     clip = fit_channels(clip, channels)
     check_output(out_path, clip.kind, overwrite, clip.channels)
     x = frames_to_model(clip, axis, channels, str(context))
+    check_frame_size(wm, x, str(context))  # one 1-frame forward: too small frames are a usage error
     result = rollout(wm, x, acts, config=config, progress=progress)
     generated = model_to_frames(result.frames, axis, clip.kind)
     data = np.concatenate([clip.data, generated.data]) if include_context else generated.data
@@ -171,6 +177,35 @@ def rollout_to_file(
     return report
 
 
+def check_rollout_paths(
+    checkpoint: str | os.PathLike,
+    context: str | os.PathLike,
+    actions: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """What `rollout_to_file` checks before reading anything: the checkpoint, context and actions
+    exist, and OUT can be written (a known extension, its writer installed, not existing unless
+    `overwrite`). Imports no torch, so the CLI runs it first. Returns OUT as a Path."""
+    out_path = check_output(out, "pixels", overwrite)
+    ckpt = Path(checkpoint)
+    if not ckpt.exists():
+        raise CheckpointError(
+            f"{ckpt} does not exist", "give a converted checkpoint (causalize convert ... --action-dim N)"
+        )
+    for path, what, hint in (
+        (context, "context", "give frames: an episode .npz, a .npy array, or a video / image"),
+        (actions, "actions", "give one action per generated frame: .npy, .npz, .json or a text file"),
+    ):
+        p = Path(path)
+        if not p.exists():
+            raise UsageError(f"{p}: {what} file not found", hint)
+        if not p.is_file():
+            raise UsageError(f"{p}: not a file", hint)
+    return out_path
+
+
 def _stored_actions(acts: torch.Tensor, action_type: str) -> np.ndarray:
     """Actions as the episode format stores them: int64 indices, uint8 multi-hot, float32 rows."""
     a = acts[0].cpu().numpy()
@@ -179,4 +214,4 @@ def _stored_actions(acts: torch.Tensor, action_type: str) -> np.ndarray:
     return a
 
 
-__all__ = ["RolloutFileReport", "rollout_to_file"]
+__all__ = ["RolloutFileReport", "check_rollout_paths", "rollout_to_file"]

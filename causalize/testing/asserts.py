@@ -274,7 +274,7 @@ def assert_leaks(
     """Negative control: assert that some output frame DOES depend on a later input frame.
 
     Same arguments as `assert_causal` (localisation is off by default: pass localize=True to get
-    `report.culprit`). An ineffective probe alone is not a leak. Returns the report.
+    `report.culprit`). An ineffective probe alone is not a leak, nor is a non-finite one. Returns the report.
     """
     __tracebackhide__ = True
     report = _check(
@@ -292,10 +292,10 @@ def assert_leaks(
         rerandomize=rerandomize,
         localize=localize,
     )
-    if not report.violations:
+    if not report.violations or report.nonfinite:  # a NaN / inf probe proves no leak either
         why = (
             "no output frame depends on a later input frame"
-            if not report.inert
+            if not report.inert and not report.nonfinite
             else f"no leak found ({report.summary()})"
         )
         raise CausalityCheckFailed(

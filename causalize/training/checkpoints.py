@@ -3,13 +3,15 @@ checkpoint a run resumes from.
 
 Directories appear in one step through :mod:`causalize.fs`, so a reader (or a resumed run) never
 sees half a checkpoint. Only a resumed run may replace what an earlier run in the same
-``output_dir`` wrote: a fresh run refuses such a directory before it starts.
+``output_dir`` wrote: a fresh run refuses such a directory before it starts, and claims it
+atomically (:class:`OutputClaim`) so that two fresh runs cannot share one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shutil
 import warnings
@@ -27,7 +29,10 @@ __all__ = [
     "METRICS_FILE",
     "STATE_FILE",
     "TRAINING_FILE",
+    "OutputClaim",
     "append_metrics",
+    "check_output_dir",
+    "holds_run",
     "latest_checkpoint",
     "list_checkpoints",
     "resume_point",
@@ -81,15 +86,35 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def holds_run(output_dir: str | Path) -> bool:
+    """Whether ``output_dir`` holds (the start of) a training run: metrics, checkpoints or final/."""
+    out = Path(output_dir)
+    return (out / METRICS_FILE).exists() or bool(list_checkpoints(out)) or (out / FINAL_DIR).exists()
+
+
+def _run_exists(out: Path, why: str = "") -> TrainingError:
+    return TrainingError(
+        f"{out} already holds a training run{why}",
+        "continue it with resume=True (CLI: --resume), or choose another output directory",
+    )
+
+
+def check_output_dir(config: TrainConfig) -> None:
+    """Fail before any work when the run could not write its output directory: a file in the way,
+    or (for a fresh run) a directory that already holds a run. Cheap, and torch-free."""
+    out = Path(config.output_dir)
+    if out.exists() and not out.is_dir():
+        raise TrainingError(f"output directory {out} is a file", "choose another output directory")
+    if config.resume is False and holds_run(out):
+        raise _run_exists(out)
+
+
 def resume_point(config: TrainConfig, is_main: bool) -> tuple[Path | None, int]:
     """(checkpoint to resume from, its step); refuses to mix a fresh run into an old one."""
     out = Path(config.output_dir)
     if config.resume is False:
-        if (out / METRICS_FILE).exists() or list_checkpoints(out) or (out / FINAL_DIR).exists():
-            raise TrainingError(
-                f"{out} already holds a training run",
-                "continue it with resume=True (CLI: --resume), or choose another output directory",
-            )
+        if holds_run(out):
+            raise _run_exists(out)
         return None, 0
     if config.resume is True:
         ckpt = latest_checkpoint(out)
@@ -108,6 +133,59 @@ def resume_point(config: TrainConfig, is_main: bool) -> tuple[Path | None, int]:
             stacklevel=4,
         )
     return ckpt, int(state["step"])
+
+
+# --------------------------------------------------------------------------------------------
+# Claiming the output directory
+# --------------------------------------------------------------------------------------------
+
+
+class OutputClaim:
+    """A fresh run's hold on its output directory, taken in one atomic step: the exclusive creation
+    (``O_CREAT | O_EXCL``) of an empty ``metrics.jsonl``, which also marks the directory as
+    holding a run. Of two runs started on the same directory at once exactly one gets it; the
+    other fails before writing anything. A resumed run continues what is there and claims nothing.
+
+    ``release()`` undoes the claim when the run fails before its first step (nothing written on
+    error): it removes only what this claim created, the still-empty metrics file and the
+    directory if it made it and it is empty.
+    """
+
+    def __init__(self, output_dir: str | Path, fresh: bool):
+        self.out = Path(output_dir)
+        self.made_dir = False
+        self.made_metrics = False
+        try:
+            self.out.mkdir(parents=True)
+            self.made_dir = True
+        except FileExistsError:
+            if not self.out.is_dir():
+                raise TrainingError(
+                    f"output directory {self.out} is a file", "choose another output directory"
+                ) from None
+        if not fresh:
+            return
+        try:
+            os.close(os.open(self.out / METRICS_FILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        except FileExistsError:
+            self.release()
+            raise _run_exists(self.out, " (another run claimed it first)") from None
+        self.made_metrics = True
+        if list_checkpoints(self.out) or (self.out / FINAL_DIR).exists():
+            self.release()
+            raise _run_exists(self.out)
+
+    def release(self) -> None:
+        metrics = self.out / METRICS_FILE
+        if self.made_metrics:
+            with contextlib.suppress(OSError):
+                if metrics.stat().st_size == 0:
+                    metrics.unlink()
+            self.made_metrics = False
+        if self.made_dir:
+            with contextlib.suppress(OSError):  # not empty: someone else's files, keep them
+                self.out.rmdir()
+            self.made_dir = False
 
 
 # --------------------------------------------------------------------------------------------

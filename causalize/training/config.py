@@ -1,7 +1,7 @@
 """The settings of a training run: :class:`TrainConfig`, read from JSON / TOML and validated.
 
 Apart from the trainer so that the CLI, the benchmarks and the checkpoint code can read and check
-a configuration without importing the training loop (accelerate, the data loader).
+a configuration without importing the training loop (accelerate, the data loader) or torch.
 """
 
 from __future__ import annotations
@@ -17,13 +17,24 @@ from pathlib import Path
 from typing import Any
 
 from causalize.errors import UsageError
-from causalize.noise import PREDICTION_TYPES
-from causalize.training.objective import TIMESTEP_MODES
 
-__all__ = ["MIXED_PRECISION", "TRAIN_ONLY", "TrainConfig", "TrainingError"]
+__all__ = [
+    "MIXED_PRECISION",
+    "PREDICTION_TYPES",
+    "TIMESTEP_MODES",
+    "TRAIN_ONLY",
+    "TrainConfig",
+    "TrainingError",
+]
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 TRAIN_ONLY = ("all", "adapter")
+#: The targets the trainer regresses: causalize.noise.PREDICTION_TYPES without "sample". Spelt out
+#: here rather than imported, so that reading and checking a config (the CLI does it before
+#: anything else) does not import torch; a test keeps the two in step.
+PREDICTION_TYPES = ("v", "epsilon")
+#: How noise levels are drawn per window (see causalize.training.objective.sample_frame_timesteps).
+TIMESTEP_MODES: tuple[str, ...] = ("independent", "shared")
 
 
 class TrainingError(UsageError):
@@ -112,6 +123,9 @@ class TrainConfig:
     stride: int = 1
     #: DataLoader worker processes (0: load in the training process).
     num_workers: int = 0
+    #: Read every episode once at the start against the checksums its file recorded
+    #: (docs/EPISODES.md); false skips that read, for datasets too large to read at every start.
+    verify_data: bool = True
 
     def __post_init__(self) -> None:
         self.validate()
@@ -175,7 +189,7 @@ class TrainConfig:
             setattr(self, name, str(value))
         self._validate_numbers()
         self._validate_choices()
-        for name in ("zero_terminal_snr", "gradient_checkpointing", "log_per_frame"):
+        for name in ("zero_terminal_snr", "gradient_checkpointing", "log_per_frame", "verify_data"):
             if not isinstance(getattr(self, name), bool):
                 raise self._bad(name, "must be true or false")
         if isinstance(self.resume, os.PathLike):
@@ -212,7 +226,7 @@ class TrainConfig:
 
     def _validate_choices(self) -> None:
         choices = {
-            "prediction_type": tuple(p for p in PREDICTION_TYPES if p != "sample"),
+            "prediction_type": PREDICTION_TYPES,
             "timestep_mode": TIMESTEP_MODES,
             "mixed_precision": MIXED_PRECISION,
             "train_only": TRAIN_ONLY,

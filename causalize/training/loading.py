@@ -12,11 +12,10 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from causalize.training.config import TrainConfig, TrainingError
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
     from causalize.episodes import EpisodeDataset
@@ -25,6 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "check_compatible",
+    "check_paths",
     "enable_checkpointing",
     "load_conditioning",
     "load_vae",
@@ -34,28 +34,33 @@ __all__ = [
 ]
 
 
-def open_dataset(config: TrainConfig) -> EpisodeDataset:
-    """The training windows of ``config.data`` (split, stride, window as configured)."""
-    from causalize.episodes import DataError, EpisodeDataset
+def check_paths(config: TrainConfig) -> None:
+    """Every path the run reads exists and the output directory can take the run, checked before
+    anything is loaded (torch-free, so the CLI fails fast); the loaders below check again."""
+    from causalize.training.checkpoints import check_output_dir
 
-    if not Path(config.data).exists():
+    _check_model_path(Path(config.model))
+    _check_data_path(Path(config.data))
+    for name, hint in (("vae", "a diffusers AutoencoderKL directory"), ("conditioning", "a safetensors file")):
+        value = getattr(config, name)
+        if value is not None and not Path(value).exists():
+            raise TrainingError(f"{name} not found: {value}", f"{name} must be {hint}")
+    if isinstance(config.resume, str) and not Path(config.resume).is_dir():
         raise TrainingError(
-            f"dataset not found: {config.data}", "pass the root of an episode dataset (docs/EPISODES.md)"
+            f"not a training checkpoint: {config.resume} (no such directory)",
+            "pass resume=True (CLI: --resume) to continue from the newest checkpoint of the output directory",
         )
-    try:
-        return EpisodeDataset(
-            config.data, config.window, stride=config.stride, split=config.split, test_fraction=config.test_fraction
-        )
-    except DataError as exc:
-        raise TrainingError(f"cannot use dataset {config.data}: {exc}") from exc
+    check_output_dir(config)
 
 
-def load_world_model(config: TrainConfig) -> WorldModel:
-    """The converted checkpoint ``config.model``; a plain diffusers model is refused (no manifest)."""
+def _check_data_path(path: Path) -> None:
+    if not path.exists():
+        raise TrainingError(f"dataset not found: {path}", "pass the root of an episode dataset (docs/EPISODES.md)")
+
+
+def _check_model_path(path: Path) -> None:
     from causalize.manifest import MANIFEST
-    from causalize.world_model import WorldModel
 
-    path = Path(config.model)
     if not path.exists():
         raise TrainingError(
             f"model checkpoint not found: {path}", "convert one first: causalize convert SRC OUT --action-dim N"
@@ -65,6 +70,34 @@ def load_world_model(config: TrainConfig) -> WorldModel:
             f"{path} is not a converted causalize checkpoint (no {MANIFEST})",
             "convert it first: causalize convert SRC OUT --action-dim N",
         )
+
+
+def open_dataset(config: TrainConfig) -> EpisodeDataset:
+    """The training windows of ``config.data`` (split, stride, window as configured), every
+    episode validated now (headers, checksums, action values), so bad data fails the run before
+    its output directory is created rather than at some step."""
+    from causalize.episodes import DataError, EpisodeDataset
+
+    _check_data_path(Path(config.data))
+    try:
+        return EpisodeDataset(
+            config.data,
+            config.window,
+            stride=config.stride,
+            split=config.split,
+            test_fraction=config.test_fraction,
+            verify=config.verify_data,
+        )
+    except DataError as exc:
+        raise TrainingError(f"cannot use dataset {config.data}: {exc.message}", exc.hint) from exc
+
+
+def load_world_model(config: TrainConfig) -> WorldModel:
+    """The converted checkpoint ``config.model``; a plain diffusers model is refused (no manifest)."""
+    from causalize.world_model import WorldModel
+
+    path = Path(config.model)
+    _check_model_path(path)
     return WorldModel.from_pretrained(path)
 
 
@@ -90,6 +123,8 @@ def load_vae(path: str) -> Any:
 
 def _sample_channels(plan: Plan, model: nn.Module, frames: int) -> int | None:
     """Channels of the denoiser's sample (from the plan's example input), None if not 5-D."""
+    import torch
+
     cond = plan.conditioning
     sample = plan.make_inputs(model, frames, torch.Generator().manual_seed(0))[cond.sample_arg]
     if sample.ndim != 5:
@@ -181,5 +216,5 @@ def enable_checkpointing(model: nn.Module) -> bool:
 
     if enable_gradient_checkpointing(model):
         return True
-    warnings.warn(f"{type(model).__name__} does not support gradient checkpointing; training without it", stacklevel=4)
+    warnings.warn(f"{type(model).__name__} does not support gradient checkpointing; training without it", stacklevel=5)
     return False

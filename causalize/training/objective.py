@@ -19,6 +19,7 @@ from typing import Any, Literal, overload
 import torch
 
 from causalize.noise import check_same_shape, compute_dtype, frame_axis_index
+from causalize.training.config import TIMESTEP_MODES  # defined with the settings: reading those needs no torch
 
 __all__ = [
     "DROPOUT_MODES",
@@ -28,7 +29,6 @@ __all__ = [
     "sample_frame_timesteps",
 ]
 
-TIMESTEP_MODES: tuple[str, ...] = ("independent", "shared")
 DROPOUT_MODES: tuple[str, ...] = ("per-frame", "per-sequence")
 
 

@@ -52,6 +52,7 @@ from causalize.training.checkpoints import (
     CHECKPOINT_DIR,
     FINAL_DIR,
     METRICS_FILE,
+    OutputClaim,
     append_metrics,
     latest_checkpoint,
     resume_point,
@@ -62,6 +63,7 @@ from causalize.training.checkpoints import (
 from causalize.training.config import TrainConfig, TrainingError
 from causalize.training.loading import (
     check_compatible,
+    check_paths,
     enable_checkpointing,
     load_conditioning,
     load_vae,
@@ -299,9 +301,12 @@ def train(config: TrainConfig, progress: Progress | None = None) -> dict[str, An
 
 def _set_up(config: TrainConfig) -> _Run:
     """Load and check every input, start accelerate, find the checkpoint to resume from and
-    choose the trainable weights; nothing is trained yet."""
+    choose the trainable weights; nothing is trained yet. Every check runs before the output
+    directory is claimed, and a failure after the claim releases it: a run that cannot start
+    writes nothing."""
     config.validate()
-    dataset = open_dataset(config)
+    check_paths(config)  # cheap, before anything is loaded
+    dataset = open_dataset(config)  # every episode validated (headers, checksums, actions)
     wm = load_world_model(config)
     vae = load_vae(config.vae) if config.vae else None
     check_compatible(wm, dataset.info, vae, config)
@@ -309,15 +314,51 @@ def _set_up(config: TrainConfig) -> _Run:
     accelerator = _accelerator(config)
     is_main = accelerator.is_main_process
     resume_from, start_step = resume_point(config, is_main)
-    if is_main:
-        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+    claim = _claim_output(accelerator, config)
+    try:
+        return _set_up_claimed(config, accelerator, dataset, wm, vae, overrides, resume_from, start_step)
+    except BaseException:
+        if claim is not None:
+            claim.release()
+        raise
+
+
+def _claim_output(accelerator: Any, config: TrainConfig) -> OutputClaim | None:
+    """The main process claims the output directory (atomically, see OutputClaim); every process
+    learns whether it got it, so that the loser of a race stops everywhere."""
+    claim, refusal = None, None
+    if accelerator.is_main_process:
+        try:
+            claim = OutputClaim(config.output_dir, fresh=config.resume is False)
+        except TrainingError as exc:
+            refusal = (exc.message, exc.hint)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        refusal = broadcast_object_list([refusal])[0]
+    if refusal is not None:
+        raise TrainingError(*refusal)
     accelerator.wait_for_everyone()
+    return claim
+
+
+def _set_up_claimed(
+    config: TrainConfig,
+    accelerator: Any,
+    dataset: Any,
+    wm: Any,
+    vae: Any,
+    overrides: dict[str, torch.Tensor],
+    resume_from: Path | None,
+    start_step: int,
+) -> _Run:
+    is_main = accelerator.is_main_process
     schedule = NoiseSchedule.from_config(rescale_zero_terminal_snr=config.zero_terminal_snr)
     if config.prediction_type == "epsilon" and config.zero_terminal_snr and is_main:
         warnings.warn(
             "epsilon prediction with a zero-terminal-SNR schedule: the last step's target carries no information "
             "about the frame (METHOD.md §6); prefer prediction_type='v'",
-            stacklevel=3,
+            stacklevel=4,
         )
     plan = wm.plan
     model_kwargs = conditioning_kwargs(plan, wm.model, config.batch_size, config.window, overrides, accelerator.device)
