@@ -131,6 +131,7 @@ def convert_model(
             )
         runs.append(PassRun(step.name, cls.version, _options_dict(ctx.options), records, seconds))
         say(progress, f"{step.name}: {len(records)} sites in {seconds:.2f}s")
+    state.remember_recipe(model, plan.name, str(pipe))
     return runs
 
 

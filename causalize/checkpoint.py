@@ -125,6 +125,7 @@ def read_config(model_dir: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} has no '_class_name'", "it must be a diffusers model config")
     if not isinstance(config["_class_name"], str):
         raise CheckpointError(f"{path}: '_class_name' is {config['_class_name']!r}, not a class name", RESTORE)
+    config.pop("causalize", None)  # the converted-checkpoint marker (manifest.CONFIG_MARKER), not a model option
     return config
 
 
@@ -396,15 +397,23 @@ def save_model(model, tmp: Path, md: ModelDir | None = None) -> str:
     import shutil
 
     if md is None or md.pickle:
-        model.save_pretrained(tmp, safe_serialization=True)
+        type(model).save_pretrained(model, tmp, safe_serialization=True)  # the manifest is written by convert
+        _mark(tmp)
         return "serialised"
     model.save_config(tmp)
+    _mark(tmp)
     for f in md.weight_files:
         shutil.copyfile(f, tmp / f.name)
     index = md.path / f"{WEIGHTS_ST}.index.json"
     if index.is_file():
         shutil.copyfile(index, tmp / index.name)
     return "copied"
+
+
+def _mark(directory: Path) -> None:
+    from causalize.manifest import mark_config
+
+    mark_config(directory)
 
 
 def _target(out: Path) -> Path:

@@ -135,3 +135,48 @@ def _preview(value: Any) -> str:
 
 def is_converted(directory: Path) -> bool:
     return (Path(directory) / MANIFEST).exists()
+
+
+#: The key causalize adds to a converted checkpoint's config.json. Plain diffusers loading does not
+#: expect it and logs it in its "config attributes ... will be ignored" warning, so a user who loads
+#: the folder with `from_pretrained` (a model that is NOT causal) sees why; causalize.load drops it.
+CONFIG_MARKER = "causalize"
+CONFIG_MARKER_TEXT = (
+    "CAUSAL CHECKPOINT: load it with causalize.load(path); plain diffusers from_pretrained builds the "
+    "stock, non-causal model from these weights (for temporal-conv models, one that is neither)"
+)
+
+
+def mark_config(directory: Path) -> None:
+    """Add the marker to `directory/config.json` (written by diffusers' save_config)."""
+    from causalize import fs
+
+    path = Path(directory) / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config[CONFIG_MARKER] = CONFIG_MARKER_TEXT
+    fs.write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n", overwrite=True)
+
+
+class SavesRecipe:
+    """A converted model's `save_pretrained` (an instance attribute recorded by causalize.state,
+    removed by `unconvert`): diffusers' own save, then causalize.json with the conversion's plan
+    and pipeline beside the weights and the marker in config.json, so `causalize.load` of the saved
+    folder gives the causal model back. Pipelines' `save_pretrained` calls it for their denoiser."""
+
+    def __init__(self, model: Any, plan: str, pipelines: list[str]):
+        self.model, self.plan, self.pipelines = model, plan, pipelines
+
+    def __call__(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
+        from causalize import __version__
+
+        result = type(self.model).save_pretrained(self.model, save_directory, *args, **kwargs)
+        manifest = Manifest(
+            base_class=type(self.model).__name__,
+            plan=self.plan,
+            pipeline=",".join(self.pipelines),
+            passes=[],
+            causalize_version=__version__,
+        )
+        manifest.write(Path(save_directory))
+        mark_config(Path(save_directory))
+        return result

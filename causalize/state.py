@@ -141,6 +141,18 @@ def installed(model: nn.Module) -> list[dict[str, Any]]:
     return [c.to_json() for c in reg.changes] if reg is not None else []
 
 
+def remember_recipe(model: nn.Module, plan: str, pipeline: str) -> None:
+    """Make the model's own `save_pretrained` write the conversion's recipe too (SavesRecipe), so a
+    re-saved converted model still loads causal; a later conversion's pipeline is appended."""
+    from causalize.manifest import SavesRecipe
+
+    saver = vars(model).get("save_pretrained")
+    if isinstance(saver, SavesRecipe):
+        saver.pipelines.append(pipeline)
+        return
+    set_attribute(model, "", "save_pretrained", SavesRecipe(model, plan, [pipeline]), by="convert_model")
+
+
 def weights_untouched(model: nn.Module) -> bool:
     """True when no recorded change altered or added a weight (processor wraps, hooks, class swaps
     and weight-preserving module swaps only): the model's state dict is the checkpoint's."""

@@ -216,7 +216,11 @@ def test_installed_lists_a_dit_conversion():
     assert kinds["processor"] == {p for p, m in model.named_modules() if type(m).__name__ == "Attention"}
     assert kinds["class-swap"] == {p for p, m in model.named_modules() if type(m).__name__.startswith("Frame")}
     passes = {c["pass"] for c in state.installed(model)}
-    assert passes == {"block-causal-attention", "frame-conditioning"}
+    assert passes == {
+        "block-causal-attention",
+        "frame-conditioning",
+        "convert_model",
+    }  # the recipe-saving save_pretrained
 
 
 # --- copies, loading, refusals, the CLI --------------------------------------------------------
