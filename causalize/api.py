@@ -206,23 +206,6 @@ def _attention_path(model: nn.Module, covered: dict[str, list[Site]]) -> dict[st
 # --- checkpoints on disk -------------------------------------------------------------------
 
 
-def _check_model_class(md: Any) -> None:
-    """config.json's `_class_name` must name a diffusers model (a ModelMixin), checked before
-    anything is built: a pipeline's or a scheduler's config names a class too, and building one
-    fails in unrelated ways. Looked up in `diffusers.models`, so no pipeline module is imported."""
-    import diffusers.models
-
-    try:
-        cls = getattr(diffusers.models, md.class_name, None)
-    except Exception:  # a lazily imported model whose optional dependency is missing
-        cls = None
-    if not (isinstance(cls, type) and issubclass(cls, diffusers.models.ModelMixin)):
-        raise CheckpointError(
-            f"{md.path / 'config.json'}: {md.class_name} is not a diffusers model class",
-            "give the denoiser's directory (a pipeline's unet/ or transformer/), not a pipeline or scheduler",
-        )
-
-
 def _load_dir(
     path: str | os.PathLike,
     subfolder: str | None,
@@ -234,7 +217,7 @@ def _load_dir(
     from causalize import checkpoint
 
     md = checkpoint.open_model_dir(path, subfolder)
-    _check_model_class(md)
+    checkpoint.check_model_class(md)
     check_model_fits(md, dtype, device)
     say(progress, f"reading {md.path} ({md.class_name})")
     model = checkpoint.build_empty(md.class_name, md.config, md)
@@ -278,8 +261,27 @@ def _trusted_recipe(manifest: Manifest, md: Any) -> tuple[Plan, Pipeline]:
             "so the loaded model would not be causal, but causalize.json does not record a failed verification",
             "restore causalize.json, or re-run `causalize convert` (with --allow-leak if the leak is intended)",
         )
+    weak = [
+        f"{st.name}{{{_options_dict(o)}}}"
+        for st in pipe.steps
+        if _weakens(o := st.resolved(_registries().passes), plan)
+    ]
+    if weak and not manifest.declares_leak():
+        raise CheckpointError(
+            f"{where}: options {', '.join(weak)} make the model less causal than plan '{plan.name}' "
+            "allows, but causalize.json does not record a failed verification",
+            "restore causalize.json, or re-run `causalize convert`",
+        )
     _check_action_dim(pipe, md)
     return plan, pipe
+
+
+def _weakens(options: Any, plan: Plan) -> bool:
+    """Options that widen what a frame sees: the deliberately leaky text rule, or a coarser block."""
+    return (
+        bool(getattr(options, "context_sees_video", False))
+        or getattr(options, "block_size", 0) > plan.layout.block_size
+    )
 
 
 def _check_action_dim(pipe: Pipeline, md: Any) -> None:
@@ -342,7 +344,7 @@ def load(
     dtype, device = checked_precision(torch_dtype, device)
     manifest = Manifest.read(Path(path))
     md = checkpoint.open_model_dir(path, None)
-    _check_model_class(md)
+    checkpoint.check_model_class(md)
     check_model_fits(md, dtype, device)
     the_plan, pipe = _trusted_recipe(manifest, md)
     say(progress, f"reading {md.path} ({md.class_name})")
@@ -419,7 +421,7 @@ def _verify_shrunken(path, *, frames, plan, subfolder, torch_dtype, device, prog
     converted = subfolder is None and is_converted(Path(path))
     manifest = Manifest.read(Path(path)) if converted else None
     md = checkpoint.open_model_dir(path, subfolder)
-    _check_model_class(md)
+    checkpoint.check_model_class(md)
     recipe = _trusted_recipe(manifest, md) if manifest is not None else None
     the_plan = plan_for(md.class_name, plan, md.config) if plan or recipe is None else recipe[0]
     model, shrunk = build_shrunken(the_plan, md.config)
@@ -518,7 +520,7 @@ def convert(
     out = Path(out)
     dtype, dev = checked_precision(torch_dtype, device)
     md = checkpoint.open_model_dir(src, subfolder)
-    _check_model_class(md)
+    checkpoint.check_model_class(md)
     check_model_fits(md, dtype, dev)
     # OUT is checked (and stale temporaries of a killed run removed) before any weight is read;
     # a dry run writes nothing.

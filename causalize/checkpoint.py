@@ -410,6 +410,23 @@ def save_model(model, tmp: Path, md: ModelDir | None = None) -> str:
     return "copied"
 
 
+def check_model_class(md: ModelDir) -> None:
+    """config.json's `_class_name` must name a diffusers model (a ModelMixin), checked before
+    anything is built: a pipeline's or a scheduler's config names a class too, and building one
+    fails in unrelated ways. Looked up in `diffusers.models`, so no pipeline module is imported."""
+    import diffusers.models
+
+    try:
+        cls = getattr(diffusers.models, md.class_name, None)
+    except Exception:  # a lazily imported model whose optional dependency is missing
+        cls = None
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.models.ModelMixin)):
+        raise CheckpointError(
+            f"{md.path / 'config.json'}: {md.class_name} is not a diffusers model class",
+            "give the denoiser's directory (a pipeline's unet/ or transformer/), not a pipeline or scheduler",
+        )
+
+
 def _mark(directory: Path) -> None:
     from causalize.manifest import mark_config
 

@@ -400,3 +400,25 @@ def test_truncated_pickle_is_still_corrupt_not_unsafe(wan_dir, tmp_path):
     result = cli("verify", path, "--allow-pickle")
     assert_one_line_error(result, 4, "corrupt or truncated")
     assert "unsafe" not in result.output
+
+
+@pytest.mark.parametrize(
+    "tampered", ["block-causal-attention{context_sees_video=true}", "block-causal-attention{block_size=4}"]
+)
+def test_a_manifest_whose_options_weaken_causality_is_refused(tmp_path, tampered):
+    """Negative control first: the untampered checkpoint loads; then the same recipe with a leaky
+    option and a 'passed' verification is refused before anything is built."""
+    import causalize
+    from causalize.api import convert
+    from causalize.errors import CheckpointError as _CheckpointError
+    from causalize.plugin_manager import registries as _registries
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    _registries().plans.get("wan").build_tiny().save_pretrained(src)
+    convert(src, out)
+    causalize.load(out)
+    doc = json.loads((out / "causalize.json").read_text())
+    doc["pipeline"] = tampered
+    (out / "causalize.json").write_text(json.dumps(doc))
+    with pytest.raises(_CheckpointError, match="less causal than plan 'wan'"):
+        causalize.load(out)
