@@ -534,3 +534,21 @@ def test_trainer_choices_match_the_library():
 
     assert config.PREDICTION_TYPES == tuple(p for p in PREDICTION_TYPES if p != "sample")
     assert objective.TIMESTEP_MODES is config.TIMESTEP_MODES
+
+
+def test_a_video_context_is_decoded_within_a_bound(tmp_path, monkeypatch):
+    """A video decodes frame by frame: past the bound it is refused (exit 2 in the CLI), and with
+    --context-frames only those frames are decoded (negative control: the same bound passes)."""
+    import numpy as _np
+    import pytest as _pytest
+
+    iio = _pytest.importorskip("imageio.v3")
+    from causalize.errors import UsageError as _UsageError
+    from causalize.rollout import io as rio
+
+    clip = tmp_path / "clip.gif"
+    iio.imwrite(clip, _np.arange(6, dtype=_np.uint8)[:, None, None, None].repeat(16, 1).repeat(16, 2).repeat(3, 3) * 40)
+    monkeypatch.setattr(rio, "MAX_ARRAY_BYTES", 3 * 16 * 16 * 3)
+    with _pytest.raises(_UsageError, match="GiB allowed for context frames"):
+        rio.read_frames(clip)
+    assert rio.read_frames(clip, context_frames=2).count == 2

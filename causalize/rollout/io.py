@@ -36,7 +36,7 @@ import numpy as np
 
 from causalize import fs
 from causalize.errors import UsageError
-from causalize.rollout.arrays import load_npy, npz_headers, read_rows, rows_within_bound, short_error
+from causalize.rollout.arrays import MAX_ARRAY_BYTES, load_npy, npz_headers, read_rows, rows_within_bound, short_error
 
 if TYPE_CHECKING:
     import torch
@@ -136,7 +136,7 @@ def read_frames(path: str | os.PathLike, context_frames: int | None = None) -> F
         arr = load_npy(p, context_frames, "context frames")
         frames = as_frames(arr, "pixels" if arr.dtype == np.uint8 else "latents", str(p))
     elif ext in VIDEO_EXTS or ext in IMAGE_EXTS:
-        frames = as_frames(_read_media(p), "pixels", str(p))
+        frames = as_frames(_read_media(p, context_frames), "pixels", str(p))
     else:
         raise UsageError(
             f"{p}: unknown context format {ext or '(no extension)'!r}",
@@ -173,8 +173,10 @@ def _frames_from_npz(p: Path, context_frames: int | None) -> Frames:
     return as_frames(read_rows(p, keys[0], header, rows), kind, str(p))
 
 
-def _read_media(p: Path) -> np.ndarray:
-    """All frames of a video / GIF, or one image, as (T, H, W, C) uint8."""
+def _read_media(p: Path, wanted: int | None = None) -> np.ndarray:
+    """The frames of a video / GIF (the first `wanted` of them), or one image, as (T, H, W, C)
+    uint8. Decoded frame by frame and refused past MAX_ARRAY_BYTES, so a small, highly compressed
+    file cannot fill the memory."""
     try:
         import imageio.v3 as iio
     except ImportError:
@@ -184,7 +186,9 @@ def _read_media(p: Path) -> np.ndarray:
     try:
         with warnings.catch_warnings():  # on a bad file imageio probes every plugin, some deprecated
             warnings.simplefilter("ignore", DeprecationWarning)
-            arr = np.asarray(iio.imread(p, index=None))
+            arr = _decode_bounded(iio, p, wanted)
+    except UsageError:
+        raise
     except Exception as exc:  # imageio raises many types (OSError, ValueError, struct.error, ...)
         raise UsageError(f"{p}: cannot read as {p.suffix.lower()}: {short_error(exc)}") from None
     single = p.suffix.lower() in IMAGE_EXTS
@@ -197,6 +201,27 @@ def _read_media(p: Path) -> np.ndarray:
             f"{p}: {arr.dtype} pixels are not supported, only 8-bit", "convert the file to 8 bits per channel"
         )
     return arr
+
+
+def _decode_bounded(iio, p: Path, wanted: int | None) -> np.ndarray:
+    if p.suffix.lower() in IMAGE_EXTS:
+        arrays, total = [np.asarray(iio.imread(p))], 0
+        total = arrays[0].nbytes
+    else:
+        arrays, total = [], 0
+        for frame in iio.imiter(p):
+            arrays.append(np.asarray(frame))
+            total += arrays[-1].nbytes
+            if wanted is not None and len(arrays) >= wanted:
+                break
+            if total > MAX_ARRAY_BYTES:
+                break
+    if total > MAX_ARRAY_BYTES:
+        raise UsageError(
+            f"{p}: the decoded frames take more than the {MAX_ARRAY_BYTES / 2**30:.3g} GiB allowed for context frames",
+            "pass --context-frames N to read only the first N frames, or a shorter / smaller video",
+        )
+    return arrays[0] if len(arrays) == 1 and p.suffix.lower() in IMAGE_EXTS else np.stack(arrays)
 
 
 def frames_to_model(
