@@ -552,3 +552,26 @@ def test_a_video_context_is_decoded_within_a_bound(tmp_path, monkeypatch):
     with _pytest.raises(_UsageError, match="GiB allowed for context frames"):
         rio.read_frames(clip)
     assert rio.read_frames(clip, context_frames=2).count == 2
+
+
+def test_the_library_rollout_and_the_env_refuse_frames_too_small_for_the_model():
+    """The frame-size check runs in RolloutSession.reset, so rollout() and WorldModelEnv get it too
+    (negative control: the plan's own frame size rolls out)."""
+    import pytest as _pytest
+    import torch as _torch
+    from world_models import tiny_world_model
+
+    from causalize.errors import UsageError as _UsageError
+    from causalize.rollout.sampler import RolloutConfig, rollout
+
+    wm = tiny_world_model(
+        "unet3d",
+        block_out_channels=(4, 8, 8, 8),
+        down_block_types=("CrossAttnDownBlock3D",) * 3 + ("DownBlock3D",),
+        up_block_types=("UpBlock3D",) + ("CrossAttnUpBlock3D",) * 3,
+    )
+    config = RolloutConfig(steps=1, window=2)
+    ok = _torch.randn(1, 4, 1, 16, 16)
+    rollout(wm, ok, _torch.randn(1, 1, 3), config=config)
+    with _pytest.raises(_UsageError, match="frames of 1×1 do not fit this model"):
+        rollout(wm, _torch.randn(1, 4, 1, 1, 1), _torch.randn(1, 1, 3), config=config)

@@ -278,6 +278,11 @@ def check_frame_size(wm: WorldModel, context: torch.Tensor, where: str = "contex
         ) from None
 
 
+def _frame_size(x: torch.Tensor, axis: int) -> tuple[int, ...]:
+    """Channels and spatial size of one frame of a 5-D video sample."""
+    return tuple(x.movedim(axis, 1).shape[2:])
+
+
 @torch.no_grad()
 def _probe(wm: WorldModel, frame: torch.Tensor) -> None:
     ts = torch.zeros(frame.shape[0], 1, dtype=torch.long, device=frame.device)
@@ -356,6 +361,8 @@ class RolloutSession:
         _check_inputs(self.wm, context, context_actions)
         self.batch = context.shape[0]
         context = context.to(device=self.device, dtype=self.dtype)
+        if context.ndim == 5 and _frame_size(context, self.axis) not in self._sizes_known_to_fit():
+            check_frame_size(self.wm, context)  # one 1-frame forward: too small frames are a usage error
         self.frame_shape = list(context.shape)
         self.frame_shape[self.axis] = 1
         self.gen = torch.Generator(device=self.device).manual_seed(self.config.seed)
@@ -396,6 +403,15 @@ class RolloutSession:
         return self.schedule.convert(
             x.repeat(copies, *([1] * (x.ndim - 1))), out, ts, self.prediction, "v", self.out_axis
         )
+
+    def _sizes_known_to_fit(self) -> set[tuple[int, ...]]:
+        """Frame sizes that need no probe: the plan's example size, and sizes this session checked."""
+        known = getattr(self, "_fitting_sizes", None)
+        if known is None:
+            cond = self.wm.plan.conditioning
+            example = self.wm.plan.make_inputs(self.wm.model, 1, torch.Generator().manual_seed(0))[cond.sample_arg]
+            known = self._fitting_sizes = {_frame_size(example, self.axis)}
+        return known
 
     @torch.no_grad()
     def step(self, action: torch.Tensor) -> torch.Tensor:
