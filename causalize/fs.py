@@ -191,7 +191,8 @@ def _swap(tmp: Path, out: Path) -> None:
 # ----------------------------------------------------------------------------------- clean-up
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Is a process with this PID running (ours counts)?"""
     if pid == os.getpid():
         return True
     try:
@@ -213,7 +214,7 @@ def clean_stale(target: str | os.PathLike) -> list[Path]:
     for entry in target.parent.iterdir():
         m = _STALE.match(entry.name)
         names = (target.name,) if m is None or not m.group("suffix") else (target.stem,)
-        if not m or m.group("name") not in names or _alive(int(m.group("pid"))):
+        if not m or m.group("name") not in names or process_alive(int(m.group("pid"))):
             continue
         if entry.is_symlink() or not entry.is_dir():
             entry.unlink(missing_ok=True)
@@ -225,6 +226,7 @@ def clean_stale(target: str | os.PathLike) -> list[Path]:
 
 __all__ = [
     "clean_stale",
+    "process_alive",
     "new_directory",
     "new_file",
     "rename_noreplace",

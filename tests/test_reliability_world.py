@@ -575,3 +575,33 @@ def test_the_library_rollout_and_the_env_refuse_frames_too_small_for_the_model()
     rollout(wm, ok, _torch.randn(1, 1, 3), config=config)
     with _pytest.raises(_UsageError, match="frames of 1×1 do not fit this model"):
         rollout(wm, _torch.randn(1, 4, 1, 1, 1), _torch.randn(1, 1, 3), config=config)
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_lives(tmp_path):
+    """Resumed runs too: the run lock holds a live PID; a stale lock (dead PID) is taken over."""
+    import os as _os
+    import subprocess as _subprocess
+    import sys as _sys
+
+    import pytest as _pytest
+
+    from causalize.training.checkpoints import RunLock
+    from causalize.training.config import TrainingError
+
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = RunLock(out)
+    assert (out / RunLock.NAME).read_text() == str(_os.getpid())
+    child = _subprocess.Popen([_sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (out / RunLock.NAME).write_text(str(child.pid))  # a live run holds it
+        with _pytest.raises(TrainingError, match=f"being trained by another run \\(pid {child.pid}\\)"):
+            RunLock(out)
+    finally:
+        child.kill()
+        child.wait()
+    again = RunLock(out)  # the holder is gone: stale, taken over
+    assert (out / RunLock.NAME).read_text() == str(_os.getpid())
+    again.release()
+    lock.release()
+    assert not (out / RunLock.NAME).exists()

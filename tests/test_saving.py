@@ -74,3 +74,21 @@ def test_unconvert_removes_the_recipe_saver(tmp_path):
     model.save_pretrained(tmp_path / "stock")
     assert not (tmp_path / "stock" / "causalize.json").exists()
     assert CONFIG_MARKER not in json.loads((tmp_path / "stock" / "config.json").read_text())
+
+
+def test_a_pipeline_save_keeps_its_denoiser_causal(tmp_path):
+    """DiffusionPipeline.save_pretrained calls the denoiser's own save_pretrained: the unet/ folder
+    gets causalize.json and loads causal."""
+    from diffusers import DDIMScheduler, DiffusionPipeline
+
+    class TinyPipeline(DiffusionPipeline):
+        def __init__(self, unet, scheduler):
+            super().__init__()
+            self.register_modules(unet=unet, scheduler=scheduler)
+
+    plan = registries().plans.get("unet3d")
+    unet = plan.build_tiny()
+    convert_model(unet, plan)
+    TinyPipeline(unet, DDIMScheduler()).save_pretrained(tmp_path / "pipe")
+    assert (tmp_path / "pipe" / "unet" / "causalize.json").is_file()
+    assert verify_model(causalize.load(tmp_path / "pipe" / "unet"), plan).max_leak == 0

@@ -140,6 +140,46 @@ def resume_point(config: TrainConfig, is_main: bool) -> tuple[Path | None, int]:
 # --------------------------------------------------------------------------------------------
 
 
+class RunLock:
+    """One live run per output directory, fresh or resumed: `OUT/.causalize-run.lock`, created
+    exclusively and holding the PID, for the whole run. Two resumed runs started on the same
+    directory would otherwise both write its checkpoints; a lock whose process is gone (a killed
+    run) is stale and taken over."""
+
+    NAME = ".causalize-run.lock"
+
+    def __init__(self, output_dir: str | Path):
+        self.path = Path(output_dir) / self.NAME
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                pid = self._holder()
+                if pid is not None and fs.process_alive(pid) and pid != os.getpid():
+                    raise TrainingError(
+                        f"{self.path.parent} is being trained by another run (pid {pid})",
+                        "wait for it to finish, or choose another output directory",
+                    ) from None
+                with contextlib.suppress(FileNotFoundError):
+                    self.path.unlink()  # stale: its run is gone
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(str(os.getpid()))
+            return
+        raise TrainingError(f"cannot lock {self.path.parent} for training", "another run keeps taking it")
+
+    def _holder(self) -> int | None:
+        try:
+            return int(self.path.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def release(self) -> None:
+        if self._holder() == os.getpid():
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+
 class OutputClaim:
     """A fresh run's hold on its output directory, taken in one atomic step: the exclusive creation
     (``O_CREAT | O_EXCL``) of an empty ``metrics.jsonl``, which also marks the directory as
@@ -176,6 +216,9 @@ class OutputClaim:
             raise _run_exists(self.out)
 
     def release(self) -> None:
+        lock = getattr(self, "lock", None)
+        if lock is not None:
+            lock.release()
         metrics = self.out / METRICS_FILE
         if self.made_metrics:
             with contextlib.suppress(OSError):

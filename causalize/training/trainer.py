@@ -53,6 +53,7 @@ from causalize.training.checkpoints import (
     FINAL_DIR,
     METRICS_FILE,
     OutputClaim,
+    RunLock,
     append_metrics,
     latest_checkpoint,
     resume_point,
@@ -261,6 +262,7 @@ class _Run:
     start_step: int
     checkpointing: bool
     n_params: int
+    lock: Any = None  # the output directory's RunLock (main process), released when the run ends
 
     @property
     def out(self) -> Path:
@@ -285,15 +287,19 @@ def train(config: TrainConfig, progress: Progress | None = None) -> dict[str, An
     """Run (or continue) training; returns a summary (steps, final loss, seconds, paths, ...)."""
     t_start = time.perf_counter()
     run = _set_up(config)
-    loop = _Loop(step=run.start_step)
-    batches = _micro_batches(run, run.start_step * config.gradient_accumulation)
-    t_train = time.perf_counter()
-    for step in range(run.start_step + 1, config.steps + 1):
-        loop.step = step
-        _train_step(run, loop, batches, progress)
-    train_seconds = time.perf_counter() - t_train
-    final = _finish(run, loop)
-    return _summary(run, loop, final, time.perf_counter() - t_start, train_seconds)
+    try:
+        loop = _Loop(step=run.start_step)
+        batches = _micro_batches(run, run.start_step * config.gradient_accumulation)
+        t_train = time.perf_counter()
+        for step in range(run.start_step + 1, config.steps + 1):
+            loop.step = step
+            _train_step(run, loop, batches, progress)
+        train_seconds = time.perf_counter() - t_train
+        final = _finish(run, loop)
+        return _summary(run, loop, final, time.perf_counter() - t_start, train_seconds)
+    finally:
+        if run.lock is not None:
+            run.lock.release()
 
 
 # ---- set-up -------------------------------------------------------------------------------
@@ -316,11 +322,13 @@ def _set_up(config: TrainConfig) -> _Run:
     resume_from, start_step = resume_point(config, is_main)
     claim = _claim_output(accelerator, config)
     try:
-        return _set_up_claimed(config, accelerator, dataset, wm, vae, overrides, resume_from, start_step)
+        run = _set_up_claimed(config, accelerator, dataset, wm, vae, overrides, resume_from, start_step)
     except BaseException:
         if claim is not None:
             claim.release()
         raise
+    run.lock = getattr(claim, "lock", None)
+    return run
 
 
 def _claim_output(accelerator: Any, config: TrainConfig) -> OutputClaim | None:
@@ -330,6 +338,11 @@ def _claim_output(accelerator: Any, config: TrainConfig) -> OutputClaim | None:
     if accelerator.is_main_process:
         try:
             claim = OutputClaim(config.output_dir, fresh=config.resume is False)
+            try:
+                claim.lock = RunLock(config.output_dir)
+            except TrainingError:
+                claim.release()
+                raise
         except TrainingError as exc:
             refusal = (exc.message, exc.hint)
     if accelerator.num_processes > 1:
