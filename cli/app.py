@@ -33,6 +33,7 @@ from causalize.cli.common import (
     PLAN_OPT,
     SUBFOLDER_OPT,
     check_precision_names,
+    check_source,
     emit_json,
     err,
     guard,
@@ -145,6 +146,7 @@ def convert(
     """
     with guard(as_json):
         check_precision_names(dtype)
+        check_source(src, subfolder)
         from causalize import api
 
         report = api.convert(
@@ -217,6 +219,7 @@ def verify(
     """
     with guard(as_json):
         check_precision_names(dtype)
+        check_source(path, subfolder)
         from causalize import api
 
         report = api.verify(
@@ -266,6 +269,7 @@ def inspect(
       4  the checkpoint cannot be read, or no plan supports it
     """
     with guard(as_json):
+        check_source(path, subfolder)
         from causalize import api
 
         info = api.inspect(

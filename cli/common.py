@@ -226,3 +226,11 @@ def check_precision_names(dtype: str | None) -> None:
     from causalize.precision import check_dtype_name
 
     check_dtype_name(dtype)
+
+
+def check_source(path: os.PathLike[str] | str, subfolder: str | None) -> None:
+    """SRC exists and is a readable model or pipeline directory: checked before torch is imported,
+    so a mistyped path is a one-line error in a fraction of a second (the library checks again)."""
+    from causalize.checkpoint import resolve  # standard library only: no torch
+
+    resolve(path, subfolder)

@@ -481,3 +481,25 @@ def test_hints_name_real_cli_options():
         named = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*[a-z]", text))
         assert named <= options, (module.__name__, sorted(named - options))
         assert not re.search(r"--[a-z-]+ \(\w+=", text), module.__name__  # one language per hint: the CLI's
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["convert", "/nonexistent-src", "/tmp/never-out"],
+        ["verify", "/nonexistent-src"],
+        ["inspect", "/nonexistent-src"],
+    ],
+)
+def test_a_missing_source_is_reported_before_torch_is_imported(command):
+    import subprocess as _subprocess
+    import sys as _sys
+
+    code = (
+        "import sys\nfrom causalize.cli.app import main\n"
+        f"try:\n    main({command!r})\nexcept SystemExit as e:\n    code = e.code\n"
+        "print('torch' in sys.modules, code)"
+    )
+    done = _subprocess.run([_sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["False", "4"], done.stdout + done.stderr
+    assert "does not exist" in done.stderr
