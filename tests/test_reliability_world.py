@@ -605,3 +605,22 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_lives(tmp_pa
     again.release()
     lock.release()
     assert not (out / RunLock.NAME).exists()
+
+
+def test_a_time_compressing_vae_is_refused_for_per_frame_training(tmp_path):
+    """The AutoencoderKLWan of a Wan pipeline used to crash training with an AttributeError (exit 3);
+    it compresses time, so per-frame encoding is refused with a usage error. A per-frame image VAE
+    (negative control) loads and reports its latent channels."""
+    import pytest as _pytest
+    from diffusers import AutoencoderKL, AutoencoderKLWan
+
+    from causalize.training.config import TrainingError
+    from causalize.training.loading import latent_channels, load_vae
+
+    AutoencoderKLWan(
+        base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1, temperal_downsample=[True]
+    ).save_pretrained(tmp_path / "wan-vae")
+    with _pytest.raises(TrainingError, match="AutoencoderKLWan compresses time"):
+        load_vae(str(tmp_path / "wan-vae"))
+    AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4).save_pretrained(tmp_path / "image-vae")
+    assert latent_channels(load_vae(str(tmp_path / "image-vae"))) == 4

@@ -116,9 +116,54 @@ def load_vae(path: str) -> Any:
     cls = getattr(diffusers, class_name, None)
     if cls is None or not hasattr(cls, "encode"):
         raise TrainingError(f"{p}: {class_name} is not a diffusers autoencoder")
+    if _compresses_time(class_name, json.loads((p / "config.json").read_text())):
+        raise TrainingError(
+            f"{p}: {class_name} compresses time (one latent frame per group of video frames), but training "
+            "encodes each frame on its own: the denoiser would learn latents its VAE never produces",
+            "encode the episodes the way the pipeline does and train on the stored latents (a `causalize encode` "
+            "command is planned); per-frame image VAEs (AutoencoderKL) work here",
+        )
     vae = cls.from_pretrained(p).eval()
     vae.requires_grad_(False)
     return vae
+
+
+#: diffusers video autoencoders whose encoder groups frames (the first alone, then groups of 4–8).
+VIDEO_VAES = (
+    "AutoencoderKLAllegro",
+    "AutoencoderKLCogVideoX",
+    "AutoencoderKLCosmos",
+    "AutoencoderKLHunyuanVideo",
+    "AutoencoderKLHunyuanVideo15",
+    "AutoencoderKLKVAEVideo",
+    "AutoencoderKLLTX2Video",
+    "AutoencoderKLLTXVideo",
+    "AutoencoderKLMagvit",
+    "AutoencoderKLMiniMaxH3",
+    "AutoencoderKLMochi",
+    "AutoencoderKLWan",
+    "AutoencoderVidTok",
+)
+
+
+def _compresses_time(class_name: str, config: dict[str, Any]) -> bool:
+    """A known video VAE, or a config that declares temporal compression."""
+    ratios = [config.get(k) for k in ("scale_factor_temporal", "temporal_compression_ratio", "patch_size_t")]
+    downsample = config.get("temperal_downsample") or config.get("temporal_downsample") or []
+    return (
+        class_name in VIDEO_VAES
+        or any(isinstance(r, int) and r > 1 for r in ratios)
+        or (isinstance(downsample, list) and any(downsample))
+    )
+
+
+def latent_channels(vae: Any) -> int:
+    """Channels of the VAE's latents, whatever its config calls them (`latent_channels`, `z_dim`)."""
+    for key in ("latent_channels", "z_dim"):
+        value = getattr(vae.config, key, None) if hasattr(vae.config, key) else vae.config.get(key)
+        if isinstance(value, int):
+            return value
+    raise TrainingError(f"cannot tell the latent channels of {type(vae).__name__} from its config")
 
 
 def _sample_channels(plan: Plan, model: nn.Module, frames: int) -> int | None:
@@ -172,7 +217,7 @@ def _check_channels(wm: WorldModel, info: Any, vae: Any, config: TrainConfig) ->
             raise TrainingError(
                 f"channel mismatch: the dataset's pixels have {data_channels} channels but the VAE takes {vae_in}"
             )
-        data_channels = int(vae.config.latent_channels)
+        data_channels = latent_channels(vae)
         source = "the VAE's latents"
     model_channels = _sample_channels(wm.plan, wm.model, min(config.window, 4))
     if model_channels is not None and model_channels != data_channels:
