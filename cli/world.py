@@ -37,6 +37,11 @@ def train(
     lr: float | None = typer.Option(None, "--lr", metavar="X", help="AdamW learning rate (default 1e-5)."),
     window: int | None = typer.Option(None, "--window", metavar="N", help="Frames per training window (default 16)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the output directory."),
+    skip_short: bool = typer.Option(
+        False,
+        "--skip-short",
+        help="Skip episodes shorter than the window (with a warning) instead of refusing the dataset.",
+    ),
     mixed_precision: str | None = typer.Option(
         None,
         "--mixed-precision",
@@ -100,6 +105,7 @@ def train(
         "mixed_precision": {"fp32": "no"}.get(mixed_precision, mixed_precision),
         "device": device,
         "gradient_checkpointing": gradient_checkpointing,
+        "skip_short": True if skip_short else None,
     }
     bar = Progress(
         TextColumn("training"),

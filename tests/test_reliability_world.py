@@ -624,3 +624,27 @@ def test_a_time_compressing_vae_is_refused_for_per_frame_training(tmp_path):
         load_vae(str(tmp_path / "wan-vae"))
     AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4).save_pretrained(tmp_path / "image-vae")
     assert latent_channels(load_vae(str(tmp_path / "image-vae"))) == 4
+
+
+def test_short_episodes_hint_names_an_option_that_exists_and_train_takes_it(tmp_path):
+    """The short-episode error names --skip-short, which `causalize train` accepts."""
+    from typer.testing import CliRunner
+
+    from causalize.cli.app import app
+
+    result = CliRunner().invoke(app, ["train", "--help"])
+    assert "--skip-short" in result.output
+    from causalize.training.config import TrainConfig
+
+    assert TrainConfig(model="m", data="d", output_dir="o", skip_short=True).skip_short is True
+
+
+def test_resuming_with_a_relative_data_path_is_the_same_dataset(tmp_path, monkeypatch):
+    from causalize.training.checkpoints import _REPLAY_SETTINGS
+
+    assert "data" in _REPLAY_SETTINGS
+    import causalize.training.checkpoints as ck
+
+    monkeypatch.chdir(tmp_path)
+    assert ck._same_setting("data", str(tmp_path / "episodes"), "episodes")
+    assert not ck._same_setting("data", str(tmp_path / "episodes"), "other")  # negative control

@@ -206,7 +206,7 @@ class EpisodeDataset(Dataset):
             if not skip_short:
                 raise DataError(
                     short[0][0],
-                    f"episode shorter than window={window}: {listing}; pass skip_short=True to skip short episodes",
+                    f"episode shorter than window={window}: {listing}; pass --skip-short to skip short episodes (skip_short = true in a config file; skip_short=True in Python)",
                     problems=[(p, f"episode length {t} < window {window}") for p, t in short],
                 )
             warnings.warn(

@@ -48,8 +48,17 @@ STATE_FILE = "trainer_state.json"
 TRAINING_FILE = "training.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
+
 #: Settings that decide which windows, noise and dropout a step draws: resuming with other values
 #: cannot replay the interrupted run.
+def _same_setting(key: str, saved: Any, now: Any) -> bool:
+    """Equal settings; paths compare resolved (a relative path from a config file and the absolute
+    one recorded by the run are the same dataset)."""
+    if key == "data" and isinstance(saved, str) and isinstance(now, str):
+        return Path(saved).resolve() == Path(now).resolve()
+    return saved == now
+
+
 _REPLAY_SETTINGS = (
     "seed",
     "batch_size",
@@ -126,7 +135,7 @@ def resume_point(config: TrainConfig, is_main: bool) -> tuple[Path | None, int]:
             raise TrainingError(f"not a training checkpoint: {ckpt} (no {STATE_FILE})")
     state = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
     saved = state.get("config", {})
-    differs = [k for k in _REPLAY_SETTINGS if k in saved and saved[k] != getattr(config, k)]
+    differs = [k for k in _REPLAY_SETTINGS if k in saved and not _same_setting(k, saved[k], getattr(config, k))]
     if differs and is_main:
         warnings.warn(
             f"resuming from {ckpt} with different {', '.join(differs)}: the run will not replay the uninterrupted one",

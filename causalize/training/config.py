@@ -126,6 +126,8 @@ class TrainConfig:
     #: Read every episode once at the start against the checksums its file recorded
     #: (docs/EPISODES.md); false skips that read, for datasets too large to read at every start.
     verify_data: bool = True
+    #: Skip episodes shorter than the window (with a warning) instead of refusing the dataset.
+    skip_short: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -189,7 +191,7 @@ class TrainConfig:
             setattr(self, name, str(value))
         self._validate_numbers()
         self._validate_choices()
-        for name in ("zero_terminal_snr", "gradient_checkpointing", "log_per_frame", "verify_data"):
+        for name in ("zero_terminal_snr", "gradient_checkpointing", "log_per_frame", "verify_data", "skip_short"):
             if not isinstance(getattr(self, name), bool):
                 raise self._bad(name, "must be true or false")
         if isinstance(self.resume, os.PathLike):

@@ -87,6 +87,7 @@ def open_dataset(config: TrainConfig) -> EpisodeDataset:
             split=config.split,
             test_fraction=config.test_fraction,
             verify=config.verify_data,
+            skip_short=config.skip_short,
         )
     except DataError as exc:
         raise TrainingError(f"cannot use dataset {config.data}: {exc.message}", exc.hint) from exc
