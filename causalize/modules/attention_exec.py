@@ -508,6 +508,16 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
+def sdpa_options(args: tuple, kwargs: dict) -> dict | None:
+    """SDPA's `scale` and `enable_gqa` from the extra arguments of an intercepted
+    `scaled_dot_product_attention` call, as `block_causal_attention` takes them; None when the call
+    has any other argument (it is then run as it came)."""
+    names = ("scale", "enable_gqa")
+    if len(args) > len(names) or set(kwargs) - set(names[len(args) :]):
+        return None
+    return {**dict(zip(names, args)), **kwargs}
+
+
 def block_causal_attention(
     query: torch.Tensor,
     key: torch.Tensor,

@@ -115,7 +115,7 @@ class SdpaScope:
         length = query.shape[-2]
         if key.shape[-2] != length or length < self.grid.video_tokens:
             return original(query, key, value, attn_mask, dropout_p, is_causal, *args, **kwargs)
-        options = _sdpa_options(args, kwargs)
+        options = attention_exec.sdpa_options(args, kwargs)
         if options is None or attention_exec.active_backend(query.device, length) == "dense":
             attn_mask = self.mask_for(length, query, attn_mask, is_causal)
             attention_exec.record_execution("dense")
@@ -160,14 +160,6 @@ def _dispatch_backend(inner: Any) -> str | None:
         except (ImportError, AttributeError):
             return None
     return str(getattr(backend, "value", backend))
-
-
-def _sdpa_options(args: tuple, kwargs: dict) -> dict | None:
-    """SDPA's `scale` and `enable_gqa` from a call's extra arguments; None if there are others."""
-    names = ("scale", "enable_gqa")
-    if len(args) > len(names) or set(kwargs) - set(names[len(args) :]):
-        return None
-    return {**dict(zip(names, args)), **kwargs}
 
 
 @contextmanager

@@ -491,13 +491,6 @@ def _with_structure(mask: torch.Tensor | None, structure: torch.Tensor | None) -
     return mask.masked_fill(~structure, float("-inf"))
 
 
-def _sdpa_options(args: tuple, kwargs: dict) -> dict | None:
-    """SDPA's keyword options (scale, enable_gqa) as the executor takes them; None for anything else."""
-    if args or set(kwargs) - {"scale", "enable_gqa"}:
-        return None
-    return {"scale": kwargs.get("scale"), "enable_gqa": bool(kwargs.get("enable_gqa", False))}
-
-
 def _batch_rows(attn_mask: torch.Tensor | None, rows: slice, batch: int, ndim: int) -> torch.Tensor | None:
     """The part of the call's mask for the samples `rows` (masks without a batch axis are shared)."""
     if attn_mask is None or attn_mask.ndim < ndim or attn_mask.shape[0] == 1:
@@ -545,7 +538,7 @@ def attend_with_cache(
     key_mask = _key_mask_columns(attn_mask, key.shape[-2])
     # a write over several frames (the prefill) or with context runs through the project's
     # block-causal execution (chunked / flex: no (Lq, Lk) mask) unless that is a dense mask anyway
-    options = None if _sees_every_key(call, block_size) or not write else _sdpa_options(args, kwargs)
+    options = None if _sees_every_key(call, block_size) or not write else attention_exec.sdpa_options(args, kwargs)
     executor = options is not None and attention_exec.active_backend(query.device, query.shape[-2]) != "dense"
     structure = None if executor else _structure(call, history, block_size)
     cached_columns = cache.mask_columns
