@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     import torch
     import torch.nn as nn
 
+    from causalize.checkpoint import ModelDir
     from causalize.plugin_manager import Registries
     from causalize.verify import CausalityReport
 
@@ -587,14 +588,18 @@ def convert(
 
 
 def _write_atomic(
-    model: nn.Module, manifest: Manifest, out: Path, overwrite: bool, progress: Progress | None, reuse: Any = None
+    model: nn.Module,
+    manifest: Manifest,
+    out: Path,
+    overwrite: bool,
+    progress: Progress | None,
+    reuse: ModelDir | None = None,
 ) -> None:
     """Write to a temporary sibling directory, then put it at OUT in one step (causalize.fs):
-    a concurrent writer that got there first wins, and this one fails with a usage error."""
+    a concurrent writer that got there first wins, and this one fails with a usage error.
+    (`convert` removed stale temporaries of OUT before loading.)"""
     from causalize import checkpoint, fs
 
-    for stale in fs.clean_stale(out):
-        say(progress, f"removed {stale}, left by an interrupted causalize run")
     try:
         with fs.new_directory(out, overwrite=overwrite) as tmp:
             how = checkpoint.save_model(model, tmp, reuse)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from causalize.errors import CheckpointError, PickleRefused, UsageError
+from causalize.manifest import mark_config
 
 CONFIG = "config.json"
 WEIGHTS_ST = "diffusion_pytorch_model.safetensors"
@@ -398,10 +399,10 @@ def save_model(model, tmp: Path, md: ModelDir | None = None) -> str:
 
     if md is None or md.pickle:
         type(model).save_pretrained(model, tmp, safe_serialization=True)  # the manifest is written by convert
-        _mark(tmp)
+        mark_config(tmp)
         return "serialised"
     model.save_config(tmp)
-    _mark(tmp)
+    mark_config(tmp)
     for f in md.weight_files:
         shutil.copyfile(f, tmp / f.name)
     index = md.path / f"{WEIGHTS_ST}.index.json"
@@ -425,12 +426,6 @@ def check_model_class(md: ModelDir) -> None:
             f"{md.path / 'config.json'}: {md.class_name} is not a diffusers model class",
             "give the denoiser's directory (a pipeline's unet/ or transformer/), not a pipeline or scheduler",
         )
-
-
-def _mark(directory: Path) -> None:
-    from causalize.manifest import mark_config
-
-    mark_config(directory)
 
 
 def _target(out: Path) -> Path:
