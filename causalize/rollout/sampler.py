@@ -348,6 +348,7 @@ class RolloutSession:
         self.model_kwargs = model_kwargs
         self.denoiser: _Denoiser | None = None
         self.generated = 0
+        self._fitting_sizes: set[tuple[int, ...]] | None = None  # frame sizes known to fit
 
     def reset(
         self,
@@ -406,7 +407,7 @@ class RolloutSession:
 
     def _sizes_known_to_fit(self) -> set[tuple[int, ...]]:
         """Frame sizes that need no probe: the plan's example size, and sizes this session checked."""
-        known = getattr(self, "_fitting_sizes", None)
+        known = self._fitting_sizes
         if known is None:
             cond = self.wm.plan.conditioning
             example = self.wm.plan.make_inputs(self.wm.model, 1, torch.Generator().manual_seed(0))[cond.sample_arg]
