@@ -48,17 +48,9 @@ STATE_FILE = "trainer_state.json"
 TRAINING_FILE = "training.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
-
-#: Settings that decide which windows, noise and dropout a step draws: resuming with other values
-#: cannot replay the interrupted run.
-def _same_setting(key: str, saved: Any, now: Any) -> bool:
-    """Equal settings; paths compare resolved (a relative path from a config file and the absolute
-    one recorded by the run are the same dataset)."""
-    if key == "data" and isinstance(saved, str) and isinstance(now, str):
-        return Path(saved).resolve() == Path(now).resolve()
-    return saved == now
-
-
+#: Settings that decide which windows, noise, dropout and inputs a step draws: resuming with other
+#: values cannot replay the interrupted run. (Not ``model``: a resumed run takes its weights from
+#: the checkpoint, and a model of another shape fails to load them.)
 _REPLAY_SETTINGS = (
     "seed",
     "batch_size",
@@ -68,7 +60,24 @@ _REPLAY_SETTINGS = (
     "action_dropout",
     "data",
     "split",
+    "vae",
+    "conditioning",
 )
+#: Settings that are paths: compared resolved, and recorded resolved in trainer_state.json
+#: ("paths"), so that a run resumed from another working directory compares the same files.
+_PATH_SETTINGS = ("model", "data", "vae", "conditioning")
+
+
+def _resolved_paths(config: TrainConfig) -> dict[str, str | None]:
+    return {k: None if getattr(config, k) is None else str(Path(getattr(config, k)).resolve()) for k in _PATH_SETTINGS}
+
+
+def _same_setting(key: str, saved: Any, now: Any) -> bool:
+    """Equal settings; paths compare resolved (a relative path from a config file and the absolute
+    one recorded by the run are the same dataset)."""
+    if key in _PATH_SETTINGS and isinstance(saved, str) and isinstance(now, str):
+        return Path(saved).resolve() == Path(now).resolve()
+    return saved == now
 
 
 # --------------------------------------------------------------------------------------------
@@ -104,7 +113,7 @@ def holds_run(output_dir: str | Path) -> bool:
 def _run_exists(out: Path, why: str = "") -> TrainingError:
     return TrainingError(
         f"{out} already holds a training run{why}",
-        "continue it with resume=True (CLI: --resume), or choose another output directory",
+        "continue it with --resume (config: resume = true) or --resume-from DIR, or choose another output directory",
     )
 
 
@@ -134,7 +143,7 @@ def resume_point(config: TrainConfig, is_main: bool) -> tuple[Path | None, int]:
         if not (ckpt / STATE_FILE).is_file():
             raise TrainingError(f"not a training checkpoint: {ckpt} (no {STATE_FILE})")
     state = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
-    saved = state.get("config", {})
+    saved = {**state.get("config", {}), **state.get("paths", {})}  # paths: as resolved by the saving run
     differs = [k for k in _REPLAY_SETTINGS if k in saved and not _same_setting(k, saved[k], getattr(config, k))]
     if differs and is_main:
         warnings.warn(
@@ -280,7 +289,8 @@ def save_checkpoint(accelerator: Any, config: TrainConfig, step: int, loss: floa
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            _write_json(tmp / STATE_FILE, {"step": step, "loss": loss, "config": config.to_json()})
+            state = {"step": step, "loss": loss, "config": config.to_json(), "paths": _resolved_paths(config)}
+            _write_json(tmp / STATE_FILE, state)
     if accelerator.is_main_process and config.keep_checkpoints:
         for _, old in list_checkpoints(config.output_dir)[: -config.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
@@ -291,8 +301,10 @@ def save_checkpoint(accelerator: Any, config: TrainConfig, step: int, loss: floa
 def save_final(wm: Any, config: TrainConfig, step: int, loss: float, resumed_from: Path | None) -> Path:
     """``final/``: the trained denoiser (safetensors), the conversion manifest of the model it
     started from and ``training.json`` (step, loss, settings), so that
-    ``WorldModel.from_pretrained`` loads it and rollout picks up the training settings.
-    Main process only."""
+    ``WorldModel.from_pretrained`` loads it and rollout picks up the training settings; with them
+    a copy of the conditioning file (``conditioning.safetensors``) and, for data made by
+    ``causalize encode``, its latent record (``latent.json``: the VAE and the action grouping),
+    so that rollout uses the same inputs and decodes with the same VAE. Main process only."""
     final = Path(config.output_dir) / FINAL_DIR
     fs.clean_stale(final)  # temporaries of a killed run
     with fs.new_directory(final, overwrite=_may_replace(config)) as tmp:
@@ -307,7 +319,21 @@ def save_final(wm: Any, config: TrainConfig, step: int, loss: float, resumed_fro
                 "resumed_from": None if resumed_from is None else str(resumed_from),
             },
         )
+        _store_inputs(tmp, config)
     return final
+
+
+def _store_inputs(final: Path, config: TrainConfig) -> None:
+    """The conditioning file and the dataset's latent record, beside the model."""
+    from causalize.episodes import read_info
+    from causalize.latents.record import RECORD_FILE, RECORD_KEY
+    from causalize.rollout.conditioning import CONDITIONING_FILE
+
+    if config.conditioning is not None:
+        fs.write_bytes(final / CONDITIONING_FILE, Path(config.conditioning).read_bytes())
+    record = read_info(config.data).extra_fields.get(RECORD_KEY)
+    if record is not None:
+        fs.write_json(final / RECORD_FILE, record, indent=2)
 
 
 def _may_replace(config: TrainConfig) -> bool:

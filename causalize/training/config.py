@@ -25,6 +25,7 @@ __all__ = [
     "TRAIN_ONLY",
     "TrainConfig",
     "TrainingError",
+    "cli_option",
 ]
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -35,6 +36,14 @@ TRAIN_ONLY = ("all", "adapter")
 PREDICTION_TYPES = ("v", "epsilon")
 #: How noise levels are drawn per window (see causalize.training.objective.sample_frame_timesteps).
 TIMESTEP_MODES: tuple[str, ...] = ("independent", "shared")
+#: The `causalize train` options not spelt as their setting in kebab case (the rest: see cli_option).
+_CLI_NAMES = {"output_dir": "--out"}
+
+
+def cli_option(name: str) -> str:
+    """The `causalize train` option that sets the setting ``name``, so that an error about a
+    setting names what to pass on the command line as well as the config key."""
+    return _CLI_NAMES.get(name, "--" + name.replace("_", "-"))
 
 
 class TrainingError(UsageError):
@@ -115,9 +124,10 @@ class TrainConfig:
     #: newest checkpoint in output_dir/checkpoints (fresh if there is none); a path: continue
     #: from that checkpoint directory.
     resume: bool | str = False
-    #: Dataset split: "train", "test" or None (every episode); see EpisodeDataset.
+    #: Dataset split: "train", "test" or None (every episode; "all" is read as None, the
+    #: spelling for TOML, which has no null); see EpisodeDataset and docs/EPISODES.md.
     split: str | None = "train"
-    #: Fraction of episodes held out as the test split.
+    #: Fraction of episodes held out as the test split (split seed 0, whatever ``seed`` is).
     test_fraction: float = 0.1
     #: Step between window starts inside an episode.
     stride: int = 1
@@ -206,7 +216,10 @@ class TrainConfig:
                 setattr(self, name, str(value))
 
     def _bad(self, name: str, why: str) -> TrainingError:
-        return TrainingError(f"{name}={getattr(self, name)!r}: {why}")
+        return TrainingError(
+            f"{name}={getattr(self, name)!r}: {why}",
+            f"set {cli_option(name)} on the command line, or {name} in the config file",
+        )
 
     def _validate_numbers(self) -> None:
         for name in ("window", "batch_size", "steps", "gradient_accumulation", "log_every", "stride"):
@@ -235,13 +248,15 @@ class TrainConfig:
         }
         if self.prediction_type == "v_prediction":
             self.prediction_type = "v"
+        if self.split == "all":
+            self.split = None
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise self._bad(name, "must be one of " + ", ".join(valid))
         if self.device not in (None, "cpu", "cuda"):
             raise self._bad("device", 'must be "cpu", "cuda" or null (accelerate places each process on its own GPU)')
         if self.split not in (None, "train", "test"):
-            raise self._bad("split", 'must be "train", "test" or null')
+            raise self._bad("split", 'must be "train", "test" or "all" (null)')
 
 
 def _read_settings(p: Path) -> dict[str, Any]:
