@@ -44,6 +44,7 @@ def create_dataset(
     fps: float | None = None,
     source: Any = None,
     overwrite: bool = False,
+    extra: Mapping[str, Any] | None = None,
 ) -> DatasetInfo:
     """Create ``ROOT/dataset.json`` and ``ROOT/episodes/``; return the parsed info.
 
@@ -51,7 +52,8 @@ def create_dataset(
     the shape of one stored frame. ``extras`` names the optional per-transition arrays every
     episode must then carry (``"rewards"``, ``"dones"``). ``source`` is free-form JSON (where the
     data came from, licence, preprocessing). An existing dataset.json is an error unless
-    ``overwrite=True`` (episodes are never touched).
+    ``overwrite=True`` (episodes are never touched). ``extra`` adds top-level fields (readers keep
+    unknown fields; ``causalize encode`` records its VAE under ``"latent"``).
     """
     root = Path(root)
     info = DatasetInfo.from_json(
@@ -66,6 +68,7 @@ def create_dataset(
             "extras": list(extras),
             **({"fps": fps} if fps is not None else {}),
             **({"source": source} if source is not None else {}),
+            **dict(extra or {}),
         },
         where=root / INFO_FILE,
     )
