@@ -18,7 +18,7 @@ from typing import Any
 import typer
 from rich.markup import escape
 
-from causalize.cli import world
+from causalize.cli import latents, prompt, world
 from causalize.cli.common import (
     DEVICE_OPT,
     DTYPE_OPT,
@@ -549,6 +549,8 @@ def _rollout_cell(r: dict | None) -> str:
 
 app.command()(world.train)
 app.command()(world.rollout)
+app.command("embed-prompt")(prompt.embed_prompt)
+app.command()(latents.encode)
 
 
 def main(argv: list[str] | None = None) -> None:

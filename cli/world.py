@@ -15,11 +15,16 @@ from causalize.errors import UsageError
 
 
 def train(
+    # Every parameter but config, resume_from and as_json is named like the TrainConfig field it
+    # sets: the body passes them on by name (tests/test_train_cli_options.py walks the fields).
+    # Defaults are None, "unset": the config file's value (or TrainConfig's default) stands.
     config: Path | None = typer.Argument(
         None,
         metavar="CONFIG",
-        help="Training settings as a .json or .toml file (keys: the fields of causalize.training.trainer.TrainConfig).",
+        help="Training settings as a .json or .toml file; its keys are the options below in snake_case "
+        "(--out: output_dir, --resume-from: resume).",
     ),
+    # -- what to train, on what, where
     model: Path | None = typer.Option(
         None,
         "--model",
@@ -27,21 +32,126 @@ def train(
         help="Converted checkpoint with an action adapter (causalize convert SRC OUT --action-dim N).",
     ),
     data: Path | None = typer.Option(None, "--data", metavar="DIR", help="Episode dataset root (docs/EPISODES.md)."),
-    out_dir: Path | None = typer.Option(
+    output_dir: Path | None = typer.Option(
         None, "--out", metavar="DIR", help="Output directory: metrics.jsonl, checkpoints/, final/."
     ),
-    steps: int | None = typer.Option(None, "--steps", metavar="N", help="Optimizer steps to reach."),
+    steps: int | None = typer.Option(None, "--steps", metavar="N", help="Optimizer steps to reach (default 1000)."),
+    resume: bool | None = typer.Option(
+        None,
+        "--resume/--no-resume",
+        help="Continue from the newest checkpoint in OUT (a fresh run if there is none); --no-resume: a fresh run, "
+        "refused if OUT holds one (the default).",
+    ),
+    resume_from: Path | None = typer.Option(
+        None, "--resume-from", metavar="DIR", help="Continue from this checkpoint directory (OUT/checkpoints/step-N)."
+    ),
+    vae: Path | None = typer.Option(
+        None,
+        "--vae",
+        metavar="PATH",
+        help="Frozen image VAE (AutoencoderKL directory, or a pipeline with vae/): train on its latents of the "
+        "dataset's pixels (default: none, the frames as stored).",
+    ),
+    conditioning: Path | None = typer.Option(
+        None,
+        "--conditioning",
+        metavar="FILE",
+        help="Safetensors file of model keyword arguments at batch 1, e.g. encoder_hidden_states of the empty "
+        "prompt (default: zeros).",
+    ),
+    train_only: str | None = typer.Option(
+        None,
+        "--train-only",
+        metavar="all|adapter",
+        help="Train the whole denoiser, or only the action encoder (default: all).",
+    ),
+    # -- optimizer
     batch_size: int | None = typer.Option(
-        None, "--batch-size", metavar="N", help="Windows per device per micro-batch."
+        None, "--batch-size", metavar="N", help="Windows per device per micro-batch (default 2)."
+    ),
+    gradient_accumulation: int | None = typer.Option(
+        None, "--gradient-accumulation", metavar="N", help="Micro-batches per optimizer step (default 1)."
     ),
     lr: float | None = typer.Option(None, "--lr", metavar="X", help="AdamW learning rate (default 1e-5)."),
-    window: int | None = typer.Option(None, "--window", metavar="N", help="Frames per training window (default 16)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the output directory."),
-    skip_short: bool = typer.Option(
-        False,
-        "--skip-short",
-        help="Skip episodes shorter than the window (with a warning) instead of refusing the dataset.",
+    weight_decay: float | None = typer.Option(
+        None, "--weight-decay", metavar="X", help="AdamW decoupled weight decay (default 0.01)."
     ),
+    grad_clip: float | None = typer.Option(
+        None, "--grad-clip", metavar="X", help="Clip the global gradient norm to X (default 0.5; 0 disables)."
+    ),
+    seed: int | None = typer.Option(
+        None, "--seed", metavar="N", help="Seed of data order, noise levels, noise and action dropout (default 0)."
+    ),
+    # -- objective
+    window: int | None = typer.Option(None, "--window", metavar="N", help="Frames per training window (default 16)."),
+    prediction_type: str | None = typer.Option(
+        None, "--prediction-type", metavar="v|epsilon", help="What the denoiser predicts (default: v)."
+    ),
+    zero_terminal_snr: bool | None = typer.Option(
+        None,
+        "--zero-terminal-snr/--no-zero-terminal-snr",
+        help="Rescale the noise schedule to zero terminal SNR (default: on).",
+    ),
+    action_dropout: float | None = typer.Option(
+        None,
+        "--action-dropout",
+        metavar="P",
+        help="Probability in [0, 1) of replacing a frame's action by the null action (default 0.2).",
+    ),
+    timestep_mode: str | None = typer.Option(
+        None,
+        "--timestep-mode",
+        metavar="independent|shared",
+        help="A noise level per sample and frame (Diffusion Forcing, the default), or one per sample.",
+    ),
+    # -- data
+    split: str | None = typer.Option(
+        None,
+        "--split",
+        metavar="train|test|all",
+        help="Episodes to train on: train (the default), test or all; a fixed split by episode index (README).",
+    ),
+    test_fraction: float | None = typer.Option(
+        None, "--test-fraction", metavar="F", help="Fraction of episodes held out as the test split (default 0.1)."
+    ),
+    stride: int | None = typer.Option(
+        None, "--stride", metavar="N", help="Step between window starts inside an episode (default 1)."
+    ),
+    num_workers: int | None = typer.Option(
+        None, "--num-workers", metavar="N", help="DataLoader worker processes (default 0: the training process)."
+    ),
+    verify_data: bool | None = typer.Option(
+        None,
+        "--verify-data/--no-verify-data",
+        help="Read every episode once at the start against its checksums (default: on).",
+    ),
+    skip_short: bool | None = typer.Option(
+        None,
+        "--skip-short/--no-skip-short",
+        help="Skip episodes shorter than the window (with a warning) instead of refusing the dataset (default: off).",
+    ),
+    # -- checkpoints and metrics
+    checkpoint_every: int | None = typer.Option(
+        None,
+        "--checkpoint-every",
+        metavar="N",
+        help="Save OUT/checkpoints/step-N every N steps and at the last (default 500; 0: never).",
+    ),
+    keep_checkpoints: int | None = typer.Option(
+        None, "--keep-checkpoints", metavar="N", help="Keep only the newest N checkpoints (default 0: all)."
+    ),
+    log_every: int | None = typer.Option(
+        None,
+        "--log-every",
+        metavar="N",
+        help="Write a metrics.jsonl line every N steps and at the last (default 10).",
+    ),
+    log_per_frame: bool | None = typer.Option(
+        None,
+        "--log-per-frame/--no-log-per-frame",
+        help="Include the loss per frame index in every metrics line (default: on).",
+    ),
+    # -- hardware
     mixed_precision: str | None = typer.Option(
         None,
         "--mixed-precision",
@@ -58,7 +168,7 @@ def train(
     gradient_checkpointing: bool | None = typer.Option(
         None,
         "--gradient-checkpointing/--no-gradient-checkpointing",
-        help="Recompute activations in backward (less memory).",
+        help="Recompute activations in backward (less memory; default: off).",
     ),
     as_json: bool = JSON_OPT,
 ) -> None:
@@ -66,13 +176,15 @@ def train(
 
     Per-frame noise levels, v-prediction on a zero-terminal-SNR schedule, per-frame action
     dropout, AdamW with gradient clipping (METHOD.md §6-§7), through accelerate: run it under
-    `accelerate launch` for several GPUs. Options override the config file. Progress goes to
+    `accelerate launch` for several GPUs. Every setting is an option and a config key; options
+    override the config file, an option not given keeps the file's value. Progress goes to
     stderr; stdout gets the final model's path (or a JSON summary with --json).
 
     \b
     Examples:
       causalize train --model ./wm --data ./episodes --out ./run --steps 1000
       causalize train run.toml --resume
+      causalize train run.toml --steps 2000 --resume-from ./run/checkpoints/step-500
       accelerate launch -m causalize.cli.app train run.toml
 
     \b
@@ -84,6 +196,7 @@ def train(
       3  internal error (re-run with --debug for the traceback)
       4  the model checkpoint cannot be read
     """
+    options = dict(locals())  # first: the parameters only, most named like TrainConfig's fields
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -93,20 +206,6 @@ def train(
         TimeRemainingColumn,
     )
 
-    overrides = {
-        "model": model,
-        "data": data,
-        "output_dir": out_dir,
-        "steps": steps,
-        "batch_size": batch_size,
-        "lr": lr,
-        "window": window,
-        "resume": True if resume else None,
-        "mixed_precision": {"fp32": "no"}.get(mixed_precision, mixed_precision),
-        "device": device,
-        "gradient_checkpointing": gradient_checkpointing,
-        "skip_short": True if skip_short else None,
-    }
     bar = Progress(
         TextColumn("training"),
         BarColumn(),
@@ -131,6 +230,16 @@ def train(
         from causalize.training.config import TrainConfig
         from causalize.training.loading import check_paths
 
+        if resume_from is not None:
+            if resume is False:
+                raise UsageError(
+                    "--no-resume and --resume-from contradict each other",
+                    "pass one of them (--resume-from DIR resumes)",
+                )
+            options["resume"] = resume_from
+        options["mixed_precision"] = {"fp32": "no"}.get(mixed_precision, mixed_precision)
+        # a field without its parameter is a KeyError here, on every run: the options cannot fall behind
+        overrides = {name: options[name] for name in TrainConfig.fields()}
         cfg = TrainConfig.from_file(config, **{k: str(v) if isinstance(v, Path) else v for k, v in overrides.items()})
         check_paths(cfg)
         from causalize.training.trainer import train as run_training
@@ -236,6 +345,21 @@ def rollout(
         None, "--device", metavar="DEV", help="cpu, cuda, cuda:1, ... (default: cuda when available)."
     ),
     dtype: str | None = DTYPE_OPT,
+    vae: Path | None = typer.Option(
+        None,
+        "--vae",
+        metavar="PATH",
+        help="Decode latents to pixels with this VAE (pipeline or VAE directory; default: the one `causalize encode` recorded for the training data).",
+    ),
+    vae_subfolder: str | None = typer.Option(
+        None, "--vae-subfolder", metavar="NAME", help="VAE subfolder of --vae (default: PATH itself, else vae/)."
+    ),
+    conditioning: Path | None = typer.Option(
+        None,
+        "--conditioning",
+        metavar="FILE",
+        help="Prompt tensors from `causalize embed-prompt` (default: the file stored with the trained model, else zeros).",
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
     as_json: bool = JSON_OPT,
 ) -> None:
@@ -247,6 +371,13 @@ def rollout(
     pass its actions from row K-1 on (row t is the action taken after frame t). OUT holds the context frames followed by the generated ones (--generated-only: only
     those); .npz also stores the actions, the settings and the timing. Pixel frames are uint8
     (model space x/127.5 - 1); latent frames (float) can only be written to .npz.
+
+    Latent models: with a VAE (--vae, or the one `causalize encode` recorded for the training
+    data) pixel context is encoded through it (a frame count following its rule, e.g. 1 + 4k for
+    Wan), actions may be given one per VIDEO frame (k per latent frame, grouped as in training),
+    and the generated latents are decoded to pixels, each latent frame once; .npz keeps the
+    latents too. --conditioning (default: the prompt file stored with the trained model) is
+    passed to every model call; a mismatch with training is warned about.
 
     Sampler settings: an option given here wins, else the checkpoint's training.json
     (prediction_type, zero_terminal_snr, window), else the built-in default. Progress goes to
@@ -332,6 +463,9 @@ def rollout(
                 include_context=not generated_only,
                 device=device,
                 dtype=dtype,
+                vae=vae,
+                vae_subfolder=vae_subfolder,
+                conditioning=conditioning,
                 progress=on_frame,
                 **options,
             )
@@ -347,6 +481,12 @@ def rollout(
         f"seconds per frame: mean {t['mean']:.3f}, median {t['median']:.3f}, min {t['min']:.3f}, max {t['max']:.3f}; "
         f"cache: {report.cache_mode}; frame passes: {report.frame_passes} ({report.model_calls} model calls)"
     )
+    if report.vae is not None:
+        d = report.decode_seconds
+        err.print(
+            f"decoded with {escape(report.vae['path'])} ({report.vae['decode']}): {sum(d):.3f}s over {len(d)} decode call(s); "
+            f"conditioning: {report.conditioning}"
+        )
     if as_json:
         emit_json(report.to_json())
     else:

@@ -16,6 +16,14 @@ and actions give the same frames.
 
 One WorldModel instance holds one set of streaming caches: give each env its own model (or use
 `cache=False`) when several envs step in turn.
+
+Latent world models serve pixels through their VAE (`vae=`; `from_pretrained` takes the one
+`causalize encode` recorded for the training data): context pixels are encoded (a frame count
+following the VAE's rule, e.g. 1 + 4k), and each step's latent frame is decoded once, streaming
+through the VAE's temporal cache where it has one. A step then yields the k video frames that
+latent frame covers: the observation is the newest, `info["frames"]` holds all k, and the action
+is the k video-frame actions (MultiDiscrete([N] * k), MultiBinary((k, N)) or Box((k, A))), grouped
+as in training (docs/LATENTS.md).
 """
 
 from __future__ import annotations
@@ -67,6 +75,7 @@ class WorldModelEnv(gymnasium.Env):
         info_timing: bool = False,
         render_mode: str | None = None,
         model_kwargs: dict[str, Any] | None = None,
+        vae: Any = None,
     ):
         """
         context: default context frames for `reset()` without options["context"] (observation
@@ -78,6 +87,8 @@ class WorldModelEnv(gymnasium.Env):
         multi_hot: a discrete adapter takes MultiBinary(N) rows instead of Discrete(N) indices.
         info_timing: add wall-clock seconds to step infos. Off by default: timings differ between
             identical runs, and gymnasium's check_env requires identical infos.
+        vae: a VAE (its directory, or a loaded causalize.rollout.decoded.LatentIO) that turns the
+            model's latents into pixel observations; see the module docstring.
         """
         if observation not in ("pixels", "latents"):
             raise UsageError(f"observation must be 'pixels' or 'latents', got {observation!r}")
@@ -100,6 +111,12 @@ class WorldModelEnv(gymnasium.Env):
             raise UsageError(
                 f"plan '{world_model.plan.name}' takes packed tokens, not a video tensor: WorldModelEnv does not support it"
             )
+        self.latent_io = _latent_io(vae, world_model)
+        if self.latent_io is not None:
+            if observation != "pixels":
+                raise UsageError("with a VAE the observations are pixels: drop observation='latents' or the VAE")
+            self.latent_io.check_model(self.channels)
+            self._decoder = self.latent_io.decoder()
         self.default_context = None if context is None else self._frames(context, "context")
         self.default_context_actions = context_actions
         self.observation_space = self._observation_space(frame_shape)
@@ -120,19 +137,36 @@ class WorldModelEnv(gymnasium.Env):
         **kwargs: Any,
     ) -> WorldModelEnv:
         """An env over a checkpoint (a converted model, or a training run's output directory), on
-        `device` (None: CUDA when available) in `dtype` (None: as stored; 'bf16' for speed).
+        `device` (None: CUDA when available) in `dtype` (None: as stored; 'bf16' for speed). A
+        model trained on encoded latents decodes with its recorded VAE (`vae=PATH` overrides it,
+        `vae=False` serves latents); the conditioning stored with it is used (`conditioning=FILE`
+        overrides it), as in `causalize rollout`.
         Without `config` the sampler settings follow the checkpoint's training.json
         (causalize.rollout.loading.resolve_config)."""
         from causalize.rollout.loading import load_world_model, resolve_config
 
         if config is None:
             config, _ = resolve_config(path)
-        wm, _ = load_world_model(path, device=device, dtype=dtype)
+        from causalize.rollout.conditioning import resolve_conditioning
+        from causalize.rollout.decoded import LatentIO, find_vae
+        from causalize.rollout.loading import checkpoint_dir
+
+        vae = kwargs.pop("vae", None)
+        choice = None if vae is False else find_vae(checkpoint_dir(path), vae)
+        wm, ckpt = load_world_model(path, device=device, dtype=dtype)
+        if "model_kwargs" not in kwargs:
+            kwargs["model_kwargs"] = resolve_conditioning(ckpt, kwargs.pop("conditioning", None), wm)[0] or None
+        if choice is not None:
+            kwargs["vae"] = LatentIO.load(choice, device=wm.device, dtype=dtype)
         return cls(wm, config, **kwargs)
 
     # --- spaces --------------------------------------------------------------------------------
 
     def _observation_space(self, frame_shape: tuple[int, ...] | None) -> spaces.Box:
+        if self.latent_io is not None and self.default_context is None and frame_shape is None:
+            c, h, w = self._example_frame_shape(latents=True)
+            f = self.latent_io.spec.spatial_factor
+            frame_shape = (h * f, w * f, self.latent_io.spec.pixel_channels)
         if self.default_context is not None:
             shape = tuple(self.default_context.data.shape[1:])
         elif frame_shape is not None:
@@ -145,15 +179,18 @@ class WorldModelEnv(gymnasium.Env):
             return spaces.Box(0, 255, shape, np.uint8)
         return spaces.Box(-np.inf, np.inf, shape, np.float32)
 
-    def _example_frame_shape(self) -> tuple[int, ...]:
+    def _example_frame_shape(self, latents: bool = False) -> tuple[int, ...]:
         import torch
 
         cond = self.wm.plan.conditioning
         sample = self.wm.plan.make_inputs(self.wm.model, 1, torch.Generator().manual_seed(0))[cond.sample_arg]
         c, h, w = sample.movedim(self.frame_axis, 1).shape[2:]
-        return (h, w, c) if self.observation == "pixels" else (c, h, w)
+        return (h, w, c) if self.observation == "pixels" and not latents else (c, h, w)
 
     def _action_space(self, low: Any, high: Any, multi_hot: bool) -> spaces.Space:
+        grouped = self._video_action_space()
+        if grouped is not None:
+            return grouped
         enc = self.wm.action_encoder
         n = int(enc.action_dim)
         if enc.action_type == "discrete":
@@ -167,6 +204,20 @@ class WorldModelEnv(gymnasium.Env):
         if not (lo <= hi).all():
             raise UsageError(f"action_low must not exceed action_high, got {lo} and {hi}")
         return spaces.Box(lo, hi, (n,), np.float32)
+
+    def _video_action_space(self) -> spaces.Space | None:
+        """k video-frame actions per step, for a model trained on grouped latent actions."""
+        io = self.latent_io
+        record = None if io is None else io.choice.record
+        k = 1 if io is None else io.spec.grouping.factor
+        if record is None or k == 1 or record.slots != k:
+            return None
+        space = record.video_action_space
+        if space.type == "continuous":
+            return spaces.Box(-np.inf, np.inf, (k, space.width), np.float32)
+        if space.multi_hot:
+            return spaces.MultiBinary((k, space.width))
+        return spaces.MultiDiscrete([space.width] * k)
 
     # --- gymnasium API -------------------------------------------------------------------------
 
@@ -199,10 +250,16 @@ class WorldModelEnv(gymnasium.Env):
                 f"context frames have shape {tuple(context.data.shape[1:])}, the observation space {self.observation_space.shape}"
             )
         session = RolloutSession(self.wm, dataclasses.replace(self.config, seed=seed), self.model_kwargs)
-        x = frames_to_model(context, self.frame_axis, self.channels).to(session.device)
-        session.reset(x, self._context_actions(context_actions, context.count))
+        model_context = context
+        if self.latent_io is not None:
+            model_context = self.latent_io.context_latents(context, "context")
+        x = frames_to_model(model_context, self.frame_axis, self.channels).to(session.device)
+        session.reset(x, self._context_actions(context_actions, model_context.count))
         self._session, self._steps = session, 0
         self._last = context.data[-1].copy()
+        if self.latent_io is not None:  # the decoder's cache starts from the context latents
+            self._decoder.reset()
+            self._decode(x)
         return self._last.copy(), {"seed": seed, "context_frames": context.count, "step": 0}
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
@@ -211,10 +268,28 @@ class WorldModelEnv(gymnasium.Env):
             raise UsageError("call reset() before step()")
         x = self._session.step(self._action_tensor(action).to(self._session.device))
         self._steps += 1
-        obs = model_to_frames(x, self.frame_axis, self.observation).data[0]
+        info_frames = None
+        if self.latent_io is not None:
+            info_frames = self._decode(x)
+            obs = info_frames[-1]
+        else:
+            obs = model_to_frames(x, self.frame_axis, self.observation).data[0]
         self._last = obs
         truncated = self.max_steps is not None and self._steps >= self.max_steps
-        return obs.copy(), 0.0, False, bool(truncated), self._info()
+        info = self._info()
+        if info_frames is not None:
+            info["frames"] = info_frames
+        return obs.copy(), 0.0, False, bool(truncated), info
+
+    def _decode(self, x: Any) -> np.ndarray:
+        """Latent frames (model layout) through the streaming decoder, each once: uint8 pixels."""
+        import torch
+
+        from causalize.rollout.decoded import to_uint8
+
+        latents = torch.from_numpy(model_to_frames(x, self.frame_axis, "latents").data)  # (T, C, h, w)
+        clips = [self._decoder.push(z[None]) for z in latents]
+        return to_uint8(torch.cat(clips, dim=2)[0])
 
     def render(self) -> np.ndarray | None:
         """rgb_array: the latest frame (uint8 (H, W, C); grayscale frames repeated to 3 channels)."""
@@ -248,11 +323,13 @@ class WorldModelEnv(gymnasium.Env):
         return info
 
     def _frames(self, data: Any, where: str) -> Frames:
-        frames = fit_channels(as_frames(data, self.observation, where), self.channels)
-        if frames.channels != self.channels:
-            raise UsageError(
-                f"{where}: {self.observation} have {frames.channels} channels, the model's sample has {self.channels}"
-            )
+        if self.latent_io is not None:  # pixels for the VAE
+            channels, whose = self.latent_io.spec.pixel_channels, "the VAE takes"
+        else:
+            channels, whose = self.channels, "the model's sample has"
+        frames = fit_channels(as_frames(data, self.observation, where), channels)
+        if frames.channels != channels:
+            raise UsageError(f"{where}: {self.observation} have {frames.channels} channels, {whose} {channels}")
         return frames
 
     def _context_actions(self, actions: Any, count: int):
@@ -270,6 +347,8 @@ class WorldModelEnv(gymnasium.Env):
 
         arr = np.asarray(action)
         space = self.action_space
+        if self._video_action_space() is not None:
+            return self._grouped_action(arr, space)
         if isinstance(space, spaces.Discrete):
             if arr.ndim != 0 or arr.dtype.kind not in "iu":
                 raise UsageError(f"a Discrete({space.n}) action is one integer, got {action!r}")
@@ -285,6 +364,31 @@ class WorldModelEnv(gymnasium.Env):
         if arr.dtype.kind not in "iuf" or not np.isfinite(arr).all():
             raise UsageError(f"continuous actions must be finite numbers, got {action!r}")
         return torch.from_numpy(arr.astype(np.float32))[None]
+
+    def _grouped_action(self, arr: np.ndarray, space: spaces.Space):
+        """k video-frame actions → the model's one row (slots concatenated, docs/LATENTS.md)."""
+        import torch
+
+        from causalize.latents.actions import slot_rows
+
+        if not space.contains(arr.astype(space.dtype) if arr.dtype.kind in "iub" else arr):
+            raise UsageError(f"action {arr.tolist()!r} is not in {space}")
+        record = self.latent_io.choice.record
+        rows = slot_rows(arr, record.video_action_space)
+        return torch.from_numpy(rows.reshape(1, -1).astype(np.float32))
+
+
+def _latent_io(vae: Any, wm: WorldModel) -> Any:
+    """A loaded LatentIO from a path or a LatentIO (None: no VAE)."""
+    if vae is None:
+        return None
+    from causalize.latents.spec import read_spec
+    from causalize.rollout.decoded import LatentIO, VaeChoice
+
+    if isinstance(vae, LatentIO):
+        return vae
+    choice = VaeChoice(str(vae), None, "option", read_spec(vae), None)
+    return LatentIO.load(choice, device=wm.device)
 
 
 __all__ = ["WorldModelEnv"]

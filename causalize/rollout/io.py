@@ -504,12 +504,13 @@ def write_frames(
     meta: dict[str, Any] | None = None,
     context_frames: int = 0,
     overwrite: bool = False,
+    extra: dict[str, np.ndarray] | None = None,
 ) -> Path:
     """Write frames atomically as `.mp4`, `.gif` or `.npz`.
 
     `.npz`: `frames` uint8 (T, H, W, C) or `latents` float32 (T, C, H, W), `actions` (when given),
     `context_frames` (how many leading frames were given, not generated) and `rollout` (`meta` as a
-    JSON string). Videos: odd sizes are padded by repeating the last row / column (H.264 needs
+    JSON string), and `extra` arrays (a decoded rollout keeps its `latents`). Videos: odd sizes are padded by repeating the last row / column (H.264 needs
     even sizes); GIF encoders merge identical consecutive frames (their durations add up)."""
     p = check_output(path, frames.kind, overwrite, frames.channels)
     check_fps(fps)
@@ -520,7 +521,7 @@ def write_frames(
     try:
         with fs.new_file(p, overwrite=overwrite) as tmp:
             if ext == ".npz":
-                _write_npz(tmp, frames, actions, meta, context_frames)
+                _write_npz(tmp, frames, actions, meta, context_frames, extra)
             else:
                 _write_media(tmp, frames.data, ext, fps)
     except FileExistsError:
@@ -529,9 +530,15 @@ def write_frames(
 
 
 def _write_npz(
-    tmp: Path, frames: Frames, actions: np.ndarray | None, meta: dict[str, Any] | None, context_frames: int
+    tmp: Path,
+    frames: Frames,
+    actions: np.ndarray | None,
+    meta: dict[str, Any] | None,
+    context_frames: int,
+    extra: dict[str, np.ndarray] | None = None,
 ) -> None:
     arrays: dict[str, np.ndarray] = {
+        **(extra or {}),
         "frames" if frames.kind == "pixels" else "latents": frames.data,
         "context_frames": np.asarray(context_frames, dtype=np.int64),
     }

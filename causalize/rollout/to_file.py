@@ -58,6 +58,12 @@ class RolloutFileReport:
     config: dict[str, Any]
     config_sources: dict[str, str] = field(default_factory=dict)
     device: str = "cpu"
+    #: the VAE generated latents were decoded with (None: the model's frames were written as they are)
+    vae: dict[str, Any] | None = None
+    #: seconds to decode each latent frame (context first), once each
+    decode_seconds: list[float] = field(default_factory=list)
+    #: where the conditioning tensors came from: "option", "stored" (beside the model) or "zeros"
+    conditioning: str = "zeros"
 
     @property
     def timing(self) -> dict[str, float]:
@@ -86,6 +92,10 @@ class RolloutFileReport:
             "config": self.config,
             "config_sources": self.config_sources,
             "device": self.device,
+            "vae": self.vae,
+            "decode_seconds_per_frame": statistics.fmean(self.decode_seconds) if self.decode_seconds else None,
+            "decode_seconds_all": self.decode_seconds,
+            "conditioning": self.conditioning,
         }
 
 
@@ -101,6 +111,9 @@ def rollout_to_file(
     include_context: bool = True,
     device: str | None = None,
     dtype: str | None = None,
+    vae: str | os.PathLike | None = None,
+    vae_subfolder: str | None = None,
+    conditioning: str | os.PathLike | None = None,
     progress: ProgressFn | None = None,
     **options: Any,
 ) -> RolloutFileReport:
@@ -113,13 +126,26 @@ def rollout_to_file(
     the input files are checked before torch is imported, the frame size by one 1-frame forward
     before the rollout (`check_frame_size`); nothing is written unless the rollout succeeds.
     `device` (None: CUDA when available) and `dtype` (None: the checkpoint's) are where and in
-    what precision the model runs; frames are written from fp32."""
+    what precision the model runs; frames are written from fp32.
+
+    Latent models: `vae` (default: the VAE recorded beside a model trained on `causalize encode`
+    latents) encodes pixel context and decodes the generated latents, one latent frame at a time
+    where the VAE decodes causally; per-video-frame actions are grouped onto latent frames as in
+    training. `conditioning` (default: the file stored with the trained model, else zeros) is
+    passed to every model call (causalize.rollout.conditioning)."""
     t0 = time.perf_counter()
     out_path = check_rollout_paths(checkpoint, context, actions, out, overwrite=overwrite)
     check_fps(fps)
     clip = read_frames(context, context_frames)  # headers and sizes first, only the frames needed
     raw_actions = read_actions(actions)
+    from causalize.rollout.decoded import LatentIO, find_vae
+    from causalize.rollout.loading import checkpoint_dir
+
+    choice = find_vae(checkpoint_dir(checkpoint), vae, vae_subfolder)  # config only: no torch yet
+    if conditioning is not None and not Path(conditioning).is_file():
+        raise UsageError(f"conditioning file not found: {conditioning}", "write one with causalize embed-prompt")
     # torch and the model only now: every input above is checked without them
+    from causalize.rollout.conditioning import resolve_conditioning
     from causalize.rollout.loading import load_world_model, resolve_config
     from causalize.rollout.sampler import RolloutSession, check_frame_size, rollout
 
@@ -127,13 +153,22 @@ def rollout_to_file(
     wm, ckpt = load_world_model(checkpoint, device=device, dtype=dtype)
     RolloutSession(wm, config)  # refuses a model without an action adapter before any file work
     encoder = wm.action_encoder
-    acts = actions_to_tensor(raw_actions, encoder.action_type, encoder.action_dim, str(actions))
+    model_kwargs, cond_source = resolve_conditioning(ckpt, conditioning, wm)
     axis, channels = sample_geometry(wm)
+    latent_io = None
+    if choice is not None and channels is not None:
+        latent_io = LatentIO.load(choice, device=wm.device, dtype=dtype)
+        latent_io.check_model(channels)
+        raw_actions = latent_io.group_actions(raw_actions, encoder.action_dim, encoder.action_type, str(actions))
+    acts = actions_to_tensor(raw_actions, encoder.action_type, encoder.action_dim, str(actions))
     if channels is None:
         raise UsageError(
             f"plan '{wm.plan.name}' takes packed tokens, not a video tensor: file rollouts do not support it",
             "use causalize.rollout.rollout() with tensors in the model's layout",
         )
+    pixel_clip = clip
+    if latent_io is not None:
+        clip = latent_io.context_latents(clip, str(context))
     block = wm.plan.layout.block_size
     if clip.count % block:
         raise UsageError(
@@ -141,18 +176,29 @@ def rollout_to_file(
             "choose --context-frames accordingly",
         )
     clip = fit_channels(clip, channels)
-    check_output(out_path, clip.kind, overwrite, clip.channels)
+    out_kind = "pixels" if latent_io is not None else clip.kind
+    check_output(out_path, out_kind, overwrite, pixel_clip.channels if latent_io is not None else clip.channels)
     x = frames_to_model(clip, axis, channels, str(context))
     check_frame_size(wm, x, str(context))  # one 1-frame forward: too small frames are a usage error
-    result = rollout(wm, x, acts, config=config, progress=progress)
+    result = rollout(wm, x, acts, config=config, model_kwargs=model_kwargs or None, progress=progress)
     generated = model_to_frames(result.frames, axis, clip.kind)
-    data = np.concatenate([clip.data, generated.data]) if include_context else generated.data
+    latents = None
+    if latent_io is not None:
+        latents = np.concatenate([clip.data, generated.data])
+        pixels = latent_io.to_pixels(Frames(latents, "latents")).data
+        n_context = latent_io.spec.grouping.video_frames(clip.count)
+        context_count, generated_count = n_context, pixels.shape[0] - n_context
+        data = pixels if include_context else pixels[n_context:]
+        latents = latents if include_context else generated.data
+    else:
+        context_count, generated_count = clip.count, generated.count
+        data = np.concatenate([clip.data, generated.data]) if include_context else generated.data
     report = RolloutFileReport(
         out=out_path,
         checkpoint=ckpt,
-        kind=clip.kind,
-        context_frames=clip.count if include_context else 0,
-        generated=generated.count,
+        kind=out_kind,
+        context_frames=context_count if include_context else 0,
+        generated=generated_count,
         frames_written=int(data.shape[0]),
         seconds_per_frame=list(result.seconds_per_frame),
         seconds=0.0,
@@ -162,16 +208,27 @@ def rollout_to_file(
         config=config.to_json(),
         config_sources=sources,
         device=str(next(wm.parameters()).device),
+        vae=None
+        if latent_io is None
+        else {
+            "path": latent_io.choice.path,
+            "source": latent_io.choice.source,
+            "class": latent_io.spec.class_name,
+            "decode": latent_io.spec.decode_stream,
+        },
+        decode_seconds=[] if latent_io is None else list(latent_io.decode_seconds),
+        conditioning=cond_source,
     )
     meta = {k: v for k, v in report.to_json().items() if k not in ("out", "seconds")}
     write_frames(
         out_path,
-        Frames(data, clip.kind),
+        Frames(data, out_kind),
         fps=fps,
         actions=_stored_actions(acts, encoder.action_type),
         meta=meta,
         context_frames=report.context_frames,
         overwrite=overwrite,
+        extra=None if latents is None else {"latents": latents},
     )
     report.seconds = time.perf_counter() - t0
     return report

@@ -48,7 +48,7 @@ def check_paths(config: TrainConfig) -> None:
     if isinstance(config.resume, str) and not Path(config.resume).is_dir():
         raise TrainingError(
             f"not a training checkpoint: {config.resume} (no such directory)",
-            "pass resume=True (CLI: --resume) to continue from the newest checkpoint of the output directory",
+            "give --resume-from a checkpoint directory (OUT/checkpoints/step-N), or --resume for the newest one",
         )
     check_output_dir(config)
 
@@ -121,8 +121,8 @@ def load_vae(path: str) -> Any:
         raise TrainingError(
             f"{p}: {class_name} compresses time (one latent frame per group of video frames), but training "
             "encodes each frame on its own: the denoiser would learn latents its VAE never produces",
-            "encode the episodes the way the pipeline does and train on the stored latents (a `causalize encode` "
-            "command is planned); per-frame image VAEs (AutoencoderKL) work here",
+            "encode the episodes the way the pipeline does and train on them: causalize encode EPISODES OUT --vae "
+            f"{path}; per-frame image VAEs (AutoencoderKL) work with --vae",
         )
     vae = cls.from_pretrained(p).eval()
     vae.requires_grad_(False)
@@ -211,7 +211,8 @@ def _check_channels(wm: WorldModel, info: Any, vae: Any, config: TrainConfig) ->
     if vae is not None:
         if info.kind != "pixels":
             raise TrainingError(
-                f"vae is set but the dataset {config.data} stores {info.kind}", "drop vae, or use a pixel dataset"
+                f"--vae is set but the dataset {config.data} stores {info.kind}",
+                "drop --vae (config: vae), or use a pixel dataset",
             )
         vae_in = int(getattr(vae.config, "in_channels", data_channels))
         if vae_in != data_channels:
@@ -223,7 +224,7 @@ def _check_channels(wm: WorldModel, info: Any, vae: Any, config: TrainConfig) ->
     model_channels = _sample_channels(wm.plan, wm.model, min(config.window, 4))
     if model_channels is not None and model_channels != data_channels:
         hint = (
-            "set vae to the base model's VAE to train on latents"
+            "encode the episodes with the base model's VAE (causalize encode EPISODES OUT --vae PIPELINE), or pass --vae for a per-frame image VAE"
             if vae is None and info.kind == "pixels"
             else "train a model whose in_channels equal the data's channels"
         )
@@ -239,20 +240,26 @@ def select_trainable(wm: WorldModel, train_only: str) -> list[torch.nn.Parameter
     if train_only == "adapter":
         encoder = wm.action_encoder
         if encoder is None:
-            raise TrainingError("train_only='adapter' needs a model with an action adapter")
+            raise TrainingError(
+                "--train-only adapter needs a model with an action adapter", "convert it with --action-dim N"
+            )
         encoder.requires_grad_(True)
     return [p for p in wm.parameters() if p.requires_grad]
 
 
-def load_conditioning(path: str | None) -> dict[str, torch.Tensor]:
-    """Model keyword arguments at batch 1 from a safetensors file ({} without one: zeros are used)."""
+def load_conditioning(path: str | None, wm: WorldModel | None = None) -> dict[str, torch.Tensor]:
+    """Model keyword arguments at batch 1 from a safetensors file (`causalize embed-prompt`), checked
+    against ``wm``'s denoiser (names, ranks, widths); {} without a file: zeros are used."""
     if path is None:
         return {}
     if not Path(path).is_file():
-        raise TrainingError(f"conditioning file not found: {path}")
-    from safetensors.torch import load_file
+        raise TrainingError(f"conditioning file not found: {path}", "write one with causalize embed-prompt")
+    from causalize.prompt import check_conditioning, load_conditioning_file
 
-    return load_file(path)
+    tensors = load_conditioning_file(path)
+    if wm is not None:
+        check_conditioning(tensors, wm, path)
+    return tensors
 
 
 def enable_checkpointing(model: nn.Module) -> bool:

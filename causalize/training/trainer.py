@@ -316,7 +316,7 @@ def _set_up(config: TrainConfig) -> _Run:
     wm = load_world_model(config)
     vae = load_vae(config.vae) if config.vae else None
     check_compatible(wm, dataset.info, vae, config)
-    overrides = load_conditioning(config.conditioning)
+    overrides = load_conditioning(config.conditioning, wm)
     accelerator = _accelerator(config)
     is_main = accelerator.is_main_process
     resume_from, start_step = resume_point(config, is_main)
