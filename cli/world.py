@@ -329,11 +329,17 @@ def rollout(
         "--zero-terminal-snr/--no-zero-terminal-snr",
         help="Schedule rescaled to zero terminal SNR (default: training.json's, else on).",
     ),
-    no_cache: bool = typer.Option(
-        False,
-        "--no-cache",
-        help="Recompute the whole window at every step instead of streaming caches (same frames, slower).",
+    cache: str | None = typer.Option(
+        None,
+        "--cache",
+        metavar="exact|rolling|none",
+        help="exact: streaming caches equal to recomputation (default); rolling: approximate, constant cost per "
+        "frame for long rollouts (see --sink); none: recompute the whole window at every step.",
     ),
+    sink: int | None = typer.Option(
+        None, "--sink", metavar="N", help="Rolling caches: keep the first N frames for the whole rollout (default 0)."
+    ),
+    no_cache: bool = typer.Option(False, "--no-cache", help="The same as --cache none."),
     seed: str | None = typer.Option(
         None, "--seed", metavar="N", help="Seed of all noise: an integer from 0 to 2**64 - 1 (default 0)."
     ),
@@ -441,9 +447,12 @@ def rollout(
         "guidance_rescale": guidance_rescale,
         "prediction_type": prediction_type,
         "zero_terminal_snr": zero_terminal_snr,
-        "cache": False if no_cache else None,
+        "cache": "none" if no_cache else cache,
+        "sink": sink,
     }
     with guard(as_json, command="rollout"):
+        if no_cache and cache not in (None, "none"):
+            raise UsageError(f"--no-cache contradicts --cache {cache}", "give one of them")
         check_precision_names(dtype)
         options["seed"] = parse_seed(seed)
         # Paths first, without torch (causalize.rollout.to_file imports it only to run the model):

@@ -245,6 +245,27 @@ class KVCache:
         self.signature = ()
         self._has_columns = False
 
+    def evict(self, first: int, stop: int) -> int:
+        """Drop the entries of frames first .. stop−1 (a rolling cache: the frames between the sink
+        and the window), moving the later ones down in place; returns the entries dropped. Entries
+        are in frame order, so the dropped ones are one run."""
+        if not self.length or stop <= first:
+            return 0
+        ids = self.frame_ids
+        before = int((ids < first).sum())
+        after = int((ids >= stop).sum())
+        start, n = self.length - after, after
+        dropped = start - before
+        if dropped <= 0:
+            return 0
+        for buffer, axis in ((self._key, -2), (self._value, -2), (self._ids, 0)):
+            buffer.narrow(axis, before, n).copy_(buffer.narrow(axis, start, n).clone())
+        if self._has_columns:
+            self._columns.narrow(-1, before, n).copy_(self._columns.narrow(-1, start, n).clone())
+        self.length = before + n
+        self.signature = None  # the kept frames no longer follow the writes' pattern
+        return dropped
+
     def reserve(self, tokens: int) -> None:
         """Capacity for at least `tokens` entries (now, or at the first write)."""
         self._hint = max(self._hint, tokens)

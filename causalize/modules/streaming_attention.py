@@ -75,6 +75,10 @@ class SampleKVCaches:
         for c in self.samples:
             c.reset()
 
+    def evict(self, first: int, stop: int) -> int:
+        """Drop frames first .. stop−1 from every sample's cache (KVCache.evict)."""
+        return sum(c.evict(first, stop) for c in self.samples)
+
     def prepare_write(self, batch: int) -> None:
         """Before a write call of `batch` samples: one cache per sample (the batch must not change)."""
         if self.length and len(self.samples) != batch:

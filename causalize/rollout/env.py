@@ -314,7 +314,9 @@ class WorldModelEnv(gymnasium.Env):
             "step": self._steps,
             "frame_passes": d.frame_passes,
             "model_calls": d.model_calls,
-            "cache": "streaming" if self.config.cache else "full recompute",
+            "cache": {"exact": "streaming", "none": "full recompute"}.get(
+                self.config.cache_mode, f"{self.config.cache_mode} (approximate)"
+            ),
         }
         if self.info_timing:
             s = self._session.seconds_per_frame

@@ -10,10 +10,20 @@ Every generated frame is denoised from pure noise over S levels while the histor
 L − 1 frames of the window, noised once to the history level k_h with fixed noise — stays put.
 
 Two strategies compute the same frames:
-- streaming (default): the history window is pushed through the model once (appended frame by
-  frame while the window grows, re-prefilled when it slides), then every denoising step runs on
-  the current frame alone against per-layer caches (causalize.rollout.streaming);
-- full recomputation (`cache=False`, the reference strategy): every step runs the whole window.
+- exact streaming (`cache="exact"`, also True, the default): the history window is pushed
+  through the model once (appended frame by frame while the window grows, re-prefilled when it
+  slides), then every denoising step runs on the current frame alone against per-layer caches
+  (causalize.rollout.streaming);
+- full recomputation (`cache="none"`, also False, the reference strategy): every step runs the
+  whole window.
+
+A third one is approximate, for long interactive rollouts at a constant cost per frame:
+- rolling (`cache="rolling"`, `sink=N`): every frame is pushed once, when it joins the history,
+  and cache entries of frames that left the window are dropped, except the first `sink` frames;
+  positions keep counting globally. The kept keys were computed under older windows, so frames
+  differ from the exact ones once the window has slid (before that they are equal). Per frame:
+  1 push + S single-frame steps (× 2 branches with guidance), whatever the rollout length; cache
+  memory is bounded by sink + window frames.
 
 Causal action guidance batches two branches in one forward: the conditional one, and the
 unconditional one in which only the newest action is dropped (the null action); history
@@ -37,6 +47,7 @@ from causalize.rollout import schedule as sched
 from causalize.world_model import WorldModel
 
 ProgressFn = Callable[[int, int, float], None]
+CACHE_MODES = ("exact", "rolling", "none")
 MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed accepts
 
 
@@ -54,12 +65,28 @@ class RolloutConfig:
     window: int = 16
     guidance_scale: float = 2.5
     guidance_rescale: float = 0.7
-    cache: bool = True
+    #: "exact" (or True), "rolling" (approximate, constant cost per frame) or "none" (or False)
+    cache: bool | str = True
+    #: rolling mode: the first `sink` frames stay in the caches for the whole rollout
+    sink: int = 0
     prediction_type: str = "v"
     zero_terminal_snr: bool = True
     seed: int = 0
 
+    @property
+    def cache_mode(self) -> str:
+        """"exact", "rolling" or "none" (True and False are "exact" and "none")."""
+        if isinstance(self.cache, bool):
+            return "exact" if self.cache else "none"
+        return self.cache
+
     def validate(self) -> None:
+        if not isinstance(self.cache, bool) and self.cache not in CACHE_MODES:
+            raise UsageError(f"unknown cache mode {self.cache!r}", "use exact, rolling or none (CLI: --cache)")
+        if not isinstance(self.sink, int) or isinstance(self.sink, bool) or self.sink < 0:
+            raise UsageError(f"sink must be a non-negative integer, got {self.sink!r}")
+        if self.sink and self.cache_mode != "rolling":
+            raise UsageError(f"sink={self.sink} applies to cache='rolling' only", "add --cache rolling, or drop --sink")
         if self.sampler not in sched.SAMPLERS:
             raise UsageError(f"unknown sampler {self.sampler!r}", f"use one of {', '.join(sched.SAMPLERS)}")
         if self.spacing not in sched.SPACINGS:
@@ -82,6 +109,11 @@ class RolloutConfig:
             )
         if self.prediction_type not in ("v", "v_prediction", "epsilon", "sample"):
             raise UsageError(f"unknown prediction_type {self.prediction_type!r}", "use v, epsilon or sample")
+        if isinstance(self.window, int) and self.sink >= self.window:
+            raise UsageError(
+                f"sink={self.sink} must be smaller than the window ({self.window})",
+                "the sink frames are kept besides the window's recent ones: e.g. --sink 1 to 4",
+            )
         if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
             raise UsageError(f"steps must be a positive integer, got {self.steps!r}", "e.g. 50 (the default) or 20")
         if not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool) or not 0 <= self.seed <= MAX_SEED:
@@ -108,6 +140,10 @@ class RolloutResult:
     model_calls: int = 0
     cache_bytes: int = 0
     config: RolloutConfig | None = None
+    #: "exact", "rolling" (approximate) or "none"
+    cache_mode: str = "exact"
+    #: frames pushed through the model before each generated frame's steps (history prefill / appends)
+    passes_per_frame: list[int] = field(default_factory=list)
 
 
 def _frame_axis(wm: WorldModel) -> int:
@@ -216,6 +252,36 @@ class Streaming(_Denoiser):
         sample, ts, actions, mask = _branches(x, level, action, mask, guided)
         with self.stream.read():
             return self.call(sample, ts, actions, mask)
+
+
+class Rolling(Streaming):
+    """Every history frame pushed once, in order, when it joins the history; frames that left the
+    window are dropped from the caches except the first `sink`. Approximate once the window slides."""
+
+    def __init__(self, wm, model_kwargs, sink: int):
+        super().__init__(wm, model_kwargs)
+        problems = self.stream.cannot_roll()
+        if problems:
+            raise UsageError(
+                f"cache='rolling' cannot serve plan '{wm.plan.name}': " + "; ".join(problems),
+                "use cache='exact' (CLI: --cache exact)",
+            )
+        self.sink = sink
+        self.pushed = 0  # history frames pushed so far (global indices 0 .. pushed−1)
+
+    def push(self, frames, actions, mask, level, window_start: int) -> None:
+        """Push the history frames not yet pushed (all of `frames`, global indices from `pushed`),
+        then drop frames sink .. window_start−1."""
+        self.stream.anchor_timestep = level
+        if frames:
+            new = torch.cat(frames, dim=self.axis)
+            ts = torch.full((new.shape[0], len(frames)), level, dtype=torch.long, device=new.device)
+            with self.stream.write(len(frames)):
+                self.call(new, ts, actions, mask)
+            self.pushed += len(frames)
+        if window_start > self.sink:
+            self.stream.evict(self.sink, window_start)
+        self.level = level
 
 
 def _check_inputs(wm: WorldModel, context: torch.Tensor, context_actions: torch.Tensor | None) -> None:
@@ -367,7 +433,12 @@ class RolloutSession:
         self.frame_shape = list(context.shape)
         self.frame_shape[self.axis] = 1
         self.gen = torch.Generator(device=self.device).manual_seed(self.config.seed)
-        self.denoiser = (Streaming if self.config.cache else FullRecompute)(self.wm, self.model_kwargs)
+        mode = self.config.cache_mode
+        if mode == "rolling":
+            self.denoiser = Rolling(self.wm, self.model_kwargs, self.config.sink)
+        else:
+            self.denoiser = (Streaming if mode == "exact" else FullRecompute)(self.wm, self.model_kwargs)
+        self.passes_per_frame: list[int] = []
         self.history = [self._noised(f) for f in context.split(1, dim=self.axis)]
         c = len(self.history)
         if context_actions is None:
@@ -427,9 +498,17 @@ class RolloutSession:
         if self.hist_actions is None:
             self.hist_actions = [torch.zeros_like(row) for _ in self.history]
         start = max(0, len(self.history) - (cfg.window - 1))
-        window_actions = torch.cat(self.hist_actions[start:], dim=1)
-        window_mask = torch.tensor(self.hist_mask[start:], dtype=torch.bool, device=self.device).expand(batch, -1)
-        self.denoiser.set_history(self.history[start:], window_actions, window_mask, start, self.level_h)
+        passes = self.denoiser.frame_passes
+        if isinstance(self.denoiser, Rolling):
+            lo = self.denoiser.pushed
+            acts = torch.cat(self.hist_actions[lo:], dim=1) if lo < len(self.history) else None
+            mask = torch.tensor(self.hist_mask[lo:], dtype=torch.bool, device=self.device).expand(batch, -1)
+            self.denoiser.push(self.history[lo:], acts, mask, self.level_h, start)
+        else:
+            window_actions = torch.cat(self.hist_actions[start:], dim=1)
+            window_mask = torch.tensor(self.hist_mask[start:], dtype=torch.bool, device=self.device).expand(batch, -1)
+            self.denoiser.set_history(self.history[start:], window_actions, window_mask, start, self.level_h)
+        self.passes_per_frame.append(self.denoiser.frame_passes - passes)
         x = torch.randn(self.frame_shape, generator=self.gen, device=self.device, dtype=self.dtype)
         for j, level in enumerate(self.levels):
             out = self.denoiser(x, level, row, cfg.guided)
@@ -454,6 +533,8 @@ class RolloutSession:
             model_calls=d.model_calls,
             cache_bytes=d.stream.cache_bytes() if isinstance(d, Streaming) else 0,
             config=self.config,
+            cache_mode=self.config.cache_mode,
+            passes_per_frame=list(self.passes_per_frame),
         )
 
 
@@ -515,6 +596,8 @@ __all__ = [
     "FullRecompute",
     "RolloutConfig",
     "RolloutResult",
+    "CACHE_MODES",
+    "Rolling",
     "RolloutSession",
     "Streaming",
     "check_frame_size",

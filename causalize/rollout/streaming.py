@@ -18,7 +18,10 @@ frame; the caches are used, not changed). Frames of one call get global indices 
 number of frames already cached, so positions and masks match a full-window forward.
 
 The caches are exact as long as the history is fixed: a window whose start moves must be
-re-prefilled after `reset()` (the rollout does), never edited in place.
+re-prefilled after `reset()` (the exact rollout does). A rolling rollout instead drops the frames
+that left the window (`evict`) and keeps appending: positions keep counting globally, and the kept
+keys were computed under older windows, so it is approximate (see `cannot_roll` for what cannot
+drop frames at all).
 """
 
 from __future__ import annotations
@@ -239,6 +242,25 @@ class Stream:
         """Context for a forward over the current frame(s): caches are used, not changed."""
         return self._call("read", 0)
 
+    def cannot_roll(self) -> list[str]:
+        """The cached state that cannot drop old frames, named for an error message: running sums
+        over every cached frame (cumulative causal norms, linear attention)."""
+        found = []
+        norms = [n for n, m in self.model.named_modules() if isinstance(m, CausalGroupNorm) and m.mode == "cumulative"]
+        if norms:
+            found.append(f"{len(norms)} cumulative causal norm(s) (e.g. {norms[0]}): running statistics of every frame")
+        linear = [p for p in self._processors if isinstance(p, StreamingLinearAttnProcessor)]
+        if linear:
+            found.append(f"{len(linear)} linear-attention layer(s): running sums over every cached frame")
+        return found
+
+    def evict(self, first: int, stop: int) -> None:
+        """Drop cached frames first .. stop−1 (global indices) from every attention cache; conv
+        buffers hold only the newest frames already. Positions keep counting (`cached_frames`)."""
+        for p in self._processors:
+            if isinstance(p, StreamingAttnProcessor):
+                p.cache.evict(first, stop)
+
     def cache_bytes(self) -> int:
         """Memory held by the caches (keys, values, conv buffers)."""
         return sum(p.cache.nbytes() for p in self._processors) + sum(
@@ -312,6 +334,12 @@ def _offset_rope(module: nn.Module, args, kwargs, output):
     object.__setattr__(module, "_causalize_busy", True)
     try:
         longer = module(*args, **kwargs)
+    except (RuntimeError, IndexError) as exc:
+        raise UsageError(
+            f"{type(module).__name__} cannot give positions for frame {state.offset} of the rollout "
+            f"({type(exc).__name__}: {' '.join(str(exc).split())[:120]}): its position table is shorter",
+            "rolling caches count positions globally: roll out fewer frames, or use cache='exact' (positions per window)",
+        ) from None
     finally:
         object.__setattr__(module, "_causalize_busy", False)
 
@@ -354,9 +382,10 @@ def _shift_pe_table(module: nn.Module, args):
         return None
     table = module.pe
     if state.offset + args[0].shape[1] > table.shape[1]:
-        raise CausalizeError(
+        raise UsageError(
             f"{type(module).__name__} has {table.shape[1]} positions; the streaming window needs "
-            f"{state.offset + args[0].shape[1]}"
+            f"{state.offset + args[0].shape[1]}",
+            "rolling caches count positions globally: roll out fewer frames, or use cache='exact'",
         )
     object.__setattr__(module, "_causalize_pe", table)
     module._buffers["pe"] = table[:, state.offset :]

@@ -72,7 +72,9 @@ class RolloutFileReport:
 
     @property
     def cache_mode(self) -> str:
-        return "streaming" if self.config.get("cache") else "full recompute"
+        cache = self.config.get("cache")
+        mode = ("exact" if cache else "none") if isinstance(cache, bool) else cache
+        return {"exact": "streaming", "none": "full recompute"}.get(mode, f"{mode} (approximate)")
 
     def to_json(self) -> dict[str, Any]:
         return {
