@@ -340,6 +340,12 @@ def rollout(
         None, "--sink", metavar="N", help="Rolling caches: keep the first N frames for the whole rollout (default 0)."
     ),
     no_cache: bool = typer.Option(False, "--no-cache", help="The same as --cache none."),
+    chunk: int | None = typer.Option(
+        None,
+        "--chunk",
+        metavar="N",
+        help="Frames generated together, causal among themselves (default 1; CogVideoX 1.5: 2, with --cache none).",
+    ),
     seed: str | None = typer.Option(
         None, "--seed", metavar="N", help="Seed of all noise: an integer from 0 to 2**64 - 1 (default 0)."
     ),
@@ -449,6 +455,7 @@ def rollout(
         "zero_terminal_snr": zero_terminal_snr,
         "cache": "none" if no_cache else cache,
         "sink": sink,
+        "chunk": chunk,
     }
     with guard(as_json, command="rollout"):
         if no_cache and cache not in (None, "none"):

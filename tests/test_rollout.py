@@ -305,7 +305,8 @@ def test_context_action_mask_selects_known_context_actions():
         rollout(wm, ctx, actions, context_actions=ctx_actions, context_action_mask=torch.tensor([True]), config=cfg)
 
 
-def test_block_causal_plans_are_refused_with_a_reason():
+def test_block_causal_plans_refuse_frame_by_frame_rollouts_with_a_reason():
+    """Frame by frame would feed partial blocks; tests/test_chunks.py rolls them out block by block."""
     plan = next(p for p in registries().plans if p.layout.block_size > 1 and p.conditioning is not None)
     model = plan.build_tiny()
     convert_model(model, plan, f"{plan.pipeline},frame-conditioning{{action_dim=2}}")
@@ -313,7 +314,7 @@ def test_block_causal_plans_are_refused_with_a_reason():
     ctx = plan.make_inputs(model, 2 * plan.layout.block_size, torch.Generator().manual_seed(0))[
         plan.conditioning.sample_arg
     ]
-    with pytest.raises(UsageError, match="block by"):
+    with pytest.raises(UsageError, match="partial blocks"):
         rollout(wm, ctx, torch.randn(1, 2, 2), config=RolloutConfig(steps=2, cache=False))
 
 

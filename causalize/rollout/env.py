@@ -100,6 +100,8 @@ class WorldModelEnv(gymnasium.Env):
             raise UsageError(f"max_steps must be an integer >= 1 or None, got {max_steps!r}")
         self.config = config or RolloutConfig()
         RolloutSession(world_model, self.config)  # validates the settings and the action adapter now
+        if self.config.chunk != 1:
+            raise UsageError(f"chunk={self.config.chunk}: the environment generates one frame per step", "use chunk=1")
         self.wm = world_model
         self.observation = observation
         self.max_steps = max_steps

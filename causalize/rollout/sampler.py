@@ -69,13 +69,16 @@ class RolloutConfig:
     cache: bool | str = True
     #: rolling mode: the first `sink` frames stay in the caches for the whole rollout
     sink: int = 0
+    #: frames generated together (denoised jointly, causal among themselves); a multiple of the
+    #: plan's temporal block (CogVideoX 1.5: 2)
+    chunk: int = 1
     prediction_type: str = "v"
     zero_terminal_snr: bool = True
     seed: int = 0
 
     @property
     def cache_mode(self) -> str:
-        """"exact", "rolling" or "none" (True and False are "exact" and "none")."""
+        """ "exact", "rolling" or "none" (True and False are "exact" and "none")."""
         if isinstance(self.cache, bool):
             return "exact" if self.cache else "none"
         return self.cache
@@ -109,6 +112,13 @@ class RolloutConfig:
             )
         if self.prediction_type not in ("v", "v_prediction", "epsilon", "sample"):
             raise UsageError(f"unknown prediction_type {self.prediction_type!r}", "use v, epsilon or sample")
+        if not isinstance(self.chunk, int) or isinstance(self.chunk, bool) or self.chunk < 1:
+            raise UsageError(f"chunk must be a positive integer, got {self.chunk!r}")
+        if isinstance(self.window, int) and self.chunk >= self.window:
+            raise UsageError(
+                f"chunk={self.chunk} does not fit the window ({self.window}) with any history",
+                "use a chunk smaller than the window",
+            )
         if isinstance(self.window, int) and self.sink >= self.window:
             raise UsageError(
                 f"sink={self.sink} must be smaller than the window ({self.window})",
@@ -183,15 +193,16 @@ class _Denoiser:
         raise NotImplementedError
 
 
-def _branches(x, level, actions, mask, guided: bool):
+def _branches(x, level, actions, mask, guided: bool, current: int = 1):
     """(sample, timesteps, actions, mask) of the current-frame part of a call, both branches when
-    guided: [conditional ; unconditional with the newest action dropped]."""
+    guided: [conditional ; unconditional with the newest actions dropped] (the `current` frames
+    being generated: one, or a chunk)."""
     batch = x.shape[0]
-    ts = torch.full((batch, 1), level, dtype=torch.long, device=x.device)
+    ts = torch.full((batch, current), level, dtype=torch.long, device=x.device)
     if not guided:
         return x, ts, actions, mask
     drop = mask.clone()
-    drop[:, -1] = False
+    drop[:, -current:] = False
     reps = [2] + [1] * (x.ndim - 1)
     return x.repeat(*reps), ts.repeat(2, 1), actions.repeat(2, *([1] * (actions.ndim - 1))), torch.cat([mask, drop])
 
@@ -204,9 +215,11 @@ class FullRecompute(_Denoiser):
         self.actions, self.mask, self.level = actions, mask, level
 
     def __call__(self, x, level, action, guided):
+        current = x.shape[self.axis]
         actions = torch.cat([self.actions, action], dim=1)
-        mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
-        sample, ts, actions, mask = _branches(x, level, actions, mask, guided)
+        ones = torch.ones(self.mask.shape[0], current, dtype=torch.bool, device=self.mask.device)
+        mask = torch.cat([self.mask, ones], dim=1)
+        sample, ts, actions, mask = _branches(x, level, actions, mask, guided, current)
         copies = sample.shape[0] // x.shape[0]
         if self.history is not None:
             n_hist = self.history.shape[self.axis]
@@ -215,7 +228,7 @@ class FullRecompute(_Denoiser):
             hist_ts = torch.full((ts.shape[0], n_hist), self.level, dtype=torch.long, device=x.device)
             ts = torch.cat([hist_ts, ts], dim=1)
         out = self.call(sample, ts, actions, mask)
-        return out.narrow(self.out_axis, out.shape[self.out_axis] - 1, 1)
+        return out.narrow(self.out_axis, out.shape[self.out_axis] - current, current)
 
 
 class Streaming(_Denoiser):
@@ -248,8 +261,9 @@ class Streaming(_Denoiser):
         self.level = level
 
     def __call__(self, x, level, action, guided):
-        mask = torch.ones(x.shape[0], 1, dtype=torch.bool, device=x.device)
-        sample, ts, actions, mask = _branches(x, level, action, mask, guided)
+        current = x.shape[self.axis]
+        mask = torch.ones(x.shape[0], current, dtype=torch.bool, device=x.device)
+        sample, ts, actions, mask = _branches(x, level, action, mask, guided, current)
         with self.stream.read():
             return self.call(sample, ts, actions, mask)
 
@@ -284,7 +298,9 @@ class Rolling(Streaming):
         self.level = level
 
 
-def _check_inputs(wm: WorldModel, context: torch.Tensor, context_actions: torch.Tensor | None) -> None:
+def _check_inputs(
+    wm: WorldModel, context: torch.Tensor, context_actions: torch.Tensor | None, config: RolloutConfig
+) -> None:
     encoder = wm.action_encoder
     axis = _frame_axis(wm)
     if not torch.is_tensor(context) or context.ndim <= axis:
@@ -293,10 +309,7 @@ def _check_inputs(wm: WorldModel, context: torch.Tensor, context_actions: torch.
         raise UsageError("context frames must be finite floating-point values in model space")
     block = wm.plan.layout.block_size
     if block != 1:
-        raise UsageError(
-            f"plan '{wm.plan.name}' is causal over blocks of {block} frames: it must be rolled out block by "
-            "block, which is not implemented (frame-by-frame rollout would feed it partial blocks)"
-        )
+        _check_blocks(wm, block, context.shape[axis], config)
     if context.shape[axis] < 1:
         raise UsageError("the context needs at least one frame", "pass c >= 1 context frames")
     if context.numel() == 0:
@@ -310,6 +323,28 @@ def _check_inputs(wm: WorldModel, context: torch.Tensor, context_actions: torch.
         raise UsageError(f"context_actions has {context_actions.shape[1]} frames, the context {context.shape[axis]}")
 
 
+def _check_blocks(wm: WorldModel, block: int, context_frames: int, config: RolloutConfig) -> None:
+    """A plan causal over blocks of `block` frames is rolled out block by block: whole blocks of
+    context, chunks and windows, so the model never sees a partial block."""
+    name = wm.plan.name
+    if config.chunk % block:
+        raise UsageError(
+            f"plan '{name}' is causal over blocks of {block} frames: chunk={config.chunk} would feed it partial blocks",
+            f"use chunk={block} (CLI: --chunk {block})",
+        )
+    if config.window % block or context_frames % block:
+        raise UsageError(
+            f"plan '{name}' is causal over blocks of {block} frames: the window ({config.window}) and the context "
+            f"({context_frames} frames) must be whole blocks",
+            f"use multiples of {block}",
+        )
+    if config.cache_mode != "none":
+        raise UsageError(
+            f"plan '{name}' is causal over blocks of {block} frames: streaming caches work frame by frame",
+            "roll it out block by block with full recomputation: cache='none' (CLI: --cache none)",
+        )
+
+
 def check_frame_size(wm: WorldModel, context: torch.Tensor, where: str = "context") -> None:
     """Refuse, as a usage error, frames too small (or oddly sized) for the model, before a rollout
     (5-D video samples: (B, C, T, H, W) or (B, T, C, H, W)).
@@ -320,7 +355,8 @@ def check_frame_size(wm: WorldModel, context: torch.Tensor, where: str = "contex
     size of the plan's own example input works, the size is at fault and the error says so;
     otherwise the original error propagates (a bug, not a bad input)."""
     axis = _frame_axis(wm)
-    frame = torch.zeros_like(context.narrow(axis, 0, 1)[:1], device=wm.device, dtype=wm.dtype)
+    block = min(wm.plan.layout.block_size, context.shape[axis])  # a whole block for block-causal plans
+    frame = torch.zeros_like(context.narrow(axis, 0, block)[:1], device=wm.device, dtype=wm.dtype)
     try:
         _probe(wm, frame)
     except (RuntimeError, ValueError) as exc:
@@ -351,8 +387,9 @@ def _frame_size(x: torch.Tensor, axis: int) -> tuple[int, ...]:
 
 @torch.no_grad()
 def _probe(wm: WorldModel, frame: torch.Tensor) -> None:
-    ts = torch.zeros(frame.shape[0], 1, dtype=torch.long, device=frame.device)
-    wm(frame, ts, None, None, **wm.unconditional_inputs(frame.shape[0], 1))
+    frames = frame.shape[_frame_axis(wm)]
+    ts = torch.zeros(frame.shape[0], frames, dtype=torch.long, device=frame.device)
+    wm(frame, ts, None, None, **wm.unconditional_inputs(frame.shape[0], frames))
 
 
 def _check_actions(encoder: torch.nn.Module, acts: torch.Tensor, batch: int, name: str) -> None:
@@ -425,7 +462,7 @@ class RolloutSession:
         """Start from `context` (c frames, model space, native layout); context frames get
         `context_actions` (their producing actions) or the null action; `context_action_mask`
         (c,) or (B, c) bool marks which of them are known (e.g. False for an episode's frame 0)."""
-        _check_inputs(self.wm, context, context_actions)
+        _check_inputs(self.wm, context, context_actions, self.config)
         self.batch = context.shape[0]
         context = context.to(device=self.device, dtype=self.dtype)
         if context.ndim == 5 and _frame_size(context, self.axis) not in self._sizes_known_to_fit():
@@ -481,7 +518,8 @@ class RolloutSession:
         known = self._fitting_sizes
         if known is None:
             cond = self.wm.plan.conditioning
-            example = self.wm.plan.make_inputs(self.wm.model, 1, torch.Generator().manual_seed(0))[cond.sample_arg]
+            frames = self.wm.plan.layout.block_size
+            example = self.wm.plan.make_inputs(self.wm.model, frames, torch.Generator().manual_seed(0))[cond.sample_arg]
             known = self._fitting_sizes = {_frame_size(example, self.axis)}
         return known
 
@@ -489,15 +527,34 @@ class RolloutSession:
     def step(self, action: torch.Tensor) -> torch.Tensor:
         """The next frame (native layout, one frame on the frame axis, model space) given the
         action (B, A) continuous / (B,) discrete index / (B, N) multi-hot."""
+        if self.config.chunk != 1:
+            raise UsageError(
+                f"chunk={self.config.chunk}: generate with step_chunk(actions of {self.config.chunk} frames)"
+            )
+        return self.step_chunk(action.to(self.device)[:, None])
+
+    @torch.no_grad()
+    def step_chunk(self, actions: torch.Tensor) -> torch.Tensor:
+        """The next frames, denoised together (native layout, c frames on the frame axis) given
+        their actions (B, c, A) / (B, c) / (B, c, N), c a multiple of the plan's temporal block:
+        frame i of the chunk is conditioned on actions[:, i] and on the chunk's earlier frames
+        (block-causal inside the model). Guidance drops the chunk's actions in its unconditional
+        branch (they are all the newest)."""
         if self.denoiser is None:
             raise UsageError("call reset(context) before step(action)")
-        row = action.to(self.device)[:, None]
+        row = actions.to(self.device)
         _check_actions(self.wm.action_encoder, row, self.batch, "action")
+        c, block = row.shape[1], self.wm.plan.layout.block_size
+        if c < 1 or c % block or c >= self.config.window:
+            raise UsageError(
+                f"a chunk of {c} frames: it must be a positive multiple of {block} smaller than the window "
+                f"({self.config.window})"
+            )
         t0 = time.perf_counter()
         cfg, batch = self.config, self.batch
         if self.hist_actions is None:
-            self.hist_actions = [torch.zeros_like(row) for _ in self.history]
-        start = max(0, len(self.history) - (cfg.window - 1))
+            self.hist_actions = [torch.zeros_like(row[:, :1]) for _ in self.history]
+        start = max(0, len(self.history) - (cfg.window - c))
         passes = self.denoiser.frame_passes
         if isinstance(self.denoiser, Rolling):
             lo = self.denoiser.pushed
@@ -509,7 +566,9 @@ class RolloutSession:
             window_mask = torch.tensor(self.hist_mask[start:], dtype=torch.bool, device=self.device).expand(batch, -1)
             self.denoiser.set_history(self.history[start:], window_actions, window_mask, start, self.level_h)
         self.passes_per_frame.append(self.denoiser.frame_passes - passes)
-        x = torch.randn(self.frame_shape, generator=self.gen, device=self.device, dtype=self.dtype)
+        shape = list(self.frame_shape)
+        shape[self.axis] = c
+        x = torch.randn(shape, generator=self.gen, device=self.device, dtype=self.dtype)
         for j, level in enumerate(self.levels):
             out = self.denoiser(x, level, row, cfg.guided)
             v = self._to_v(out, x, level)
@@ -517,11 +576,12 @@ class RolloutSession:
                 v = sched.guide(v[:batch], v[batch:], cfg.guidance_scale, cfg.guidance_rescale)
             nxt = self.levels[j + 1] if j + 1 < len(self.levels) else None
             x = sched.step(cfg.sampler, self.schedule, x, v, level, nxt, eta=cfg.eta, generator=self.gen)
-        self.history.append(self._noised(x))
-        self.hist_actions.append(row)
-        self.hist_mask.append(True)
-        self.generated += 1
-        self.seconds_per_frame.append(time.perf_counter() - t0)
+        for i, frame in enumerate(x.split(1, dim=self.axis)):
+            self.history.append(self._noised(frame))
+            self.hist_actions.append(row[:, i : i + 1])
+            self.hist_mask.append(True)
+        self.generated += c
+        self.seconds_per_frame.extend([(time.perf_counter() - t0) / c] * c)
         return x
 
     def result(self, frames: list[torch.Tensor]) -> RolloutResult:
@@ -564,12 +624,18 @@ def rollout(
     session = RolloutSession(wm, config, model_kwargs)
     session.reset(context, context_actions, context_action_mask)  # checks the context
     _check_actions(wm.action_encoder, actions, session.batch, "actions")
+    block = wm.plan.layout.block_size
+    if actions.shape[1] % block:
+        raise UsageError(
+            f"plan '{wm.plan.name}' generates whole blocks of {block} frames; {actions.shape[1]} actions are not",
+            f"give a multiple of {block} actions",
+        )
     frames = []
-    n = actions.shape[1]
-    for i in range(n):
-        frames.append(session.step(actions[:, i]))
+    n, chunk = actions.shape[1], session.config.chunk
+    for i in range(0, n, chunk):
+        frames.append(session.step_chunk(actions[:, i : i + chunk]))
         if progress is not None:
-            progress(i + 1, n, session.seconds_per_frame[-1])
+            progress(min(i + chunk, n), n, session.seconds_per_frame[-1])
     if not frames:
         raise UsageError("no actions: nothing to generate")
     return session.result(frames)
