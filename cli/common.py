@@ -141,10 +141,18 @@ def default_hint(command: str | None = None) -> str:
 def guard(as_json: bool = False, command: str | None = None) -> Iterator[None]:
     """Map library errors to their exit code with a one-line message (traceback only with --debug);
     `command` names the running command for the hint of an error raised without one."""
+    import warnings
+
     from causalize.errors import CausalizeError
 
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        """A warning as one line on stderr (not Python's file:line: source form)."""
+        err.print(f"[yellow]warning:[/] {escape(one_line(str(message)))}")
+
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.showwarning = show
+            yield
     except (typer.Exit, typer.Abort, typer.TyperException):  # typer's own control flow
         raise
     except CausalizeError as exc:

@@ -59,6 +59,8 @@ def resolve_conditioning(
         if not p.is_file():
             raise UsageError(f"conditioning file not found: {p}", "give a file written by causalize embed-prompt")
         tensors, source = load_conditioning_file(p), "option"
+        if wm is not None and tensors:  # a file that cannot serve is refused before any warning
+            check_conditioning(tensors, wm, str(p))
         if stored is not None and _digest(p) != _digest(stored):
             _warn(f"{p} differs from the conditioning the model was trained with ({stored})")
         elif stored is None and not used and _has_training(checkpoint_dir):
@@ -69,8 +71,8 @@ def resolve_conditioning(
         if used:
             _warn("the model was trained with a conditioning file that was not stored with it: zeros are used")
         tensors, source = {}, "zeros"
-    if wm is not None and tensors:
-        check_conditioning(tensors, wm, str(given or stored))
+    if wm is not None and tensors and source == "stored":
+        check_conditioning(tensors, wm, str(stored))
     return tensors, source
 
 

@@ -45,6 +45,8 @@ def find_vae(
     record = read_model_record(checkpoint_dir)
     if vae is not None:
         spec = read_spec(vae, subfolder)
+        if record is not None:
+            _check_same_vae(spec, record.vae)
         return VaeChoice(str(vae), subfolder, "option", spec, record)
     if record is None:
         return None
@@ -55,6 +57,20 @@ def find_vae(
             "pass --vae with that VAE (its pipeline directory or vae/ folder)",
         )
     return VaeChoice(str(recorded), None, "latent.json", read_spec(recorded), record)
+
+
+def _check_same_vae(given: VaeSpec, recorded: VaeSpec) -> None:
+    """--vae on a model trained on encoded latents must be that VAE (it may have moved): the same
+    class, frame rule, channels, spatial factor and normalisation."""
+    fields = ("class_name", "grouping", "latent_channels", "spatial_factor", "norm", "pixel_channels")
+    differs = [f for f in fields if getattr(given, f) != getattr(recorded, f)]
+    if differs:
+        f = differs[0]
+        raise VaeError(
+            f"--vae {given.path} differs from the VAE the model was trained on ({recorded.path}): "
+            f"{f} {getattr(given, f)} vs {getattr(recorded, f)}",
+            "give the VAE recorded in the model's latent.json (or leave --vae out)",
+        )
 
 
 @dataclass
@@ -96,7 +112,7 @@ class LatentIO:
         if not rule.fits(frames.count):
             raise UsageError(
                 f"{where}: {frames.count} context frames do not fit {self.spec.class_name}'s frame rule, {rule.rule()}",
-                f"pass --context-frames {max(rule.trimmed(frames.count), 1)}",
+                f"give {max(rule.trimmed(frames.count), 1)} context frames (CLI: --context-frames N)",
             )
         clip = torch.from_numpy(np.ascontiguousarray(frames.data)).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
         z = encode_clip(self.vae, self.spec, clip)

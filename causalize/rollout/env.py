@@ -88,7 +88,9 @@ class WorldModelEnv(gymnasium.Env):
         info_timing: add wall-clock seconds to step infos. Off by default: timings differ between
             identical runs, and gymnasium's check_env requires identical infos.
         vae: a VAE (its directory, or a loaded causalize.rollout.decoded.LatentIO) that turns the
-            model's latents into pixel observations; see the module docstring.
+            model's latents into pixel observations; see the module docstring. A directory alone
+            carries no action grouping: actions then take the model's own rows; `from_pretrained`
+            reads the grouping from the model's latent.json.
         """
         if observation not in ("pixels", "latents"):
             raise UsageError(f"observation must be 'pixels' or 'latents', got {observation!r}")
@@ -261,7 +263,7 @@ class WorldModelEnv(gymnasium.Env):
         self._last = context.data[-1].copy()
         if self.latent_io is not None:  # the decoder's cache starts from the context latents
             self._decoder.reset()
-            self._decode(x)
+            self._last = self._decode(x)[-1]  # the VAE's reconstruction, as a file rollout writes it
         return self._last.copy(), {"seed": seed, "context_frames": context.count, "step": 0}
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
