@@ -48,7 +48,9 @@ def test_wan_walkthrough(tmp_path):
     clip = iio.imread(tmp_path / "clip.mp4")
     assert clip.shape == (13, 32, 32, 3)  # 5 context + 8 generated video frames, decoded
     assert "MultiDiscrete([3 3 3 3]) (32, 32, 3) (4, 32, 32, 3)" in result.stdout
-    assert "decoded with" in result.stderr and "(own-cache)" in result.stderr and "conditioning: stored" in result.stderr
+    assert (
+        "decoded with" in result.stderr and "(own-cache)" in result.stderr and "conditioning: stored" in result.stderr
+    )
     assert np.load(tmp_path / "latents" / "episodes" / "000000.npz")["latents"].shape == (4, 4, 4, 4)
 
 
