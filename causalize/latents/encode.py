@@ -231,8 +231,8 @@ def encode_episodes(
 
     from causalize.latents.vae import load_vae
 
-    t0 = time.perf_counter()
     model, spec = load_vae(job.spec.path, device=device, dtype=dtype)
+    t0 = time.perf_counter()  # encoding time: after the VAE (and diffusers) are loaded
     _start_staging(job, spec)
     todo = [i for i in job.lengths if not episode_path(job.staging, i).is_file()]
     resumed = len(job.lengths) - len(todo)

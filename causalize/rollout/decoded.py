@@ -1,6 +1,7 @@
 """Rolling out a latent world model in pixels: its VAE (the one `causalize encode` recorded, or
 ``--vae``), pixel context encoded through it, per-video-frame actions grouped onto latent frames as
-in training, and generated latents decoded as they come (one latent frame at a time).
+in training, and generated latents decoded once each, one latent frame at a time (a file rollout
+decodes after generating; the environment decodes each step's frame as it comes).
 
 The torch-free part (:func:`find_vae`) runs before the model loads, so a bad ``--vae`` fails fast.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -124,6 +126,13 @@ class LatentIO:
         from causalize.latents.actions import slot_rows
 
         record, k = self.choice.record, self.spec.grouping.factor
+        if record is None and k > 1:
+            warnings.warn(
+                f"the model has no latent.json (it was not trained on `causalize encode` data): each action row "
+                f"conditions one latent frame ({k} video frames); per-video-frame actions are not grouped",
+                UserWarning,
+                stacklevel=3,
+            )
         if record is None or k == 1:
             return raw
         space = record.video_action_space
