@@ -41,3 +41,10 @@ def causalize_register_twins(register: Callable[[str, type], None]) -> None:
     classmethod; `frame-conditioning` swaps instances of "ClassName" to it (same parameters and
     state-dict keys) so that each frame gets its own timestep modulation.
     """
+
+
+@hookspec
+def causalize_register_refusals(register: Callable[[object], object]) -> None:
+    """Register classes that are refused on purpose: call `register(Refusal(...))` for each, so that
+    `convert`, `verify` and `inspect` say why instead of "no plan"."""
+

@@ -210,3 +210,14 @@ class Plan:
                 if path not in seen:
                     seen.add(path)
                     yield path, mod, spec
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A diffusers class causalize deliberately does not convert, and why (e.g. "no frame axis",
+    "packed sequence without a frame map"); `nearest` names the plan closest to a port."""
+
+    model_class: str
+    reason: str
+    nearest: str | None = None
+

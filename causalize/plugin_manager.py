@@ -15,7 +15,7 @@ import pluggy
 from causalize import hookspecs
 from causalize.errors import NoPlanError, UsageError
 from causalize.passes.registry import PassRegistry, did_you_mean
-from causalize.plan import Plan
+from causalize.plan import Plan, Refusal
 
 #: The built-in plugins, loaded in this order (as pytest lists its default plugins): the passes,
 #: then one module per model family. Adding a family = adding its file to plugins/ and here
@@ -46,6 +46,15 @@ class PlanRegistry:
 
     def __init__(self) -> None:
         self._plans: dict[str, Plan] = {}
+        self.refusals: dict[str, Refusal] = {}
+
+    def refuse(self, refusal: Refusal, source: str = "") -> Refusal:
+        if not isinstance(refusal, Refusal):
+            raise TypeError(f"register() expects a causalize.plan.Refusal, got {type(refusal).__name__}")
+        if refusal.model_class in self.refusals:
+            raise ValueError(f"{refusal.model_class} is already refused")
+        self.refusals[refusal.model_class] = refusal
+        return refusal
 
     def register(self, plan: Plan, source: str = "") -> Plan:
         if not isinstance(plan, Plan):
@@ -71,12 +80,29 @@ class PlanRegistry:
             fitting = [p for p in matches if p.accepts is None or p.accepts(dict(config))]
             matches = fitting or matches
         if not matches:
+            refusal = self.refusals.get(class_name)
+            if refusal is not None:
+                start = f"; the nearest plan is '{refusal.nearest}'" if refusal.nearest else ""
+                raise NoPlanError(
+                    f"no plan: {class_name} is not supported: {refusal.reason}",
+                    f"a port needs a plugin that solves this (see README, 'Writing a plugin'){start}",
+                )
             supported = ", ".join(sorted(f"{p.model_class} ({p.name})" for p in self._plans.values()))
             raise NoPlanError(
                 f"no plan supports {class_name}; supported: {supported}",
-                "write a plugin that registers a Plan for it (see README, 'Writing a plugin'), or pass --plan",
+                "write a plugin that registers a Plan for it (see README, 'Writing a plugin')"
+                + self._nearest_hint(class_name)
+                + ", or pass --plan",
             )
         return matches[0]
+
+    def _nearest_hint(self, class_name: str) -> str:
+        """The plan whose class name is closest, as a starting point for a port."""
+        import difflib
+
+        by_class = {p.model_class: p.name for p in self._plans.values()}
+        close = difflib.get_close_matches(class_name, list(by_class), n=1, cutoff=0.0)
+        return f", starting from the nearest plan '{by_class[close[0]]}' ({close[0]})" if close else ""
 
     def __iter__(self):
         return iter(self._plans[n] for n in sorted(self._plans))
@@ -120,6 +146,8 @@ def build_registries(autoload: bool | None = None) -> Registries:
         impl.function(register=passes.register)
     for impl in pm.hook.causalize_register_plans.get_hookimpls():
         impl.function(register=lambda plan, _src=impl.plugin_name: plans.register(plan, _src))
+    for impl in pm.hook.causalize_register_refusals.get_hookimpls():
+        impl.function(register=lambda refusal, _src=impl.plugin_name: plans.refuse(refusal, _src))
     from causalize.modules.frame_modulation import register_twin  # torch: only once plugins load
 
     pm.hook.causalize_register_twins(register=register_twin)
