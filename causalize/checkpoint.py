@@ -81,7 +81,7 @@ def resolve(src: str | os.PathLike, subfolder: str | None = None) -> Path:
     if (src / CONFIG).exists():
         return src
     if (src / "model_index.json").exists():
-        found = [s for s in DENOISER_SUBFOLDERS if (src / s / CONFIG).exists()]
+        found = denoiser_subfolders(src)
         if len(found) == 1:
             return src / found[0]
         if not found:
@@ -89,10 +89,25 @@ def resolve(src: str | os.PathLike, subfolder: str | None = None) -> Path:
                 f"pipeline {src} has no denoiser subfolder ({' or '.join(DENOISER_SUBFOLDERS)})",
                 "pass --subfolder NAME",
             )
-        raise CheckpointError(f"pipeline {src} has several denoisers: {', '.join(found)}", "pass --subfolder NAME")
+        raise CheckpointError(
+            f"pipeline {src} has several denoisers: {', '.join(found)} (e.g. Wan 2.2 A14B's two experts)",
+            "pass --subfolder NAME (`causalize convert` without it converts them all into OUT/NAME)",
+        )
     raise CheckpointError(
         f"no {CONFIG} in {src}", "give a diffusers model directory (config.json + safetensors) or a pipeline directory"
     )
+
+
+def denoiser_subfolders(pipeline: str | os.PathLike) -> list[str]:
+    """The denoiser subfolders of a pipeline directory: transformer / unet, and further experts
+    named like them (transformer_2: Wan 2.2 A14B's low-noise expert), in name order."""
+    import re
+
+    root = Path(pipeline)
+    if not (root / "model_index.json").exists():
+        return []
+    pattern = re.compile(r"(" + "|".join(DENOISER_SUBFOLDERS) + r")(_\d+)?")
+    return sorted(p.name for p in root.iterdir() if pattern.fullmatch(p.name) and p.is_dir() and (p / CONFIG).exists())
 
 
 def _regular_file(path: Path, what: str) -> None:

@@ -135,6 +135,7 @@ def convert(
       causalize convert SRC OUT --pipeline 'causal-temporal-conv{transfer=extrapolative},causal-temporal-attention,causal-norm'
       causalize convert SRC OUT --action-dim 13        # a world model: per-frame timesteps + actions
       causalize convert SRC OUT --dtype bf16 --device cuda   # converted, verified and saved in bf16
+      causalize convert ./Wan2.2-T2V-A14B-Diffusers ./wan22-causal  # both experts: OUT/transformer, OUT/transformer_2
 
     \b
     Exit codes:
@@ -146,6 +147,10 @@ def convert(
     """
     with guard(as_json):
         check_precision_names(dtype)
+        from causalize.api import pipeline_experts  # no torch
+
+        if pipeline_experts(src, subfolder):
+            _convert_experts(src, out_dir, dry_run, as_json, locals())
         check_source(src, subfolder)
         from causalize import api
 
@@ -176,6 +181,37 @@ def convert(
     elif report.written:
         typer.echo(str(report.out))
     raise typer.Exit(EXIT_OK if report.passed else EXIT_LEAK)
+
+
+def _convert_experts(src: Path, out_dir: Path, dry_run: bool, as_json: bool, opts: dict) -> None:
+    """A pipeline with several denoisers (Wan 2.2 A14B's experts): each converted into OUT/NAME."""
+    from causalize import api
+
+    reports = api.convert_experts(
+        src,
+        out_dir,
+        plan=opts["plan"],
+        pipeline=opts["pipeline"],
+        dry_run=dry_run,
+        overwrite=opts["overwrite"],
+        allow_pickle=opts["allow_pickle"],
+        allow_leak=opts["allow_leak"],
+        verify=not opts["no_verify"],
+        action_dim=opts["action_dim"],
+        action_type=opts["action_type"],
+        frames=probe_frames(opts["frames"]),
+        torch_dtype=opts["dtype"],
+        device=opts["device"],
+        progress=progress_message,
+    )
+    for report in reports:
+        print_convert_summary(report)
+    passed = all(r.passed for r in reports)
+    if as_json:
+        emit_json({"experts": [r.to_json() for r in reports], "out": str(out_dir)})
+    elif all(r.written for r in reports):
+        typer.echo(str(out_dir))
+    raise typer.Exit(EXIT_OK if passed else EXIT_LEAK)
 
 
 @app.command()
