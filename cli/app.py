@@ -147,7 +147,7 @@ def convert(
     """
     with guard(as_json):
         check_precision_names(dtype)
-        from causalize.api import pipeline_experts  # no torch
+        from causalize.experts import pipeline_experts  # no torch
 
         if pipeline_experts(src, subfolder):
             _convert_experts(src, out_dir, dry_run, as_json, locals())
@@ -185,9 +185,9 @@ def convert(
 
 def _convert_experts(src: Path, out_dir: Path, dry_run: bool, as_json: bool, opts: dict) -> None:
     """A pipeline with several denoisers (Wan 2.2 A14B's experts): each converted into OUT/NAME."""
-    from causalize import api
+    from causalize.experts import convert_experts
 
-    reports = api.convert_experts(
+    reports = convert_experts(
         src,
         out_dir,
         plan=opts["plan"],

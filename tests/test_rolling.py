@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from causalize.errors import UsageError
 from causalize.plugin_manager import registries
 from causalize.rollout import RolloutConfig, RolloutSession, rollout
-from causalize.rollout.sampler import Rolling
+from causalize.rollout.denoisers import Rolling
 from causalize.rollout.streaming import Stream
 from tests.world_models import tiny_world_model
 

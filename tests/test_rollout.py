@@ -17,7 +17,7 @@ from causalize.noise import NoiseSchedule
 from causalize.plugin_manager import registries
 from causalize.rollout import RolloutConfig, RolloutSession, rollout
 from causalize.rollout import schedule as sched
-from causalize.rollout.sampler import FullRecompute, _branches
+from causalize.rollout.denoisers import FullRecompute, branches
 from causalize.rollout.streaming import Stream
 from causalize.world_model import WorldModel
 
@@ -143,7 +143,7 @@ def test_branches_layout():
     x = torch.randn(2, 4, 1, 3, 3)
     mask = torch.ones(2, 3, dtype=torch.bool)
     actions = torch.randn(2, 3, 5)
-    sample, ts, acts, m = _branches(x, 7, actions, mask, True)
+    sample, ts, acts, m = branches(x, 7, actions, mask, True)
     assert sample.shape[0] == 4 and torch.equal(sample[:2], x) and torch.equal(sample[2:], x)
     assert ts.tolist() == [[7]] * 4
     assert m[:2].all() and m[2:, :2].all() and not m[2:, 2].any()

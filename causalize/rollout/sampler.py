@@ -44,6 +44,7 @@ import torch
 from causalize.errors import UsageError
 from causalize.noise import NoiseSchedule
 from causalize.rollout import schedule as sched
+from causalize.rollout.denoisers import Denoiser, FullRecompute, Rolling, Streaming, frame_axis
 from causalize.world_model import WorldModel
 
 ProgressFn = Callable[[int, int, float], None]
@@ -156,153 +157,11 @@ class RolloutResult:
     passes_per_frame: list[int] = field(default_factory=list)
 
 
-def _frame_axis(wm: WorldModel) -> int:
-    return wm.plan.layout.inputs[wm.plan.conditioning.sample_arg]
-
-
-class _Denoiser:
-    """Runs the model on [history window ; current frame] and returns the current frame's output."""
-
-    def __init__(self, wm: WorldModel, model_kwargs: dict[str, Any] | None):
-        self.wm = wm
-        self.axis = _frame_axis(wm)
-        self.out_axis = wm.plan.layout.output_axis
-        self._overrides = model_kwargs or {}
-        self._kwargs: dict[tuple[int, int], dict[str, Any]] = {}
-        self.frame_passes = 0
-        self.model_calls = 0
-
-    def kwargs(self, batch: int, frames: int, like: torch.Tensor) -> dict[str, Any]:
-        key = (batch, frames)
-        if key not in self._kwargs:
-            self._kwargs[key] = self.wm.unconditional_inputs(batch, frames, self._overrides)
-        return self._kwargs[key]
-
-    def call(self, sample, timesteps, actions, mask) -> torch.Tensor:
-        batch, frames = sample.shape[0], sample.shape[self.axis]
-        self.model_calls += 1
-        self.frame_passes += batch * frames
-        return self.wm(sample, timesteps, actions, mask, **self.kwargs(batch, frames, sample))
-
-    def set_history(
-        self, frames: list[torch.Tensor], actions: torch.Tensor, mask: torch.Tensor, start: int, level: int
-    ) -> None:
-        raise NotImplementedError
-
-    def __call__(self, x, level, actions, mask) -> torch.Tensor:
-        raise NotImplementedError
-
-
-def _branches(x, level, actions, mask, guided: bool, current: int = 1):
-    """(sample, timesteps, actions, mask) of the current-frame part of a call, both branches when
-    guided: [conditional ; unconditional with the newest actions dropped] (the `current` frames
-    being generated: one, or a chunk)."""
-    batch = x.shape[0]
-    ts = torch.full((batch, current), level, dtype=torch.long, device=x.device)
-    if not guided:
-        return x, ts, actions, mask
-    drop = mask.clone()
-    drop[:, -current:] = False
-    reps = [2] + [1] * (x.ndim - 1)
-    return x.repeat(*reps), ts.repeat(2, 1), actions.repeat(2, *([1] * (actions.ndim - 1))), torch.cat([mask, drop])
-
-
-class FullRecompute(_Denoiser):
-    """The reference strategy: every step runs the whole window."""
-
-    def set_history(self, frames, actions, mask, start, level):
-        self.history = torch.cat(frames, dim=self.axis) if frames else None  # fixed while a frame is generated
-        self.actions, self.mask, self.level = actions, mask, level
-
-    def __call__(self, x, level, action, guided):
-        current = x.shape[self.axis]
-        actions = torch.cat([self.actions, action], dim=1)
-        ones = torch.ones(self.mask.shape[0], current, dtype=torch.bool, device=self.mask.device)
-        mask = torch.cat([self.mask, ones], dim=1)
-        sample, ts, actions, mask = _branches(x, level, actions, mask, guided, current)
-        copies = sample.shape[0] // x.shape[0]
-        if self.history is not None:
-            n_hist = self.history.shape[self.axis]
-            hist = self.history.repeat(copies, *([1] * (self.history.ndim - 1)))
-            sample = torch.cat([hist, sample], dim=self.axis)
-            hist_ts = torch.full((ts.shape[0], n_hist), self.level, dtype=torch.long, device=x.device)
-            ts = torch.cat([hist_ts, ts], dim=1)
-        out = self.call(sample, ts, actions, mask)
-        return out.narrow(self.out_axis, out.shape[self.out_axis] - current, current)
-
-
-class Streaming(_Denoiser):
-    """History through the model once per window (append-only while it grows), steps on the
-    current frame alone against the caches."""
-
-    def __init__(self, wm, model_kwargs):
-        super().__init__(wm, model_kwargs)
-        from causalize.rollout.streaming import Stream
-
-        self.stream = Stream.of(wm.model, wm.plan)
-        self.stream.reset()
-        self.span = (0, 0)  # global frame indices [start, end) held in the caches
-
-    def set_history(self, frames, actions, mask, start, level):
-        end = start + len(frames)
-        cached_start, cached_end = self.span
-        if cached_start == start and cached_end <= end and cached_end > cached_start:
-            first = cached_end - start  # append what is missing
-        else:
-            self.stream.reset()
-            first = 0
-        self.stream.anchor_timestep = level  # every window frame is at the history level
-        if first < len(frames):
-            new = torch.cat(frames[first:], dim=self.axis)
-            ts = torch.full((new.shape[0], len(frames) - first), level, dtype=torch.long, device=new.device)
-            with self.stream.write(len(frames) - first):
-                self.call(new, ts, actions[:, first:], mask[:, first:])
-        self.span = (start, end)
-        self.level = level
-
-    def __call__(self, x, level, action, guided):
-        current = x.shape[self.axis]
-        mask = torch.ones(x.shape[0], current, dtype=torch.bool, device=x.device)
-        sample, ts, actions, mask = _branches(x, level, action, mask, guided, current)
-        with self.stream.read():
-            return self.call(sample, ts, actions, mask)
-
-
-class Rolling(Streaming):
-    """Every history frame pushed once, in order, when it joins the history; frames that left the
-    window are dropped from the caches except the first `sink`. Approximate once the window slides."""
-
-    def __init__(self, wm, model_kwargs, sink: int):
-        super().__init__(wm, model_kwargs)
-        problems = self.stream.cannot_roll()
-        if problems:
-            raise UsageError(
-                f"cache='rolling' cannot serve plan '{wm.plan.name}': " + "; ".join(problems),
-                "use cache='exact' (CLI: --cache exact)",
-            )
-        self.sink = sink
-        self.pushed = 0  # history frames pushed so far (global indices 0 .. pushed−1)
-
-    def push(self, frames, actions, mask, level, window_start: int) -> None:
-        """Push the history frames not yet pushed (all of `frames`, global indices from `pushed`),
-        then drop frames sink .. window_start−1."""
-        self.stream.anchor_timestep = level
-        if frames:
-            new = torch.cat(frames, dim=self.axis)
-            ts = torch.full((new.shape[0], len(frames)), level, dtype=torch.long, device=new.device)
-            with self.stream.write(len(frames)):
-                self.call(new, ts, actions, mask)
-            self.pushed += len(frames)
-        if window_start > self.sink:
-            self.stream.evict(self.sink, window_start)
-        self.level = level
-
-
 def _check_inputs(
     wm: WorldModel, context: torch.Tensor, context_actions: torch.Tensor | None, config: RolloutConfig
 ) -> None:
     encoder = wm.action_encoder
-    axis = _frame_axis(wm)
+    axis = frame_axis(wm)
     if not torch.is_tensor(context) or context.ndim <= axis:
         raise UsageError(f"context must be a tensor in the model's layout with frames on axis {axis}")
     if not context.is_floating_point() or not torch.isfinite(context).all():
@@ -354,7 +213,7 @@ def check_frame_size(wm: WorldModel, context: torch.Tensor, where: str = "contex
     model once on one zero frame of the context's size. If that fails and the same probe at the
     size of the plan's own example input works, the size is at fault and the error says so;
     otherwise the original error propagates (a bug, not a bad input)."""
-    axis = _frame_axis(wm)
+    axis = frame_axis(wm)
     block = min(wm.plan.layout.block_size, context.shape[axis])  # a whole block for block-causal plans
     frame = torch.zeros_like(context.narrow(axis, 0, block)[:1], device=wm.device, dtype=wm.dtype)
     try:
@@ -387,7 +246,7 @@ def _frame_size(x: torch.Tensor, axis: int) -> tuple[int, ...]:
 
 @torch.no_grad()
 def _probe(wm: WorldModel, frame: torch.Tensor) -> None:
-    frames = frame.shape[_frame_axis(wm)]
+    frames = frame.shape[frame_axis(wm)]
     ts = torch.zeros(frame.shape[0], frames, dtype=torch.long, device=frame.device)
     wm(frame, ts, None, None, **wm.unconditional_inputs(frame.shape[0], frames))
 
@@ -446,10 +305,10 @@ class RolloutSession:
                 f"history_noise {self.level_h} is beyond the schedule's {self.schedule.num_train_timesteps} levels"
             )
         self.prediction = "v" if config.prediction_type == "v_prediction" else config.prediction_type
-        self.axis, self.out_axis = _frame_axis(wm), wm.plan.layout.output_axis
+        self.axis, self.out_axis = frame_axis(wm), wm.plan.layout.output_axis
         self.device, self.dtype = wm.device, wm.dtype
         self.model_kwargs = model_kwargs
-        self.denoiser: _Denoiser | None = None
+        self.denoiser: Denoiser | None = None
         self.generated = 0
         self._fitting_sizes: set[tuple[int, ...]] | None = None  # frame sizes known to fit
 
