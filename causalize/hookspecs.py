@@ -47,4 +47,3 @@ def causalize_register_twins(register: Callable[[str, type], None]) -> None:
 def causalize_register_refusals(register: Callable[[object], object]) -> None:
     """Register classes that are refused on purpose: call `register(Refusal(...))` for each, so that
     `convert`, `verify` and `inspect` say why instead of "no plan"."""
-

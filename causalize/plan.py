@@ -220,4 +220,3 @@ class Refusal:
     model_class: str
     reason: str
     nearest: str | None = None
-
