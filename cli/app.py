@@ -54,6 +54,12 @@ app = typer.Typer(
         "  causalize inspect ./zeroscope/unet           # what would be rewritten\n"
         "  causalize convert ./zeroscope/unet ./causal  # rewrite, verify, write\n"
         "  causalize verify ./causal                    # measure causality again\n\n"
+        "\b\nFrom a video pipeline to a world model (README, docs/LATENTS.md):\n"
+        "  causalize encode EPISODES LATENTS --vae PIPE  # episodes through the pipeline's VAE\n"
+        "  causalize convert PIPE WM --action-dim N      # causal + an action adapter\n"
+        "  causalize embed-prompt PIPE '' empty.safetensors\n"
+        "  causalize train --model WM --data LATENTS --out RUN --conditioning empty.safetensors\n"
+        "  causalize rollout RUN --context ep.npz --actions acts.txt --out clip.mp4\n\n"
         "Results go to stdout (--json: one JSON document); messages go to stderr.\n\n" + EXIT_CODES
     ),
     no_args_is_help=True,
