@@ -163,3 +163,19 @@ def test_rolling_denoiser_is_what_the_session_uses():
     session = RolloutSession(wm, RolloutConfig(steps=1, cache="rolling"))
     session.reset(_context(wm))
     assert isinstance(session.denoiser, Rolling)
+
+
+def test_the_environment_rolls_with_the_same_settings():
+    """A gymnasium env on rolling caches: steps past the window, labels the cache approximate."""
+    from causalize.rollout.env import WorldModelEnv
+
+    wm = tiny_world_model("wan", rope_max_seq_len=64)
+    ctx = _context(wm)[0].movedim(1, 0).numpy()  # (T, C, H, W) latents
+    env = WorldModelEnv(
+        wm, RolloutConfig(steps=1, window=3, cache="rolling", sink=1), context=ctx, observation="latents"
+    )
+    env.reset(seed=0)
+    for _ in range(8):
+        obs, _, _, _, info = env.step(env.action_space.sample())
+    assert info["cache"] == "rolling (approximate)" and info["frame_passes"] > 0
+    assert env._session.passes_per_frame[-4:] == [1, 1, 1, 1]
