@@ -25,14 +25,30 @@ MODULE_CONTEXT = "_causalize_ctx"
 
 @dataclass(frozen=True)
 class TokenGrid:
-    """Video tokens of one forward call: `frames` token frames of `per_frame` tokens, frame-major."""
+    """Video tokens of one forward call: `frames` token frames of `per_frame` tokens, frame-major.
+
+    leading_context: context tokens the model itself puts before the video tokens in every sequence
+    that has context, whatever a site's declared context position (FramePack packs its clean
+    history there, in front of the section's frames); the rest of a site's context sits at that
+    position. 0 for every other model.
+    """
 
     frames: int
     per_frame: int
+    leading_context: int = 0
 
     @property
     def video_tokens(self) -> int:
         return self.frames * self.per_frame
+
+    def context_split(self, context_len: int, position: str) -> tuple[int, int]:
+        """(before, after): context tokens before and after the video in a sequence of `context_len`
+        context tokens at a site that declares `position`; `after` < 0 when they do not fit."""
+        if position == "prefix":
+            return context_len, 0
+        if context_len == 0:
+            return 0, 0
+        return self.leading_context, context_len - self.leading_context
 
 
 TokenFn = Callable[[nn.Module, dict[str, Any]], TokenGrid]

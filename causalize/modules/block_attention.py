@@ -33,11 +33,12 @@ from causalize.context import FrameContext, TokenGrid
 from causalize.errors import CausalizeError
 from causalize.layout import causal_block_allowed
 from causalize.modules import attention_exec
-from causalize.modules.wrapping import AdvertisedCall
+from causalize.modules.wrapping import AdvertisedCall, call_processor, takes_attention_mask
 
 ContextPosition = Literal["none", "prefix", "suffix"]
-MaskFormat = Literal["bool4d", "heads3d", "sdpa-scope"]
-MASK_FORMATS = ("bool4d", "heads3d", "sdpa-scope")
+MaskFormat = Literal["bool4d", "heads3d", "sdpa-scope", "scope"]
+MASK_FORMATS = ("bool4d", "heads3d", "sdpa-scope", "scope")
+SCOPED_FORMATS = ("sdpa-scope", "scope")  # always masked in the SDPA scope, never handed a mask
 # diffusers attention backends that end in torch.nn.functional.scaled_dot_product_attention
 SDPA_DISPATCH_BACKENDS = ("native", "_native_cudnn", "_native_efficient", "_native_flash", "_native_math")
 
@@ -49,8 +50,14 @@ def token_frame_ids(
     video = torch.arange(grid.frames, device=device).repeat_interleave(grid.per_frame)
     if context_len == 0:
         return video
+    before, after = grid.context_split(context_len, position)
+    if after < 0:
+        raise CausalizeError(
+            f"{context_len} context tokens cannot hold the {grid.leading_context} the model puts before the video",
+            "the plan's token layout is wrong for this model: fix its `tokens` function",
+        )
     ctx = torch.full((context_len,), -1, dtype=video.dtype, device=device)
-    return torch.cat([ctx, video]) if position == "prefix" else torch.cat([video, ctx])
+    return torch.cat([ctx[:before], video, ctx[before:]])
 
 
 def block_causal_mask(fid: torch.Tensor, block_size: int = 1, context_sees_video: bool = False) -> torch.Tensor:
@@ -201,7 +208,10 @@ class BlockCausalAttnProcessor:
         pass it to `dispatch_attention_fn`; "heads3d" for legacy ones that call
         `attn.prepare_attention_mask` first; "sdpa-scope" for processors that call
         `F.scaled_dot_product_attention` with no usable mask (Mochi), which always run in the SDPA
-        scope (per-sample lengths work). With the chunked and flex backends every format runs in
+        scope (per-sample lengths work); "scope" for processors that turn the mask they receive into
+        their own (HunyuanVideo 1.5 pads a text key mask to (B, 1, L, L)), which also always run in
+        the scope, their `attention_mask` untouched, with one batched SDPA call (streaming keeps one
+        cache, not one per sample). With the chunked and flex backends every format runs in
         the scope, `attention_mask` passed through untouched. A scoped call that handled no SDPA
         call is an error: the processor did not go through SDPA, so it would have stayed
         non-causal. So is a diffusers attention backend that does not end in SDPA (flash, sage…).
@@ -234,9 +244,12 @@ class BlockCausalAttnProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         if encoder_hidden_states is not None and not self.joint:
-            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+            return call_processor(
+                self.inner, attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs
+            )
         self._check_dispatch()
-        if self.mask_format != "sdpa-scope":
+        # a processor that takes no mask (Kandinsky 5) is masked in the SDPA scope, like sdpa-scope
+        if self.mask_format not in SCOPED_FORMATS and takes_attention_mask(self.inner):
             length = self._joint_length(hidden_states, encoder_hidden_states)
             if attention_exec.active_backend(hidden_states.device, length) == "dense":
                 fid = self._frame_ids(hidden_states, encoder_hidden_states)
@@ -282,7 +295,8 @@ class BlockCausalAttnProcessor:
         return (kind, fid.numel(), int((fid < 0).sum()), int(fid.max()), *extra)
 
     def _dense(self, fid, attn, hidden_states, attention_mask):
-        key = self._mask_key("dense", fid, hidden_states.device, hidden_states.dtype)
+        lead = self.context.current().leading_context
+        key = self._mask_key("dense", fid, hidden_states.device, hidden_states.dtype, lead)
         if self._cache and self._cache[0] == key:
             allowed, bias = self._cache[1]
         else:
@@ -314,11 +328,13 @@ class BlockCausalAttnProcessor:
         if length < grid.video_tokens:
             self._misfit(length, grid)
         with sdpa_scope(SdpaScope(self, grid)) as scope:
-            out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+            out = call_processor(
+                self.inner, attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs
+            )
         if not scope.masked_calls:
             hint = (
                 "use mask_format 'bool4d' or 'heads3d' for it"
-                if self.mask_format == "sdpa-scope"
+                if self.mask_format in SCOPED_FORMATS
                 else f"set {attention_exec.ENV_VAR}=dense: the mask then goes through the processor"
             )
             raise CausalizeError(
@@ -333,7 +349,7 @@ class BlockCausalAttnProcessor:
         context_len = length - grid.video_tokens
         if context_len < 0 or (context_len > 0 and self.position == "none"):
             self._misfit(length, grid)
-        layout_key = ("grid", grid.frames, grid.per_frame, context_len, self.position)
+        layout_key = ("grid", grid.frames, grid.per_frame, context_len, self.position, grid.leading_context)
         key = (*layout_key, str(device))
         fid = self._fid_cache.get(key)
         if fid is None:
@@ -347,7 +363,7 @@ class BlockCausalAttnProcessor:
         context_len = length - grid.video_tokens
         if context_len < 0 or (context_len > 0 and self.position == "none"):
             self._misfit(length, grid)
-        key = (length, context_len, grid.frames, grid.per_frame, str(device))
+        key = (length, context_len, grid.frames, grid.per_frame, grid.leading_context, str(device))
         allowed = self._scoped_cache.get(key)
         if allowed is None:
             if len(self._scoped_cache) >= 32:

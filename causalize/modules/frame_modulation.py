@@ -117,15 +117,14 @@ def frame_tensor(module: nn.Module, temb: torch.Tensor, tokens: torch.Tensor | N
     length = grid.video_tokens if tokens is None else tokens.shape[1]
     extra = length - grid.video_tokens
     where = getattr(module, CONTEXT, "none")
-    if extra < 0 or (extra and where not in ("prefix", "suffix")):
+    before, after = grid.context_split(extra, where) if extra >= 0 else (0, extra)
+    if extra < 0 or after < 0 or (after and where not in ("prefix", "suffix")):
         raise CausalizeError(
             f"{type(module).__name__} modulates {length} tokens, the frame grid has {grid.video_tokens} video tokens "
             f"({grid.frames} frames x {grid.per_frame}) and the plan declares context '{where}'",
             "set the context position (prefix / suffix) in the plan's frame-conditioning targets",
         )
-    layout = TokenLayout(
-        grid.frames, grid.per_frame, prefix=extra if where == "prefix" else 0, suffix=extra if where == "suffix" else 0
-    )
+    layout = TokenLayout(grid.frames, grid.per_frame, prefix=before, suffix=after)
     return FrameTensor.wrap(temb, frames, layout)
 
 
@@ -241,9 +240,14 @@ TWINS: dict[str, type[nn.Module]] = {
 }
 
 
+# Twins by the class they subclass: diffusers copies a class into several model files under one
+# name (Wan's and Wan-Animate's WanTimeTextImageEmbedding), and TWINS, keyed by name, holds one.
+_BY_PARENT: dict[type, type[nn.Module]] = {}
+
+
 def _twin_for(module: nn.Module) -> type[nn.Module]:
     name = type(module).__name__
-    twin = TWINS.get(name)
+    twin = _BY_PARENT.get(type(module), TWINS.get(name))
     if twin is None or type(module) is not twin.__mro__[1]:
         raise CausalizeError(f"no frame-modulated twin for {name}", f"supported: {', '.join(sorted(TWINS))}")
     reason = twin.supports(module)
@@ -266,7 +270,7 @@ def make_frame_modulated(
     if context not in ("none", "prefix", "suffix"):
         raise CausalizeError(f"context must be 'none', 'prefix' or 'suffix', got {context!r}")
     root = module if model is None else model
-    if type(module) not in TWINS.values():
+    if type(module) not in TWINS.values() and type(module) not in _BY_PARENT.values():
         state.swap_class(root, path, _twin_for(module))
     state.set_attribute(root, path, CTX, ctx)
     state.set_attribute(root, path, CONTEXT, context)
@@ -274,8 +278,12 @@ def make_frame_modulated(
 
 
 def register_twin(original: str, twin: type[nn.Module]) -> None:
-    """Add a twin for another modulation class (its direct subclass, with a `supports` classmethod)."""
+    """Add a twin for another modulation class (its direct subclass, with a `supports` classmethod).
+    Classes of the same name from different diffusers files each keep their own twin."""
     TWINS[original] = twin
+    parent = twin.__mro__[1] if isinstance(twin, type) and len(twin.__mro__) > 2 else None
+    if parent is not None and parent.__name__ == original:
+        _BY_PARENT[parent] = twin
 
 
 __all__ = [

@@ -12,7 +12,7 @@ per-frame values `frames` (R, F, *shape[1:]). Every operation on it is intercept
 (`__torch_function__`):
 
 - per-sample operations (elementwise with scalars or per-sample tensors, `F.linear`, `reshape` /
-  `view` keeping the rows, `chunk` / `split` / `unbind`, `unsqueeze`, indexing with `:` / `None`,
+  `view` / `unflatten` keeping the rows, `chunk` / `split` / `unbind`, `unsqueeze`, indexing with `:` / `None`,
   `to`, ...) are applied to the per-sample values and to every frame's values alike, and return a
   FrameTensor again;
 - an elementwise operation with a *token sequence* (a tensor (R, L, ...) where the per-sample
@@ -21,6 +21,8 @@ per-frame values `frames` (R, F, *shape[1:]). Every operation on it is intercept
   f's values and context (text) tokens the per-sample values — the model's own elementwise
   arithmetic, so with equal frames it gives the model's own result (up to the rounding of the
   batched matrix products that computed the values, ~1e-7);
+- `expand` of a size-1 axis to the token count (Helios broadcasts its temb with
+  `view(B, 1, -1).expand(B, N, -1)`): a plain tensor, frame f's values on frame f's video tokens;
 - `repeat_interleave(r, dim=0)` (Latte repeats its per-sample modulation over frames for its
   spatial blocks, and over patch positions for its temporal blocks): r = the frame count gives
   plain rows (b, f) with frame f's values; r = the tokens per frame gives rows (b, p) whose token
@@ -211,6 +213,10 @@ class FrameTensor(torch.Tensor):
                 return _getitem(args[0], args[1])
             if name == "repeat_interleave":
                 return _repeat_interleave(args, kwargs)
+            if name == "unflatten":
+                return _unflatten(func, args, kwargs)
+            if name == "expand":
+                return _expand(args, kwargs)
         raise CausalizeError(
             f"per-frame modulation: the model applied `{name}` to a FrameTensor, which causalize does not know how to "
             f"apply per frame",
@@ -436,6 +442,53 @@ def _repeat_interleave(args, kwargs):
         f"per-frame modulation: repeat_interleave({repeats}) of a per-sample modulation is neither "
         f"over the {layout.frames} frames nor over the {layout.per_frame} tokens of a frame"
     )
+
+
+def _unflatten(func, args, kwargs):
+    """`unflatten(dim, sizes)` of an axis after the rows (Wan: `timestep_proj.unflatten(1, (6, -1))`)."""
+    ft = args[0]
+    dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+    sizes = kwargs.get("sizes", args[2] if len(args) > 2 else None)
+    d = _row_preserving_dim(dim, ft._sample.dim(), "unflatten")
+    return _rewrap(func(ft._sample, d, sizes), func(ft._frames, d + 1, sizes), ft._layout, "unflatten")
+
+
+def _expand(args, kwargs):
+    """`expand(*sizes)`. Growing one size-1 axis after the rows to the layout's token count is where
+    the model broadcasts the modulation over the tokens itself (Helios:
+    `temb.view(B, 1, -1).expand(B, N, -1)`): a plain tensor, video tokens per frame, context tokens
+    per sample. Growing no axis keeps a FrameTensor; anything else raises."""
+    ft, layout = args[0], args[0]._layout
+    sizes = kwargs.get("size", args[1:])
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list, torch.Size)):
+        sizes = sizes[0]
+    sizes = tuple(int(s) for s in sizes)
+    old = ft._sample.shape
+    sample = ft._sample.expand(*sizes)
+    if sample.dim() != len(old) or sample.shape[0] != old[0]:
+        raise CausalizeError(
+            f"per-frame modulation: expanding a per-sample modulation {tuple(old)} to {tuple(sample.shape)} changes its "
+            "rows (samples) or axes"
+        )
+    grown = [d for d in range(1, len(old)) if old[d] == 1 and sample.shape[d] != 1]
+    if not grown:
+        return _rewrap(sample, ft._frames.expand(old[0], layout.frames, *sample.shape[1:]), layout, "expand")
+    if len(grown) > 1 or sample.shape[grown[0]] != layout.length:
+        raise CausalizeError(
+            f"per-frame modulation: expanding a per-sample modulation {tuple(old)} to {tuple(sample.shape)} is not a "
+            f"broadcast over the {layout.length} tokens of the frame layout ({layout.describe()})"
+        )
+    d = grown[0]
+
+    def part(values: torch.Tensor, length: int) -> torch.Tensor:
+        return values.expand(*sample.shape[:d], length, *sample.shape[d + 1 :])
+
+    video = ft._frames.squeeze(d + 1).movedim(1, d).repeat_interleave(layout.per_frame, dim=d)
+    parts = [part(ft._sample, layout.prefix)] if layout.prefix else []
+    parts.append(part(video, layout.video))
+    if layout.suffix:
+        parts.append(part(ft._sample, layout.suffix))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=d)
 
 
 __all__ = ["FrameTensor", "TokenLayout"]

@@ -99,12 +99,12 @@ class CallTokens:
 def grid_tokens(grid: Any, context_len: int, position: str, offset: int, device) -> CallTokens:
     """The tokens of a call over `grid` (frame-major) with `context_len` context tokens at
     `position`, its first frame at global index `offset` (built once per pattern, shared)."""
-    memo_key = ("grid", grid.frames, grid.per_frame, context_len, position, offset, str(device))
+    memo_key = ("grid", grid.frames, grid.per_frame, grid.leading_context, context_len, position, offset, str(device))
     call = _TOKENS.get(memo_key)
     if call is None:
         ids = token_frame_ids(grid, context_len, position, device)
         ids = torch.where(ids >= 0, ids + offset, ids)
-        start = context_len if position == "prefix" else 0
+        start = grid.context_split(context_len, position)[0]
         layout = (ids.numel(), start, grid.video_tokens, grid.frames)
         call = _TOKENS.put(memo_key, CallTokens(ids, start, grid.video_tokens, grid.frames, offset, layout))
     return call

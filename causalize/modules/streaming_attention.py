@@ -13,7 +13,7 @@ from causalize.errors import CausalizeError
 from causalize.modules.block_attention import BlockCausalAttnProcessor, sdpa_scope
 from causalize.modules.frame_attention import CausalFrameAttnProcessor
 from causalize.modules.kv_cache import CallTokens, KVCache, attend_with_cache, frame_tokens, grid_tokens
-from causalize.modules.wrapping import AdvertisedCall
+from causalize.modules.wrapping import AdvertisedCall, call_processor
 
 
 class KVCacheScope:
@@ -165,13 +165,17 @@ class StreamingAttnProcessor:
             return self.causal(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         joint = isinstance(self.causal, BlockCausalAttnProcessor) and self.causal.joint
         if encoder_hidden_states is not None and not joint:  # cross-attention: frame-local queries
-            return self.causal.inner(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+            return call_processor(
+                self.causal.inner, attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs
+            )
         if self.per_sample:
             return self._per_sample(stream, attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         call = self._tokens(hidden_states, encoder_hidden_states, stream.offset)
         scope = KVCacheScope(self.cache, call, self.causal.block_size, stream.mode == "write")
         with sdpa_scope(scope):
-            out = self.causal.inner(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+            out = call_processor(
+                self.causal.inner, attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs
+            )
         if scope.calls != 1:
             raise CausalizeError(
                 f"{type(self.causal.inner).__name__} made {scope.calls} scaled_dot_product_attention calls over its "
@@ -189,7 +193,9 @@ class StreamingAttnProcessor:
             self.cache, grid, self.causal.position, stream.offset, self.causal.block_size, stream.mode == "write"
         )
         with sdpa_scope(scope):
-            out = self.causal.inner(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+            out = call_processor(
+                self.causal.inner, attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs
+            )
         if scope.calls != hidden_states.shape[0]:
             raise CausalizeError(
                 f"{type(self.causal.inner).__name__} made {scope.calls} self-attention scaled_dot_product_attention "

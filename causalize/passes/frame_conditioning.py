@@ -56,8 +56,11 @@ def _on_delta_embedding(module, args, output):
         )
     batch, frames = ctx.timesteps.shape
     ctx.busy = True
+    proj = getattr(module, TIME_PROJ)
     try:
-        per_frame = module(getattr(module, TIME_PROJ)(ctx.timesteps.reshape(-1)).to(output.dtype))
+        # no time_proj: the embedding takes raw timesteps and projects them itself (Kandinsky 5)
+        flat = ctx.timesteps.reshape(-1)
+        per_frame = module(flat if proj is None else proj(flat).to(output.dtype))
     finally:
         ctx.busy = False
     delta = per_frame - output.repeat_interleave(frames, dim=0)
@@ -152,7 +155,8 @@ def _install_hooks(model: nn.Module, plan: Plan, ctx: FrameContext) -> int:
     if cond.mode == "per-token":
         state.register_hook(model, cond.embedding, _on_token_embedding)
         return 1
-    state.set_attribute(model, cond.embedding, TIME_PROJ, _submodule(model, cond.time_proj, "timestep projection"))
+    proj = _submodule(model, cond.time_proj, "timestep projection") if cond.time_proj else None
+    state.set_attribute(model, cond.embedding, TIME_PROJ, proj)
     state.register_hook(model, cond.embedding, _on_delta_embedding)
     n = 0
     for path, mod in list(model.named_modules()):

@@ -3,8 +3,10 @@ its past-frame input did not.
 
 Intermediate tensors have many layouts ((B·T, C, H, W), (B·H·W, T, C), (B, C, T, H, W), tokens).
 Rather than guess a frame axis from one shape, we run the model once more on T−1 frames: the one
-dimension whose size changes is the frame axis, and its size / T is the number of entries per
-frame (frame-major). Tensors where that fails are compared whole.
+dimension whose size changes is the frame axis, and the change is the number of entries per
+frame (frame-major). Entries beyond T times that are context tokens, taken to lead (FramePack packs
+its clean history before the section, CogVideoX its text before the video): the past region is
+the context plus the past frames. Tensors where that fails are compared whole.
 """
 
 from __future__ import annotations
@@ -61,9 +63,9 @@ def _record(model: nn.Module, visit: Callable[[str, int, str, list[torch.Tensor]
             h.remove()
 
 
-def _frame_axes(model, inputs, layout, forward, frames: int) -> dict[Key, tuple[int, int]]:
-    """(axis, entries per causal block) for every tensor whose frame axis the T / T−b comparison
-    reveals (b = block size: a temporally patched model holds T/b token frames)."""
+def _frame_axes(model, inputs, layout, forward, frames: int) -> dict[Key, tuple[int, int, int]]:
+    """(axis, entries per causal block, leading context entries) for every tensor whose frame axis
+    the T / T−b comparison reveals (b = block size: a temporally patched model holds T/b token frames)."""
     b = layout.block_size
     shapes: dict[int, dict[Key, tuple[int, ...]]] = {frames: {}, frames - b: {}}
 
@@ -77,7 +79,7 @@ def _frame_axes(model, inputs, layout, forward, frames: int) -> dict[Key, tuple[
     for n in (frames, frames - b):
         with _record(model, make_visit(shapes[n])), torch.no_grad():
             forward(model, slice_frames(inputs, layout, n) if n != frames else inputs)
-    axes: dict[Key, tuple[int, int]] = {}
+    axes: dict[Key, tuple[int, int, int]] = {}
     for key, full in shapes[frames].items():
         short = shapes[frames - b].get(key)
         if short is None or len(short) != len(full):
@@ -87,16 +89,18 @@ def _frame_axes(model, inputs, layout, forward, frames: int) -> dict[Key, tuple[
             continue
         d = diff[0]
         per = full[d] - short[d]
-        if per > 0 and per * (frames // b) == full[d]:
-            axes[key] = (d, per)
+        context = full[d] - per * (frames // b)
+        if per > 0 and context >= 0:
+            axes[key] = (d, per, context)
     return axes
 
 
-def _digest(t: torch.Tensor, axis_per: tuple[int, int] | None, past_blocks: int) -> str:
-    """Hash of the region of t before block `past_blocks` (the whole tensor if its frame axis is unknown)."""
+def _digest(t: torch.Tensor, axis_per: tuple[int, int, int] | None, past_blocks: int) -> str:
+    """Hash of the region of t before block `past_blocks`, leading context included (the whole
+    tensor if its frame axis is unknown)."""
     if axis_per is not None:
-        axis, per = axis_per
-        t = t.narrow(axis, 0, past_blocks * per)
+        axis, per, context = axis_per
+        t = t.narrow(axis, 0, context + past_blocks * per)
     data = t.detach().contiguous().cpu()
     if data.dtype == torch.bfloat16:
         data = data.float()

@@ -33,10 +33,14 @@ def scan_time_mixers(model: nn.Module, plan: Plan, inputs: dict[str, Any]) -> li
                     "what": f"temporal kernel {mod.kernel_size[axis]}",
                 }
 
+    on_frames: set[str] = set()  # Conv3d calls whose input has the probe's frame count along time
+
     def hook(mod, args, _out, _path):
         x = args[0] if args and torch.is_tensor(args[0]) else None
         if x is None:
             return
+        if isinstance(mod, nn.Conv3d) and x.ndim == 5 and x.shape[2 + axis] == frames:
+            on_frames.add(_path)
         # A Conv1d/2d on (B, C, T, ...) at the probe's batch of 1 (per-frame convs see B*T rows).
         if isinstance(mod, (nn.Conv1d, nn.Conv2d)) and not is_causal_conv(mod) and x.shape[0] == 1 < frames:
             if x.ndim >= 3 and x.shape[2] == frames and mod.kernel_size[0] > 1:
@@ -81,4 +85,18 @@ def scan_time_mixers(model: nn.Module, plan: Plan, inputs: dict[str, Any]) -> li
     finally:
         for h in handles:
             h.remove()
+    # A temporal patch embedding (stride = kernel along time, no temporal padding) that this forward
+    # never ran, or ran only on inputs of another frame count, embeds inputs other than the frames
+    # (FramePack's / Helios' history latents).
+    for path in [p for p in found if p not in on_frames and _is_temporal_patch(model.get_submodule(p), axis)]:
+        del found[path]
     return sorted(found.values(), key=lambda d: d["path"])
+
+
+def _is_temporal_patch(mod: nn.Module, axis: int) -> bool:
+    return (
+        isinstance(mod, nn.Conv3d)
+        and mod.stride[axis] == mod.kernel_size[axis]
+        and not isinstance(mod.padding, str)
+        and mod.padding[axis] == 0
+    )
