@@ -449,7 +449,13 @@ def inspect(
     frames: int = DEFAULT_FRAMES,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """`inspect_model` on a checkpoint on disk, without converting it."""
+    """`inspect_model` on a checkpoint on disk, without converting it. A class without a plan (or
+    refused on purpose) is reported before any weight is read."""
+    from causalize import checkpoint
+
+    stock = checkpoint.stock_class(path, subfolder) if plan is None else None
+    if stock is not None:
+        plan_for(stock[0], None, stock[1])
     model, manifest = load_any(path, subfolder=subfolder, allow_pickle=allow_pickle, progress=progress)
     return inspect_model(model, plan_for(model, plan or (manifest.plan if manifest else None)), pipeline, frames)
 

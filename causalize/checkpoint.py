@@ -98,6 +98,21 @@ def resolve(src: str | os.PathLike, subfolder: str | None = None) -> Path:
     )
 
 
+def stock_class(path: str | os.PathLike, subfolder: str | None = None) -> tuple[str, dict] | None:
+    """(class name, config) of an unconverted checkpoint from its config.json alone, so that a class
+    without a plan is reported before any weight is read; None for converted ones (their manifest
+    names the plan) or an unreadable config (the loader reports it)."""
+    d = resolve(path, subfolder)
+    if (d / "causalize.json").exists():
+        return None
+    try:
+        config = json.loads((d / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    name = config.get("_class_name") if isinstance(config, dict) else None
+    return (name, config) if isinstance(name, str) else None
+
+
 def denoiser_subfolders(pipeline: str | os.PathLike) -> list[str]:
     """The denoiser subfolders of a pipeline directory: transformer / unet, and further experts
     named like them (transformer_2: Wan 2.2 A14B's low-noise expert), in name order."""

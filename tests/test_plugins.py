@@ -168,3 +168,37 @@ def test_every_pass_option_has_help_and_passes_shows_it():
     doc = _json.loads(CliRunner().invoke(app, ["passes", "--json"]).stdout)
     conv = next(p for p in doc["passes"] if p["name"] == "causal-temporal-conv")
     assert "extrapolation" in next(o for o in conv["options"] if o["name"] == "transfer")["help"]
+
+
+def test_the_readme_worked_example_is_the_plugin_in_the_repository():
+    """README's "Worked example" shows plugins/consisid.py verbatim: the guide cannot drift from the code."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    m = re.search(r"<!-- example: (plugins/[\w.]+) -->\n```python\n(.*?)```", readme, re.S)
+    assert m, "README has no worked example block"
+    assert m.group(2) == (root / m.group(1)).read_text(encoding="utf-8")
+
+
+def test_a_class_without_a_plan_gets_the_nearest_plan_and_a_refused_one_its_reason(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from causalize.cli.app import app
+    from causalize.errors import NoPlanError
+    from causalize.plugin_manager import registries
+
+    with pytest.raises(NoPlanError) as info:
+        registries().plans.for_class("FutureWanTransformer3DModel")
+    assert "nearest plan 'wan'" in info.value.hint
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"_class_name": "LTX2VideoTransformer3DModel"}))
+    from safetensors.torch import save_file
+
+    save_file({}, str(tmp_path / "m" / "diffusion_pytorch_model.safetensors"))  # the plan is looked up first
+    result = CliRunner().invoke(app, ["inspect", str(tmp_path / "m")])
+    assert result.exit_code == 4, result.output
+    assert "is not supported: joint audio and video streams" in result.stderr and "'ltx'" in result.stderr
