@@ -51,7 +51,7 @@ def demo_rollout(plan, seed: int = 0) -> dict[str, Any] | None:
     from causalize.rollout import RolloutConfig, rollout
     from causalize.world_model import WorldModel
 
-    if plan.conditioning is None or plan.layout.block_size != 1:
+    if plan.conditioning is None:
         return None
     model = plan.build_tiny(seed)
     convert_model(model, plan, f"{plan.pipeline},frame-conditioning{{action_dim=2}}")
@@ -61,11 +61,12 @@ def demo_rollout(plan, seed: int = 0) -> dict[str, Any] | None:
         for p in wm.parameters():
             if not p.abs().sum():
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    context = plan.make_inputs(model, 2, torch.Generator().manual_seed(seed))[plan.conditioning.sample_arg]
-    actions = torch.randn(1, 3, 2, generator=torch.Generator().manual_seed(seed + 1))
-    config = RolloutConfig(steps=2, window=3)
+    block = plan.layout.block_size
+    context = plan.make_inputs(model, 2 * block, torch.Generator().manual_seed(seed))[plan.conditioning.sample_arg]
+    actions = torch.randn(1, 3 * block, 2, generator=torch.Generator().manual_seed(seed + 1))
+    config = RolloutConfig(steps=2, window=3 * block, chunk=block)
     full = rollout(wm, context, actions, config=RolloutConfig(**{**config.to_json(), "cache": False}))
-    if plan.streaming is None:
+    if plan.streaming is None or block != 1:  # block plans roll out block by block, recomputing
         return {"streaming": False, "full_frame_passes": full.frame_passes}
     streamed = rollout(wm, context, actions, config=config)
     return {

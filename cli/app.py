@@ -544,8 +544,13 @@ def demo(
 
         rows = run_demo(workdir, frames=probe_frames(frames), progress=progress_message)
     ok = all(r["causal"] and _rollout_ok(r["rollout"]) for r in rows)
+    from causalize.plugin_manager import registries
+
+    refused = [
+        {"model_class": c, "reason": r.reason, "nearest": r.nearest} for c, r in registries().plans.refusals.items()
+    ]
     if as_json:
-        emit_json({"rows": rows, "passed": ok})
+        emit_json({"rows": rows, "refused": sorted(refused, key=lambda r: r["model_class"]), "passed": ok})
     else:
         t = make_table(
             "causalize demo",
@@ -572,6 +577,11 @@ def demo(
                 escape(r["unconverted_culprit"] or "-"),
             )
         out.print(t)
+        if refused:
+            r_table = make_table("refused on purpose", "class", "reason", "nearest plan")
+            for r in sorted(refused, key=lambda r: r["model_class"]):
+                r_table.add_row(r["model_class"], escape(r["reason"].split(":")[0]), r["nearest"] or "-")
+            out.print(r_table)
     if not ok:
         err.print("[red]some families are not causal after conversion[/]")
     raise typer.Exit(EXIT_OK if ok else EXIT_LEAK)
