@@ -5,7 +5,8 @@ A *segment* is ``context + horizon`` consecutive frames of a test episode. The m
 autoregressively from actions: the real ones recorded in the episode, or (for action
 controllability, Vid2World Table 4) uniformly random ones drawn from the game's action set with a
 fixed seed. Every generated frame is scored against the real frame at the same step (PSNR, SSIM;
-``benchmarks.atari.metrics``), and the scores are summarised per horizon step.
+``benchmarks.atari.metrics``; for Pong also the height of the agent's paddle,
+``benchmarks.atari.control``), and the scores are summarised per horizon step.
 
 Alignment (EPISODES.md): stored ``actions[t]`` is executed after frame t and produces frame t+1. A
 segment starting at frame s therefore takes ``actions[s-1 : s+c-1]`` as its context actions and
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.atari.control import score_paddle
 from benchmarks.atari.data import load_episode
 from benchmarks.atari.metrics import frames_to_unit, horizon_summary, video_metrics
 from causalize.episodes import list_episodes, read_info
@@ -100,9 +102,12 @@ def to_uint8(frames: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 4, 1).numpy()
 
 
-def score(pred: torch.Tensor, real: np.ndarray) -> dict[str, Any]:
+def score(pred: torch.Tensor, real: np.ndarray, *, paddle: bool = True) -> dict[str, Any]:
     """PSNR / SSIM of predicted frames (N, C, h, H, W, model space) against real uint8 (N, h, H, W, C):
-    per-horizon summaries, their overall means, and the per-sample values."""
+    per-horizon summaries, their overall means, the per-sample means and (``values``, N x h) every
+    frame's score, which per-step paired differences between runs need. With ``paddle`` (Pong),
+    also ``paddle``: the agent's paddle in the predicted frames (as saved, uint8) against the real
+    ones (``control.score_paddle``)."""
     p = frames_to_unit(pred.detach().float().cpu().movedim(2, 1), "signed")
     r = frames_to_unit(torch.from_numpy(np.ascontiguousarray(real)), "uint8")
     values = video_metrics(p, r)
@@ -111,7 +116,14 @@ def score(pred: torch.Tensor, real: np.ndarray) -> dict[str, Any]:
         v = (
             torch.nan_to_num(v.double(), posinf=100.0) if name == "psnr" else v.double()
         )  # identical frames: cap at 100 dB
-        out[name] = {**horizon_summary(v), "overall": float(v.mean()), "per_sample": v.mean(1).tolist()}
+        out[name] = {
+            **horizon_summary(v),
+            "overall": float(v.mean()),
+            "per_sample": v.mean(1).tolist(),
+            "values": v.tolist(),
+        }
+    if paddle:
+        out["paddle"] = score_paddle(to_uint8(pred), real)
     return out
 
 

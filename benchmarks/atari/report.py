@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 __all__ = [
+    "controllability_table",
     "plot_horizon",
     "save_frame_grid",
     "to_uint8_frames",
@@ -212,3 +213,41 @@ def write_markdown_table(
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(text, encoding="utf-8")
     return text
+
+
+def _pm(d: Mapping[str, Any] | None, *, signed: bool = False, spec: str = ".2f") -> str:
+    """ "mean ± sem" of a ``{"mean", "sem"}`` dict; "–" where there is no mean."""
+    if not d or d.get("mean") is None:
+        return "–"
+    m = format(d["mean"], ("+" if signed else "") + spec)
+    return m if d.get("sem") is None else f"{m} ± {format(d['sem'], '.2g')}"
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.0f}%"
+
+
+def controllability_table(controls: Mapping[str, Mapping[str, Any]]) -> str:
+    """A markdown table, one row per model and guidance scale, of ``control.controllability``
+    results: the paddle error with real and random actions (mean over segments ± s.e.), their paired
+    difference, the share of predictions without a paddle, the paddle verdict, and the paper's
+    ΔPSNR / ΔSSIM (real − random) with theirs."""
+    rows: dict[str, dict[str, Any]] = {}
+    for name, c in controls.items():
+        row: dict[str, Any] = {}
+        pad = c.get("paddle")
+        if pad:
+            row["paddle err real (px)"] = _pm(pad["real"]["overall"])
+            row["paddle err random (px)"] = _pm(pad["random"]["overall"])
+            row["Δ err real − random"] = _pm(pad["real_minus_random"]["overall"], signed=True)
+            row["no paddle real / random"] = (
+                f"{_pct(pad['real']['missing']['overall'])} / {_pct(pad['random']['missing']['overall'])}"
+            )
+            row["paddle verdict"] = pad["verdict"]
+        for metric, label in (("psnr", "ΔPSNR dB"), ("ssim", "ΔSSIM")):
+            d = c.get(f"delta_{metric}")
+            if d:
+                row[label] = _pm(d["overall"], signed=True, spec=".3g")
+                row[f"{label} verdict"] = d["verdict"]
+        rows[name] = row
+    return write_markdown_table(rows, row_header="model")
