@@ -27,6 +27,7 @@ from causalize.passes.base import Pass, PassContext, Record, Site
 from causalize.plan import Conditioning, Plan, Streaming, Targets
 from causalize.plugins.common import mid_timestep, randn
 from causalize.plugins.common import patch3d_tokens as tokens
+from causalize.plugins.wan import TINY_CONFIG as WAN_TINY
 
 SKIP_ATTR = "temporal_skip_len"
 #: a skip of 2 makes the 2-frame rows `freqs[:2][[0, -1]]` = [0, 1], the positions of any other length
@@ -83,19 +84,8 @@ PLAN = Plan(
         "block-causal-attention": Targets(paths=("blocks.*.attn1",)),
         "stable-frame-positions": Targets(paths=("rope",)),
     },
-    tiny_config=dict(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
-        in_channels=4,
-        out_channels=4,
-        text_dim=16,
-        freq_dim=256,
-        ffn_dim=32,
-        num_layers=2,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
+    tiny_config=WAN_TINY
+    | dict(
         rope_temporal_skip_len=8,  # the released default: the 2-frame skip is live in the tiny model
     ),
     make_inputs=make_inputs,

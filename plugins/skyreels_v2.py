@@ -19,6 +19,7 @@ from causalize.layout import FrameLayout
 from causalize.plan import Conditioning, Plan, Streaming, Targets
 from causalize.plugins.common import mid_timestep, randn
 from causalize.plugins.common import patch3d_tokens as tokens
+from causalize.plugins.wan import TINY_CONFIG as WAN_TINY
 
 
 def make_inputs(model, frames, gen):
@@ -55,20 +56,7 @@ PLAN = Plan(
     # attn1: video self-attention (frame-major tokens). attn2 is cross-attention to text (and, for
     # I2V, CLIP image tokens through add_k_proj / add_v_proj): it never mixes frames.
     targets={"block-causal-attention": Targets(paths=("blocks.*.attn1",), mask_format="bool4d")},
-    tiny_config=dict(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
-        in_channels=4,
-        out_channels=4,
-        text_dim=16,
-        freq_dim=256,
-        ffn_dim=32,
-        num_layers=2,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-    ),
+    tiny_config=WAN_TINY,
     make_inputs=make_inputs,
     # Diffusion forcing: timestep (B, F) -> condition_embedder.time_embedder gives temb (B, F, D),
     # which feeds both time_proj (the blocks' AdaLN, repeated over each frame's tokens by forward)

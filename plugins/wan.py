@@ -12,6 +12,22 @@ from causalize.plan import Conditioning, Plan, Streaming, Targets
 from causalize.plugins.common import mid_timestep, randn
 from causalize.plugins.common import patch3d_tokens as tokens
 
+#: The tiny Wan the tests build; Wan-derived plugins start from it.
+TINY_CONFIG = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=2,
+    attention_head_dim=12,
+    in_channels=4,
+    out_channels=4,
+    text_dim=16,
+    freq_dim=256,
+    ffn_dim=32,
+    num_layers=2,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    rope_max_seq_len=32,
+)
+
 
 def make_inputs(model, frames, gen):
     c = model.config
@@ -29,20 +45,7 @@ PLAN = Plan(
     pipeline="block-causal-attention",
     layout=FrameLayout(inputs={"hidden_states": 2}, output_axis=2),
     targets={"block-causal-attention": Targets(paths=("blocks.*.attn1",))},
-    tiny_config=dict(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
-        in_channels=4,
-        out_channels=4,
-        text_dim=16,
-        freq_dim=256,
-        ffn_dim=32,
-        num_layers=2,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-    ),
+    tiny_config=TINY_CONFIG,
     make_inputs=make_inputs,
     conditioning=Conditioning(
         embedding="condition_embedder.time_embedder", mode="per-token", sample_arg="hidden_states"

@@ -38,6 +38,7 @@ from causalize.layout import FrameLayout
 from causalize.plan import Conditioning, Plan, Refusal, Targets, default_forward
 from causalize.plugins.common import mid_timestep, randn
 from causalize.plugins.common import patch3d_tokens as tokens
+from causalize.plugins.wan import TINY_CONFIG as WAN_TINY
 from causalize.plugins.wan_vace import frame_modulated_embedding
 
 FrameWanAnimateTimeTextImageEmbedding = frame_modulated_embedding(WanTimeTextImageEmbedding)
@@ -98,20 +99,10 @@ PLAN = Plan(
         "block-causal-attention": Targets(paths=("blocks.*.attn1",)),
         "frame-conditioning": Targets(paths=("condition_embedder",)),
     },
-    tiny_config=dict(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
+    tiny_config=WAN_TINY
+    | dict(
         in_channels=12,
         latent_channels=4,
-        out_channels=4,
-        text_dim=16,
-        freq_dim=256,
-        ffn_dim=32,
-        num_layers=2,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
         image_dim=None,  # the CLIP branch needs 512 text tokens (WanAttnProcessor hard-codes it); cross-attention only
         motion_encoder_channel_sizes={"8": 8, "4": 8},
         motion_encoder_size=8,

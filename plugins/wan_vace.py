@@ -28,6 +28,7 @@ from causalize.modules.frame_modulation import frame_tensor
 from causalize.plan import Conditioning, Plan, Streaming, Targets
 from causalize.plugins.common import mid_timestep, randn
 from causalize.plugins.common import patch3d_tokens as tokens
+from causalize.plugins.wan import TINY_CONFIG as WAN_TINY
 
 
 def frame_modulated_embedding(parent: type[nn.Module]) -> type[nn.Module]:
@@ -84,19 +85,9 @@ PLAN = Plan(
         "block-causal-attention": Targets(paths=("blocks.*.attn1", "vace_blocks.*.attn1")),
         "frame-conditioning": Targets(paths=("condition_embedder",)),
     },
-    tiny_config=dict(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
-        in_channels=4,
-        out_channels=4,
-        text_dim=16,
-        freq_dim=256,
-        ffn_dim=32,
+    tiny_config=WAN_TINY
+    | dict(
         num_layers=3,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
         vace_layers=[0, 2],
         vace_in_channels=8,
     ),
