@@ -1,21 +1,26 @@
 #!/usr/bin/env python
 """What does `causalize convert` cost compared with a plain diffusers load + save?
 
-1. Generates a random-weight UNet3DConditionModel checkpoint (>= 100M parameters in full mode)
-   under benchmarks/_work/convert_cost/src with save_pretrained(safe_serialization=True).
+1. Generates a random-weight checkpoint with save_pretrained(safe_serialization=True):
+     --model unet3d (default): a UNet3DConditionModel (>= 100M parameters in full mode) under
+       benchmarks/_work/convert_cost/src;
+     --model wan-vace: a WanVACETransformer3DModel at the released Wan2.1-VACE-1.3B config (30 layers
+       x 1536, 12 heads of 128, ffn 8960, VACE hint blocks after layers 0, 2, ..., 28; 2.15B
+       parameters, 8.0 GiB fp32) under $TMPDIR/causalize-convert_cost-wan-vace/src (outside the repo).
 2. Runs each variant in its own fresh Python process, so that peak RSS is per process:
-     a  baseline : UNet3DConditionModel.from_pretrained(src) + save_pretrained(tmp, safe_serialization=True)
+     a  baseline : MODEL_CLASS.from_pretrained(src) + save_pretrained(tmp, safe_serialization=True)
      b  convert  : causalize.api.convert(src, out, overwrite=True, verify=False)
-     c  +verify  : causalize.api.convert(src, out, overwrite=True, verify=True)   (default 4 frames)
+     c  +verify  : causalize.api.convert(src, out, overwrite=True, verify=True, frames=--frames)   (default 4)
    Each variant runs --repeats times (default 3) in a rotated order (a b c / b c a / c a b).
 3. Reports, per variant, medians of: process wall time (spawn to exit, interpreter start included),
    the import phase inside the child (torch + diffusers + the model class; for b/c also
    causalize.api and the plugin registries), the work phase after it, CPU time (user + sys) and
    peak RSS (ru_maxrss of the child, from os.wait4); and the ratios b/a and c/a.
 
-Usage: python benchmarks/convert_cost.py [--quick] [--repeats N] [--threads N] [--keep]
-Writes benchmarks/results/convert_cost.json (convert_cost.quick.json with --quick,
-convert_cost.threadsN.json with --threads N).
+Usage: python benchmarks/convert_cost.py [--model unet3d|wan-vace] [--quick] [--repeats N] [--threads N]
+                                         [--frames N] [--workdir DIR] [--keep]
+Writes benchmarks/results/convert_cost.json (convert_cost.wan-vace.json with --model wan-vace,
+then .quick with --quick, .threadsN with --threads N, .framesN with --frames N other than 4).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import WORK, machine_info, machine_line, table, write_json  # noqa: E402
 
 NAME = "convert_cost"
-WORKDIR = WORK / NAME
+WORKDIR = WORK / NAME  # --model unet3d; other models default to a folder outside the repo (see main)
 
 # Full mode: ~237M parameters (~0.95 GB fp32). Quick mode: a small model for smoke runs only.
 CONFIGS = {
@@ -64,11 +69,55 @@ CONFIGS = {
 }
 MIN_PARAMS_FULL = 100_000_000
 
+# Wan2.1-VACE-1.3B (Wan-AI/Wan2.1-VACE-1.3B-diffusers, transformer/config.json), written out from
+# the published numbers: nothing is downloaded, the weights are random. Chosen as the largest
+# released checkpoint of the plans added in issue 16 whose fp32 weights (and a convert + verify of
+# them) fit this 23.5 GiB machine: ConsisID (~5B, CogVideoX-5B), HunyuanVideo-1.5 (8.3B), FramePack
+# (13B), ChronoEdit-14B and Wan2.2-Animate-14B do not; Kandinsky 5 Lite (~2.0B) is slightly smaller.
+WAN_VACE_13B = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=12,
+    attention_head_dim=128,
+    in_channels=16,
+    out_channels=16,
+    text_dim=4096,
+    freq_dim=256,
+    ffn_dim=8960,
+    num_layers=30,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    image_dim=None,
+    added_kv_proj_dim=None,
+    rope_max_seq_len=1024,
+    pos_embed_seq_len=None,
+    vace_layers=list(range(0, 30, 2)),
+    vace_in_channels=96,
+)
+WAN_VACE_PARAMS = 2_153_972_032
+
+# --model NAME -> the diffusers class, its full and quick configs and its label in the table
+MODELS = {
+    "unet3d": dict(cls="UNet3DConditionModel", configs=CONFIGS, label=dict.fromkeys(CONFIGS, "UNet3DConditionModel")),
+    "wan-vace": dict(
+        cls="WanVACETransformer3DModel",
+        configs={
+            "full": WAN_VACE_13B,
+            "quick": None,  # the plan's tiny_config (plugins/wan_vace.py): smoke runs only
+        },
+        label={
+            "full": "WanVACETransformer3DModel (Wan2.1-VACE-1.3B config)",
+            "quick": "WanVACETransformer3DModel (the plan's tiny config)",
+        },
+    ),
+}
+
 VARIANTS = {
     "a": "baseline: diffusers from_pretrained + save_pretrained",
     "b": "causalize.api.convert(verify=False)",
     "c": "causalize.api.convert(verify=True, frames=4)",
 }
+DEFAULT_FRAMES = 4
 
 
 # --- child processes -----------------------------------------------------------------------
@@ -89,8 +138,9 @@ def child(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     res["torch_threads"] = torch.get_num_threads()
-    import diffusers  # noqa: F401
-    from diffusers import UNet3DConditionModel
+    import diffusers
+
+    model_cls = getattr(diffusers, MODELS[args.model]["cls"])
 
     if args.child in ("b", "c"):
         import causalize.api as api
@@ -104,15 +154,15 @@ def child(args: argparse.Namespace) -> None:
     if args.child == "generate":
         cfg = json.loads(args.config)
         torch.manual_seed(0)
-        model = UNet3DConditionModel(**cfg)
+        model = model_cls(**cfg)
         res["parameters"] = sum(p.numel() for p in model.parameters())
         model.save_pretrained(args.out, safe_serialization=True)
     elif args.child == "a":
-        model = UNet3DConditionModel.from_pretrained(args.src)
+        model = model_cls.from_pretrained(args.src)
         res["parameters"] = sum(p.numel() for p in model.parameters())
         model.save_pretrained(args.out, safe_serialization=True)
     else:
-        report = api.convert(args.src, args.out, overwrite=True, verify=args.child == "c")
+        report = api.convert(args.src, args.out, overwrite=True, verify=args.child == "c", frames=args.frames)
         res["parameters"] = report.parameters
         res["written"] = report.written
         res["phases_s"] = report.seconds
@@ -127,6 +177,8 @@ def child(args: argparse.Namespace) -> None:
 
 
 THREADS: int | None = None
+MODEL = "unet3d"
+FRAMES = DEFAULT_FRAMES
 
 
 def spawn(mode: str, *, src: Path | None, out: Path, config: dict | None = None) -> dict:
@@ -134,6 +186,7 @@ def spawn(mode: str, *, src: Path | None, out: Path, config: dict | None = None)
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False, dir=WORKDIR) as fh:
         result = Path(fh.name)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--out", str(out), "--result", str(result)]
+    cmd += ["--model", MODEL, "--frames", str(FRAMES)]
     if src is not None:
         cmd += ["--src", str(src)]
     if config is not None:
@@ -184,12 +237,34 @@ def main() -> None:
         "--quick", action="store_true", help="small model, 1 repeat (smoke run; does not meet the 100M requirement)"
     )
     ap.add_argument("--repeats", type=int, default=None, help="runs per variant (default 3, quick 1)")
-    ap.add_argument("--keep", action="store_true", help="keep the generated checkpoint in benchmarks/_work/")
+    ap.add_argument(
+        "--keep", action="store_true", help="keep the generated checkpoint in the work folder (see --workdir)"
+    )
     ap.add_argument(
         "--threads",
         type=int,
         default=None,
         help="torch intra-op threads in the children (OMP_NUM_THREADS; default: torch's default)",
+    )
+    ap.add_argument(
+        "--model",
+        choices=sorted(MODELS),
+        default="unet3d",
+        help="unet3d (default): a 237M-parameter UNet3DConditionModel; wan-vace: WanVACETransformer3DModel at "
+        "the Wan2.1-VACE-1.3B config (2.15B parameters, 8 GiB fp32; ~9 GiB peak RSS per child, ~17 GiB scratch disk)",
+    )
+    ap.add_argument(
+        "--frames",
+        type=int,
+        default=DEFAULT_FRAMES,
+        help=f"frames of the causality probe in variant c (default {DEFAULT_FRAMES})",
+    )
+    ap.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="scratch folder for the checkpoints (default: benchmarks/_work/convert_cost for unet3d, "
+        "$TMPDIR/causalize-convert_cost-MODEL otherwise); deleted at the end unless --keep",
     )
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--src", help=argparse.SUPPRESS)
@@ -201,18 +276,28 @@ def main() -> None:
         child(args)
         return
 
-    global THREADS
-    THREADS = args.threads
+    global THREADS, MODEL, FRAMES, WORKDIR
+    THREADS, MODEL, FRAMES = args.threads, args.model, args.frames
+    spec = MODELS[MODEL]
+    if args.workdir is not None:
+        WORKDIR = args.workdir.resolve()
+    elif MODEL != "unet3d":
+        WORKDIR = Path(tempfile.gettempdir()) / f"causalize-{NAME}-{MODEL}"
+    variants = dict(VARIANTS, c=f"causalize.api.convert(verify=True, frames={FRAMES})")
     size = "quick" if args.quick else "full"
     repeats = args.repeats or (1 if args.quick else 3)
-    cfg = CONFIGS[size]
+    cfg = spec["configs"][size]
+    if cfg is None:
+        from causalize.api import plan_for
+
+        cfg = dict(plan_for(spec["cls"], MODEL).tiny_config)
     t_start = time.perf_counter()
     info_before = machine_info()
     shutil.rmtree(WORKDIR, ignore_errors=True)
     WORKDIR.mkdir(parents=True)
     src = WORKDIR / "src"
 
-    print(f"[{NAME}] generating a random UNet3DConditionModel ({size} config) in {src} ...", flush=True)
+    print(f"[{NAME}] generating a random {spec['cls']} ({size} config) in {src} ...", flush=True)
     gen = spawn("generate", src=None, out=src, config=cfg)
     params = gen["parameters"]
     ckpt_bytes = _dir_bytes(src)
@@ -223,9 +308,11 @@ def main() -> None:
     )
     if size == "full" and params < MIN_PARAMS_FULL:
         raise SystemExit(f"full config has only {params:,} parameters (< {MIN_PARAMS_FULL:,})")
+    if size == "full" and MODEL == "wan-vace" and params != WAN_VACE_PARAMS:
+        raise SystemExit(f"Wan2.1-VACE-1.3B config built {params:,} parameters, expected {WAN_VACE_PARAMS:,}")
     _warm_page_cache(src)
 
-    modes = list(VARIANTS)
+    modes = list(variants)
     runs: dict[str, list[dict]] = {m: [] for m in modes}
     for rep in range(repeats):
         order = modes[rep % len(modes) :] + modes[: rep % len(modes)]
@@ -276,7 +363,7 @@ def main() -> None:
         ratio = ratios.get(f"{m}/a")
         rows.append(
             [
-                f"({m}) {VARIANTS[m]}",
+                f"({m}) {variants[m]}",
                 f"{s['process_wall_s']:.2f} [{s['process_wall_s_min']:.2f}-{s['process_wall_s_max']:.2f}]",
                 f"{s['import_s']:.2f}",
                 f"{s['work_s']:.2f} [{s['work_s_min']:.2f}-{s['work_s_max']:.2f}]",
@@ -302,7 +389,7 @@ def main() -> None:
     ]
     print()
     print(
-        f"convert_cost: UNet3DConditionModel, {params:,} parameters ({params / 1e6:.1f}M), "
+        f"convert_cost: {spec['label'][size]}, {params:,} parameters ({params / 1e6:.1f}M), "
         f"checkpoint {ckpt_bytes / 2**20:.0f} MiB fp32 safetensors; medians of {repeats} run(s) per variant, "
         f"each in a fresh process with {runs['a'][0]['torch_threads']} torch thread(s)"
     )
@@ -324,22 +411,24 @@ def main() -> None:
     payload = {
         "benchmark": NAME,
         "mode": size,
+        "model_choice": MODEL,
+        "verify_frames": FRAMES,
         "repeats": repeats,
         "child_torch_threads": runs["a"][0]["torch_threads"],
         "machine": info_after,
         "load_average_before": info_before["load_average"],
         "model": {
-            "class": "UNet3DConditionModel",
+            "class": spec["cls"],
             "config": cfg,
             "parameters": params,
             "checkpoint_bytes": ckpt_bytes,
             "meets_100M_requirement": params >= MIN_PARAMS_FULL,
             "generate": gen,
         },
-        "variants": VARIANTS,
+        "variants": variants,
         "definitions": {
             "process_wall_s": "parent-measured wall time from spawn to exit of the child (interpreter start included)",
-            "import_s": "child: import torch, diffusers, UNet3DConditionModel (+ causalize.api and plugin registries for b/c)",
+            "import_s": f"child: import torch, diffusers, {spec['cls']} (+ causalize.api and plugin registries for b/c)",
             "work_s": "child: wall time of the work after the imports",
             "cpu_s": "child user+sys CPU time (os.wait4)",
             "peak_rss_mib": "child ru_maxrss (os.wait4), MiB",
@@ -350,8 +439,15 @@ def main() -> None:
         "runs": runs,
         "total_benchmark_s": time.perf_counter() - t_start,
     }
-    # Smoke runs and non-default thread counts go to their own files (NAME.quick.json, NAME.threadsN.json).
-    path = write_json(NAME + (".quick" if size == "quick" else "") + (f".threads{THREADS}" if THREADS else ""), payload)
+    # Other models, smoke runs, non-default thread counts and probe lengths go to their own files
+    # (NAME.wan-vace.json, NAME.quick.json, NAME.threadsN.json, NAME.framesN.json).
+    suffix = (
+        ("" if MODEL == "unet3d" else f".{MODEL}")
+        + (".quick" if size == "quick" else "")
+        + (f".threads{THREADS}" if THREADS else "")
+        + (f".frames{FRAMES}" if FRAMES != DEFAULT_FRAMES else "")
+    )
+    path = write_json(NAME + suffix, payload)
     print(f"  wrote {path}")
     if not args.keep:
         shutil.rmtree(WORKDIR, ignore_errors=True)
