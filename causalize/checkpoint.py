@@ -110,7 +110,7 @@ def stock_class(path: str | os.PathLike, subfolder: str | None = None) -> tuple[
     except (OSError, UnicodeDecodeError, ValueError):
         return None
     name = config.get("_class_name") if isinstance(config, dict) else None
-    return (name, config) if isinstance(name, str) else None
+    return (name, config) if isinstance(name, str) and is_model_class(name) else None
 
 
 def denoiser_subfolders(pipeline: str | os.PathLike) -> list[str]:
@@ -441,17 +441,22 @@ def save_model(model, tmp: Path, md: ModelDir | None = None) -> str:
     return "copied"
 
 
+def is_model_class(name: str) -> bool:
+    """Whether `name` is a diffusers model class (a ModelMixin in `diffusers.models`)."""
+    import diffusers.models
+
+    try:
+        cls = getattr(diffusers.models, name, None)
+    except Exception:  # a lazily imported model whose optional dependency is missing
+        cls = None
+    return isinstance(cls, type) and issubclass(cls, diffusers.models.ModelMixin)
+
+
 def check_model_class(md: ModelDir) -> None:
     """config.json's `_class_name` must name a diffusers model (a ModelMixin), checked before
     anything is built: a pipeline's or a scheduler's config names a class too, and building one
     fails in unrelated ways. Looked up in `diffusers.models`, so no pipeline module is imported."""
-    import diffusers.models
-
-    try:
-        cls = getattr(diffusers.models, md.class_name, None)
-    except Exception:  # a lazily imported model whose optional dependency is missing
-        cls = None
-    if not (isinstance(cls, type) and issubclass(cls, diffusers.models.ModelMixin)):
+    if not is_model_class(md.class_name):
         raise CheckpointError(
             f"{md.path / 'config.json'}: {md.class_name} is not a diffusers model class",
             "give the denoiser's directory (a pipeline's unet/ or transformer/), not a pipeline or scheduler",
