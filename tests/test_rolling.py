@@ -38,7 +38,9 @@ def test_rolling_equals_exact_until_the_window_slides(name):
     computed under the older window (and global positions)."""
     wm = tiny_world_model(name)
     ctx, actions = _context(wm), torch.randn(1, 5, 3, generator=torch.Generator().manual_seed(1))
-    config = RolloutConfig(steps=2, window=4, guidance_scale=2.5, seed=3)
+    config = RolloutConfig(
+        steps=2, window=4, guidance_scale=2.5, seed=3, history_noise=20
+    )  # a history that carries the frames
     exact = rollout(wm, ctx, actions, config=config)
     rolling = rollout(wm, ctx, actions, config=RolloutConfig(**{**config.to_json(), "cache": "rolling"}))
     assert rolling.cache_mode == "rolling" and exact.cache_mode == "exact"
@@ -179,3 +181,26 @@ def test_the_environment_rolls_with_the_same_settings():
         obs, _, _, _, info = env.step(env.action_space.sample())
     assert info["cache"] == "rolling (approximate)" and info["frame_passes"] > 0
     assert env._session.passes_per_frame[-4:] == [1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("cache", ["exact", "rolling"])
+def test_two_sessions_on_one_model(cache):
+    """The caches live on the model. Exact streaming rebuilds its window when another session used
+    them in between (same frames as alone); rolling cannot and says so."""
+    wm = tiny_world_model("unet3d")
+    ctx = _context(wm, 2)
+    acts = torch.randn(1, 4, 3, generator=torch.Generator().manual_seed(1))
+    cfg = RolloutConfig(steps=2, window=4, seed=3, cache=cache, history_noise=20)
+    alone = rollout(wm, ctx, acts, config=cfg).frames
+    a = RolloutSession(wm, cfg)
+    a.reset(ctx)
+    frames = [a.step(acts[:, 0])]
+    b = RolloutSession(wm, cfg)
+    b.reset(-ctx)
+    b.step(-acts[:, 0])
+    if cache == "rolling":
+        with pytest.raises(UsageError, match="another rollout session"):
+            a.step(acts[:, 1])
+        return
+    frames += [a.step(acts[:, i]) for i in range(1, 4)]
+    torch.testing.assert_close(torch.cat(frames, 2), alone, rtol=0, atol=1e-5)

@@ -97,10 +97,13 @@ class Streaming(Denoiser):
 
         self.stream = Stream.of(wm.model, wm.plan)
         self.stream.reset()
+        self.stream.owner = self  # the caches live on the model: one session at a time writes them
         self.span = (0, 0)  # global frame indices [start, end) held in the caches
 
     def set_history(self, frames, actions, mask, start, level):
         end = start + len(frames)
+        if self.stream.owner is not self:  # another session on this model wrote the caches since
+            self.stream.owner, self.span = self, (0, 0)  # exact mode rebuilds its window: same frames
         cached_start, cached_end = self.span
         if cached_start == start and cached_end <= end and cached_end > cached_start:
             first = cached_end - start  # append what is missing
@@ -142,6 +145,12 @@ class Rolling(Streaming):
     def push(self, frames, actions, mask, level, window_start: int) -> None:
         """Push the history frames not yet pushed (all of `frames`, global indices from `pushed`),
         then drop frames sink .. window_start−1."""
+        if self.stream.owner is not self:
+            raise UsageError(
+                "another rollout session on this model has used its streaming caches since this one started: "
+                "rolling caches cannot be rebuilt",
+                "give each session (or environment) its own model copy, or use cache='exact' / 'none'",
+            )
         self.stream.anchor_timestep = level
         if frames:
             new = torch.cat(frames, dim=self.axis)

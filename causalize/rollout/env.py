@@ -14,8 +14,9 @@ without a seed draws the next seed from the env's generator, which `config.seed`
 construction. The history noise of the context frames is drawn at reset, so the same seed, context
 and actions give the same frames.
 
-One WorldModel instance holds one set of streaming caches: give each env its own model (or use
-`cache=False`) when several envs step in turn.
+One WorldModel instance holds one set of streaming caches: when several envs step one model in
+turn, exact streaming rebuilds its window (same frames, slower) and rolling caches refuse; give
+each env its own model to keep the speed.
 
 Latent world models serve pixels through their VAE (`vae=`; `from_pretrained` takes the one
 `causalize encode` recorded for the training data): context pixels are encoded (a frame count

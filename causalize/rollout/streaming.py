@@ -82,6 +82,7 @@ class Stream:
         self._check_supported()
         self.cached_frames = 0
         self.anchor_timestep: int | None = None
+        self.owner: object | None = None  # the rollout whose history the caches hold
         self._conv: dict[int, torch.Tensor] = {}
         self._norms: dict[int, object] = {}
         self._processors = self._install_attention()
