@@ -25,9 +25,9 @@ from causalize.hookspecs import hookimpl
 from causalize.layout import FrameLayout
 from causalize.passes.base import Pass, PassContext, Record, Site
 from causalize.plan import Conditioning, Plan, Streaming, Targets
-from causalize.plugins.common import mid_timestep, randn
 from causalize.plugins.common import patch3d_tokens as tokens
 from causalize.plugins.wan import TINY_CONFIG as WAN_TINY
+from causalize.plugins.wan import make_inputs
 
 SKIP_ATTR = "temporal_skip_len"
 #: a skip of 2 makes the 2-frame rows `freqs[:2][[0, -1]]` = [0, 1], the positions of any other length
@@ -63,15 +63,6 @@ class StableFramePositions(Pass):
             state.set_attribute(model, path, SKIP_ATTR, STABLE_SKIP)
             records.append(Record(self.name, path, f"{SKIP_ATTR}={before}", f"{SKIP_ATTR}={STABLE_SKIP}"))
         return records
-
-
-def make_inputs(model, frames, gen):
-    c = model.config
-    return {
-        "hidden_states": randn(gen, 1, c.in_channels, frames, 16, 16),
-        "encoder_hidden_states": randn(gen, 1, 12, c.text_dim),
-        "timestep": mid_timestep(),
-    }
 
 
 PLAN = Plan(

@@ -52,6 +52,7 @@ from causalize.hookspecs import hookimpl
 from causalize.layout import FrameLayout
 from causalize.plan import Conditioning, Plan, Streaming, Targets
 from causalize.plugins.common import mid_timestep, randn
+from causalize.plugins.hunyuan import TINY_CONFIG as HUNYUAN_TINY
 
 TEXT_TOKENS = 12
 VALID_TEXT = 9  # the example inputs pad the prompt, so the text-padding path is exercised
@@ -194,21 +195,9 @@ PLAN = Plan(
             Targets(paths=("single_transformer_blocks.*.norm",), context="suffix"),
         ),
     },
-    tiny_config=dict(
-        in_channels=4,
-        out_channels=4,
-        num_attention_heads=2,
-        attention_head_dim=10,
-        num_layers=1,
-        num_single_layers=1,
-        num_refiner_layers=1,
+    tiny_config=HUNYUAN_TINY
+    | dict(
         patch_size=2,
-        patch_size_t=1,
-        guidance_embeds=True,
-        text_embed_dim=16,
-        pooled_projection_dim=8,
-        rope_axes_dim=(2, 4, 4),
-        image_condition_type=None,
         has_image_proj=True,
         image_proj_dim=16,
         has_clean_x_embedder=True,

@@ -31,7 +31,8 @@ from causalize.hookspecs import hookimpl
 from causalize.layout import FrameLayout
 from causalize.modules.frame_modulation import frame_tensor
 from causalize.plan import Conditioning, Plan, Streaming, Targets
-from causalize.plugins.common import mid_timestep, patch3d_tokens, randn
+from causalize.plugins.common import patch3d_tokens
+from causalize.plugins.wan import make_inputs
 
 INDICES = "indices_hidden_states"
 HISTORY = ("short", "mid", "long")
@@ -107,15 +108,6 @@ def _offset_indices(module: nn.Module, args: tuple, kwargs: dict):
 def install_streaming_positions(model: nn.Module, stream) -> None:
     """Streaming.hooks: offset the RoPE frame indices of streaming calls (inert outside one)."""
     model.register_forward_pre_hook(_offset_indices, with_kwargs=True)
-
-
-def make_inputs(model, frames, gen):
-    c = model.config
-    return {
-        "hidden_states": randn(gen, 1, c.in_channels, frames, 16, 16),
-        "encoder_hidden_states": randn(gen, 1, 12, c.text_dim),
-        "timestep": mid_timestep(),
-    }
 
 
 PLAN = Plan(

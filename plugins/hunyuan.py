@@ -60,6 +60,38 @@ def make_inputs(model, frames, gen):
 
 
 _JOINT = dict(context="suffix", joint=True, mask_format="bool4d")
+#: Where HunyuanVideo-style dual / single-stream MMDiTs mix frames and modulate per frame (Motif shares it).
+TARGETS = {
+    "block-causal-attention": (
+        # dual-stream: video through to_q/k/v, text through add_q/k/v_proj, [video ; text]
+        Targets(paths=("transformer_blocks.*.attn",), **_JOINT),
+        # single-stream: the processor concatenates [video ; text] itself
+        Targets(paths=("single_transformer_blocks.*.attn",), **_JOINT),
+    ),
+    # the video stream's modulation modules (not norm1_context, the text stream's AdaLayerNormZero)
+    "frame-conditioning": (
+        Targets(paths=("transformer_blocks.*.norm1", "norm_out")),
+        Targets(paths=("single_transformer_blocks.*.norm",), context="suffix"),
+    ),
+}
+#: The tiny HunyuanVideo the tests build; FramePack starts from it.
+TINY_CONFIG = dict(
+    in_channels=4,
+    out_channels=4,
+    num_attention_heads=2,
+    attention_head_dim=10,
+    num_layers=1,
+    num_single_layers=1,
+    num_refiner_layers=1,
+    patch_size=1,
+    patch_size_t=1,
+    guidance_embeds=True,
+    text_embed_dim=16,
+    pooled_projection_dim=8,
+    rope_axes_dim=(2, 4, 4),
+    image_condition_type=None,
+)
+
 
 PLAN = Plan(
     name="hunyuan",
@@ -67,35 +99,8 @@ PLAN = Plan(
     family="dit",
     pipeline="block-causal-attention",
     layout=FrameLayout(inputs={"hidden_states": 2}, output_axis=2),
-    targets={
-        "block-causal-attention": (
-            # dual-stream: video through to_q/k/v, text through add_q/k/v_proj, [video ; text]
-            Targets(paths=("transformer_blocks.*.attn",), **_JOINT),
-            # single-stream: the processor concatenates [video ; text] itself
-            Targets(paths=("single_transformer_blocks.*.attn",), **_JOINT),
-        ),
-        # the video stream's modulation modules (not norm1_context, the text stream's AdaLayerNormZero)
-        "frame-conditioning": (
-            Targets(paths=("transformer_blocks.*.norm1", "norm_out")),
-            Targets(paths=("single_transformer_blocks.*.norm",), context="suffix"),
-        ),
-    },
-    tiny_config=dict(
-        in_channels=4,
-        out_channels=4,
-        num_attention_heads=2,
-        attention_head_dim=10,
-        num_layers=1,
-        num_single_layers=1,
-        num_refiner_layers=1,
-        patch_size=1,
-        patch_size_t=1,
-        guidance_embeds=True,
-        text_embed_dim=16,
-        pooled_projection_dim=8,
-        rope_axes_dim=(2, 4, 4),
-        image_condition_type=None,
-    ),
+    targets=TARGETS,
+    tiny_config=TINY_CONFIG,
     make_inputs=make_inputs,
     conditioning=Conditioning(
         embedding="time_text_embed.timestep_embedder",

@@ -148,6 +148,23 @@ class FrameKandinsky5OutLayer(Kandinsky5OutLayer):
         return out.reshape(batch, -1, *out.shape[2:])
 
 
+#: The tiny Kandinsky 5 the tests build; Kandinsky 6 adds its audio sizes.
+TINY_CONFIG = dict(
+    in_visual_dim=4,
+    out_visual_dim=4,
+    in_text_dim=16,
+    in_text_dim2=16,
+    time_dim=16,
+    patch_size=(1, 2, 2),
+    model_dim=16,
+    ff_dim=32,
+    num_text_blocks=1,
+    num_visual_blocks=2,
+    axes_dims=(2, 2, 4),
+    visual_cond=False,
+)
+
+
 PLAN = Plan(
     name="kandinsky5",
     model_class="Kandinsky5Transformer3DModel",
@@ -158,20 +175,7 @@ PLAN = Plan(
         "block-causal-attention": Targets(paths=("visual_transformer_blocks.*.self_attention",)),
         "frame-conditioning": Targets(paths=("visual_transformer_blocks.*.visual_modulation", "out_layer")),
     },
-    tiny_config=dict(
-        in_visual_dim=4,
-        out_visual_dim=4,
-        in_text_dim=16,
-        in_text_dim2=16,
-        time_dim=16,
-        patch_size=(1, 2, 2),
-        model_dim=16,
-        ff_dim=32,
-        num_text_blocks=1,
-        num_visual_blocks=2,
-        axes_dims=(2, 2, 4),
-        visual_cond=False,
-    ),
+    tiny_config=TINY_CONFIG,
     make_inputs=make_inputs,
     forward=forward,
     conditioning=Conditioning(
@@ -199,17 +203,6 @@ PLAN = Plan(
 
 
 # --------------------------------------------------------------------------- Kandinsky 6 (TI2VA)
-
-
-def k6_make_inputs(model, frames, gen):
-    c = model.config
-    channels = 2 * c.in_visual_dim + 1 if c.visual_cond else c.in_visual_dim
-    return {
-        "hidden_states": randn(gen, 1, frames, HEIGHT, WIDTH, channels),
-        "encoder_hidden_states": randn(gen, 1, TEXT_TOKENS, c.in_text_dim),
-        "timestep": mid_timestep(),
-        "pooled_projections": randn(gen, 1, c.in_text_dim2),
-    }
 
 
 def k6_forward(model, inputs) -> torch.Tensor:
@@ -294,23 +287,8 @@ K6_PLAN = Plan(
             paths=("visual_transformer_blocks.*.video_dec_block.visual_modulation", "out_layer")
         ),
     },
-    tiny_config=dict(
-        in_visual_dim=4,
-        out_visual_dim=4,
-        in_text_dim=16,
-        in_text_dim2=16,
-        time_dim=16,
-        patch_size=(1, 2, 2),
-        model_dim=16,
-        ff_dim=32,
-        num_text_blocks=1,
-        num_visual_blocks=2,
-        axes_dims=(2, 2, 4),
-        visual_cond=False,
-        in_audio_dim=4,
-        out_audio_dim=4,
-    ),
-    make_inputs=k6_make_inputs,
+    tiny_config=TINY_CONFIG | dict(in_audio_dim=4, out_audio_dim=4),
+    make_inputs=make_inputs,  # the same video and text inputs (audio is refused)
     forward=k6_forward,
     conditioning=Conditioning(
         embedding="video_time_embeddings",

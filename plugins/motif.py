@@ -34,8 +34,9 @@ from causalize.context import TokenGrid
 from causalize.errors import UsageError
 from causalize.hookspecs import hookimpl
 from causalize.layout import FrameLayout
-from causalize.plan import Conditioning, Plan, Streaming, Targets
+from causalize.plan import Conditioning, Plan, Streaming
 from causalize.plugins.common import mid_timestep, randn
+from causalize.plugins.hunyuan import TARGETS as HUNYUAN_TARGETS
 
 TEXT_TOKENS = 12
 VALID_TEXT = 9  # the example inputs pad the prompt, so the key-padding mask is exercised
@@ -71,27 +72,13 @@ def make_inputs(model: torch.nn.Module, frames: int, gen: torch.Generator) -> di
     return inputs
 
 
-_JOINT = dict(context="suffix", joint=True, mask_format="bool4d")
-
 PLAN = Plan(
     name="motif",
     model_class="MotifVideoTransformer3DModel",
     family="dit",
     pipeline="block-causal-attention",
     layout=FrameLayout(inputs={"hidden_states": 2}, output_axis=2),
-    targets={
-        "block-causal-attention": (
-            # dual-stream: context through add_q/k/v_proj, [video ; context]
-            Targets(paths=("transformer_blocks.*.attn",), **_JOINT),
-            # single-stream: the processor concatenates [video ; context] itself
-            Targets(paths=("single_transformer_blocks.*.attn",), **_JOINT),
-        ),
-        # the video stream's modulation (not norm1_context, the context stream's AdaLayerNormZero)
-        "frame-conditioning": (
-            Targets(paths=("transformer_blocks.*.norm1", "norm_out")),
-            Targets(paths=("single_transformer_blocks.*.norm",), context="suffix"),
-        ),
-    },
+    targets=HUNYUAN_TARGETS,  # the same dual / single-stream layout, [video ; context]
     tiny_config=dict(
         in_channels=4,
         out_channels=4,

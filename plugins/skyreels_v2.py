@@ -17,18 +17,9 @@ from causalize.errors import CausalizeError
 from causalize.hookspecs import hookimpl
 from causalize.layout import FrameLayout
 from causalize.plan import Conditioning, Plan, Streaming, Targets
-from causalize.plugins.common import mid_timestep, randn
 from causalize.plugins.common import patch3d_tokens as tokens
 from causalize.plugins.wan import TINY_CONFIG as WAN_TINY
-
-
-def make_inputs(model, frames, gen):
-    c = model.config
-    return {
-        "hidden_states": randn(gen, 1, c.in_channels, frames, 16, 16),
-        "encoder_hidden_states": randn(gen, 1, 12, c.text_dim),
-        "timestep": mid_timestep(),
-    }
+from causalize.plugins.wan import make_inputs
 
 
 def model_timesteps(model, sample, timesteps):
