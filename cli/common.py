@@ -171,6 +171,41 @@ def guard(as_json: bool = False, command: str | None = None) -> Iterator[None]:
         )
 
 
+class LazyBar:
+    """A progress bar on stderr shown from its first update, so that errors raised while setting up
+    stay one line, and stopped only if it was shown (stopping a bar never shown prints an empty line).
+    `detail` is a column template over the task's fields (given as keyword arguments)."""
+
+    def __init__(self, label: str, detail: str, *, eta: bool = True, shown: bool = True, **fields: Any):
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        columns = [TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn(detail), TimeElapsedColumn()]
+        if eta:
+            columns.append(TimeRemainingColumn())
+        self.bar = Progress(*columns, console=err, transient=False)
+        self.task = self.bar.add_task(label, total=None, start=False, **fields)
+        self.shown = shown
+
+    def update(self, completed: int, total: int, **fields: Any) -> None:
+        if not self.shown:
+            return
+        if not self.bar.live.is_started:
+            self.bar.start()
+            self.bar.start_task(self.task)
+        self.bar.update(self.task, completed=completed, total=total, **fields)
+
+    def stop(self) -> None:
+        if self.bar.live.is_started:
+            self.bar.stop()
+
+
 def fmt_options(options: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in options.items()) or "-"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from causalize.cli.common import DEVICE_OPT, DTYPE_OPT, JSON_OPT, check_precision_names, emit_json, err, guard
+from causalize.cli.common import DEVICE_OPT, DTYPE_OPT, JSON_OPT, LazyBar, check_precision_names, emit_json, err, guard
 
 
 def encode(
@@ -61,23 +61,10 @@ def encode(
          (channels, size), a class that is not a supported VAE, bad option
       3  internal error (re-run with --debug for the traceback)
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    bar = Progress(
-        TextColumn("encoding"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[speed]}"),
-        TimeElapsedColumn(),
-        console=err,
-    )
-    task = bar.add_task("encode", total=None, speed="", start=False)
+    bar = LazyBar("encoding", "{task.fields[speed]}", eta=False, speed="")
 
     def on_episode(done: int, total: int, frames: int, seconds: float) -> None:
-        if not bar.live.is_started:
-            bar.start()
-            bar.start_task(task)
-        bar.update(task, completed=done, total=total, speed=f"{frames / max(seconds, 1e-9):.1f} frames/s")
+        bar.update(done, total, speed=f"{frames / max(seconds, 1e-9):.1f} frames/s")
 
     with guard(as_json, command="encode"):
         check_precision_names(dtype)
@@ -100,8 +87,7 @@ def encode(
                 progress=on_episode,
             )
         finally:
-            if bar.live.is_started:
-                bar.stop()
+            bar.stop()
     for index, (before, after) in sorted(report.trimmed.items()):
         err.print(f"trimmed episode {index}: {before} → {after} frames")
     from causalize.episodes import read_info

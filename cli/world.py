@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from causalize.cli.common import DTYPE_OPT, JSON_OPT, check_precision_names, emit_json, err, guard
+from causalize.cli.common import DTYPE_OPT, JSON_OPT, LazyBar, check_precision_names, emit_json, err, guard
 from causalize.errors import UsageError
 
 
@@ -197,33 +197,11 @@ def train(
       4  the model checkpoint cannot be read
     """
     options = dict(locals())  # first: the parameters only, most named like TrainConfig's fields
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    bar = Progress(
-        TextColumn("training"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        transient=False,
-    )
-    task = bar.add_task("train", total=None, loss="-", start=False)
     leader = os.environ.get("RANK", "0") == "0"  # under `accelerate launch`: one bar, one summary
+    bar = LazyBar("training", "loss {task.fields[loss]}", shown=leader, loss="-")
 
     def on_step(step: int, total: int, loss: float) -> None:
-        if leader and not bar.live.is_started:  # shown from the first step: set-up errors stay one line
-            bar.start()
-            bar.start_task(task)
-        bar.update(task, completed=step, total=total, loss=f"{loss:.4g}")
+        bar.update(step, total, loss=f"{loss:.4g}")
 
     with guard(as_json, command="train"):
         # Settings and paths first, without torch: a wrong path fails in well under a second.
@@ -247,8 +225,7 @@ def train(
         try:
             result = run_training(cfg, progress=on_step)
         finally:
-            if bar.live.is_started:  # stopping a bar never shown would print an empty line
-                bar.stop()
+            bar.stop()
     if not leader:
         return
     if as_json:
@@ -415,32 +392,10 @@ def rollout(
       3  internal error (re-run with --debug for the traceback)
       4  the checkpoint cannot be read
     """
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    bar = Progress(
-        TextColumn("generating"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[speed]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        transient=False,
-    )
-    task = bar.add_task("rollout", total=None, speed="", start=False)
+    bar = LazyBar("generating", "{task.fields[speed]}", speed="")
 
     def on_frame(done: int, total: int, seconds: float) -> None:
-        if not bar.live.is_started:  # shown from the first frame: input errors stay one line
-            bar.start()
-            bar.start_task(task)
-        bar.update(task, completed=done, total=total, speed=f"{seconds:.2f} s/frame")
+        bar.update(done, total, speed=f"{seconds:.2f} s/frame")
 
     options = {
         "steps": steps,
@@ -486,8 +441,7 @@ def rollout(
                 **options,
             )
         finally:
-            if bar.live.is_started:  # stopping a bar never shown would print an empty line
-                bar.stop()
+            bar.stop()
     t = report.timing
     err.print(
         f"[green]wrote[/] {escape(str(report.out))}: {report.context_frames} context + {report.generated} generated frames "
