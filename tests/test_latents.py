@@ -20,24 +20,17 @@ from causalize.latents.encode import encode_episodes
 from causalize.latents.record import read_dataset_record
 from causalize.latents.spec import LatentNorm, TimeGrouping, VaeError, read_spec
 from causalize.latents.vae import StreamingDecoder, decode_clip, denormalise, encode_clip, load_vae, normalise
+from causalize.testing.pipelines import WAN_VAE_CONFIG
 from tests.cli_helpers import assert_one_line_error
 
 runner = CliRunner()
-WAN_MEAN, WAN_STD = [0.1, -0.2, 0.3, 0.0], [1.5, 0.8, 1.2, 2.0]
+WAN_MEAN, WAN_STD = WAN_VAE_CONFIG["latents_mean"], WAN_VAE_CONFIG["latents_std"]
 
 
 def _wan():
     from diffusers import AutoencoderKLWan
 
-    return AutoencoderKLWan(
-        base_dim=8,
-        z_dim=4,
-        dim_mult=[1, 1, 1, 1],
-        num_res_blocks=1,
-        temperal_downsample=[False, True, True],
-        latents_mean=WAN_MEAN,
-        latents_std=WAN_STD,
-    )
+    return AutoencoderKLWan(**WAN_VAE_CONFIG)  # the tiny Wan pipeline's VAE
 
 
 def _kl():
