@@ -68,6 +68,7 @@ __all__ = [
     "paddle_coverage",
     "paddle_error",
     "paired_steps",
+    "positions",
     "score_paddle",
 ]
 
@@ -284,6 +285,11 @@ def controllability(real: Mapping[str, Any], random: Mapping[str, Any]) -> dict[
     return out
 
 
+def positions(paddle: Mapping[str, Any], key: str) -> np.ndarray:
+    """The (N, h) paddle rows (NaN: not found) of a :func:`paddle_error` result, ``key`` "pred" or "real"."""
+    return np.asarray(_none_to_nan(paddle["positions"][key]), dtype=np.float64)
+
+
 def _error_matrix(pred_y: np.ndarray, real_y: np.ndarray, penalty: float) -> np.ndarray:
     """|pred - real|, ``penalty`` where the prediction has no paddle, NaN where the real one has none."""
     return np.where(np.isnan(real_y), np.nan, np.where(np.isnan(pred_y), float(penalty), np.abs(pred_y - real_y)))
@@ -291,5 +297,5 @@ def _error_matrix(pred_y: np.ndarray, real_y: np.ndarray, penalty: float) -> np.
 
 def _errors(paddle: Mapping[str, Any]) -> np.ndarray:
     """The (N, h) error matrix behind a :func:`paddle_error` result."""
-    p, r = (np.asarray(_none_to_nan(paddle["positions"][k]), dtype=np.float64) for k in ("pred", "real"))
+    p, r = positions(paddle, "pred"), positions(paddle, "real")
     return _error_matrix(p, r, paddle["penalty"])

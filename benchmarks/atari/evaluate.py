@@ -42,6 +42,8 @@ class Segments:
     context: int
     index: list[tuple[int, int]]  # (episode, start frame) per segment
     num_actions: int
+    #: latent studies: the same segments' latents (N, c+h, C, h, w), what the world model sees
+    latents: np.ndarray | None = None
 
     @property
     def horizon(self) -> int:
@@ -52,7 +54,9 @@ class Segments:
         return self.frames[:, self.context :]
 
     def context_tensor(self) -> torch.Tensor:
-        """Context frames in model space, (N, C, c, H, W)."""
+        """Context frames in model space, (N, C, c, H, W): pixels in [-1, 1], or the latents."""
+        if self.latents is not None:
+            return torch.from_numpy(self.latents[:, : self.context]).float().movedim(2, 1).contiguous()
         return model_space(self.frames[:, : self.context])
 
 
@@ -88,6 +92,18 @@ def load_segments(root: str | Path, context: int, horizon: int, per_episode: int
         index,
         int(info.action_space.num_actions),
     )
+
+
+def load_latent_frames(root: str | Path, index: list[tuple[int, int]], length: int) -> np.ndarray:
+    """The latents (N, length, C, h, w) of the segments ``index`` (episode, start) of a latent
+    dataset encoded one latent frame per video frame (the study's autoencoder)."""
+    out = []
+    for e, start in index:
+        z = load_episode(root, e)["latents"]
+        if start + length > z.shape[0]:
+            raise ValueError(f"{root}: episode {e} has {z.shape[0]} latent frames, segment needs {start + length}")
+        out.append(z[start : start + length])
+    return np.stack(out).astype(np.float32)
 
 
 def random_actions(segments: Segments, seed: int) -> np.ndarray:
@@ -128,8 +144,8 @@ def score(pred: torch.Tensor, real: np.ndarray, *, paddle: bool = True) -> dict[
 
 
 def copy_last_baseline(segments: Segments) -> torch.Tensor:
-    """The trivial predictor: the last context frame repeated over the horizon, model space."""
-    last = segments.context_tensor()[:, :, -1:]
+    """The trivial predictor: the last real context frame repeated over the horizon, pixels in [-1, 1]."""
+    last = model_space(segments.frames[:, segments.context - 1 : segments.context])
     return last.expand(-1, -1, segments.horizon, -1, -1).contiguous()
 
 
@@ -173,20 +189,27 @@ def rollout_segments(
 
 
 def denoising_psnr(
-    wm: Any, segments: Segments, levels: list[int], seed: int, batch_size: int | None = None
+    wm: Any,
+    segments: Segments,
+    levels: list[int],
+    seed: int,
+    batch_size: int | None = None,
+    decode: Any = None,
 ) -> dict[str, Any]:
     """How good a denoiser the world model is, apart from the sampler: every frame of every
     segment (context and future) noised to the same level k, the real actions, one forward pass;
     PSNR of the predicted x0 against the real frames, next to the PSNR of the noisy input
     rescaled by 1/sqrt(alpha_k) (what "no denoising" scores). Model space is [-1, 1]; PSNR over
     [0, 1] pixels, clamped. One noise draw per level from ``seed`` (on the CPU, for the whole set,
-    so the numbers do not depend on ``batch_size``, the segments per forward pass)."""
+    so the numbers do not depend on ``batch_size``, the segments per forward pass). Latent
+    studies pass ``decode`` (latents → pixels): x0 and the rescaled input are decoded and scored
+    in pixels like every other number."""
     from causalize.noise import NoiseSchedule
     from causalize.world_model import conditioning_kwargs
 
     device = next(wm.parameters()).device
     schedule = NoiseSchedule.from_config()
-    x0 = model_space(segments.frames)
+    x0 = model_space(segments.frames) if segments.latents is None else torch.from_numpy(segments.latents).movedim(2, 1)
     actions = torch.from_numpy(np.concatenate([segments.context_actions, segments.actions], 1))
     n, frames = x0.shape[0], x0.shape[2]
     chunk = batch_size or n
@@ -206,10 +229,13 @@ def denoising_psnr(
                 x_k = x_k.cpu()
                 preds.append(schedule.convert(x_k, v, kk.cpu(), "v", "sample", frame_axis=2))
                 inputs.append(x_k / a.sqrt().clamp(min=1e-3))
+            pixels = {name: torch.cat(xs) for name, xs in (("x0", preds), ("input", inputs))}
+            if decode is not None:
+                pixels = {name: decode(x) for name, x in pixels.items()}
             out[str(int(k))] = {
                 name: float(
-                    video_metrics(frames_to_unit(torch.cat(xs).movedim(2, 1), "signed"), real)["psnr"].double().mean()
+                    video_metrics(frames_to_unit(x.clamp(-1, 1).movedim(2, 1), "signed"), real)["psnr"].double().mean()
                 )
-                for name, xs in (("x0", preds), ("input", inputs))
+                for name, x in pixels.items()
             }
     return out

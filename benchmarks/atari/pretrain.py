@@ -168,7 +168,7 @@ def pretrain(config: PretrainConfig, progress: Progress | None = None, device: s
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     dataset = EpisodeDataset(config.data, config.window, stride=config.stride, split=None)
-    channels, size = dataset.info.channels, dataset.info.shape[0]
+    channels, size = dataset.info.channels, dataset.info.frame_shape_chw[1]
     model = build_model(config.model, channels, size, config.seed, config.backbone).to(device)
     plan = _plan(config.backbone)
     model_kwargs = conditioning_kwargs(plan, model, config.batch_size, config.window, device=device)

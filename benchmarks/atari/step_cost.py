@@ -1,0 +1,126 @@
+"""Training steps per second of the Atari study's scales, pixel against latent (issue 17).
+
+    python -m benchmarks.atari.step_cost [--scale cpu] [--threads 2] [--repeats 5] [--json PATH]
+
+Times, with random inputs of the scale's shapes, one optimiser step of: the pretraining model
+(pixel: 64×64 RGB; latent: the autoencoder's 16×16×4), one Diffusion-Forcing fine-tuning batch
+through the same architecture (per-frame noise levels, the scale's batch × window) and, for the
+latent space, one autoencoder training step. The first step of each is a warm-up and is not
+counted; the table gives the median of the others. It measures cost only: whether the steps are
+enough to learn the game is the study's question.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.atari import autoencoder as ae
+from benchmarks.atari import pretrain as pt
+from benchmarks.atari.study import resolve_config
+
+
+def _median_seconds(step: Callable[[], None], repeats: int) -> float:
+    step()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _diffusion_step(cfg: dict[str, Any], channels: int, size: int, batch: int, window: int) -> Callable[[], None]:
+    model = pt.build_model(cfg["model"], channels, size, 0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(batch, channels, window, size, size)
+    ehs = torch.zeros(batch, 1, cfg["model"]["cross_attention_dim"])
+
+    def step() -> None:
+        k = torch.randint(0, 1000, (batch,))
+        out = model(x, k, encoder_hidden_states=ehs).sample
+        out.float().square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _autoencoder_step(cfg: dict[str, Any], size: int) -> Callable[[], None]:
+    vae = ae.build_autoencoder(cfg["latent"], 0)
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-4)
+    x = torch.rand(int(cfg["latent"]["batch_size"]), 3, size, size) * 2 - 1
+
+    def step() -> None:
+        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
+        (rec - x).abs().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def measure(scale: str, repeats: int) -> list[dict[str, Any]]:
+    rows = []
+    for space in ("pixel", "latent"):
+        cfg = resolve_config(scale, space=space)
+        size = int(cfg["data"]["size"])
+        if space == "latent":
+            halvings = len(cfg["latent"]["block_out_channels"]) - 1
+            channels, grid = int(cfg["latent"]["latent_channels"]), size // 2**halvings
+            sec = _median_seconds(_autoencoder_step(cfg, size), repeats)
+            rows.append(_row(space, "autoencoder", cfg["latent"]["batch_size"], 1, grid, sec, cfg["latent"]["steps"]))
+        else:
+            channels, grid = 3, size
+        for stage in ("pretrain", "finetune"):
+            p = cfg[stage]
+            sec = _median_seconds(_diffusion_step(cfg, channels, grid, p["batch_size"], p["window"]), repeats)
+            rows.append(_row(space, stage, p["batch_size"], p["window"], grid, sec, p["steps"]))
+    return rows
+
+
+def _row(space: str, stage: str, batch: int, window: int, grid: int, sec: float, steps: int) -> dict[str, Any]:
+    return {
+        "space": space,
+        "stage": stage,
+        "batch": f"{batch} × {window}",
+        "model input": f"{grid}×{grid}",
+        "s/step": round(sec, 3),
+        "steps/s": round(1.0 / sec, 2),
+        "scale steps": int(steps),
+        "min at scale": round(sec * steps / 60.0, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.atari.step_cost", description=__doc__.split("\n\n")[0])
+    p.add_argument("--scale", default="cpu", help="the study scale whose shapes are timed (default cpu)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2, the cpu scale's)")
+    p.add_argument("--repeats", type=int, default=5, help="timed steps after one warm-up (default 5)")
+    p.add_argument("--json", default=None, help="write the rows and the machine here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    rows = measure(args.scale, args.repeats)
+    from benchmarks._common import machine_info
+    from benchmarks.atari.report import write_markdown_table
+
+    print(write_markdown_table({f"{r['space']} {r['stage']}": r for r in rows}, row_header="what"))
+    if args.json:
+        doc = {"scale": args.scale, "threads": args.threads, "repeats": args.repeats, "rows": rows}
+        doc["machine"] = machine_info()
+        Path(args.json).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

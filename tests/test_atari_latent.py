@@ -1,0 +1,121 @@
+"""The latent Atari study (issue 17) at the smoke scale: the study's own autoencoder, the datasets
+encoded through causalize.latents, world models trained on latents and scored on decoded pixels,
+replicate training seeds with verdicts over seeds."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("ale_py")
+pytest.importorskip("gymnasium")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives at the repo root
+
+from benchmarks.atari import seeds, study  # noqa: E402
+
+SEED = 5
+
+
+@pytest.fixture(scope="module")
+def latent_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("atari-latent") / "run"
+    logs: list[str] = []
+    results = study.run_study(out, scale="smoke", seed=SEED, space="latent", log=logs.append)
+    return out, results, logs
+
+
+def test_latent_study_trains_on_latents_and_scores_pixels(latent_run):
+    out, results, _ = latent_run
+    from causalize.episodes import read_info
+    from causalize.latents.record import read_dataset_record
+
+    info = read_info(out / "latent" / "heldout_train")
+    record = read_dataset_record(out / "latent" / "heldout_train")
+    assert info.kind == "latents" and record is not None
+    assert record.vae.class_name == "AutoencoderKL" and record.slots == 1  # one latent frame per video frame
+    # the world model was built for the autoencoder's latents, not for pixels
+    cfg = json.loads((out / "pretrain" / "model" / "config.json").read_text())
+    assert cfg["in_channels"] == study.LATENT_SCALES["smoke"]["latent"]["latent_channels"]
+    assert cfg["sample_size"] == 32 // 2  # smoke frames 32×32, one halving
+    # predictions are decoded: the stored frames are pixels of the real frames' shape
+    frames = np.load(out / "eval" / "extrapolative_s1_real.npz")["frames"]
+    assert frames.dtype == np.uint8 and frames.shape[-3:] == (32, 32, 3)
+    assert results["runs"][study.AUTOENCODER]["actions"] == "none"
+    ae = results["autoencoder"]
+    assert ae["reconstruction"]["frames"] > 0 and math.isfinite(ae["latent_std"])
+    # the normalisation the autoencoder was saved with makes the stored latents about unit scale
+    vae_cfg = json.loads((out / "autoencoder" / "vae" / "config.json").read_text())
+    assert vae_cfg["scaling_factor"] == pytest.approx(1.0 / ae["latent_std"])
+
+
+def test_replicates_train_with_their_own_seed_and_share_the_rest(latent_run):
+    out, results, _ = latent_run
+    other = SEED + 1
+    assert sorted(results["replicates"]) == sorted([str(SEED), str(other)])
+    rep = out / f"seed{other}"
+    assert (rep / "finetune" / "extrapolative" / "final").is_dir()
+    assert not (rep / "pretrain").exists() and not (rep / "data").exists()  # shared stages stay at the root
+    assert not (rep / "finetune" / "shift").exists()  # only the replicated variants
+    ft = json.loads((rep / "finetune" / "extrapolative.json").read_text())
+    assert ft["config"]["seed"] == other
+    a = np.load(out / "eval" / "extrapolative_s1_real.npz")["frames"]
+    b = np.load(rep / "eval" / "extrapolative_s1_real.npz")["frames"]
+    assert a.shape == b.shape and not np.array_equal(a, b)  # another training run, another model
+    claims = {c["claim"] for c in results["across_seeds"]}
+    assert "pretrained transfer beats training from scratch" in claims
+    assert any("paddle error" in c for c in claims)
+    for c in results["across_seeds"]:
+        assert c["seeds"] == [SEED, other] and c["verdict"]
+
+
+def test_report_gives_claim_by_claim_verdicts(latent_run):
+    out, results, _ = latent_run
+    text = (out / "README.md").read_text()
+    assert "## Verdicts, claim by claim" in text
+    assert "over 2 training seeds" in text
+    assert "first 2 generated frames" in text
+    assert "paddle row, real frames" in text
+    assert (out / "rollout.gif").is_file()
+
+
+def test_latent_study_resumes_without_rerunning(latent_run):
+    out, results, _ = latent_run
+    logs: list[str] = []
+    again = study.run_study(out, scale="smoke", seed=SEED, space="latent", log=logs.append)
+    assert again["stages_run_now"] == []
+    assert again["runs"] == json.loads(json.dumps(results["runs"]))
+
+
+def test_space_is_part_of_the_identity_and_checked(latent_run, tmp_path):
+    out, _, _ = latent_run
+    with pytest.raises(study.StudyError, match="another scale, seed or configuration"):
+        study.run_study(out, scale="smoke", seed=SEED, space="pixel", log=lambda m: None)
+    with pytest.raises(study.StudyError, match="unknown space"):
+        study.resolve_config("smoke", space="voxels")
+    with pytest.raises(study.StudyError, match="unet3d backbone only"):
+        study.resolve_config("smoke", backbone="wan", space="latent")
+
+
+def test_mean_sem_over_seeds():
+    d = seeds.mean_sem([1.0, 2.0, 3.0])
+    assert d["mean"] == pytest.approx(2.0) and d["sem"] == pytest.approx(1.0 / math.sqrt(3))
+    assert d["beyond_2sem"]  # 2 > 2 × 0.577
+    assert not seeds.mean_sem([1.0, -1.0, 0.5])["beyond_2sem"]
+    one = seeds.mean_sem([4.0])
+    assert one["n"] == 1 and math.isnan(one["sem"]) and not one["beyond_2sem"]
+
+
+def test_across_seeds_needs_the_claim_in_every_seed():
+    comp = {"claim": "x", "a": "a", "b": "b", "psnr": {"mean": 1.0}, "ssim": {"mean": 0.1}}
+    per_seed = {0: {"comparisons": [comp]}, 1: {"comparisons": [{**comp, "psnr": {"mean": 3.0}}]}}
+    (row,) = seeds.across_seeds(per_seed)
+    assert row["psnr"]["mean"] == pytest.approx(2.0) and row["psnr"]["per_seed"] == [1.0, 3.0]
+    per_seed[1] = {"comparisons": []}
+    assert seeds.across_seeds(per_seed) == []
+    assert seeds.across_seeds({0: {"comparisons": [comp]}}) == []  # one seed: nothing over seeds
