@@ -119,3 +119,31 @@ def test_across_seeds_needs_the_claim_in_every_seed():
     per_seed[1] = {"comparisons": []}
     assert seeds.across_seeds(per_seed) == []
     assert seeds.across_seeds({0: {"comparisons": [comp]}}) == []  # one seed: nothing over seeds
+
+
+def test_foreground_marks_pixels_off_the_background_colour():
+    import torch
+
+    from benchmarks.atari.autoencoder import foreground
+
+    x = torch.full((2, 3, 8, 8), -0.5)
+    x[0, 1, 2:5, 6] = 0.9  # a small green object on the first frame
+    m = foreground(x)
+    assert m.shape == (2, 1, 8, 8)
+    assert m[0, 0, 2:5, 6].eq(1).all() and m[0].sum() == 3
+    assert m[1].sum() == 0  # a flat frame has no foreground
+
+
+def test_step_cost_times_both_spaces():
+    from benchmarks.atari import step_cost
+
+    rows = step_cost.measure("smoke", repeats=1)
+    assert [(r["space"], r["stage"]) for r in rows] == [
+        ("pixel", "pretrain"),
+        ("pixel", "finetune"),
+        ("latent", "autoencoder"),
+        ("latent", "pretrain"),
+        ("latent", "finetune"),
+    ]
+    assert all(r["s/step"] > 0 and r["steps/s"] > 0 for r in rows)
+    assert rows[3]["model input"] == "16×16" and rows[0]["model input"] == "32×32"

@@ -1,13 +1,18 @@
-"""The Atari world-model study (issue 6), end to end: one command, resumable, deterministic.
+"""The Atari world-model study (issues 6 and 17), end to end: one command, resumable, deterministic.
 
-    python -m benchmarks.atari.study --out DIR [--scale smoke|cpu|gpu] [--backbone unet3d|wan] [--seed S] [--threads N]
+    python -m benchmarks.atari.study --out DIR [--scale smoke|cpu|gpu] [--space latent|pixel]
+        [--backbone unet3d|wan] [--seed S] [--threads N]
 
 Stages (each writes under DIR and is skipped when its completion marker is there, so an
 interrupted run resumes where it stopped; progress goes to stderr):
 
 1. ``data``: record action-free clips of several games (the "internet video") and action-labelled
    train / test episodes of a held-out game (Pong) with ``benchmarks.atari.data``.
-2. ``pretrain``: a bidirectional pixel-space model (the backbone: a UNet3D by default, or a small
+1b. ``autoencoder`` and ``encode`` (``--space latent``, the UNet3D default): the study trains its own
+   image autoencoder (``benchmarks.atari.autoencoder``) and encodes every dataset with
+   ``causalize.latents``; the world models below then train and roll out on latents, and every
+   prediction is decoded and scored in pixels.
+2. ``pretrain``: a bidirectional model (the backbone: a UNet3D by default, or a small
    Wan DiT) trained as a plain video diffusion model on the clips, ignoring their actions
    (``benchmarks.atari.pretrain``).
 3. ``convert``: ``causalize.api.convert`` with a discrete action adapter, one checkpoint per
@@ -25,6 +30,9 @@ interrupted run resumes where it stopped; progress goes to stderr):
    controllability), scored per horizon step with PSNR and SSIM and, for Pong, the height of the
    agent's paddle (``benchmarks.atari.control``); plus the copy-last-frame baseline. Every
    random-action run is paired with its real-action run: paddle error, ΔPSNR / ΔSSIM, a verdict.
+   With ``replicates.seeds`` > 1 the replicated variants are fine-tuned and evaluated again with
+   training seeds S+1, ... (``DIR/seed<S+i>/``); every claim gets a mean and standard error over
+   training seeds next to the one over test segments (``benchmarks.atari.seeds``).
 6. ``report``: ``results.json``, ``README.md`` (tables and paired comparisons), plots of the metrics
    against the horizon, a real-vs-predicted GIF and a frame grid (always regenerated; cheap).
 
@@ -359,7 +367,7 @@ LATENT_SCALES: dict[str, dict[str, Any]] = {
         "pretrain": {
             "window": 16,
             "batch_size": 16,
-            "steps": 3000,
+            "steps": 2500,
             "lr": 5e-4,
             "warmup_steps": 100,
             "log_every": 100,
@@ -368,7 +376,7 @@ LATENT_SCALES: dict[str, dict[str, Any]] = {
         "finetune": {
             "window": 16,
             "batch_size": 16,
-            "steps": 500,
+            "steps": 400,
             "lr": 2e-4,
             "log_every": 50,
             "checkpoint_every": 250,
@@ -1219,6 +1227,15 @@ def verdict_lines(results: dict[str, Any]) -> list[str]:
         mine = f"{_pm(c['psnr'])} dB, {_pm(c['ssim'])} SSIM"
         across = f"{_pm(x['psnr'])} dB, {_pm(x['ssim'])} SSIM | {x['verdict']}" if x else "– | –"
         rows.append(f"| {c['claim']} | {mine} | {c['verdict']} | {across} |")
+    per_seed = []
+    if seeds:
+        order = [str(x) for x in next(iter(seeds.values()))["seeds"]]
+        per_seed = ["| claim (a − b per training seed) | " + " | ".join(f"seed {x}" for x in order) + " |"]
+        per_seed.append("|---" * (len(order) + 1) + "|")
+        for c in seeds.values():
+            metric, unit = ("paddle", " px") if "paddle" in c else ("psnr", " dB")
+            per_seed.append(f"| {c['claim']} | " + " | ".join(f"{v:+.3g}{unit}" for v in c[metric]["per_seed"]) + " |")
+        per_seed = ["Each training seed's paired mean difference over the test segments:", "", *per_seed, ""]
     return [
         "## Verdicts, claim by claim",
         "",
@@ -1230,6 +1247,7 @@ def verdict_lines(results: dict[str, Any]) -> list[str]:
         "",
         *rows,
         "",
+        *per_seed,
     ]
 
 
@@ -1409,8 +1427,16 @@ def markdown(results: dict[str, Any], panels: list[str]) -> str:
         *gif_lines(results, panels),
         "## Time",
         "",
-        f"Recorded stage times (s): data {t['data']:.0f}, pretrain {t['pretrain']:.0f}, convert {t['convert_total']:.0f}, "
-        f"fine-tune {t['finetune_total']:.0f}, eval {t['eval_total']:.0f}; sum {t['stages_total']:.0f} s "
+        f"Recorded stage times (s): data {t['data']:.0f}, "
+        + (
+            f"autoencoder {t.get('autoencoder', 0):.0f}, encode {t.get('encode', 0):.0f}, "
+            if t.get("autoencoder")
+            else ""
+        )
+        + f"pretrain {t['pretrain']:.0f}, convert {t['convert_total']:.0f}, "
+        f"fine-tune {t['finetune_total']:.0f}, eval {t['eval_total']:.0f}"
+        + (f", replicates {t['replicates_total']:.0f}" if t.get("replicates_total") else "")
+        + f"; sum {t['stages_total']:.0f} s "
         f"({t['stages_total'] / 60:.1f} min). Machine: {results['machine'].get('cpu_model')} "
         f"({results['machine'].get('cpu_count')} CPUs), {results['study']['threads']} torch threads.",
         "",
