@@ -329,7 +329,7 @@ def test_a_run_evaluated_before_the_new_metrics_gets_them_from_its_stored_frames
     old = {"name": "m_s1_random", "metrics": {k: dict(fresh[k]) for k in ("psnr", "ssim")}}
     for k in ("psnr", "ssim"):
         del old["metrics"][k]["values"]
-    s = study.Study(tmp_path, study.resolve_config("smoke"), 0, scale="smoke", log=lambda m: None)
+    s = study.Study(tmp_path, study.resolve_config("smoke", space="pixel"), 0, scale="smoke", log=lambda m: None)
     doc = s._add_new_metrics(old, marker, seg)
     assert doc["added_from_stored_frames"] == ["psnr", "ssim", "paddle"]
     assert doc["metrics"]["paddle"] == fresh["paddle"]  # detected on the same uint8 frames

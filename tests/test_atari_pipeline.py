@@ -38,8 +38,8 @@ def _numbers(results: dict) -> dict:
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("atari-study")
     logs: list[str] = []
-    first = study.run_study(root / "a", scale="smoke", seed=SEED, log=logs.append)
-    second = study.run_study(root / "b", scale="smoke", seed=SEED, log=logs.append)
+    first = study.run_study(root / "a", scale="smoke", space="pixel", seed=SEED, log=logs.append)
+    second = study.run_study(root / "b", scale="smoke", space="pixel", seed=SEED, log=logs.append)
     return {"root": root, "first": first, "second": second, "logs": logs}
 
 
@@ -68,7 +68,7 @@ def test_every_stage_writes_its_outputs(runs):
         assert (out / "finetune" / v / "final" / "causalize.json").is_file()
     for v in study.VARIANTS:
         assert (out / "eval" / f"denoise_{v}.json").is_file()
-    for run in study.eval_runs(study.resolve_config("smoke")):
+    for run in study.eval_runs(study.resolve_config("smoke", space="pixel")):
         assert (out / "eval" / f"{run['name']}.json").is_file()
         assert (out / "eval" / f"{run['name']}.npz").is_file()
     assert not (out / "pretrain" / "checkpoint.pt").exists()
@@ -121,7 +121,7 @@ def test_resume_reruns_only_what_is_missing(runs):
     name = study.run_name("scratch", 1.0, "random")
     (out / "eval" / f"{name}.json").unlink()
     logs: list[str] = []
-    again = study.run_study(out, scale="smoke", seed=SEED, log=logs.append)
+    again = study.run_study(out, scale="smoke", space="pixel", seed=SEED, log=logs.append)
     assert again["stages_run_now"] == [f"eval {name}"]
     assert any("skipped" in line for line in logs)
     assert _numbers(again) == _numbers(runs["second"])
@@ -129,7 +129,7 @@ def test_resume_reruns_only_what_is_missing(runs):
 
 def test_refuses_a_directory_of_another_study(runs):
     with pytest.raises(study.StudyError, match="another scale, seed or configuration"):
-        study.run_study(runs["root"] / "a", scale="smoke", seed=SEED + 1, log=lambda m: None)
+        study.run_study(runs["root"] / "a", scale="smoke", space="pixel", seed=SEED + 1, log=lambda m: None)
 
 
 def test_pretraining_resumes_exactly(runs, tmp_path):
@@ -138,7 +138,7 @@ def test_pretraining_resumes_exactly(runs, tmp_path):
 
     from benchmarks.atari import pretrain as pt
 
-    cfg = study.resolve_config("smoke")
+    cfg = study.resolve_config("smoke", space="pixel")
     settings = {**cfg["pretrain"], "steps": 4, "checkpoint_every": 1}
     data = str(runs["root"] / "a" / "data" / "pretrain_clips")
 
@@ -198,12 +198,15 @@ def test_wan_backbone_runs_transfer_against_scratch(wan_run):
 
 def test_a_directory_of_one_backbone_refuses_the_other(runs, wan_run):
     with pytest.raises(study.StudyError, match="another scale, seed or configuration"):
-        study.run_study(wan_run[0], scale="smoke", seed=SEED, log=lambda m: None)  # unet3d into the wan study
+        study.run_study(
+            wan_run[0], scale="smoke", space="pixel", seed=SEED, log=lambda m: None
+        )  # unet3d into the wan study
 
 
 def test_studies_recorded_before_backbones_resume_as_unet3d(tmp_path):
-    cfg = study.resolve_config("smoke")
-    old = {k: v for k, v in cfg.items() if k != "backbone"}
+    cfg = study.resolve_config("smoke", space="pixel")
+    # recorded before backbones (issue 6) and before spaces and replicates (issue 17)
+    old = {k: v for k, v in cfg.items() if k not in ("backbone", "space", "latent", "replicates")}
     (tmp_path / "study.json").write_text(json.dumps({"scale": "smoke", "seed": SEED, "config": old}))
     study.Study(tmp_path, cfg, SEED, scale="smoke").check_identity()  # accepted, not refused
 
@@ -221,7 +224,7 @@ def test_denoising_check_does_not_depend_on_the_batch(runs):
 
     out = runs["root"] / "a"
     wm, _ = load_world_model(out / "finetune" / "scratch" / "final")
-    e = study.resolve_config("smoke")["eval"]
+    e = study.resolve_config("smoke", space="pixel")["eval"]
     segments = ev.load_segments(out / "data" / "heldout_test", e["context"], e["horizon"], e["segments_per_episode"])
     whole = ev.denoising_psnr(wm, segments, [20, 999], SEED)
     one_by_one = ev.denoising_psnr(wm, segments, [20, 999], SEED, batch_size=1)

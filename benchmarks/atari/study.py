@@ -68,10 +68,13 @@ from causalize import fs
 
 __all__ = [
     "DIT_SCALES",
+    "LATENT_SCALES",
     "SCALES",
+    "SPACES",
     "VARIANTS",
     "StudyError",
     "controllability",
+    "default_space",
     "eval_runs",
     "main",
     "resolve_config",
@@ -418,10 +421,17 @@ def _overlay(cfg: dict[str, Any], sections: dict[str, Any]) -> None:
             cfg[section].update(values)
 
 
+def default_space(backbone: str) -> str:
+    """Latent for the UNet3D (issue 17), pixels for the Wan DiT (no latent study built for it)."""
+    return "latent" if backbone == UNET3D.name else "pixel"
+
+
 def resolve_config(
-    scale: str, overrides: Sequence[str] = (), backbone: str = "unet3d", space: str = "pixel"
+    scale: str, overrides: Sequence[str] = (), backbone: str = "unet3d", space: str | None = None
 ) -> dict[str, Any]:
-    """The scale's configuration for the backbone and space, with ``section.key=JSON`` overrides."""
+    """The scale's configuration for the backbone and space (default :func:`default_space`), with
+    ``section.key=JSON`` overrides applied."""
+    space = space or default_space(backbone)
     if scale not in SCALES:
         raise StudyError(f"unknown scale {scale!r}; use one of {', '.join(SCALES)}")
     if space not in SPACES:
@@ -1457,7 +1467,7 @@ def run_study(
     data_dir: str | os.PathLike | None = None,
     overrides: Sequence[str] = (),
     backbone: str = UNET3D.name,
-    space: str = "pixel",
+    space: str | None = None,
     log: Log = _stderr,
     command: str = "",
 ) -> dict[str, Any]:
@@ -1722,7 +1732,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             data_dir=args.data,
             overrides=args.overrides,
             backbone=args.backbone,
-            space=args.space or ("latent" if args.backbone == UNET3D.name else "pixel"),
+            space=args.space,
             command=command,
         )
     except (StudyError, FileExistsError) as exc:
