@@ -80,6 +80,8 @@ def test_report_gives_claim_by_claim_verdicts(latent_run):
     assert "## Verdicts, claim by claim" in text
     assert "over 2 training seeds" in text
     assert "first 2 generated frames" in text
+    assert "autoencoded last context frame" in text
+    assert study.BASELINE_AE in results["runs"]
     assert "paddle row, real frames" in text
     assert (out / "rollout.gif").is_file()
 
@@ -102,23 +104,58 @@ def test_space_is_part_of_the_identity_and_checked(latent_run, tmp_path):
         study.resolve_config("smoke", backbone="wan", space="latent")
 
 
-def test_mean_sem_over_seeds():
+def test_mean_sem_and_the_t_rule_over_seeds():
     d = seeds.mean_sem([1.0, 2.0, 3.0])
     assert d["mean"] == pytest.approx(2.0) and d["sem"] == pytest.approx(1.0 / math.sqrt(3))
-    assert d["beyond_2sem"]  # 2 > 2 × 0.577
-    assert not seeds.mean_sem([1.0, -1.0, 0.5])["beyond_2sem"]
-    one = seeds.mean_sem([4.0])
-    assert one["n"] == 1 and math.isnan(one["sem"]) and not one["beyond_2sem"]
+    assert d["beyond"]  # 2 > 2 × 0.577
+    one = seeds.mean_sem([4.0, None])
+    assert one["n"] == 1 and math.isnan(one["sem"]) and not one["beyond"]
+    # over 3 seeds the bar is Student's 4.30 s.e., not 2: 2 / 0.577 = 3.46 does not clear it
+    s = seeds.over_seeds([1.0, 2.0, 3.0])
+    assert s["critical"] == pytest.approx(4.303) and not s["beyond"]
+    assert seeds.over_seeds([1.0, 1.1, 0.9])["beyond"]
+
+
+def test_a_claim_over_seeds_must_also_clear_the_segments():
+    """Seeds that agree on a mean driven by one segment do not make a claim: the segments' spread counts."""
+
+    def comp(per_segment):
+        m = float(np.mean(per_segment))
+        d = {"mean": m, "per_segment": per_segment}
+        return {"claim": "x", "a": "a", "b": "b", "psnr": d, "ssim": d}
+
+    noisy = [9.0, -3.0, -3.0, -3.0]  # mean 0; each seed adds 1 (+ a hair), all of it from segment 0
+    per_seed = {s: {"comparisons": [comp([v + 0.01 * s + 1 for v in noisy])]} for s in range(3)}
+    (row,) = seeds.across_seeds(per_seed)
+    assert row["psnr"]["seeds"]["beyond"]  # the seeds agree closely
+    assert not row["psnr"]["segments"]["beyond"]  # one segment carries the difference
+    assert seeds.verdict(row) == "no difference"
+    steady = {s: {"comparisons": [comp([1.0 + 0.01 * s, 1.1, 0.9, 1.0])]} for s in range(3)}
+    (row,) = seeds.across_seeds(steady)
+    assert seeds.verdict(row) == "holds"
 
 
 def test_across_seeds_needs_the_claim_in_every_seed():
-    comp = {"claim": "x", "a": "a", "b": "b", "psnr": {"mean": 1.0}, "ssim": {"mean": 0.1}}
-    per_seed = {0: {"comparisons": [comp]}, 1: {"comparisons": [{**comp, "psnr": {"mean": 3.0}}]}}
+    d = {"mean": 1.0, "per_segment": [1.0, 1.0]}
+    comp = {"claim": "x", "a": "a", "b": "b", "psnr": d, "ssim": d}
+    per_seed = {0: {"comparisons": [comp]}, 1: {"comparisons": [{**comp, "psnr": {**d, "mean": 3.0}}]}}
     (row,) = seeds.across_seeds(per_seed)
-    assert row["psnr"]["mean"] == pytest.approx(2.0) and row["psnr"]["per_seed"] == [1.0, 3.0]
+    assert row["psnr"]["mean"] == pytest.approx(2.0) and row["psnr"]["seeds"]["per_seed"] == [1.0, 3.0]
     per_seed[1] = {"comparisons": []}
     assert seeds.across_seeds(per_seed) == []
     assert seeds.across_seeds({0: {"comparisons": [comp]}}) == []  # one seed: nothing over seeds
+
+
+def test_set_cannot_change_space_or_backbone():
+    for key in ("space", "backbone"):
+        with pytest.raises(study.StudyError, match=f"use --{key}"):
+            study.resolve_config("smoke", [f"{key}=pixel"])
+
+
+def test_a_study_resumes_in_its_recorded_space(latent_run):
+    out, results, _ = latent_run
+    again = study.run_study(out, scale="smoke", seed=SEED, log=lambda m: None)  # no space given
+    assert again["study"]["config"]["space"] == "latent" and again["stages_run_now"] == []
 
 
 def test_foreground_marks_pixels_off_the_background_colour():

@@ -85,6 +85,9 @@ __all__ = [
 Log = Callable[[str], None]
 
 BASELINE = "copy-last"
+#: Latent studies: the last context frame as the autoencoder reconstructs it, repeated (the
+#: trivial predictor that pays the autoencoder's loss, as every latent model does).
+BASELINE_AE = "copy-last-autoencoded"
 #: The autoencoder's own reconstruction of the real future frames (latent studies): the floor.
 AUTOENCODER = "autoencoder"
 #: Where the world models diffuse: pixels (64×64 RGB) or the study autoencoder's latents.
@@ -452,6 +455,8 @@ def resolve_config(
         key, sep, raw = item.partition("=")
         if not sep:
             raise StudyError(f"--set expects section.key=value, got {item!r}")
+        if key.strip() in ("space", "backbone"):
+            raise StudyError(f"--set {key.strip()}: use --{key.strip()}, which also picks that setting's sections")
         try:
             value = json.loads(raw)
         except ValueError:
@@ -695,6 +700,12 @@ class Study:
         marker = out / ae.SUMMARY_FILE
         if self._skip(marker, "autoencoder"):
             return _read_json(marker)
+        stale = self.root / "latent"
+        if stale.exists():  # encoded by an autoencoder whose marker is gone: not this one's latents
+            import shutil
+
+            self.log(f"[autoencoder] removing {stale}: latents of an earlier autoencoder")
+            shutil.rmtree(stale)
         a = self.cfg["latent"]
         roots = [self.pixel_dataset("pretrain")] + ([self.pixel_dataset("train")] if a["heldout_train_frames"] else [])
         doc = ae.train_autoencoder(
@@ -977,6 +988,18 @@ class Study:
             "metrics": ev.score(pred, segments.real_future, paddle=self.paddle),
         }
 
+    def baseline_autoencoded(self, segments: ev.Segments) -> dict[str, Any]:
+        assert segments.latents is not None
+        last = torch.from_numpy(segments.latents[:, segments.context - 1 : segments.context]).movedim(2, 1)
+        pred = self.decode(last).expand(-1, -1, segments.horizon, -1, -1)
+        return {
+            "name": BASELINE_AE,
+            "variant": BASELINE_AE,
+            "guidance": None,
+            "actions": "none",
+            "metrics": ev.score(pred, segments.real_future, paddle=self.paddle),
+        }
+
     def autoencoder_floor(self, segments: ev.Segments) -> dict[str, Any]:
         """The real future frames through the autoencoder: what a perfect latent model would score."""
         assert segments.latents is not None
@@ -1005,6 +1028,7 @@ def _paired(a: dict[str, Any], b: dict[str, Any], metric: str) -> dict[str, floa
         "n": int(len(d)),
         "positive": bool(d.mean() > 0),
         "beyond_2sem": bool(len(d) > 1 and abs(d.mean()) > 2 * sem),
+        "per_segment": d.tolist(),
     }
 
 
@@ -1027,6 +1051,11 @@ def comparisons(runs: dict[str, dict[str, Any]], cfg: dict[str, Any]) -> list[di
             run_name("noncausal-norm", s0, "real"),
         ),
         ("the world model beats repeating the last context frame", run_name(main, s0, "real"), BASELINE),
+        (
+            "the world model beats repeating the autoencoded last context frame",
+            run_name(main, s0, "real"),
+            BASELINE_AE,
+        ),
     ]
     for s in cfg["eval"]["guidance"]:
         if float(s) != 1.0:
@@ -1051,17 +1080,18 @@ def comparisons(runs: dict[str, dict[str, Any]], cfg: dict[str, Any]) -> list[di
                     "ssim": _paired(runs[a], runs[b], "ssim"),
                 }
             )
-    a, b = run_name(main, s0, "real"), BASELINE
-    if a in runs and b in runs and all("values" in runs[x]["metrics"]["psnr"] for x in (a, b)):
-        k = min(FIRST_FRAMES, cfg["eval"]["horizon"])
-        out.append(
-            {
-                "claim": f"the world model beats repeating the last context frame on the first {k} generated frames",
-                "a": a,
-                "b": b,
-                **{m: seeds_mod.first_frames(runs[a], runs[b], m, k) for m in ("psnr", "ssim")},
-            }
-        )
+    k = min(FIRST_FRAMES, cfg["eval"]["horizon"])
+    for b, what in ((BASELINE, "the last context frame"), (BASELINE_AE, "the autoencoded last context frame")):
+        a = run_name(main, s0, "real")
+        if a in runs and b in runs and all("values" in runs[x]["metrics"]["psnr"] for x in (a, b)):
+            out.append(
+                {
+                    "claim": f"the world model beats repeating {what} on the first {k} generated frames",
+                    "a": a,
+                    "b": b,
+                    **{m: seeds_mod.first_frames(runs[a], runs[b], m, k) for m in ("psnr", "ssim")},
+                }
+            )
     return out
 
 
@@ -1212,53 +1242,80 @@ def write_report(study: Study, results: dict[str, Any], segments: ev.Segments) -
 
 
 def _pm(d: dict[str, Any], spec: str = "+.3g") -> str:
-    return f"{format(d['mean'], spec)} ± {_fmt(d['sem'], '.2g')}"
+    """``mean ± sem``, "–" for a missing or NaN value."""
+    return f"{_fmt(d.get('mean'), spec)} ± {_fmt(d.get('sem'), '.2g')}"
 
 
 def verdict_lines(results: dict[str, Any]) -> list[str]:
     """The claims, one row each: the study seed's paired difference over test segments and, with
-    replicates, the mean over training seeds ± the standard error over seeds, each with its verdict."""
+    replicates, the aggregate over training seeds (``benchmarks.atari.seeds``), each with its verdict."""
     seeds = {c["claim"]: c for c in results.get("across_seeds") or []}
-    n_seeds = len(results.get("replicates") or {}) or 1
+    n_seeds = len(results.get("replicates") or {})
     seg = results["segments"]["count"]
+    head = f"| claim | seed {results['study']['seed']}, over {seg} segments | verdict |"
     rows = [
-        f"| claim | seed {results['study']['seed']}, over {seg} segments | verdict | over {n_seeds} training seeds | verdict |",
-        "|---|---|---|---|---|",
+        head + (f" over {n_seeds} training seeds | verdict |" if seeds else ""),
+        "|---|---|---|" + ("---|---|" if seeds else ""),
     ]
+
+    def across(claim: str, metrics: tuple[str, ...], spec: str) -> str:
+        if not seeds:
+            return ""
+        x = seeds.get(claim)
+        if x is None:
+            return " – | – |"
+        return " " + ", ".join(f"{_pm(x[m], spec)}{UNITS[m]}" for m in metrics) + f" | {x['verdict']} |"
+
     for key, c in (results.get("controllability") or {}).items():
-        if "paddle" not in c:
-            continue
-        claim = f"{key} follows the real actions: paddle error real − random < 0"
-        d, x = c["paddle"]["real_minus_random"]["overall"], seeds.get(claim)
-        across = f"{_pm(x['paddle'], '+.2f')} px | {x['verdict']}" if x else "– | –"
-        rows.append(f"| {claim} | {_pm(d, '+.2f')} px | {c['paddle']['verdict']} | {across} |")
+        if "paddle" in c:
+            claim = f"{key} follows the real actions: paddle error real − random < 0"
+            d = c["paddle"]["real_minus_random"]["overall"]
+            mine = f"| {claim} | {_pm(d, '+.2f')} px | {c['paddle']['verdict']} |"
+            rows.append(mine + across(claim, ("paddle",), "+.2f"))
     for c in results["comparisons"]:
-        x = seeds.get(c["claim"])
-        mine = f"{_pm(c['psnr'])} dB, {_pm(c['ssim'])} SSIM"
-        across = f"{_pm(x['psnr'])} dB, {_pm(x['ssim'])} SSIM | {x['verdict']}" if x else "– | –"
-        rows.append(f"| {c['claim']} | {mine} | {c['verdict']} | {across} |")
-    per_seed = []
-    if seeds:
-        order = [str(x) for x in next(iter(seeds.values()))["seeds"]]
-        per_seed = ["| claim (a − b per training seed) | " + " | ".join(f"seed {x}" for x in order) + " |"]
-        per_seed.append("|---" * (len(order) + 1) + "|")
-        for c in seeds.values():
-            metric, unit = ("paddle", " px") if "paddle" in c else ("psnr", " dB")
-            per_seed.append(f"| {c['claim']} | " + " | ".join(f"{v:+.3g}{unit}" for v in c[metric]["per_seed"]) + " |")
-        per_seed = ["Each training seed's paired mean difference over the test segments:", "", *per_seed, ""]
+        mine = f"| {c['claim']} | {_pm(c['psnr'])} dB, {_pm(c['ssim'])} SSIM | {c['verdict']} |"
+        rows.append(mine + across(c["claim"], ("psnr", "ssim"), "+.3g"))
+    note = (
+        " Over training seeds (`benchmarks/atari/seeds.py`): the mean of the seeds' paired differences ± the "
+        "standard error over seeds; a difference counts only when it clears Student's 95 % t over seeds "
+        "(12.7 s.e. with 2 seeds, 4.3 with 3) *and* 2 s.e. over segments of the seed-averaged per-segment "
+        "difference (the seeds share the test segments). `–`: not replicated."
+        if seeds
+        else ""
+    )
     return [
         "## Verdicts, claim by claim",
         "",
-        "A claim holds when a beats b by more than 2 standard errors (PSNR and SSIM both; the paddle error alone "
-        "for the controllability rows, where lower is better), is reversed for the opposite, and shows no "
-        "difference otherwise. The first columns are the study seed's models, paired over test segments; the "
-        "last ones the mean over training seeds of each seed's paired difference ± the standard error over seeds "
-        "(`–`: not replicated)." + (" " + AE_NOTE if results["study"]["config"].get("space") == "latent" else ""),
+        "Study seed: a claim holds when a beats b by more than 2 standard errors of the paired per-segment "
+        "difference (PSNR and SSIM both; the paddle error alone for the controllability rows, where lower is "
+        "better), is reversed for the opposite, and shows no difference otherwise."
+        + note
+        + (" " + AE_NOTE if results["study"]["config"].get("space") == "latent" else ""),
         "",
         *rows,
         "",
-        *per_seed,
+        *_per_seed_lines(seeds),
     ]
+
+
+UNITS = {"psnr": " dB", "ssim": " SSIM", "paddle": " px"}
+
+
+def _per_seed_lines(seeds: dict[str, Any]) -> list[str]:
+    """Each seed's paired mean difference, per claim (the numbers behind the over-seeds column)."""
+    if not seeds:
+        return []
+    order = [str(x) for x in next(iter(seeds.values()))["seeds"]]
+    lines = ["| claim (a − b per training seed) | " + " | ".join(f"seed {x}" for x in order) + " |"]
+    lines.append("|---" * (len(order) + 1) + "|")
+    for c in seeds.values():
+        metrics = ("paddle",) if "paddle" in c else ("psnr", "ssim")
+        cells = [
+            ", ".join(f"{_fmt(c[m]['seeds']['per_seed'][i], '+.3g')}{UNITS[m]}" for m in metrics)
+            for i in range(len(order))
+        ]
+        lines.append(f"| {c['claim']} | " + " | ".join(cells) + " |")
+    return ["Each training seed's paired mean difference over the test segments:", "", *lines, ""]
 
 
 AE_NOTE = (
@@ -1315,7 +1372,7 @@ def _gif_segment(paddle: dict[str, Any] | None) -> int:
 
 
 def _fmt(x: float | None, spec: str) -> str:
-    return "–" if x is None else format(x, spec)
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
 def markdown(results: dict[str, Any], panels: list[str]) -> str:
@@ -1471,7 +1528,11 @@ def run_study(
     log: Log = _stderr,
     command: str = "",
 ) -> dict[str, Any]:
-    """Run (or resume) every stage and write the report; returns the results document."""
+    """Run (or resume) every stage and write the report; returns the results document. Without
+    ``space``, a DIR holding a study resumes in that study's space (pixel if it predates spaces)."""
+    recorded = Path(out) / "study.json"
+    if space is None and recorded.is_file():
+        space = _read_json(recorded).get("config", {}).get("space", "pixel")
     cfg = resolve_config(scale, overrides, backbone, space)
     threads = int(threads or cfg["threads"])
     device = device or ("cuda" if scale == "gpu" and torch.cuda.is_available() else "cpu")
@@ -1506,12 +1567,6 @@ def _analyse(runs: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
     return {"comparisons": comps, "controllability": controllability(runs)}
 
 
-def _seed_verdict(c: dict[str, Any]) -> str:
-    if "paddle" in c:
-        return control.follows_verdict(c["paddle"], lower_is_better=True)
-    return _verdict(c)
-
-
 def _replicates(study: Study, segments: ev.Segments, runs0: dict[str, Any]) -> dict[int, dict[str, Any]]:
     """Fine-tune and evaluate ``replicates.variants`` again with the other training seeds; the
     study seed's own runs are replicate 0. Returns training seed → its runs (with the shared
@@ -1524,7 +1579,7 @@ def _replicates(study: Study, segments: ev.Segments, runs0: dict[str, Any]) -> d
     if unknown:
         raise StudyError(f"replicates.variants: {unknown} are not variants of the {study.backbone.name} backbone")
     todo = [run for run in eval_runs(study.cfg) if run["variant"] in names]
-    shared = {k: v for k, v in runs0.items() if k in (BASELINE, AUTOENCODER)}
+    shared = {k: v for k, v in runs0.items() if k in (BASELINE, BASELINE_AE, AUTOENCODER)}
     out = {study.seed: {"runs": {**shared, **{x["name"]: runs0[x["name"]] for x in todo}}, "seconds": None}}
     for i in range(1, n):
         rep = study.replica(i)
@@ -1595,6 +1650,7 @@ def _run(
     runs: dict[str, Any] = {BASELINE: study.baseline(segments)}
     if study.latent:
         runs[AUTOENCODER] = study.autoencoder_floor(segments)
+        runs[BASELINE_AE] = study.baseline_autoencoded(segments)
     for run in eval_runs(cfg):
         runs[run["name"]] = study.evaluate(run, segments)
     replicates = _replicates(study, segments, runs)
@@ -1671,7 +1727,7 @@ def _run(
     }
     results["across_seeds"] = seeds_mod.across_seeds(per_seed)
     for c in results["across_seeds"]:
-        c["verdict"] = _seed_verdict(c)
+        c["verdict"] = seeds_mod.verdict(c)
     write_report(study, results, segments)
     results["stages_run_now"] = study.executed
     results["timings"]["this_invocation"] = time.perf_counter() - t_start
