@@ -18,7 +18,8 @@ broad image corpus that covers the target's appearance; the test episodes are ne
 training, ``shift_factor`` / ``scaling_factor`` are set from the latents' mean and standard
 deviation so that the diffusion model sees unit-variance latents (``causalize.latents`` applies
 them). The reconstruction of the held-out test frames (PSNR, and the paddle detector on the
-reconstructions) is the floor of every latent model.
+reconstructions) is the reference for every latent model: what predicting the encoder's own
+latents would score.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def _latent_stats(vae: Any, x: torch.Tensor, device: str, chunk: int = 256) -> t
 @torch.no_grad()
 def reconstruction_check(vae: Any, frames: np.ndarray, device: str, chunk: int = 256) -> dict[str, Any]:
     """Encode → decode of real frames: PSNR (dB, over [0, 1] pixels) and, for Pong, the paddle
-    detector on the reconstructions against the real frames (the floor of a latent model)."""
+    detector on the reconstructions against the real frames (a latent model's reference)."""
     recon = []
     for i in range(0, len(frames), chunk):
         x = _signed(frames[i : i + chunk]).to(device)

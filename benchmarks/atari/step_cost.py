@@ -2,12 +2,13 @@
 
     python -m benchmarks.atari.step_cost [--scale cpu] [--threads 2] [--repeats 5] [--json PATH]
 
-Times, with random inputs of the scale's shapes, one optimiser step of: the pretraining model
-(pixel: 64×64 RGB; latent: the autoencoder's 16×16×4), one Diffusion-Forcing fine-tuning batch
-through the same architecture (per-frame noise levels, the scale's batch × window) and, for the
-latent space, one autoencoder training step. The first step of each is a warm-up and is not
-counted; the table gives the median of the others. It measures cost only: whether the steps are
-enough to learn the game is the study's question.
+Times, with random inputs, one optimiser step of the scale's bidirectional UNet3D at the
+pretraining and at the fine-tuning shapes (batch × window; pixel: 64×64 RGB, latent: the
+autoencoder's 16×16×4) and, for the latent space, one autoencoder step. The first step of each is
+a warm-up; the table gives the median of the others. It compares the two spaces' cost: the study's
+own steps cost more (the fine-tuning trainer runs the converted model with its action adapter and
+per-frame noise levels, and loads data), and the study records their measured times. Whether the
+steps are enough to learn the game is the study's question.
 """
 
 from __future__ import annotations

@@ -88,7 +88,7 @@ BASELINE = "copy-last"
 #: Latent studies: the last context frame as the autoencoder reconstructs it, repeated (the
 #: trivial predictor that pays the autoencoder's loss, as every latent model does).
 BASELINE_AE = "copy-last-autoencoded"
-#: The autoencoder's own reconstruction of the real future frames (latent studies): the floor.
+#: The autoencoder's own reconstruction of the real future frames (latent studies): a reference.
 AUTOENCODER = "autoencoder"
 #: Where the world models diffuse: pixels (64×64 RGB) or the study autoencoder's latents.
 SPACES = ("latent", "pixel")
@@ -1000,8 +1000,8 @@ class Study:
             "metrics": ev.score(pred, segments.real_future, paddle=self.paddle),
         }
 
-    def autoencoder_floor(self, segments: ev.Segments) -> dict[str, Any]:
-        """The real future frames through the autoencoder: what a perfect latent model would score."""
+    def autoencoder_reference(self, segments: ev.Segments) -> dict[str, Any]:
+        """The real future frames through the autoencoder: what predicting the encoder's latents exactly scores."""
         assert segments.latents is not None
         future = torch.from_numpy(segments.latents[:, segments.context :]).movedim(2, 1)
         return {
@@ -1320,7 +1320,8 @@ def _per_seed_lines(seeds: dict[str, Any]) -> list[str]:
 
 AE_NOTE = (
     "Latent study: every prediction is decoded by the study's autoencoder and scored in pixels; the "
-    "`autoencoder` row of the runs table (the real future frames encoded and decoded) is the floor."
+    "`autoencoder` row of the runs table (the real future frames encoded and decoded) is a reference: what "
+    "predicting the encoder's own latents would score."
 )
 
 
@@ -1649,7 +1650,7 @@ def _run(
     denoising = {v: study.denoise(v, segments)["levels"] for v in study.backbone.variants}
     runs: dict[str, Any] = {BASELINE: study.baseline(segments)}
     if study.latent:
-        runs[AUTOENCODER] = study.autoencoder_floor(segments)
+        runs[AUTOENCODER] = study.autoencoder_reference(segments)
         runs[BASELINE_AE] = study.baseline_autoencoded(segments)
     for run in eval_runs(cfg):
         runs[run["name"]] = study.evaluate(run, segments)
