@@ -81,6 +81,10 @@ def test_report_gives_claim_by_claim_verdicts(latent_run):
     assert "over 2 training seeds" in text
     assert "first 2 generated frames" in text
     assert "autoencoded last context frame" in text
+    assert "Does the model use its past?" in text
+    ctx = results["context"]["extrapolative"]
+    assert set(ctx) == {str(k) for k in study.CONTEXT_LEVELS}
+    assert all(set(row) == {"own", "other"} and math.isfinite(row["own"]["psnr"]) for row in ctx.values())
     assert study.BASELINE_AE in results["runs"]
     assert "paddle row, real frames" in text
     assert (out / "rollout.gif").is_file()

@@ -29,7 +29,16 @@ from benchmarks.atari.data import load_episode
 from benchmarks.atari.metrics import frames_to_unit, horizon_summary, video_metrics
 from causalize.episodes import list_episodes, read_info
 
-__all__ = ["Segments", "copy_last_baseline", "load_segments", "random_actions", "rollout_segments", "score", "to_uint8"]
+__all__ = [
+    "Segments",
+    "context_check",
+    "copy_last_baseline",
+    "load_segments",
+    "random_actions",
+    "rollout_segments",
+    "score",
+    "to_uint8",
+]
 
 
 @dataclass
@@ -238,4 +247,58 @@ def denoising_psnr(
                 )
                 for name, x in pixels.items()
             }
+    return out
+
+
+def context_check(
+    wm: Any,
+    segments: Segments,
+    levels: list[int],
+    seed: int,
+    *,
+    decode: Any = None,
+    batch_size: int | None = None,
+    paddle: bool = True,
+) -> dict[str, Any]:
+    """Does the model use its past? The first generated frame noised to level k, its context clean
+    (level 0) and either the segment's own or the next segment's (a plausible but wrong past), the
+    real actions, one forward pass: the predicted x0 scored against the real frame (PSNR, and the
+    paddle error for Pong). A model that continues its context scores better with its own."""
+    from causalize.noise import NoiseSchedule
+    from causalize.world_model import conditioning_kwargs
+
+    device = next(wm.parameters()).device
+    schedule = NoiseSchedule.from_config()
+    c = segments.context
+    x = (
+        model_space(segments.frames[:, : c + 1])
+        if segments.latents is None
+        else torch.from_numpy(segments.latents[:, : c + 1]).movedim(2, 1)
+    )
+    wrong = torch.cat([torch.roll(x[:, :, :c], 1, dims=0), x[:, :, c:]], 2)
+    actions = torch.from_numpy(np.concatenate([segments.context_actions, segments.actions[:, :1]], 1))
+    n, chunk = x.shape[0], batch_size or x.shape[0]
+    real = segments.frames[:, c : c + 1]
+    out: dict[str, Any] = {}
+    with torch.no_grad():
+        for k in levels:
+            noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(int(seed) * 1000 + 7 + int(k)))
+            row = {}
+            for name, past in (("own", x), ("other", wrong)):
+                preds = []
+                for lo in range(0, n, chunk):
+                    xb = past[lo : lo + chunk].to(device)
+                    kk = torch.zeros((xb.shape[0], c + 1), dtype=torch.long, device=device)
+                    kk[:, c] = int(k)
+                    x_k = schedule.q_sample(xb, noise[lo : lo + chunk].to(device), kk, frame_axis=2)
+                    kwargs = conditioning_kwargs(wm.plan, wm.model, xb.shape[0], c + 1, device=device)
+                    v = wm(x_k, kk, actions[lo : lo + chunk].to(device), **kwargs).float().cpu()
+                    x0 = schedule.convert(x_k.cpu(), v, kk.cpu(), "v", "sample", frame_axis=2)
+                    preds.append(x0[:, :, c:])
+                pred = torch.cat(preds)
+                if decode is not None:
+                    pred = decode(pred)
+                m = score(pred.clamp(-1, 1), real, paddle=paddle)
+                row[name] = {"psnr": m["psnr"]["overall"], "paddle": m.get("paddle", {}).get("overall", {}).get("mean")}
+            out[str(int(k))] = row
     return out

@@ -94,6 +94,8 @@ AUTOENCODER = "autoencoder"
 SPACES = ("latent", "pixel")
 #: Noise levels of the one-step denoising check (a fixed diagnostic, not part of a scale).
 DENOISE_LEVELS = (20, 100, 300, 600, 999)
+#: Noise levels of the first generated frame in the context check (own past against another's).
+CONTEXT_LEVELS = (300, 700)
 #: The short-horizon claim against copy-last (issue 17's target): the first generated frames.
 FIRST_FRAMES = 2
 
@@ -978,6 +980,27 @@ class Study:
         )
         return doc
 
+    def context(self, variant: str, segments: ev.Segments) -> dict[str, Any]:
+        """Does the fine-tuned variant use its past (``evaluate.context_check``)?"""
+        from causalize.rollout.loading import load_world_model
+
+        marker = self.out / "eval" / f"context_{variant}.json"
+        if self._skip(marker, f"context {variant}"):
+            return _read_json(marker)
+        wm, _ = load_world_model(self.out / "finetune" / variant / "final", device=self.device)
+        levels = ev.context_check(
+            wm,
+            segments,
+            list(CONTEXT_LEVELS),
+            self.seed,
+            decode=self.decode if self.latent else None,
+            batch_size=self.cfg["eval"]["batch_size"],
+            paddle=self.paddle,
+        )
+        doc = {"variant": variant, "levels": levels}
+        _write_json(marker, doc)
+        return doc
+
     def baseline(self, segments: ev.Segments) -> dict[str, Any]:
         pred = ev.copy_last_baseline(segments)
         return {
@@ -1415,6 +1438,19 @@ def markdown(results: dict[str, Any], panels: list[str]) -> str:
         v: {f"k={k}": f"{d['x0']:.2f} ({d['input']:.2f})" for k, d in levels.items()} for v, levels in den.items()
     }
     den_table = write_markdown_table(den_rows, row_header="variant") if den_rows else ""
+    ctx_rows = {
+        v: {
+            f"k={k} {what}": (
+                f"{d['own']['psnr']:.2f} / {d['other']['psnr']:.2f}"
+                if what == "PSNR own / other"
+                else f"{_fmt(d['own']['paddle'], '.1f')} / {_fmt(d['other']['paddle'], '.1f')}"
+            )
+            for k, d in levels.items()
+            for what in ("PSNR own / other", "paddle px own / other")
+        }
+        for v, levels in (results.get("context") or {}).items()
+    }
+    ctx_table = write_markdown_table(ctx_rows, row_header="variant") if ctx_rows else ""
     comp = ["| claim | a − b | ΔPSNR dB (± s.e.) | ΔSSIM (± s.e.) | verdict |", "|---|---|---:|---:|---|"]
     for cmp in results["comparisons"]:
         p, s = cmp["psnr"], cmp["ssim"]
@@ -1477,6 +1513,20 @@ def markdown(results: dict[str, Any], panels: list[str]) -> str:
         "input rescaled by 1/sqrt(alpha_k) (no denoising).",
         "",
         den_table,
+        *(
+            [
+                "## Does the model use its past? (one-step context check)",
+                "",
+                "The first generated frame of every test segment noised to level k, its context clean, the real "
+                "actions, one forward pass; the predicted x0 scored against the real frame with the segment's own "
+                "context and with the next segment's (a plausible but wrong past). A model that continues its past "
+                "scores better with its own: higher PSNR, lower paddle error (no paddle = the largest error).",
+                "",
+                ctx_table,
+            ]
+            if ctx_table
+            else []
+        ),
         "## Paired comparisons (same test segments; a − b, mean over segments ± standard error)",
         "",
         *comp,
@@ -1648,6 +1698,7 @@ def _run(
         }
     segments = study.segments()
     denoising = {v: study.denoise(v, segments)["levels"] for v in study.backbone.variants}
+    context = {v: study.context(v, segments)["levels"] for v in study.backbone.variants}
     runs: dict[str, Any] = {BASELINE: study.baseline(segments)}
     if study.latent:
         runs[AUTOENCODER] = study.autoencoder_reference(segments)
@@ -1712,6 +1763,7 @@ def _run(
         },
         "runs": {n: {k: r[k] for k in ("variant", "guidance", "actions", "metrics")} for n, r in runs.items()},
         "denoising": denoising,
+        "context": context,
         "best_main_guidance": float(best),
         "timings": timings,
     }
