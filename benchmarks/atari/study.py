@@ -315,8 +315,8 @@ DIT_SCALES: dict[str, dict[str, Any]] = {
 #: The latent space (``--space latent``, issue 17): the study trains its own autoencoder
 #: (``benchmarks.atari.autoencoder``, 64×64 RGB → 16×16×4) on the action-free clips and the held-out
 #: game's training frames, encodes every dataset with ``causalize.latents`` and trains the world
-#: models on the latents (16× fewer positions: 0.25 s instead of 2.3 s per training step on the
-#: 2-core machine, so ~10× the steps in the same time). Its sections replace the scale's ``model``
+#: models on the latents (16× fewer positions: 0.29 s instead of 2.39 s per plain training step on
+#: the 2-core machine, measured by ``benchmarks.atari.step_cost``, so ~8× the steps in the same time). Its sections replace the scale's ``model``
 #: and update the others. Rollouts are decoded by the autoencoder and scored in pixels.
 LATENT_SCALES: dict[str, dict[str, Any]] = {
     "smoke": {
@@ -1798,7 +1798,7 @@ def _parser() -> argparse.ArgumentParser:
         "--scale",
         choices=list(SCALES),
         default="cpu",
-        help="smoke (<1 min), cpu (latent: ~1.5 h on 2 cores; pixel: ~2 h), gpu (latent: sized for < 8 min on one GPU)",
+        help="smoke (<1 min), cpu (latent: 96 min measured on 2 cores; pixel: ~2 h), gpu (latent: sized for < 8 min on one GPU)",
     )
     p.add_argument(
         "--backbone",
@@ -1811,7 +1811,8 @@ def _parser() -> argparse.ArgumentParser:
         choices=list(SPACES),
         default=None,
         help="latent (default for unet3d: the study trains its own autoencoder and diffuses in its 16x16x4 latents, "
-        "~10x cheaper steps) or pixel (64x64 RGB, the earlier study)",
+        "~8x cheaper steps) or pixel (64x64 RGB, the earlier study); a directory holding a study resumes "
+        "in that study's space",
     )
     p.add_argument("--seed", type=int, default=0, help="study seed; replicates train with seed+1, seed+2, ...")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the scale's)")
