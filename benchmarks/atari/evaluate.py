@@ -62,11 +62,16 @@ class Segments:
     def real_future(self) -> np.ndarray:
         return self.frames[:, self.context :]
 
-    def context_tensor(self) -> torch.Tensor:
-        """Context frames in model space, (N, C, c, H, W): pixels in [-1, 1], or the latents."""
+    def model_frames(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Frames ``start:stop`` as the world model sees them, (N, C, T, H, W): pixels in [-1, 1],
+        or the latents of a latent study."""
         if self.latents is not None:
-            return torch.from_numpy(self.latents[:, : self.context]).float().movedim(2, 1).contiguous()
-        return model_space(self.frames[:, : self.context])
+            return torch.from_numpy(self.latents[:, start:stop]).float().movedim(2, 1).contiguous()
+        return model_space(self.frames[:, start:stop])
+
+    def context_tensor(self) -> torch.Tensor:
+        """Context frames in model space, (N, C, c, H, W)."""
+        return self.model_frames(0, self.context)
 
 
 def model_space(frames: np.ndarray) -> torch.Tensor:
@@ -197,6 +202,29 @@ def rollout_segments(
     return torch.cat(outs), {"seconds": total, "seconds_per_frame": seconds, "frame_passes": passes, "samples": n}
 
 
+def _one_step_x0(
+    wm: Any, x0: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor, actions: torch.Tensor, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x0`` (N, C, T, H, W) noised to the per-frame ``levels`` (N, T) with ``noise``, one forward
+    pass of the world model per chunk of segments: (predicted x0, the noisy input), on the CPU."""
+    from causalize.noise import NoiseSchedule
+    from causalize.world_model import conditioning_kwargs
+
+    device = next(wm.parameters()).device
+    schedule = NoiseSchedule.from_config()
+    preds, inputs = [], []
+    for lo in range(0, x0.shape[0], chunk):
+        xb = x0[lo : lo + chunk].to(device)
+        kk = levels[lo : lo + chunk].to(device)
+        x_k = schedule.q_sample(xb, noise[lo : lo + chunk].to(device), kk, frame_axis=2)
+        kwargs = conditioning_kwargs(wm.plan, wm.model, xb.shape[0], xb.shape[2], device=device)
+        v = wm(x_k, kk, actions[lo : lo + chunk].to(device), **kwargs).float().cpu()
+        x_k = x_k.cpu()
+        preds.append(schedule.convert(x_k, v, kk.cpu(), "v", "sample", frame_axis=2))
+        inputs.append(x_k)
+    return torch.cat(preds), torch.cat(inputs)
+
+
 def denoising_psnr(
     wm: Any,
     segments: Segments,
@@ -214,31 +242,20 @@ def denoising_psnr(
     studies pass ``decode`` (latents → pixels): x0 and the rescaled input are decoded and scored
     in pixels like every other number."""
     from causalize.noise import NoiseSchedule
-    from causalize.world_model import conditioning_kwargs
 
-    device = next(wm.parameters()).device
     schedule = NoiseSchedule.from_config()
-    x0 = model_space(segments.frames) if segments.latents is None else torch.from_numpy(segments.latents).movedim(2, 1)
+    x0 = segments.model_frames()
     actions = torch.from_numpy(np.concatenate([segments.context_actions, segments.actions], 1))
     n, frames = x0.shape[0], x0.shape[2]
-    chunk = batch_size or n
     real = frames_to_unit(torch.from_numpy(np.ascontiguousarray(segments.frames)), "uint8")
     out: dict[str, Any] = {}
     with torch.no_grad():
         for k in levels:
             noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(int(seed) * 1000 + int(k)))
             a = schedule.alphas_cumprod[int(k)].float()
-            preds, inputs = [], []
-            for lo in range(0, n, chunk):
-                xb = x0[lo : lo + chunk].to(device)
-                kk = torch.full((xb.shape[0], frames), int(k), dtype=torch.long, device=device)
-                x_k = schedule.q_sample(xb, noise[lo : lo + chunk].to(device), kk, frame_axis=2)
-                kwargs = conditioning_kwargs(wm.plan, wm.model, xb.shape[0], frames, device=device)
-                v = wm(x_k, kk, actions[lo : lo + chunk].to(device), **kwargs).float().cpu()
-                x_k = x_k.cpu()
-                preds.append(schedule.convert(x_k, v, kk.cpu(), "v", "sample", frame_axis=2))
-                inputs.append(x_k / a.sqrt().clamp(min=1e-3))
-            pixels = {name: torch.cat(xs) for name, xs in (("x0", preds), ("input", inputs))}
+            kk = torch.full((n, frames), int(k), dtype=torch.long)
+            pred, x_k = _one_step_x0(wm, x0, noise, kk, actions, batch_size or n)
+            pixels = {"x0": pred, "input": x_k / a.sqrt().clamp(min=1e-3)}
             if decode is not None:
                 pixels = {name: decode(x) for name, x in pixels.items()}
             out[str(int(k))] = {
@@ -264,38 +281,21 @@ def context_check(
     (level 0) and either the segment's own or the next segment's (a plausible but wrong past), the
     real actions, one forward pass: the predicted x0 scored against the real frame (PSNR, and the
     paddle error for Pong). A model that continues its context scores better with its own."""
-    from causalize.noise import NoiseSchedule
-    from causalize.world_model import conditioning_kwargs
-
-    device = next(wm.parameters()).device
-    schedule = NoiseSchedule.from_config()
     c = segments.context
-    x = (
-        model_space(segments.frames[:, : c + 1])
-        if segments.latents is None
-        else torch.from_numpy(segments.latents[:, : c + 1]).movedim(2, 1)
-    )
+    x = segments.model_frames(0, c + 1)
     wrong = torch.cat([torch.roll(x[:, :, :c], 1, dims=0), x[:, :, c:]], 2)
     actions = torch.from_numpy(np.concatenate([segments.context_actions, segments.actions[:, :1]], 1))
-    n, chunk = x.shape[0], batch_size or x.shape[0]
+    n = x.shape[0]
     real = segments.frames[:, c : c + 1]
     out: dict[str, Any] = {}
     with torch.no_grad():
         for k in levels:
             noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(int(seed) * 1000 + 7 + int(k)))
+            kk = torch.zeros((n, c + 1), dtype=torch.long)
+            kk[:, c] = int(k)
             row = {}
             for name, past in (("own", x), ("other", wrong)):
-                preds = []
-                for lo in range(0, n, chunk):
-                    xb = past[lo : lo + chunk].to(device)
-                    kk = torch.zeros((xb.shape[0], c + 1), dtype=torch.long, device=device)
-                    kk[:, c] = int(k)
-                    x_k = schedule.q_sample(xb, noise[lo : lo + chunk].to(device), kk, frame_axis=2)
-                    kwargs = conditioning_kwargs(wm.plan, wm.model, xb.shape[0], c + 1, device=device)
-                    v = wm(x_k, kk, actions[lo : lo + chunk].to(device), **kwargs).float().cpu()
-                    x0 = schedule.convert(x_k.cpu(), v, kk.cpu(), "v", "sample", frame_axis=2)
-                    preds.append(x0[:, :, c:])
-                pred = torch.cat(preds)
+                pred = _one_step_x0(wm, past, noise, kk, actions, batch_size or n)[0][:, :, c:]
                 if decode is not None:
                     pred = decode(pred)
                 m = score(pred.clamp(-1, 1), real, paddle=paddle)

@@ -24,7 +24,17 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["T_CRITICAL", "across_seeds", "first_frames", "mean_sem", "over_segments", "over_seeds"]
+__all__ = [
+    "T_CRITICAL",
+    "across_seeds",
+    "first_frames",
+    "mean_sem",
+    "metrics_verdict",
+    "over_segments",
+    "over_seeds",
+    "paired",
+    "verdict",
+]
 
 #: Student's t, two-sided 95 %, by degrees of freedom (beyond 10: 2.0, the normal rule of thumb).
 T_CRITICAL = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
@@ -66,13 +76,26 @@ def over_segments(per_seed_segments: Sequence[Sequence[float | None]]) -> dict[s
     return mean_sem(list(per_segment), 2.0)
 
 
+def paired(d: np.ndarray) -> dict[str, Any]:
+    """One run of the study against another on the same segments: their per-segment differences
+    ``d`` → mean, standard error, and whether the mean is beyond 2 s.e. (``beyond_2sem``)."""
+    d = np.asarray(d, dtype=np.float64)
+    sem = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
+    return {
+        "mean": float(d.mean()),
+        "sem": sem,
+        "n": int(len(d)),
+        "positive": bool(d.mean() > 0),
+        "beyond_2sem": bool(len(d) > 1 and abs(d.mean()) > 2 * sem),
+        "per_segment": d.tolist(),
+    }
+
+
 def first_frames(a: Mapping[str, Any], b: Mapping[str, Any], metric: str, frames: int) -> dict[str, Any]:
     """Paired a − b of a metric over the first ``frames`` generated frames, per segment."""
     x = np.asarray(a["metrics"][metric]["values"], dtype=np.float64)[:, :frames].mean(1)
     y = np.asarray(b["metrics"][metric]["values"], dtype=np.float64)[:, :frames].mean(1)
-    d = x - y
-    out = mean_sem(list(d))
-    return {**out, "beyond_2sem": out["beyond"], "per_segment": d.tolist()}
+    return paired(x - y)
 
 
 def _combine(per_seed: Sequence[float | None], segments: Sequence[Sequence[float | None]]) -> dict[str, Any]:
@@ -121,17 +144,25 @@ def verdict(row: Mapping[str, Any]) -> str:
         if not p["beyond"]:
             return "no difference"
         return "follows its actions" if p["mean"] < 0 else "reversed"
-    signs = []
-    for m in ("psnr", "ssim"):
-        d = row[m]
-        signs.append("0" if not d["beyond"] else ("+" if d["mean"] > 0 else "-"))
+    return metrics_verdict(row["psnr"], row["ssim"], "beyond", none="no difference")
+
+
+def _sign(d: Mapping[str, Any], beyond: str) -> str:
+    """ "+" / "-" when the difference clears its bar (``d[beyond]``), else "0"."""
+    if not d[beyond]:
+        return "0"
+    return "+" if d["mean"] > 0 else "-"
+
+
+def metrics_verdict(psnr: Mapping[str, Any], ssim: Mapping[str, Any], beyond: str, *, none: str) -> str:
+    """Whether a beats b from PSNR and SSIM together, each counted only where ``d[beyond]``."""
     table = {
         ("+", "+"): "holds",
         ("-", "-"): "reversed",
-        ("0", "0"): "no difference",
+        ("0", "0"): none,
         ("+", "0"): "holds on PSNR only",
         ("0", "+"): "holds on SSIM only",
         ("-", "0"): "reversed on PSNR only",
         ("0", "-"): "reversed on SSIM only",
     }
-    return table.get(tuple(signs), "mixed (PSNR and SSIM disagree)")
+    return table.get((_sign(psnr, beyond), _sign(ssim, beyond)), "mixed (PSNR and SSIM disagree)")

@@ -954,105 +954,86 @@ class Study:
         self.log(f"[eval {doc['name']}] added {', '.join(lacks)} from {frames.name}")
         return doc
 
-    def denoise(self, variant: str, segments: ev.Segments) -> dict[str, Any]:
-        """One-step x0 prediction quality of the fine-tuned variant at DENOISE_LEVELS."""
+    def _one_step_check(self, kind: str, variant: str, compute: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+        """A cached per-variant check of the fine-tuned model (``eval/<kind>_<variant>.json``):
+        ``compute(world_model)`` gives its levels."""
         from causalize.rollout.loading import load_world_model
 
-        marker = self.out / "eval" / f"denoise_{variant}.json"
-        if self._skip(marker, f"denoise {variant}"):
+        marker = self.out / "eval" / f"{kind}_{variant}.json"
+        if self._skip(marker, f"{kind} {variant}"):
             return _read_json(marker)
         wm, _ = load_world_model(self.out / "finetune" / variant / "final", device=self.device)
-        doc = {
-            "variant": variant,
-            "levels": ev.denoising_psnr(
+        doc = {"variant": variant, "levels": compute(wm)}
+        _write_json(marker, doc)
+        return doc
+
+    def _decoder(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        return self.decode if self.latent else None
+
+    def denoise(self, variant: str, segments: ev.Segments) -> dict[str, Any]:
+        """One-step x0 prediction quality of the fine-tuned variant at DENOISE_LEVELS."""
+
+        def compute(wm: Any) -> dict[str, Any]:
+            levels = ev.denoising_psnr(
                 wm,
                 segments,
                 list(DENOISE_LEVELS),
                 self.seed,
                 batch_size=self.cfg["eval"]["batch_size"],
-                decode=self.decode if self.latent else None,
-            ),
-        }
-        _write_json(marker, doc)
-        self.log(
-            f"[denoise {variant}] x0 PSNR by level: "
-            + ", ".join(f"{k}: {d['x0']:.1f} dB (input {d['input']:.1f})" for k, d in doc["levels"].items())
-        )
-        return doc
+                decode=self._decoder(),
+            )
+            self.log(
+                f"[denoise {variant}] x0 PSNR by level: "
+                + ", ".join(f"{k}: {d['x0']:.1f} dB (input {d['input']:.1f})" for k, d in levels.items())
+            )
+            return levels
+
+        return self._one_step_check("denoise", variant, compute)
 
     def context(self, variant: str, segments: ev.Segments) -> dict[str, Any]:
         """Does the fine-tuned variant use its past (``evaluate.context_check``)?"""
-        from causalize.rollout.loading import load_world_model
-
-        marker = self.out / "eval" / f"context_{variant}.json"
-        if self._skip(marker, f"context {variant}"):
-            return _read_json(marker)
-        wm, _ = load_world_model(self.out / "finetune" / variant / "final", device=self.device)
-        levels = ev.context_check(
-            wm,
-            segments,
-            list(CONTEXT_LEVELS),
-            self.seed,
-            decode=self.decode if self.latent else None,
-            batch_size=self.cfg["eval"]["batch_size"],
-            paddle=self.paddle,
+        return self._one_step_check(
+            "context",
+            variant,
+            lambda wm: ev.context_check(
+                wm,
+                segments,
+                list(CONTEXT_LEVELS),
+                self.seed,
+                decode=self._decoder(),
+                batch_size=self.cfg["eval"]["batch_size"],
+                paddle=self.paddle,
+            ),
         )
-        doc = {"variant": variant, "levels": levels}
-        _write_json(marker, doc)
-        return doc
+
+    def _reference(self, name: str, pred: torch.Tensor, segments: ev.Segments) -> dict[str, Any]:
+        """A run of no model (a baseline or a reference), scored like every rollout."""
+        metrics = ev.score(pred, segments.real_future, paddle=self.paddle)
+        return {"name": name, "variant": name, "guidance": None, "actions": "none", "metrics": metrics}
 
     def baseline(self, segments: ev.Segments) -> dict[str, Any]:
-        pred = ev.copy_last_baseline(segments)
-        return {
-            "name": BASELINE,
-            "variant": BASELINE,
-            "guidance": None,
-            "actions": "none",
-            "metrics": ev.score(pred, segments.real_future, paddle=self.paddle),
-        }
+        return self._reference(BASELINE, ev.copy_last_baseline(segments), segments)
 
     def baseline_autoencoded(self, segments: ev.Segments) -> dict[str, Any]:
         assert segments.latents is not None
-        last = torch.from_numpy(segments.latents[:, segments.context - 1 : segments.context]).movedim(2, 1)
-        pred = self.decode(last).expand(-1, -1, segments.horizon, -1, -1)
-        return {
-            "name": BASELINE_AE,
-            "variant": BASELINE_AE,
-            "guidance": None,
-            "actions": "none",
-            "metrics": ev.score(pred, segments.real_future, paddle=self.paddle),
-        }
+        c = segments.context
+        last = self.decode(segments.model_frames(c - 1, c))
+        return self._reference(BASELINE_AE, last.expand(-1, -1, segments.horizon, -1, -1), segments)
 
     def autoencoder_reference(self, segments: ev.Segments) -> dict[str, Any]:
         """The real future frames through the autoencoder: what predicting the encoder's latents exactly scores."""
         assert segments.latents is not None
-        future = torch.from_numpy(segments.latents[:, segments.context :]).movedim(2, 1)
-        return {
-            "name": AUTOENCODER,
-            "variant": AUTOENCODER,
-            "guidance": None,
-            "actions": "none",
-            "metrics": ev.score(self.decode(future), segments.real_future, paddle=self.paddle),
-        }
+        return self._reference(AUTOENCODER, self.decode(segments.model_frames(segments.context)), segments)
 
 
 # ------------------------------------------------------------------------------------ analysis
 
 
-def _paired(a: dict[str, Any], b: dict[str, Any], metric: str) -> dict[str, float]:
+def _paired(a: dict[str, Any], b: dict[str, Any], metric: str) -> dict[str, Any]:
     """Mean and standard error of the per-segment difference a − b (same segments, so paired)."""
     x = np.asarray(a["metrics"][metric]["per_sample"], dtype=np.float64)
     y = np.asarray(b["metrics"][metric]["per_sample"], dtype=np.float64)
-    d = x - y
-    sem = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
-    return {
-        "mean": float(d.mean()),
-        "sem": sem,
-        "n": int(len(d)),
-        "positive": bool(d.mean() > 0),
-        "beyond_2sem": bool(len(d) > 1 and abs(d.mean()) > 2 * sem),
-        "per_segment": d.tolist(),
-    }
+    return seeds_mod.paired(x - y)
 
 
 def comparisons(runs: dict[str, dict[str, Any]], cfg: dict[str, Any]) -> list[dict[str, Any]]:
@@ -1136,27 +1117,10 @@ def controllability(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _sign(d: dict[str, Any]) -> str:
-    """ "+" / "-" when the paired mean difference is beyond 2 standard errors, else "0"."""
-    if not d["beyond_2sem"]:
-        return "0"
-    return "+" if d["mean"] > 0 else "-"
-
-
 def _verdict(c: dict[str, Any]) -> str:
     """Whether a beats b, from both metrics; a difference within 2 standard errors of the paired
     difference counts as none (a rule of thumb, not a formal test)."""
-    p, s = _sign(c["psnr"]), _sign(c["ssim"])
-    table = {
-        ("+", "+"): "holds",
-        ("-", "-"): "reversed",
-        ("0", "0"): "no difference beyond 2 s.e.",
-        ("+", "0"): "holds on PSNR only",
-        ("0", "+"): "holds on SSIM only",
-        ("-", "0"): "reversed on PSNR only",
-        ("0", "-"): "reversed on SSIM only",
-    }
-    return table.get((p, s), "mixed (PSNR and SSIM disagree)")
+    return seeds_mod.metrics_verdict(c["psnr"], c["ssim"], "beyond_2sem", none="no difference beyond 2 s.e.")
 
 
 # ------------------------------------------------------------------------------------ report
