@@ -23,6 +23,24 @@ ROOT = HERE.parent
 RESULTS = HERE / "results"
 WORK = HERE / "_work"
 
+#: Wan2.1-T2V-1.3B's transformer (Wan-AI/Wan2.1-T2V-1.3B-Diffusers, transformer/config.json), written
+#: out from the published numbers: benchmarks build it with random weights, nothing is downloaded.
+WAN_1_3B = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=12,
+    attention_head_dim=128,
+    in_channels=16,
+    out_channels=16,
+    text_dim=4096,
+    freq_dim=256,
+    ffn_dim=8960,
+    num_layers=30,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    rope_max_seq_len=1024,
+)
+
 
 def _version(dist: str) -> str | None:
     try:

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import WORK, machine_info, machine_line, table, write_json  # noqa: E402
+from _common import WAN_1_3B, WORK, machine_info, machine_line, table, write_json  # noqa: E402
 
 NAME = "convert_cost"
 WORKDIR = WORK / NAME  # --model unet3d; other models default to a folder outside the repo (see main)
@@ -75,21 +75,9 @@ MIN_PARAMS_FULL = 100_000_000
 # them) fit this 23.5 GiB machine: ConsisID (~5B, CogVideoX-5B), HunyuanVideo-1.5 (8.3B), FramePack
 # (13B), ChronoEdit-14B and Wan2.2-Animate-14B do not; Kandinsky 5 Lite (~2.0B) is slightly smaller.
 WAN_VACE_13B = dict(
-    patch_size=(1, 2, 2),
-    num_attention_heads=12,
-    attention_head_dim=128,
-    in_channels=16,
-    out_channels=16,
-    text_dim=4096,
-    freq_dim=256,
-    ffn_dim=8960,
-    num_layers=30,
-    cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads",
-    eps=1e-6,
+    WAN_1_3B,
     image_dim=None,
     added_kv_proj_dim=None,
-    rope_max_seq_len=1024,
     pos_embed_seq_len=None,
     vace_layers=list(range(0, 30, 2)),
     vace_in_channels=96,
