@@ -596,7 +596,6 @@ class Study:
         #: ``out`` the replicate's (conversion, fine-tuning, evaluation): ``root`` itself for
         #: replicate 0, ``root/seed<S>`` for the others (training seed S = seed + replicate).
         self.root, self.cfg, self.seed, self.scale = out, cfg, seed, scale
-        self.replicate = replicate
         self.train_seed = seed + replicate
         self.out = out if replicate == 0 else out / f"seed{self.train_seed}"
         self.data_root = data_dir or out / "data"
