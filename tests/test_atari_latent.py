@@ -175,7 +175,7 @@ def test_foreground_marks_pixels_off_the_background_colour():
     assert m[1].sum() == 0  # a flat frame has no foreground
 
 
-def test_step_cost_times_both_spaces():
+def test_step_cost_times_every_space():
     from benchmarks.atari import step_cost
 
     rows = step_cost.measure("smoke", repeats=1)
@@ -185,6 +185,8 @@ def test_step_cost_times_both_spaces():
         ("latent", "autoencoder"),
         ("latent", "pretrain"),
         ("latent", "finetune"),
+        ("patch", "pretrain"),
+        ("patch", "finetune"),
     ]
     assert all(r["s/step"] > 0 and r["steps/s"] > 0 for r in rows)
-    assert rows[3]["model input"] == "16×16" and rows[0]["model input"] == "32×32"
+    assert rows[3]["model input"] == "16×16" and rows[0]["model input"] == "32×32" and rows[5]["model input"] == "8×8"

@@ -60,6 +60,7 @@ import numpy as np
 __all__ = [
     "BACKGROUND_RGB",
     "PADDLE_RGB",
+    "action_moves",
     "controllability",
     "detect_paddle",
     "follows_verdict",
@@ -299,3 +300,18 @@ def _errors(paddle: Mapping[str, Any]) -> np.ndarray:
     """The (N, h) error matrix behind a :func:`paddle_error` result."""
     p, r = positions(paddle, "pred"), positions(paddle, "real")
     return _error_matrix(p, r, paddle["penalty"])
+
+
+def action_moves(before: np.ndarray, after: np.ndarray, actions: np.ndarray, num_actions: int) -> list[dict[str, Any]]:
+    """Per action a: the mean, standard error and count of the paddle's move ``y(after) - y(before)``
+    (rows, + = down) over the pairs whose ``actions`` entry is a and where both frames show a paddle.
+    ``before`` / ``after`` are paddle rows (NaN: not found) of the same shape as ``actions``."""
+    b, a, act = (np.asarray(v) for v in (before, after, actions))
+    if not (b.shape == a.shape == act.shape):
+        raise ValueError(f"before, after and actions must share a shape: {b.shape}, {a.shape}, {act.shape}")
+    move = (a - b).astype(np.float64)
+    out = []
+    for k in range(num_actions):
+        mean, sem, n = _mean_sem(move[act == k])
+        out.append({"action": k, "mean": _nan_to_none([mean])[0], "sem": _nan_to_none([sem])[0], "n": n})
+    return out

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.atari import control
 from benchmarks.atari.control import score_paddle
 from benchmarks.atari.data import load_episode
 from benchmarks.atari.metrics import frames_to_unit, horizon_summary, video_metrics
@@ -31,10 +32,12 @@ from causalize.episodes import list_episodes, read_info
 
 __all__ = [
     "Segments",
+    "action_check",
     "context_check",
     "copy_last_baseline",
     "load_segments",
     "random_actions",
+    "real_moves",
     "rollout_segments",
     "score",
     "to_uint8",
@@ -302,3 +305,63 @@ def context_check(
                 row[name] = {"psnr": m["psnr"]["overall"], "paddle": m.get("paddle", {}).get("overall", {}).get("mean")}
             out[str(int(k))] = row
     return out
+
+
+def action_check(
+    wm: Any,
+    segments: Segments,
+    levels: list[int],
+    seed: int,
+    *,
+    decode: Any = None,
+    batch_size: int | None = None,
+    paddle: bool = True,
+) -> dict[str, Any]:
+    """Does the next frame depend on its action? The first generated frame noised to level k, its
+    own context clean, predicted once per action (every other input and the noise equal, as in
+    :func:`context_check`). ``action_rms``: the rms spread of the predicted x0 over the actions;
+    ``past_rms``: the rms change from swapping the past for the next segment's, with the real
+    action (model space, so the two compare). For Pong, ``moves``: per action, the predicted
+    paddle's move from the last context frame (rows, + = down), to set beside :func:`real_moves`."""
+    c = segments.context
+    x = segments.model_frames(0, c + 1)
+    wrong = torch.cat([torch.roll(x[:, :, :c], 1, dims=0), x[:, :, c:]], 2)
+    base = torch.from_numpy(np.concatenate([segments.context_actions, segments.actions[:, :1]], 1))
+    n, num = x.shape[0], segments.num_actions
+    out: dict[str, Any] = {}
+    with torch.no_grad():
+        for k in levels:
+            noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(int(seed) * 1000 + 7 + int(k)))
+            kk = torch.zeros((n, c + 1), dtype=torch.long)
+            kk[:, c] = int(k)
+            preds = []
+            for a in range(num):
+                act = base.clone()
+                act[:, c] = a
+                preds.append(_one_step_x0(wm, x, noise, kk, act, batch_size or n)[0][:, :, c:])
+            stack = torch.stack(preds)  # (A, N, C, 1, h, w)
+            own = stack[base[:, c], torch.arange(n)]
+            other = _one_step_x0(wm, wrong, noise, kk, base, batch_size or n)[0][:, :, c:]
+            row: dict[str, Any] = {
+                "action_rms": float((stack - stack.mean(0)).pow(2).mean().sqrt()),
+                "past_rms": float((own - other).pow(2).mean().sqrt()),
+            }
+            if paddle:
+                last = control.detect_paddle(segments.frames[:, c - 1])
+                ys = [control.detect_paddle(to_uint8(_pixels(p, decode))[:, 0]) for p in preds]
+                acts = np.broadcast_to(np.arange(num)[:, None], (num, n))
+                row["moves"] = control.action_moves(np.broadcast_to(last, (num, n)), np.stack(ys), acts, num)
+            out[str(int(k))] = row
+    return out
+
+
+def _pixels(pred: torch.Tensor, decode: Any) -> torch.Tensor:
+    return (decode(pred) if decode is not None else pred).clamp(-1, 1)
+
+
+def real_moves(segments: Segments) -> list[dict[str, Any]]:
+    """Per action, the paddle's move between consecutive real frames of the test segments, over the
+    frames that action produced: what a model that follows its actions should predict."""
+    y = control.detect_paddle(segments.frames)
+    produced = np.concatenate([segments.context_actions, segments.actions], 1)
+    return control.action_moves(y[:, :-1], y[:, 1:], produced[:, 1:], segments.num_actions)

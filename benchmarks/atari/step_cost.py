@@ -1,11 +1,11 @@
-"""Training steps per second of the Atari study's scales, pixel against latent (issue 17).
+"""Training steps per second of the Atari study's scales: pixel, latent and patch spaces (issue 17).
 
     python -m benchmarks.atari.step_cost [--scale cpu] [--threads 2] [--repeats 5] [--json PATH]
 
 Times, with random inputs, one optimiser step of the scale's bidirectional UNet3D at the
 pretraining and at the fine-tuning shapes (batch × window; pixel: 64×64 RGB, latent: the
-autoencoder's 16×16×4) and, for the latent space, one autoencoder step. The first step of each is
-a warm-up; the table gives the median of the others. It compares the two spaces' cost: the study's
+autoencoder's 16×16×4, patch: 16×16×48) and, for the latent space, one autoencoder step. The first step of each is
+a warm-up; the table gives the median of the others. It compares the spaces' cost: the study's
 own steps cost more (the fine-tuning trainer runs the converted model with its action adapter and
 per-frame noise levels, and loads data), and the study records their measured times. Whether the
 steps are enough to learn the game is the study's question.
@@ -71,7 +71,7 @@ def _autoencoder_step(cfg: dict[str, Any], size: int) -> Callable[[], None]:
 
 def measure(scale: str, repeats: int) -> list[dict[str, Any]]:
     rows = []
-    for space in ("pixel", "latent"):
+    for space in ("pixel", "latent", "patch"):
         cfg = resolve_config(scale, space=space)
         size = int(cfg["data"]["size"])
         if space == "latent":
@@ -79,6 +79,8 @@ def measure(scale: str, repeats: int) -> list[dict[str, Any]]:
             channels, grid = int(cfg["latent"]["latent_channels"]), size // 2**halvings
             sec = _median_seconds(_autoencoder_step(cfg, size), repeats)
             rows.append(_row(space, "autoencoder", cfg["latent"]["batch_size"], 1, grid, sec, cfg["latent"]["steps"]))
+        elif space == "patch":
+            channels, grid = 3 * cfg["patch"]["size"] ** 2, size // cfg["patch"]["size"]
         else:
             channels, grid = 3, size
         for stage in ("pretrain", "finetune"):

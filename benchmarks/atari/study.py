@@ -1,6 +1,6 @@
 """The Atari world-model study (issues 6 and 17), end to end: one command, resumable, deterministic.
 
-    python -m benchmarks.atari.study --out DIR [--scale smoke|cpu|gpu] [--space latent|pixel]
+    python -m benchmarks.atari.study --out DIR [--scale smoke|cpu|gpu] [--space latent|patch|pixel]
         [--backbone unet3d|wan] [--seed S] [--threads N]
 
 Stages (each writes under DIR and is skipped when its completion marker is there, so an
@@ -11,7 +11,8 @@ interrupted run resumes where it stopped; progress goes to stderr):
 1b. ``autoencoder`` and ``encode`` (``--space latent``, the UNet3D default): the study trains its own
    image autoencoder (``benchmarks.atari.autoencoder``) and encodes every dataset with
    ``causalize.latents``; the world models below then train and roll out on latents, and every
-   prediction is decoded and scored in pixels.
+   prediction is decoded and scored in pixels. ``--space patch``: no autoencoder; every dataset is
+   rearranged into 4×4-pixel patches (``benchmarks.atari.patches``, lossless), decoded exactly.
 2. ``pretrain``: a bidirectional model (the backbone: a UNet3D by default, or a small
    Wan DiT) trained as a plain video diffusion model on the clips, ignoring their actions
    (``benchmarks.atari.pretrain``).
@@ -23,8 +24,9 @@ interrupted run resumes where it stopped; progress goes to stderr):
    the pretrained model with its frame-causal mask ("causal"), and "scratch".
 4. ``finetune``: Diffusion-Forcing fine-tuning of every variant on the held-out game's training
    episodes with the same budget (steps, batch, window, learning rate, seed).
-5. ``eval``: a one-step denoising check of every fine-tuned variant (x0 predicted from test
-   segments noised to a few fixed levels: how good a denoiser it is, apart from the sampler), then
+5. ``eval``: one-step checks of every fine-tuned variant (x0 predicted from test segments noised
+   to a few fixed levels: how good a denoiser it is, apart from the sampler; whether its next frame
+   depends on its past and on its action), then
    autoregressive rollouts on the test segments from the real actions (guidance scales
    for the method, the ablation scale for the others) and from uniformly random actions (action
    controllability), scored per horizon step with PSNR and SSIM and, for Pong, the height of the
@@ -58,7 +60,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.atari import control
+from benchmarks.atari import control, patches
 from benchmarks.atari import data as atari_data
 from benchmarks.atari import evaluate as ev
 from benchmarks.atari import pretrain as pt
@@ -90,8 +92,9 @@ BASELINE = "copy-last"
 BASELINE_AE = "copy-last-autoencoded"
 #: The autoencoder's own reconstruction of the real future frames (latent studies): a reference.
 AUTOENCODER = "autoencoder"
-#: Where the world models diffuse: pixels (64×64 RGB) or the study autoencoder's latents.
-SPACES = ("latent", "pixel")
+#: Where the world models diffuse: the study autoencoder's latents, 4×4-pixel patches
+#: (``benchmarks.atari.patches``: 16×16×48, lossless) or pixels (64×64 RGB).
+SPACES = ("latent", "patch", "pixel")
 #: Noise levels of the one-step denoising check (a fixed diagnostic, not part of a scale).
 DENOISE_LEVELS = (20, 100, 300, 600, 999)
 #: Noise levels of the first generated frame in the context check (own past against another's).
@@ -395,7 +398,7 @@ LATENT_SCALES: dict[str, dict[str, Any]] = {
 }
 
 #: What a configuration holds when it does not say (pixel studies recorded before issue 17).
-_DEFAULTS = {"space": "pixel", "latent": None, "replicates": {"seeds": 1, "variants": []}}
+_DEFAULTS = {"space": "pixel", "latent": None, "patch": None, "replicates": {"seeds": 1, "variants": []}}
 
 
 class StudyError(RuntimeError):
@@ -445,13 +448,16 @@ def resolve_config(
         get_backbone(backbone)
     except ValueError as exc:
         raise StudyError(str(exc)) from None
-    if space == "latent" and backbone != UNET3D.name:
-        raise StudyError("--space latent is built for the unet3d backbone only")
+    if space != "pixel" and backbone != UNET3D.name:
+        raise StudyError(f"--space {space} is built for the unet3d backbone only")
     cfg = {**copy.deepcopy(_DEFAULTS), **copy.deepcopy(SCALES[scale])}
     if backbone != UNET3D.name:
         _overlay(cfg, DIT_SCALES[scale])
     if space == "latent":
         _overlay(cfg, LATENT_SCALES[scale])
+    if space == "patch":  # the latent study's 16×16 model and budgets, without its autoencoder
+        _overlay(cfg, {k: v for k, v in LATENT_SCALES[scale].items() if k != "latent"})
+        cfg["patch"] = {"size": patches.PATCH}
     cfg["backbone"], cfg["space"] = backbone, space
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -527,7 +533,7 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _set_determinism(threads: int, device: str) -> None:
+def set_determinism(threads: int, device: str) -> None:
     """Fixed threads and deterministic kernels. On CUDA some kernels the UNet needs (e.g. the
     nearest-upsampling backward) have no deterministic version: warn instead of failing there."""
     torch.set_num_threads(int(threads))
@@ -557,18 +563,21 @@ def _machine() -> dict[str, Any]:
     }
 
 
-class _Progress:
+class StageProgress:
     """Rate-limited progress lines: a step counter every ``every`` seconds and at the end."""
 
     def __init__(self, log: Log, label: str, every: float = 30.0):
         self.log, self.label, self.every = log, label, every
         self.t0 = self.last = time.perf_counter()
+        self.first: int | None = None  # the step before the first reported one (a resumed run starts late)
 
     def __call__(self, step: int, total: int, loss: float) -> None:
         now = time.perf_counter()
+        if self.first is None:
+            self.first = step - 1
         if step == total or now - self.last >= self.every:
             self.last = now
-            rate = (now - self.t0) / max(step, 1)
+            rate = (now - self.t0) / max(step - self.first, 1)
             self.log(
                 f"{self.label}: step {step}/{total} loss {loss:.4f} ({rate:.2f}s/step, ~{rate * (total - step) / 60:.1f} min left)"
             )
@@ -601,7 +610,10 @@ class Study:
         self.data_root = data_dir or out / "data"
         self.device, self.log = device, log
         self.backbone = backbone_of(cfg)
-        self.latent = cfg.get("space", "pixel") == "latent"
+        self.space = cfg.get("space", "pixel")
+        self.latent = self.space == "latent"  # the study's autoencoder
+        #: the world models see latents or patches, decoded to pixels for scoring
+        self.encoded = self.space in ("latent", "patch")
         #: the paddle metric knows Pong only
         self.paddle = cfg["data"]["heldout"] == "Pong"
         self.executed: list[str] = []  # stages run (not skipped) by this invocation
@@ -685,9 +697,9 @@ class Study:
         return self.data_root / atari_data.DATASETS[key]
 
     def dataset(self, key: str) -> Path:
-        """The dataset the world models train on: pixels, or their latents in a latent study."""
-        if self.latent:
-            return self.root / "latent" / atari_data.DATASETS[key]
+        """The dataset the world models train on: pixels, or their latents or patches."""
+        if self.encoded:
+            return self.root / self.space / atari_data.DATASETS[key]
         return self.pixel_dataset(key)
 
     # ---- 1b. the autoencoder and the latent datasets (latent studies) ---------------------------
@@ -716,7 +728,7 @@ class Study:
             a,
             self.seed,
             device=self.device,
-            progress=_Progress(self.log, "[autoencoder]"),
+            progress=StageProgress(self.log, "[autoencoder]"),
         )
         rec = doc["reconstruction"]
         self.log(
@@ -733,30 +745,48 @@ class Study:
 
     def encode(self) -> dict[str, Any] | None:
         """Every dataset through ``causalize.latents.encode_episodes`` (what ``causalize encode`` runs)."""
-        from causalize.latents.encode import encode_episodes
-
-        if not self.latent:
+        if not self.encoded:
             return None
-        marker = self.root / "latent" / "summary.json"
+        marker = self.root / self.space / "summary.json"
         if self._skip(marker, "encode"):
             return _read_json(marker)
         doc: dict[str, Any] = {}
         marker.parent.mkdir(parents=True, exist_ok=True)
+        norm = patches.measure_norm(self.pixel_dataset("pretrain"), self.cfg["patch"]["size"]) if self.patched else None
         for key in atari_data.DATASETS:
             if self.dataset(key).is_dir():
                 continue  # encoded by an interrupted run (a dataset appears by one rename when complete)
-            report = encode_episodes(
-                self.pixel_dataset(key), self.dataset(key), self.vae_dir(), batch_size=256, device=self.device
-            )
-            doc[key] = {"episodes": report.episodes, "latent_frames": report.latent_frames, "seconds": report.seconds}
-            self.log(f"[encode] {key}: {report.episodes} episodes, {report.latent_frames} latent frames")
+            doc[key] = self._encode_one(key, norm)
+            self.log(f"[encode] {key}: {doc[key]['episodes']} episodes, {doc[key]['latent_frames']} latent frames")
         doc["seconds"] = sum(d["seconds"] for d in doc.values())
         _write_json(marker, doc)
         return doc
 
+    @property
+    def patched(self) -> bool:
+        return self.space == "patch"
+
+    def _encode_one(self, key: str, norm: dict[str, Any] | None) -> dict[str, Any]:
+        """One dataset through the autoencoder (``causalize.latents``, what ``causalize encode``
+        runs) or into patches (the per-colour normalisation measured on the pretraining clips)."""
+        from causalize.latents.encode import encode_episodes
+
+        t0 = time.perf_counter()
+        if norm is not None:
+            done = patches.encode_dataset(self.pixel_dataset(key), self.dataset(key), norm)
+            return {"episodes": done["episodes"], "latent_frames": done["frames"], "seconds": time.perf_counter() - t0}
+        report = encode_episodes(
+            self.pixel_dataset(key), self.dataset(key), self.vae_dir(), batch_size=256, device=self.device
+        )
+        return {"episodes": report.episodes, "latent_frames": report.latent_frames, "seconds": report.seconds}
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents (N, C, T, h, w) → pixels (N, 3, T, H, W) in [-1, 1] through the study's autoencoder."""
+        """Latents or patches (N, C, T, h, w) → pixels (N, 3, T, H, W) in [-1, 1]: through the
+        study's autoencoder, or the exact inverse of the patch transform."""
         from causalize.latents.vae import decode_clip, load_vae
+
+        if self.patched:
+            return patches.decode(latents, patches.read_norm(self.dataset("test")))
 
         if self._vae is None:
             self._vae = load_vae(self.vae_dir(), device=self.device)
@@ -779,7 +809,7 @@ class Study:
             seed=self.seed,
             **self.cfg["pretrain"],
         )
-        return pt.pretrain(config, progress=_Progress(self.log, "[pretrain]"), device=self.device)
+        return pt.pretrain(config, progress=StageProgress(self.log, "[pretrain]"), device=self.device)
 
     def scratch_init(self) -> dict[str, Any]:
         """The pretraining architecture at its random initialisation (the same seed), saved like
@@ -869,7 +899,7 @@ class Study:
             keep_checkpoints=1,
             resume=True,
         )
-        summary = train(config, progress=_Progress(self.log, f"[finetune {variant}]"))
+        summary = train(config, progress=StageProgress(self.log, f"[finetune {variant}]"))
         summary["config"] = config.to_json()
         _write_json(marker, summary)
         return summary
@@ -879,7 +909,7 @@ class Study:
     def segments(self) -> ev.Segments:
         e = self.cfg["eval"]
         seg = ev.load_segments(self.pixel_dataset("test"), e["context"], e["horizon"], e["segments_per_episode"])
-        if self.latent:
+        if self.encoded:
             seg.latents = ev.load_latent_frames(self.dataset("test"), seg.index, seg.frames.shape[1])
         return seg
 
@@ -912,7 +942,7 @@ class Study:
         config = self.rollout_config(run["variant"], run["guidance"])
         actions = segments.actions if run["actions"] == "real" else ev.random_actions(segments, self.seed)
         pred, timing = ev.rollout_segments(wm, segments, actions, config, batch_size=self.cfg["eval"]["batch_size"])
-        if self.latent:
+        if self.encoded:
             pred = self.decode(pred)
         marker.parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(self.out / "eval" / f"{run['name']}.npz", frames=ev.to_uint8(pred), actions=actions)
@@ -967,7 +997,7 @@ class Study:
         return doc
 
     def _decoder(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        return self.decode if self.latent else None
+        return self.decode if self.encoded else None
 
     def denoise(self, variant: str, segments: ev.Segments) -> dict[str, Any]:
         """One-step x0 prediction quality of the fine-tuned variant at DENOISE_LEVELS."""
@@ -995,6 +1025,22 @@ class Study:
             "context",
             variant,
             lambda wm: ev.context_check(
+                wm,
+                segments,
+                list(CONTEXT_LEVELS),
+                self.seed,
+                decode=self._decoder(),
+                batch_size=self.cfg["eval"]["batch_size"],
+                paddle=self.paddle,
+            ),
+        )
+
+    def action(self, variant: str, segments: ev.Segments) -> dict[str, Any]:
+        """Does the fine-tuned variant's next frame depend on its action (``evaluate.action_check``)?"""
+        return self._one_step_check(
+            "action",
+            variant,
+            lambda wm: ev.action_check(
                 wm,
                 segments,
                 list(CONTEXT_LEVELS),
@@ -1276,7 +1322,7 @@ def verdict_lines(results: dict[str, Any]) -> list[str]:
         "difference (PSNR and SSIM both; the paddle error alone for the controllability rows, where lower is "
         "better), is reversed for the opposite, and shows no difference otherwise."
         + note
-        + (" " + AE_NOTE if results["study"]["config"].get("space") == "latent" else ""),
+        + SPACE_NOTES.get(results["study"]["config"].get("space", "pixel"), ""),
         "",
         *rows,
         "",
@@ -1309,6 +1355,11 @@ AE_NOTE = (
     "`autoencoder` row of the runs table (the real future frames encoded and decoded) is a reference: what "
     "predicting the encoder's own latents would score."
 )
+PATCH_NOTE = (
+    "Patch study: the world models diffuse in 4×4-pixel patches (16×16×48 per frame, a lossless rearrangement "
+    "normalised per colour); every prediction is mapped back to pixels exactly and scored there."
+)
+SPACE_NOTES = {"latent": " " + AE_NOTE, "patch": " " + PATCH_NOTE}
 
 
 def gif_lines(results: dict[str, Any], panels: list[str]) -> list[str]:
@@ -1360,6 +1411,40 @@ def _gif_segment(paddle: dict[str, Any] | None) -> int:
 
 def _fmt(x: float | None, spec: str) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def _action_lines(results: dict[str, Any]) -> list[str]:
+    """The one-step action check's section: how much the next frame moves with its action."""
+    from benchmarks.atari.report import write_markdown_table
+
+    act = results.get("action") or {}
+    if not act.get("variants"):
+        return []
+    rows: dict[str, dict[str, str]] = {}
+    for v, levels in act["variants"].items():
+        for k, d in levels.items():
+            rows[f"{v}, k={k}"] = {"action rms": f"{d['action_rms']:.4f}", "past rms": f"{d['past_rms']:.4f}"} | {
+                f"move after a={m['action']}": f"{_fmt(m['mean'], '+.2f')} (n={m['n']})" for m in d.get("moves", [])
+            }
+    if act.get("real_moves"):
+        rows["real test frames"] = {"action rms": "–", "past rms": "–"} | {
+            f"move after a={m['action']}": f"{_fmt(m['mean'], '+.2f')} ± {_fmt(m['sem'], '.2f')} (n={m['n']})"
+            for m in act["real_moves"]
+        }
+    return [
+        "## Does the next frame depend on its action? (one-step action check)",
+        "",
+        "The first generated frame of every test segment noised to level k, its own context clean, predicted once "
+        "per action with the same noise (`evaluate.action_check`). `action rms`: the spread of the predicted x0 over "
+        "the actions; `past rms`: its change when the past is swapped for the next segment's (model space, so the "
+        "two compare). `move after a`: the predicted paddle's move (rows of the frame, + = down) from the "
+        "last context frame, mean over the segments where both show a paddle; the last row is what the real test "
+        "frames show after each action (Pong's minimal set: 0 NOOP, 1 FIRE, 2 RIGHT, 3 LEFT, 4 RIGHTFIRE, "
+        "5 LEFTFIRE). A model that follows its actions predicts moves that differ by action as the real ones do.",
+        "",
+        write_markdown_table(rows, row_header="variant, level"),
+        "",
+    ]
 
 
 def markdown(results: dict[str, Any], panels: list[str]) -> str:
@@ -1490,6 +1575,7 @@ def markdown(results: dict[str, Any], panels: list[str]) -> str:
             if ctx_table
             else []
         ),
+        *_action_lines(results),
         "## Paired comparisons (same test segments; a − b, mean over segments ± standard error)",
         "",
         *comp,
@@ -1555,7 +1641,7 @@ def run_study(
         torch.are_deterministic_algorithms_enabled(),
         torch.is_deterministic_algorithms_warn_only_enabled(),
     )
-    _set_determinism(threads, device)
+    set_determinism(threads, device)
     try:
         return _run(
             Path(out),
@@ -1662,6 +1748,7 @@ def _run(
     segments = study.segments()
     denoising = {v: study.denoise(v, segments)["levels"] for v in study.backbone.variants}
     context = {v: study.context(v, segments)["levels"] for v in study.backbone.variants}
+    action = {v: study.action(v, segments)["levels"] for v in study.backbone.variants}
     runs: dict[str, Any] = {BASELINE: study.baseline(segments)}
     if study.latent:
         runs[AUTOENCODER] = study.autoencoder_reference(segments)
@@ -1727,6 +1814,7 @@ def _run(
         "runs": {n: {k: r[k] for k in ("variant", "guidance", "actions", "metrics")} for n, r in runs.items()},
         "denoising": denoising,
         "context": context,
+        "action": {"variants": action, "real_moves": ev.real_moves(segments) if study.paddle else None},
         "best_main_guidance": float(best),
         "timings": timings,
     }
@@ -1774,7 +1862,8 @@ def _parser() -> argparse.ArgumentParser:
         choices=list(SPACES),
         default=None,
         help="latent (default for unet3d: the study trains its own autoencoder and diffuses in its 16x16x4 latents, "
-        "~8x cheaper steps) or pixel (64x64 RGB, the earlier study); a directory holding a study resumes "
+        "~8x cheaper steps), patch (64x64 RGB as 16x16 grids of 4x4-pixel patches, 48 channels: lossless, same "
+        "model and cost as latent) or pixel (64x64 RGB, the earlier study); a directory holding a study resumes "
         "in that study's space",
     )
     p.add_argument("--seed", type=int, default=0, help="study seed; replicates train with seed+1, seed+2, ...")

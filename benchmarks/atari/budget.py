@@ -1,0 +1,192 @@
+"""Does the world model start to follow its actions with more fine-tuning? (issue 17)
+
+    python -m benchmarks.atari.budget --study DIR [--variant extrapolative] [--steps 1600 3200]
+        [--threads 2] [--json PATH]
+
+The study fine-tunes every variant for the scale's ``finetune.steps`` (800 at the latent cpu
+scale) and finds that no model follows its actions. This continues the fine-tuning of one variant
+of a finished study (the study seed's run) from its last checkpoint, with the same settings and
+seed, to each step count in ``--steps`` in turn (``DIR/budget/<variant>/step-N/``, each continuing the
+last one's checkpoint, so the runs replay one uninterrupted run; resumable), and
+measures at the study's own step count and at each new one:
+
+* the one-step action check (``evaluate.action_check``): how much the predicted next frame moves
+  with its action, against how much it moves with its past, and per action the predicted paddle
+  move beside the real one;
+* rollouts of the test segments with the real and with random actions (guidance 1, the study's
+  sampler, noise and random actions): paddle error real − random, paired over segments, with the
+  study's 2-standard-error verdict.
+
+A table goes to stdout and everything to ``DIR/budget/<variant>.json`` (or ``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.atari import control
+from benchmarks.atari import evaluate as ev
+from benchmarks.atari.study import CONTEXT_LEVELS, StageProgress, Study, StudyError, set_determinism
+
+
+def open_study(out: Path) -> Study:
+    """The finished study at ``out``, as it was configured (its study.json)."""
+    ident_path = out / "study.json"
+    if not ident_path.is_file():
+        raise StudyError(f"{out} holds no study (no study.json)")
+    ident = json.loads(ident_path.read_text(encoding="utf-8"))
+    return Study(out, ident["config"], ident["seed"], scale=ident["scale"])
+
+
+def _last_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = sorted((run_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    return ckpts[-1] if ckpts else None
+
+
+def _start(study: Study, variant: str, steps: int) -> Path | None:
+    """Where a continuation to ``steps`` starts: the last checkpoint of the longest shorter
+    continuation, else of the study's run (None: it kept none; the run then replays from step 0)."""
+    shorter = sorted(
+        (int(d.name.split("-")[1]), d)
+        for d in (study.out / "budget" / variant).glob("step-*")
+        if int(d.name.split("-")[1]) < steps
+    )
+    for _, d in reversed(shorter):
+        if (ckpt := _last_checkpoint(d)) is not None:
+            return ckpt
+    return _last_checkpoint(study.out / "finetune" / variant)
+
+
+def continue_finetuning(study: Study, variant: str, steps: int) -> Path:
+    """The variant fine-tuned to ``steps`` (its ``final/`` model), continuing the study's run."""
+    from causalize.training.trainer import TrainConfig, train
+
+    out = study.out / "budget" / variant / f"step-{steps}"
+    if (out / "final").is_dir():
+        return out / "final"
+    f = study.cfg["finetune"]
+    base = json.loads((study.out / "finetune" / f"{variant}.json").read_text(encoding="utf-8"))["config"]
+    start = _start(study, variant, steps)
+    resume: bool | str = True if _last_checkpoint(out) is not None or start is None else str(start)
+    config = TrainConfig(
+        **{
+            **base,
+            "output_dir": str(out),
+            "steps": int(steps),
+            "checkpoint_every": f["checkpoint_every"],
+            "keep_checkpoints": 1,
+            "resume": resume,
+        }
+    )
+    train(config, progress=StageProgress(study.log, f"[budget {variant}] to {steps}"))
+    return out / "final"
+
+
+def measure(study: Study, variant: str, model_dir: Path, segments: ev.Segments) -> dict[str, Any]:
+    """The action check and the real- against random-action paddle error of one fine-tuned model."""
+    from causalize.rollout.loading import load_world_model
+
+    wm, _ = load_world_model(model_dir, device=study.device)
+    decode = study.decode if study.encoded else None
+    batch = study.cfg["eval"]["batch_size"]
+    check = ev.action_check(wm, segments, list(CONTEXT_LEVELS), study.seed, decode=decode, batch_size=batch)
+    config = study.rollout_config(variant, 1.0)
+    scored = {}
+    for kind, actions in (("real", segments.actions), ("random", ev.random_actions(segments, study.seed))):
+        pred, _ = ev.rollout_segments(wm, segments, actions, config, batch_size=batch)
+        scored[kind] = ev.score(decode(pred) if decode else pred, segments.real_future)
+    ctrl = control.controllability(scored["real"], scored["random"])
+    return {"action_check": check, "paddle": _paddle_summary(ctrl), "psnr_real": scored["real"]["psnr"]["overall"]}
+
+
+def _paddle_summary(ctrl: dict[str, Any]) -> dict[str, Any]:
+    p = ctrl["paddle"]
+    return {
+        "real": p["real"]["overall"],
+        "random": p["random"]["overall"],
+        "real_minus_random": p["real_minus_random"]["overall"],
+        "missing_real": p["real"]["missing"]["overall"],
+        "verdict": p["verdict"],
+    }
+
+
+def run(out: Path, variant: str, steps: list[int]) -> dict[str, Any]:
+    study = open_study(out)
+    if not study.paddle:
+        raise StudyError("the budget check measures Pong's paddle; this study's held-out game is not Pong")
+    base_steps = int(study.cfg["finetune"]["steps"])
+    if any(s <= base_steps for s in steps):
+        raise StudyError(f"--steps must exceed the study's own fine-tuning steps ({base_steps})")
+    segments = study.segments()
+    rows = {}
+    for n in [base_steps, *sorted(set(steps))]:
+        t0 = time.perf_counter()
+        model = (
+            study.out / "finetune" / variant / "final" if n == base_steps else continue_finetuning(study, variant, n)
+        )
+        rows[str(n)] = {**measure(study, variant, model, segments), "seconds": time.perf_counter() - t0}
+        study.log(f"[budget {variant}] {n} steps: paddle real − random {rows[str(n)]['paddle']['real_minus_random']}")
+    return {"study": str(out), "variant": variant, "real_moves": ev.real_moves(segments), "steps": rows}
+
+
+def table(doc: dict[str, Any]) -> str:
+    """Markdown: one row per step count."""
+    lines = [
+        "| fine-tuning steps | action rms k=300 | past rms k=300 | move after RIGHT / LEFT (px) | "
+        "paddle err real | random | real − random (± s.e.) | verdict | PSNR real |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for n, r in doc["steps"].items():
+        c = r["action_check"]["300"]
+        moves = {m["action"]: m["mean"] for m in c["moves"]}
+        d = r["paddle"]["real_minus_random"]
+        lines.append(
+            f"| {n} | {c['action_rms']:.4f} | {c['past_rms']:.4f} | {_num(moves.get(2))} / {_num(moves.get(3))} | "
+            f"{_num(r['paddle']['real']['mean'])} | {_num(r['paddle']['random']['mean'])} | "
+            f"{_num(d['mean'], '+.2f')} ± {_num(d['sem'])} | {r['paddle']['verdict']} | {r['psnr_real']:.2f} |"
+        )
+    real = {m["action"]: m["mean"] for m in doc["real_moves"]}
+    lines.append(f"\nReal test frames: move after RIGHT / LEFT {_num(real.get(2))} / {_num(real.get(3))} px.")
+    return "\n".join(lines)
+
+
+def _num(x: float | None, spec: str = ".2f") -> str:
+    return "–" if x is None or not np.isfinite(x) else format(x, spec)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.atari.budget", description=__doc__.split("\n\n")[0])
+    p.add_argument("--study", required=True, help="a finished study's output directory (a latent or patch study)")
+    p.add_argument(
+        "--variant", default="extrapolative", help="the variant to fine-tune further (default extrapolative)"
+    )
+    p.add_argument(
+        "--steps", type=int, nargs="+", default=[1600, 3200], help="step counts to reach (default 1600 3200)"
+    )
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--json", default=None, help="where to write the results (default DIR/budget/<variant>.json)")
+    args = p.parse_args(argv)
+    out = Path(args.study)
+    set_determinism(args.threads, "cpu")
+    try:
+        doc = run(out, args.variant, args.steps)
+    except StudyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    path = Path(args.json) if args.json else out / "budget" / f"{args.variant}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    print(table(doc))
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""The patch space of the Atari study (issue 17): frames as grids of 4×4-pixel patches, an exact
+and lossless transform, datasets the trainer reads as latents, and the study run end to end in it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("ale_py")
+pytest.importorskip("gymnasium")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives at the repo root
+
+import torch  # noqa: E402
+
+from benchmarks.atari import evaluate as ev  # noqa: E402
+from benchmarks.atari import patches, study  # noqa: E402
+
+SEED = 3
+NORM = {"size": 4, "mean": [-0.5, -0.4, -0.6], "std": [0.5, 0.25, 0.4]}
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**16), frames=st.integers(1, 3), cells=st.integers(1, 4))
+def test_patches_decode_back_to_the_same_pixels(seed, frames, cells):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, size=(frames, 4 * cells, 4 * cells, 3), dtype=np.uint8)
+    z = patches.encode(x, NORM)
+    assert z.shape == (frames, 48, cells, cells) and z.dtype == np.float32
+    back = patches.decode(torch.from_numpy(z).movedim(1, 0)[None], NORM)  # (1, C, T, h, w)
+    assert back.shape == (1, 3, frames, 4 * cells, 4 * cells)
+    assert np.array_equal(ev.to_uint8(back)[0], x)
+
+
+def test_a_patch_is_the_pixels_of_one_cell():
+    """Channel layout: one latent position holds exactly its 4×4 pixels (a change there moves only it)."""
+    x = np.zeros((1, 8, 8, 3), dtype=np.uint8)
+    y = x.copy()
+    y[0, 5, 2] = 255  # pixel row 5, column 2: cell (1, 0)
+    diff = np.abs(patches.encode(y, NORM) - patches.encode(x, NORM)).sum(1)[0]
+    assert np.flatnonzero(diff).tolist() == [1 * 2 + 0]
+
+
+@pytest.fixture(scope="module")
+def patch_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("atari-patch") / "run"
+    logs: list[str] = []
+    results = study.run_study(out, scale="smoke", seed=SEED, space="patch", log=logs.append)
+    return out, results, logs
+
+
+def test_patch_study_trains_on_patches_and_scores_pixels(patch_run):
+    out, results, _ = patch_run
+    from causalize.episodes import read_info
+
+    train = out / "patch" / "heldout_train"
+    info = read_info(train)
+    assert info.kind == "latents" and info.shape == (48, 8, 8)  # smoke frames 32×32
+    # the normalisation is the pretraining clips' and is recorded with every dataset
+    norm = patches.read_norm(train)
+    assert norm == patches.measure_norm(out / "data" / "pretrain_clips")
+    assert patches.read_norm(out / "patch" / "heldout_test") == norm
+    # the stored patches are the pixel episodes, exactly
+    src, dst = ev.load_segments(out / "data" / "heldout_test", 2, 2, 1), out / "patch" / "heldout_test"
+    z = ev.load_latent_frames(dst, src.index, 4)
+    assert np.array_equal(z, np.stack([patches.encode(f, norm) for f in src.frames]))
+    cfg = json.loads((out / "pretrain" / "model" / "config.json").read_text())
+    assert cfg["in_channels"] == cfg["out_channels"] == 48 and cfg["sample_size"] == 8
+    frames = np.load(out / "eval" / "extrapolative_s1_real.npz")["frames"]
+    assert frames.dtype == np.uint8 and frames.shape[-3:] == (32, 32, 3)
+    # no autoencoder: nothing trained, no autoencoder references
+    assert results["autoencoder"] is None and not (out / "autoencoder").exists()
+    assert study.AUTOENCODER not in results["runs"] and study.BASELINE_AE not in results["runs"]
+
+
+def test_patch_study_resumes_in_its_space(patch_run):
+    out, _, _ = patch_run
+    logs: list[str] = []
+    again = study.run_study(out, scale="smoke", seed=SEED, log=logs.append)  # no space given: the recorded one
+    assert again["stages_run_now"] == [] and again["study"]["config"]["space"] == "patch"
+    with pytest.raises(study.StudyError, match="another scale, seed or configuration"):
+        study.run_study(out, scale="smoke", seed=SEED, space="latent", log=lambda m: None)
+
+
+def test_encoding_refuses_an_existing_dataset(patch_run, tmp_path):
+    out, _, _ = patch_run
+    dst = tmp_path / "p"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError):
+        patches.encode_dataset(out / "data" / "heldout_test", dst, NORM)
+    assert (dst / "keep.txt").read_text() == "mine"
+
+
+def test_patch_space_is_unet3d_only():
+    with pytest.raises(study.StudyError, match="unet3d"):
+        study.resolve_config("smoke", backbone="wan", space="patch")
+    cfg = study.resolve_config("cpu", space="patch")
+    latent = study.resolve_config("cpu", space="latent")
+    assert cfg["model"] == latent["model"] and cfg["finetune"] == latent["finetune"] and cfg["latent"] is None
+
+
+def test_action_moves_averages_each_actions_paddle_moves():
+    from benchmarks.atari import control
+
+    before = np.array([[10.0, 10.0, np.nan, 20.0]])
+    after = np.array([[8.0, 13.0, 5.0, 19.0]])
+    actions = np.array([[2, 3, 2, 2]])
+    moves = control.action_moves(before, after, actions, 4)
+    assert [m["n"] for m in moves] == [0, 0, 2, 1]  # the pair without a paddle is left out
+    assert moves[2]["mean"] == pytest.approx(-1.5) and moves[3]["mean"] == pytest.approx(3.0)
+    assert moves[0]["mean"] is None and moves[3]["sem"] is None
+    with pytest.raises(ValueError, match="share a shape"):
+        control.action_moves(before, after[:, :2], actions, 4)
+
+
+def test_action_check_sees_an_adapter_only_when_it_acts(patch_run):
+    """Negative control: a freshly converted model's action adapter ends in zeros, so its
+    predictions cannot depend on the action (equal outputs: a spread at rounding level); once that
+    layer is non-zero they do."""
+    from causalize.rollout.loading import load_world_model
+
+    out, results, _ = patch_run
+    cfg = results["study"]["config"]
+    segments = ev.load_segments(out / "data" / "heldout_test", cfg["eval"]["context"], 2, 1)
+    segments.latents = ev.load_latent_frames(out / "patch" / "heldout_test", segments.index, segments.frames.shape[1])
+    wm, _ = load_world_model(out / "convert" / "extrapolative", device="cpu")
+    blind = ev.action_check(wm, segments, [500], 0, paddle=False)["500"]
+    assert blind["action_rms"] < 1e-6 and blind["past_rms"] > 1e-3  # equal predictions up to the mean's rounding
+    encoder = [m for n, m in wm.named_modules() if n.endswith("causalize_action_encoder")][0]
+    with torch.no_grad():
+        torch.nn.init.normal_(encoder.out[-1].weight, std=1.0)
+    assert ev.action_check(wm, segments, [500], 0, paddle=False)["500"]["action_rms"] > 1e-3
+
+
+def test_study_reports_the_action_check_and_the_real_moves(patch_run):
+    out, results, _ = patch_run
+    act = results["action"]
+    assert set(act["variants"]) == set(results["variants"])
+    for levels in act["variants"].values():
+        assert set(levels) == {str(k) for k in study.CONTEXT_LEVELS}
+        for row in levels.values():
+            assert row["action_rms"] >= 0 and row["past_rms"] >= 0
+            assert [m["action"] for m in row["moves"]] == list(range(results["segments"]["num_actions"]))
+    assert len(act["real_moves"]) == results["segments"]["num_actions"]
+    assert "one-step action check" in (out / "README.md").read_text()
+
+
+def test_budget_continues_fine_tuning_and_measures_each_step_count(patch_run):
+    from benchmarks.atari import budget
+
+    out, results, _ = patch_run
+    base = results["study"]["config"]["finetune"]["steps"]
+    with pytest.raises(study.StudyError, match="must exceed"):
+        budget.run(out, "extrapolative", [base])
+    doc = budget.run(out, "extrapolative", [base + 2])
+    assert list(doc["steps"]) == [str(base), str(base + 2)]
+    assert (out / "budget" / "extrapolative" / f"step-{base + 2}" / "final").is_dir()
+    for row in doc["steps"].values():
+        assert set(row["action_check"]) == {str(k) for k in study.CONTEXT_LEVELS}
+        assert row["paddle"]["verdict"] and "mean" in row["paddle"]["real_minus_random"]
+    # the study's own step count is measured on the study's model: its rollout matches the study's
+    assert doc["steps"][str(base)]["psnr_real"] == pytest.approx(
+        results["runs"]["extrapolative_s1_real"]["metrics"]["psnr"]["overall"]
+    )
+    assert "| fine-tuning steps |" in budget.table(doc)
+
+
+def test_budget_refuses_a_directory_without_a_study(tmp_path):
+    from benchmarks.atari import budget
+
+    with pytest.raises(study.StudyError, match="no study"):
+        budget.open_study(tmp_path)
