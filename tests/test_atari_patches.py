@@ -172,6 +172,20 @@ def test_budget_continues_fine_tuning_and_measures_each_step_count(patch_run):
     assert "| fine-tuning steps |" in budget.table(doc)
 
 
+def test_budget_runs_on_a_replicate_seed(patch_run):
+    from benchmarks.atari import budget
+
+    out, results, _ = patch_run
+    base = results["study"]["config"]["finetune"]["steps"]
+    doc = budget.run(out, "extrapolative", [base + 1], replicate=1)
+    assert doc["training_seed"] == SEED + 1 and doc["out"] == str(out / f"seed{SEED + 1}")
+    assert (out / f"seed{SEED + 1}" / "budget" / "extrapolative" / f"step-{base + 1}" / "final").is_dir()
+    with pytest.raises(study.StudyError, match="no fine-tuned variant 'noncausal-norm'"):
+        budget.run(out, "noncausal-norm", [base + 1], replicate=1)  # the ablation is not replicated
+    with pytest.raises(study.StudyError, match="no replicate 7"):
+        budget.open_study(out, 7)
+
+
 def test_budget_refuses_a_directory_without_a_study(tmp_path):
     from benchmarks.atari import budget
 

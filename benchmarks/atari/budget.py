@@ -36,13 +36,21 @@ from benchmarks.atari import evaluate as ev
 from benchmarks.atari.study import CONTEXT_LEVELS, StageProgress, Study, StudyError, set_determinism
 
 
-def open_study(out: Path) -> Study:
-    """The finished study at ``out``, as it was configured (its study.json)."""
+def open_study(out: Path, replicate: int = 0) -> Study:
+    """The finished study at ``out``, as it was configured (its study.json); ``replicate`` r > 0:
+    its replicate with training seed S + r (``out/seed<S+r>/``)."""
     ident_path = out / "study.json"
     if not ident_path.is_file():
         raise StudyError(f"{out} holds no study (no study.json)")
     ident = json.loads(ident_path.read_text(encoding="utf-8"))
-    return Study(out, ident["config"], ident["seed"], scale=ident["scale"])
+    study = Study(out, ident["config"], ident["seed"], scale=ident["scale"])
+    if replicate:
+        if replicate >= int(study.cfg["replicates"]["seeds"]):
+            raise StudyError(
+                f"the study has {study.cfg['replicates']['seeds']} training seed(s); no replicate {replicate}"
+            )
+        study = study.replica(replicate)
+    return study
 
 
 def _last_checkpoint(run_dir: Path) -> Path | None:
@@ -117,10 +125,13 @@ def _paddle_summary(ctrl: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run(out: Path, variant: str, steps: list[int]) -> dict[str, Any]:
-    study = open_study(out)
+def run(out: Path, variant: str, steps: list[int], replicate: int = 0) -> dict[str, Any]:
+    study = open_study(out, replicate)
     if not study.paddle:
         raise StudyError("the budget check measures Pong's paddle; this study's held-out game is not Pong")
+    known = list(study.cfg["replicates"]["variants"]) if replicate else list(study.backbone.variants)
+    if variant not in known:
+        raise StudyError(f"no fine-tuned variant {variant!r} for this seed; use one of {', '.join(known)}")
     base_steps = int(study.cfg["finetune"]["steps"])
     if any(s <= base_steps for s in steps):
         raise StudyError(f"--steps must exceed the study's own fine-tuning steps ({base_steps})")
@@ -133,7 +144,14 @@ def run(out: Path, variant: str, steps: list[int]) -> dict[str, Any]:
         )
         rows[str(n)] = {**measure(study, variant, model, segments), "seconds": time.perf_counter() - t0}
         study.log(f"[budget {variant}] {n} steps: paddle real − random {rows[str(n)]['paddle']['real_minus_random']}")
-    return {"study": str(out), "variant": variant, "real_moves": ev.real_moves(segments), "steps": rows}
+    return {
+        "study": str(out),
+        "out": str(study.out),
+        "variant": variant,
+        "training_seed": study.train_seed,
+        "real_moves": ev.real_moves(segments),
+        "steps": rows,
+    }
 
 
 def table(doc: dict[str, Any]) -> str:
@@ -170,17 +188,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--steps", type=int, nargs="+", default=[1600, 3200], help="step counts to reach (default 1600 3200)"
     )
+    p.add_argument(
+        "--replicate",
+        type=int,
+        default=0,
+        help="r > 0: the replicate with training seed S + r (default 0: the study seed)",
+    )
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--json", default=None, help="where to write the results (default DIR/budget/<variant>.json)")
     args = p.parse_args(argv)
     out = Path(args.study)
     set_determinism(args.threads, "cpu")
     try:
-        doc = run(out, args.variant, args.steps)
+        doc = run(out, args.variant, args.steps, args.replicate)
     except StudyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    path = Path(args.json) if args.json else out / "budget" / f"{args.variant}.json"
+    path = Path(args.json) if args.json else Path(doc["out"]) / "budget" / f"{args.variant}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
     print(table(doc))

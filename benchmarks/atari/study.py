@@ -1443,7 +1443,6 @@ def _action_lines(results: dict[str, Any]) -> list[str]:
         "5 LEFTFIRE). A model that follows its actions predicts moves that differ by action as the real ones do.",
         "",
         write_markdown_table(rows, row_header="variant, level"),
-        "",
     ]
 
 
