@@ -181,7 +181,7 @@ def _num(x: float | None, spec: str = ".2f") -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.atari.budget", description=__doc__.split("\n\n")[0])
-    p.add_argument("--study", required=True, help="a finished study's output directory (a latent or patch study)")
+    p.add_argument("--study", required=True, help="a finished study's output directory (Pong held out; any space)")
     p.add_argument(
         "--variant", default="extrapolative", help="the variant to fine-tune further (default extrapolative)"
     )
