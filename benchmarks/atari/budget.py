@@ -102,14 +102,13 @@ def measure(study: Study, variant: str, model_dir: Path, segments: ev.Segments) 
     from causalize.rollout.loading import load_world_model
 
     wm, _ = load_world_model(model_dir, device=study.device)
-    decode = study.decode if study.encoded else None
     batch = study.cfg["eval"]["batch_size"]
-    check = ev.action_check(wm, segments, list(CONTEXT_LEVELS), study.seed, decode=decode, batch_size=batch)
+    check = ev.action_check(wm, segments, list(CONTEXT_LEVELS), study.seed, decode=study.decoder(), batch_size=batch)
     config = study.rollout_config(variant, 1.0)
     scored = {}
     for kind, actions in (("real", segments.actions), ("random", ev.random_actions(segments, study.seed))):
-        pred, _ = ev.rollout_segments(wm, segments, actions, config, batch_size=batch)
-        scored[kind] = ev.score(decode(pred) if decode else pred, segments.real_future)
+        pred, _ = study.rollout(wm, segments, actions, config)
+        scored[kind] = ev.score(pred, segments.real_future)
     ctrl = control.controllability(scored["real"], scored["random"])
     return {"action_check": check, "paddle": _paddle_summary(ctrl), "psnr_real": scored["real"]["psnr"]["overall"]}
 

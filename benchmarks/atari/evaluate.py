@@ -270,6 +270,26 @@ def denoising_psnr(
     return out
 
 
+def _first_frame_inputs(segments: Segments) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The one-step checks' inputs: the context plus the first generated frame (N, C, c+1, H, W),
+    the same with the next segment's context (a plausible but wrong past), and the real actions
+    that produced those frames (N, c+1)."""
+    c = segments.context
+    x = segments.model_frames(0, c + 1)
+    wrong = torch.cat([torch.roll(x[:, :, :c], 1, dims=0), x[:, :, c:]], 2)
+    actions = torch.from_numpy(np.concatenate([segments.context_actions, segments.actions[:, :1]], 1))
+    return x, wrong, actions
+
+
+def _first_frame_noise(x: torch.Tensor, context: int, seed: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The noise (one draw per seed and level, shared by the checks) and the levels: the first
+    generated frame at ``k``, the context clean."""
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(int(seed) * 1000 + 7 + int(k)))
+    kk = torch.zeros((x.shape[0], context + 1), dtype=torch.long)
+    kk[:, context] = int(k)
+    return noise, kk
+
+
 def context_check(
     wm: Any,
     segments: Segments,
@@ -285,23 +305,17 @@ def context_check(
     real actions, one forward pass: the predicted x0 scored against the real frame (PSNR, and the
     paddle error for Pong). A model that continues its context scores better with its own."""
     c = segments.context
-    x = segments.model_frames(0, c + 1)
-    wrong = torch.cat([torch.roll(x[:, :, :c], 1, dims=0), x[:, :, c:]], 2)
-    actions = torch.from_numpy(np.concatenate([segments.context_actions, segments.actions[:, :1]], 1))
+    x, wrong, actions = _first_frame_inputs(segments)
     n = x.shape[0]
     real = segments.frames[:, c : c + 1]
     out: dict[str, Any] = {}
     with torch.no_grad():
         for k in levels:
-            noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(int(seed) * 1000 + 7 + int(k)))
-            kk = torch.zeros((n, c + 1), dtype=torch.long)
-            kk[:, c] = int(k)
+            noise, kk = _first_frame_noise(x, c, seed, k)
             row = {}
             for name, past in (("own", x), ("other", wrong)):
                 pred = _one_step_x0(wm, past, noise, kk, actions, batch_size or n)[0][:, :, c:]
-                if decode is not None:
-                    pred = decode(pred)
-                m = score(pred.clamp(-1, 1), real, paddle=paddle)
+                m = score(_pixels(pred, decode), real, paddle=paddle)
                 row[name] = {"psnr": m["psnr"]["overall"], "paddle": m.get("paddle", {}).get("overall", {}).get("mean")}
             out[str(int(k))] = row
     return out
@@ -324,16 +338,12 @@ def action_check(
     action (model space, so the two compare). For Pong, ``moves``: per action, the predicted
     paddle's move from the last context frame (rows, + = down), to set beside :func:`real_moves`."""
     c = segments.context
-    x = segments.model_frames(0, c + 1)
-    wrong = torch.cat([torch.roll(x[:, :, :c], 1, dims=0), x[:, :, c:]], 2)
-    base = torch.from_numpy(np.concatenate([segments.context_actions, segments.actions[:, :1]], 1))
+    x, wrong, base = _first_frame_inputs(segments)
     n, num = x.shape[0], segments.num_actions
     out: dict[str, Any] = {}
     with torch.no_grad():
         for k in levels:
-            noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(int(seed) * 1000 + 7 + int(k)))
-            kk = torch.zeros((n, c + 1), dtype=torch.long)
-            kk[:, c] = int(k)
+            noise, kk = _first_frame_noise(x, c, seed, k)
             preds = []
             for a in range(num):
                 act = base.clone()

@@ -612,6 +612,7 @@ class Study:
         self.backbone = backbone_of(cfg)
         self.space = cfg.get("space", "pixel")
         self.latent = self.space == "latent"  # the study's autoencoder
+        self.patched = self.space == "patch"
         #: the world models see latents or patches, decoded to pixels for scoring
         self.encoded = self.space in ("latent", "patch")
         #: the paddle metric knows Pong only
@@ -761,10 +762,6 @@ class Study:
         doc["seconds"] = sum(d["seconds"] for d in doc.values())
         _write_json(marker, doc)
         return doc
-
-    @property
-    def patched(self) -> bool:
-        return self.space == "patch"
 
     def _encode_one(self, key: str, norm: dict[str, Any] | None) -> dict[str, Any]:
         """One dataset through the autoencoder (``causalize.latents``, what ``causalize encode``
@@ -941,9 +938,7 @@ class Study:
         wm, path = load_world_model(self.out / "finetune" / run["variant"] / "final", device=self.device)
         config = self.rollout_config(run["variant"], run["guidance"])
         actions = segments.actions if run["actions"] == "real" else ev.random_actions(segments, self.seed)
-        pred, timing = ev.rollout_segments(wm, segments, actions, config, batch_size=self.cfg["eval"]["batch_size"])
-        if self.encoded:
-            pred = self.decode(pred)
+        pred, timing = self.rollout(wm, segments, actions, config)
         marker.parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(self.out / "eval" / f"{run['name']}.npz", frames=ev.to_uint8(pred), actions=actions)
         doc = {
@@ -959,6 +954,12 @@ class Study:
             f"SSIM {doc['metrics']['ssim']['overall']:.4f} ({timing['seconds']:.1f}s)"
         )
         return doc
+
+    def rollout(self, wm: Any, segments: ev.Segments, actions: np.ndarray, config: Any) -> tuple[torch.Tensor, dict]:
+        """The world model rolled out on the segments from ``actions``: pixels in [-1, 1] (decoded
+        in a latent or patch study) and the timing facts."""
+        pred, timing = ev.rollout_segments(wm, segments, actions, config, batch_size=self.cfg["eval"]["batch_size"])
+        return (self.decode(pred) if self.encoded else pred), timing
 
     def _add_new_metrics(self, doc: dict[str, Any], marker: Path, segments: ev.Segments) -> dict[str, Any]:
         """A run evaluated before the per-frame values and the paddle metric existed gets them from
@@ -996,7 +997,8 @@ class Study:
         _write_json(marker, doc)
         return doc
 
-    def _decoder(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    def decoder(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """Model space → pixels (None: the models work on pixels)."""
         return self.decode if self.encoded else None
 
     def denoise(self, variant: str, segments: ev.Segments) -> dict[str, Any]:
@@ -1009,7 +1011,7 @@ class Study:
                 list(DENOISE_LEVELS),
                 self.seed,
                 batch_size=self.cfg["eval"]["batch_size"],
-                decode=self._decoder(),
+                decode=self.decoder(),
             )
             self.log(
                 f"[denoise {variant}] x0 PSNR by level: "
@@ -1021,31 +1023,25 @@ class Study:
 
     def context(self, variant: str, segments: ev.Segments) -> dict[str, Any]:
         """Does the fine-tuned variant use its past (``evaluate.context_check``)?"""
-        return self._one_step_check(
-            "context",
-            variant,
-            lambda wm: ev.context_check(
-                wm,
-                segments,
-                list(CONTEXT_LEVELS),
-                self.seed,
-                decode=self._decoder(),
-                batch_size=self.cfg["eval"]["batch_size"],
-                paddle=self.paddle,
-            ),
-        )
+        return self._first_frame_check("context", ev.context_check, variant, segments)
 
     def action(self, variant: str, segments: ev.Segments) -> dict[str, Any]:
         """Does the fine-tuned variant's next frame depend on its action (``evaluate.action_check``)?"""
+        return self._first_frame_check("action", ev.action_check, variant, segments)
+
+    def _first_frame_check(
+        self, kind: str, check: Callable[..., dict[str, Any]], variant: str, segments: ev.Segments
+    ) -> dict[str, Any]:
+        """A cached one-step check of the first generated frame at CONTEXT_LEVELS."""
         return self._one_step_check(
-            "action",
+            kind,
             variant,
-            lambda wm: ev.action_check(
+            lambda wm: check(
                 wm,
                 segments,
                 list(CONTEXT_LEVELS),
                 self.seed,
-                decode=self._decoder(),
+                decode=self.decoder(),
                 batch_size=self.cfg["eval"]["batch_size"],
                 paddle=self.paddle,
             ),
