@@ -73,6 +73,13 @@ def train(
         None, "--gradient-accumulation", metavar="N", help="Micro-batches per optimizer step (default 1)."
     ),
     lr: float | None = typer.Option(None, "--lr", metavar="X", help="AdamW learning rate (default 1e-5)."),
+    adapter_lr_scale: float | None = typer.Option(
+        None,
+        "--adapter-lr-scale",
+        metavar="X",
+        help="The action adapter's learning rate as a multiple of --lr: the new, zero-initialised adapter may "
+        "need a higher rate than the pretrained denoiser (default 1).",
+    ),
     weight_decay: float | None = typer.Option(
         None, "--weight-decay", metavar="X", help="AdamW decoupled weight decay (default 0.01)."
     ),

@@ -186,6 +186,52 @@ def test_budget_runs_on_a_replicate_seed(patch_run):
         budget.open_study(out, 7)
 
 
+def test_budget_with_settings_fine_tunes_afresh_from_the_converted_model(patch_run):
+    """--set trains the variant again from its converted checkpoint with the study's settings so
+    changed. Control: a setting at its default value reproduces the study's own fine-tuned weights
+    bit for bit; a higher adapter rate gives other weights, in the adapter as well."""
+    from safetensors.torch import load_file
+
+    from benchmarks.atari import budget
+
+    out, results, _ = patch_run
+    base = results["study"]["config"]["finetune"]["steps"]
+    weights = "diffusion_pytorch_model.safetensors"
+    study_w = load_file(out / "finetune" / "extrapolative" / "final" / weights)
+    same = budget.run(out, "extrapolative", [base], overrides={"adapter_lr_scale": 1.0})
+    assert same["name"] == "extrapolative+adapter_lr_scale=1.0" and list(same["steps"]) == [str(base)]
+    again = load_file(out / "budget" / same["name"] / f"step-{base}" / "final" / weights)
+    assert all(torch.equal(study_w[k], again[k]) for k in study_w)
+    faster = budget.run(out, "extrapolative", [base], overrides={"adapter_lr_scale": 30.0})
+    other = load_file(out / "budget" / faster["name"] / f"step-{base}" / "final" / weights)
+    adapter = [k for k in study_w if k.startswith("causalize_action_encoder.")]
+    assert adapter and any(not torch.equal(study_w[k], other[k]) for k in adapter)
+    assert faster["settings"] == {"adapter_lr_scale": 30.0} and "| fine-tuning steps |" in budget.table(faster)
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [({"steps": 5}, "cannot change steps"), ({"bogus": 1}, "bogus"), ({"adapter_lr_scale": 0}, "adapter_lr_scale")],
+)
+def test_budget_refuses_bad_settings(patch_run, overrides, needle):
+    from benchmarks.atari import budget
+
+    out, _, _ = patch_run
+    with pytest.raises(study.StudyError, match=needle):
+        budget.run(out, "extrapolative", [1], overrides=overrides)
+
+
+def test_budget_parses_settings():
+    from benchmarks.atari import budget
+
+    assert budget.parse_settings(["adapter_lr_scale=10", "train_only=adapter"]) == {
+        "adapter_lr_scale": 10,
+        "train_only": "adapter",
+    }
+    with pytest.raises(study.StudyError, match="KEY=VALUE"):
+        budget.parse_settings(["adapter_lr_scale"])
+
+
 def test_budget_refuses_a_directory_without_a_study(tmp_path):
     from benchmarks.atari import budget
 

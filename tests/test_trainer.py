@@ -408,6 +408,28 @@ def test_train_only_adapter_changes_only_the_adapter(work, tmp_path):
     assert changed and all(k.startswith("causalize_action_encoder.") for k in changed)
 
 
+@pytest.mark.parametrize("scale", [1.0, 10.0])
+def test_adapter_lr_scale_sets_the_adapters_rate(work, tmp_path, scale):
+    """One AdamW step moves each weight by about its rate (the first step's update is lr · g/|g|):
+    the adapter's largest move is lr × scale, the denoiser's lr. Scale 1 is the control: the
+    adapter then moves like the denoiser."""
+    lr = 1e-3
+    out = tmp_path / "run"
+    train(_config(work, out, steps=1, lr=lr, weight_decay=0.0, adapter_lr_scale=scale))
+    before, after = load_file(work["model"] / WEIGHTS), load_file(out / "final" / WEIGHTS)
+    moves = {k: float((after[k].double() - before[k].double()).abs().max()) for k in before}
+    adapter = max(v for k, v in moves.items() if k.startswith("causalize_action_encoder."))
+    denoiser = max(v for k, v in moves.items() if not k.startswith("causalize_action_encoder."))
+    assert adapter == pytest.approx(lr * scale, rel=0.01)
+    assert denoiser == pytest.approx(lr, rel=0.01)
+    assert _metrics(out)[-1]["lr"] == lr  # the logged rate is the denoiser's
+
+
+def test_adapter_lr_scale_must_be_positive(work, tmp_path):
+    with pytest.raises(TrainingError, match="adapter_lr_scale"):
+        _config(work, tmp_path / "run", adapter_lr_scale=0.0)
+
+
 # ------------------------------------------------------------------------------------------ 7. CLI
 
 

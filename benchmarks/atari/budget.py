@@ -1,7 +1,7 @@
 """Does the world model start to follow its actions with more fine-tuning? (issue 17)
 
     python -m benchmarks.atari.budget --study DIR [--variant extrapolative] [--steps 1600 3200]
-        [--threads 2] [--json PATH]
+        [--set KEY=VALUE ...] [--threads 2] [--json PATH]
 
 The study fine-tunes every variant for the scale's ``finetune.steps`` (800 at the latent cpu
 scale) and finds that no model follows its actions. This continues the fine-tuning of one variant
@@ -17,7 +17,13 @@ measures at the study's own step count and at each new one:
   sampler, noise and random actions): paddle error real − random, paired over segments, with the
   study's 2-standard-error verdict.
 
-A table goes to stdout and everything to ``DIR/budget/<variant>.json`` (or ``--json``).
+With ``--set`` (fine-tuning settings, ``TrainConfig`` fields, e.g. ``--set adapter_lr_scale=10``)
+it asks instead whether other settings buy the same at a given budget: the variant is fine-tuned
+afresh from its converted checkpoint with the study's settings so changed, to each step count
+(``DIR/budget/<variant>+<settings>/step-N/``, chained and resumable the same way), and measured
+the same way (the study's own model is measured by the plain check, ``DIR/budget/<variant>.json``).
+
+A table goes to stdout and everything to ``DIR/budget/<variant>[+<settings>].json`` (or ``--json``).
 """
 
 from __future__ import annotations
@@ -34,6 +40,9 @@ import numpy as np
 from benchmarks.atari import control
 from benchmarks.atari import evaluate as ev
 from benchmarks.atari.study import CONTEXT_LEVELS, StageProgress, Study, StudyError, set_determinism
+
+#: Settings the budget check sets itself (where and how far the run goes).
+_FIXED = {"model", "data", "output_dir", "steps", "resume", "checkpoint_every", "keep_checkpoints"}
 
 
 def open_study(out: Path, replicate: int = 0) -> Study:
@@ -58,42 +67,65 @@ def _last_checkpoint(run_dir: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def _start(study: Study, variant: str, steps: int) -> Path | None:
-    """Where a continuation to ``steps`` starts: the last checkpoint of the longest shorter
-    continuation, else of the study's run (None: it kept none; the run then replays from step 0)."""
+def settings_tag(overrides: dict[str, Any]) -> str:
+    """``key=value,…`` in key order: the name of a run with changed settings ("" for none)."""
+    return ",".join(f"{k}={json.dumps(v)}" for k, v in sorted(overrides.items()))
+
+
+def run_name(variant: str, overrides: dict[str, Any]) -> str:
+    """``<variant>`` or ``<variant>+<settings>``: the run's directory and JSON name under budget/."""
+    return variant + ("+" + settings_tag(overrides) if overrides else "")
+
+
+def _start(study: Study, name: str, steps: int, fresh: bool) -> Path | None:
+    """Where a run to ``steps`` starts: the last checkpoint of the longest shorter one, else of
+    the study's run (None: none, or ``fresh``; the run then trains from the converted model)."""
     shorter = sorted(
         (int(d.name.split("-")[1]), d)
-        for d in (study.out / "budget" / variant).glob("step-*")
+        for d in (study.out / "budget" / name).glob("step-*")
         if int(d.name.split("-")[1]) < steps
     )
     for _, d in reversed(shorter):
         if (ckpt := _last_checkpoint(d)) is not None:
             return ckpt
-    return _last_checkpoint(study.out / "finetune" / variant)
+    return None if fresh else _last_checkpoint(study.out / "finetune" / name)
 
 
-def continue_finetuning(study: Study, variant: str, steps: int) -> Path:
-    """The variant fine-tuned to ``steps`` (its ``final/`` model), continuing the study's run."""
-    from causalize.training.trainer import TrainConfig, train
+def _train_config(fields: dict[str, Any]) -> Any:
+    """TrainConfig(**fields), its refusals (an unknown field, a bad value) as StudyError."""
+    from causalize.training.config import TrainConfig, TrainingError
 
-    out = study.out / "budget" / variant / f"step-{steps}"
+    try:
+        return TrainConfig(**fields)
+    except (TypeError, TrainingError) as exc:
+        raise StudyError(f"--set: {exc}") from exc
+
+
+def continue_finetuning(study: Study, variant: str, steps: int, overrides: dict[str, Any] | None = None) -> Path:
+    """The variant fine-tuned to ``steps`` (its ``final/`` model): continuing the study's run, or
+    with ``overrides`` (TrainConfig fields) a run of its own from the converted checkpoint."""
+    from causalize.training.trainer import train
+
+    overrides = overrides or {}
+    name = run_name(variant, overrides)
+    out = study.out / "budget" / name / f"step-{steps}"
     if (out / "final").is_dir():
         return out / "final"
     f = study.cfg["finetune"]
     base = json.loads((study.out / "finetune" / f"{variant}.json").read_text(encoding="utf-8"))["config"]
-    start = _start(study, variant, steps)
+    start = _start(study, name, steps, fresh=bool(overrides))
     resume: bool | str = True if _last_checkpoint(out) is not None or start is None else str(start)
-    config = TrainConfig(
-        **{
-            **base,
-            "output_dir": str(out),
-            "steps": int(steps),
-            "checkpoint_every": f["checkpoint_every"],
-            "keep_checkpoints": 1,
-            "resume": resume,
-        }
-    )
-    train(config, progress=StageProgress(study.log, f"[budget {variant}] to {steps}"))
+    fields = {
+        **base,
+        **overrides,
+        "output_dir": str(out),
+        "steps": int(steps),
+        "checkpoint_every": f["checkpoint_every"],
+        "keep_checkpoints": 1,
+        "resume": resume,
+    }
+    config = _train_config(fields)
+    train(config, progress=StageProgress(study.log, f"[budget {name}] to {steps}"))
     return out / "final"
 
 
@@ -124,7 +156,13 @@ def _paddle_summary(ctrl: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run(out: Path, variant: str, steps: list[int], replicate: int = 0) -> dict[str, Any]:
+def run(
+    out: Path, variant: str, steps: list[int], replicate: int = 0, overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    overrides = overrides or {}
+    bad = sorted(set(overrides) & _FIXED)
+    if bad:
+        raise StudyError(f"--set cannot change {', '.join(bad)}: the budget check sets them")
     study = open_study(out, replicate)
     if not study.paddle:
         raise StudyError("the budget check measures Pong's paddle; this study's held-out game is not Pong")
@@ -132,21 +170,28 @@ def run(out: Path, variant: str, steps: list[int], replicate: int = 0) -> dict[s
     if variant not in known:
         raise StudyError(f"no fine-tuned variant {variant!r} for this seed; use one of {', '.join(known)}")
     base_steps = int(study.cfg["finetune"]["steps"])
-    if any(s <= base_steps for s in steps):
+    if not overrides and any(s <= base_steps for s in steps):
         raise StudyError(f"--steps must exceed the study's own fine-tuning steps ({base_steps})")
+    if overrides:
+        base = json.loads((study.out / "finetune" / f"{variant}.json").read_text(encoding="utf-8"))["config"]
+        _train_config({**base, **overrides})  # refuse a bad setting before any work
     segments = study.segments()
     rows = {}
-    for n in [base_steps, *sorted(set(steps))]:
+    name = run_name(variant, overrides)
+    for n in [base_steps, *sorted(set(steps) - {base_steps})] if not overrides else sorted(set(steps)):
         t0 = time.perf_counter()
-        model = (
-            study.out / "finetune" / variant / "final" if n == base_steps else continue_finetuning(study, variant, n)
-        )
+        if n == base_steps and not overrides:
+            model = study.out / "finetune" / variant / "final"
+        else:
+            model = continue_finetuning(study, variant, n, overrides)
         rows[str(n)] = {**measure(study, variant, model, segments), "seconds": time.perf_counter() - t0}
-        study.log(f"[budget {variant}] {n} steps: paddle real − random {rows[str(n)]['paddle']['real_minus_random']}")
+        study.log(f"[budget {name}] {n} steps: paddle real − random {rows[str(n)]['paddle']['real_minus_random']}")
     return {
         "study": str(out),
         "out": str(study.out),
         "variant": variant,
+        "settings": overrides,
+        "name": name,
         "training_seed": study.train_seed,
         "real_moves": ev.real_moves(segments),
         "steps": rows,
@@ -178,6 +223,20 @@ def _num(x: float | None, spec: str = ".2f") -> str:
     return "–" if x is None or not np.isfinite(x) else format(x, spec)
 
 
+def parse_settings(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` items as a dict; values are JSON (``10``, ``true``), else strings."""
+    settings: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise StudyError(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            settings[key] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[key] = value
+    return settings
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.atari.budget", description=__doc__.split("\n\n")[0])
     p.add_argument("--study", required=True, help="a finished study's output directory (Pong held out; any space)")
@@ -194,16 +253,27 @@ def main(argv: list[str] | None = None) -> int:
         help="r > 0: the replicate with training seed S + r (default 0: the study seed)",
     )
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    p.add_argument("--json", default=None, help="where to write the results (default DIR/budget/<variant>.json)")
+    p.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a fine-tuning setting (TrainConfig field, JSON value; e.g. adapter_lr_scale=10): fine-tune afresh "
+        "from the converted model with it, to each --steps (any count); repeatable",
+    )
+    p.add_argument(
+        "--json", default=None, help="where to write the results (default DIR/budget/<variant>[+<settings>].json)"
+    )
     args = p.parse_args(argv)
     out = Path(args.study)
     set_determinism(args.threads, "cpu")
     try:
-        doc = run(out, args.variant, args.steps, args.replicate)
+        doc = run(out, args.variant, args.steps, args.replicate, parse_settings(args.settings))
     except StudyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    path = Path(args.json) if args.json else Path(doc["out"]) / "budget" / f"{args.variant}.json"
+    path = Path(args.json) if args.json else Path(doc["out"]) / "budget" / f"{doc['name']}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
     print(table(doc))

@@ -74,6 +74,10 @@ class TrainConfig:
     steps: int = 1000
     #: AdamW learning rate (constant; the paper: 1e-5).
     lr: float = 1e-5
+    #: The action adapter's learning rate as a multiple of ``lr``. The adapter is new and starts
+    #: at zero while the denoiser is pretrained: at the denoiser's rate it may barely move in a
+    #: short run (the Atari study measured this). 1: one rate for all (the paper).
+    adapter_lr_scale: float = 1.0
     #: AdamW decoupled weight decay (torch's AdamW default).
     weight_decay: float = 1e-2
     #: Clip the global gradient norm to this value (the paper: 0.5); None or 0 disables clipping.
@@ -230,6 +234,8 @@ class TrainConfig:
                 raise self._bad(name, "must be a non-negative integer")
         if not _is_real(self.lr) or not self.lr > 0:
             raise self._bad("lr", "must be a positive number")
+        if not _is_real(self.adapter_lr_scale) or not self.adapter_lr_scale > 0:
+            raise self._bad("adapter_lr_scale", "must be a positive number")
         if not _is_real(self.weight_decay) or self.weight_decay < 0:
             raise self._bad("weight_decay", "must be a non-negative number")
         if self.grad_clip is not None and (not _is_real(self.grad_clip) or self.grad_clip < 0):

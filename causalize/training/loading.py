@@ -247,6 +247,19 @@ def select_trainable(wm: WorldModel, train_only: str) -> list[torch.nn.Parameter
     return [p for p in wm.parameters() if p.requires_grad]
 
 
+def param_groups(wm: WorldModel, params: list[torch.nn.Parameter], lr: float, adapter_lr_scale: float) -> list[dict]:
+    """The optimizer's parameter groups: the denoiser's ``params`` at ``lr`` (group 0, the logged
+    rate) and the action adapter's at ``lr × adapter_lr_scale``; one group when the scale is 1."""
+    if adapter_lr_scale == 1.0 or wm.action_encoder is None:
+        return [{"params": params, "lr": lr}]
+    adapter = {id(p) for p in wm.action_encoder.parameters()}
+    groups = [
+        {"params": [p for p in params if id(p) not in adapter], "lr": lr},
+        {"params": [p for p in params if id(p) in adapter], "lr": lr * adapter_lr_scale},
+    ]
+    return [g for g in groups if g["params"]]
+
+
 def load_conditioning(path: str | None, wm: WorldModel | None = None) -> dict[str, torch.Tensor]:
     """Model keyword arguments at batch 1 from a safetensors file (`causalize embed-prompt`), checked
     against ``wm``'s denoiser (names, ranks, widths); {} without a file: zeros are used."""

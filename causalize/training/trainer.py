@@ -70,6 +70,7 @@ from causalize.training.loading import (
     load_vae,
     load_world_model,
     open_dataset,
+    param_groups,
     select_trainable,
 )
 from causalize.training.objective import action_keep_mask, diffusion_forcing_loss, sample_frame_timesteps
@@ -431,7 +432,8 @@ def _prepare(
     accelerator: Any, config: TrainConfig, wm: nn.Module, params: list[torch.nn.Parameter], dataset: Any, vae: Any
 ) -> tuple[nn.Module, torch.optim.Optimizer, Any, EpochSampler]:
     """AdamW and the data loader (in the per-epoch seeded order), placed by accelerate."""
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    groups = param_groups(wm, params, config.lr, config.adapter_lr_scale)
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     sampler = EpochSampler(len(dataset), config.seed)
     loader = DataLoader(
         dataset, batch_size=config.batch_size, sampler=sampler, drop_last=True, num_workers=config.num_workers
