@@ -105,6 +105,13 @@ def train(
         metavar="P",
         help="Probability in [0, 1) of replacing a frame's action by the null action (default 0.2).",
     ),
+    motion_weight: float | None = typer.Option(
+        None,
+        "--motion-weight",
+        metavar="X",
+        help="Weight the loss towards elements that change between frames (small moving objects on a static "
+        "scene); weights 1 + X x relative change, mean 1 (default 0: the plain loss).",
+    ),
     timestep_mode: str | None = typer.Option(
         None,
         "--timestep-mode",

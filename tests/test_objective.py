@@ -14,6 +14,7 @@ from causalize.noise import NoiseSchedule, rescale_zero_terminal_snr
 from causalize.training.objective import (
     action_keep_mask,
     diffusion_forcing_loss,
+    motion_weights,
     sample_frame_timesteps,
 )
 
@@ -319,3 +320,65 @@ def test_bad_inputs_raise(schedule):
         diffusion_forcing_loss(x, torch.zeros(2, 4, 3))
     with pytest.raises(ValueError, match="beta_schedule.*scaled_linear, linear"):
         NoiseSchedule.from_config(beta_schedule="cosine")
+
+
+# ---------------------------------------------------------------------------- motion weights
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    b=st.integers(1, 3),
+    t=st.integers(2, 5),
+    axis=st.sampled_from([1, 2]),
+    strength=st.floats(0.1, 50.0),
+)
+def test_motion_weights_have_mean_one_and_follow_the_change(seed, b, t, axis, strength):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, 3, t, 4, 4, generator=g) if axis == 2 else torch.randn(b, t, 3, 4, 4, generator=g)
+    w = motion_weights(x, axis, strength)
+    assert w.shape == x.shape and bool((w > 0).all())
+    torch.testing.assert_close(w.flatten(1).mean(1), torch.ones(b), rtol=1e-5, atol=1e-5)
+    xf, wf = x.movedim(axis, 1), w.movedim(axis, 1)
+    change = (xf[:, 1:] - xf[:, :-1]).abs()
+    # within a sample, a larger change never gets a smaller weight (frame t >= 1 against t - 1)
+    for i in range(b):
+        c, v = change[i].flatten(), wf[i, 1:].flatten()
+        order = torch.argsort(c)
+        assert bool((v[order][1:] >= v[order][:-1] - 1e-6).all())
+    torch.testing.assert_close(wf[:, 0], wf[:, 1])  # frame 0 is weighted by its change to frame 1
+
+
+def test_motion_weights_favour_the_moving_object_and_leave_a_static_clip_alone():
+    """A 1-pixel object moving over a static scene gets most of the weight; a static clip, one
+    frame, or strength 0 gets weight 1 everywhere (the control: nothing to favour)."""
+    x = torch.zeros(1, 1, 4, 8, 8)  # (B, C, T, H, W)
+    for t in range(4):
+        x[0, 0, t, 2, t] = 1.0  # the object moves one column per frame
+    w = motion_weights(x, 2, 10.0)
+    moving = torch.zeros_like(x, dtype=torch.bool)
+    for t in range(4):
+        moving[0, 0, t, 2, t] = True
+        moving[0, 0, t, 2, max(t - 1, 0) if t else 1] = True
+    assert float(w[moving].min()) > 10 * float(w[~moving].max())
+    ones = torch.ones_like(x)
+    static = torch.zeros(1, 1, 4, 8, 8) + 0.3
+    assert torch.equal(motion_weights(static, 2, 10.0), ones)
+    assert torch.equal(motion_weights(x, 2, 0.0), ones)
+    assert torch.equal(motion_weights(x[:, :, :1], 2, 10.0), torch.ones_like(x[:, :, :1]))
+    with pytest.raises(ValueError, match="strength"):
+        motion_weights(x, 2, -1.0)
+
+
+def test_weighted_loss_is_the_weighted_mean_of_squared_errors():
+    g = torch.Generator().manual_seed(0)
+    out, target = torch.randn(2, 3, 4, 5, generator=g), torch.randn(2, 3, 4, 5, generator=g)
+    w = torch.rand(2, 3, 4, 5, generator=g)
+    loss, per_frame = diffusion_forcing_loss(out, target, 1, weight=w, return_per_frame=True)
+    torch.testing.assert_close(per_frame, ((out - target).square() * w).flatten(2).mean(2))
+    torch.testing.assert_close(loss, per_frame.mean())
+    assert torch.equal(
+        diffusion_forcing_loss(out, target, 1, weight=torch.ones_like(w)), diffusion_forcing_loss(out, target, 1)
+    )
+    with pytest.raises(ValueError):
+        diffusion_forcing_loss(out, target, 1, weight=w[:, :2])

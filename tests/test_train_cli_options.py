@@ -39,6 +39,7 @@ CASES: list[tuple[list[str], str, Any]] = [
     (["--lr", "0.001"], "lr", 0.001),
     (["--weight-decay", "0.5"], "weight_decay", 0.5),
     (["--adapter-lr-scale", "10"], "adapter_lr_scale", 10.0),
+    (["--motion-weight", "5"], "motion_weight", 5.0),
     (["--grad-clip", "0"], "grad_clip", 0.0),
     (["--prediction-type", "epsilon"], "prediction_type", "epsilon"),
     (["--no-zero-terminal-snr"], "zero_terminal_snr", False),

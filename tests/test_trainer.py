@@ -425,6 +425,27 @@ def test_adapter_lr_scale_sets_the_adapters_rate(work, tmp_path, scale):
     assert _metrics(out)[-1]["lr"] == lr  # the logged rate is the denoiser's
 
 
+@pytest.mark.parametrize("strength", [0.0, 3.0])
+def test_motion_weight_reaches_the_loss(work, tmp_path, monkeypatch, strength):
+    """The trainer weights the loss by motion_weights of the clean clip at the configured strength;
+    at 0 (the default, the control) it computes the plain loss and never builds weights."""
+    import causalize.training.trainer as trainer_module
+
+    calls = []
+    original = trainer_module.motion_weights
+
+    def recording(x0, frame_axis, s):
+        calls.append((tuple(x0.shape), frame_axis, s))
+        return original(x0, frame_axis, s)
+
+    monkeypatch.setattr(trainer_module, "motion_weights", recording)
+    result = train(_config(work, tmp_path / "run", steps=1, motion_weight=strength))
+    assert np.isfinite(result["final_loss"])
+    assert [c[2] for c in calls] == ([strength] if strength else [])
+    with pytest.raises(TrainingError, match="motion_weight"):
+        _config(work, tmp_path / "bad", motion_weight=-1.0)
+
+
 def test_adapter_lr_scale_must_be_positive(work, tmp_path):
     with pytest.raises(TrainingError, match="adapter_lr_scale"):
         _config(work, tmp_path / "run", adapter_lr_scale=0.0)

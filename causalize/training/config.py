@@ -90,6 +90,12 @@ class TrainConfig:
     #: Probability of replacing a frame's action by the null action, independently per sample and
     #: frame (METHOD.md §7: 0.2). In [0, 1).
     action_dropout: float = 0.2
+    #: Weight the loss towards what moves: each squared error is weighted by 1 + motion_weight ·
+    #: (how much that element of the clean clip changes from the previous frame, relative to the
+    #: clip's mean change), rescaled to mean 1 (objective.motion_weights). 0: the plain loss (the
+    #: paper). For small controlled objects over a static scene (Atari), where the plain loss
+    #: hardly sees what the actions move.
+    motion_weight: float = 0.0
     #: "independent": a noise level per sample and frame (Diffusion Forcing); "shared": one per
     #: sample, repeated over its frames (plain video diffusion, the baseline).
     timestep_mode: str = "independent"
@@ -234,6 +240,8 @@ class TrainConfig:
                 raise self._bad(name, "must be a non-negative integer")
         if not _is_real(self.lr) or not self.lr > 0:
             raise self._bad("lr", "must be a positive number")
+        if not _is_real(self.motion_weight) or self.motion_weight < 0:
+            raise self._bad("motion_weight", "must be a non-negative number")
         if not _is_real(self.adapter_lr_scale) or not self.adapter_lr_scale > 0:
             raise self._bad("adapter_lr_scale", "must be a positive number")
         if not _is_real(self.weight_decay) or self.weight_decay < 0:

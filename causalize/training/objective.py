@@ -26,6 +26,7 @@ __all__ = [
     "TIMESTEP_MODES",
     "action_keep_mask",
     "diffusion_forcing_loss",
+    "motion_weights",
     "sample_frame_timesteps",
 ]
 
@@ -107,6 +108,7 @@ def diffusion_forcing_loss(
     target: torch.Tensor,
     frame_axis: int = ...,
     *,
+    weight: torch.Tensor | None = ...,
     return_per_frame: Literal[False] = ...,
 ) -> torch.Tensor: ...
 
@@ -117,6 +119,7 @@ def diffusion_forcing_loss(
     target: torch.Tensor,
     frame_axis: int = ...,
     *,
+    weight: torch.Tensor | None = ...,
     return_per_frame: Literal[True],
 ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
@@ -126,13 +129,15 @@ def diffusion_forcing_loss(
     target: torch.Tensor,
     frame_axis: int = 1,
     *,
+    weight: torch.Tensor | None = None,
     return_per_frame: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """ℒ = mean_b (1/T) Σ_t mean_{C,H,W} (target − f)² (§6): the squared error is averaged over
     every axis except batch and frame, then uniformly over frames and batch. No low-noise mask and
     no VLB term. Computed in float32 (float64 if an input is float64) whatever the model dtype.
 
-    With ``return_per_frame=True`` also returns the (B, T) per-frame losses (still attached to the
+    ``weight`` (the shape of ``model_out``, e.g. :func:`motion_weights`) multiplies each squared
+    error before the means. With ``return_per_frame=True`` also returns the (B, T) per-frame losses (still attached to the
     graph; detach before logging), whose mean is the scalar loss.
     """
     check_same_shape(model_out, target, "model_out", "target")
@@ -141,10 +146,37 @@ def diffusion_forcing_loss(
         raise ValueError(f"cannot compute a loss over an empty tensor of shape {tuple(model_out.shape)}")
     dtype = compute_dtype(model_out, target)
     sq = (model_out.to(dtype) - target.to(dtype)).square()
+    if weight is not None:
+        check_same_shape(weight, model_out, "weight", "model_out")
+        sq = sq * weight.to(dtype)
     b, t = sq.shape[0], sq.shape[axis]
     per_frame = sq.movedim(axis, 1).reshape(b, t, -1).mean(dim=-1)
     loss = per_frame.mean()
     return (loss, per_frame) if return_per_frame else loss
+
+
+def motion_weights(x0: torch.Tensor, frame_axis: int = 1, strength: float = 1.0) -> torch.Tensor:
+    """Loss weights that favour what moves: w ∝ 1 + strength · m / mean(m), scaled to mean 1 per
+    sample, where m = |x0_t − x0_{t−1}| elementwise (frame 0: |x0_1 − x0_0|) on the clean clip.
+
+    A world model's actions move small objects (a paddle, a character) over a static scene; the
+    plain loss is dominated by the scene, so the gradient that ties an action to its effect is a
+    small, noisy part of it. Weighting the changing elements raises that part. Training only: the
+    weights come from the clean clip, never reach the model, and keep the loss's scale (mean 1).
+    A clip without change (or with one frame) gets weight 1 everywhere.
+    """
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or strength < 0:
+        raise ValueError(f"strength must be a non-negative number, got {strength!r}")
+    axis = frame_axis_index(x0, frame_axis)
+    x = x0.detach().to(compute_dtype(x0, x0)).movedim(axis, 1)
+    if x.shape[1] < 2 or strength == 0:
+        return torch.ones_like(x0, dtype=x.dtype)
+    change = (x[:, 1:] - x[:, :-1]).abs()
+    m = torch.cat([change[:, :1], change], dim=1)
+    mean = m.flatten(1).mean(dim=1).view(-1, *([1] * (m.dim() - 1)))
+    w = 1.0 + strength * m / mean.clamp_min(torch.finfo(m.dtype).tiny)
+    w = w / w.flatten(1).mean(dim=1).view_as(mean)
+    return w.movedim(1, axis)
 
 
 # --------------------------------------------------------------------------------------------

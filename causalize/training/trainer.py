@@ -73,7 +73,12 @@ from causalize.training.loading import (
     param_groups,
     select_trainable,
 )
-from causalize.training.objective import action_keep_mask, diffusion_forcing_loss, sample_frame_timesteps
+from causalize.training.objective import (
+    action_keep_mask,
+    diffusion_forcing_loss,
+    motion_weights,
+    sample_frame_timesteps,
+)
 from causalize.world_model import conditioning_kwargs
 
 if TYPE_CHECKING:
@@ -198,11 +203,13 @@ def compute_loss(
     timestep_mode: str = "independent",
     action_dropout: float = 0.2,
     output_axis: int | None = None,
+    motion_weight: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, StepInputs]:
     """The Diffusion Forcing loss of one micro-batch: ``x0`` in the model's native layout (frames
     on ``frame_axis``), ``model`` a :class:`causalize.WorldModel` (or anything called as
-    ``model(x_k, timesteps, actions, keep, **model_kwargs)``). Returns (loss, per-frame losses
-    (B, T), the step's draws)."""
+    ``model(x_k, timesteps, actions, keep, **model_kwargs)``). ``motion_weight`` > 0 weights the
+    squared errors by :func:`~causalize.training.objective.motion_weights` of ``x0``. Returns
+    (loss, per-frame losses (B, T), the step's draws)."""
     draws = draw_step_inputs(
         x0,
         action_mask,
@@ -221,7 +228,8 @@ def compute_loss(
             "train a model whose out_channels equal its in_channels (no learned variance channels)",
         )
     target = schedule.target(x0, draws.noise, draws.timesteps, prediction_type, frame_axis)
-    loss, per_frame = diffusion_forcing_loss(out, target, frame_axis, return_per_frame=True)
+    weight = motion_weights(x0, frame_axis, motion_weight) if motion_weight > 0 else None
+    loss, per_frame = diffusion_forcing_loss(out, target, frame_axis, weight=weight, return_per_frame=True)
     return loss, per_frame, draws
 
 
@@ -517,6 +525,7 @@ def _micro_step(run: _Run, step: int, micro: int, batch: dict[str, Any]) -> tupl
             timestep_mode=config.timestep_mode,
             action_dropout=config.action_dropout,
             output_axis=run.output_axis,
+            motion_weight=config.motion_weight,
         )
         accelerator.backward(loss / config.gradient_accumulation)
     return loss.detach(), per_frame.detach().mean(0)
