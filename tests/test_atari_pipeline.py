@@ -207,8 +207,26 @@ def test_studies_recorded_before_backbones_resume_as_unet3d(tmp_path):
     cfg = study.resolve_config("smoke", space="pixel")
     # recorded before backbones (issue 6) and before spaces and replicates (issue 17)
     old = {k: v for k, v in cfg.items() if k not in ("backbone", "space", "latent", "replicates")}
+    # and before the fine-tuning settings motion_weight and adapter_lr_scale
+    old["finetune"] = {k: v for k, v in cfg["finetune"].items() if k not in ("motion_weight", "adapter_lr_scale")}
     (tmp_path / "study.json").write_text(json.dumps({"scale": "smoke", "seed": SEED, "config": old}))
     study.Study(tmp_path, cfg, SEED, scale="smoke").check_identity()  # accepted, not refused
+
+
+def test_finetune_settings_reach_the_trainer(tmp_path, monkeypatch):
+    """--set finetune.motion_weight / adapter_lr_scale reach TrainConfig; by default the plain loss
+    and one learning rate (the trainer's defaults)."""
+    import causalize.training.trainer as trainer
+
+    captured = []
+    monkeypatch.setattr(trainer, "train", lambda config, progress=None: captured.append(config) or {})
+    assert {k: study.resolve_config("smoke")["finetune"][k] for k in ("motion_weight", "adapter_lr_scale")} == {
+        "motion_weight": 0.0,
+        "adapter_lr_scale": 1.0,
+    }
+    cfg = study.resolve_config("smoke", ["finetune.motion_weight=2", "finetune.adapter_lr_scale=5"], space="pixel")
+    study.Study(tmp_path, cfg, SEED, scale="smoke").finetune("extrapolative")
+    assert (captured[0].motion_weight, captured[0].adapter_lr_scale) == (2, 5)
 
 
 def test_unknown_backbone_and_foreign_variants_are_refused():

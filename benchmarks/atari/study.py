@@ -400,6 +400,10 @@ LATENT_SCALES: dict[str, dict[str, Any]] = {
 #: What a configuration holds when it does not say (pixel studies recorded before issue 17).
 _DEFAULTS = {"space": "pixel", "latent": None, "patch": None, "replicates": {"seeds": 1, "variants": []}}
 
+#: Fine-tuning settings every scale has at the trainer's defaults (the plain loss, one learning
+#: rate); ``--set finetune.motion_weight=1`` changes them. Filled into studies recorded before them.
+_FINETUNE_DEFAULTS = {"motion_weight": 0.0, "adapter_lr_scale": 1.0}
+
 
 class StudyError(RuntimeError):
     """The study cannot run as asked (e.g. DIR holds a study with another configuration)."""
@@ -459,6 +463,7 @@ def resolve_config(
         _overlay(cfg, {k: v for k, v in LATENT_SCALES[scale].items() if k != "latent"})
         cfg["patch"] = {"size": patches.PATCH}
     cfg["backbone"], cfg["space"] = backbone, space
+    cfg["finetune"] = {**_FINETUNE_DEFAULTS, **cfg["finetune"]}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep:
@@ -640,6 +645,9 @@ class Study:
             old.get("config", {}).setdefault("backbone", UNET3D.name)  # recorded before backbones existed
             for key, value in _DEFAULTS.items():  # recorded before issue 17
                 old.get("config", {}).setdefault(key, value)
+            old_ft = old.get("config", {}).get("finetune")
+            if isinstance(old_ft, dict):
+                old["config"]["finetune"] = {**_FINETUNE_DEFAULTS, **old_ft}
             if old != json.loads(json.dumps(ident)):
                 raise StudyError(
                     f"{self.root} holds a study with another scale, seed or configuration ({path}); "
@@ -889,6 +897,8 @@ class Study:
             batch_size=f["batch_size"],
             steps=f["steps"],
             lr=f["lr"],
+            motion_weight=f.get("motion_weight", 0.0),
+            adapter_lr_scale=f.get("adapter_lr_scale", 1.0),
             seed=self.train_seed,
             split=None,
             log_every=f["log_every"],
