@@ -209,9 +209,37 @@ def test_budget_with_settings_fine_tunes_afresh_from_the_converted_model(patch_r
     assert faster["settings"] == {"adapter_lr_scale": 30.0} and "| fine-tuning steps |" in budget.table(faster)
 
 
+def test_budget_keeps_measurements_for_the_same_weights_only(patch_run, monkeypatch):
+    """A rerun with one more step count (30, given as an int: the same run as 30.0) continues from
+    the last run and measures only the new model; a kept measurement whose weights no longer match
+    (the control: a retrained model) is measured again."""
+    from benchmarks.atari import budget
+
+    out, results, _ = patch_run
+    base = results["study"]["config"]["finetune"]["steps"]
+    first = budget.run(out, "extrapolative", [base], overrides={"adapter_lr_scale": 30.0})
+    measured = []
+    original = budget.measure
+    monkeypatch.setattr(budget, "measure", lambda *a: measured.append(a[2]) or original(*a))
+    more = budget.run(out, "extrapolative", [base, base + 1], overrides={"adapter_lr_scale": 30})
+    assert more["name"] == first["name"] and [p.parent.name for p in measured] == [f"step-{base + 1}"]
+    kept, again = ({k: v for k, v in d["steps"][str(base)].items() if k != "seconds"} for d in (more, first))
+    assert json.dumps(kept, sort_keys=True) == json.dumps(again, sort_keys=True)
+    path = out / "budget" / first["name"] / f"step-{base}" / budget.MEASURE_FILE
+    path.write_text(json.dumps({**json.loads(path.read_text()), "weights_sha256": "another model"}))
+    measured.clear()
+    budget.run(out, "extrapolative", [base], overrides={"adapter_lr_scale": 30.0})
+    assert [p.parent.name for p in measured] == [f"step-{base}"]
+
+
 @pytest.mark.parametrize(
     "overrides, needle",
-    [({"steps": 5}, "cannot change steps"), ({"bogus": 1}, "bogus"), ({"adapter_lr_scale": 0}, "adapter_lr_scale")],
+    [
+        ({"steps": 5}, "cannot change steps"),
+        ({"prediction_type": "epsilon"}, "cannot change prediction_type"),
+        ({"bogus": 1}, "bogus"),
+        ({"adapter_lr_scale": 0}, "adapter_lr_scale"),
+    ],
 )
 def test_budget_refuses_bad_settings(patch_run, overrides, needle):
     from benchmarks.atari import budget

@@ -211,6 +211,10 @@ def test_studies_recorded_before_backbones_resume_as_unet3d(tmp_path):
     old["finetune"] = {k: v for k, v in cfg["finetune"].items() if k not in ("motion_weight", "adapter_lr_scale")}
     (tmp_path / "study.json").write_text(json.dumps({"scale": "smoke", "seed": SEED, "config": old}))
     study.Study(tmp_path, cfg, SEED, scale="smoke").check_identity()  # accepted, not refused
+    # the control: a study recorded with another fine-tuning setting is another study
+    other = study.resolve_config("smoke", ["finetune.motion_weight=1"], space="pixel")
+    with pytest.raises(study.StudyError, match="another scale, seed or configuration"):
+        study.Study(tmp_path, other, SEED, scale="smoke").check_identity()
 
 
 def test_finetune_settings_reach_the_trainer(tmp_path, monkeypatch):

@@ -366,8 +366,9 @@ def test_motion_weights_favour_the_moving_object_and_leave_a_static_clip_alone()
     assert torch.equal(motion_weights(static, 2, 10.0), ones)
     assert torch.equal(motion_weights(x, 2, 0.0), ones)
     assert torch.equal(motion_weights(x[:, :, :1], 2, 10.0), torch.ones_like(x[:, :, :1]))
-    with pytest.raises(ValueError, match="strength"):
-        motion_weights(x, 2, -1.0)
+    for bad in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="strength"):
+            motion_weights(x, 2, bad)
 
 
 def test_weighted_loss_is_the_weighted_mean_of_squared_errors():

@@ -429,21 +429,36 @@ def test_adapter_lr_scale_sets_the_adapters_rate(work, tmp_path, scale):
 def test_motion_weight_reaches_the_loss(work, tmp_path, monkeypatch, strength):
     """The trainer weights the loss by motion_weights of the clean clip at the configured strength;
     at 0 (the default, the control) it computes the plain loss and never builds weights."""
-    import causalize.training.trainer as trainer_module
+    from causalize.training import objective
 
     calls = []
-    original = trainer_module.motion_weights
+    original = objective.motion_weights
 
     def recording(x0, frame_axis, s):
         calls.append((tuple(x0.shape), frame_axis, s))
         return original(x0, frame_axis, s)
 
-    monkeypatch.setattr(trainer_module, "motion_weights", recording)
+    monkeypatch.setattr(objective, "motion_weights", recording)
     result = train(_config(work, tmp_path / "run", steps=1, motion_weight=strength))
-    assert np.isfinite(result["final_loss"])
+    plain = train(_config(work, tmp_path / "plain", steps=1))
     assert [c[2] for c in calls] == ([strength] if strength else [])
+    # the weights reach the loss: same draws, another value unless the strength is 0
+    assert (result["final_loss"] == plain["final_loss"]) == (strength == 0)
     with pytest.raises(TrainingError, match="motion_weight"):
         _config(work, tmp_path / "bad", motion_weight=-1.0)
+
+
+def test_resume_with_other_rates(work, tmp_path):
+    """Resuming takes the configured rates, not the checkpoint's, and warns that the run will not
+    replay; a change between one rate and an adapter rate of its own is refused (the optimizer
+    state has another number of parameter groups)."""
+    out = tmp_path / "run"
+    train(_config(work, out, steps=1, checkpoint_every=1))
+    with pytest.warns(UserWarning, match="different lr"):
+        train(_config(work, out, steps=2, checkpoint_every=1, lr=2e-3, resume=True))
+    assert [m["lr"] for m in _metrics(out)] == [1e-3, 2e-3]
+    with pytest.raises(TrainingError, match="adapter_lr_scale"):
+        train(_config(work, out, steps=3, checkpoint_every=1, lr=2e-3, adapter_lr_scale=10.0, resume=True))
 
 
 def test_adapter_lr_scale_must_be_positive(work, tmp_path):

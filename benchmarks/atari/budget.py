@@ -41,8 +41,24 @@ from benchmarks.atari import control
 from benchmarks.atari import evaluate as ev
 from benchmarks.atari.study import CONTEXT_LEVELS, StageProgress, Study, StudyError, set_determinism
 
-#: Settings the budget check sets itself (where and how far the run goes).
-_FIXED = {"model", "data", "output_dir", "steps", "resume", "checkpoint_every", "keep_checkpoints"}
+#: A budget run's measurement, beside its model.
+MEASURE_FILE = "measure.json"
+
+#: Settings --set may not change: where and how far the run goes (the check sets them), and what
+#: the model predicts and from what (the measurements use the study's sampler and decoder).
+_FIXED = {
+    "model",
+    "data",
+    "output_dir",
+    "steps",
+    "resume",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "prediction_type",
+    "zero_terminal_snr",
+    "vae",
+    "conditioning",
+}
 
 
 def open_study(out: Path, replicate: int = 0) -> Study:
@@ -145,6 +161,33 @@ def measure(study: Study, variant: str, model_dir: Path, segments: ev.Segments) 
     return {"action_check": check, "paddle": _paddle_summary(ctrl), "psnr_real": scored["real"]["psnr"]["overall"]}
 
 
+def _measured(study: Study, variant: str, model: Path, segments: ev.Segments, cached: bool) -> dict[str, Any]:
+    """:func:`measure`, kept beside a budget run's model (``step-N/measure.json``) so that a rerun
+    with more step counts measures only the new ones."""
+    path = model.parent / MEASURE_FILE
+    weights = _fingerprint(model)
+    if cached and path.is_file():
+        row = json.loads(path.read_text(encoding="utf-8"))
+        if row.get("weights_sha256") == weights:
+            return row
+    t0 = time.perf_counter()
+    row = {**measure(study, variant, model, segments), "measure_seconds": time.perf_counter() - t0}
+    row["weights_sha256"] = weights
+    if cached:
+        path.write_text(json.dumps(row, indent=1) + "\n", encoding="utf-8")
+    return row
+
+
+def _fingerprint(model: Path) -> str:
+    """sha256 of the model's weights: a kept measurement is reused only for the same weights."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for f in sorted(model.glob("*.safetensors")):
+        digest.update(f.read_bytes())
+    return digest.hexdigest()
+
+
 def _paddle_summary(ctrl: dict[str, Any]) -> dict[str, Any]:
     p = ctrl["paddle"]
     return {
@@ -159,7 +202,7 @@ def _paddle_summary(ctrl: dict[str, Any]) -> dict[str, Any]:
 def run(
     out: Path, variant: str, steps: list[int], replicate: int = 0, overrides: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    overrides = overrides or {}
+    overrides = _typed(overrides or {})
     bad = sorted(set(overrides) & _FIXED)
     if bad:
         raise StudyError(f"--set cannot change {', '.join(bad)}: the budget check sets them")
@@ -184,7 +227,10 @@ def run(
             model = study.out / "finetune" / variant / "final"
         else:
             model = continue_finetuning(study, variant, n, overrides)
-        rows[str(n)] = {**measure(study, variant, model, segments), "seconds": time.perf_counter() - t0}
+        rows[str(n)] = _measured(
+            study, variant, model, segments, cached=model != study.out / "finetune" / variant / "final"
+        )
+        rows[str(n)]["seconds"] = time.perf_counter() - t0  # this invocation's: ~0 when done before
         study.log(f"[budget {name}] {n} steps: paddle real − random {rows[str(n)]['paddle']['real_minus_random']}")
     return {
         "study": str(out),
@@ -216,11 +262,26 @@ def table(doc: dict[str, Any]) -> str:
         )
     real = {m["action"]: m["mean"] for m in doc["real_moves"]}
     lines.append(f"\nReal test frames: move after RIGHT / LEFT {_num(real.get(2))} / {_num(real.get(3))} px.")
+    if doc.get("settings"):
+        lines.append(f"Fine-tuned afresh with {settings_tag(doc['settings'])} (the study's settings otherwise).")
     return "\n".join(lines)
 
 
 def _num(x: float | None, spec: str = ".2f") -> str:
     return "–" if x is None or not np.isfinite(x) else format(x, spec)
+
+
+def _typed(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Integers given for float settings as floats, so that ``10`` and ``10.0`` name one run."""
+    from causalize.training.config import TrainConfig
+
+    fields = TrainConfig.__dataclass_fields__
+    return {
+        k: float(v)
+        if k in fields and isinstance(fields[k].default, float) and isinstance(v, int) and not isinstance(v, bool)
+        else v
+        for k, v in overrides.items()
+    }
 
 
 def parse_settings(items: list[str]) -> dict[str, Any]:

@@ -49,7 +49,8 @@ TRAINING_FILE = "training.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 #: Settings that decide which windows, noise, dropout and inputs a step draws: resuming with other
-#: values cannot replay the interrupted run. (Not ``model``: a resumed run takes its weights from
+#: values cannot replay the interrupted run; nor can other rates or loss weights (the configured
+#: rates replace the checkpoint's). (Not ``model``: a resumed run takes its weights from
 #: the checkpoint, and a model of another shape fails to load them.)
 _REPLAY_SETTINGS = (
     "seed",
@@ -62,6 +63,9 @@ _REPLAY_SETTINGS = (
     "split",
     "vae",
     "conditioning",
+    "lr",
+    "adapter_lr_scale",
+    "motion_weight",
 )
 #: Settings that are paths: compared resolved, and recorded resolved in trainer_state.json
 #: ("paths"), so that a run resumed from another working directory compares the same files.
@@ -144,6 +148,7 @@ def resume_point(config: TrainConfig, is_main: bool) -> tuple[Path | None, int]:
             raise TrainingError(f"not a training checkpoint: {ckpt} (no {STATE_FILE})")
     state = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
     saved = {**state.get("config", {}), **state.get("paths", {})}  # paths: as resolved by the saving run
+    _check_groups(ckpt, saved, config)
     differs = [k for k in _REPLAY_SETTINGS if k in saved and not _same_setting(k, saved[k], getattr(config, k))]
     if differs and is_main:
         warnings.warn(
@@ -151,6 +156,18 @@ def resume_point(config: TrainConfig, is_main: bool) -> tuple[Path | None, int]:
             stacklevel=4,
         )
     return ckpt, int(state["step"])
+
+
+def _check_groups(ckpt: Path, saved: dict, config: TrainConfig) -> None:
+    """Refuse a resume whose optimizer would have another number of parameter groups than the
+    checkpoint's (adapter_lr_scale 1 gives one group, any other two): torch cannot load it."""
+    before = float(saved.get("adapter_lr_scale", 1.0))
+    if config.train_only == "all" and (before == 1.0) != (config.adapter_lr_scale == 1.0):
+        raise TrainingError(
+            f"{ckpt} was trained with adapter_lr_scale={before:g}, this run asks for {config.adapter_lr_scale:g}: "
+            "one of them gives the adapter a rate of its own, the other not, and the optimizer state cannot carry over",
+            "resume with the checkpoint's adapter_lr_scale, or start a fresh run",
+        )
 
 
 # --------------------------------------------------------------------------------------------

@@ -76,7 +76,8 @@ class TrainConfig:
     lr: float = 1e-5
     #: The action adapter's learning rate as a multiple of ``lr``. The adapter is new and starts
     #: at zero while the denoiser is pretrained: at the denoiser's rate it may barely move in a
-    #: short run (the Atari study measured this). 1: one rate for all (the paper).
+    #: short run. 1: one rate for all (the paper). With train_only="adapter" the whole run is at
+    #: lr × adapter_lr_scale. Resuming cannot switch between 1 and another value.
     adapter_lr_scale: float = 1.0
     #: AdamW decoupled weight decay (torch's AdamW default).
     weight_decay: float = 1e-2
@@ -94,7 +95,8 @@ class TrainConfig:
     #: (how much that element of the clean clip changes from the previous frame, relative to the
     #: clip's mean change), rescaled to mean 1 (objective.motion_weights). 0: the plain loss (the
     #: paper). For small controlled objects over a static scene (Atari), where the plain loss
-    #: hardly sees what the actions move.
+    #: hardly sees what the actions move. The logged loss is the weighted one. Through a --vae the
+    #: weights see sampled latents (posterior noise counts as change).
     motion_weight: float = 0.0
     #: "independent": a noise level per sample and frame (Diffusion Forcing); "shared": one per
     #: sample, repeated over its frames (plain video diffusion, the baseline).

@@ -30,6 +30,7 @@ __all__ = [
     "load_vae",
     "load_world_model",
     "open_dataset",
+    "param_groups",
     "select_trainable",
 ]
 
@@ -248,8 +249,9 @@ def select_trainable(wm: WorldModel, train_only: str) -> list[torch.nn.Parameter
 
 
 def param_groups(wm: WorldModel, params: list[torch.nn.Parameter], lr: float, adapter_lr_scale: float) -> list[dict]:
-    """The optimizer's parameter groups: the denoiser's ``params`` at ``lr`` (group 0, the logged
-    rate) and the action adapter's at ``lr × adapter_lr_scale``; one group when the scale is 1."""
+    """The optimizer's parameter groups: the denoiser's ``params`` at ``lr`` and the action
+    adapter's at ``lr × adapter_lr_scale``; one group when the scale is 1. The metrics log group
+    0's rate: ``lr``, or the adapter's when it is all that trains (train_only="adapter")."""
     if adapter_lr_scale == 1.0 or wm.action_encoder is None:
         return [{"params": params, "lr": lr}]
     adapter = {id(p) for p in wm.action_encoder.parameters()}

@@ -4,8 +4,8 @@ Everything here is pure torch and independent of any diffusers model class, so t
 benchmark and the tests share one definition of timestep sampling (independent per frame, or
 shared over frames for the plain-diffusion baseline), per-frame action dropout, and the loss
 reduction (mean over C·H·W per frame, then uniform over frames and batch; no loss mask, no VLB
-term). The noise schedule, the forward process and the parameterisations live in
-:mod:`causalize.noise`, shared with rollout.
+term; optional per-element weights, e.g. :func:`motion_weights`). The noise schedule, the
+forward process and the parameterisations live in :mod:`causalize.noise`, shared with rollout.
 
 The toolkit default parameterisation is v (§11 row 1): with zero terminal SNR, x_k = ε at the last
 step, so an ε-target there says nothing about x0.
@@ -13,6 +13,7 @@ step, so an ε-target there says nothing about x0.
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any, Literal, overload
 
@@ -137,8 +138,8 @@ def diffusion_forcing_loss(
     no VLB term. Computed in float32 (float64 if an input is float64) whatever the model dtype.
 
     ``weight`` (the shape of ``model_out``, e.g. :func:`motion_weights`) multiplies each squared
-    error before the means. With ``return_per_frame=True`` also returns the (B, T) per-frame losses (still attached to the
-    graph; detach before logging), whose mean is the scalar loss.
+    error before the means. With ``return_per_frame=True`` also returns the (B, T) per-frame
+    losses (still attached to the graph; detach before logging), whose mean is the scalar loss.
     """
     check_same_shape(model_out, target, "model_out", "target")
     axis = frame_axis_index(model_out, frame_axis)
@@ -165,7 +166,7 @@ def motion_weights(x0: torch.Tensor, frame_axis: int = 1, strength: float = 1.0)
     weights come from the clean clip, never reach the model, and keep the loss's scale (mean 1).
     A clip without change (or with one frame) gets weight 1 everywhere.
     """
-    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or strength < 0:
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0 <= strength < math.inf:
         raise ValueError(f"strength must be a non-negative number, got {strength!r}")
     axis = frame_axis_index(x0, frame_axis)
     x = x0.detach().to(compute_dtype(x0, x0)).movedim(axis, 1)

@@ -27,8 +27,7 @@ and ``final/`` (the trained model as a causalize checkpoint, loadable with
 ``WorldModel.from_pretrained``). The library prints nothing; ``progress(step, total, loss)`` is
 called on the main process after every optimizer step.
 
-Beside this module: the settings (:mod:`causalize.training.config`), loading and checking the
-inputs (:mod:`causalize.training.loading`) and the run's files (:mod:`causalize.training.checkpoints`).
+Beside it: the settings (``config``), the inputs (``loading``), run files (``checkpoints``), loss (``objective``).
 """
 
 from __future__ import annotations
@@ -48,6 +47,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from causalize.noise import NoiseSchedule
+from causalize.training import objective
 from causalize.training.checkpoints import (
     CHECKPOINT_DIR,
     FINAL_DIR,
@@ -73,12 +73,7 @@ from causalize.training.loading import (
     param_groups,
     select_trainable,
 )
-from causalize.training.objective import (
-    action_keep_mask,
-    diffusion_forcing_loss,
-    motion_weights,
-    sample_frame_timesteps,
-)
+from causalize.training.objective import action_keep_mask, diffusion_forcing_loss, sample_frame_timesteps
 from causalize.world_model import conditioning_kwargs
 
 if TYPE_CHECKING:
@@ -207,9 +202,8 @@ def compute_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, StepInputs]:
     """The Diffusion Forcing loss of one micro-batch: ``x0`` in the model's native layout (frames
     on ``frame_axis``), ``model`` a :class:`causalize.WorldModel` (or anything called as
-    ``model(x_k, timesteps, actions, keep, **model_kwargs)``). ``motion_weight`` > 0 weights the
-    squared errors by :func:`~causalize.training.objective.motion_weights` of ``x0``. Returns
-    (loss, per-frame losses (B, T), the step's draws)."""
+    ``model(x_k, timesteps, actions, keep, **model_kwargs)``); ``motion_weight`` > 0 weights it by
+    ``objective.motion_weights(x0)``. Returns (loss, per-frame losses (B, T), the step's draws)."""
     draws = draw_step_inputs(
         x0,
         action_mask,
@@ -228,7 +222,7 @@ def compute_loss(
             "train a model whose out_channels equal its in_channels (no learned variance channels)",
         )
     target = schedule.target(x0, draws.noise, draws.timesteps, prediction_type, frame_axis)
-    weight = motion_weights(x0, frame_axis, motion_weight) if motion_weight > 0 else None
+    weight = objective.motion_weights(x0, frame_axis, motion_weight) if motion_weight > 0 else None
     loss, per_frame = diffusion_forcing_loss(out, target, frame_axis, weight=weight, return_per_frame=True)
     return loss, per_frame, draws
 
@@ -462,7 +456,10 @@ def _restore(run: _Run, windows: int) -> None:
             "lower batch_size or window, or add episodes",
         )
     if run.resume_from is not None:
+        rates = [g["lr"] for g in run.optimizer.param_groups]
         run.accelerator.load_state(str(run.resume_from))
+        for group, lr in zip(run.optimizer.param_groups, rates):  # the configured rates, not the saved ones
+            group["lr"] = lr
     if run.accelerator.is_main_process and config.resume is not False:
         truncate_metrics(run.out / METRICS_FILE, run.start_step)
 
