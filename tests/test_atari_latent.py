@@ -190,3 +190,41 @@ def test_step_cost_times_every_space():
     ]
     assert all(r["s/step"] > 0 and r["steps/s"] > 0 for r in rows)
     assert rows[3]["model input"] == "16×16" and rows[0]["model input"] == "32×32" and rows[5]["model input"] == "8×8"
+
+
+def test_reuse_copies_the_shared_stages_for_a_fine_tuning_ablation(latent_run, tmp_path):
+    """--reuse: a study that changes only fine-tuning settings copies the finished shared stages
+    (nothing before conversion runs again) and fine-tunes anew; a study that changes a shared
+    setting is refused (the control), and so is a directory without a study."""
+    out, results, _ = latent_run
+    other = tmp_path / "ablation"
+    logs: list[str] = []
+    res = study.run_study(
+        other,
+        scale="smoke",
+        seed=SEED,
+        space="latent",
+        overrides=["finetune.motion_weight=1"],
+        reuse=out,
+        log=logs.append,
+    )
+    assert not {"data", "autoencoder", "encode", "pretrain", "scratch-init"} & set(res["stages_run_now"])
+    assert "finetune extrapolative" in res["stages_run_now"]
+    assert (other / "pretrain" / "pretrain.json").read_bytes() == (out / "pretrain" / "pretrain.json").read_bytes()
+    assert res["study"]["config"]["finetune"]["motion_weight"] == 1
+    assert (
+        res["variants"]["extrapolative"]["finetune"]["final_loss"]
+        != results["variants"]["extrapolative"]["finetune"]["final_loss"]
+    )
+    with pytest.raises(study.StudyError, match="differs in pretrain"):
+        study.run_study(
+            tmp_path / "bad",
+            scale="smoke",
+            seed=SEED,
+            space="latent",
+            overrides=["pretrain.steps=3"],
+            reuse=out,
+            log=logs.append,
+        )
+    with pytest.raises(study.StudyError, match="no study there"):
+        study.reuse_stages(tmp_path / "x", tmp_path, results["study"]["config"], SEED, "smoke", logs.append)

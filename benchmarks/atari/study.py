@@ -405,6 +405,17 @@ _DEFAULTS = {"space": "pixel", "latent": None, "patch": None, "replicates": {"se
 _FINETUNE_DEFAULTS = {"motion_weight": 0.0, "adapter_lr_scale": 1.0}
 
 
+def _normalised_identity(ident: dict[str, Any]) -> dict[str, Any]:
+    """A recorded study.json with the settings added since filled in at their old values."""
+    cfg = ident.setdefault("config", {})
+    cfg.setdefault("backbone", UNET3D.name)  # recorded before backbones existed
+    for key, value in _DEFAULTS.items():  # recorded before issue 17
+        cfg.setdefault(key, copy.deepcopy(value))
+    if isinstance(cfg.get("finetune"), dict):
+        cfg["finetune"] = {**_FINETUNE_DEFAULTS, **cfg["finetune"]}
+    return ident
+
+
 class StudyError(RuntimeError):
     """The study cannot run as asked (e.g. DIR holds a study with another configuration)."""
 
@@ -641,13 +652,7 @@ class Study:
         ident = {"scale": self.scale, "seed": self.seed, "config": self.cfg}
         path = self.root / "study.json"
         if path.is_file():
-            old = _read_json(path)
-            old.get("config", {}).setdefault("backbone", UNET3D.name)  # recorded before backbones existed
-            for key, value in _DEFAULTS.items():  # recorded before issue 17
-                old.get("config", {}).setdefault(key, value)
-            old_ft = old.get("config", {}).get("finetune")
-            if isinstance(old_ft, dict):
-                old["config"]["finetune"] = {**_FINETUNE_DEFAULTS, **old_ft}
+            old = _normalised_identity(_read_json(path))
             if old != json.loads(json.dumps(ident)):
                 raise StudyError(
                     f"{self.root} holds a study with another scale, seed or configuration ({path}); "
@@ -1618,6 +1623,42 @@ def markdown(results: dict[str, Any], panels: list[str]) -> str:
 # ------------------------------------------------------------------------------------ driver
 
 
+#: Sections a study may change and still reuse another's shared stages (``--reuse``): they
+#: concern conversion, fine-tuning and evaluation only.
+REUSE_FREE = ("finetune", "eval", "replicates", "threads")
+#: The shared stages' directories under a study's root, copied by ``--reuse``.
+SHARED_STAGES = ("data", "autoencoder", "latent", "patch", "pretrain", "scratch_init")
+
+
+def reuse_stages(out: Path, source: Path, cfg: dict[str, Any], seed: int, scale: str, log: Log) -> list[str]:
+    """Copy the finished shared stages (data, autoencoder, encoded datasets, pretraining, scratch
+    initialisation) of the study at ``source`` into ``out`` where ``out`` lacks them, so that a
+    fine-tuning ablation skips the hour before it. Refused unless the two studies agree on seed,
+    scale and every setting outside :data:`REUSE_FREE`. Returns the stages copied."""
+    import shutil
+
+    path = source / "study.json"
+    if not path.is_file():
+        raise StudyError(f"--reuse {source}: no study there (no study.json)")
+    other = _normalised_identity(_read_json(path))
+    mine = json.loads(json.dumps({"scale": scale, "seed": seed, "config": cfg}))
+    differs = [k for k in ("scale", "seed") if other.get(k) != mine[k]]
+    keys = set(mine["config"]) | set(other.get("config", {}))
+    differs += sorted(k for k in keys - set(REUSE_FREE) if other["config"].get(k) != mine["config"].get(k))
+    if differs:
+        raise StudyError(
+            f"--reuse {source}: that study differs in {', '.join(differs)}; only {', '.join(REUSE_FREE)} may"
+        )
+    copied = []
+    for stage in SHARED_STAGES:
+        src, dst = source / stage, out / stage
+        if src.is_dir() and not dst.exists():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoints"))
+            copied.append(stage)
+            log(f"[reuse] {stage}/ copied from {source}")
+    return copied
+
+
 def run_study(
     out: str | os.PathLike,
     *,
@@ -1629,11 +1670,13 @@ def run_study(
     overrides: Sequence[str] = (),
     backbone: str = UNET3D.name,
     space: str | None = None,
+    reuse: str | os.PathLike | None = None,
     log: Log = _stderr,
     command: str = "",
 ) -> dict[str, Any]:
     """Run (or resume) every stage and write the report; returns the results document. Without
-    ``space``, a DIR holding a study resumes in that study's space (pixel if it predates spaces)."""
+    ``space``, a DIR holding a study resumes in that study's space (pixel if it predates spaces).
+    ``reuse``: a finished study whose shared stages this one copies (:func:`reuse_stages`)."""
     recorded = Path(out) / "study.json"
     if space is None and recorded.is_file():
         space = _read_json(recorded).get("config", {}).get("space", "pixel")
@@ -1655,6 +1698,7 @@ def run_study(
             threads=threads,
             device=device,
             data_dir=data_dir,
+            reuse=Path(reuse) if reuse else None,
             log=log,
             command=command,
         )
@@ -1715,6 +1759,7 @@ def _run(
     threads: int,
     device: str,
     data_dir: str | os.PathLike | None,
+    reuse: Path | None,
     log: Log,
     command: str,
 ) -> dict[str, Any]:
@@ -1722,6 +1767,8 @@ def _run(
     out.mkdir(parents=True, exist_ok=True)
     study = Study(out, cfg, seed, scale=scale, data_dir=Path(data_dir) if data_dir else None, device=device, log=log)
     study.check_identity()
+    if reuse is not None:
+        reuse_stages(out, reuse, cfg, seed, scale, log)
     log(
         f"study: backbone {study.backbone.name}, scale {scale}, seed {seed}, {threads} torch thread(s), device {device}, "
         f"output {out}"
@@ -1875,6 +1922,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda for the gpu scale when available)")
     p.add_argument("--data", default=None, help="reuse / record the datasets here instead of OUT/data")
     p.add_argument(
+        "--reuse",
+        default=None,
+        metavar="DIR",
+        help="copy the finished shared stages (data, autoencoder, encoded datasets, pretraining, scratch init) of "
+        "the study in DIR, which must agree on everything but finetune, eval, replicates and threads: a "
+        "fine-tuning ablation without the hour before it",
+    )
+    p.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -1899,6 +1954,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             overrides=args.overrides,
             backbone=args.backbone,
             space=args.space,
+            reuse=args.reuse,
             command=command,
         )
     except (StudyError, FileExistsError) as exc:
