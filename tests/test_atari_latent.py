@@ -197,17 +197,15 @@ def test_reuse_copies_the_shared_stages_for_a_fine_tuning_ablation(latent_run, t
     (nothing before conversion runs again) and fine-tunes anew; a study that changes a shared
     setting is refused (the control), and so is a directory without a study."""
     out, results, _ = latent_run
-    other = tmp_path / "ablation"
     logs: list[str] = []
-    res = study.run_study(
-        other,
-        scale="smoke",
-        seed=SEED,
-        space="latent",
-        overrides=["finetune.motion_weight=1"],
-        reuse=out,
-        log=logs.append,
-    )
+
+    def ablation(dest, setting):
+        return study.run_study(
+            dest, scale="smoke", seed=SEED, space="latent", overrides=[setting], reuse=out, log=logs.append
+        )
+
+    other = tmp_path / "ablation"
+    res = ablation(other, "finetune.motion_weight=1")
     assert not {"data", "autoencoder", "encode", "pretrain", "scratch-init"} & set(res["stages_run_now"])
     assert "finetune extrapolative" in res["stages_run_now"]
     assert (other / "pretrain" / "pretrain.json").read_bytes() == (out / "pretrain" / "pretrain.json").read_bytes()
@@ -217,14 +215,6 @@ def test_reuse_copies_the_shared_stages_for_a_fine_tuning_ablation(latent_run, t
         != results["variants"]["extrapolative"]["finetune"]["final_loss"]
     )
     with pytest.raises(study.StudyError, match="differs in pretrain"):
-        study.run_study(
-            tmp_path / "bad",
-            scale="smoke",
-            seed=SEED,
-            space="latent",
-            overrides=["pretrain.steps=3"],
-            reuse=out,
-            log=logs.append,
-        )
+        ablation(tmp_path / "bad", "pretrain.steps=3")
     with pytest.raises(study.StudyError, match="no study there"):
         study.reuse_stages(tmp_path / "x", tmp_path, results["study"]["config"], SEED, "smoke", logs.append)
