@@ -218,3 +218,23 @@ def test_reuse_copies_the_shared_stages_for_a_fine_tuning_ablation(latent_run, t
         ablation(tmp_path / "bad", "pretrain.steps=3")
     with pytest.raises(study.StudyError, match="no study there"):
         study.reuse_stages(tmp_path / "x", tmp_path, results["study"]["config"], SEED, "smoke", logs.append)
+
+
+def test_ae_probe_trains_another_autoencoder_beside_the_study(latent_run, tmp_path, capsys):
+    """ae_probe: the study's autoencoder with a setting changed, trained into OUT (the study's own
+    is untouched), its reconstruction check printed; OUT holding one, or an unknown setting, is refused."""
+    from benchmarks.atari import ae_probe
+
+    out, results, _ = latent_run
+    before = (out / "autoencoder" / "autoencoder.json").read_bytes()
+    probe_out = tmp_path / "probe"
+    args = ["--study", str(out), "--out", str(probe_out), "--set", "latent_channels=8", "--threads", "1"]
+    assert ae_probe.main(args) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["settings"] == {"latent_channels": 8} and 0 <= doc["reconstruction"]["paddle_found"] <= 1
+    saved = json.loads((probe_out / "autoencoder.json").read_text())
+    assert saved["config"]["latent_channels"] == 8 and (probe_out / "vae").is_dir()
+    assert (out / "autoencoder" / "autoencoder.json").read_bytes() == before
+    assert ae_probe.main(args) == 2  # OUT holds one
+    assert ae_probe.main(["--study", str(out), "--out", str(tmp_path / "b"), "--set", "bogus=1"]) == 2
+    assert "no latent setting bogus" in capsys.readouterr().err
