@@ -223,8 +223,19 @@ def test_reuse_copies_the_shared_stages_for_a_fine_tuning_ablation(latent_run, t
 def test_ae_probe_trains_another_autoencoder_beside_the_study(latent_run, tmp_path, capsys):
     """ae_probe: the study's autoencoder with a setting changed, trained into OUT (the study's own
     is untouched), its reconstruction check printed; OUT holding one, or an unknown setting, is refused."""
+    import torch
+
     from benchmarks.atari import ae_probe
 
+    saved = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    try:
+        _probe_checks(ae_probe, latent_run, tmp_path, capsys)
+    finally:  # main() fixes threads and deterministic kernels for the process, as a CLI may
+        torch.set_num_threads(saved[0])
+        torch.use_deterministic_algorithms(saved[1])
+
+
+def _probe_checks(ae_probe, latent_run, tmp_path, capsys):
     out, results, _ = latent_run
     before = (out / "autoencoder" / "autoencoder.json").read_bytes()
     probe_out = tmp_path / "probe"

@@ -186,7 +186,18 @@ def test_budget_runs_on_a_replicate_seed(patch_run):
         budget.open_study(out, 7)
 
 
-def test_budget_with_settings_fine_tunes_afresh_from_the_converted_model(patch_run):
+@pytest.fixture
+def study_threads(patch_run):
+    """The study's torch threads and deterministic kernels, as ``budget``'s command line sets them
+    (bit-equal weights need the same thread count), restored afterwards."""
+    saved = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    study.set_determinism(patch_run[1]["study"]["threads"], "cpu")
+    yield
+    torch.set_num_threads(saved[0])
+    torch.use_deterministic_algorithms(saved[1])
+
+
+def test_budget_with_settings_fine_tunes_afresh_from_the_converted_model(patch_run, study_threads):
     """--set trains the variant again from its converted checkpoint with the study's settings so
     changed. Control: a setting at its default value reproduces the study's own fine-tuned weights
     bit for bit; a higher adapter rate gives other weights, in the adapter as well."""
