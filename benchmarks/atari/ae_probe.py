@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.atari import autoencoder as ae
-from benchmarks.atari.budget import open_study, parse_settings
+from benchmarks.atari.budget import add_settings_option, open_study, parse_settings
 from benchmarks.atari.study import StageProgress, StudyError, set_determinism
 
 
@@ -50,14 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.atari.ae_probe", description=__doc__.split("\n\n")[0])
     p.add_argument("--study", required=True, help="a latent study's output directory (its recordings and settings)")
     p.add_argument("--out", required=True, help="where the autoencoder and its summary go (refused if it holds one)")
-    p.add_argument(
-        "--set",
-        dest="settings",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a setting of the study's latent section (JSON value), e.g. latent_channels=8; repeatable",
-    )
+    add_settings_option(p, "a setting of the study's latent section (JSON value), e.g. latent_channels=8; repeatable")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     args = p.parse_args(argv)
     set_determinism(args.threads, "cpu")

@@ -284,6 +284,11 @@ def _typed(overrides: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def add_settings_option(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """``--set KEY=VALUE`` (repeatable) into ``settings``: read them with :func:`parse_settings`."""
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE", help=help_text)
+
+
 def parse_settings(items: list[str]) -> dict[str, Any]:
     """``KEY=VALUE`` items as a dict; values are JSON (``10``, ``true``), else strings."""
     settings: dict[str, Any] = {}
@@ -314,13 +319,9 @@ def main(argv: list[str] | None = None) -> int:
         help="r > 0: the replicate with training seed S + r (default 0: the study seed)",
     )
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    p.add_argument(
-        "--set",
-        dest="settings",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a fine-tuning setting (TrainConfig field, JSON value; e.g. adapter_lr_scale=10): fine-tune afresh "
+    add_settings_option(
+        p,
+        "a fine-tuning setting (TrainConfig field, JSON value; e.g. adapter_lr_scale=10): fine-tune afresh "
         "from the converted model with it, to each --steps (any count); repeatable",
     )
     p.add_argument(
