@@ -134,13 +134,17 @@ def test_convert_and_load_in_bf16(tmp_path):
 # ------------------------------------------------------------------------------- training
 
 
-def test_bf16_mixed_precision_training_step(tmp_path):
+@pytest.mark.parametrize("levers", [[], ["--motion-weight", "1", "--adapter-lr-scale", "10"]], ids=["plain", "levers"])
+def test_bf16_mixed_precision_training_step(tmp_path, levers):
     """accelerate's bf16 autocast on the CPU: fp32 master weights, a finite loss. Run as its own
-    process through the CLI: accelerate keeps one mixed-precision setting per process."""
+    process through the CLI: accelerate keeps one mixed-precision setting per process. With the
+    motion-weighted loss and an adapter rate of its own, the first AdamW step (lr · g/|g|) still
+    moves the adapter by lr × 10 and the denoiser by lr; plain: both by lr (the control)."""
     import subprocess
     import sys
 
-    from test_trainer import _converted, _moving_square
+    from safetensors.torch import load_file
+    from test_trainer import WEIGHTS, _converted, _moving_square
 
     model = _converted(tmp_path, "wm")
     data = _moving_square(tmp_path / "data")
@@ -166,7 +170,12 @@ def test_bf16_mixed_precision_training_step(tmp_path):
         "bf16",
         "--device",
         "cpu",
+        "--lr",
+        "1e-3",
+        "--weight-decay",
+        "0",
         "--json",
+        *levers,
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -174,7 +183,14 @@ def test_bf16_mixed_precision_training_step(tmp_path):
     assert summary["steps"] == 1 and summary["final_loss"] == summary["final_loss"]  # finite, not NaN
     trained = WorldModel.from_pretrained(run / "final")
     assert trained.dtype == torch.float32
-    assert json.loads((run / "final" / "training.json").read_text())["config"]["mixed_precision"] == "bf16"
+    config = json.loads((run / "final" / "training.json").read_text())["config"]
+    assert config["mixed_precision"] == "bf16" and config["motion_weight"] == (1.0 if levers else 0.0)
+    before, after = load_file(model / WEIGHTS), load_file(run / "final" / WEIGHTS)
+    moves = {k: float((after[k].double() - before[k].double()).abs().max()) for k in before}
+    adapter = max(v for k, v in moves.items() if k.startswith("causalize_action_encoder."))
+    denoiser = max(v for k, v in moves.items() if not k.startswith("causalize_action_encoder."))
+    assert adapter == pytest.approx(1e-3 * (10 if levers else 1), rel=0.01)
+    assert denoiser == pytest.approx(1e-3, rel=0.01)
 
 
 # ------------------------------------------------------------------------------ bad input

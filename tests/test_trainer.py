@@ -459,6 +459,12 @@ def test_resume_with_other_rates(work, tmp_path):
     assert [m["lr"] for m in _metrics(out)] == [1e-3, 2e-3]
     with pytest.raises(TrainingError, match="adapter_lr_scale"):
         train(_config(work, out, steps=3, checkpoint_every=1, lr=2e-3, adapter_lr_scale=10.0, resume=True))
+    # when only the adapter trains there is one group whatever the scale: the change is allowed
+    only = tmp_path / "only"
+    train(_config(work, only, steps=1, checkpoint_every=1, train_only="adapter"))
+    with pytest.warns(UserWarning, match="different adapter_lr_scale"):
+        train(_config(work, only, steps=2, train_only="adapter", adapter_lr_scale=10.0, resume=True))
+    assert [m["lr"] for m in _metrics(only)] == [1e-3, 1e-2]
 
 
 def test_adapter_lr_scale_must_be_positive(work, tmp_path):

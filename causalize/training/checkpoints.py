@@ -21,7 +21,7 @@ from typing import Any
 
 from causalize import fs
 from causalize.manifest import Manifest
-from causalize.training.config import TrainConfig, TrainingError
+from causalize.training.config import TrainConfig, TrainingError, adapter_has_own_group
 
 __all__ = [
     "CHECKPOINT_DIR",
@@ -162,7 +162,8 @@ def _check_groups(ckpt: Path, saved: dict, config: TrainConfig) -> None:
     """Refuse a resume whose optimizer would have another number of parameter groups than the
     checkpoint's (adapter_lr_scale 1 gives one group, any other two): torch cannot load it."""
     before = float(saved.get("adapter_lr_scale", 1.0))
-    if config.train_only == "all" and (before == 1.0) != (config.adapter_lr_scale == 1.0):
+    own_before = adapter_has_own_group(saved.get("train_only", config.train_only), before)
+    if own_before != adapter_has_own_group(config.train_only, config.adapter_lr_scale):
         raise TrainingError(
             f"{ckpt} was trained with adapter_lr_scale={before:g}, this run asks for {config.adapter_lr_scale:g}: "
             "one of them gives the adapter a rate of its own, the other not, and the optimizer state cannot carry over",

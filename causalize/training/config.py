@@ -275,6 +275,12 @@ class TrainConfig:
             raise self._bad("split", 'must be "train", "test" or "all" (null)')
 
 
+def adapter_has_own_group(train_only: str, adapter_lr_scale: float) -> bool:
+    """Whether the optimizer gives the action adapter a parameter group of its own: the one rule
+    that building the optimizer and resuming a checkpoint both follow."""
+    return train_only == "all" and float(adapter_lr_scale) != 1.0
+
+
 def _read_settings(p: Path) -> dict[str, Any]:
     """The settings table of a .json / .toml config file (unwrapping a lone ``train`` table)."""
     if not p.is_file():

@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from causalize.training.config import TrainConfig, TrainingError
+from causalize.training.config import TrainConfig, TrainingError, adapter_has_own_group
 
 if TYPE_CHECKING:
     import torch
@@ -248,18 +248,20 @@ def select_trainable(wm: WorldModel, train_only: str) -> list[torch.nn.Parameter
     return [p for p in wm.parameters() if p.requires_grad]
 
 
-def param_groups(wm: WorldModel, params: list[torch.nn.Parameter], lr: float, adapter_lr_scale: float) -> list[dict]:
+def param_groups(wm: WorldModel, params: list[torch.nn.Parameter], config: TrainConfig) -> list[dict]:
     """The optimizer's parameter groups: the denoiser's ``params`` at ``lr`` and the action
-    adapter's at ``lr × adapter_lr_scale``; one group when the scale is 1. The metrics log group
-    0's rate: ``lr``, or the adapter's when it is all that trains (train_only="adapter")."""
-    if adapter_lr_scale == 1.0 or wm.action_encoder is None:
+    adapter's at ``lr × adapter_lr_scale`` (`adapter_has_own_group`); otherwise one group, at the
+    adapter's rate when it is all that trains. The metrics log group 0's rate."""
+    lr, scale = config.lr, config.adapter_lr_scale
+    if config.train_only == "adapter":
+        return [{"params": params, "lr": lr * scale}]
+    if wm.action_encoder is None or not adapter_has_own_group(config.train_only, scale):
         return [{"params": params, "lr": lr}]
     adapter = {id(p) for p in wm.action_encoder.parameters()}
-    groups = [
+    return [
         {"params": [p for p in params if id(p) not in adapter], "lr": lr},
-        {"params": [p for p in params if id(p) in adapter], "lr": lr * adapter_lr_scale},
+        {"params": [p for p in params if id(p) in adapter], "lr": lr * scale},
     ]
-    return [g for g in groups if g["params"]]
 
 
 def load_conditioning(path: str | None, wm: WorldModel | None = None) -> dict[str, torch.Tensor]:

@@ -434,7 +434,7 @@ def _prepare(
     accelerator: Any, config: TrainConfig, wm: nn.Module, params: list[torch.nn.Parameter], dataset: Any, vae: Any
 ) -> tuple[nn.Module, torch.optim.Optimizer, Any, EpochSampler]:
     """AdamW and the data loader (in the per-epoch seeded order), placed by accelerate."""
-    groups = param_groups(wm, params, config.lr, config.adapter_lr_scale)
+    groups = param_groups(wm, params, config)
     optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     sampler = EpochSampler(len(dataset), config.seed)
     loader = DataLoader(
