@@ -18,7 +18,7 @@ from causalize.episodes import ActionSpace, EpisodeDataset, create_dataset, read
 from causalize.latents.actions import group_actions, latent_action_space, slot_rows
 from causalize.latents.encode import encode_episodes
 from causalize.latents.record import read_dataset_record
-from causalize.latents.spec import LatentNorm, TimeGrouping, VaeError, read_spec
+from causalize.latents.spec import LatentNorm, TimeGrouping, VaeError, compresses_time, read_spec
 from causalize.latents.vae import StreamingDecoder, decode_clip, denormalise, encode_clip, load_vae, normalise
 from causalize.testing.pipelines import WAN_VAE_CONFIG
 from tests.cli_helpers import assert_one_line_error
@@ -144,6 +144,23 @@ def test_expected_rules():
     assert [TimeGrouping(4, True, 4).fits(t) for t in (1, 4, 5, 9, 10)] == [True, False, True, True, False]
     assert TimeGrouping(4, True, 8).trimmed(16) == 9
     assert TimeGrouping(1, False, 1).fits(7)
+
+
+@pytest.mark.parametrize(
+    ("config", "video"),
+    [
+        ({"_class_name": "AutoencoderKL"}, False),
+        ({"_class_name": "AutoencoderKLTemporalDecoder"}, False),  # per-frame encoder, video decoder
+        ({"_class_name": "AutoencoderKLWan", "temperal_downsample": [False, False, False]}, True),  # causal cache
+        ({"_class_name": "AutoencoderKLMochi"}, True),  # known, no reader
+        ({"_class_name": "AutoencoderKLSomethingNew", "temporal_compression_ratio": 4}, True),  # declared
+        ({"_class_name": "AutoencoderKLSomethingNew", "temporal_compression_ratio": 1}, False),
+    ],
+)
+def test_compresses_time_refuses_video_vaes_for_per_frame_encoding(config, video):
+    """Per-frame encoding (training with --vae) is refused for a known video VAE, even one that
+    keeps the number of frames, and for any config declaring temporal compression."""
+    assert compresses_time(config) is video
 
 
 def test_unknown_and_non_vae_classes_are_refused(tmp_path):

@@ -26,7 +26,9 @@ __all__ = [
     "LatentNorm",
     "TimeGrouping",
     "VaeError",
+    "VIDEO_VAES",
     "VaeSpec",
+    "compresses_time",
     "find_vae_dir",
     "read_spec",
     "spec_from_config",
@@ -279,6 +281,40 @@ SUPPORTED_VAES: tuple[str, ...] = tuple(_READERS)
 
 def _floats(values: Any) -> tuple[float, ...] | None:
     return None if values is None else tuple(float(v) for v in values)
+
+
+#: diffusers video autoencoders whose encoder groups frames (the first alone, then groups of 4–8),
+#: known without a reader: encoding such a VAE's frames one by one is refused, whatever causalize
+#: knows of its rule.
+VIDEO_VAES = (
+    "AutoencoderKLAllegro",
+    "AutoencoderKLCogVideoX",
+    "AutoencoderKLCosmos",
+    "AutoencoderKLHunyuanVideo",
+    "AutoencoderKLHunyuanVideo15",
+    "AutoencoderKLKVAEVideo",
+    "AutoencoderKLLTX2Video",
+    "AutoencoderKLLTXVideo",
+    "AutoencoderKLMagvit",
+    "AutoencoderKLMiniMaxH3",
+    "AutoencoderKLMochi",
+    "AutoencoderKLWan",
+    "AutoencoderVidTok",
+)
+
+
+def compresses_time(config: Mapping[str, Any]) -> bool:
+    """Whether the VAE of this config.json encodes video, not frames: a known video VAE (its
+    encoder mixes frames through a temporal cache even where it keeps their number) or a config
+    declaring temporal compression. Such latents cannot be made one frame at a time."""
+    name = config.get("_class_name", "AutoencoderKL")
+    ratios = [config.get(k) for k in ("scale_factor_temporal", "temporal_compression_ratio", "patch_size_t")]
+    downsample = config.get("temperal_downsample") or config.get("temporal_downsample") or []
+    return (
+        name in VIDEO_VAES
+        or any(isinstance(r, int) and r > 1 for r in ratios)
+        or (isinstance(downsample, list) and any(downsample))
+    )
 
 
 # ---- finding and reading ----------------------------------------------------------------------

@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from causalize.latents.spec import compresses_time
 from causalize.training.config import TrainConfig, TrainingError, adapter_has_own_group
 
 if TYPE_CHECKING:
@@ -118,7 +119,7 @@ def load_vae(path: str) -> Any:
     cls = getattr(diffusers, class_name, None)
     if cls is None or not hasattr(cls, "encode"):
         raise TrainingError(f"{p}: {class_name} is not a diffusers autoencoder")
-    if _compresses_time(class_name, json.loads((p / "config.json").read_text())):
+    if compresses_time(json.loads((p / "config.json").read_text())):
         raise TrainingError(
             f"{p}: {class_name} compresses time (one latent frame per group of video frames), but training "
             "encodes each frame on its own: the denoiser would learn latents its VAE never produces",
@@ -128,35 +129,6 @@ def load_vae(path: str) -> Any:
     vae = cls.from_pretrained(p).eval()
     vae.requires_grad_(False)
     return vae
-
-
-#: diffusers video autoencoders whose encoder groups frames (the first alone, then groups of 4–8).
-VIDEO_VAES = (
-    "AutoencoderKLAllegro",
-    "AutoencoderKLCogVideoX",
-    "AutoencoderKLCosmos",
-    "AutoencoderKLHunyuanVideo",
-    "AutoencoderKLHunyuanVideo15",
-    "AutoencoderKLKVAEVideo",
-    "AutoencoderKLLTX2Video",
-    "AutoencoderKLLTXVideo",
-    "AutoencoderKLMagvit",
-    "AutoencoderKLMiniMaxH3",
-    "AutoencoderKLMochi",
-    "AutoencoderKLWan",
-    "AutoencoderVidTok",
-)
-
-
-def _compresses_time(class_name: str, config: dict[str, Any]) -> bool:
-    """A known video VAE, or a config that declares temporal compression."""
-    ratios = [config.get(k) for k in ("scale_factor_temporal", "temporal_compression_ratio", "patch_size_t")]
-    downsample = config.get("temperal_downsample") or config.get("temporal_downsample") or []
-    return (
-        class_name in VIDEO_VAES
-        or any(isinstance(r, int) and r > 1 for r in ratios)
-        or (isinstance(downsample, list) and any(downsample))
-    )
 
 
 def latent_channels(vae: Any) -> int:
