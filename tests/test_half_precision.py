@@ -5,7 +5,9 @@ bf16 mixed-precision training step runs, and bad dtypes / devices are one-line e
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -134,63 +136,46 @@ def test_convert_and_load_in_bf16(tmp_path):
 # ------------------------------------------------------------------------------- training
 
 
-@pytest.mark.parametrize("levers", [[], ["--motion-weight", "1", "--adapter-lr-scale", "10"]], ids=["plain", "levers"])
-def test_bf16_mixed_precision_training_step(tmp_path, levers):
-    """accelerate's bf16 autocast on the CPU: fp32 master weights, a finite loss. Run as its own
-    process through the CLI: accelerate keeps one mixed-precision setting per process. With the
-    motion-weighted loss and an adapter rate of its own, the first AdamW step (lr · g/|g|) still
-    moves the adapter by lr × 10 and the denoiser by lr; plain: both by lr (the control)."""
+def _bf16_train_step(model: Path, data: Path, run: Path, *extra: str) -> dict:
+    """One bf16 training step through the CLI in its own process (accelerate keeps one
+    mixed-precision setting per process); the JSON summary."""
     import subprocess
     import sys
 
+    cmd = [sys.executable, "-m", "causalize.cli.app", "train", "--model", str(model), "--data", str(data)]
+    cmd += ["--out", str(run), "--steps", "1", "--batch-size", "1", "--window", "4", "--mixed-precision", "bf16"]
+    cmd += ["--device", "cpu", "--lr", "1e-3", "--weight-decay", "0", "--json", *extra]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout)
+
+
+def test_bf16_mixed_precision_training_step(tmp_path):
+    """accelerate's bf16 autocast on the CPU: fp32 master weights, a finite loss. With the
+    motion-weighted loss and an adapter rate of its own: the same draws give another loss (the
+    weights reach it), and the first AdamW step (lr · g/|g|) moves the adapter by lr × 10 and the
+    denoiser by lr; the plain run is the control (both by lr)."""
     from safetensors.torch import load_file
     from test_trainer import WEIGHTS, _converted, _moving_square
 
     model = _converted(tmp_path, "wm")
     data = _moving_square(tmp_path / "data")
-    run = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "causalize.cli.app",
-        "train",
-        "--model",
-        str(model),
-        "--data",
-        str(data),
-        "--out",
-        str(run),
-        "--steps",
-        "1",
-        "--batch-size",
-        "1",
-        "--window",
-        "4",
-        "--mixed-precision",
-        "bf16",
-        "--device",
-        "cpu",
-        "--lr",
-        "1e-3",
-        "--weight-decay",
-        "0",
-        "--json",
-        *levers,
-    ]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    summary = json.loads(done.stdout)
-    assert summary["steps"] == 1 and summary["final_loss"] == summary["final_loss"]  # finite, not NaN
-    trained = WorldModel.from_pretrained(run / "final")
-    assert trained.dtype == torch.float32
-    config = json.loads((run / "final" / "training.json").read_text())["config"]
-    assert config["mixed_precision"] == "bf16" and config["motion_weight"] == (1.0 if levers else 0.0)
-    before, after = load_file(model / WEIGHTS), load_file(run / "final" / WEIGHTS)
-    moves = {k: float((after[k].double() - before[k].double()).abs().max()) for k in before}
-    adapter = max(v for k, v in moves.items() if k.startswith("causalize_action_encoder."))
-    denoiser = max(v for k, v in moves.items() if not k.startswith("causalize_action_encoder."))
-    assert adapter == pytest.approx(1e-3 * (10 if levers else 1), rel=0.01)
-    assert denoiser == pytest.approx(1e-3, rel=0.01)
+    plain = _bf16_train_step(model, data, tmp_path / "plain")
+    levers = _bf16_train_step(model, data, tmp_path / "levers", "--motion-weight", "1", "--adapter-lr-scale", "10")
+    for summary in (plain, levers):
+        assert summary["steps"] == 1 and np.isfinite(summary["final_loss"])
+    assert levers["final_loss"] != plain["final_loss"]
+    for name, scale in (("plain", 1), ("levers", 10)):
+        run = tmp_path / name / "final"
+        assert WorldModel.from_pretrained(run).dtype == torch.float32
+        config = json.loads((run / "training.json").read_text())["config"]
+        assert (config["mixed_precision"], config["motion_weight"]) == ("bf16", float(scale > 1))
+        before, after = load_file(model / WEIGHTS), load_file(run / WEIGHTS)
+        moves = {k: float((after[k].double() - before[k].double()).abs().max()) for k in before}
+        adapter = max(v for k, v in moves.items() if k.startswith("causalize_action_encoder."))
+        denoiser = max(v for k, v in moves.items() if not k.startswith("causalize_action_encoder."))
+        assert adapter == pytest.approx(1e-3 * scale, rel=0.01)
+        assert denoiser == pytest.approx(1e-3, rel=0.01)
 
 
 # ------------------------------------------------------------------------------ bad input

@@ -18,7 +18,7 @@ from causalize.episodes import ActionSpace, EpisodeDataset, create_dataset, read
 from causalize.latents.actions import group_actions, latent_action_space, slot_rows
 from causalize.latents.encode import encode_episodes
 from causalize.latents.record import read_dataset_record
-from causalize.latents.spec import LatentNorm, TimeGrouping, VaeError, compresses_time, read_spec
+from causalize.latents.spec import LatentNorm, TimeGrouping, VaeError, encodes_video, read_spec
 from causalize.latents.vae import StreamingDecoder, decode_clip, denormalise, encode_clip, load_vae, normalise
 from causalize.testing.pipelines import WAN_VAE_CONFIG
 from tests.cli_helpers import assert_one_line_error
@@ -155,12 +155,15 @@ def test_expected_rules():
         ({"_class_name": "AutoencoderKLMochi"}, True),  # known, no reader
         ({"_class_name": "AutoencoderKLSomethingNew", "temporal_compression_ratio": 4}, True),  # declared
         ({"_class_name": "AutoencoderKLSomethingNew", "temporal_compression_ratio": 1}, False),
+        ({"_class_name": "AutoencoderKLSomethingNew", "temperal_downsample": [False, True]}, True),
+        ({"_class_name": "AutoencoderKLSomethingNew", "patch_size_t": 2}, True),
+        ({"_class_name": "AutoencoderKLSomethingNew", "scale_factor_temporal": 4}, True),
     ],
 )
-def test_compresses_time_refuses_video_vaes_for_per_frame_encoding(config, video):
+def test_encodes_video_refuses_video_vaes_for_per_frame_encoding(config, video):
     """Per-frame encoding (training with --vae) is refused for a known video VAE, even one that
     keeps the number of frames, and for any config declaring temporal compression."""
-    assert compresses_time(config) is video
+    assert encodes_video(config) is video
 
 
 def test_unknown_and_non_vae_classes_are_refused(tmp_path):

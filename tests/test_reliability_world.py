@@ -620,7 +620,7 @@ def test_a_time_compressing_vae_is_refused_for_per_frame_training(tmp_path):
     AutoencoderKLWan(
         base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1, temperal_downsample=[True]
     ).save_pretrained(tmp_path / "wan-vae")
-    with _pytest.raises(TrainingError, match="AutoencoderKLWan compresses time"):
+    with _pytest.raises(TrainingError, match="AutoencoderKLWan encodes video, not frames"):
         load_vae(str(tmp_path / "wan-vae"))
     AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4).save_pretrained(tmp_path / "image-vae")
     assert latent_channels(load_vae(str(tmp_path / "image-vae"))) == 4

@@ -465,6 +465,11 @@ def test_resume_with_other_rates(work, tmp_path):
     with pytest.warns(UserWarning, match="different adapter_lr_scale"):
         train(_config(work, only, steps=2, train_only="adapter", adapter_lr_scale=10.0, resume=True))
     assert [m["lr"] for m in _metrics(only)] == [1e-3, 1e-2]
+    # another train_only: the optimizer state belongs to other parameters (before: torch's bare
+    # ValueError at scale 1, a wrong hint at another scale)
+    for scale in (1.0, 10.0):
+        with pytest.raises(TrainingError, match="train_only='adapter', this run asks for 'all'"):
+            train(_config(work, only, steps=3, adapter_lr_scale=scale, resume=True))
 
 
 def test_adapter_lr_scale_must_be_positive(work, tmp_path):

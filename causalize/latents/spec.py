@@ -23,12 +23,12 @@ from causalize.errors import UsageError
 
 __all__ = [
     "SUPPORTED_VAES",
+    "VIDEO_VAES",
     "LatentNorm",
     "TimeGrouping",
     "VaeError",
-    "VIDEO_VAES",
     "VaeSpec",
-    "compresses_time",
+    "encodes_video",
     "find_vae_dir",
     "read_spec",
     "spec_from_config",
@@ -303,7 +303,7 @@ VIDEO_VAES = (
 )
 
 
-def compresses_time(config: Mapping[str, Any]) -> bool:
+def encodes_video(config: Mapping[str, Any]) -> bool:
     """Whether the VAE of this config.json encodes video, not frames: a known video VAE (its
     encoder mixes frames through a temporal cache even where it keeps their number) or a config
     declaring temporal compression. Such latents cannot be made one frame at a time."""

@@ -159,11 +159,17 @@ def resume_point(config: TrainConfig, is_main: bool) -> tuple[Path | None, int]:
 
 
 def _check_groups(ckpt: Path, saved: dict, config: TrainConfig) -> None:
-    """Refuse a resume whose optimizer would have another number of parameter groups than the
-    checkpoint's (adapter_lr_scale 1 gives one group, any other two): torch cannot load it."""
+    """Refuse a resume whose optimizer would hold other parameters or another number of parameter
+    groups (`adapter_has_own_group`) than the checkpoint's: torch cannot load its state."""
+    trained = saved.get("train_only", config.train_only)
+    if trained != config.train_only:
+        raise TrainingError(
+            f"{ckpt} was trained with train_only={trained!r}, this run asks for {config.train_only!r}: "
+            "the optimizer state belongs to other parameters and cannot carry over",
+            f"resume with --train-only {trained}, or start a fresh run from the checkpoint's weights",
+        )
     before = float(saved.get("adapter_lr_scale", 1.0))
-    own_before = adapter_has_own_group(saved.get("train_only", config.train_only), before)
-    if own_before != adapter_has_own_group(config.train_only, config.adapter_lr_scale):
+    if adapter_has_own_group(trained, before) != adapter_has_own_group(config.train_only, config.adapter_lr_scale):
         raise TrainingError(
             f"{ckpt} was trained with adapter_lr_scale={before:g}, this run asks for {config.adapter_lr_scale:g}: "
             "one of them gives the adapter a rate of its own, the other not, and the optimizer state cannot carry over",

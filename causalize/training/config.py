@@ -77,7 +77,8 @@ class TrainConfig:
     #: The action adapter's learning rate as a multiple of ``lr``. The adapter is new and starts
     #: at zero while the denoiser is pretrained: at the denoiser's rate it may barely move in a
     #: short run. 1: one rate for all (the paper). With train_only="adapter" the whole run is at
-    #: lr × adapter_lr_scale. Resuming cannot switch between 1 and another value.
+    #: lr × adapter_lr_scale. Resuming cannot switch between 1 and another value (unless only
+    #: the adapter trains: then there is one rate either way).
     adapter_lr_scale: float = 1.0
     #: AdamW decoupled weight decay (torch's AdamW default).
     weight_decay: float = 1e-2

@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from causalize.latents.spec import compresses_time
+from causalize.latents.spec import encodes_video
 from causalize.training.config import TrainConfig, TrainingError, adapter_has_own_group
 
 if TYPE_CHECKING:
@@ -115,13 +115,14 @@ def load_vae(path: str) -> Any:
         p = p / "vae"
     if not (p / "config.json").is_file():
         raise TrainingError(f"{p} is not a diffusers VAE directory (no config.json)")
-    class_name = json.loads((p / "config.json").read_text()).get("_class_name", "AutoencoderKL")
+    vae_config = json.loads((p / "config.json").read_text())
+    class_name = vae_config.get("_class_name", "AutoencoderKL")
     cls = getattr(diffusers, class_name, None)
     if cls is None or not hasattr(cls, "encode"):
         raise TrainingError(f"{p}: {class_name} is not a diffusers autoencoder")
-    if compresses_time(json.loads((p / "config.json").read_text())):
+    if encodes_video(vae_config):
         raise TrainingError(
-            f"{p}: {class_name} compresses time (one latent frame per group of video frames), but training "
+            f"{p}: {class_name} encodes video, not frames (its encoder groups or mixes frames), but training "
             "encodes each frame on its own: the denoiser would learn latents its VAE never produces",
             "encode the episodes the way the pipeline does and train on them: causalize encode EPISODES OUT --vae "
             f"{path}; per-frame image VAEs (AutoencoderKL) work with --vae",
@@ -222,14 +223,15 @@ def select_trainable(wm: WorldModel, train_only: str) -> list[torch.nn.Parameter
 
 def param_groups(wm: WorldModel, params: list[torch.nn.Parameter], config: TrainConfig) -> list[dict]:
     """The optimizer's parameter groups: the denoiser's ``params`` at ``lr`` and the action
-    adapter's at ``lr × adapter_lr_scale`` (`adapter_has_own_group`); otherwise one group, at the
+    adapter's at ``lr × adapter_lr_scale`` exactly when `adapter_has_own_group` says so (so that a
+    checkpoint's group count can be checked without the model); otherwise one group, at the
     adapter's rate when it is all that trains. The metrics log group 0's rate."""
     lr, scale = config.lr, config.adapter_lr_scale
     if config.train_only == "adapter":
         return [{"params": params, "lr": lr * scale}]
-    if wm.action_encoder is None or not adapter_has_own_group(config.train_only, scale):
+    if not adapter_has_own_group(config.train_only, scale):
         return [{"params": params, "lr": lr}]
-    adapter = {id(p) for p in wm.action_encoder.parameters()}
+    adapter = {id(p) for p in wm.action_encoder.parameters()} if wm.action_encoder is not None else set()
     return [
         {"params": [p for p in params if id(p) not in adapter], "lr": lr},
         {"params": [p for p in params if id(p) in adapter], "lr": lr * scale},
