@@ -194,6 +194,10 @@ def test_wan_backbone_runs_transfer_against_scratch(wan_run):
         2.5,
     }
     assert "backbone `wan`" in (out / "README.md").read_text()
+    # its recordings lie in another study's OUT/data: the tools that open it find them there
+    from benchmarks.atari import budget
+
+    assert budget.open_study(out).data_root == (out.parent / "a" / "data").resolve()
 
 
 def test_a_directory_of_one_backbone_refuses_the_other(runs, wan_run):

@@ -405,6 +405,11 @@ _DEFAULTS = {"space": "pixel", "latent": None, "patch": None, "replicates": {"se
 _FINETUNE_DEFAULTS = {"motion_weight": 0.0, "adapter_lr_scale": 1.0}
 
 
+#: Where a study run with ``--data DIR`` finds its recordings (the tools that open a finished study
+#: read it; absent when they are in OUT/data).
+DATA_LINK = "data.json"
+
+
 def _normalised_identity(ident: dict[str, Any]) -> dict[str, Any]:
     """A recorded study.json with the settings added since filled in at their old values."""
     cfg = ident.setdefault("config", {})
@@ -660,6 +665,11 @@ class Study:
                 )
         else:
             _write_json(path, ident)
+        link = self.root / DATA_LINK
+        if self.data_root.resolve() != (self.root / "data").resolve():
+            _write_json(link, {"data": str(self.data_root.resolve())})  # where --data put them, this time
+        elif link.is_file():
+            link.unlink()
 
     def _skip(self, marker: Path, what: str) -> bool:
         if marker.is_file():
