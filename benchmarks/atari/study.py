@@ -410,6 +410,12 @@ _FINETUNE_DEFAULTS = {"motion_weight": 0.0, "adapter_lr_scale": 1.0}
 DATA_LINK = "data.json"
 
 
+def linked_data(out: Path) -> Path | None:
+    """The recordings' directory a study at ``out`` recorded in its :data:`DATA_LINK`, if any."""
+    link = out / DATA_LINK
+    return Path(_read_json(link)["data"]) if link.is_file() else None
+
+
 def _normalised_identity(ident: dict[str, Any]) -> dict[str, Any]:
     """A recorded study.json with the settings added since filled in at their old values."""
     cfg = ident.setdefault("config", {})
