@@ -624,6 +624,26 @@ def test_a_time_compressing_vae_is_refused_for_per_frame_training(tmp_path):
         load_vae(str(tmp_path / "wan-vae"))
     AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4).save_pretrained(tmp_path / "image-vae")
     assert latent_channels(load_vae(str(tmp_path / "image-vae"))) == 4
+    AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4).save_pretrained(
+        tmp_path / "pipe" / "vae"
+    )
+    assert latent_channels(load_vae(str(tmp_path / "pipe"))) == 4  # a pipeline's vae/, found as inference finds it
+
+
+def test_a_missing_or_empty_vae_path_is_a_training_error_with_a_hint(tmp_path):
+    """Training resolves --vae by inference's rule (causalize.latents.spec.find_vae_dir) but reports
+    its failures as training errors (exit 2), with inference's hint."""
+    import pytest as _pytest
+
+    from causalize.training.config import TrainingError
+    from causalize.training.loading import load_vae
+
+    with _pytest.raises(TrainingError, match="VAE not found") as missing:
+        load_vae(str(tmp_path / "nowhere"))
+    assert missing.value.hint and "vae/" in missing.value.hint
+    (tmp_path / "empty").mkdir()
+    with _pytest.raises(TrainingError, match="neither a VAE directory"):
+        load_vae(str(tmp_path / "empty"))
 
 
 def test_short_episodes_hint_names_an_option_that_exists_and_train_takes_it(tmp_path):

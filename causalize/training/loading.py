@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from causalize.latents.spec import encodes_video
+from causalize.latents.spec import VaeError, encodes_video, find_vae_dir
 from causalize.training.config import TrainConfig, TrainingError, adapter_has_own_group
 
 if TYPE_CHECKING:
@@ -108,13 +108,10 @@ def load_vae(path: str) -> Any:
     """A frozen diffusers autoencoder from its directory or a pipeline directory with ``vae/``."""
     import diffusers
 
-    p = Path(path)
-    if not p.exists():
-        raise TrainingError(f"VAE not found: {p}")
-    if not (p / "config.json").is_file() and (p / "vae" / "config.json").is_file():
-        p = p / "vae"
-    if not (p / "config.json").is_file():
-        raise TrainingError(f"{p} is not a diffusers VAE directory (no config.json)")
+    try:
+        p = find_vae_dir(path)
+    except VaeError as exc:  # the same rule as inference's, reported as a training error
+        raise TrainingError(exc.message, exc.hint) from None
     vae_config = json.loads((p / "config.json").read_text())
     class_name = vae_config.get("_class_name", "AutoencoderKL")
     cls = getattr(diffusers, class_name, None)
