@@ -200,6 +200,27 @@ def test_wan_backbone_runs_transfer_against_scratch(wan_run):
     assert budget.open_study(out).data_root == (out.parent / "a" / "data").resolve()
 
 
+def test_a_resume_without_data_keeps_its_linked_recordings(runs, wan_run):
+    """A study run with --data and resumed without it finds its recordings where it put them (it
+    used to record them afresh into OUT/data and drop the link); a link to recordings that are
+    gone, its own or a --reuse study's, is refused rather than replaced."""
+    out, res = wan_run
+    logs: list[str] = []
+    again = study.run_study(out, scale="smoke", seed=SEED, backbone="wan", log=logs.append)
+    assert not (out / "data").exists()  # nothing recorded again
+    assert study.linked_data(out) == (runs["root"] / "a" / "data").resolve()
+    assert any("(linked; --data overrides)" in m for m in logs)
+    assert again["runs"] == res["runs"]
+    gone = runs["root"] / "gone"
+    gone.mkdir()
+    (gone / study.DATA_LINK).write_text(json.dumps({"data": str(runs["root"] / "nowhere")}))
+    with pytest.raises(study.StudyError, match=r"which is gone: .* delete .*data\.json"):
+        study.run_study(gone, scale="smoke", space="pixel", seed=SEED, log=lambda m: None)
+    with pytest.raises(study.StudyError, match="which is gone: .* leave out --reuse"):
+        study.run_study(runs["root"] / "fresh", scale="smoke", space="pixel", seed=SEED, reuse=gone, log=lambda m: None)
+    assert not (runs["root"] / "fresh" / "data").exists()
+
+
 def test_a_directory_of_one_backbone_refuses_the_other(runs, wan_run):
     with pytest.raises(study.StudyError, match="another scale, seed or configuration"):
         study.run_study(

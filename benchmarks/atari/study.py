@@ -1675,6 +1675,27 @@ def reuse_stages(out: Path, source: Path, cfg: dict[str, Any], seed: int, scale:
     return copied
 
 
+def _default_data(out: Path, reuse: Path | None, log: Log) -> Path | None:
+    """Where a study run without ``--data`` finds its recordings: where it recorded them before
+    (its :data:`DATA_LINK`, on resume), else where the ``--reuse`` study found its own when it
+    linked them, else None (``out/data``). A link to recordings that are gone is refused, not
+    silently replaced by a fresh recording."""
+    holder = out
+    linked = linked_data(out)
+    if linked is None and reuse is not None and not (reuse / "data").is_dir():
+        holder, linked = reuse, linked_data(reuse)
+    if linked is None:
+        return None
+    if not linked.is_dir():
+        fix = f"delete {out / DATA_LINK}" if holder == out else "leave out --reuse"
+        raise StudyError(
+            f"{holder / DATA_LINK} says the recordings are in {linked}, which is gone: pass --data DIR "
+            f"to record them there, or {fix} to record them into {out / 'data'}"
+        )
+    log(f"study: recordings in {linked} (linked; --data overrides)")
+    return linked
+
+
 def run_study(
     out: str | os.PathLike,
     *,
@@ -1781,7 +1802,8 @@ def _run(
 ) -> dict[str, Any]:
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    study = Study(out, cfg, seed, scale=scale, data_dir=Path(data_dir) if data_dir else None, device=device, log=log)
+    data_root = Path(data_dir) if data_dir else _default_data(out, reuse, log)
+    study = Study(out, cfg, seed, scale=scale, data_dir=data_root, device=device, log=log)
     study.check_identity()
     if reuse is not None:
         reuse_stages(out, reuse, cfg, seed, scale, log)
