@@ -256,6 +256,15 @@ def test_finetune_settings_reach_the_trainer(tmp_path, monkeypatch):
     cfg = study.resolve_config("smoke", ["finetune.motion_weight=2", "finetune.adapter_lr_scale=5"], space="pixel")
     study.Study(tmp_path, cfg, SEED, scale="smoke").finetune("extrapolative")
     assert (captured[0].motion_weight, captured[0].adapter_lr_scale) == (2, 5)
+    # the latent gpu scale fine-tunes motion-weighted (the cpu budget check's lever); the cpu
+    # scale and the pixel gpu scale keep the plain loss, and --set still overrides the scale
+    weight = {
+        (s, sp): study.resolve_config(s, space=sp)["finetune"]["motion_weight"]
+        for s in ("cpu", "gpu")
+        for sp in ("latent", "pixel")
+    }
+    assert weight == {("cpu", "latent"): 0.0, ("cpu", "pixel"): 0.0, ("gpu", "latent"): 1.0, ("gpu", "pixel"): 0.0}
+    assert study.resolve_config("gpu", ["finetune.motion_weight=0"], space="latent")["finetune"]["motion_weight"] == 0
 
 
 def test_unknown_backbone_and_foreign_variants_are_refused():
