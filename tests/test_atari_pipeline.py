@@ -219,6 +219,9 @@ def test_a_resume_without_data_keeps_its_linked_recordings(runs, wan_run):
     with pytest.raises(study.StudyError, match="which is gone: .* leave out --reuse"):
         study.run_study(runs["root"] / "fresh", scale="smoke", space="pixel", seed=SEED, reuse=gone, log=lambda m: None)
     assert not (runs["root"] / "fresh" / "data").exists()
+    (runs["root"] / "own" / "data").mkdir(parents=True)  # a study with recordings of its own ignores --reuse's link
+    with pytest.raises(study.StudyError, match="no study there"):  # got past the data, to --reuse's own check
+        study.run_study(runs["root"] / "own", scale="smoke", space="pixel", seed=SEED, reuse=gone, log=lambda m: None)
 
 
 def test_a_directory_of_one_backbone_refuses_the_other(runs, wan_run):

@@ -1680,12 +1680,12 @@ def reuse_stages(out: Path, source: Path, cfg: dict[str, Any], seed: int, scale:
 
 def _default_data(out: Path, reuse: Path | None, log: Log) -> Path | None:
     """Where a study run without ``--data`` finds its recordings: where it recorded them before
-    (its :data:`DATA_LINK`, on resume), else where the ``--reuse`` study found its own when it
-    linked them, else None (``out/data``). A link to recordings that are gone is refused, not
+    (its :data:`DATA_LINK`, on resume), else, when ``out`` has none of its own, where the
+    ``--reuse`` study found its own when it linked them, else None (``out/data``). A link to recordings that are gone is refused, not
     silently replaced by a fresh recording."""
     holder = out
     linked = linked_data(out)
-    if linked is None and reuse is not None and not (reuse / "data").is_dir():
+    if linked is None and reuse is not None and not (out / "data").is_dir() and not (reuse / "data").is_dir():
         holder, linked = reuse, linked_data(reuse)
     if linked is None:
         return None
