@@ -104,8 +104,29 @@ def test_space_is_part_of_the_identity_and_checked(latent_run, tmp_path):
         study.run_study(out, scale="smoke", seed=SEED, space="pixel", log=lambda m: None)
     with pytest.raises(study.StudyError, match="unknown space"):
         study.resolve_config("smoke", space="voxels")
-    with pytest.raises(study.StudyError, match="unet3d backbone only"):
-        study.resolve_config("smoke", backbone="wan", space="latent")
+
+
+def test_wan_backbone_runs_in_latent_space(latent_run, tmp_path):
+    """The small Wan DiT on the study's latents: 2x2 patches on the 16x16 grid (4x4 on pixels), its
+    own variants replicated, every stage through; the budget check picks its method variant."""
+    from benchmarks.atari import budget
+
+    source, _, _ = latent_run
+    for space, patch in (("latent", [1, 2, 2]), ("patch", [1, 2, 2]), ("pixel", [1, 4, 4])):
+        assert study.resolve_config("cpu", backbone="wan", space=space)["model"]["patch_size"] == patch
+    assert "patch_size" not in study.resolve_config("cpu", space="latent")["model"]  # the UNet3D keeps its own
+    out = tmp_path / "wan"
+    res = study.run_study(
+        out, scale="smoke", seed=SEED, backbone="wan", space="latent", data_dir=source / "data", log=lambda m: None
+    )
+    cfg = res["study"]["config"]
+    assert (cfg["backbone"], cfg["space"], cfg["replicates"]["variants"]) == ("wan", "latent", ["causal", "scratch"])
+    model = json.loads((out / "pretrain" / "model" / "config.json").read_text())
+    assert model["_class_name"] == "WanTransformer3DModel" and model["in_channels"] == cfg["latent"]["latent_channels"]
+    assert all(v["verification"]["passed"] for v in res["variants"].values())
+    assert "pretrained transfer beats training from scratch" in {c["claim"] for c in res["across_seeds"]}
+    doc = budget.run(out, None, [cfg["finetune"]["steps"] + 1])
+    assert doc["variant"] == "causal" and (out / "budget" / "causal" / f"step-{cfg['finetune']['steps'] + 1}").is_dir()
 
 
 def test_mean_sem_and_the_t_rule_over_seeds():
@@ -190,6 +211,10 @@ def test_step_cost_times_every_space():
     ]
     assert all(r["s/step"] > 0 and r["steps/s"] > 0 for r in rows)
     assert rows[3]["model input"] == "16×16" and rows[0]["model input"] == "32×32" and rows[5]["model input"] == "8×8"
+    wan = step_cost.measure("smoke", repeats=1, backbone="wan")  # the DiT, on the same shapes
+    assert [(r["space"], r["stage"], r["model input"]) for r in wan] == [
+        (r["space"], r["stage"], r["model input"]) for r in rows
+    ]
 
 
 def test_reuse_copies_the_shared_stages_for_a_fine_tuning_ablation(latent_run, tmp_path):

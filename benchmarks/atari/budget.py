@@ -1,6 +1,6 @@
 """Does the world model start to follow its actions with more fine-tuning? (issue 17)
 
-    python -m benchmarks.atari.budget --study DIR [--variant extrapolative] [--steps 1600 3200]
+    python -m benchmarks.atari.budget --study DIR [--variant V] [--steps 1600 3200]
         [--set KEY=VALUE ...] [--threads 2] [--json PATH]
 
 The study fine-tunes every variant for the scale's ``finetune.steps`` (800 at the latent cpu
@@ -200,8 +200,9 @@ def _paddle_summary(ctrl: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(
-    out: Path, variant: str, steps: list[int], replicate: int = 0, overrides: dict[str, Any] | None = None
+    out: Path, variant: str | None, steps: list[int], replicate: int = 0, overrides: dict[str, Any] | None = None
 ) -> dict[str, Any]:
+    """The budget check of ``variant`` (None: the backbone's method variant) of the study at ``out``."""
     overrides = _typed(overrides or {})
     bad = sorted(set(overrides) & _FIXED)
     if bad:
@@ -210,6 +211,7 @@ def run(
     if not study.paddle:
         raise StudyError("the budget check measures Pong's paddle; this study's held-out game is not Pong")
     known = list(study.cfg["replicates"]["variants"]) if replicate else list(study.backbone.variants)
+    variant = variant or study.backbone.main
     if variant not in known:
         raise StudyError(f"no fine-tuned variant {variant!r} for this seed; use one of {', '.join(known)}")
     base_steps = int(study.cfg["finetune"]["steps"])
@@ -307,7 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.atari.budget", description=__doc__.split("\n\n")[0])
     p.add_argument("--study", required=True, help="a finished study's output directory (Pong held out; any space)")
     p.add_argument(
-        "--variant", default="extrapolative", help="the variant to fine-tune further (default extrapolative)"
+        "--variant",
+        default=None,
+        help="the variant to fine-tune further (default: the method's, extrapolative for unet3d, causal for wan)",
     )
     p.add_argument(
         "--steps", type=int, nargs="+", default=[1600, 3200], help="step counts to reach (default 1600 3200)"

@@ -1,8 +1,9 @@
 """Training steps per second of the Atari study's scales: pixel, latent and patch spaces (issue 17).
 
-    python -m benchmarks.atari.step_cost [--scale cpu] [--threads 2] [--repeats 5] [--json PATH]
+    python -m benchmarks.atari.step_cost [--scale cpu] [--backbone unet3d|wan] [--threads 2] [--repeats 5] [--json PATH]
 
-Times, with random inputs, one optimiser step of the scale's bidirectional UNet3D at the
+Times, with random inputs, one optimiser step of the scale's bidirectional model (the UNet3D, or
+the Wan DiT with ``--backbone wan``) at the
 pretraining and at the fine-tuning shapes (batch × window; pixel: 64×64 RGB, latent: the
 autoencoder's 16×16×4, patch: 16×16×48) and, for the latent space, one autoencoder step. The first step of each is
 a warm-up; the table gives the median of the others. It compares the spaces' cost: the study's
@@ -40,10 +41,11 @@ def _median_seconds(step: Callable[[], None], repeats: int) -> float:
 
 
 def _diffusion_step(cfg: dict[str, Any], channels: int, size: int, batch: int, window: int) -> Callable[[], None]:
-    model = pt.build_model(cfg["model"], channels, size, 0)
+    model = pt.build_model(cfg["model"], channels, size, 0, cfg["backbone"])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randn(batch, channels, window, size, size)
-    ehs = torch.zeros(batch, 1, cfg["model"]["cross_attention_dim"])
+    width = cfg["model"].get("cross_attention_dim") or cfg["model"]["text_dim"]  # UNet3D / Wan
+    ehs = torch.zeros(batch, 1, width)
 
     def step() -> None:
         k = torch.randint(0, 1000, (batch,))
@@ -69,10 +71,10 @@ def _autoencoder_step(cfg: dict[str, Any], size: int) -> Callable[[], None]:
     return step
 
 
-def measure(scale: str, repeats: int) -> list[dict[str, Any]]:
+def measure(scale: str, repeats: int, backbone: str = "unet3d") -> list[dict[str, Any]]:
     rows = []
     for space in ("pixel", "latent", "patch"):
-        cfg = resolve_config(scale, space=space)
+        cfg = resolve_config(scale, backbone=backbone, space=space)
         size = int(cfg["data"]["size"])
         if space == "latent":
             halvings = len(cfg["latent"]["block_out_channels"]) - 1
@@ -106,19 +108,26 @@ def _row(space: str, stage: str, batch: int, window: int, grid: int, sec: float,
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.atari.step_cost", description=__doc__.split("\n\n")[0])
     p.add_argument("--scale", default="cpu", help="the study scale whose shapes are timed (default cpu)")
+    p.add_argument("--backbone", default="unet3d", choices=("unet3d", "wan"), help="the model timed (default unet3d)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2, the cpu scale's)")
     p.add_argument("--repeats", type=int, default=5, help="timed steps after one warm-up (default 5)")
     p.add_argument("--json", default=None, help="write the rows and the machine here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    rows = measure(args.scale, args.repeats)
+    rows = measure(args.scale, args.repeats, args.backbone)
     from benchmarks._common import machine_info
     from benchmarks.atari.report import write_markdown_table
 
     print(write_markdown_table({f"{r['space']} {r['stage']}": r for r in rows}, row_header="what"))
     if args.json:
-        doc = {"scale": args.scale, "threads": args.threads, "repeats": args.repeats, "rows": rows}
+        doc = {
+            "scale": args.scale,
+            "backbone": args.backbone,
+            "threads": args.threads,
+            "repeats": args.repeats,
+            "rows": rows,
+        }
         doc["machine"] = machine_info()
         Path(args.json).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
         print(f"wrote {args.json}", file=sys.stderr)

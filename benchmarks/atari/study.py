@@ -65,7 +65,7 @@ from benchmarks.atari import data as atari_data
 from benchmarks.atari import evaluate as ev
 from benchmarks.atari import pretrain as pt
 from benchmarks.atari import seeds as seeds_mod
-from benchmarks.atari.backbones import BACKBONES, UNET3D, Backbone, get_backbone
+from benchmarks.atari.backbones import BACKBONES, UNET3D, WAN, Backbone, get_backbone
 from causalize import fs
 
 __all__ = [
@@ -458,8 +458,19 @@ def _overlay(cfg: dict[str, Any], sections: dict[str, Any]) -> None:
             cfg[section].update(values)
 
 
+def _overlay_dit(cfg: dict[str, Any], scale: str, space: str) -> None:
+    """The Wan DiT's model and learning rates over the space's budgets. On a 16×16 grid (latent,
+    patch) it patches 2×2, 64 tokens per frame (4×4 on 64×64 pixels gives 256); its replicates are
+    its own variants (the UNet3D's transfer variants do not exist for it)."""
+    _overlay(cfg, DIT_SCALES[scale])
+    if space != "pixel":
+        cfg["model"]["patch_size"] = [1, 2, 2]
+        cfg["replicates"]["variants"] = list(WAN.variants)
+
+
 def default_space(backbone: str) -> str:
-    """Latent for the UNet3D (issue 17), pixels for the Wan DiT (no latent study built for it)."""
+    """Latent for the UNet3D (issue 17); pixels for the Wan DiT, whose latent study (``--space
+    latent``) has run at the smoke scale only."""
     return "latent" if backbone == UNET3D.name else "pixel"
 
 
@@ -477,16 +488,14 @@ def resolve_config(
         get_backbone(backbone)
     except ValueError as exc:
         raise StudyError(str(exc)) from None
-    if space != "pixel" and backbone != UNET3D.name:
-        raise StudyError(f"--space {space} is built for the unet3d backbone only")
     cfg = {**copy.deepcopy(_DEFAULTS), **copy.deepcopy(SCALES[scale])}
-    if backbone != UNET3D.name:
-        _overlay(cfg, DIT_SCALES[scale])
     if space == "latent":
         _overlay(cfg, LATENT_SCALES[scale])
     if space == "patch":  # the latent study's 16×16 model and budgets, without its autoencoder
         _overlay(cfg, {k: v for k, v in LATENT_SCALES[scale].items() if k != "latent"})
         cfg["patch"] = {"size": patches.PATCH}
+    if backbone != UNET3D.name:
+        _overlay_dit(cfg, scale, space)
     cfg["backbone"], cfg["space"] = backbone, space
     cfg["finetune"] = {**_FINETUNE_DEFAULTS, **cfg["finetune"]}
     for item in overrides:
@@ -1955,8 +1964,8 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="latent (default for unet3d: the study trains its own autoencoder and diffuses in its 16x16x4 latents, "
         "~8x cheaper steps), patch (64x64 RGB as 16x16 grids of 4x4-pixel patches, 48 channels: lossless, same "
-        "model and cost as latent) or pixel (64x64 RGB, the earlier study); a directory holding a study resumes "
-        "in that study's space",
+        "model and cost as latent) or pixel (64x64 RGB, the earlier study; default for wan, which patches 16x16 "
+        "grids 2x2); a directory holding a study resumes in that study's space",
     )
     p.add_argument("--seed", type=int, default=0, help="study seed; replicates train with seed+1, seed+2, ...")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the scale's)")
