@@ -98,12 +98,11 @@ def test_encoding_refuses_an_existing_dataset(patch_run, tmp_path):
     assert (dst / "keep.txt").read_text() == "mine"
 
 
-def test_patch_space_is_unet3d_only():
-    with pytest.raises(study.StudyError, match="unet3d"):
-        study.resolve_config("smoke", backbone="wan", space="patch")
-    cfg = study.resolve_config("cpu", space="patch")
-    latent = study.resolve_config("cpu", space="latent")
-    assert cfg["model"] == latent["model"] and cfg["finetune"] == latent["finetune"] and cfg["latent"] is None
+def test_patch_space_has_the_latent_model_and_budgets_without_the_autoencoder():
+    for backbone in ("unet3d", "wan"):  # the Wan DiT patches the 16x16 grid 2x2 in both spaces
+        cfg = study.resolve_config("cpu", backbone=backbone, space="patch")
+        latent = study.resolve_config("cpu", backbone=backbone, space="latent")
+        assert cfg["model"] == latent["model"] and cfg["finetune"] == latent["finetune"] and cfg["latent"] is None
 
 
 def test_action_moves_averages_each_actions_paddle_moves():
