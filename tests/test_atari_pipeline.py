@@ -204,6 +204,8 @@ def test_a_resume_without_data_keeps_its_linked_recordings(runs, wan_run):
     """A study run with --data and resumed without it finds its recordings where it put them (it
     used to record them afresh into OUT/data and drop the link); a link to recordings that are
     gone, its own or a --reuse study's, is refused rather than replaced."""
+    from benchmarks.atari import budget
+
     out, res = wan_run
     logs: list[str] = []
     again = study.run_study(out, scale="smoke", seed=SEED, backbone="wan", log=logs.append)
@@ -222,6 +224,9 @@ def test_a_resume_without_data_keeps_its_linked_recordings(runs, wan_run):
     (runs["root"] / "own" / "data").mkdir(parents=True)  # a study with recordings of its own ignores --reuse's link
     with pytest.raises(study.StudyError, match="no study there"):  # got past the data, to --reuse's own check
         study.run_study(runs["root"] / "own", scale="smoke", space="pixel", seed=SEED, reuse=gone, log=lambda m: None)
+    (gone / "study.json").write_text((out / "study.json").read_text())  # a finished study whose recordings went
+    with pytest.raises(study.StudyError, match="which is gone"):
+        budget.open_study(gone)
 
 
 def test_a_directory_of_one_backbone_refuses_the_other(runs, wan_run):

@@ -39,7 +39,7 @@ import numpy as np
 
 from benchmarks.atari import control
 from benchmarks.atari import evaluate as ev
-from benchmarks.atari.study import CONTEXT_LEVELS, StageProgress, Study, StudyError, linked_data, set_determinism
+from benchmarks.atari.study import CONTEXT_LEVELS, StageProgress, Study, StudyError, recorded_data, set_determinism
 
 #: A budget run's measurement, beside its model.
 MEASURE_FILE = "measure.json"
@@ -68,7 +68,8 @@ def open_study(out: Path, replicate: int = 0) -> Study:
     if not ident_path.is_file():
         raise StudyError(f"{out} holds no study (no study.json)")
     ident = json.loads(ident_path.read_text(encoding="utf-8"))
-    study = Study(out, ident["config"], ident["seed"], scale=ident["scale"], data_dir=linked_data(out))
+    data_dir = recorded_data(out, log=lambda m: None)  # a link to recordings that are gone is refused
+    study = Study(out, ident["config"], ident["seed"], scale=ident["scale"], data_dir=data_dir)
     if replicate:
         if replicate >= int(study.cfg["replicates"]["seeds"]):
             raise StudyError(

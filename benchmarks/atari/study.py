@@ -78,7 +78,9 @@ __all__ = [
     "controllability",
     "default_space",
     "eval_runs",
+    "linked_data",
     "main",
+    "recorded_data",
     "resolve_config",
     "run_study",
     "variant_pipeline",
@@ -1687,11 +1689,11 @@ def reuse_stages(out: Path, source: Path, cfg: dict[str, Any], seed: int, scale:
     return copied
 
 
-def _default_data(out: Path, reuse: Path | None, log: Log) -> Path | None:
-    """Where a study run without ``--data`` finds its recordings: where it recorded them before
-    (its :data:`DATA_LINK`, on resume), else, when ``out`` has none of its own, where the
-    ``--reuse`` study found its own when it linked them, else None (``out/data``). A link to recordings that are gone is refused, not
-    silently replaced by a fresh recording."""
+def recorded_data(out: Path, reuse: Path | None = None, log: Log = _stderr) -> Path | None:
+    """Where the study at ``out``, run without ``--data``, finds its recordings: where it recorded
+    them before (its :data:`DATA_LINK`), else, when ``out`` has none of its own, where the
+    ``--reuse`` study's link says, else None (``out/data``). A link to recordings that are gone is
+    refused, not silently replaced by a fresh recording."""
     holder = out
     linked = linked_data(out)
     if linked is None and reuse is not None and not (out / "data").is_dir() and not (reuse / "data").is_dir():
@@ -1814,7 +1816,7 @@ def _run(
 ) -> dict[str, Any]:
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    data_root = Path(data_dir) if data_dir else _default_data(out, reuse, log)
+    data_root = Path(data_dir) if data_dir else recorded_data(out, reuse, log)
     study = Study(out, cfg, seed, scale=scale, data_dir=data_root, device=device, log=log)
     study.check_identity()
     if reuse is not None:
