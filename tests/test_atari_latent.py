@@ -129,6 +129,66 @@ def test_wan_backbone_runs_in_latent_space(latent_run, tmp_path):
     assert doc["variant"] == "causal" and (out / "budget" / "causal" / f"step-{cfg['finetune']['steps'] + 1}").is_dir()
 
 
+def _as_committed(study_dir: Path, dest: Path) -> Path:
+    """A copy of a finished study as git keeps one: the JSON and reports, without the recordings,
+    latents, autoencoder and model weights (the results directories' .gitignore)."""
+    import shutil
+
+    shutil.copytree(study_dir, dest)
+    gone = ["data/*/", "latent/*/", "autoencoder/vae", "pretrain/model", "scratch_init/model"]
+    gone += [f"{r}{d}/*/" for r in ("", "seed*/") for d in ("convert", "finetune")]
+    for pattern in gone:
+        for path in dest.glob(pattern):
+            shutil.rmtree(path)
+    for path in dest.rglob("*.npz"):
+        path.unlink()
+    return dest
+
+
+def test_broad_pretraining_check_remakes_gone_stages_and_pairs_with_the_study(latent_run, tmp_path):
+    """benchmarks.atari.broad on a study as committed: it remakes the recordings and the autoencoder
+    (and checks they are the study's), pretrains on more clips, and compares each training seed's
+    model with that seed's scratch and transfer runs of the study on the same segments."""
+    from benchmarks.atari import broad
+
+    source, results, _ = latent_run
+    kept = _as_committed(source, tmp_path / "study")
+    assert not (kept / "autoencoder" / "vae").exists()
+    per_game = results["study"]["config"]["data"]["clips_per_game"]
+    doc = broad.run(kept, tmp_path / "broad", clips_per_game=2 * per_game, steps=None, seeds=2, log=lambda m: None)
+    assert doc["base_stages"]["remade"] and doc["clips"]["study_clips_are_the_first"]
+    assert doc["pretrain"]["windows"] > results["pretrain"]["windows"]  # more clips than the study's
+    assert sorted(doc["per_seed"]) == [str(SEED), str(SEED + 1)]
+    scratch = results["runs"][study.run_name("scratch", 1.0, "real")]["metrics"]["psnr"]["overall"]
+    assert doc["per_seed"][str(SEED)]["psnr"]["study_scratch"] == pytest.approx(scratch)
+    claims = {row["claim"]: row for row in doc["across_seeds"]}
+    assert broad.TRANSFER in claims and broad.BROAD_VS_STUDY in claims
+    assert any("paddle" in row for row in claims.values())
+    assert all(row["verdict"] and row["seeds"] == [SEED, SEED + 1] for row in claims.values())
+    assert (tmp_path / "broad" / "broad.json").is_file() and "study scratch" in broad.table(doc)
+
+
+def test_broad_check_refuses_an_autoencoder_that_does_not_reproduce(latent_run, tmp_path):
+    """Negative control: a remade autoencoder that differs from the study's record is refused, so
+    no run is compared with study runs made on other latents."""
+    from benchmarks.atari import broad
+
+    source, results, _ = latent_run
+    kept = _as_committed(source, tmp_path / "study")
+    record = kept / "autoencoder" / "autoencoder.json"
+    doc = json.loads(record.read_text())
+    doc["final_loss"] += 1e-6
+    record.write_text(json.dumps(doc))
+    per_game = results["study"]["config"]["data"]["clips_per_game"]
+    with pytest.raises(study.StudyError, match="differs from the study's in final_loss"):
+        broad.run(kept, tmp_path / "broad", clips_per_game=2 * per_game, steps=None, seeds=1, log=lambda m: None)
+    assert not (tmp_path / "broad" / "pretrain").exists()
+    with pytest.raises(study.StudyError, match="fewer than the study's"):
+        broad.run(source, tmp_path / "fewer", clips_per_game=1, steps=None, seeds=1, log=lambda m: None)
+    with pytest.raises(study.StudyError, match="--seeds 3"):
+        broad.run(source, tmp_path / "seeds", clips_per_game=2 * per_game, steps=None, seeds=3, log=lambda m: None)
+
+
 def test_mean_sem_and_the_t_rule_over_seeds():
     d = seeds.mean_sem([1.0, 2.0, 3.0])
     assert d["mean"] == pytest.approx(2.0) and d["sem"] == pytest.approx(1.0 / math.sqrt(3))
