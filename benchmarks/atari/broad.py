@@ -1,4 +1,4 @@
-"""Does a broader, longer pretraining make pretrained transfer pay? (issue 17)
+"""Does a broader pretraining make pretrained transfer pay? (issue 17)
 
     python -m benchmarks.atari.broad --study benchmarks/results/atari-latent-mw3200 --out DIR
         [--clips-per-game 320] [--steps N] [--seeds 3] [--threads 2] [--json PATH]
@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.atari import budget
 from benchmarks.atari import data as atari_data
 from benchmarks.atari import seeds as seeds_mod
 from benchmarks.atari.study import (
@@ -51,7 +52,6 @@ from benchmarks.atari.study import (
     comparisons,
     controllability,
     eval_runs,
-    recorded_data,
     run_name,
     set_determinism,
 )
@@ -66,15 +66,11 @@ BROAD_VS_STUDY = "broader pretraining beats the study's pretraining (transfer ag
 
 
 def open_study(path: Path) -> Study:
-    """The finished study at ``path``, as its own tools open it."""
-    ident = path / "study.json"
-    if not ident.is_file():
-        raise StudyError(f"--study {path}: no study there (no study.json)")
-    doc = json.loads(ident.read_text())
-    cfg = doc["config"]
-    if cfg.get("space") != "latent":
-        raise StudyError(f"--study {path}: a {cfg.get('space')} study; this check needs a latent one")
-    return Study(path, cfg, int(doc["seed"]), scale=doc["scale"], data_dir=recorded_data(path))
+    """The finished latent study at ``path``, opened as the budget check opens one."""
+    study = budget.open_study(path)
+    if study.space != "latent":
+        raise StudyError(f"--study {path}: a {study.space} study; this check needs a latent one")
+    return study
 
 
 def study_threads(path: Path) -> int:
@@ -83,10 +79,7 @@ def study_threads(path: Path) -> int:
     results = path / "results.json"
     if results.is_file():
         return int(json.loads(results.read_text())["study"]["threads"])
-    ident = path / "study.json"
-    if not ident.is_file():
-        raise StudyError(f"--study {path}: no study there (no study.json)")
-    return int(json.loads(ident.read_text())["config"]["threads"])
+    return int(open_study(path).cfg["threads"])
 
 
 def broad_config(cfg: dict[str, Any], clips_per_game: int, steps: int | None) -> dict[str, Any]:
@@ -152,20 +145,21 @@ def _copy_shared(src: Study, dest: Study) -> None:
             dest.log(f"[broad] {rel}/ copied from {src.root}")
 
 
-def _same_clips(src: Study, clips: Path, per_game: int) -> bool:
+def _same_clips(base: Study, clips: Path, per_game: int) -> bool:
     """Whether the study's clips are the first clips of each game in the broader recording."""
-    ours = src.cfg["data"]["clips_per_game"]
-    for k in range(len(src.cfg["data"]["games"])):
+    ours = base.cfg["data"]["clips_per_game"]
+    for k in range(len(base.cfg["data"]["games"])):
         for c in (0, ours - 1):
-            a = atari_data.load_episode(src.pixel_dataset("pretrain"), k * ours + c)["frames"]
+            a = atari_data.load_episode(base.pixel_dataset("pretrain"), k * ours + c)["frames"]
             b = atari_data.load_episode(clips, k * per_game + c)["frames"]
             if not np.array_equal(a, b):
                 return False
     return True
 
 
-def record_and_encode(src: Study, dest: Study) -> dict[str, Any]:
-    """The broader clips (pixels under ``OUT/clips``), encoded by the study's autoencoder."""
+def record_and_encode(base: Study, dest: Study) -> dict[str, Any]:
+    """The broader clips (pixels under ``OUT/clips``), encoded by the study's autoencoder (which
+    ``dest`` holds a copy of); ``base`` holds the study's own recordings."""
     from causalize.latents.encode import encode_episodes
 
     marker = dest.root / "broad_clips.json"
@@ -192,7 +186,7 @@ def record_and_encode(src: Study, dest: Study) -> dict[str, Any]:
     doc = {
         "clips": summary,
         "latent_frames": report.latent_frames,
-        "study_clips_are_the_first": _same_clips(src, clips, d["clips_per_game"]),
+        "study_clips_are_the_first": _same_clips(base, clips, d["clips_per_game"]),
         "seconds": time.perf_counter() - t0,
     }
     marker.write_text(json.dumps(doc, indent=2) + "\n")
@@ -299,7 +293,7 @@ def table(doc: dict[str, Any]) -> str:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.atari.broad",
-        description="Continue a finished latent study's pretraining on more clips for more steps, then "
+        description="Pretrain a finished latent study's model afresh on more clips of its games, then "
         "fine-tune and evaluate its method variant per training seed and compare it with the study's "
         "scratch and transfer runs (issue 17).",
     )
