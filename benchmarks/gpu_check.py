@@ -5,7 +5,8 @@
     python benchmarks/gpu_check.py --out DIR       # where gpu_check[.quick].json goes (default benchmarks/results)
 
 Sections (each records its own errors instead of stopping the run, so that one failure still
-leaves every other number):
+leaves every other number; the JSON is rewritten after each section, so a run stopped by a time
+limit keeps the sections it finished):
 
 1. causality: every plan's tiny model on the device, in fp32 and bf16: the unconverted model
    leaks (negative control) and the converted one has max leak exactly 0.
@@ -15,7 +16,8 @@ leaves every other number):
 3. streaming: the same model as a world model (action adapter), rolled out in bf16 with guidance
    and window 16 at S = 4 and S = 50: seconds per frame with streaming caches and with full
    recomputation, the speed-up next to the frame-pass ideal, and one single-frame step against
-   its FLOP time at the matmul throughput measured here.
+   its FLOP time at the matmul throughput measured here; the same with compiled current-frame
+   steps (`compile="reduce-overhead"` on CUDA: CUDA graphs; "default" on CPU).
 4. train: one bf16 mixed-precision Diffusion-Forcing step of that world model with gradient
    checkpointing (AdamW on fp32 weights): seconds and peak memory.
 
@@ -231,25 +233,35 @@ def check_streaming(sizes: Sizes, device: torch.device, tflops: float) -> list[d
     context = wan_inputs(sizes, device, torch.bfloat16)["hidden_states"][:, :, : sizes.window - 1]
     kwargs = {"encoder_hidden_states": torch.zeros(1, sizes.text, c["text_dim"])}
     action = torch.randn(1, 3, generator=torch.Generator().manual_seed(0)).to(device)
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    strategies = {"streaming": dict(cache=True), "full": dict(cache=False), "compiled": dict(compile=mode)}
     rows = []
     for steps in sizes.steps:
-        row: dict[str, Any] = {"steps": steps, "window": sizes.window, "guidance_scale": 2.5}
-        frames = 2 if steps <= 10 else 1  # the window is full from the first frame on: 1 frame is the steady state
-        for cache in (True, False):
-            session = RolloutSession(wm, RolloutConfig(steps=steps, window=sizes.window, cache=cache), kwargs)
+        row: dict[str, Any] = {"steps": steps, "window": sizes.window, "guidance_scale": 2.5, "compile_mode": mode}
+        for key, settings in strategies.items():
+            # the window is full from the first frame on: 1 frame is the steady state. Compiled: its
+            # first frame runs eagerly and the first row's second frame compiles, so it takes one more
+            frames = (2 if steps <= 10 else 1) + (key == "compiled")
+            config = RolloutConfig(steps=steps, window=sizes.window, **settings)
+            session = RolloutSession(wm, config, kwargs)
             session.reset(context)
             for _ in range(frames):
                 session.step(action)
             _sync(device)
-            key = "streaming" if cache else "full"
             row[f"{key}_seconds_per_frame"] = session.seconds_per_frame[-1]
             row[f"{key}_frame_passes"] = session.denoiser.frame_passes
-            if cache:
-                row["single_frame_step"] = _single_step(session, action, device, sizes, tflops)
+            if key != "full":
+                name = "single_frame_step" if key == "streaming" else "compiled_single_frame_step"
+                row[name] = _single_step(session, action, device, sizes, tflops)
+            if key == "compiled":
+                row["compiled_calls"] = session.denoiser.compiled_calls
+                row["compile_failure"] = session.denoiser.compiled.failure
         history = sizes.window - 1
         row["speedup"] = row["full_seconds_per_frame"] / row["streaming_seconds_per_frame"]
+        row["compiled_speedup"] = row["full_seconds_per_frame"] / row["compiled_seconds_per_frame"]
         row["frame_pass_ideal"] = (steps * 2 * sizes.window) / (history + steps * 2)
         row["fraction_of_ideal"] = row["speedup"] / row["frame_pass_ideal"]
+        row["compiled_fraction_of_ideal"] = row["compiled_speedup"] / row["frame_pass_ideal"]
         rows.append(row)
     return rows
 
@@ -354,10 +366,14 @@ def report_table(results: dict[str, Any]) -> str:
                 f"{r['fraction_of_ideal']:.2f}",
                 f"{r['single_frame_step']['seconds']:.4f}",
                 f"{r['single_frame_step']['ratio_to_flop_time']:.1f}x",
+                f"{r['compiled_seconds_per_frame']:.3f}",
+                f"{r['compiled_speedup']:.2f}x",
+                f"{r['compiled_single_frame_step']['seconds']:.4f}",
+                f"{r['compiled_single_frame_step']['ratio_to_flop_time']:.1f}x",
             ]
             for r in stream
         ]
-        lines.append("streaming rollout, bf16, guidance 2.5:")
+        lines.append(f"streaming rollout, bf16, guidance 2.5 (compiled: mode {stream[0]['compile_mode']}):")
         lines.append(
             table(
                 [
@@ -368,6 +384,10 @@ def report_table(results: dict[str, Any]) -> str:
                     "ideal",
                     "of ideal",
                     "1-frame step s",
+                    "vs FLOP time",
+                    "compiled s/frame",
+                    "compiled speed-up",
+                    "compiled step s",
                     "vs FLOP time",
                 ],
                 rows,
@@ -385,7 +405,11 @@ def report_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run(quick: bool, device: torch.device, only: list[str] | None = None) -> dict[str, Any]:
+def run(
+    quick: bool, device: torch.device, only: list[str] | None = None, save: Callable[[dict], None] | None = None
+) -> dict[str, Any]:
+    """Every wanted section; `save(results)` after each one, so that a run stopped by a time limit
+    still leaves the sections it finished."""
     sizes = Sizes(quick)
     results: dict[str, Any] = {"quick": quick, "device": str(device), "machine": machine_info()}
     if device.type == "cuda":
@@ -395,18 +419,18 @@ def run(quick: bool, device: torch.device, only: list[str] | None = None) -> dic
     results["attention"] = describe(device)
     wanted = set(only or ("causality", "forward", "streaming", "train"))
     results["bf16_matmul_tflops"] = matmul_tflops(device, torch.bfloat16, 256 if quick else 8192)
-    if "causality" in wanted:
-        with section(results, "causality"):
-            results["causality"] = check_causality(device)
-    if "forward" in wanted:
-        with section(results, "forward"):
-            results["forward"] = check_forward(sizes, device)
-    if "streaming" in wanted:
-        with section(results, "streaming"):
-            results["streaming"] = check_streaming(sizes, device, results["bf16_matmul_tflops"])
-    if "train" in wanted:
-        with section(results, "train"):
-            results["train"] = check_train(sizes, device)
+    checks = {
+        "causality": lambda: check_causality(device),
+        "forward": lambda: check_forward(sizes, device),
+        "streaming": lambda: check_streaming(sizes, device, results["bf16_matmul_tflops"]),
+        "train": lambda: check_train(sizes, device),
+    }
+    for name, check in checks.items():
+        if name in wanted:
+            with section(results, name):
+                results[name] = check()
+            if save is not None:
+                save(results)
     return results
 
 
@@ -424,16 +448,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from causalize.precision import resolve_device
 
     device = resolve_device(args.device or ("cpu" if args.quick else "cuda"))
-    t0 = time.perf_counter()
-    results = run(args.quick, device, args.only)
-    results["seconds"] = round(time.perf_counter() - t0, 1)
-    text = report_table(results)
-    results["table"] = text
     import json
 
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / ("gpu_check.quick.json" if args.quick else "gpu_check.json")
-    path.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    t0 = time.perf_counter()
+
+    def save(results: dict[str, Any]) -> None:
+        results["seconds"] = round(time.perf_counter() - t0, 1)
+        results["table"] = report_table(results)
+        path.write_text(json.dumps(results, indent=1, default=str) + "\n")
+
+    results = run(args.quick, device, args.only, save)
+    save(results)
+    text = results["table"]
     print(f"{results.get('gpu', device)}; {machine_line(results['machine'])}")
     print(text)
     print(f"wrote {path} in {results['seconds']} s", file=sys.stderr)

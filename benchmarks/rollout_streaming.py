@@ -10,8 +10,11 @@ every frame, the same actions and seed for both strategies:
               history frames (the window slid), then S denoising steps on the current frame
               alone against the per-layer caches (KV, conv buffers)
   full        cache=False, the reference strategy: every step runs the whole window
+  compiled    (--compile MODE) streaming with compiled current-frame steps (RolloutConfig.compile,
+              causalize.rollout.compiled); one untimed rollout first compiles, so the timed
+              frames measure the steady state, not the compilation
 
-Both run S steps of DDIM with causal action guidance (two branches batched in one forward) unless
+All run S steps of DDIM with causal action guidance (two branches batched in one forward) unless
 --no-guidance. Timing: per strategy and repeat, --frames generated frames after one warm-up frame
 (timed together, the device synchronised), the median over repeats of seconds per frame; the
 strategies alternate (full, streaming, streaming, full, ...) --repeats times.
@@ -28,7 +31,8 @@ full-window forward (every branch, L frames), and the history prefill (L−1 fra
 cost exactly its frame-passes would show a ratio of 1; the excess is per-call overhead (cache
 copies, masks, kernel choice) or the step's larger attention span (its frame attends to all L
 frames, the average frame of a full window to about half of them when masked blocks are skipped;
-on CPU the dense mask computes all of them).
+on CPU the dense mask computes all of them). With --compile the same step is also timed through
+the compiled forward (after one untimed call that compiles it).
 
 Models (--model): "wan" (default; a Wan DiT, full spatio-temporal attention, the compute-bound
 case) or "unet3d" (a UNet3D with temporal attention and convs).
@@ -36,6 +40,7 @@ case) or "unet3d" (a UNet3D with temporal attention and convs).
 Usage: python benchmarks/rollout_streaming.py [--quick] [--model wan|unet3d] [--steps S] [--window L]
        [--frames N] [--repeats R] [--threads N] [--device cpu|cuda] [--dtype float32|bfloat16]
        [--section all|rollout|steps] [--step-repeats R] [--size N] [--no-guidance] [--tag NAME]
+       [--compile MODE]
 Writes benchmarks/results/rollout_streaming[.MODEL][.quick][.TAG].json.
 """
 
@@ -141,7 +146,7 @@ def _timed(fn, repeats: int, cuda: bool) -> list[float]:
     return out
 
 
-def step_costs(wm, context: torch.Tensor, branches: int, repeats: int) -> dict:
+def step_costs(wm, context: torch.Tensor, branches: int, repeats: int, compile_mode: str | None = None) -> dict:
     """Seconds of one streaming step, of one full-window forward and of the history prefill.
 
     The model is called directly (the sampler's calls, without its bookkeeping): history at level
@@ -186,22 +191,42 @@ def step_costs(wm, context: torch.Tensor, branches: int, repeats: int) -> dict:
         with stream.read():
             wm(*step_in[:3], **step_in[3])
 
+    timings = {}
     with torch.no_grad():
-        full = _timed(lambda: wm(*full_in[:3], **full_in[3]), repeats, cuda)
-        pre = _timed(prefill, repeats, cuda)  # leaves the history cached for the steps
-        steps = _timed(step, 4 * repeats, cuda)
+        timings["full"] = _timed(lambda: wm(*full_in[:3], **full_in[3]), repeats, cuda)
+        timings["prefill"] = _timed(prefill, repeats, cuda)  # leaves the history cached for the steps
+        timings["step"] = _timed(step, 4 * repeats, cuda)
+        if compile_mode:
+            from causalize.rollout.compiled import CompiledStep
+
+            compiled = CompiledStep(wm.model, compile_mode)
+            compiled.start_frame(("bench",))
+            compiled.start_frame(("bench",))  # the same key twice: a static step
+
+            def compiled_step():
+                with stream.read():
+                    compiled.run(lambda: wm(*step_in[:3], **step_in[3]))
+
+            t0 = time.perf_counter()
+            compiled_step()  # compiles
+            print(f"  compiled step: compiled in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+            timings["step_compiled"] = _timed(compiled_step, 4 * repeats, cuda)
+            if compiled.failure:
+                print(f"  compiled step ran eagerly: {compiled.failure}", file=sys.stderr)
         stream.reset()
-    med = {k: statistics.median(v) for k, v in (("full", full), ("prefill", pre), ("step", steps))}
-    passes = {"full": branches * window, "prefill": hist_frames, "step": branches}
+    med = {k: statistics.median(v) for k, v in timings.items()}
+    passes = {"full": branches * window, "prefill": hist_frames, "step": branches, "step_compiled": branches}
     per_pass = {k: med[k] / passes[k] for k in med}
     return {
         "seconds": med,
-        "seconds_min": {"full": min(full), "prefill": min(pre), "step": min(steps)},
-        "seconds_all": {"full": full, "prefill": pre, "step": steps},
-        "frame_passes": passes,
+        "seconds_min": {k: min(v) for k, v in timings.items()},
+        "seconds_all": timings,
+        "frame_passes": {k: passes[k] for k in med},
         "seconds_per_frame_pass": per_pass,
         "step_vs_full_per_frame_pass": per_pass["step"] / per_pass["full"],
         "prefill_vs_full_per_frame_pass": per_pass["prefill"] / per_pass["full"],
+        "compile": compile_mode,
+        "compiled_step_speedup": med["step"] / med["step_compiled"] if "step_compiled" in med else None,
     }
 
 
@@ -223,6 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     ap.add_argument("--no-guidance", action="store_true")
     ap.add_argument("--tag", default="", help="suffix of the results file (e.g. before / after)")
+    ap.add_argument(
+        "--compile",
+        default=None,
+        metavar="MODE",
+        help="also time streaming with compiled current-frame steps (a torch.compile mode, e.g. default)",
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -261,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.section in ("all", "rollout"):
         payload.update(rollout_section(wm, context, actions, steps, L, scale, branches, args))
     if args.section in ("all", "steps"):
-        costs = step_costs(wm, context, branches, args.step_repeats)
+        costs = step_costs(wm, context, branches, args.step_repeats, args.compile)
         sec, passes, per = costs["seconds"], costs["frame_passes"], costs["seconds_per_frame_pass"]
         rows = [
             [
@@ -276,7 +307,9 @@ def main(argv: list[str] | None = None) -> int:
                 ("full-window forward", "full"),
                 ("history prefill", "prefill"),
                 ("streaming step", "step"),
+                ("streaming step, compiled", "step_compiled"),
             )
+            if key in sec
         ]
         print(
             table(
@@ -306,17 +339,23 @@ def rollout_section(wm, context, actions, steps: int, L: int, scale: float, bran
 
     base = RolloutConfig(steps=steps, window=L, guidance_scale=scale, seed=0)
     cfgs = {"full": RolloutConfig(**{**base.to_json(), "cache": False}), "streaming": base}
-    seconds: dict[str, list[float]] = {"full": [], "streaming": []}
+    if args.compile:
+        cfgs["compiled"] = RolloutConfig(**{**base.to_json(), "compile": args.compile})
+        t0 = time.perf_counter()
+        run(wm, context, actions[:, :2], cfgs["compiled"])  # compiles (frame 2); later sessions reuse it
+        print(f"rollout: compiled streaming warmed up in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    seconds: dict[str, list[float]] = {name: [] for name in cfgs}
     results = {}
     print(f"rollout: {args.frames} timed frames x {args.repeats} repeats", file=sys.stderr)
     for r in range(args.repeats):
-        for name in ("full", "streaming") if r % 2 == 0 else ("streaming", "full"):
+        for name in list(cfgs) if r % 2 == 0 else list(cfgs)[::-1]:
             res, per_frame = run(wm, context, actions, cfgs[name])
             seconds[name].append(per_frame)  # the first frame is the warm-up
             results[name] = res
             print(f"  repeat {r + 1} {name}: {[round(s, 3) for s in res.seconds_per_frame]}", file=sys.stderr)
     full, stream = results["full"], results["streaming"]
     diff = float((full.frames.float() - stream.frames.float()).abs().max())
+    compiled = results.get("compiled")
     med = {k: statistics.median(v) for k, v in seconds.items()}
     passes_full = branches * steps * L
     passes_stream = (L - 1) + branches * steps
@@ -339,14 +378,38 @@ def rollout_section(wm, context, actions, steps: int, L: int, scale: float, bran
             f"{stream.cache_bytes / 2**20:.1f}",
         ],
     ]
+    extra = {}
+    if compiled is not None:
+        rows.append(
+            [
+                f"streaming, compiled ({args.compile})",
+                f"{med['compiled']:.3f}",
+                f"{min(seconds['compiled']):.3f}",
+                f"{measured_passes['compiled']:.0f}",
+                f"{compiled.cache_bytes / 2**20:.1f}",
+            ]
+        )
+        extra = {
+            "compile": args.compile,
+            "compiled_speedup": med["full"] / med["compiled"],
+            "compiled_calls": compiled.compiled_calls,
+            "model_calls_compiled_run": compiled.model_calls,
+            "max_abs_diff_compiled": float((full.frames.float() - compiled.frames.float()).abs().max()),
+        }
     print(table(["strategy", "s/frame (median)", "s/frame (min)", "frame-passes/frame", "cache MiB"], rows))
     print(
         f"speed-up {speedup:.2f}x (ideal by frame-passes {ideal:.2f}x; -> L = {L} as S grows); "
         f"max |streaming - full| = {diff:.2e}"
+        + (
+            f"; compiled: {extra['compiled_speedup']:.2f}x, max |compiled - full| = {extra['max_abs_diff_compiled']:.2e}"
+            if extra
+            else ""
+        )
     )
     return {
+        **extra,
         "timed_frames": args.frames * args.repeats,
-        "seconds_per_frame": {"full": med["full"], "streaming": med["streaming"]},
+        "seconds_per_frame": med,
         "seconds_per_frame_min": {k: min(v) for k, v in seconds.items()},
         "seconds_all": seconds,
         "speedup": speedup,

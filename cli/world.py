@@ -337,6 +337,14 @@ def rollout(
         metavar="N",
         help="Frames generated together, causal among themselves (default 1; CogVideoX 1.5: 2, with --cache none).",
     ),
+    compile_mode: str | None = typer.Option(
+        None,
+        "--compile",
+        metavar="MODE",
+        help="Run the current-frame steps of a full window through torch.compile: default, reduce-overhead "
+        "(CUDA graphs on CUDA), max-autotune or max-autotune-no-cudagraphs. Exact caches only; the first "
+        "compiled frame pays the compilation (seconds to minutes), later ones run faster.",
+    ),
     seed: str | None = typer.Option(
         None, "--seed", metavar="N", help="Seed of all noise: an integer from 0 to 2**64 - 1 (default 0)."
     ),
@@ -425,6 +433,7 @@ def rollout(
         "cache": "none" if no_cache else cache,
         "sink": sink,
         "chunk": chunk,
+        "compile": compile_mode,
     }
     with guard(as_json, command="rollout"):
         if no_cache and cache not in (None, "none"):
@@ -463,7 +472,9 @@ def rollout(
     )
     err.print(
         f"seconds per frame: mean {t['mean']:.3f}, median {t['median']:.3f}, min {t['min']:.3f}, max {t['max']:.3f}; "
-        f"cache: {report.cache_mode}; frame passes: {report.frame_passes} ({report.model_calls} model calls)"
+        f"cache: {report.cache_mode}; frame passes: {report.frame_passes} ({report.model_calls} model calls"
+        + (f", {report.compiled_calls} compiled" if report.config.get("compile") else "")
+        + ")"
     )
     if report.vae is not None:
         d = report.decode_seconds

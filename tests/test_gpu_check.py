@@ -52,4 +52,6 @@ def test_forward_paths_and_streaming_and_training_are_measured(quick):
     for row in quick["streaming"]:
         assert row["streaming_frame_passes"] < row["full_frame_passes"]
         assert row["frame_pass_ideal"] > 1 and row["single_frame_step"]["flops"] > 0
+        # the compiled strategy served its last frame's steps compiled, and did not fall back
+        assert row["compiled_calls"] >= row["steps"] and row["compile_failure"] is None, row
     assert quick["train"]["loss_finite"] and quick["train"]["gradient_checkpointing"] is True

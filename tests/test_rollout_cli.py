@@ -131,6 +131,23 @@ def test_json_summary_and_training_defaults(work, tmp_path):
     assert np.load(out)["frames"].shape == (2, 16, 16, 3)
 
 
+def test_compiled_steps_from_the_command_line(work, tmp_path, monkeypatch):
+    """--compile: the full window's steps are served compiled (Dynamo alone here, to keep it cheap:
+    tests/test_compiled_step.py covers inductor) and the report says how many."""
+    from causalize.rollout import compiled
+
+    monkeypatch.setattr(compiled, "BACKEND", "eager")
+    out = tmp_path / "c.npz"
+    acts = tmp_path / "acts.txt"
+    acts.write_text("0\n3\n1\n")
+    base = ("rollout", work / "wm", "--context", work / "inputs/ep.npz", "--context-frames", CONTEXT)
+    result = cli(*base, "--actions", acts, "--out", out, *FAST, "--compile", "default", "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    # window 4, 3 context frames: the history is full from frame 1, so frames 2 and 3 run compiled
+    assert doc["config"]["compile"] == "default" and doc["compiled_calls"] == 2 * 2, doc
+
+
 def test_continuous_actions_from_json(work, tmp_path):
     out = tmp_path / "c.npz"
     result = cli(
@@ -222,6 +239,10 @@ def test_bad_options_exit_2(work, tmp_path):
     assert_one_line_error(cli(*base, "--out", out_dir / "x.avi"), 2, "unknown output format")
     assert_one_line_error(cli(*base, "--out", out_dir / "x.npz", "--sampler", "heun"), 2, "unknown sampler")
     assert_one_line_error(cli(*base, "--out", out_dir / "x.npz", "--history-noise", "lots"), 2, "history_noise")
+    assert_one_line_error(cli(*base, "--out", out_dir / "x.npz", "--compile", "fastest"), 2, "unknown compile mode")
+    assert_one_line_error(
+        cli(*base, "--out", out_dir / "x.npz", "--compile", "default", "--no-cache"), 2, "needs cache='exact'"
+    )
     result = cli(*base, "--out", out_dir / "x.npz", "--eta", "3", "--json")
     assert result.exit_code == 2 and json.loads(result.stdout)["error"]["kind"] == "usage-error"
     assert list(out_dir.iterdir()) == []

@@ -105,11 +105,17 @@ def frame_embeddings(module: nn.Module, temb: torch.Tensor, tokens: torch.Tensor
     return frames
 
 
-def frame_tensor(module: nn.Module, temb: torch.Tensor, tokens: torch.Tensor | None = None) -> FrameTensor | None:
+def frame_tensor(
+    module: nn.Module, temb: torch.Tensor, tokens: torch.Tensor | None = None
+) -> FrameTensor | torch.Tensor | None:
     """`temb` (B, D) as a FrameTensor (per-sample face, per-frame values), or None to behave as the
     original module. `tokens` (B, L, ·) is the sequence the module modulates: the video tokens, plus
     context tokens before or after them as the module's context position (set by
-    `make_frame_modulated`) says; None = the video tokens alone."""
+    `make_frame_modulated`) says; None = the video tokens alone.
+
+    Under torch.compile (a compiled streaming step, causalize.rollout.compiled) a call of one
+    frame without context tokens gets that frame's embedding as a plain (B, D) tensor: every token
+    it meets takes exactly those values, and Dynamo cannot trace the FrameTensor subclass."""
     frames = frame_values(module, temb)
     if frames is None:
         return None
@@ -124,6 +130,8 @@ def frame_tensor(module: nn.Module, temb: torch.Tensor, tokens: torch.Tensor | N
             f"({grid.frames} frames x {grid.per_frame}) and the plan declares context '{where}'",
             "set the context position (prefix / suffix) in the plan's frame-conditioning targets",
         )
+    if grid.frames == 1 and not before and not after and torch.compiler.is_compiling():
+        return frames[:, 0]
     layout = TokenLayout(grid.frames, grid.per_frame, prefix=before, suffix=after)
     return FrameTensor.wrap(temb, frames, layout)
 

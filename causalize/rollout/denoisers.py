@@ -27,6 +27,7 @@ class Denoiser:
         self._kwargs: dict[tuple[int, int], dict[str, Any]] = {}
         self.frame_passes = 0
         self.model_calls = 0
+        self.compiled_calls = 0  # calls served by a compiled forward (Streaming with compile_mode)
 
     def kwargs(self, batch: int, frames: int, like: torch.Tensor) -> dict[str, Any]:
         key = (batch, frames)
@@ -34,11 +35,17 @@ class Denoiser:
             self._kwargs[key] = self.wm.unconditional_inputs(batch, frames, self._overrides)
         return self._kwargs[key]
 
-    def call(self, sample, timesteps, actions, mask) -> torch.Tensor:
+    def call(self, sample, timesteps, actions, mask, run=None) -> torch.Tensor:
+        """One model call (counted); `run(forward)` runs it instead of `forward()` (a compiled step)."""
         batch, frames = sample.shape[0], sample.shape[self.axis]
         self.model_calls += 1
         self.frame_passes += batch * frames
-        return self.wm(sample, timesteps, actions, mask, **self.kwargs(batch, frames, sample))
+        kwargs = self.kwargs(batch, frames, sample)
+
+        def forward() -> torch.Tensor:
+            return self.wm(sample, timesteps, actions, mask, **kwargs)
+
+        return forward() if run is None else run(forward)
 
     def set_history(
         self, frames: list[torch.Tensor], actions: torch.Tensor, mask: torch.Tensor, start: int, level: int
@@ -91,7 +98,7 @@ class Streaming(Denoiser):
     """History through the model once per window (append-only while it grows), steps on the
     current frame alone against the caches."""
 
-    def __init__(self, wm, model_kwargs):
+    def __init__(self, wm, model_kwargs, compile_mode: str | None = None):
         super().__init__(wm, model_kwargs)
         from causalize.rollout.streaming import Stream
 
@@ -99,6 +106,12 @@ class Streaming(Denoiser):
         self.stream.reset()
         self.stream.owner = self  # the caches live on the model: one session at a time writes them
         self.span = (0, 0)  # global frame indices [start, end) held in the caches
+        self.compiled = None
+        if compile_mode is not None:
+            from causalize.rollout.compiled import CompiledStep
+
+            self.compiled = CompiledStep(wm.model, compile_mode)
+        self._keyed = False  # has this frame's step key been given to the compiled step
 
     def set_history(self, frames, actions, mask, start, level):
         end = start + len(frames)
@@ -118,13 +131,24 @@ class Streaming(Denoiser):
                 self.call(new, ts, actions[:, first:], mask[:, first:])
         self.span = (start, end)
         self.level = level
+        self._keyed = False
 
     def __call__(self, x, level, action, guided):
         current = x.shape[self.axis]
         mask = torch.ones(x.shape[0], current, dtype=torch.bool, device=x.device)
         sample, ts, actions, mask = branches(x, level, action, mask, guided, current)
+        if self.compiled is None:
+            with self.stream.read():
+                return self.call(sample, ts, actions, mask)
+        if not self._keyed:
+            from causalize.rollout.compiled import step_key
+
+            self.compiled.start_frame(step_key(self.stream.cached_frames, sample, self.stream.anchor_timestep))
+            self._keyed = True
         with self.stream.read():
-            return self.call(sample, ts, actions, mask)
+            out = self.call(sample, ts, actions, mask, run=self.compiled.run)
+        self.compiled_calls = self.compiled.calls
+        return out
 
 
 class Rolling(Streaming):

@@ -319,6 +319,7 @@ class WorldModelEnv(gymnasium.Env):
             "step": self._steps,
             "frame_passes": d.frame_passes,
             "model_calls": d.model_calls,
+            "compiled_calls": d.compiled_calls,
             "cache": {"exact": "streaming", "none": "full recompute"}.get(
                 self.config.cache_mode, f"{self.config.cache_mode} (approximate)"
             ),

@@ -28,6 +28,9 @@ A third one is approximate, for long interactive rollouts at a constant cost per
 Causal action guidance batches two branches in one forward: the conditional one, and the
 unconditional one in which only the newest action is dropped (the null action); history
 activations are identical in both, so in streaming mode they share one cache.
+
+`compile="default"` (or another torch.compile mode) runs the static current-frame steps of exact
+streaming (those of a full window) through a compiled forward (causalize.rollout.compiled).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ import torch
 from causalize.errors import UsageError
 from causalize.noise import NoiseSchedule
 from causalize.rollout import schedule as sched
+from causalize.rollout.compiled import COMPILE_MODES
 from causalize.rollout.denoisers import Denoiser, FullRecompute, Rolling, Streaming, frame_axis
 from causalize.world_model import WorldModel
 
@@ -73,6 +77,9 @@ class RolloutConfig:
     #: frames generated together (denoised jointly, causal among themselves); a multiple of the
     #: plan's temporal block (CogVideoX 1.5: 2)
     chunk: int = 1
+    #: a torch.compile mode for the current-frame steps of a full window (exact caches only;
+    #: causalize.rollout.compiled), or None: eager
+    compile: str | None = None
     prediction_type: str = "v"
     zero_terminal_snr: bool = True
     seed: int = 0
@@ -113,6 +120,14 @@ class RolloutConfig:
             )
         if self.prediction_type not in ("v", "v_prediction", "epsilon", "sample"):
             raise UsageError(f"unknown prediction_type {self.prediction_type!r}", "use v, epsilon or sample")
+        if self.compile is not None and self.compile not in COMPILE_MODES:
+            raise UsageError(f"unknown compile mode {self.compile!r}", f"use one of {', '.join(COMPILE_MODES)}")
+        if self.compile is not None and self.cache_mode != "exact":
+            raise UsageError(
+                f"compile={self.compile!r} needs cache='exact': with cache={self.cache_mode!r} no step repeats "
+                "the previous frame's shapes and positions",
+                "drop --compile, or use --cache exact",
+            )
         if not isinstance(self.chunk, int) or isinstance(self.chunk, bool) or self.chunk < 1:
             raise UsageError(f"chunk must be a positive integer, got {self.chunk!r}")
         if isinstance(self.window, int) and self.chunk >= self.window:
@@ -149,6 +164,8 @@ class RolloutResult:
     seconds_per_frame: list[float] = field(default_factory=list)
     frame_passes: int = 0  # frames pushed through the model, summed over calls (both branches count)
     model_calls: int = 0
+    #: model calls a compiled forward served (config.compile; the static steps of a full window)
+    compiled_calls: int = 0
     cache_bytes: int = 0
     config: RolloutConfig | None = None
     #: "exact", "rolling" (approximate) or "none"
@@ -332,8 +349,10 @@ class RolloutSession:
         mode = self.config.cache_mode
         if mode == "rolling":
             self.denoiser = Rolling(self.wm, self.model_kwargs, self.config.sink)
+        elif mode == "exact":
+            self.denoiser = Streaming(self.wm, self.model_kwargs, self.config.compile)
         else:
-            self.denoiser = (Streaming if mode == "exact" else FullRecompute)(self.wm, self.model_kwargs)
+            self.denoiser = FullRecompute(self.wm, self.model_kwargs)
         self.passes_per_frame: list[int] = []
         self.history = [self._noised(f) for f in context.split(1, dim=self.axis)]
         c = len(self.history)
@@ -450,6 +469,7 @@ class RolloutSession:
             seconds_per_frame=list(self.seconds_per_frame),
             frame_passes=d.frame_passes,
             model_calls=d.model_calls,
+            compiled_calls=d.compiled_calls,
             cache_bytes=d.stream.cache_bytes() if isinstance(d, Streaming) else 0,
             config=self.config,
             cache_mode=self.config.cache_mode,

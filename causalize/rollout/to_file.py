@@ -64,6 +64,8 @@ class RolloutFileReport:
     decode_seconds: list[float] = field(default_factory=list)
     #: where the conditioning tensors came from: "option", "stored" (beside the model) or "zeros"
     conditioning: str = "zeros"
+    #: model calls a compiled forward served (--compile: the static steps of a full window)
+    compiled_calls: int = 0
 
     @property
     def timing(self) -> dict[str, float]:
@@ -90,6 +92,7 @@ class RolloutFileReport:
             "cache": self.cache_mode,
             "frame_passes": self.frame_passes,
             "model_calls": self.model_calls,
+            "compiled_calls": self.compiled_calls,
             "cache_bytes": self.cache_bytes,
             "config": self.config,
             "config_sources": self.config_sources,
@@ -206,6 +209,7 @@ def rollout_to_file(
         seconds=0.0,
         frame_passes=result.frame_passes,
         model_calls=result.model_calls,
+        compiled_calls=result.compiled_calls,
         cache_bytes=result.cache_bytes,
         config=config.to_json(),
         config_sources=sources,
