@@ -85,7 +85,7 @@ class CompiledStep:
             # CUDA graph trees: a new step starts here, so the previous step's outputs may be reused
             torch.compiler.cudagraph_mark_step_begin()
         try:
-            with self._swapped(), torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            with self._swapped(), torch._dynamo.config.patch(**_recompile_limit()):
                 out = forward()
         except self._compile_error as exc:
             self.failure = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
@@ -110,6 +110,12 @@ class CompiledStep:
                     vars(module).pop("forward", None)
                 else:
                     object.__setattr__(module, "forward", original)
+
+
+def _recompile_limit() -> dict[str, int]:
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+    return {name: max(RECOMPILE_LIMIT, getattr(config, name))}
 
 
 def _causalize_processor(processor: Any) -> bool:
