@@ -226,7 +226,6 @@ def _world_model(sizes: Sizes, device: torch.device, dtype: torch.dtype):
 
 
 def check_streaming(sizes: Sizes, device: torch.device, tflops: float) -> list[dict[str, Any]]:
-    from causalize.rollout.sampler import RolloutConfig, RolloutSession
 
     wm = _world_model(sizes, device, torch.bfloat16)
     c = sizes.config
@@ -239,31 +238,47 @@ def check_streaming(sizes: Sizes, device: torch.device, tflops: float) -> list[d
     for steps in sizes.steps:
         row: dict[str, Any] = {"steps": steps, "window": sizes.window, "guidance_scale": 2.5, "compile_mode": mode}
         for key, settings in strategies.items():
-            # the window is full from the first frame on: 1 frame is the steady state. Compiled: its
-            # first frame runs eagerly and the first row's second frame compiles, so it takes one more
-            frames = (2 if steps <= 10 else 1) + (key == "compiled")
-            config = RolloutConfig(steps=steps, window=sizes.window, **settings)
-            session = RolloutSession(wm, config, kwargs)
-            session.reset(context)
-            for _ in range(frames):
-                session.step(action)
-            _sync(device)
-            row[f"{key}_seconds_per_frame"] = session.seconds_per_frame[-1]
-            row[f"{key}_frame_passes"] = session.denoiser.frame_passes
-            if key != "full":
-                name = "single_frame_step" if key == "streaming" else "compiled_single_frame_step"
-                row[name] = _single_step(session, action, device, sizes, tflops)
-            if key == "compiled":
-                row["compiled_calls"] = session.denoiser.compiled_calls
-                row["compile_failure"] = session.denoiser.compiled.failure
+            try:
+                row.update(_strategy(wm, key, settings, steps, sizes, context, kwargs, action, device, tflops))
+            except Exception as exc:  # noqa: BLE001 - the compiled path has not run on a GPU yet: keep the rest
+                if key != "compiled":
+                    raise
+                row["compiled_error"] = f"{type(exc).__name__}: {exc}"
+                traceback.print_exc(file=sys.stderr)
         history = sizes.window - 1
         row["speedup"] = row["full_seconds_per_frame"] / row["streaming_seconds_per_frame"]
-        row["compiled_speedup"] = row["full_seconds_per_frame"] / row["compiled_seconds_per_frame"]
         row["frame_pass_ideal"] = (steps * 2 * sizes.window) / (history + steps * 2)
         row["fraction_of_ideal"] = row["speedup"] / row["frame_pass_ideal"]
-        row["compiled_fraction_of_ideal"] = row["compiled_speedup"] / row["frame_pass_ideal"]
+        if "compiled_seconds_per_frame" in row:
+            row["compiled_speedup"] = row["full_seconds_per_frame"] / row["compiled_seconds_per_frame"]
+            row["compiled_fraction_of_ideal"] = row["compiled_speedup"] / row["frame_pass_ideal"]
         rows.append(row)
     return rows
+
+
+def _strategy(wm, key: str, settings: dict, steps: int, sizes: Sizes, context, kwargs, action, device, tflops) -> dict:
+    """One strategy's frames of one row: seconds of its last frame, frame passes, the single step."""
+    from causalize.rollout.sampler import RolloutConfig, RolloutSession
+
+    # the window is full from the first frame on: 1 frame is the steady state. Compiled: its
+    # first frame runs eagerly and the first row's second frame compiles, so it takes one more
+    frames = (2 if steps <= 10 else 1) + (key == "compiled")
+    session = RolloutSession(wm, RolloutConfig(steps=steps, window=sizes.window, **settings), kwargs)
+    session.reset(context)
+    for _ in range(frames):
+        session.step(action)
+    _sync(device)
+    out: dict[str, Any] = {
+        f"{key}_seconds_per_frame": session.seconds_per_frame[-1],
+        f"{key}_frame_passes": session.denoiser.frame_passes,
+    }
+    if key != "full":
+        name = "single_frame_step" if key == "streaming" else "compiled_single_frame_step"
+        out[name] = _single_step(session, action, device, sizes, tflops)
+    if key == "compiled":
+        out["compiled_calls"] = session.denoiser.compiled_calls
+        out["compile_failure"] = session.denoiser.compiled.failure
+    return out
 
 
 def _single_step(session, action, device: torch.device, sizes: Sizes, tflops: float) -> dict[str, Any]:
@@ -325,6 +340,19 @@ def check_train(sizes: Sizes, device: torch.device) -> dict[str, Any]:
 # -------------------------------------------------------------------------------------- report
 
 
+def _compiled_cells(r: dict[str, Any]) -> list[str]:
+    if "compiled_seconds_per_frame" not in r:
+        return ["error", "-", "-", "-"]
+    step = r["compiled_single_frame_step"]
+    speedup = f"{r['compiled_speedup']:.2f}x" + (" (eager: compile failed)" if r.get("compile_failure") else "")
+    return [
+        f"{r['compiled_seconds_per_frame']:.3f}",
+        speedup,
+        f"{step['seconds']:.4f}",
+        f"{step['ratio_to_flop_time']:.1f}x",
+    ]
+
+
 def report_table(results: dict[str, Any]) -> str:
     lines = []
     causal = results.get("causality", [])
@@ -366,10 +394,7 @@ def report_table(results: dict[str, Any]) -> str:
                 f"{r['fraction_of_ideal']:.2f}",
                 f"{r['single_frame_step']['seconds']:.4f}",
                 f"{r['single_frame_step']['ratio_to_flop_time']:.1f}x",
-                f"{r['compiled_seconds_per_frame']:.3f}",
-                f"{r['compiled_speedup']:.2f}x",
-                f"{r['compiled_single_frame_step']['seconds']:.4f}",
-                f"{r['compiled_single_frame_step']['ratio_to_flop_time']:.1f}x",
+                *_compiled_cells(r),
             ]
             for r in stream
         ]

@@ -5,7 +5,8 @@ half-precision tolerance) and a second rollout compiles nothing. With Dynamo alo
 "eager", cheap enough for every streaming plan of the registry) each plan is served compiled or
 warns that it cannot; while the window grows nothing is compiled at all. The negative control
 serves every frame compiled, and the graph counter then sees a recompilation per new history
-length: the gating, not luck, keeps recompiles away. Bad settings are refused before any frame."""
+length: the gating, not luck, keeps recompiles away; a second one disables Dynamo, and no call
+may then count as compiled. Bad settings are refused before any frame."""
 
 from __future__ import annotations
 
@@ -129,20 +130,54 @@ def test_every_streaming_plan_traces_or_says_it_cannot(name, dynamo_only):
     wm = tiny_world_model(name)
     context, actions = _inputs(wm, 2, 3)
     config = dict(steps=2, window=3)
-    eager = rollout(wm, context, actions, config=RolloutConfig(**config)).frames
+    eager = rollout(wm, context, actions, config=RolloutConfig(**config))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         first = rollout(wm, context, actions, config=RolloutConfig(**config, compile="default"))
-    cannot = [w for w in caught if "cannot compile" in str(w.message)]
-    graphs = _graphs()
-    again = rollout(wm, context, actions, config=RolloutConfig(**config, compile="default"))
-    assert torch.allclose(first.frames, eager, rtol=0, atol=1e-5 * eager.abs().max().item())
+        graphs = _graphs()
+        again = rollout(wm, context, actions, config=RolloutConfig(**config, compile="default"))
+    cannot = [str(w.message) for w in caught if "cannot compile" in str(w.message)]
+    scale = eager.frames.abs().max().item()
+    assert torch.allclose(first.frames, eager.frames, rtol=0, atol=1e-5 * scale)
     assert torch.equal(again.frames, first.frames)
+    assert first.model_calls == again.model_calls == eager.model_calls  # a failed compile is not a second call
+    # either way the second session traces nothing: the graphs are reused, or the failure remembered
+    assert _graphs() == graphs, "the second rollout traced the model again"
     if name in EAGER_ONLY:
-        assert first.compiled_calls == 0 and len(cannot) == 1, [str(w.message) for w in caught]
+        assert first.compiled_calls == again.compiled_calls == 0 and len(cannot) == 1, cannot
     else:
-        assert first.compiled_calls == again.compiled_calls == 2 * 2 and not cannot, [str(w.message) for w in cannot]
-        assert _graphs() == graphs, "a second rollout of the same shapes recompiled"
+        assert first.compiled_calls == again.compiled_calls == 2 * 2 and not cannot, cannot
+        assert graphs > 0
+
+
+def test_negative_control_a_disabled_dynamo_is_not_counted_as_compiled(dynamo_only, monkeypatch):
+    """With Dynamo disabled the compiled forward runs eagerly without raising: the step must see
+    that nothing was compiled, say so, and count no compiled call."""
+    monkeypatch.setattr(torch._dynamo.config, "disable", True)
+    wm = tiny_world_model("wan")
+    context, actions = _inputs(wm, 2, 3)
+    with pytest.warns(UserWarning, match="compiled nothing"):
+        result = rollout(wm, context, actions, config=RolloutConfig(steps=2, window=3, compile="default"))
+    assert result.compiled_calls == 0 and _graphs() == 0
+
+
+def test_an_error_inside_a_compiled_call_leaves_every_forward_as_it_was(dynamo_only):
+    wm = tiny_world_model("wan")
+    from causalize.rollout.streaming import Stream
+
+    eager = Stream.of(wm.model, wm.plan).attention_modules()
+    assert eager, "the streaming attention modules are found"
+    step = CompiledStep(wm.model, "default", eager=eager)
+    step.start_frame(("k",))
+    step.start_frame(("k",))
+
+    def boom() -> torch.Tensor:
+        raise ValueError("not a compile error")
+
+    with pytest.raises(ValueError, match="not a compile error"):
+        step.run(boom)
+    assert not [name for name, m in wm.model.named_modules() if "forward" in vars(m)]
+    assert step.failure is None and step.calls == 0
 
 
 @pytest.mark.parametrize(

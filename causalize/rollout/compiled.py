@@ -24,7 +24,7 @@ offset and nothing would ever be static: compilation needs cache='exact'.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -38,33 +38,43 @@ RECOMPILE_LIMIT = 64
 # torch.compile's backend. "eager" traces with Dynamo and runs the captured graphs as they are:
 # what the tests set to check every plan cheaply (inductor's code generation costs seconds each)
 BACKEND = "inductor"
+FAILURE_ATTR = "_causalize_compile_failure"
 
 
 class CompiledStep:
-    """The model's forward compiled once per session, swapped in for the static current-frame calls.
+    """The model's forward compiled once, swapped in for the static current-frame calls.
 
-    The attention modules whose processor causalize installed (the streaming processors and
-    their caches) are swapped for `torch.compiler.disable`d forwards at the same time: Dynamo
-    calls them eagerly instead of tracing into the caches' bookkeeping, and guards on nothing
-    per layer (diffusers' legacy `Attention.forward` would otherwise be recompiled per layer,
-    each with its own processor object)."""
+    `eager` are the modules Dynamo must not trace: the attention modules whose processors read
+    the streaming caches (`Stream.attention_modules()`). They are swapped for
+    `torch.compiler.disable`d forwards at the same time, so Dynamo calls them eagerly instead of
+    tracing into the caches' bookkeeping, and guards on nothing per layer (diffusers' legacy
+    `Attention.forward` would otherwise be recompiled per layer, each with its own processor).
 
-    def __init__(self, model: nn.Module, mode: str, backend: str | None = None):
+    With a CUDA-graph mode ("reduce-overhead", "max-autotune") the tensor `run()` returns lives in
+    the graphs' memory and is overwritten by the next compiled call: use it before the next step
+    (the sampler turns it into the next sample at once)."""
+
+    def __init__(self, model: nn.Module, mode: str, eager: Iterable[nn.Module] = (), backend: str | None = None):
+        from torch._dynamo.exc import FailOnRecompileLimitHit, TorchDynamoException
+
         self.model = model
         self.mode = mode
-        self._swaps: list[tuple[nn.Module, Any, Any]] = []  # (module, its instance forward or None, stand-in)
-        compiled = torch.compile(model.forward, mode=mode, backend=backend or BACKEND)
-        self._swaps.append((model, vars(model).get("forward"), compiled))
-        for m in model.modules():
-            if _causalize_processor(getattr(m, "processor", None)):
-                self._swaps.append((m, vars(m).get("forward"), torch.compiler.disable(m.forward)))
+        forward = model.forward
+        self._stand_ins: list[tuple[nn.Module, Callable]] = [
+            (model, torch.compile(forward, mode=mode, backend=backend or BACKEND))
+        ]
+        self._stand_ins += [(m, torch.compiler.disable(m.forward)) for m in eager]
+        self._compile_errors = (TorchDynamoException, FailOnRecompileLimitHit)
         self._previous_key: tuple | None = None
         self._key: tuple | None = None
-        self.calls = 0  # model calls this session served compiled
-        self.failure: str | None = None  # why compilation failed (the session then runs eagerly)
-        from torch._dynamo.exc import TorchDynamoException
-
-        self._compile_error = TorchDynamoException
+        self._checked = False  # has Dynamo been seen enabled and compiling
+        # model calls run through the compiled forward, with Dynamo enabled and no error: its
+        # graphs serve them, and the parts it cannot capture (the eager modules among them) run
+        # eagerly between the graphs
+        self.calls = 0
+        # why this model cannot be compiled (then every call runs eagerly); kept on the model, so
+        # that later sessions (each env reset) do not trace it again
+        self.failure: str | None = vars(model).get(FAILURE_ATTR)
 
     def start_frame(self, key: tuple) -> None:
         """Before a frame's steps: its step key (see the module docstring)."""
@@ -81,45 +91,66 @@ class CompiledStep:
         runs eagerly from then on (a read call changes no cache, so it is simply run again)."""
         if not self.static or self.failure is not None:
             return forward()
-        if self.mode == "reduce-overhead":
+        if self.mode in ("reduce-overhead", "max-autotune"):
             # CUDA graph trees: a new step starts here, so the previous step's outputs may be reused
             torch.compiler.cudagraph_mark_step_begin()
         try:
-            with self._swapped(), torch._dynamo.config.patch(**_recompile_limit()):
+            with self._swapped(), torch._dynamo.config.patch(**_dynamo_settings()):
                 out = forward()
-        except self._compile_error as exc:
-            self.failure = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
-            warnings.warn(
-                f"torch.compile cannot compile this {type(self.model).__name__} ({self.failure}); "
-                "its steps run eagerly (the same frames, without the speed-up)",
-                stacklevel=2,
-            )
+        except self._compile_errors as exc:
+            self._fail(f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}")
             return forward()
+        if not self._checked:
+            # Dynamo runs everything eagerly, without raising, when it is disabled: no graph then
+            if torch._dynamo.config.disable or not _graphs_compiled():
+                self._fail("Dynamo compiled nothing (torch._dynamo is disabled: TORCHDYNAMO_DISABLE?)")
+                return out  # it ran eagerly: a valid result, not counted
+            self._checked = True
         self.calls += 1
         return out
 
+    def _fail(self, reason: str) -> None:
+        self.failure = reason
+        object.__setattr__(self.model, FAILURE_ATTR, reason)
+        warnings.warn(
+            f"torch.compile cannot compile this {type(self.model).__name__} ({reason}); its steps run eagerly "
+            "(the same frames, without the speed-up)",
+            stacklevel=3,
+        )
+
     @contextmanager
     def _swapped(self) -> Iterator[None]:
-        for module, _, stand_in in self._swaps:
+        # the forwards in place now (instance attributes, e.g. hooks added since) are put back after
+        saved = [(module, vars(module).get("forward")) for module, _ in self._stand_ins]
+        for module, stand_in in self._stand_ins:
             object.__setattr__(module, "forward", stand_in)
         try:
             yield
         finally:
-            for module, original, _ in self._swaps:
+            for module, original in saved:
                 if original is None:
                     vars(module).pop("forward", None)
                 else:
                     object.__setattr__(module, "forward", original)
 
 
-def _recompile_limit() -> dict[str, int]:
+def _dynamo_settings() -> dict[str, Any]:
+    """Dynamo settings while a compiled step runs: a recompile limit high enough for a UNet's
+    blocks of several widths (never lowering a user's), reached as an error instead of a silent
+    fall back to eager (the step then says so)."""
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
-    return {name: max(RECOMPILE_LIMIT, getattr(config, name))}
+    settings: dict[str, Any] = {name: max(RECOMPILE_LIMIT, getattr(config, name))}
+    if hasattr(config, "fail_on_recompile_limit_hit"):
+        settings["fail_on_recompile_limit_hit"] = True
+    return settings
 
 
-def _causalize_processor(processor: Any) -> bool:
-    return processor is not None and type(processor).__module__.startswith("causalize.")
+def _graphs_compiled() -> bool:
+    """Has Dynamo compiled any graph in this process (since its last reset)?"""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"] > 0
 
 
 def step_key(cached_frames: int, sample: torch.Tensor, extra: Any = None) -> tuple:

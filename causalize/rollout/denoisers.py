@@ -110,7 +110,7 @@ class Streaming(Denoiser):
         if compile_mode is not None:
             from causalize.rollout.compiled import CompiledStep
 
-            self.compiled = CompiledStep(wm.model, compile_mode)
+            self.compiled = CompiledStep(wm.model, compile_mode, eager=self.stream.attention_modules())
         self._keyed = False  # has this frame's step key been given to the compiled step
 
     def set_history(self, frames, actions, mask, start, level):

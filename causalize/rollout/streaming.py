@@ -262,6 +262,11 @@ class Stream:
             if isinstance(p, StreamingAttnProcessor):
                 p.cache.evict(first, stop)
 
+    def attention_modules(self) -> list[nn.Module]:
+        """The modules whose attention processors read these caches (what a compiled step keeps eager)."""
+        mine = {id(p) for p in self._processors}
+        return [m for m in self.model.modules() if id(getattr(m, "processor", None)) in mine]
+
     def cache_bytes(self) -> int:
         """Memory held by the caches (keys, values, conv buffers)."""
         return sum(p.cache.nbytes() for p in self._processors) + sum(
