@@ -8,12 +8,14 @@ as they are; the attention modules causalize rewired run eagerly between compile
 
 - The history prefill (a `write` call, once per frame) always runs eagerly: its shape changes
   while the window fills, and compiling it would recompile.
-- A frame's steps run compiled only when its step key (history frames cached, the current
-  frames' shape, the branch count) equals the previous frame's: while the window still grows
+- A frame's steps run compiled only when its step key (history frames cached, the call's shape
+  (branches included), dtype and device, the anchor level) equals the previous frame's: while the window still grows
   every frame has a new offset, and compiling those would recompile per frame (Dynamo guards on
   the positions). From the second frame of a full window on, nothing recompiles.
 - Correctness never depends on the key: Dynamo's own guards recompile if anything it traced
   changed. The key only keeps the compiler away from calls that would recompile.
+- A model Dynamo cannot trace (or a disabled Dynamo) is warned about once and runs eagerly, the
+  same frames; the failure is kept on the model, so later sessions do not trace it again.
 
 Modes are `torch.compile` modes: "default"; "reduce-overhead" (CUDA graphs on CUDA: launch
 overhead gone for the compiled segments; the same as "default" on CPU); "max-autotune" and
