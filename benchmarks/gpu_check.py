@@ -226,7 +226,6 @@ def _world_model(sizes: Sizes, device: torch.device, dtype: torch.dtype):
 
 
 def check_streaming(sizes: Sizes, device: torch.device, tflops: float) -> list[dict[str, Any]]:
-
     wm = _world_model(sizes, device, torch.bfloat16)
     c = sizes.config
     context = wan_inputs(sizes, device, torch.bfloat16)["hidden_states"][:, :, : sizes.window - 1]

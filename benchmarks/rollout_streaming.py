@@ -336,16 +336,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def results_failure(wm) -> str | None:
-    """Why the model could not be compiled, if it could not (remembered on the model)."""
-    from causalize.rollout.compiled import FAILURE_ATTR
-
-    return vars(wm.model).get(FAILURE_ATTR)
-
-
 def rollout_section(wm, context, actions, steps: int, L: int, scale: float, branches: int, args) -> dict:
     """Both strategies through the sampler, alternating; seconds per generated frame."""
     from causalize.rollout import RolloutConfig
+    from causalize.rollout.compiled import compile_failure
 
     base = RolloutConfig(steps=steps, window=L, guidance_scale=scale, seed=0)
     cfgs = {"full": RolloutConfig(**{**base.to_json(), "cache": False}), "streaming": base}
@@ -402,7 +396,7 @@ def rollout_section(wm, context, actions, steps: int, L: int, scale: float, bran
         extra = {
             "compile": args.compile,
             "compiled_speedup_vs_full": med["full"] / med["compiled"],
-            "compile_failure": results_failure(wm),
+            "compile_failure": compile_failure(wm.model),
             "compiled_calls": compiled.compiled_calls,
             "model_calls_compiled_run": compiled.model_calls,
             "max_abs_diff_compiled": float((full.frames.float() - compiled.frames.float()).abs().max()),

@@ -76,7 +76,7 @@ class CompiledStep:
         self.calls = 0
         # why this model cannot be compiled (then every call runs eagerly); kept on the model, so
         # that later sessions (each env reset) do not trace it again
-        self.failure: str | None = vars(model).get(FAILURE_ATTR)
+        self.failure: str | None = compile_failure(model)
 
     def start_frame(self, key: tuple) -> None:
         """Before a frame's steps: its step key (see the module docstring)."""
@@ -136,6 +136,11 @@ class CompiledStep:
                     object.__setattr__(module, "forward", original)
 
 
+def compile_failure(model: nn.Module) -> str | None:
+    """Why a CompiledStep found `model` cannot be compiled (its steps then run eagerly), or None."""
+    return vars(model).get(FAILURE_ATTR)
+
+
 def _dynamo_settings() -> dict[str, Any]:
     """Dynamo settings while a compiled step runs: a recompile limit high enough for a UNet's
     blocks of several widths (never lowering a user's), reached as an error instead of a silent
@@ -161,4 +166,4 @@ def step_key(cached_frames: int, sample: torch.Tensor, extra: Any = None) -> tup
     return (cached_frames, tuple(sample.shape), sample.dtype, sample.device, extra)
 
 
-__all__ = ["COMPILE_MODES", "CompiledStep", "step_key"]
+__all__ = ["COMPILE_MODES", "CompiledStep", "compile_failure", "step_key"]

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from causalize.errors import UsageError
+from causalize.rollout.compiled import CompiledStep, step_key
 from causalize.world_model import WorldModel
 
 
@@ -27,7 +28,12 @@ class Denoiser:
         self._kwargs: dict[tuple[int, int], dict[str, Any]] = {}
         self.frame_passes = 0
         self.model_calls = 0
-        self.compiled_calls = 0  # calls served by a compiled forward (Streaming with compile_mode)
+        self.compiled: CompiledStep | None = None  # Streaming with a compile mode
+
+    @property
+    def compiled_calls(self) -> int:
+        """Model calls run through the compiled forward (see CompiledStep.calls)."""
+        return 0 if self.compiled is None else self.compiled.calls
 
     def kwargs(self, batch: int, frames: int, like: torch.Tensor) -> dict[str, Any]:
         key = (batch, frames)
@@ -106,10 +112,7 @@ class Streaming(Denoiser):
         self.stream.reset()
         self.stream.owner = self  # the caches live on the model: one session at a time writes them
         self.span = (0, 0)  # global frame indices [start, end) held in the caches
-        self.compiled = None
         if compile_mode is not None:
-            from causalize.rollout.compiled import CompiledStep
-
             self.compiled = CompiledStep(wm.model, compile_mode, eager=self.stream.attention_modules())
         self._keyed = False  # has this frame's step key been given to the compiled step
 
@@ -137,18 +140,11 @@ class Streaming(Denoiser):
         current = x.shape[self.axis]
         mask = torch.ones(x.shape[0], current, dtype=torch.bool, device=x.device)
         sample, ts, actions, mask = branches(x, level, action, mask, guided, current)
-        if self.compiled is None:
-            with self.stream.read():
-                return self.call(sample, ts, actions, mask)
-        if not self._keyed:
-            from causalize.rollout.compiled import step_key
-
+        if self.compiled is not None and not self._keyed:
             self.compiled.start_frame(step_key(self.stream.cached_frames, sample, self.stream.anchor_timestep))
             self._keyed = True
         with self.stream.read():
-            out = self.call(sample, ts, actions, mask, run=self.compiled.run)
-        self.compiled_calls = self.compiled.calls
-        return out
+            return self.call(sample, ts, actions, mask, run=None if self.compiled is None else self.compiled.run)
 
 
 class Rolling(Streaming):
