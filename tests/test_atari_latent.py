@@ -279,14 +279,22 @@ def test_step_cost_times_every_space():
 
 def test_reuse_copies_the_shared_stages_for_a_fine_tuning_ablation(latent_run, tmp_path):
     """--reuse: a study that changes only fine-tuning settings copies the finished shared stages
-    (nothing before conversion runs again) and fine-tunes anew; a study that changes a shared
-    setting is refused (the control), and so is a directory without a study."""
+    (nothing before conversion runs again) and fine-tunes anew; a study of another backbone copies
+    the recordings, autoencoder and latents only and pretrains anew (the control: a copied
+    pretraining would be the UNet3D's); other recordings, or a directory without a study, are refused."""
     out, results, _ = latent_run
     logs: list[str] = []
 
-    def ablation(dest, setting):
+    def ablation(dest, setting, backbone="unet3d"):
         return study.run_study(
-            dest, scale="smoke", seed=SEED, space="latent", overrides=[setting], reuse=out, log=logs.append
+            dest,
+            scale="smoke",
+            seed=SEED,
+            space="latent",
+            backbone=backbone,
+            overrides=[setting],
+            reuse=out,
+            log=logs.append,
         )
 
     other = tmp_path / "ablation"
@@ -299,8 +307,15 @@ def test_reuse_copies_the_shared_stages_for_a_fine_tuning_ablation(latent_run, t
         res["variants"]["extrapolative"]["finetune"]["final_loss"]
         != results["variants"]["extrapolative"]["finetune"]["final_loss"]
     )
-    with pytest.raises(study.StudyError, match="differs in pretrain"):
-        ablation(tmp_path / "bad", "pretrain.steps=3")
+    logs.clear()
+    wan = ablation(tmp_path / "wan", "finetune.steps=1", backbone="wan")
+    assert not {"data", "autoencoder", "encode"} & set(wan["stages_run_now"])
+    assert {"pretrain", "scratch-init"} <= set(wan["stages_run_now"])
+    assert any("pretrain/ not copied: the studies differ in backbone, model" in m for m in logs)
+    for rel in ("autoencoder/autoencoder.json", "latent/summary.json"):
+        assert (tmp_path / "wan" / rel).read_bytes() == (out / rel).read_bytes()
+    with pytest.raises(study.StudyError, match="differs in data: it has other recordings"):
+        ablation(tmp_path / "bad", "data.clips_per_game=3")
     with pytest.raises(study.StudyError, match="no study there"):
         study.reuse_stages(tmp_path / "x", tmp_path, results["study"]["config"], SEED, "smoke", logs.append)
 

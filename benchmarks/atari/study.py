@@ -1658,13 +1658,29 @@ def markdown(results: dict[str, Any], panels: list[str]) -> str:
 REUSE_FREE = ("finetune", "eval", "replicates", "threads")
 #: The shared stages' directories under a study's root, copied by ``--reuse``.
 SHARED_STAGES = ("data", "autoencoder", "latent", "patch", "pretrain", "scratch_init")
+#: What a shared stage is made from, beyond seed and scale: the settings two studies must agree on
+#: for ``--reuse`` to copy it. The recordings and the latent or patch encodings do not depend on the
+#: world model, so a study of another backbone reuses them; the pretraining and the scratch
+#: initialisation (not listed) depend on every setting outside :data:`REUSE_FREE`.
+STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
+    "data": ("data",),
+    "autoencoder": ("data", "latent"),
+    "latent": ("data", "latent"),
+    "patch": ("data", "patch"),
+}
+
+
+def _differing(mine: dict[str, Any], other: dict[str, Any], keys: set[str]) -> list[str]:
+    return sorted(k for k in keys if other.get(k) != mine.get(k))
 
 
 def reuse_stages(out: Path, source: Path, cfg: dict[str, Any], seed: int, scale: str, log: Log) -> list[str]:
     """Copy the finished shared stages (data, autoencoder, encoded datasets, pretraining, scratch
     initialisation) of the study at ``source`` into ``out`` where ``out`` lacks them, so that a
-    fine-tuning ablation skips the hour before it. Refused unless the two studies agree on seed,
-    scale and every setting outside :data:`REUSE_FREE`. Returns the stages copied."""
+    fine-tuning ablation skips the hour before it. A stage is copied only when the two studies
+    agree on what it is made from (:data:`STAGE_SETTINGS`; the pretraining on every setting outside
+    :data:`REUSE_FREE`), so another backbone reuses the recordings and the autoencoder and pretrains
+    anew. Refused unless they agree on seed, scale and the recordings. Returns the stages copied."""
     import shutil
 
     path = source / "study.json"
@@ -1672,20 +1688,26 @@ def reuse_stages(out: Path, source: Path, cfg: dict[str, Any], seed: int, scale:
         raise StudyError(f"--reuse {source}: no study there (no study.json)")
     other = _normalised_identity(_read_json(path))
     mine = json.loads(json.dumps({"scale": scale, "seed": seed, "config": cfg}))
-    differs = [k for k in ("scale", "seed") if other.get(k) != mine[k]]
-    keys = set(mine["config"]) | set(other.get("config", {}))
-    differs += sorted(k for k in keys - set(REUSE_FREE) if other["config"].get(k) != mine["config"].get(k))
+    theirs = other.get("config", {})
+    everything = (set(mine["config"]) | set(theirs)) - set(REUSE_FREE)
+    differs = _differing(mine, other, {"scale", "seed"}) + _differing(mine["config"], theirs, {"data"})
     if differs:
         raise StudyError(
-            f"--reuse {source}: that study differs in {', '.join(differs)}; only {', '.join(REUSE_FREE)} may"
+            f"--reuse {source}: that study differs in {', '.join(differs)}: it has other recordings, "
+            "so none of its stages is this study's"
         )
     copied = []
     for stage in SHARED_STAGES:
         src, dst = source / stage, out / stage
-        if src.is_dir() and not dst.exists():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoints"))
-            copied.append(stage)
-            log(f"[reuse] {stage}/ copied from {source}")
+        if not src.is_dir() or dst.exists():
+            continue
+        stage_differs = _differing(mine["config"], theirs, set(STAGE_SETTINGS.get(stage, everything)))
+        if stage_differs:
+            log(f"[reuse] {stage}/ not copied: the studies differ in {', '.join(stage_differs)}")
+            continue
+        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoints"))
+        copied.append(stage)
+        log(f"[reuse] {stage}/ copied from {source}")
     return copied
 
 
@@ -1978,8 +2000,9 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         metavar="DIR",
         help="copy the finished shared stages (data, autoencoder, encoded datasets, pretraining, scratch init) of "
-        "the study in DIR, which must agree on everything but finetune, eval, replicates and threads: a "
-        "fine-tuning ablation without the hour before it",
+        "the study in DIR that were made from the same settings (seed, scale and data must agree; the pretraining "
+        "needs everything but finetune, eval, replicates and threads): a fine-tuning ablation without the hour "
+        "before it, or another backbone on the same recordings and autoencoder",
     )
     p.add_argument(
         "--set",
