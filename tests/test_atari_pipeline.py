@@ -275,6 +275,41 @@ def test_finetune_settings_reach_the_trainer(tmp_path, monkeypatch):
     assert study.resolve_config("gpu", ["finetune.motion_weight=0"], space="latent")["finetune"]["motion_weight"] == 0
 
 
+def test_finetune_episodes_trains_every_variant_and_seed_on_the_same_subset(runs, tmp_path, monkeypatch):
+    """--set finetune.episodes=K fine-tunes on exactly K of the recorded training episodes, the
+    same K for every variant and training seed; by default (null) on all of them."""
+    import causalize.training.trainer as trainer
+    from causalize.episodes import EpisodeDataset
+
+    captured = []
+    monkeypatch.setattr(trainer, "train", lambda config, progress=None: captured.append(config) or {})
+    data = runs["root"] / "a" / "data"
+    recorded = study.resolve_config("smoke")["data"]["train_episodes"]
+
+    def chosen(config):
+        return EpisodeDataset(
+            config.data, config.window, split=config.split, test_fraction=config.test_fraction
+        ).episodes
+
+    cfg = study.resolve_config("smoke", ["finetune.episodes=2"], space="pixel")
+    base = study.Study(tmp_path / "k2", cfg, SEED, scale="smoke", data_dir=data)
+    base.finetune("extrapolative")
+    base.finetune("scratch")
+    base.replica(1).finetune("extrapolative")
+    subsets = [chosen(c) for c in captured]
+    assert len(subsets[0]) == 2 and subsets == [subsets[0]] * 3
+    # the control: without the setting, every recorded episode
+    captured.clear()
+    study.Study(
+        tmp_path / "all", study.resolve_config("smoke", space="pixel"), SEED, scale="smoke", data_dir=data
+    ).finetune("extrapolative")
+    assert captured[0].split is None and len(chosen(captured[0])) == recorded
+    for bad in (0, recorded + 1, 1.5, True):
+        cfg = study.resolve_config("smoke", [f"finetune.episodes={json.dumps(bad)}"], space="pixel")
+        with pytest.raises(study.StudyError, match="finetune.episodes must be an integer"):
+            study.Study(tmp_path / "bad", cfg, SEED, scale="smoke", data_dir=data).finetune("extrapolative")
+
+
 def test_unknown_backbone_and_foreign_variants_are_refused():
     with pytest.raises(study.StudyError, match="unknown backbone"):
         study.resolve_config("smoke", backbone="vqgan")

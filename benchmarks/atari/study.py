@@ -406,8 +406,12 @@ LATENT_SCALES: dict[str, dict[str, Any]] = {
 _DEFAULTS = {"space": "pixel", "latent": None, "patch": None, "replicates": {"seeds": 1, "variants": []}}
 
 #: Fine-tuning settings every scale has at the trainer's defaults (the plain loss, one learning
-#: rate); ``--set finetune.motion_weight=1`` changes them. Filled into studies recorded before them.
-_FINETUNE_DEFAULTS = {"motion_weight": 0.0, "adapter_lr_scale": 1.0}
+#: rate) and on every recorded training episode (``episodes``: null); ``--set
+#: finetune.motion_weight=1`` or ``finetune.episodes=4`` changes them. Filled into studies recorded
+#: before them.
+_FINETUNE_DEFAULTS = {"motion_weight": 0.0, "adapter_lr_scale": 1.0, "episodes": None}
+#: The study's fine-tuning settings that are not TrainConfig fields.
+_STUDY_ONLY = ("episodes",)
 
 
 #: Where a study run with ``--data DIR`` finds its recordings (the tools that open a finished study
@@ -556,6 +560,29 @@ def run_name(variant: str, guidance: float, actions: str) -> str:
 
 
 # ------------------------------------------------------------------------------------ helpers
+
+
+def episode_subset(root: Path, episodes: int | None) -> dict[str, Any]:
+    """TrainConfig fields that fine-tune on ``episodes`` of the dataset's episodes (None: all).
+
+    Why: does pretraining pay when action-labelled data is scarce? The trainer's split
+    (``causalize.episodes.split_episodes``, split seed 0 whatever the training seed) puts exactly
+    round(fraction · n) episodes, chosen by a hash of their indices, on its "test" side; the study
+    trains on that side, so every variant and training seed sees the same ``episodes``."""
+    from causalize.episodes import list_episodes, split_episodes
+
+    if episodes is None:
+        return {"split": None}
+    n = len(list_episodes(root))
+    if isinstance(episodes, bool) or not isinstance(episodes, int) or not 1 <= episodes <= n:
+        raise StudyError(f"finetune.episodes must be an integer from 1 to {n} (the recorded ones) or null")
+    if episodes == n:
+        return {"split": None}
+    fraction = episodes / n
+    chosen = split_episodes(root, fraction)[1]
+    if len(chosen) != episodes:  # the split rounds; it must not change the count
+        raise StudyError(f"finetune.episodes={episodes}: the split picks {len(chosen)} of {n} episodes")
+    return {"split": "test", "test_fraction": fraction}
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -932,9 +959,9 @@ class Study:
             batch_size=f["batch_size"],
             steps=f["steps"],
             lr=f["lr"],
-            **{k: f.get(k, v) for k, v in _FINETUNE_DEFAULTS.items()},
+            **{k: f.get(k, v) for k, v in _FINETUNE_DEFAULTS.items() if k not in _STUDY_ONLY},
+            **episode_subset(self.dataset("train"), f.get("episodes")),
             seed=self.train_seed,
-            split=None,
             log_every=f["log_every"],
             checkpoint_every=f["checkpoint_every"],
             keep_checkpoints=1,
@@ -1520,6 +1547,11 @@ def markdown(results: dict[str, Any], panels: list[str]) -> str:
         for v, d in results["variants"].items()
     }
     var_table = write_markdown_table(var_rows, row_header="variant", float_format=".4g")
+    if cfg["finetune"].get("episodes") is not None:
+        var_table += (
+            f"\nFine-tuned on {cfg['finetune']['episodes']} of the {cfg['data']['train_episodes']} recorded "
+            "training episodes (the trainer's hash split: the same episodes for every variant and seed).\n"
+        )
     den = results.get("denoising") or {}
     den_rows = {
         v: {f"k={k}": f"{d['x0']:.2f} ({d['input']:.2f})" for k, d in levels.items()} for v, levels in den.items()
