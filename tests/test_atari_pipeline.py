@@ -305,7 +305,12 @@ def test_finetune_episodes_trains_every_variant_and_seed_on_the_same_subset(runs
     ).finetune("extrapolative")
     assert captured[0].split is None and len(chosen(captured[0])) == recorded
     for bad in (0, recorded + 1, 1.5, True):
-        cfg = study.resolve_config("smoke", [f"finetune.episodes={json.dumps(bad)}"], space="pixel")
+        # refused when the configuration is resolved, before any stage runs ...
+        with pytest.raises(study.StudyError, match="finetune.episodes must be an integer"):
+            study.resolve_config("smoke", [f"finetune.episodes={json.dumps(bad)}"], space="pixel")
+        # ... and by the fine-tuning stage against the recordings there (a Study made directly)
+        cfg = study.resolve_config("smoke", space="pixel")
+        cfg["finetune"]["episodes"] = bad
         with pytest.raises(study.StudyError, match="finetune.episodes must be an integer"):
             study.Study(tmp_path / "bad", cfg, SEED, scale="smoke", data_dir=data).finetune("extrapolative")
 

@@ -515,6 +515,7 @@ def resolve_config(
         except ValueError:
             value = raw
         _set_path(cfg, key.strip(), value)
+    _check_episodes(cfg["finetune"]["episodes"], cfg["data"]["train_episodes"])  # before hours of work
     return cfg
 
 
@@ -574,8 +575,7 @@ def episode_subset(root: Path, episodes: int | None) -> dict[str, Any]:
     if episodes is None:
         return {"split": None}
     n = len(list_episodes(root))
-    if isinstance(episodes, bool) or not isinstance(episodes, int) or not 1 <= episodes <= n:
-        raise StudyError(f"finetune.episodes must be an integer from 1 to {n} (the recorded ones) or null")
+    _check_episodes(episodes, n)
     if episodes == n:
         return {"split": None}
     fraction = episodes / n
@@ -583,6 +583,14 @@ def episode_subset(root: Path, episodes: int | None) -> dict[str, Any]:
     if len(chosen) != episodes:  # the split rounds; it must not change the count
         raise StudyError(f"finetune.episodes={episodes}: the split picks {len(chosen)} of {n} episodes")
     return {"split": "test", "test_fraction": fraction}
+
+
+def _check_episodes(episodes: Any, recorded: int) -> None:
+    """Refuse a ``finetune.episodes`` that is not null or an integer from 1 to ``recorded``."""
+    if episodes is not None and (
+        isinstance(episodes, bool) or not isinstance(episodes, int) or not 1 <= episodes <= recorded
+    ):
+        raise StudyError(f"finetune.episodes must be an integer from 1 to {recorded} (the recorded ones) or null")
 
 
 def _write_json(path: Path, obj: Any) -> None:
