@@ -320,6 +320,28 @@ def test_reuse_copies_the_shared_stages_for_a_fine_tuning_ablation(latent_run, t
         study.reuse_stages(tmp_path / "x", tmp_path, results["study"]["config"], SEED, "smoke", logs.append)
 
 
+def test_reuse_copies_the_finished_runs_when_only_seeds_are_added(latent_run, tmp_path):
+    """--reuse from a study that differs only in its replicates: every finished run (the study
+    seed's and the replicate seed's) is copied, and only the added seed trains; its results are the
+    source's where they overlap. The control is the ablation above: a changed fine-tuning setting
+    trains the study seed's runs anew."""
+    out, results, _ = latent_run
+    logs: list[str] = []
+    dest = tmp_path / "three"
+    res = study.run_study(
+        dest, scale="smoke", seed=SEED, space="latent", overrides=["replicates.seeds=3"], reuse=out, log=logs.append
+    )
+    ran = res["stages_run_now"]
+    assert ran and all(name.endswith(f"(seed {SEED + 2})") for name in ran), ran
+    assert any("finetune/ copied" in m for m in logs) and any(f"seed{SEED + 1}/ copied" in m for m in logs)
+    assert (dest / f"seed{SEED + 2}" / "finetune" / "extrapolative" / "final").is_dir()
+    assert sorted(res["replicates"]) == sorted(str(SEED + i) for i in range(3))
+    for s in (SEED, SEED + 1):
+        for key in ("comparisons", "controllability"):
+            assert res["replicates"][str(s)][key] == json.loads(json.dumps(results["replicates"][str(s)][key]))
+    assert res["variants"]["extrapolative"]["finetune"] == results["variants"]["extrapolative"]["finetune"]
+
+
 def test_ae_probe_trains_another_autoencoder_beside_the_study(latent_run, tmp_path, capsys):
     """ae_probe: the study's autoencoder with a setting changed, trained into OUT (the study's own
     is untouched), its reconstruction check printed; OUT holding one, or an unknown setting, is refused."""

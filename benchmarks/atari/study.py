@@ -727,6 +727,8 @@ class Study:
             link.unlink()
 
     def _skip(self, marker: Path, what: str) -> bool:
+        if self.train_seed != self.seed:  # a replicate's stage names its training seed
+            what = f"{what} (seed {self.train_seed})"
         if marker.is_file():
             self.log(
                 f"[{what}] done already ({marker.relative_to(self.root) if marker.is_relative_to(self.root) else marker}), skipped"
@@ -1698,6 +1700,13 @@ def markdown(results: dict[str, Any], panels: list[str]) -> str:
 REUSE_FREE = ("finetune", "eval", "replicates", "threads")
 #: The shared stages' directories under a study's root, copied by ``--reuse``.
 SHARED_STAGES = ("data", "autoencoder", "latent", "patch", "pretrain", "scratch_init")
+#: Each training seed's runs (conversion, fine-tuning, evaluation), copied by ``--reuse`` only from a
+#: study that differs in nothing but :data:`RUNS_FREE`: the study seed's runs at the root, the
+#: other seeds' in ``seed<S>/``.
+RUN_DIRS = ("convert", "finetune", "eval")
+#: What a study may change and still reuse another's finished runs: how many seeds (and which
+#: variants) are replicated, and the thread count, which the shared stages' reuse ignores too.
+RUNS_FREE = ("replicates", "threads")
 #: What a shared stage is made from, beyond seed and scale: the settings two studies must agree on
 #: for ``--reuse`` to copy it. The recordings and the latent or patch encodings do not depend on the
 #: world model, so a study of another backbone reuses them; the pretraining and the scratch
@@ -1720,7 +1729,9 @@ def reuse_stages(out: Path, source: Path, cfg: dict[str, Any], seed: int, scale:
     fine-tuning ablation skips the hour before it. A stage is copied only when the two studies
     agree on what it is made from (:data:`STAGE_SETTINGS`; the pretraining on every setting outside
     :data:`REUSE_FREE`), so another backbone reuses the recordings and the autoencoder and pretrains
-    anew. Refused unless they agree on seed, scale and the recordings. Returns the stages copied."""
+    anew; from a study that differs only in its replicates, the finished runs too
+    (:func:`_reuse_runs`). Refused unless they agree on seed, scale and the recordings. Returns the
+    directories copied."""
     import shutil
 
     path = source / "study.json"
@@ -1748,6 +1759,24 @@ def reuse_stages(out: Path, source: Path, cfg: dict[str, Any], seed: int, scale:
         shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoints"))
         copied.append(stage)
         log(f"[reuse] {stage}/ copied from {source}")
+    return copied + _reuse_runs(out, source, mine["config"], theirs, log)
+
+
+def _reuse_runs(out: Path, source: Path, mine: dict[str, Any], theirs: dict[str, Any], log: Log) -> list[str]:
+    """Copy the finished runs of every training seed from ``source`` when the two studies differ
+    only in :data:`RUNS_FREE` (adding seeds to a study then trains only the new ones); their
+    checkpoints come too, so a budget check can continue them. Returns the directories copied."""
+    import shutil
+
+    differs = _differing(mine, theirs, (set(mine) | set(theirs)) - set(RUNS_FREE))
+    if differs:
+        log(f"[reuse] runs not copied (trained anew): the studies differ in {', '.join(differs)}")
+        return []
+    names = list(RUN_DIRS) + sorted(p.name for p in source.glob("seed*") if p.is_dir())
+    copied = [name for name in names if (source / name).is_dir() and not (out / name).exists()]
+    for name in copied:
+        shutil.copytree(source / name, out / name)
+        log(f"[reuse] {name}/ copied from {source} (the same runs: the studies differ only in {', '.join(RUNS_FREE)})")
     return copied
 
 
