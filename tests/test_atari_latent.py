@@ -334,6 +334,7 @@ def test_reuse_copies_the_finished_runs_when_only_seeds_are_added(latent_run, tm
     ran = res["stages_run_now"]
     assert ran and all(name.endswith(f"(seed {SEED + 2})") for name in ran), ran
     assert any("finetune/ copied" in m for m in logs) and any(f"seed{SEED + 1}/ copied" in m for m in logs)
+    assert any(m.startswith(f"[finetune extrapolative (seed {SEED + 2})]: step") for m in logs)  # progress names it
     assert (dest / f"seed{SEED + 2}" / "finetune" / "extrapolative" / "final").is_dir()
     assert sorted(res["replicates"]) == sorted(str(SEED + i) for i in range(3))
     for s in (SEED, SEED + 1):

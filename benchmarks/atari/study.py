@@ -726,9 +726,12 @@ class Study:
         elif link.is_file():
             link.unlink()
 
+    def named(self, what: str) -> str:
+        """A stage's name in the log and in ``stages_run_now``: a replicate's names its training seed."""
+        return what if self.train_seed == self.seed else f"{what} (seed {self.train_seed})"
+
     def _skip(self, marker: Path, what: str) -> bool:
-        if self.train_seed != self.seed:  # a replicate's stage names its training seed
-            what = f"{what} (seed {self.train_seed})"
+        what = self.named(what)
         if marker.is_file():
             self.log(
                 f"[{what}] done already ({marker.relative_to(self.root) if marker.is_relative_to(self.root) else marker}), skipped"
@@ -946,7 +949,7 @@ class Study:
         if not report.written:
             raise StudyError(f"conversion of {variant} wrote nothing: {ver.get('summary')}")
         self.log(
-            f"[convert {variant}] {report.pipeline}: verification {'passed' if ver.get('passed') else 'FAILED'} "
+            f"[{self.named(f'convert {variant}')}] {report.pipeline}: verification {'passed' if ver.get('passed') else 'FAILED'} "
             f"(max leak {ver.get('max_leak')})"
         )
         _write_json(marker, doc)
@@ -977,7 +980,7 @@ class Study:
             keep_checkpoints=1,
             resume=True,
         )
-        summary = train(config, progress=StageProgress(self.log, f"[finetune {variant}]"))
+        summary = train(config, progress=StageProgress(self.log, f"[{self.named(f'finetune {variant}')}]"))
         summary["config"] = config.to_json()
         _write_json(marker, summary)
         return summary
