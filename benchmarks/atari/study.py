@@ -51,6 +51,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -799,8 +800,6 @@ class Study:
             return _read_json(marker)
         stale = self.root / "latent"
         if stale.exists():  # encoded by an autoencoder whose marker is gone: not this one's latents
-            import shutil
-
             self.log(f"[autoencoder] removing {stale}: latents of an earlier autoencoder")
             shutil.rmtree(stale)
         a = self.cfg["latent"]
@@ -1735,8 +1734,6 @@ def reuse_stages(out: Path, source: Path, cfg: dict[str, Any], seed: int, scale:
     anew; from a study that differs only in its replicates, the finished runs too
     (:func:`_reuse_runs`). Refused unless they agree on seed, scale and the recordings. Returns the
     directories copied."""
-    import shutil
-
     path = source / "study.json"
     if not path.is_file():
         raise StudyError(f"--reuse {source}: no study there (no study.json)")
@@ -1769,8 +1766,6 @@ def _reuse_runs(out: Path, source: Path, mine: dict[str, Any], theirs: dict[str,
     """Copy the finished runs of every training seed from ``source`` when the two studies differ
     only in :data:`RUNS_FREE` (adding seeds to a study then trains only the new ones); their
     checkpoints come too, so a budget check can continue them. Returns the directories copied."""
-    import shutil
-
     differs = _differing(mine, theirs, (set(mine) | set(theirs)) - set(RUNS_FREE))
     if differs:
         log(f"[reuse] runs not copied (trained anew): the studies differ in {', '.join(differs)}")
