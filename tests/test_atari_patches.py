@@ -4,6 +4,7 @@ and lossless transform, datasets the trainer reads as latents, and the study run
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -151,14 +152,33 @@ def test_study_reports_the_action_check_and_the_real_moves(patch_run):
     assert "one-step action check" in (out / "README.md").read_text()
 
 
+def test_budget_refuses_a_variant_whose_fine_tuning_has_not_finished(patch_run, tmp_path):
+    from benchmarks.atari import budget
+
+    out, results, _ = patch_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy, symlinks=True)
+    shutil.rmtree(copy / "finetune" / "scratch" / "final")
+    base = results["study"]["config"]["finetune"]["steps"]
+    with pytest.raises(study.StudyError, match="not finished fine-tuning 'scratch'"):
+        budget.run(copy, "scratch", [base])
+
+
 def test_budget_continues_fine_tuning_and_measures_each_step_count(patch_run):
     from benchmarks.atari import budget
 
     out, results, _ = patch_run
     base = results["study"]["config"]["finetune"]["steps"]
-    with pytest.raises(study.StudyError, match="must exceed"):
-        budget.run(out, "extrapolative", [base])
+    with pytest.raises(study.StudyError, match="at least the study's own"):
+        budget.run(out, "extrapolative", [base - 1])
+    only = budget.run(out, "extrapolative", [base])  # the study's own count: measured, nothing trained
+    assert list(only["steps"]) == [str(base)]
+    assert not (out / "budget" / "extrapolative").exists()
     doc = budget.run(out, "extrapolative", [base + 2])
+    timing = {"seconds", "measure_seconds"}
+    assert {k: v for k, v in doc["steps"][str(base)].items() if k not in timing} == {
+        k: v for k, v in only["steps"][str(base)].items() if k not in timing
+    }
     assert list(doc["steps"]) == [str(base), str(base + 2)]
     assert (out / "budget" / "extrapolative" / f"step-{base + 2}" / "final").is_dir()
     for row in doc["steps"].values():

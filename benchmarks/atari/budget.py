@@ -5,10 +5,13 @@
 
 The study fine-tunes every variant for the scale's ``finetune.steps`` (800 at the latent cpu
 scale) and finds that no model follows its actions. This continues the fine-tuning of one variant
-of a finished study (the study seed's run) from its last checkpoint, with the same settings and
+of a study (the study seed's run; the study need only have finished that variant's fine-tuning)
+from its last checkpoint, with the same settings and
 seed, to each step count in ``--steps`` in turn (``DIR/budget/<variant>/step-N/``, each continuing the
 last one's checkpoint, so the runs replay one uninterrupted run; resumable), and
-measures at the study's own step count and at each new one:
+measures at the study's own step count and at each new one (``--steps`` equal to the study's own
+count: only the study's model is measured, nothing trained; a study still fine-tuning its other
+variants can be measured this way, with the study stopped, since both need the cores):
 
 * the one-step action check (``evaluate.action_check``): how much the predicted next frame moves
   with its action, against how much it moves with its past, and per action the predicted paddle
@@ -216,8 +219,10 @@ def run(
     if variant not in known:
         raise StudyError(f"no fine-tuned variant {variant!r} for this seed; use one of {', '.join(known)}")
     base_steps = int(study.cfg["finetune"]["steps"])
-    if not overrides and any(s <= base_steps for s in steps):
-        raise StudyError(f"--steps must exceed the study's own fine-tuning steps ({base_steps})")
+    if not overrides and any(s < base_steps for s in steps):
+        raise StudyError(f"--steps must be at least the study's own fine-tuning steps ({base_steps})")
+    if not (study.out / "finetune" / variant / "final").is_dir():
+        raise StudyError(f"the study has not finished fine-tuning {variant!r} (no finetune/{variant}/final)")
     if overrides:
         base = json.loads((study.out / "finetune" / f"{variant}.json").read_text(encoding="utf-8"))["config"]
         _train_config({**base, **overrides})  # refuse a bad setting before any work
@@ -308,14 +313,22 @@ def parse_settings(items: list[str]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.atari.budget", description=__doc__.split("\n\n")[0])
-    p.add_argument("--study", required=True, help="a finished study's output directory (Pong held out; any space)")
+    p.add_argument(
+        "--study",
+        required=True,
+        help="a study's output directory (Pong held out; any space) whose --variant is fine-tuned",
+    )
     p.add_argument(
         "--variant",
         default=None,
         help="the variant to fine-tune further (default: the method's, extrapolative for unet3d, causal for wan)",
     )
     p.add_argument(
-        "--steps", type=int, nargs="+", default=[1600, 3200], help="step counts to reach (default 1600 3200)"
+        "--steps",
+        type=int,
+        nargs="+",
+        default=[1600, 3200],
+        help="step counts to reach (default 1600 3200); the study's own count alone measures its model only",
     )
     p.add_argument(
         "--replicate",
