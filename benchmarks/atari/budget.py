@@ -6,12 +6,12 @@
 The study fine-tunes every variant for the scale's ``finetune.steps`` (800 at the latent cpu
 scale) and finds that no model follows its actions. This continues the fine-tuning of one variant
 of a study (the study seed's run; the study need only have finished that variant's fine-tuning)
-from its last checkpoint, with the same settings and
-seed, to each step count in ``--steps`` in turn (``DIR/budget/<variant>/step-N/``, each continuing the
-last one's checkpoint, so the runs replay one uninterrupted run; resumable), and
-measures at the study's own step count and at each new one (``--steps`` equal to the study's own
-count: only the study's model is measured, nothing trained; a study still fine-tuning its other
-variants can be measured this way, with the study stopped, since both need the cores):
+from its last checkpoint, with the same settings and seed, to each step count in ``--steps`` in
+turn (``DIR/budget/<variant>/step-N/``, each continuing the last one's checkpoint, so the runs
+replay one uninterrupted run; resumable), and measures at the study's own step count and at each
+new one (``--steps`` equal to the study's own count: only the study's model is measured, nothing
+trained; a study still fine-tuning its other variants can be measured this way, with the study
+stopped, since both need the cores):
 
 * the one-step action check (``evaluate.action_check``): how much the predicted next frame moves
   with its action, against how much it moves with its past, and per action the predicted paddle
@@ -221,7 +221,8 @@ def run(
     base_steps = int(study.cfg["finetune"]["steps"])
     if not overrides and any(s < base_steps for s in steps):
         raise StudyError(f"--steps must be at least the study's own fine-tuning steps ({base_steps})")
-    if not (study.out / "finetune" / variant / "final").is_dir():
+    study_model = study.out / "finetune" / variant / "final"
+    if not study_model.is_dir():
         raise StudyError(f"the study has not finished fine-tuning {variant!r} (no finetune/{variant}/final)")
     if overrides:
         base = json.loads((study.out / "finetune" / f"{variant}.json").read_text(encoding="utf-8"))["config"]
@@ -232,12 +233,10 @@ def run(
     for n in [base_steps, *sorted(set(steps) - {base_steps})] if not overrides else sorted(set(steps)):
         t0 = time.perf_counter()
         if n == base_steps and not overrides:
-            model = study.out / "finetune" / variant / "final"
+            model = study_model
         else:
             model = continue_finetuning(study, variant, n, overrides)
-        rows[str(n)] = _measured(
-            study, variant, model, segments, cached=model != study.out / "finetune" / variant / "final"
-        )
+        rows[str(n)] = _measured(study, variant, model, segments, cached=model != study_model)
         rows[str(n)]["seconds"] = time.perf_counter() - t0  # this invocation's: ~0 when done before
         study.log(f"[budget {name}] {n} steps: paddle real − random {rows[str(n)]['paddle']['real_minus_random']}")
     return {
