@@ -295,3 +295,50 @@ def test_budget_refuses_a_directory_without_a_study(tmp_path):
 
     with pytest.raises(study.StudyError, match="no study"):
         budget.open_study(tmp_path)
+
+
+def test_budget_measures_the_same_models_with_another_sampler(patch_run):
+    """--sampler changes the measurement's rollouts, not the models: with the study's own history
+    level (the control) the study's rollout comes back; with another one the rollouts differ, and
+    a budget run's kept measurement is kept per sampler (the plain one stays as it was)."""
+    from benchmarks.atari import budget
+
+    out, results, _ = patch_run
+    base = results["study"]["config"]["finetune"]["steps"]
+    own = results["study"]["config"]["eval"]["history_noise"]
+    study_psnr = results["runs"]["extrapolative_s1_real"]["metrics"]["psnr"]["overall"]
+    same = budget.run(out, "extrapolative", [base], sampler={"history_noise": own})
+    assert same["steps"][str(base)]["psnr_real"] == pytest.approx(study_psnr)
+    other = budget.run(out, "extrapolative", [base], sampler={"history_noise": own + 400})
+    assert other["name"] == f"extrapolative@history_noise={own + 400}" and other["sampler"] == {
+        "history_noise": own + 400
+    }
+    assert other["steps"][str(base)]["psnr_real"] != pytest.approx(study_psnr)
+    assert "Rolled out with history_noise=" in budget.table(other)
+    plain = budget.run(out, "extrapolative", [base], overrides={"adapter_lr_scale": 30.0})
+    noised = budget.run(
+        out, "extrapolative", [base], overrides={"adapter_lr_scale": 30.0}, sampler={"history_noise": 500}
+    )
+    run_dir = out / "budget" / plain["name"] / f"step-{base}"
+    assert json.loads((run_dir / "measure@history_noise=500.json").read_text())["sampler"] == {"history_noise": 500}
+    assert (
+        json.loads((run_dir / budget.MEASURE_FILE).read_text())["psnr_real"] == plain["steps"][str(base)]["psnr_real"]
+    )
+    assert noised["steps"][str(base)]["psnr_real"] != pytest.approx(plain["steps"][str(base)]["psnr_real"])
+
+
+@pytest.mark.parametrize(
+    "sampler, needle",
+    [
+        ({"guidance_scale": 2.0}, "cannot change guidance_scale"),
+        ({"history_noise": -1}, "history_noise must be"),
+        ({"steps": 0}, "steps must be"),
+        ({"window": 1}, "window must be"),
+    ],
+)
+def test_budget_refuses_bad_sampler_settings(patch_run, sampler, needle):
+    from benchmarks.atari import budget
+
+    out, results, _ = patch_run
+    with pytest.raises(study.StudyError, match=needle):
+        budget.run(out, "extrapolative", [results["study"]["config"]["finetune"]["steps"]], sampler=sampler)

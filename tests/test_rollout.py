@@ -255,6 +255,17 @@ def test_bad_inputs_are_refused():
         rollout(wm, ctx, _actions(2), config=RolloutConfig(sampler="heun"))
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "needle"),
+    [("steps", 0, "steps must be"), ("steps", 2.0, "steps must be"), ("history_noise", -1, "history_noise must be")],
+)
+def test_a_bad_step_count_or_history_level_is_refused_by_the_config_itself(field, value, needle):
+    """Refused by validate(), so a tool can check a config before it loads a model or rolls out."""
+    RolloutConfig(**{field: {"steps": 3, "history_noise": 100}[field]}).validate()  # control: a good value passes
+    with pytest.raises(UsageError, match=needle):
+        RolloutConfig(**{field: value}).validate()
+
+
 def test_a_model_without_an_action_adapter_is_refused():
     plan = registries().plans.get("wan")
     model = plan.build_tiny()

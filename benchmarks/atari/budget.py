@@ -1,7 +1,7 @@
 """Does the world model start to follow its actions with more fine-tuning? (issue 17)
 
     python -m benchmarks.atari.budget --study DIR [--variant V] [--steps 1600 3200]
-        [--set KEY=VALUE ...] [--threads 2] [--json PATH]
+        [--set KEY=VALUE ...] [--sampler KEY=VALUE ...] [--threads 2] [--json PATH]
 
 The study fine-tunes every variant for the scale's ``finetune.steps`` (800 at the latent cpu
 scale) and finds that no model follows its actions. This continues the fine-tuning of one variant
@@ -26,7 +26,13 @@ afresh from its converted checkpoint with the study's settings so changed, to ea
 (``DIR/budget/<variant>+<settings>/step-N/``, chained and resumable the same way), and measured
 the same way (the study's own model is measured by the plain check, ``DIR/budget/<variant>.json``).
 
-A table goes to stdout and everything to ``DIR/budget/<variant>[+<settings>].json`` (or ``--json``).
+With ``--sampler`` (the study's rollout settings ``history_noise``, ``steps``, ``eta``, ``window``,
+e.g. ``--sampler history_noise=100``) the same models are measured with the sampler so changed
+(nothing is trained for it): does a model that loses the paddle over a rollout keep it when its
+own past is noised more? A kept measurement is reused only for the same weights and sampler.
+
+A table goes to stdout and everything to ``DIR/budget/<variant>[+<settings>][@<sampler>].json``
+(or ``--json``).
 """
 
 from __future__ import annotations
@@ -46,6 +52,9 @@ from benchmarks.atari.study import CONTEXT_LEVELS, StageProgress, Study, StudyEr
 
 #: A budget run's measurement, beside its model.
 MEASURE_FILE = "measure.json"
+
+#: The study's rollout settings (``eval``) that --sampler may change for the measurement.
+SAMPLER_KEYS = ("history_noise", "steps", "eta", "window")
 
 #: Settings --set may not change: where and how far the run goes (the check sets them), and what
 #: the model predicts and from what (the measurements use the study's sampler and decoder).
@@ -165,18 +174,20 @@ def measure(study: Study, variant: str, model_dir: Path, segments: ev.Segments) 
     return {"action_check": check, "paddle": _paddle_summary(ctrl), "psnr_real": scored["real"]["psnr"]["overall"]}
 
 
-def _measured(study: Study, variant: str, model: Path, segments: ev.Segments, cached: bool) -> dict[str, Any]:
-    """:func:`measure`, kept beside a budget run's model (``step-N/measure.json``) so that a rerun
-    with more step counts measures only the new ones."""
-    path = model.parent / MEASURE_FILE
+def _measured(
+    study: Study, variant: str, model: Path, segments: ev.Segments, cached: bool, sampler: dict[str, Any]
+) -> dict[str, Any]:
+    """:func:`measure`, kept beside a budget run's model (``step-N/measure[@<sampler>].json``) so
+    that a rerun with more step counts measures only the new ones."""
+    path = model.parent / (MEASURE_FILE if not sampler else f"measure@{settings_tag(sampler)}.json")
     weights = _fingerprint(model)
     if cached and path.is_file():
         row = json.loads(path.read_text(encoding="utf-8"))
-        if row.get("weights_sha256") == weights:
+        if row.get("weights_sha256") == weights and row.get("sampler", {}) == sampler:
             return row
     t0 = time.perf_counter()
     row = {**measure(study, variant, model, segments), "measure_seconds": time.perf_counter() - t0}
-    row["weights_sha256"] = weights
+    row["weights_sha256"], row["sampler"] = weights, sampler
     if cached:
         path.write_text(json.dumps(row, indent=1) + "\n", encoding="utf-8")
     return row
@@ -204,14 +215,23 @@ def _paddle_summary(ctrl: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(
-    out: Path, variant: str | None, steps: list[int], replicate: int = 0, overrides: dict[str, Any] | None = None
+    out: Path,
+    variant: str | None,
+    steps: list[int],
+    replicate: int = 0,
+    overrides: dict[str, Any] | None = None,
+    sampler: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The budget check of ``variant`` (None: the backbone's method variant) of the study at ``out``."""
-    overrides = _typed(overrides or {})
+    """The budget check of ``variant`` (None: the backbone's method variant) of the study at ``out``,
+    measured with the study's sampler changed by ``sampler`` (``SAMPLER_KEYS``)."""
+    overrides, sampler = _typed(overrides or {}), dict(sampler or {})
     bad = sorted(set(overrides) & _FIXED)
     if bad:
         raise StudyError(f"--set cannot change {', '.join(bad)}: the budget check sets them")
+    if unknown := sorted(set(sampler) - set(SAMPLER_KEYS)):
+        raise StudyError(f"--sampler cannot change {', '.join(unknown)}; it changes {', '.join(SAMPLER_KEYS)}")
     study = open_study(out, replicate)
+    study.cfg["eval"].update(sampler)
     if not study.paddle:
         raise StudyError("the budget check measures Pong's paddle; this study's held-out game is not Pong")
     known = list(study.cfg["replicates"]["variants"]) if replicate else list(study.backbone.variants)
@@ -227,16 +247,17 @@ def run(
     if overrides:
         base = json.loads((study.out / "finetune" / f"{variant}.json").read_text(encoding="utf-8"))["config"]
         _train_config({**base, **overrides})  # refuse a bad setting before any work
+    _check_sampler(study, variant, sampler)
     segments = study.segments()
     rows = {}
-    name = run_name(variant, overrides)
+    name = run_name(variant, overrides) + (f"@{settings_tag(sampler)}" if sampler else "")
     for n in [base_steps, *sorted(set(steps) - {base_steps})] if not overrides else sorted(set(steps)):
         t0 = time.perf_counter()
         if n == base_steps and not overrides:
             model = study_model
         else:
             model = continue_finetuning(study, variant, n, overrides)
-        rows[str(n)] = _measured(study, variant, model, segments, cached=model != study_model)
+        rows[str(n)] = _measured(study, variant, model, segments, model != study_model, sampler)
         rows[str(n)]["seconds"] = time.perf_counter() - t0  # this invocation's: ~0 when done before
         study.log(f"[budget {name}] {n} steps: paddle real − random {rows[str(n)]['paddle']['real_minus_random']}")
     return {
@@ -244,11 +265,22 @@ def run(
         "out": str(study.out),
         "variant": variant,
         "settings": overrides,
+        "sampler": sampler,
         "name": name,
         "training_seed": study.train_seed,
         "real_moves": ev.real_moves(segments),
         "steps": rows,
     }
+
+
+def _check_sampler(study: Study, variant: str, sampler: dict[str, Any]) -> None:
+    """Refuse a bad --sampler value (a negative history level, a window too short) before any work."""
+    from causalize.errors import CausalizeError
+
+    try:
+        study.rollout_config(variant, 1.0)
+    except CausalizeError as exc:
+        raise StudyError(f"--sampler {settings_tag(sampler)}: {exc}") from exc
 
 
 def table(doc: dict[str, Any]) -> str:
@@ -271,6 +303,8 @@ def table(doc: dict[str, Any]) -> str:
     lines.append(f"\nReal test frames: move after RIGHT / LEFT {_num(real.get(2))} / {_num(real.get(3))} px.")
     if doc.get("settings"):
         lines.append(f"Fine-tuned afresh with {settings_tag(doc['settings'])} (the study's settings otherwise).")
+    if doc.get("sampler"):
+        lines.append(f"Rolled out with {settings_tag(doc['sampler'])} (the study's sampler otherwise).")
     return "\n".join(lines)
 
 
@@ -296,13 +330,13 @@ def add_settings_option(parser: argparse.ArgumentParser, help_text: str) -> None
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE", help=help_text)
 
 
-def parse_settings(items: list[str]) -> dict[str, Any]:
+def parse_settings(items: list[str], option: str = "--set") -> dict[str, Any]:
     """``KEY=VALUE`` items as a dict; values are JSON (``10``, ``true``), else strings."""
     settings: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise StudyError(f"--set {item!r}: expected KEY=VALUE")
+            raise StudyError(f"{option} {item!r}: expected KEY=VALUE")
         try:
             settings[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -342,13 +376,24 @@ def main(argv: list[str] | None = None) -> int:
         "from the converted model with it, to each --steps (any count); repeatable",
     )
     p.add_argument(
-        "--json", default=None, help="where to write the results (default DIR/budget/<variant>[+<settings>].json)"
+        "--sampler",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"a rollout setting of the measurement ({', '.join(SAMPLER_KEYS)}; e.g. history_noise=100): "
+        "the same models measured with the study's sampler so changed; repeatable",
+    )
+    p.add_argument(
+        "--json",
+        default=None,
+        help="where to write the results (default DIR/budget/<variant>[+<settings>][@<sampler>].json)",
     )
     args = p.parse_args(argv)
     out = Path(args.study)
     set_determinism(args.threads, "cpu")
     try:
-        doc = run(out, args.variant, args.steps, args.replicate, parse_settings(args.settings))
+        sampler = parse_settings(args.sampler, "--sampler")
+        doc = run(out, args.variant, args.steps, args.replicate, parse_settings(args.settings), sampler)
     except StudyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -98,6 +98,9 @@ class RolloutConfig:
             raise UsageError(f"sink must be a non-negative integer, got {self.sink!r}")
         if self.sink and self.cache_mode != "rolling":
             raise UsageError(f"sink={self.sink} applies to cache='rolling' only", "add --cache rolling, or drop --sink")
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
+            raise UsageError(f"steps must be an integer >= 1, got {self.steps!r}", "50 is the default")
+        sched.history_level([0], self.history_noise)  # a level >= 0 or "second_to_last"; the top is the schedule's
         if self.sampler not in sched.SAMPLERS:
             raise UsageError(f"unknown sampler {self.sampler!r}", f"use one of {', '.join(sched.SAMPLERS)}")
         if self.spacing not in sched.SPACINGS:
