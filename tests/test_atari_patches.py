@@ -164,6 +164,22 @@ def test_budget_refuses_a_variant_whose_fine_tuning_has_not_finished(patch_run, 
         budget.run(copy, "scratch", [base])
 
 
+def test_budget_continues_a_study_that_was_moved(patch_run, tmp_path):
+    """A study made in one place and moved (to results/) records its old paths: the continued
+    fine-tuning trains from where the study is now. The copy's records name a folder that is gone."""
+    from benchmarks.atari import budget
+
+    out, results, _ = patch_run
+    copy = tmp_path / "moved"
+    shutil.copytree(out, copy, symlinks=True)
+    record = copy / "finetune" / "extrapolative.json"
+    record.write_text(record.read_text().replace(str(out), str(tmp_path / "gone")))
+    assert str(tmp_path / "gone") in json.loads(record.read_text())["config"]["model"]
+    base = results["study"]["config"]["finetune"]["steps"]
+    doc = budget.run(copy, "extrapolative", [base + 1])
+    assert (copy / "budget" / "extrapolative" / f"step-{base + 1}" / "final").is_dir() and doc["steps"][str(base + 1)]
+
+
 def test_budget_continues_fine_tuning_and_measures_each_step_count(patch_run):
     from benchmarks.atari import budget
 

@@ -49,6 +49,7 @@ import numpy as np
 from benchmarks.atari import control
 from benchmarks.atari import evaluate as ev
 from benchmarks.atari.study import CONTEXT_LEVELS, StageProgress, Study, StudyError, recorded_data, set_determinism
+from causalize.errors import CausalizeError
 
 #: A budget run's measurement, beside its model.
 MEASURE_FILE = "measure.json"
@@ -147,6 +148,9 @@ def continue_finetuning(study: Study, variant: str, steps: int, overrides: dict[
     fields = {
         **base,
         **overrides,
+        # where the study is now, not where it was made: a study moved (to results/) continues
+        "model": str(study.out / "convert" / variant),
+        "data": str(study.dataset("train")),
         "output_dir": str(out),
         "steps": int(steps),
         "checkpoint_every": f["checkpoint_every"],
@@ -394,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sampler = parse_settings(args.sampler, "--sampler")
         doc = run(out, args.variant, args.steps, args.replicate, parse_settings(args.settings), sampler)
-    except StudyError as exc:
+    except (StudyError, CausalizeError) as exc:  # a training refusal too (a model or data path gone)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     path = Path(args.json) if args.json else Path(doc["out"]) / "budget" / f"{doc['name']}.json"
