@@ -279,8 +279,6 @@ def run(
 
 def _check_sampler(study: Study, variant: str, sampler: dict[str, Any]) -> None:
     """Refuse a bad --sampler value (a negative history level, a window too short) before any work."""
-    from causalize.errors import CausalizeError
-
     try:
         study.rollout_config(variant, 1.0)
     except CausalizeError as exc:
