@@ -204,6 +204,13 @@ def test_budget_continues_fine_tuning_and_measures_each_step_count(patch_run):
     assert doc["steps"][str(base)]["psnr_real"] == pytest.approx(
         results["runs"]["extrapolative_s1_real"]["metrics"]["psnr"]["overall"]
     )
+    # ... and its copy-last comparison on the first frames is the study's own
+    first = next(c for c in results["comparisons"] if c["claim"].endswith("generated frames") and c["b"] == "copy-last")
+    mine = doc["steps"][str(base)]["copy_last"]
+    span = next(k for k in mine if k != "all")
+    assert first["a"] == "extrapolative_s1_real" and span == f"first_{study.FIRST_FRAMES}"
+    assert mine[span]["psnr"]["mean"] == pytest.approx(first["psnr"]["mean"])
+    assert mine[span]["ssim"]["per_segment"] == pytest.approx(first["ssim"]["per_segment"])
     assert "| fine-tuning steps |" in budget.table(doc)
 
 
@@ -276,6 +283,12 @@ def test_budget_keeps_measurements_for_the_same_weights_only(patch_run, monkeypa
     measured.clear()
     budget.run(out, "extrapolative", [base], overrides={"adapter_lr_scale": 30.0})
     assert [p.parent.name for p in measured] == [f"step-{base}"]
+    # a kept row from before the copy-last comparison existed is measured again
+    row = json.loads(path.read_text())
+    path.write_text(json.dumps({k: v for k, v in row.items() if k != "copy_last"}))
+    measured.clear()
+    again = budget.run(out, "extrapolative", [base], overrides={"adapter_lr_scale": 30.0})
+    assert [p.parent.name for p in measured] == [f"step-{base}"] and "copy_last" in again["steps"][str(base)]
 
 
 @pytest.mark.parametrize(

@@ -48,7 +48,16 @@ import numpy as np
 
 from benchmarks.atari import control
 from benchmarks.atari import evaluate as ev
-from benchmarks.atari.study import CONTEXT_LEVELS, StageProgress, Study, StudyError, recorded_data, set_determinism
+from benchmarks.atari.seeds import first_frames
+from benchmarks.atari.study import (
+    CONTEXT_LEVELS,
+    FIRST_FRAMES,
+    StageProgress,
+    Study,
+    StudyError,
+    recorded_data,
+    set_determinism,
+)
 from causalize.errors import CausalizeError
 
 #: A budget run's measurement, beside its model.
@@ -175,7 +184,23 @@ def measure(study: Study, variant: str, model_dir: Path, segments: ev.Segments) 
         pred, _ = study.rollout(wm, segments, actions, config)
         scored[kind] = ev.score(pred, segments.real_future)
     ctrl = control.controllability(scored["real"], scored["random"])
-    return {"action_check": check, "paddle": _paddle_summary(ctrl), "psnr_real": scored["real"]["psnr"]["overall"]}
+    return {
+        "action_check": check,
+        "paddle": _paddle_summary(ctrl),
+        "psnr_real": scored["real"]["psnr"]["overall"],
+        "copy_last": _against_copy_last(scored["real"], segments),
+    }
+
+
+def _against_copy_last(real: dict[str, Any], segments: ev.Segments) -> dict[str, Any]:
+    """The real-action rollout − copy-last, PSNR and SSIM paired over segments, on the first
+    ``FIRST_FRAMES`` generated frames (the issue's target) and on all of them (``paired`` rows)."""
+    base = {"metrics": ev.score(ev.copy_last_baseline(segments), segments.real_future, paddle=False)}
+    mine, k = {"metrics": real}, min(FIRST_FRAMES, segments.horizon)
+    return {
+        span: {m: first_frames(mine, base, m, n) for m in ("psnr", "ssim")}
+        for span, n in ((f"first_{k}", k), ("all", segments.horizon))
+    }
 
 
 def _measured(
@@ -187,7 +212,8 @@ def _measured(
     weights = _fingerprint(model)
     if cached and path.is_file():
         row = json.loads(path.read_text(encoding="utf-8"))
-        if row.get("weights_sha256") == weights and row.get("sampler", {}) == sampler:
+        # the same weights and sampler, measured since the copy-last comparison exists
+        if row.get("weights_sha256") == weights and row.get("sampler", {}) == sampler and "copy_last" in row:
             return row
     t0 = time.perf_counter()
     row = {**measure(study, variant, model, segments), "measure_seconds": time.perf_counter() - t0}
@@ -289,8 +315,8 @@ def table(doc: dict[str, Any]) -> str:
     """Markdown: one row per step count."""
     lines = [
         "| fine-tuning steps | action rms k=300 | past rms k=300 | move after RIGHT / LEFT (px) | "
-        "paddle err real | random | real − random (± s.e.) | verdict | PSNR real |",
-        "|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        "paddle err real | random | real − random (± s.e.) | verdict | PSNR real | − copy-last, first frames / all (dB) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for n, r in doc["steps"].items():
         c = r["action_check"]["300"]
@@ -299,7 +325,8 @@ def table(doc: dict[str, Any]) -> str:
         lines.append(
             f"| {n} | {c['action_rms']:.4f} | {c['past_rms']:.4f} | {_num(moves.get(2))} / {_num(moves.get(3))} | "
             f"{_num(r['paddle']['real']['mean'])} | {_num(r['paddle']['random']['mean'])} | "
-            f"{_num(d['mean'], '+.2f')} ± {_num(d['sem'])} | {r['paddle']['verdict']} | {r['psnr_real']:.2f} |"
+            f"{_num(d['mean'], '+.2f')} ± {_num(d['sem'])} | {r['paddle']['verdict']} | {r['psnr_real']:.2f} | "
+            f"{_copy_last_cell(r)} |"
         )
     real = {m["action"]: m["mean"] for m in doc["real_moves"]}
     lines.append(f"\nReal test frames: move after RIGHT / LEFT {_num(real.get(2))} / {_num(real.get(3))} px.")
@@ -308,6 +335,14 @@ def table(doc: dict[str, Any]) -> str:
     if doc.get("sampler"):
         lines.append(f"Rolled out with {settings_tag(doc['sampler'])} (the study's sampler otherwise).")
     return "\n".join(lines)
+
+
+def _copy_last_cell(row: dict[str, Any]) -> str:
+    """``+a ± s / +b ± s`` (PSNR, first frames / all), or – for a measurement made before it existed."""
+    if "copy_last" not in row:
+        return "–"
+    first, every = (row["copy_last"][k]["psnr"] for k in sorted(row["copy_last"], key=lambda k: k == "all"))
+    return " / ".join(f"{_num(x['mean'], '+.2f')} ± {_num(x['sem'])}" for x in (first, every))
 
 
 def _num(x: float | None, spec: str = ".2f") -> str:
