@@ -140,6 +140,13 @@ def _train_config(fields: dict[str, Any]) -> Any:
         raise StudyError(f"--set: {exc}") from exc
 
 
+def _recorded_finetuning(study: Study, variant: str) -> dict[str, Any]:
+    """The study's fine-tuning settings of ``variant`` as it recorded them, with the model and data
+    where the study is now, not where it was made: a study moved (to results/) continues."""
+    record = json.loads((study.out / "finetune" / f"{variant}.json").read_text(encoding="utf-8"))["config"]
+    return {**record, "model": str(study.out / "convert" / variant), "data": str(study.dataset("train"))}
+
+
 def continue_finetuning(study: Study, variant: str, steps: int, overrides: dict[str, Any] | None = None) -> Path:
     """The variant fine-tuned to ``steps`` (its ``final/`` model): continuing the study's run, or
     with ``overrides`` (TrainConfig fields) a run of its own from the converted checkpoint."""
@@ -151,15 +158,12 @@ def continue_finetuning(study: Study, variant: str, steps: int, overrides: dict[
     if (out / "final").is_dir():
         return out / "final"
     f = study.cfg["finetune"]
-    base = json.loads((study.out / "finetune" / f"{variant}.json").read_text(encoding="utf-8"))["config"]
+    base = _recorded_finetuning(study, variant)
     start = _start(study, name, steps, fresh=bool(overrides))
     resume: bool | str = True if _last_checkpoint(out) is not None or start is None else str(start)
     fields = {
         **base,
         **overrides,
-        # where the study is now, not where it was made: a study moved (to results/) continues
-        "model": str(study.out / "convert" / variant),
-        "data": str(study.dataset("train")),
         "output_dir": str(out),
         "steps": int(steps),
         "checkpoint_every": f["checkpoint_every"],
@@ -275,8 +279,7 @@ def run(
     if not study_model.is_dir():
         raise StudyError(f"the study has not finished fine-tuning {variant!r} (no finetune/{variant}/final)")
     if overrides:
-        base = json.loads((study.out / "finetune" / f"{variant}.json").read_text(encoding="utf-8"))["config"]
-        _train_config({**base, **overrides})  # refuse a bad setting before any work
+        _train_config({**_recorded_finetuning(study, variant), **overrides})  # refuse a bad setting before any work
     _check_sampler(study, variant, sampler)
     segments = study.segments()
     rows = {}
@@ -341,7 +344,8 @@ def _copy_last_cell(row: dict[str, Any]) -> str:
     """``+a ± s / +b ± s`` (PSNR, first frames / all), or – for a measurement made before it existed."""
     if "copy_last" not in row:
         return "–"
-    first, every = (row["copy_last"][k]["psnr"] for k in sorted(row["copy_last"], key=lambda k: k == "all"))
+    first = next(v for k, v in row["copy_last"].items() if k != "all")["psnr"]
+    every = row["copy_last"]["all"]["psnr"]
     return " / ".join(f"{_num(x['mean'], '+.2f')} ± {_num(x['sem'])}" for x in (first, every))
 
 
