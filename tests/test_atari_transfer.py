@@ -132,3 +132,16 @@ def test_collect_refuses_what_it_cannot_pair(tmp_path: Path, capsys) -> None:
     _write(out, "scratch", _doc(0, {}))
     with pytest.raises(transfer.TransferError, match="'extrapolative' and 'scratch'"):
         transfer.collect(out)
+
+
+def test_on_the_committed_wide_dit_it_gives_the_studys_own_transfer_comparison() -> None:
+    """The budget checks' 3,200-step models are the study's: their pairing through copy-last must
+    reproduce the study's own method − scratch comparison over all frames, segment by segment."""
+    out = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "atari-wan-wide-latent"
+    rows = transfer.margins(transfer.collect(out))
+    row = next(r for r in rows if r["steps"] == 3200)
+    study = json.loads((out / "results.json").read_text())
+    own = next(c for c in study["comparisons"] if c["claim"].startswith("pretrained transfer"))
+    for m in ("psnr", "ssim"):
+        got = row["all"][m]["per_seed"]["0"]["per_segment"]
+        np.testing.assert_allclose(got, own[m]["per_segment"], rtol=0, atol=1e-9)
