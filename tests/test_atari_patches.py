@@ -200,6 +200,9 @@ def test_budget_continues_fine_tuning_and_measures_each_step_count(patch_run):
     for row in doc["steps"].values():
         assert set(row["action_check"]) == {str(k) for k in study.CONTEXT_LEVELS}
         assert row["paddle"]["verdict"] and "mean" in row["paddle"]["real_minus_random"]
+        d = row["paddle"]["real_minus_random"]  # per segment too; their mean is the overall one
+        assert len(d["per_segment"]) == d["n"] or None in d["per_segment"]
+        assert np.nanmean([np.nan if v is None else v for v in d["per_segment"]]) == pytest.approx(d["mean"])
     # the study's own step count is measured on the study's model: its rollout matches the study's
     assert doc["steps"][str(base)]["psnr_real"] == pytest.approx(
         results["runs"]["extrapolative_s1_real"]["metrics"]["psnr"]["overall"]
@@ -289,6 +292,14 @@ def test_budget_keeps_measurements_for_the_same_weights_only(patch_run, monkeypa
     measured.clear()
     again = budget.run(out, "extrapolative", [base], overrides={"adapter_lr_scale": 30.0})
     assert [p.parent.name for p in measured] == [f"step-{base}"] and "copy_last" in again["steps"][str(base)]
+    # ... and one from before the per-segment paddle differences
+    row = json.loads(path.read_text())
+    del row["paddle"]["real_minus_random"]["per_segment"]
+    path.write_text(json.dumps(row))
+    measured.clear()
+    again = budget.run(out, "extrapolative", [base], overrides={"adapter_lr_scale": 30.0})
+    assert [p.parent.name for p in measured] == [f"step-{base}"]
+    assert "per_segment" in again["steps"][str(base)]["paddle"]["real_minus_random"]
 
 
 @pytest.mark.parametrize(
