@@ -86,6 +86,8 @@ def test_only_step_counts_measured_in_every_seed_are_judged() -> None:
     assert [(x["steps"], x["transfer"] is not None) for x in rows] == [(3200, True), (6400, False)]
     other = _doc(1, {"6400": r})
     assert [x["steps"] for x in targets.judge({0: (method, scratch), 1: (other, None)})] == [6400]
+    with pytest.raises(targets.TargetsError, match="no seed"):
+        targets.judge({})
     with pytest.raises(targets.TargetsError, match="no step count"):
         targets.judge({0: (_doc(0, {"6400": r}), None), 1: (_doc(1, {"3200": r}), None)})
 

@@ -113,8 +113,8 @@ def _follows(rows: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
     """The method's paddle error real − random per seed → over seeds, with the study's verdict."""
     diffs = {s: r["paddle"]["real_minus_random"] for s, r in rows.items()}
     if len(rows) == 1:
-        (only,) = rows.values()
-        d = diffs[next(iter(rows))]
+        ((seed, only),) = rows.items()
+        d = diffs[seed]
         return {"mean": d["mean"], "sem": d["sem"], "verdict": only["paddle"]["verdict"], "per_seed": diffs}
     if missing := sorted(s for s, d in diffs.items() if "per_segment" not in d):
         raise TargetsError(
@@ -128,6 +128,8 @@ def _follows(rows: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
 
 def judge(per_seed: Docs) -> list[dict[str, Any]]:
     """One row per step count the method was measured at in every seed (module docstring)."""
+    if not per_seed:
+        raise TargetsError("no seed to judge")
     seeds = sorted(per_seed)
     steps = set.intersection(*(_measured(per_seed[s][0]) for s in seeds))
     with_scratch = set.intersection(*(_measured(per_seed[s][1]) for s in seeds))
