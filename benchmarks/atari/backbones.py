@@ -107,3 +107,8 @@ def get_backbone(name: str) -> Backbone:
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; use one of {', '.join(BACKBONES)}")
     return BACKBONES[name]
+
+
+def backbone_of(cfg: dict[str, Any]) -> Backbone:
+    """The configuration's backbone (studies recorded before backbones existed are UNet3D ones)."""
+    return get_backbone(cfg.get("backbone", UNET3D.name))

@@ -58,6 +58,7 @@ from benchmarks.atari.study import (
     recorded_data,
     set_determinism,
 )
+from benchmarks.atari.targets import SPANS, copy_last_span
 from causalize.errors import CausalizeError
 
 #: A budget run's measurement, beside its model.
@@ -350,9 +351,8 @@ def _copy_last_cell(row: dict[str, Any]) -> str:
     """``+a ± s / +b ± s`` (PSNR, first frames / all), or – for a measurement made before it existed."""
     if "copy_last" not in row:
         return "–"
-    first = next(v for k, v in row["copy_last"].items() if k != "all")["psnr"]
-    every = row["copy_last"]["all"]["psnr"]
-    return " / ".join(f"{_num(x['mean'], '+.2f')} ± {_num(x['sem'])}" for x in (first, every))
+    cells = (copy_last_span(row, span)["psnr"] for span in SPANS)
+    return " / ".join(f"{_num(x['mean'], '+.2f')} ± {_num(x['sem'])}" for x in cells)
 
 
 def _num(x: float | None, spec: str = ".2f") -> str:

@@ -66,7 +66,7 @@ from benchmarks.atari import data as atari_data
 from benchmarks.atari import evaluate as ev
 from benchmarks.atari import pretrain as pt
 from benchmarks.atari import seeds as seeds_mod
-from benchmarks.atari.backbones import BACKBONES, UNET3D, WAN, Backbone, get_backbone
+from benchmarks.atari.backbones import BACKBONES, UNET3D, WAN, backbone_of, get_backbone
 from causalize import fs
 
 __all__ = [
@@ -518,11 +518,6 @@ def resolve_config(
         _set_path(cfg, key.strip(), value)
     _check_episodes(cfg["finetune"]["episodes"], cfg["data"]["train_episodes"])  # before hours of work
     return cfg
-
-
-def backbone_of(cfg: dict[str, Any]) -> Backbone:
-    """The configuration's backbone (studies recorded before backbones existed are UNet3D ones)."""
-    return get_backbone(cfg.get("backbone", UNET3D.name))
 
 
 def variant_pipeline(variant: str, backbone: str = UNET3D.name) -> str:

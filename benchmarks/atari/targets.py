@@ -33,10 +33,10 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.atari.backbones import get_backbone
+from benchmarks.atari.backbones import backbone_of
 from benchmarks.atari.seeds import metrics_verdict, over_seeds, over_segments, paired, verdict
 
-__all__ = ["SPANS", "TargetsError", "collect", "judge", "table"]
+__all__ = ["SPANS", "TargetsError", "collect", "copy_last_span", "judge", "table"]
 
 #: The copy-last spans the budget check measures (``first_<k>`` is found by name).
 SPANS = ("first", "all")
@@ -54,7 +54,7 @@ def collect(out: Path) -> dict[int, tuple[dict[str, Any], dict[str, Any] | None]
     if not ident_path.is_file():
         raise TargetsError(f"{out} holds no study (no study.json)")
     ident = json.loads(ident_path.read_text(encoding="utf-8"))
-    method = get_backbone(ident["config"].get("backbone", "unet3d")).main
+    method = backbone_of(ident["config"]).main
     found: dict[int, tuple[dict[str, Any], dict[str, Any] | None]] = {}
     for seed_dir in [out, *sorted(out.glob("seed*"))]:
         mine, theirs = (seed_dir / "budget" / f"{v}.json" for v in (method, "scratch"))
@@ -74,24 +74,27 @@ def _measured(doc: Mapping[str, Any] | None) -> set[str]:
     return {n for n, r in doc["steps"].items() if "copy_last" in r} if doc else set()
 
 
-def _span(row: Mapping[str, Any], span: str) -> Mapping[str, Any]:
+def copy_last_span(row: Mapping[str, Any], span: str) -> Mapping[str, Any]:
+    """A budget measurement's copy-last comparison over ``span`` (``SPANS``: ``first`` is the
+    ``first_<k>`` entry, whatever k the study used)."""
     return next(v for k, v in row["copy_last"].items() if (k == "all") == (span == "all"))
 
 
 def _transfer(a: Mapping[str, Any], b: Mapping[str, Any], span: str, metric: str) -> dict[str, Any]:
     """method − scratch per segment, from their paired differences against copy-last."""
-    x = np.asarray(_span(a, span)[metric]["per_segment"], dtype=np.float64)
-    y = np.asarray(_span(b, span)[metric]["per_segment"], dtype=np.float64)
+    x = np.asarray(copy_last_span(a, span)[metric]["per_segment"], dtype=np.float64)
+    y = np.asarray(copy_last_span(b, span)[metric]["per_segment"], dtype=np.float64)
     if x.shape != y.shape:
         raise TargetsError(f"the two runs were measured on different segments ({x.size} against {y.size})")
     return paired(x - y)
 
 
-def _over(each: Sequence[Mapping[str, Any]], beyond_one: str) -> dict[str, Any]:
-    """Per-seed paired differences (mean, sem, per_segment) → the claim's mean, sem and bar: one
-    seed's own ``beyond_one`` flag, or the study's two bars over several."""
+def _over(each: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per-seed paired differences (mean, sem, n, per_segment) → the claim's mean, sem and bar: one
+    seed's 2 s.e. over its segments, or the study's two bars over several."""
     if len(each) == 1:
-        return {"mean": each[0]["mean"], "sem": each[0]["sem"], "beyond": bool(each[0][beyond_one])}
+        (d,) = each
+        return {"mean": d["mean"], "sem": d["sem"], "beyond": bool(d["n"] > 1 and abs(d["mean"]) > 2 * d["sem"])}
     o = over_seeds([d["mean"] for d in each])
     g = over_segments([d["per_segment"] for d in each])
     return {"mean": o["mean"], "sem": o["sem"], "beyond": o["beyond"] and g["beyond"], "seeds": o, "segments": g}
@@ -102,7 +105,7 @@ def _metrics(each: Mapping[int, Mapping[str, Mapping[str, Any]]]) -> dict[str, A
     cell: dict[str, Any] = {}
     for m in ("psnr", "ssim"):
         cell[m] = {
-            **_over([each[s][m] for s in sorted(each)], "beyond_2sem"),
+            **_over([each[s][m] for s in sorted(each)]),
             "per_seed": {str(s): each[s][m] for s in each},
         }
     cell["verdict"] = metrics_verdict(cell["psnr"], cell["ssim"], "beyond", none="no difference")
@@ -111,17 +114,16 @@ def _metrics(each: Mapping[int, Mapping[str, Mapping[str, Any]]]) -> dict[str, A
 
 def _follows(rows: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
     """The method's paddle error real − random per seed → over seeds, with the study's verdict."""
-    diffs = {s: r["paddle"]["real_minus_random"] for s, r in rows.items()}
+    diffs = {str(s): r["paddle"]["real_minus_random"] for s, r in rows.items()}
     if len(rows) == 1:
-        ((seed, only),) = rows.items()
-        d = diffs[seed]
+        ((only, d),) = zip(rows.values(), diffs.values(), strict=True)
         return {"mean": d["mean"], "sem": d["sem"], "verdict": only["paddle"]["verdict"], "per_seed": diffs}
-    if missing := sorted(s for s, d in diffs.items() if "per_segment" not in d):
+    if missing := sorted(int(s) for s, d in diffs.items() if "per_segment" not in d):
         raise TargetsError(
             f"seed(s) {missing}: measured before the budget check kept per-segment paddle errors; "
             "rerun their budget check (it measures such rows again)"
         )
-    cell = {**_over(list(diffs.values()), ""), "per_seed": {str(s): d for s, d in diffs.items()}}
+    cell = {**_over(list(diffs.values())), "per_seed": diffs}
     cell["verdict"] = verdict({"paddle": cell})
     return cell
 
@@ -137,7 +139,7 @@ def judge(per_seed: Docs) -> list[dict[str, Any]]:
     for n in sorted(steps, key=int):
         mine = {s: per_seed[s][0]["steps"][n] for s in seeds}
         row: dict[str, Any] = {"steps": int(n), "seeds": seeds, "follows": _follows(mine)}
-        row["copy_last"] = {span: _metrics({s: _span(mine[s], span) for s in seeds}) for span in SPANS}
+        row["copy_last"] = {span: _metrics({s: copy_last_span(mine[s], span) for s in seeds}) for span in SPANS}
         row["transfer"] = None  # scratch not taken to this step count in every seed
         if n in with_scratch:
             theirs = {s: per_seed[s][1]["steps"][n] for s in seeds}  # type: ignore[index]
