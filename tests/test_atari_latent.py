@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ pytest.importorskip("gymnasium")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives at the repo root
 
+from benchmarks.atari import data as atari_data  # noqa: E402
 from benchmarks.atari import seeds, study  # noqa: E402
 
 SEED = 5
@@ -372,3 +374,44 @@ def _probe_checks(ae_probe, latent_run, tmp_path, capsys):
     assert ae_probe.main(args) == 2  # OUT holds one
     assert ae_probe.main(["--study", str(out), "--out", str(tmp_path / "b"), "--set", "bogus=1"]) == 2
     assert "no latent setting bogus" in capsys.readouterr().err
+
+
+def _as_committed(src, dest, keep=("autoencoder/vae", "pretrain/model")):
+    """A copy of the study at ``src`` as a results/ commit leaves it: records and figures, without
+    the recordings, encodings, models and frames (its .gitignore), but for the models in ``keep``."""
+    shutil.copytree(src, dest)
+    dropped = [dest / "data" / d for d in atari_data.DATASETS.values()]
+    dropped += [dest / "latent" / d for d in atari_data.DATASETS.values()]
+    dropped += [dest / "autoencoder" / "vae", dest / "pretrain" / "model", dest / "scratch_init" / "model"]
+    for root in [dest, *dest.glob("seed*")]:
+        dropped += [p for p in (root / "convert").iterdir() if p.is_dir()]
+        dropped += [p for p in (root / "finetune").iterdir() if p.is_dir()]
+        dropped += list((root / "eval").glob("*.npz"))
+    for path in dropped:
+        if path.relative_to(dest).as_posix() in keep:
+            continue
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return dest
+
+
+def test_reuse_of_a_committed_study_copies_only_what_is_there(latent_run, tmp_path):
+    """--reuse of a study kept in results/ (records, plus the autoencoder and pretrained models it
+    commits): the stages whose outputs are gone are made again, not copied as records alone, and
+    the runs train again; the study then reproduces the source's numbers (same seeds). The control:
+    from the complete study every stage and run is copied."""
+    out, results, _ = latent_run
+    committed = _as_committed(out, tmp_path / "committed")
+    assert study.runs_lacking(out) == [] and "finetune/extrapolative/final" in study.runs_lacking(committed)
+    cfg, logs = results["study"]["config"], []
+    copied = study.reuse_stages(tmp_path / "a", committed, cfg, SEED, "smoke", logs.append)
+    assert copied == ["autoencoder", "pretrain"]
+    assert any("data/ not copied: its record is there but not pretrain_clips" in m for m in logs)
+    assert any("runs not copied (trained anew): their records are there but not" in m for m in logs)
+    everything = study.reuse_stages(tmp_path / "b", out, cfg, SEED, "smoke", logs.append)
+    assert {"data", "latent", "scratch_init", "finetune", "eval"} <= set(everything)
+
+    logs.clear()
+    again = study.run_study(tmp_path / "c", scale="smoke", seed=SEED, space="latent", reuse=committed, log=logs.append)
+    assert not {"autoencoder", "pretrain"} & set(again["stages_run_now"])
+    assert {"data", "encode", "scratch-init", "finetune extrapolative"} <= set(again["stages_run_now"])
+    assert again["comparisons"] == json.loads(json.dumps(results["comparisons"]))

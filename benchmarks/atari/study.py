@@ -61,6 +61,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.atari import autoencoder as ae_mod
 from benchmarks.atari import control, patches
 from benchmarks.atari import data as atari_data
 from benchmarks.atari import evaluate as ev
@@ -1716,6 +1717,37 @@ STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
 }
 
 
+#: What each shared stage leaves beside its record (sub-directories): a study kept in results/
+#: commits the records and figures, not the recordings or encodings, so ``--reuse`` of it copies
+#: a stage only where these are there too (the models of a few studies are committed).
+STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "data": tuple(atari_data.DATASETS.values()),
+    "autoencoder": (ae_mod.MODEL_DIR,),
+    "latent": tuple(atari_data.DATASETS.values()),
+    "patch": tuple(atari_data.DATASETS.values()),
+    "pretrain": (pt.MODEL_DIR,),
+    "scratch_init": (pt.MODEL_DIR,),
+}
+
+
+def runs_lacking(root: Path) -> list[str]:
+    """What the finished runs under ``root`` (the study seed's, and each ``seed<S>/``) lack beside
+    their records: a converted model, a fine-tuned ``final/``, an evaluation's frames. A study kept
+    in results/ lacks them all; its runs are then trained again rather than copied."""
+    lacking = []
+    for run_root in [root, *sorted(p for p in root.glob("seed*") if p.is_dir())]:
+        for marker in sorted((run_root / "convert").glob("*.json")):
+            lacking += [] if marker.with_suffix("").is_dir() else [str(marker.with_suffix("").relative_to(root))]
+        for marker in sorted((run_root / "finetune").glob("*.json")):
+            final = marker.with_suffix("") / "final"
+            lacking += [] if final.is_dir() else [str(final.relative_to(root))]
+        for marker in sorted((run_root / "eval").glob("*.json")):
+            frames = marker.with_suffix(".npz")  # a rollout's (its record has metrics); the probes keep none
+            if "metrics" in _read_json(marker) and not frames.is_file():
+                lacking.append(str(frames.relative_to(root)))
+    return lacking
+
+
 def _differing(mine: dict[str, Any], other: dict[str, Any], keys: set[str]) -> list[str]:
     return sorted(k for k in keys if other.get(k) != mine.get(k))
 
@@ -1751,6 +1783,9 @@ def reuse_stages(out: Path, source: Path, cfg: dict[str, Any], seed: int, scale:
         if stage_differs:
             log(f"[reuse] {stage}/ not copied: the studies differ in {', '.join(stage_differs)}")
             continue
+        if lacking := [name for name in STAGE_OUTPUTS[stage] if not (src / name).is_dir()]:
+            log(f"[reuse] {stage}/ not copied: its record is there but not {', '.join(lacking)} (made again)")
+            continue
         shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoints"))
         copied.append(stage)
         log(f"[reuse] {stage}/ copied from {source}")
@@ -1764,6 +1799,10 @@ def _reuse_runs(out: Path, source: Path, mine: dict[str, Any], theirs: dict[str,
     differs = _differing(mine, theirs, (set(mine) | set(theirs)) - set(RUNS_FREE))
     if differs:
         log(f"[reuse] runs not copied (trained anew): the studies differ in {', '.join(differs)}")
+        return []
+    if lacking := runs_lacking(source):
+        more = f" and {len(lacking) - 3} more" if len(lacking) > 3 else ""
+        log(f"[reuse] runs not copied (trained anew): their records are there but not {', '.join(lacking[:3])}{more}")
         return []
     names = list(RUN_DIRS) + sorted(p.name for p in source.glob("seed*") if p.is_dir())
     copied = [name for name in names if (source / name).is_dir() and not (out / name).exists()]
