@@ -231,6 +231,31 @@ def test_budget_runs_on_a_replicate_seed(patch_run):
         budget.open_study(out, 7)
 
 
+def test_a_shared_only_study_is_fine_tuned_run_by_run_by_the_budget_check(patch_run, tmp_path):
+    """``--shared-only`` stops after the shared stages; ``budget --fine-tune-missing`` then makes a
+    seed's run with the study's own stages: the same weights as the full study's (same seeds). The
+    controls: without the flag the missing run is refused, and without the shared models too."""
+    from benchmarks.atari import budget
+
+    out, results, _ = patch_run
+    base = results["study"]["config"]["finetune"]["steps"]
+    part = tmp_path / "part"
+    done = study.run_study(part, scale="smoke", seed=SEED, space="patch", data_dir=out / "data", shared_only=True)
+    assert done["shared_only"] and "pretrain" in done["stages_run_now"]
+    assert (part / "pretrain" / "model").is_dir() and not (part / "finetune").exists()
+    with pytest.raises(study.StudyError, match="--fine-tune-missing fine-tunes it"):
+        budget.run(part, "extrapolative", [base])
+    doc = budget.run(part, "extrapolative", [base], fine_tune_missing=True)
+    final = "finetune/extrapolative/final"
+    assert budget._fingerprint(part / final) == budget._fingerprint(out / final)
+    assert doc["steps"][str(base)]["psnr_real"] == pytest.approx(
+        results["runs"]["extrapolative_s1_real"]["metrics"]["psnr"]["overall"]
+    )
+    shutil.rmtree(part / "scratch_init" / "model")
+    with pytest.raises(study.StudyError, match=r"no scratch_init/model.*--shared-only"):
+        budget.run(part, "scratch", [base], fine_tune_missing=True)
+
+
 @pytest.fixture
 def study_threads(patch_run):
     """The study's torch threads and deterministic kernels, as ``budget``'s command line sets them

@@ -1,7 +1,8 @@
 """Does the world model start to follow its actions with more fine-tuning? (issue 17)
 
     python -m benchmarks.atari.budget --study DIR [--variant V] [--steps 1600 3200]
-        [--set KEY=VALUE ...] [--sampler KEY=VALUE ...] [--threads 2] [--json PATH]
+        [--set KEY=VALUE ...] [--sampler KEY=VALUE ...] [--replicate R] [--fine-tune-missing]
+        [--threads 2] [--json PATH]
 
 The study fine-tunes every variant for the scale's ``finetune.steps`` (800 at the latent cpu
 scale) and finds that no model follows its actions. This continues the fine-tuning of one variant
@@ -31,6 +32,11 @@ e.g. ``--sampler history_noise=100``) the same models are measured with the samp
 (nothing is trained for it): does a model that loses the paddle over a rollout keep it when its
 own past is noised more? A kept measurement is reused only for the same weights and sampler.
 
+With ``--fine-tune-missing`` a run the study has not made yet (a replicate seed it has not
+reached; every run of a study made with ``study --shared-only``) is first converted and fine-tuned
+by the study's own stages, then checked: the seeds of a long study are trained run by run, each a
+process of its own (machines that do not keep files between sessions finish one run per session).
+
 A table goes to stdout and everything to ``DIR/budget/<variant>[+<settings>][@<sampler>].json``
 (or ``--json``).
 """
@@ -48,6 +54,7 @@ import numpy as np
 
 from benchmarks.atari import control
 from benchmarks.atari import evaluate as ev
+from benchmarks.atari.pretrain import MODEL_DIR
 from benchmarks.atari.seeds import first_frames
 from benchmarks.atari.study import (
     CONTEXT_LEVELS,
@@ -262,9 +269,12 @@ def run(
     replicate: int = 0,
     overrides: dict[str, Any] | None = None,
     sampler: dict[str, Any] | None = None,
+    fine_tune_missing: bool = False,
 ) -> dict[str, Any]:
     """The budget check of ``variant`` (None: the backbone's method variant) of the study at ``out``,
-    measured with the study's sampler changed by ``sampler`` (``SAMPLER_KEYS``)."""
+    measured with the study's sampler changed by ``sampler`` (``SAMPLER_KEYS``).
+    ``fine_tune_missing``: the study's own run of the variant, when missing, is first converted and
+    fine-tuned as the study does (:func:`study_run`)."""
     overrides, sampler = _typed(overrides or {}), dict(sampler or {})
     bad = sorted(set(overrides) & _FIXED)
     if bad:
@@ -283,8 +293,13 @@ def run(
     if not overrides and any(s < base_steps for s in steps):
         raise StudyError(f"--steps must be at least the study's own fine-tuning steps ({base_steps})")
     study_model = study.out / "finetune" / variant / "final"
+    if not study_model.is_dir() and not fine_tune_missing:
+        raise StudyError(
+            f"the study has not finished fine-tuning {variant!r} (no finetune/{variant}/final); "
+            "--fine-tune-missing fine-tunes it as the study does"
+        )
     if not study_model.is_dir():
-        raise StudyError(f"the study has not finished fine-tuning {variant!r} (no finetune/{variant}/final)")
+        study_run(study, variant)
     if overrides:
         _train_config({**_recorded_finetuning(study, variant), **overrides})  # refuse a bad setting before any work
     _check_sampler(study, variant, sampler)
@@ -311,6 +326,20 @@ def run(
         "real_moves": ev.real_moves(segments),
         "steps": rows,
     }
+
+
+def study_run(study: Study, variant: str) -> None:
+    """The study's own conversion and fine-tuning of ``variant`` for this seed (its stages, so the
+    model is the one the study makes and a later study run skips them): a replicate seed trained
+    run by run, over sessions, in a study made with ``--shared-only``."""
+    lacking = [d for d in ("pretrain", "scratch_init") if not (study.root / d / MODEL_DIR).is_dir()]
+    if lacking:
+        raise StudyError(
+            f"the study's shared stages are not all there (no {', '.join(f'{d}/{MODEL_DIR}' for d in lacking)}); "
+            "make them first (python -m benchmarks.atari.study ... --shared-only)"
+        )
+    study.convert(variant)
+    study.finetune(variant)
 
 
 def _check_sampler(study: Study, variant: str, sampler: dict[str, Any]) -> None:
@@ -417,6 +446,12 @@ def main(argv: list[str] | None = None) -> int:
         help="r > 0: the replicate with training seed S + r (default 0: the study seed)",
     )
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument(
+        "--fine-tune-missing",
+        action="store_true",
+        help="when the study has not fine-tuned --variant for this seed (a replicate it has not reached; a study "
+        "made with --shared-only), convert and fine-tune it first as the study does, then check",
+    )
     add_settings_option(
         p,
         "a fine-tuning setting (TrainConfig field, JSON value; e.g. adapter_lr_scale=10): fine-tune afresh "
@@ -440,7 +475,15 @@ def main(argv: list[str] | None = None) -> int:
     set_determinism(args.threads, "cpu")
     try:
         sampler = parse_settings(args.sampler, "--sampler")
-        doc = run(out, args.variant, args.steps, args.replicate, parse_settings(args.settings), sampler)
+        doc = run(
+            out,
+            args.variant,
+            args.steps,
+            args.replicate,
+            parse_settings(args.settings),
+            sampler,
+            args.fine_tune_missing,
+        )
     except (StudyError, CausalizeError) as exc:  # a training refusal too (a model or data path gone)
         print(f"error: {exc}", file=sys.stderr)
         return 2

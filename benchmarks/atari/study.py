@@ -1847,10 +1847,13 @@ def run_study(
     reuse: str | os.PathLike | None = None,
     log: Log = _stderr,
     command: str = "",
+    shared_only: bool = False,
 ) -> dict[str, Any]:
     """Run (or resume) every stage and write the report; returns the results document. Without
     ``space``, a DIR holding a study resumes in that study's space (pixel if it predates spaces).
-    ``reuse``: a finished study whose shared stages this one copies (:func:`reuse_stages`)."""
+    ``reuse``: a finished study whose shared stages this one copies (:func:`reuse_stages`).
+    ``shared_only``: stop after the shared stages (returns which ran), so that budget checks
+    fine-tune the seeds one run at a time (``budget --fine-tune-missing``)."""
     recorded = Path(out) / "study.json"
     if space is None and recorded.is_file():
         space = _read_json(recorded).get("config", {}).get("space", "pixel")
@@ -1875,6 +1878,7 @@ def run_study(
             reuse=Path(reuse) if reuse else None,
             log=log,
             command=command,
+            shared_only=shared_only,
         )
     finally:  # leave the calling process as it was (tests run in one process)
         torch.set_num_threads(saved[0])
@@ -1936,6 +1940,7 @@ def _run(
     reuse: Path | None,
     log: Log,
     command: str,
+    shared_only: bool = False,
 ) -> dict[str, Any]:
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -1954,6 +1959,9 @@ def _run(
     encoded = study.encode()
     pre = study.pretrain()
     study.scratch_init()
+    if shared_only:
+        log(f"study: shared stages done ({', '.join(study.executed) or 'all made before'} run now); stopped there")
+        return {"shared_only": True, "stages_run_now": study.executed}
     variants: dict[str, Any] = {}
     for v in study.backbone.variants:
         variants[v] = {**study.convert(v)}
@@ -2106,6 +2114,12 @@ def _parser() -> argparse.ArgumentParser:
         "before it, or another backbone on the same recordings and autoencoder",
     )
     p.add_argument(
+        "--shared-only",
+        action="store_true",
+        help="make the shared stages (recordings, autoencoder, encodings, pretraining, scratch init) and stop: "
+        "budget checks with --fine-tune-missing then train the seeds' runs one at a time",
+    )
+    p.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -2132,6 +2146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             space=args.space,
             reuse=args.reuse,
             command=command,
+            shared_only=args.shared_only,
         )
     except (StudyError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
