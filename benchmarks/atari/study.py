@@ -1734,18 +1734,13 @@ def runs_lacking(root: Path) -> list[str]:
     """What the finished runs under ``root`` (the study seed's, and each ``seed<S>/``) lack beside
     their records: a converted model, a fine-tuned ``final/``, an evaluation's frames. A study kept
     in results/ lacks them all; its runs are then trained again rather than copied."""
-    lacking = []
+    needed: list[Path] = []
     for run_root in [root, *sorted(p for p in root.glob("seed*") if p.is_dir())]:
-        for marker in sorted((run_root / "convert").glob("*.json")):
-            lacking += [] if marker.with_suffix("").is_dir() else [str(marker.with_suffix("").relative_to(root))]
-        for marker in sorted((run_root / "finetune").glob("*.json")):
-            final = marker.with_suffix("") / "final"
-            lacking += [] if final.is_dir() else [str(final.relative_to(root))]
-        for marker in sorted((run_root / "eval").glob("*.json")):
-            frames = marker.with_suffix(".npz")  # a rollout's (its record has metrics); the probes keep none
-            if "metrics" in _read_json(marker) and not frames.is_file():
-                lacking.append(str(frames.relative_to(root)))
-    return lacking
+        needed += [m.with_suffix("") for m in sorted((run_root / "convert").glob("*.json"))]
+        needed += [m.with_suffix("") / "final" for m in sorted((run_root / "finetune").glob("*.json"))]
+        rollouts = [m for m in sorted((run_root / "eval").glob("*.json")) if "metrics" in _read_json(m)]
+        needed += [m.with_suffix(".npz") for m in rollouts]  # the one-step probes keep no frames
+    return [str(p.relative_to(root)) for p in needed if not p.exists()]
 
 
 def _differing(mine: dict[str, Any], other: dict[str, Any], keys: set[str]) -> list[str]:
