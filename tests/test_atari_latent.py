@@ -18,7 +18,6 @@ pytest.importorskip("gymnasium")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives at the repo root
 
-from benchmarks.atari import data as atari_data  # noqa: E402
 from benchmarks.atari import seeds, study  # noqa: E402
 
 SEED = 5
@@ -131,15 +130,14 @@ def test_wan_backbone_runs_in_latent_space(latent_run, tmp_path):
     assert doc["variant"] == "causal" and (out / "budget" / "causal" / f"step-{cfg['finetune']['steps'] + 1}").is_dir()
 
 
-def _as_committed(study_dir: Path, dest: Path) -> Path:
+def _as_committed(study_dir: Path, dest: Path, keep: tuple[str, ...] = ()) -> Path:
     """A copy of a finished study as git keeps one: the JSON and reports, without the recordings,
-    latents, autoencoder and model weights (the results directories' .gitignore)."""
-    import shutil
-
+    latents, autoencoder and model weights (the results directories' .gitignore), but for the
+    models in ``keep`` (a few studies commit their autoencoder and pretrained model)."""
     shutil.copytree(study_dir, dest)
     gone = ["data/*/", "latent/*/", "autoencoder/vae", "pretrain/model", "scratch_init/model"]
     gone += [f"{r}{d}/*/" for r in ("", "seed*/") for d in ("convert", "finetune")]
-    for pattern in gone:
+    for pattern in [g for g in gone if g not in keep]:
         for path in dest.glob(pattern):
             shutil.rmtree(path)
     for path in dest.rglob("*.npz"):
@@ -376,31 +374,13 @@ def _probe_checks(ae_probe, latent_run, tmp_path, capsys):
     assert "no latent setting bogus" in capsys.readouterr().err
 
 
-def _as_committed(src, dest, keep=("autoencoder/vae", "pretrain/model")):
-    """A copy of the study at ``src`` as a results/ commit leaves it: records and figures, without
-    the recordings, encodings, models and frames (its .gitignore), but for the models in ``keep``."""
-    shutil.copytree(src, dest)
-    dropped = [dest / "data" / d for d in atari_data.DATASETS.values()]
-    dropped += [dest / "latent" / d for d in atari_data.DATASETS.values()]
-    dropped += [dest / "autoencoder" / "vae", dest / "pretrain" / "model", dest / "scratch_init" / "model"]
-    for root in [dest, *dest.glob("seed*")]:
-        dropped += [p for p in (root / "convert").iterdir() if p.is_dir()]
-        dropped += [p for p in (root / "finetune").iterdir() if p.is_dir()]
-        dropped += list((root / "eval").glob("*.npz"))
-    for path in dropped:
-        if path.relative_to(dest).as_posix() in keep:
-            continue
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    return dest
-
-
 def test_reuse_of_a_committed_study_copies_only_what_is_there(latent_run, tmp_path):
     """--reuse of a study kept in results/ (records, plus the autoencoder and pretrained models it
     commits): the stages whose outputs are gone are made again, not copied as records alone, and
     the runs train again; the study then reproduces the source's numbers (same seeds). The control:
     from the complete study every stage and run is copied."""
     out, results, _ = latent_run
-    committed = _as_committed(out, tmp_path / "committed")
+    committed = _as_committed(out, tmp_path / "committed", keep=("autoencoder/vae", "pretrain/model"))
     assert study.runs_lacking(out) == [] and "finetune/extrapolative/final" in study.runs_lacking(committed)
     cfg, logs = results["study"]["config"], []
     copied = study.reuse_stages(tmp_path / "a", committed, cfg, SEED, "smoke", logs.append)
