@@ -193,3 +193,21 @@ def test_on_the_committed_wide_dit_it_gives_the_studys_own_comparisons() -> None
     paddle = study["controllability"]["causal_s1"]["paddle"]
     assert row["follows"]["mean"] == pytest.approx(paddle["real_minus_random"]["overall"]["mean"], abs=1e-9)
     assert row["follows"]["verdict"] == paddle["verdict"]
+
+
+def test_the_committed_wide_dit_seeds_record_is_what_its_budget_checks_give() -> None:
+    """The wide DiT's seeds are measured run by run (``atari-wan-wide-latent-seeds/``): its seed 0
+    must be the wide study's own budget checks, byte for byte, its study the wide study with only
+    the replicate count changed, and its targets.json what ``judge`` gives on the runs committed."""
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    wide, out = results / "atari-wan-wide-latent", results / "atari-wan-wide-latent-seeds"
+    for v in ("causal", "scratch"):
+        assert (out / "budget" / f"{v}.json").read_bytes() == (wide / "budget" / f"{v}.json").read_bytes()
+    mine, theirs = (json.loads((d / "study.json").read_text())["config"] for d in (out, wide))
+    assert {k: v for k, v in mine.items() if k != "replicates"} == {
+        k: v for k, v in theirs.items() if k != "replicates"
+    }
+    per_seed = targets.collect(out)
+    assert len(per_seed) > 1 and set(per_seed) <= set(range(mine["replicates"]["seeds"]))
+    recorded = json.loads((out / "budget" / "targets.json").read_text())["rows"]
+    assert json.loads(json.dumps(targets.judge(per_seed))) == recorded
