@@ -12,6 +12,8 @@ from benchmarks.atari import targets
 from benchmarks.atari.seeds import paired
 
 SEGMENTS = 30
+#: The committed studies (benchmarks/ lives at the repo root).
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 
 def _row(psnr_first: np.ndarray, psnr_all: np.ndarray, paddle: np.ndarray | None = None) -> dict:
@@ -180,7 +182,7 @@ def test_collect_refuses_what_it_cannot_judge(tmp_path: Path, capsys) -> None:
 def test_on_the_committed_wide_dit_it_gives_the_studys_own_comparisons() -> None:
     """The budget checks' 3,200-step models are the study's: the transfer margin through copy-last
     and the method's copy-last and paddle verdicts must be the study's own, segment by segment."""
-    out = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "atari-wan-wide-latent"
+    out = RESULTS / "atari-wan-wide-latent"
     row = next(r for r in targets.judge(targets.collect(out)) if r["steps"] == 3200)
     study = json.loads((out / "results.json").read_text())
     own = next(c for c in study["comparisons"] if c["claim"].startswith("pretrained transfer"))
@@ -199,8 +201,7 @@ def test_the_committed_wide_dit_seeds_record_is_what_its_budget_checks_give() ->
     """The wide DiT's seeds are measured run by run (``atari-wan-wide-latent-seeds/``): its seed 0
     must be the wide study's own budget checks, byte for byte, its study the wide study with only
     the replicate count changed, and its targets.json what ``judge`` gives on the runs committed."""
-    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-    wide, out = results / "atari-wan-wide-latent", results / "atari-wan-wide-latent-seeds"
+    wide, out = RESULTS / "atari-wan-wide-latent", RESULTS / "atari-wan-wide-latent-seeds"
     for v in ("causal", "scratch"):
         assert (out / "budget" / f"{v}.json").read_bytes() == (wide / "budget" / f"{v}.json").read_bytes()
     mine, theirs = (json.loads((d / "study.json").read_text())["config"] for d in (out, wide))
