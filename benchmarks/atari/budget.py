@@ -62,6 +62,7 @@ from benchmarks.atari.study import (
     StageProgress,
     Study,
     StudyError,
+    read_identity,
     recorded_data,
     set_determinism,
 )
@@ -94,10 +95,7 @@ _FIXED = {
 def open_study(out: Path, replicate: int = 0) -> Study:
     """The finished study at ``out``, as it was configured (its study.json); ``replicate`` r > 0:
     its replicate with training seed S + r (``out/seed<S+r>/``)."""
-    ident_path = out / "study.json"
-    if not ident_path.is_file():
-        raise StudyError(f"{out} holds no study (no study.json)")
-    ident = json.loads(ident_path.read_text(encoding="utf-8"))
+    ident = read_identity(out)
     data_dir = recorded_data(out, log=lambda m: None)  # a link to recordings that are gone is refused
     study = Study(out, ident["config"], ident["seed"], scale=ident["scale"], data_dir=data_dir)
     if replicate:

@@ -71,6 +71,7 @@ from benchmarks.atari.backbones import BACKBONES, UNET3D, WAN, backbone_of, get_
 from causalize import fs
 
 __all__ = [
+    "DIT_LATENT_SCALES",
     "DIT_SCALES",
     "LATENT_SCALES",
     "SCALES",
@@ -82,6 +83,7 @@ __all__ = [
     "eval_runs",
     "linked_data",
     "main",
+    "read_identity",
     "recorded_data",
     "resolve_config",
     "run_study",
@@ -318,6 +320,29 @@ DIT_SCALES: dict[str, dict[str, Any]] = {
     },
 }
 
+#: The Wan DiT on a 16×16 grid (latent, patch), over :data:`DIT_SCALES`. At the gpu scale it is the
+#: wide DiT whose cpu runs met the targets over 3 seeds (5.08M parameters; benchmarks/results/
+#: atari-wan-wide-latent-seeds), so the gpu run asks whether they hold with 5× the pretraining
+#: frames; fine-tuned for as many windows as those runs' 6,400 steps of 2 (800 × 16), at their
+#: learning rates (not probed at batch 16). The 52.8M pixel-scale DiT would count 35 PFLOP here,
+#: about 23 min at 25 TFLOP/s (compute.py).
+DIT_LATENT_SCALES: dict[str, dict[str, Any]] = {
+    "gpu": {
+        "model": {
+            **_SMALL_WAN,
+            "patch_size": [1, 2, 2],
+            "num_attention_heads": 4,
+            "attention_head_dim": 48,
+            "text_dim": 16,
+            "freq_dim": 64,
+            "ffn_dim": 768,
+            "num_layers": 8,
+        },
+        "pretrain": {"lr": 5e-4},
+        "finetune": {"lr": 2e-4, "steps": 800},
+    },
+}
+
 
 #: The latent space (``--space latent``, issue 17): the study trains its own autoencoder
 #: (``benchmarks.atari.autoencoder``, 64×64 RGB → 16×16×4) on the action-free clips and the held-out
@@ -366,11 +391,11 @@ LATENT_SCALES: dict[str, dict[str, Any]] = {
         "replicates": {"seeds": 3, "variants": ["extrapolative", "shift", "masked", "scratch"]},
     },
     "gpu": {
-        "latent": {
-            "block_out_channels": [64, 128, 128],
+        "latent": {  # the cpu widths at 4x the batch (64, 128, 128 would cost 2.6 of 10 PFLOP; compute.py)
+            "block_out_channels": [32, 64, 64],
             "layers_per_block": 1,
             "latent_channels": 4,
-            "norm_num_groups": 16,
+            "norm_num_groups": 8,
             "steps": 2000,
             "batch_size": 64,
             "lr": 1e-3,
@@ -399,7 +424,7 @@ LATENT_SCALES: dict[str, dict[str, Any]] = {
             # every seed from 3,200 steps of batch 2 (README, budget check); 400 x 16 is as many windows
             "motion_weight": 1.0,
         },
-        "eval": {"segments_per_episode": 2, "steps": 20, "batch_size": 64, "random_variants": ["scratch"]},
+        "eval": {"segments_per_episode": 2, "steps": 10, "batch_size": 64, "random_variants": ["scratch"]},
         "replicates": {"seeds": 3, "variants": ["extrapolative", "shift", "masked", "scratch"]},
     },
 }
@@ -442,6 +467,15 @@ class StudyError(RuntimeError):
     """The study cannot run as asked (e.g. DIR holds a study with another configuration)."""
 
 
+def read_identity(out: str | os.PathLike) -> dict[str, Any]:
+    """The study.json of the study at ``out`` (scale, seed, resolved configuration), with settings
+    added since it was recorded filled in at their old values."""
+    path = Path(out) / "study.json"
+    if not path.is_file():
+        raise StudyError(f"{out} holds no study (no study.json)")
+    return _normalised_identity(_read_json(path))
+
+
 # ------------------------------------------------------------------------------------ config
 
 
@@ -473,12 +507,13 @@ def _overlay_dit(cfg: dict[str, Any], scale: str, space: str) -> None:
     _overlay(cfg, DIT_SCALES[scale])
     if space != "pixel":
         cfg["model"]["patch_size"] = [1, 2, 2]
+        _overlay(cfg, DIT_LATENT_SCALES.get(scale, {}))
         cfg["replicates"]["variants"] = list(WAN.variants)
 
 
 def default_space(backbone: str) -> str:
-    """Latent for the UNet3D (issue 17); pixels for the Wan DiT, whose latent study (``--space
-    latent``) has run at the smoke scale only."""
+    """Latent for the UNet3D (issue 17); pixels for the Wan DiT, its space before issue 17 (every
+    committed Wan study chose ``--space latent``; the pixel one is smoke-tested only)."""
     return "latent" if backbone == UNET3D.name else "pixel"
 
 
@@ -608,10 +643,14 @@ def _stderr(msg: str) -> None:
 
 def set_determinism(threads: int, device: str) -> None:
     """Fixed threads and deterministic kernels. On CUDA some kernels the UNet needs (e.g. the
-    nearest-upsampling backward) have no deterministic version: warn instead of failing there."""
+    nearest-upsampling backward) have no deterministic version: warn instead of failing there.
+    On CUDA, fp32 matmuls and convolutions run on TF32 tensor cores (cuDNN's default already, now
+    cuBLAS's too), several times fp32's rate: the gpu scale's minutes are counted at both (compute.py)."""
     torch.set_num_threads(int(threads))
     if device.startswith("cuda"):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
         torch.use_deterministic_algorithms(True, warn_only=True)
     else:
         torch.use_deterministic_algorithms(True)
@@ -631,6 +670,7 @@ def _machine() -> dict[str, Any]:
     return {
         **_MACHINE,
         "torch_threads": torch.get_num_threads(),
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
     }
@@ -1859,6 +1899,7 @@ def run_study(
         torch.get_num_threads(),
         torch.are_deterministic_algorithms_enabled(),
         torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cuda.matmul.allow_tf32,
     )
     set_determinism(threads, device)
     try:
@@ -1878,6 +1919,7 @@ def run_study(
     finally:  # leave the calling process as it was (tests run in one process)
         torch.set_num_threads(saved[0])
         torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])
+        torch.backends.cuda.matmul.allow_tf32 = saved[3]
 
 
 def _analyse(runs: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
