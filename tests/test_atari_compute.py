@@ -62,6 +62,14 @@ def test_the_latent_gpu_scale_fits_its_counted_budget(backbone):
     assert rows[-1]["flop"] / 1e15 <= GPU_PFLOP
 
 
+def test_the_wan_gpu_scale_trains_the_dit_whose_cpu_runs_met_the_targets():
+    wide = study.read_identity(RESULTS / "atari-wan-wide-latent-seeds")["config"]
+    gpu = study.resolve_config("gpu", backbone="wan", space="latent")
+    assert gpu["model"] == wide["model"] and gpu["finetune"]["motion_weight"] == wide["finetune"]["motion_weight"]
+    # as many fine-tuning windows as the cpu runs' 6,400 steps of 2, in steps of 16
+    assert gpu["finetune"]["steps"] * gpu["finetune"]["batch_size"] == 6400 * wide["finetune"]["batch_size"]
+
+
 def test_measured_rates_only_where_a_stage_was_timed_alone():
     rows = [{"stage": s, "flop": 2e12} for s in ("autoencoder", "fine-tuning (6 runs)", "evaluation", "total")]
     timings = {"autoencoder": 2.0, "finetune_total": 4.0, "eval_total": 1.0, "stages_total": 8.0}

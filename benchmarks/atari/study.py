@@ -327,17 +327,8 @@ DIT_SCALES: dict[str, dict[str, Any]] = {
 #: learning rates (not probed at batch 16). The 52.8M pixel-scale DiT would count 35 PFLOP here,
 #: about 23 min at 25 TFLOP/s (compute.py).
 DIT_LATENT_SCALES: dict[str, dict[str, Any]] = {
-    "gpu": {
-        "model": {
-            **_SMALL_WAN,
-            "patch_size": [1, 2, 2],
-            "num_attention_heads": 4,
-            "attention_head_dim": 48,
-            "text_dim": 16,
-            "freq_dim": 64,
-            "ffn_dim": 768,
-            "num_layers": 8,
-        },
+    "gpu": {  # the cpu DiT with --set model.attention_head_dim=48 --set model.ffn_dim=768, as those runs
+        "model": {**DIT_SCALES["cpu"]["model"], "patch_size": [1, 2, 2], "attention_head_dim": 48, "ffn_dim": 768},
         "pretrain": {"lr": 5e-4},
         "finetune": {"lr": 2e-4, "steps": 800},
     },
