@@ -4,6 +4,7 @@ what the gpu scale's "under 8 minutes" rests on while no GPU has run it."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -15,9 +16,9 @@ from benchmarks.atari import compute, study  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
-#: The gpu scale's counted budget: 10 PFLOP is 6.7 min at 25 TFLOP/s (about an H100 without tensor
-#: cores), leaving the recording and the start inside the 8 minutes the issue sets.
-GPU_PFLOP = 10.0
+#: The gpu scale's counted budget: 9 PFLOP is 6 min at 25 TFLOP/s (about an H100 without tensor
+#: cores), leaving the recording (1 min 44 s on the 2-core machine) inside the 8 minutes the issue sets.
+GPU_PFLOP = 9.0
 
 
 @pytest.mark.parametrize("backbone", ["unet3d", "wan"])
@@ -43,15 +44,18 @@ def test_rows_count_every_stage_and_every_fine_tuning_run():
     assert by["total"]["min at 1 TFLOP/s"] == pytest.approx(by["total"]["flop"] / 1e12 / 60, abs=0.01)
 
 
-def test_rollout_passes_are_what_the_recorded_rollouts_counted():
-    """The evaluation's frame passes per segment equal the ones the committed wide-DiT study's
-    rollouts recorded, with and without guidance."""
-    out = RESULTS / "atari-wan-wide-latent"
+@pytest.mark.parametrize("name", ["atari-latent", "atari-wan-wide-latent", "atari-wan-latent-mw3200-3seeds"])
+def test_rollout_passes_are_what_the_recorded_rollouts_counted(name):
+    """The evaluation's frame passes, summed over every rollout of a committed study and its
+    replicate seeds (streamed, guided, and the UNet3D's recomputed time-spanning-norm ablation),
+    equal the passes its rollouts recorded."""
+    out = RESULTS / name
     cfg = study.read_identity(out)["config"]
-    for name in ("causal_s1_real", "causal_s2.5_real", "scratch_s1_real"):
-        timing = json.loads((out / "eval" / f"{name}.json").read_text(encoding="utf-8"))["timing"]
-        guidance = float(name.split("_s")[1].split("_")[0])
-        assert timing["frame_passes"] == timing["samples"] * compute.rollout_passes(cfg, guidance)
+    recorded = 0
+    for path in [*(out / "eval").glob("*.json"), *out.glob("seed*/eval/*.json")]:
+        timing = json.loads(path.read_text(encoding="utf-8")).get("timing") or {}
+        recorded += timing.get("frame_passes", 0)
+    assert recorded > 0 and recorded == compute._segments(cfg) * compute._rollout_passes(cfg)
 
 
 @pytest.mark.parametrize("backbone", ["unet3d", "wan"])
@@ -86,8 +90,19 @@ def test_cli_writes_the_rows_and_refuses_what_it_cannot_count(tmp_path, capsys):
     doc = json.loads(dest.read_text(encoding="utf-8"))
     assert doc["assumed_tflops"] == [2.0] and doc["rows"][-1]["stage"] == "total"
     assert "| total |" in capsys.readouterr().out
-    for argv in (["--scale", "huge"], ["--tflops", "0"], ["--study", str(tmp_path)]):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    shutil.copy(RESULTS / "atari-wan-wide-latent" / "study.json", broken / "study.json")
+    (broken / "results.json").write_text("{not json", encoding="utf-8")
+    refused = {
+        "unknown scale": ["--scale", "huge"],
+        "must be positive": ["--tflops", "0"],
+        "no study.json": ["--study", str(tmp_path)],
+        "drop --scale": ["--study", str(RESULTS / "atari-latent"), "--scale", "cpu"],
+        "is not JSON": ["--study", str(broken)],
+        "not variants of the wan backbone": ["--backbone", "wan", "--set", 'replicates.variants=["shift"]'],
+    }
+    for message, argv in refused.items():
         with pytest.raises(SystemExit) as exc:
             compute.main(argv)
-        assert exc.value.code == 2
-    assert "no study.json" in capsys.readouterr().err
+        assert exc.value.code == 2 and message in capsys.readouterr().err, message

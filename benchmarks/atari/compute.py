@@ -17,14 +17,16 @@ What is counted:
   fine-tuning run the study makes (its variants, then ``replicates.variants`` for each further
   seed). The converted model adds a small action adapter and masks its attention (the counter
   counts a masked attention at full cost), so this is the scale's count to within the adapter;
-* evaluation: every rollout of the study (and of each further seed's replicate runs) as frame
-  passes (horizon × (sampler steps × 2 with guidance, else 1, + the clean-history pass) +
-  context − 1, as the rollouts count them) times one frame's forward at the evaluation batch. A streamed frame's attention to
-  its cached window is left out, which is small at 16–64 tokens a frame. The per-frame checks
+* evaluation: every rollout of the study (and of each further seed's replicate runs) as the
+  frame passes the rollouts count (:func:`rollout_passes`; streamed for a causal variant, the
+  whole window recomputed at every sampler step for the time-spanning-norm ablation) times a
+  frame's share of a forward over a full window at the evaluation batch: a streamed frame
+  attends to at most that window, so this bounds its cost from above. The per-frame checks
   (denoising, context, action) are not counted.
 
-The counts for the ``cpu`` scale can be checked against the times its studies recorded on the
-2-core machine (README: about 0.1 TFLOP/s both for training steps and for rollout frame passes).
+``--study DIR`` counts a finished study's recorded configuration and adds the seconds it recorded
+per stage (``total``: every stage, recording and encoding included) and the TFLOP/s they imply: on
+the 2-core machine 0.06–0.21 TFLOP/s per stage, 0.10–0.13 over whole studies (README).
 """
 
 from __future__ import annotations
@@ -101,23 +103,31 @@ def _autoencoder_pass(cfg: dict[str, Any]) -> Callable[[], None]:
 
 
 def _finetune_runs(cfg: dict[str, Any]) -> int:
-    seeds = int(cfg["replicates"]["seeds"])
-    return len(backbone_of(cfg).variants) + max(0, seeds - 1) * len(cfg["replicates"]["variants"])
+    r, variants = cfg["replicates"], backbone_of(cfg).variants
+    if unknown := [v for v in r["variants"] if v not in variants]:
+        raise StudyError(f"replicates.variants: {unknown} are not variants of the {cfg['backbone']} backbone")
+    return len(variants) + max(0, int(r["seeds"]) - 1) * len(r["variants"])
 
 
 def _rollout_passes(cfg: dict[str, Any]) -> int:
     """Frame passes per test segment, summed over every rollout the study makes."""
-    r = cfg["replicates"]
+    r, variants = cfg["replicates"], backbone_of(cfg).variants
     runs = eval_runs(cfg)
     runs += [x for x in runs if x["variant"] in r["variants"]] * max(0, int(r["seeds"]) - 1)
-    return sum(rollout_passes(cfg, x["guidance"]) for x in runs)
+    return sum(rollout_passes(cfg, x["guidance"], streamed=variants[x["variant"]]["causal"]) for x in runs)
 
 
-def rollout_passes(cfg: dict[str, Any], guidance: float) -> int:
-    """Frame passes one segment's rollout makes: the sampler steps of each generated frame (two
-    branches with guidance), its clean-history pass, and the context frames but the last."""
+def rollout_passes(cfg: dict[str, Any], guidance: float, streamed: bool = True) -> int:
+    """Frame passes one segment's rollout makes, as the rollout counts them. Streamed (a causal
+    model): each sampler step of a generated frame (two branches with guidance), its clean-history
+    pass, and the context frames but the last. Not streamed (the time-spanning-norm ablation):
+    every sampler step recomputes the window of frames so far."""
     e = cfg["eval"]
-    return e["horizon"] * (e["steps"] * (2 if guidance != 1.0 else 1) + 1) + e["context"] - 1
+    branches = 2 if guidance != 1.0 else 1
+    if not streamed:
+        frames = sum(min(e["window"], e["context"] + i + 1) for i in range(e["horizon"]))
+        return e["steps"] * branches * frames
+    return e["horizon"] * (e["steps"] * branches + 1) + e["context"] - 1
 
 
 def _segments(cfg: dict[str, Any]) -> int:
@@ -166,7 +176,8 @@ def scale_compute(cfg: dict[str, Any], tflops: Sequence[float] = DEFAULT_TFLOPS)
     )
     segments = _segments(cfg)
     chunk = min(segments, int(e["batch_size"] or segments))
-    per = count_flops(_diffusion_pass(cfg, chunk, 1, backward=False)) // chunk  # one segment's frame
+    window = int(e["window"])  # a frame among a full window's: its share of a forward over the window
+    per = count_flops(_diffusion_pass(cfg, chunk, window, backward=False)) // (chunk * window)
     rows.append(
         _row("evaluation", f"{segments} segments", per, segments * _rollout_passes(cfg), "frame passes", tflops)
     )
@@ -197,10 +208,21 @@ def measured_rates(rows: list[dict[str, Any]], timings: dict[str, Any]) -> None:
             row["TFLOP/s measured"] = round(row["flop"] / float(seconds) / 1e12, 4)
 
 
+def _recorded_results(study: str | None) -> dict[str, Any]:
+    """A finished study's results.json ({} without --study or before the study finished)."""
+    path = Path(study or "", "results.json")
+    if not study or not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ValueError(f"{path} is not JSON ({exc})") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.atari.compute", description=__doc__.split("\n\n")[0])
-    p.add_argument("--scale", default="gpu", help="smoke, cpu or gpu (default gpu)")
-    p.add_argument("--backbone", default="unet3d", choices=("unet3d", "wan"), help="default unet3d")
+    p.add_argument("--scale", default=None, help="smoke, cpu or gpu (default gpu)")
+    p.add_argument("--backbone", default=None, choices=("unet3d", "wan"), help="default unet3d")
     p.add_argument("--space", default=None, choices=("latent", "patch", "pixel"), help="default: the backbone's")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=JSON", help="as the study's --set")
     p.add_argument(
@@ -214,23 +236,26 @@ def main(argv: list[str] | None = None) -> int:
         "--study",
         default=None,
         metavar="DIR",
-        help="count a finished study's recorded configuration instead, with the seconds its stages took",
+        help="count a finished study's recorded configuration instead (not with --scale/--backbone/--space/--set), "
+        "with the seconds its stages took",
     )
     p.add_argument("--json", default=None, help="write the configuration's rows here")
     args = p.parse_args(argv)
     if min(args.tflops) <= 0:
         p.error("--tflops must be positive")
+    if args.study and (args.set or args.space or args.scale or args.backbone):
+        p.error("--study counts the study's own configuration: drop --scale, --backbone, --space and --set")
     try:
         if args.study:
             ident = read_identity(args.study)
             cfg, args.scale = ident["config"], ident["scale"]
         else:
-            cfg = resolve_config(args.scale, args.set, backbone=args.backbone, space=args.space)
-    except StudyError as exc:
+            args.scale = args.scale or "gpu"
+            cfg = resolve_config(args.scale, args.set, backbone=args.backbone or "unet3d", space=args.space)
+        rows = scale_compute(cfg, args.tflops)
+        recorded = _recorded_results(args.study)
+    except (StudyError, ValueError) as exc:
         p.error(str(exc))
-    rows = scale_compute(cfg, args.tflops)
-    results = Path(args.study or "", "results.json")
-    recorded = json.loads(results.read_text(encoding="utf-8")) if args.study and results.is_file() else {}
     measured_rates(rows, recorded.get("timings", {}))
     from benchmarks._common import machine_info
     from benchmarks.atari.report import write_markdown_table

@@ -324,8 +324,8 @@ DIT_SCALES: dict[str, dict[str, Any]] = {
 #: wide DiT whose cpu runs met the targets over 3 seeds (5.08M parameters; benchmarks/results/
 #: atari-wan-wide-latent-seeds), so the gpu run asks whether they hold with 5× the pretraining
 #: frames; fine-tuned for as many windows as those runs' 6,400 steps of 2 (800 × 16), at their
-#: learning rates (not probed at batch 16). The 52.8M pixel-scale DiT would count 35 PFLOP here,
-#: about 23 min at 25 TFLOP/s (compute.py).
+#: learning rates (not probed at batch 16). The 52.8M pixel-scale DiT would count 43.7 PFLOP here,
+#: about 29 min at 25 TFLOP/s (compute.py).
 DIT_LATENT_SCALES: dict[str, dict[str, Any]] = {
     "gpu": {  # the cpu DiT with --set model.attention_head_dim=48 --set model.ffn_dim=768, as those runs
         "model": {**DIT_SCALES["cpu"]["model"], "patch_size": [1, 2, 2], "attention_head_dim": 48, "ffn_dim": 768},
@@ -415,8 +415,15 @@ LATENT_SCALES: dict[str, dict[str, Any]] = {
             # every seed from 3,200 steps of batch 2 (README, budget check); 400 x 16 is as many windows
             "motion_weight": 1.0,
         },
-        "eval": {"segments_per_episode": 2, "steps": 10, "batch_size": 64, "random_variants": ["scratch"]},
-        "replicates": {"seeds": 3, "variants": ["extrapolative", "shift", "masked", "scratch"]},
+        "eval": {
+            "segments_per_episode": 2,
+            "steps": 10,
+            "batch_size": 64,
+            "random_variants": ["scratch"],
+            "ablation_guidance": [1.0],
+        },
+        # the targets' variants only: all four would count 1.7 PFLOP more (compute.py), past 8 min
+        "replicates": {"seeds": 3, "variants": ["extrapolative", "scratch"]},
     },
 }
 
@@ -1891,6 +1898,7 @@ def run_study(
         torch.are_deterministic_algorithms_enabled(),
         torch.is_deterministic_algorithms_warn_only_enabled(),
         torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
     )
     set_determinism(threads, device)
     try:
@@ -1910,7 +1918,7 @@ def run_study(
     finally:  # leave the calling process as it was (tests run in one process)
         torch.set_num_threads(saved[0])
         torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])
-        torch.backends.cuda.matmul.allow_tf32 = saved[3]
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[3], saved[4]
 
 
 def _analyse(runs: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
@@ -2111,7 +2119,7 @@ def _parser() -> argparse.ArgumentParser:
         "--scale",
         choices=list(SCALES),
         default="cpu",
-        help="smoke (<1 min), cpu (latent: 113 min measured on 2 cores; pixel: ~2 h), gpu (latent: sized for < 8 min on one GPU)",
+        help="smoke (<1 min), cpu (latent: 113 min measured on 2 cores; pixel: ~2 h), gpu (latent: counted for < 8 min on one GPU at an assumed 25 TFLOP/s, never run; see benchmarks.atari.compute)",
     )
     p.add_argument(
         "--backbone",
