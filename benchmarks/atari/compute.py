@@ -26,7 +26,7 @@ What is counted:
 
 ``--study DIR`` counts a finished study's recorded configuration and adds the seconds it recorded
 per stage (``total``: every stage, recording and encoding included) and the TFLOP/s they imply: on
-the 2-core machine 0.06–0.21 TFLOP/s per stage, 0.10–0.13 over whole studies (README).
+the 2-core machine 0.09–0.21 TFLOP/s per stage, 0.10–0.13 over whole studies (README).
 """
 
 from __future__ import annotations
@@ -44,7 +44,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmarks.atari import autoencoder as ae
 from benchmarks.atari import pretrain as pt
 from benchmarks.atari.backbones import backbone_of
-from benchmarks.atari.study import StudyError, eval_runs, read_identity, resolve_config
+from benchmarks.atari.study import (
+    StudyError,
+    eval_runs,
+    model_input,
+    read_identity,
+    replicate_variants,
+    resolve_config,
+)
 
 __all__ = ["count_flops", "measured_rates", "rollout_passes", "scale_compute"]
 
@@ -61,18 +68,8 @@ def count_flops(fn: Callable[[], None]) -> int:
     return int(counter.get_total_flops())
 
 
-def _model_input(cfg: dict[str, Any]) -> tuple[int, int]:
-    """Channels and grid the diffusion model sees in the configuration's space."""
-    size = int(cfg["data"]["size"])
-    if cfg["space"] == "latent":
-        return int(cfg["latent"]["latent_channels"]), size // 2 ** (len(cfg["latent"]["block_out_channels"]) - 1)
-    if cfg["space"] == "patch":
-        return 3 * int(cfg["patch"]["size"]) ** 2, size // int(cfg["patch"]["size"])
-    return 3, size
-
-
 def _diffusion_pass(cfg: dict[str, Any], batch: int, window: int, backward: bool) -> Callable[[], None]:
-    channels, grid = _model_input(cfg)
+    channels, grid = model_input(cfg)
     width = cfg["model"].get("cross_attention_dim") or cfg["model"]["text_dim"]  # UNet3D / Wan
 
     def run() -> None:
@@ -103,10 +100,8 @@ def _autoencoder_pass(cfg: dict[str, Any]) -> Callable[[], None]:
 
 
 def _finetune_runs(cfg: dict[str, Any]) -> int:
-    r, variants = cfg["replicates"], backbone_of(cfg).variants
-    if unknown := [v for v in r["variants"] if v not in variants]:
-        raise StudyError(f"replicates.variants: {unknown} are not variants of the {cfg['backbone']} backbone")
-    return len(variants) + max(0, int(r["seeds"]) - 1) * len(r["variants"])
+    extra_seeds = max(0, int(cfg["replicates"]["seeds"]) - 1)
+    return len(backbone_of(cfg).variants) + extra_seeds * len(replicate_variants(cfg))
 
 
 def _rollout_passes(cfg: dict[str, Any]) -> int:
@@ -210,8 +205,7 @@ def measured_rates(rows: list[dict[str, Any]], timings: dict[str, Any]) -> None:
 
 def _recorded_results(study: str | None) -> dict[str, Any]:
     """A finished study's results.json ({} without --study or before the study finished)."""
-    path = Path(study or "", "results.json")
-    if not study or not path.is_file():
+    if not study or not (path := Path(study, "results.json")).is_file():
         return {}
     try:
         return json.loads(path.read_text(encoding="utf-8"))

@@ -27,7 +27,7 @@ import torch
 
 from benchmarks.atari import autoencoder as ae
 from benchmarks.atari import pretrain as pt
-from benchmarks.atari.study import resolve_config
+from benchmarks.atari.study import model_input, resolve_config
 
 
 def _median_seconds(step: Callable[[], None], repeats: int) -> float:
@@ -75,16 +75,10 @@ def measure(scale: str, repeats: int, backbone: str = "unet3d") -> list[dict[str
     rows = []
     for space in ("pixel", "latent", "patch"):
         cfg = resolve_config(scale, backbone=backbone, space=space)
-        size = int(cfg["data"]["size"])
+        channels, grid = model_input(cfg)
         if space == "latent":
-            halvings = len(cfg["latent"]["block_out_channels"]) - 1
-            channels, grid = int(cfg["latent"]["latent_channels"]), size // 2**halvings
-            sec = _median_seconds(_autoencoder_step(cfg, size), repeats)
+            sec = _median_seconds(_autoencoder_step(cfg, int(cfg["data"]["size"])), repeats)
             rows.append(_row(space, "autoencoder", cfg["latent"]["batch_size"], 1, grid, sec, cfg["latent"]["steps"]))
-        elif space == "patch":
-            channels, grid = 3 * cfg["patch"]["size"] ** 2, size // cfg["patch"]["size"]
-        else:
-            channels, grid = 3, size
         for stage in ("pretrain", "finetune"):
             p = cfg[stage]
             sec = _median_seconds(_diffusion_step(cfg, channels, grid, p["batch_size"], p["window"]), repeats)

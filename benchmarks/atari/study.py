@@ -83,7 +83,9 @@ __all__ = [
     "eval_runs",
     "linked_data",
     "main",
+    "model_input",
     "read_identity",
+    "replicate_variants",
     "recorded_data",
     "resolve_config",
     "run_study",
@@ -475,6 +477,24 @@ def read_identity(out: str | os.PathLike) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------ config
+
+
+def model_input(cfg: dict[str, Any]) -> tuple[int, int]:
+    """Channels and grid side the diffusion model sees in the configuration's space."""
+    size = int(cfg["data"]["size"])
+    if cfg["space"] == "latent":
+        return int(cfg["latent"]["latent_channels"]), size // 2 ** (len(cfg["latent"]["block_out_channels"]) - 1)
+    if cfg["space"] == "patch":
+        return 3 * int(cfg["patch"]["size"]) ** 2, size // int(cfg["patch"]["size"])
+    return 3, size
+
+
+def replicate_variants(cfg: dict[str, Any]) -> list[str]:
+    """``replicates.variants``, refused unless every one is a variant of the backbone."""
+    bb, names = backbone_of(cfg), list(cfg["replicates"]["variants"])
+    if unknown := [v for v in names if v not in bb.variants]:
+        raise StudyError(f"replicates.variants: {unknown} are not variants of the {bb.name} backbone")
+    return names
 
 
 def _set_path(cfg: dict[str, Any], dotted: str, value: Any) -> None:
@@ -1934,12 +1954,9 @@ def _replicates(study: Study, segments: ev.Segments, runs0: dict[str, Any]) -> d
     study seed's own runs are replicate 0. Returns training seed → its runs (with the shared
     baselines), fine-tuning losses and the seconds its stages took when run."""
     r = study.cfg["replicates"]
-    n, names = int(r["seeds"]), list(r["variants"])
+    n, names = int(r["seeds"]), replicate_variants(study.cfg)
     if n < 2:
         return {}
-    unknown = [v for v in names if v not in study.backbone.variants]
-    if unknown:
-        raise StudyError(f"replicates.variants: {unknown} are not variants of the {study.backbone.name} backbone")
     todo = [run for run in eval_runs(study.cfg) if run["variant"] in names]
     shared = {k: v for k, v in runs0.items() if k in (BASELINE, BASELINE_AE, AUTOENCODER)}
     out = {study.seed: {"runs": {**shared, **{x["name"]: runs0[x["name"]] for x in todo}}, "seconds": None}}
