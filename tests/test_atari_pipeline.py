@@ -340,3 +340,37 @@ def test_denoising_check_does_not_depend_on_the_batch(runs):
     assert json.loads((out / "eval" / "denoise_scratch.json").read_text())["levels"]["20"] == pytest.approx(
         ev.denoising_psnr(wm, segments, list(study.DENOISE_LEVELS), SEED)["20"]
     )
+
+
+def _process_settings() -> tuple:
+    import os
+
+    import torch
+
+    return (
+        torch.get_num_threads(),
+        torch.are_deterministic_algorithms_enabled(),
+        torch.backends.cuda.matmul.allow_tf32,
+        os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+    )
+
+
+def test_determinism_leaves_the_process_as_it_was(monkeypatch):
+    """The CUDA settings (TF32, cuBLAS's workspace variable) hold inside the block only; the bare
+    setter, the negative control, leaves them behind."""
+    import torch
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    cudnn_tf32 = torch.backends.cudnn.allow_tf32
+    before = _process_settings()
+    with study.determinism(1, "cuda"):
+        assert torch.backends.cuda.matmul.allow_tf32 and _process_settings()[3] == ":4096:8"
+    assert _process_settings() == before
+    try:
+        study.set_determinism(1, "cuda")
+        assert _process_settings() != before
+    finally:
+        torch.set_num_threads(before[0])
+        torch.use_deterministic_algorithms(before[1])
+        torch.backends.cuda.matmul.allow_tf32 = before[2]
+        torch.backends.cudnn.allow_tf32 = cudnn_tf32

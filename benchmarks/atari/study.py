@@ -47,6 +47,7 @@ a DIR holding a different configuration is refused.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -54,7 +55,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,7 @@ __all__ = [
     "StudyError",
     "controllability",
     "default_space",
+    "determinism",
     "eval_runs",
     "linked_data",
     "main",
@@ -674,6 +676,31 @@ def set_determinism(threads: int, device: str) -> None:
         torch.use_deterministic_algorithms(True)
 
 
+@contextlib.contextmanager
+def determinism(threads: int, device: str) -> Iterator[None]:
+    """:func:`set_determinism` for the block, then the process as it was (threads, deterministic
+    kernels, TF32 and cuBLAS's workspace variable): tests and notebooks run studies in one process."""
+    saved = (
+        torch.get_num_threads(),
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+    )
+    workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    set_determinism(threads, device)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved[0])
+        torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[3], saved[4]
+        if workspace is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = workspace
+
+
 _MACHINE: dict[str, Any] = {}
 
 
@@ -688,7 +715,8 @@ def _machine() -> dict[str, Any]:
     return {
         **_MACHINE,
         "torch_threads": torch.get_num_threads(),
-        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        # meaningful only where CUDA runs the matmuls
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32 if torch.cuda.is_available() else None,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
     }
@@ -1913,15 +1941,7 @@ def run_study(
     cfg = resolve_config(scale, overrides, backbone, space)
     threads = int(threads or cfg["threads"])
     device = device or ("cuda" if scale == "gpu" and torch.cuda.is_available() else "cpu")
-    saved = (
-        torch.get_num_threads(),
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-        torch.backends.cuda.matmul.allow_tf32,
-        torch.backends.cudnn.allow_tf32,
-    )
-    set_determinism(threads, device)
-    try:
+    with determinism(threads, device):
         return _run(
             Path(out),
             cfg,
@@ -1935,10 +1955,6 @@ def run_study(
             command=command,
             shared_only=shared_only,
         )
-    finally:  # leave the calling process as it was (tests run in one process)
-        torch.set_num_threads(saved[0])
-        torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[3], saved[4]
 
 
 def _analyse(runs: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:

@@ -35,6 +35,7 @@ import numpy as np
 
 from benchmarks.atari.backbones import backbone_of
 from benchmarks.atari.seeds import metrics_verdict, over_seeds, over_segments, paired, verdict
+from benchmarks.atari.study import StudyError, read_identity
 
 __all__ = ["SPANS", "TargetsError", "collect", "copy_last_span", "judge", "table"]
 
@@ -50,10 +51,10 @@ class TargetsError(ValueError):
 
 def collect(out: Path) -> dict[int, tuple[dict[str, Any], dict[str, Any] | None]]:
     """Per training seed with a budget check of the method: its document and scratch's (or None)."""
-    ident_path = out / "study.json"
-    if not ident_path.is_file():
-        raise TargetsError(f"{out} holds no study (no study.json)")
-    ident = json.loads(ident_path.read_text(encoding="utf-8"))
+    try:
+        ident = read_identity(out)
+    except StudyError as err:
+        raise TargetsError(str(err)) from None
     method = backbone_of(ident["config"]).main
     found: dict[int, tuple[dict[str, Any], dict[str, Any] | None]] = {}
     for seed_dir in [out, *sorted(out.glob("seed*"))]:
