@@ -190,3 +190,19 @@ def test_downsampling_keeps_a_pong_sized_ball():
         for dx in range(5)
     )
     assert worst > 0.3
+
+
+def test_recording_in_several_processes_writes_the_same_datasets(recorded, tmp_path):
+    """workers=3 splits each game's recordings into units recorded in spawned processes; the
+    datasets (arrays and dataset.json) are those of one process."""
+    assert [len(run) for run in atari._split(3, 3)] == [1, 1, 1]  # three units: the work is split
+    assert atari._split(5, 1) == [(0, 1, 2, 3, 4)]
+    _clips(tmp_path / "clips", workers=3)
+    _episodes(tmp_path / "train", workers=3)
+    for name in ("clips", "train"):
+        assert _same(_arrays(recorded[name]), _arrays(tmp_path / name))
+        assert json.loads((recorded[name] / "dataset.json").read_text()) == json.loads(
+            (tmp_path / name / "dataset.json").read_text()
+        )
+    with pytest.raises(ValueError, match="workers"):
+        _clips(tmp_path / "bad", workers=0)

@@ -7,6 +7,7 @@ second after one evaluation was removed (only that evaluation runs again).
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -374,3 +375,27 @@ def test_determinism_leaves_the_process_as_it_was(monkeypatch):
         torch.use_deterministic_algorithms(before[1])
         torch.backends.cuda.matmul.allow_tf32 = before[2]
         torch.backends.cudnn.allow_tf32 = cudnn_tf32
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("scale", "asked", "expected"),
+    [("smoke", None, 1), ("gpu", None, min(8, os.cpu_count() or 1)), ("smoke", 3, 3)],
+)
+def test_recording_workers_reach_the_recorder(tmp_path, monkeypatch, scale, asked, expected):
+    """The gpu scale records in one process per core (at most 8), the others in one, unless asked."""
+    seen = {}
+
+    def record_default(*args, workers, **kw):
+        seen["workers"] = workers
+        raise _Stop
+
+    monkeypatch.setattr(study.atari_data, "record_default", record_default)
+    with pytest.raises(_Stop):
+        study.run_study(tmp_path / "s", scale=scale, record_workers=asked, log=lambda m: None)
+    assert seen["workers"] == expected
+    with pytest.raises(study.StudyError, match="record_workers must be a positive integer"):
+        study.run_study(tmp_path / "t", scale=scale, record_workers=0, log=lambda m: None)

@@ -32,6 +32,10 @@ Recording, and why it is reproducible:
 * Every clip / episode draws its own generator from ``(seed, kind, game, split, index, attempt)``:
   its content depends on nothing else (not on the other recordings, nor their order).
 
+Because of that, ``workers=N`` records in N processes (units of a few clips or episodes of one
+game, each with its own emulator) and writes the same arrays as one process (tested); it only
+changes how long recording takes.
+
 A dataset is recorded into a hidden temporary sibling directory and renamed into place at the
 end, so a crash never leaves a half-written dataset at ``out_dir``; an existing non-empty
 ``out_dir`` is refused unless ``overwrite=True``.
@@ -40,8 +44,11 @@ end, so a crash never leaves a half-written dataset at ``out_dir``; an existing 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import difflib
 import json
+import math
+import multiprocessing
 import os
 import sys
 import time
@@ -283,6 +290,66 @@ def _record(game: AtariGame, length: int, seed: int, *keys: str | int) -> _Recor
     )
 
 
+# ------------------------------------------------------------------------------ work units
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """Some clips or episodes of one game, recorded by one process into a staged dataset."""
+
+    root: str
+    game: str
+    keys: tuple[str, ...]  # ("clips",) or ("episodes", split): the random stream's names
+    indices: tuple[int, ...]  # recording numbers within the game
+    first_episode: int  # episode index of recording number 0
+    length: int
+    seed: int
+    settings: RecordSettings
+
+
+def _record_unit(unit: _Unit) -> float:
+    """Record and write a unit's episodes; its seconds. Clips store full-set action ids, held-out
+    episodes minimal-set ones and their rewards."""
+    t0 = time.perf_counter()
+    clips = unit.keys[0] == "clips"
+    game = AtariGame(unit.game, unit.settings, env_seed=int(_rng(unit.seed, "env", unit.game).integers(2**31)))
+    try:
+        for i in unit.indices:
+            keys = (unit.keys[0], unit.game, *unit.keys[1:], i)
+            rec = _record(game, unit.length, unit.seed, *keys)
+            if clips:
+                write_episode(unit.root, unit.first_episode + i, frames=rec.frames, actions=game.full_ids[rec.actions])
+            else:
+                write_episode(
+                    unit.root, unit.first_episode + i, frames=rec.frames, actions=rec.actions, rewards=rec.rewards
+                )
+    finally:
+        game.close()
+    return time.perf_counter() - t0
+
+
+def _split(count: int, workers: int) -> list[tuple[int, ...]]:
+    """``range(count)`` in about ``2 * workers`` runs (one run with one worker): balanced enough
+    when recordings differ in warm-up length."""
+    size = count if workers <= 1 else max(1, math.ceil(count / (2 * workers)))
+    return [tuple(range(a, min(a + size, count))) for a in range(0, count, size)]
+
+
+def _run_units(units: Sequence[_Unit], workers: int) -> list[float]:
+    """Each unit's seconds, recorded here (``workers`` <= 1) or in that many fresh processes
+    (spawned: the parent may hold torch's threads, which a fork would copy in an unknown state)."""
+    if workers <= 1 or len(units) <= 1:
+        return [_record_unit(u) for u in units]
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=min(workers, len(units)), mp_context=ctx) as pool:
+        return list(pool.map(_record_unit, units))
+
+
+def _check_workers(workers: int) -> None:
+    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
+        raise ValueError(f"workers must be a positive integer, got {workers!r}")
+
+
 # ---------------------------------------------------------------------------------- datasets
 
 
@@ -358,16 +425,19 @@ def record_clips(
     overwrite: bool = False,
     settings: RecordSettings | None = None,
     log: Callable[[str], None] | None = None,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Record ``clips_per_game`` clips of ``clip_len`` frames per game; return a JSON summary.
 
     Episodes are numbered game by game (game g holds ``g*clips_per_game ...``); ``source["clips"]``
     and :func:`clip_games` give the mapping. Actions are full-set indices and unused by pretraining.
+    ``workers``: processes that record (the same arrays for any number).
     """
     games = list(games)
     if not games or len(set(games)) != len(games):
         raise ValueError(f"games must be a non-empty list without repeats, got {games!r}")
     _positive(clips_per_game=clips_per_game, clip_len=clip_len)
+    _check_workers(workers)
     check_games(games)
     settings = settings or RecordSettings()
     started = time.perf_counter()
@@ -385,17 +455,16 @@ def record_clips(
                 clips=ranges,
             ),
         )
-        for k, g in enumerate(games):
-            t0 = time.perf_counter()
-            game = AtariGame(g, settings, env_seed=int(_rng(seed, "env", g).integers(2**31)))
-            try:
-                for c in range(clips_per_game):
-                    rec = _record(game, clip_len, seed, "clips", g, c)
-                    write_episode(tmp, k * clips_per_game + c, frames=rec.frames, actions=game.full_ids[rec.actions])
-            finally:
-                game.close()
-            if log:
-                log(f"{g}: {clips_per_game} clips x {clip_len} frames in {time.perf_counter() - t0:.1f}s")
+        units = [
+            _Unit(str(tmp), g, ("clips",), run, k * clips_per_game, clip_len, seed, settings)
+            for k, g in enumerate(games)
+            for run in _split(clips_per_game, workers)
+        ]
+        seconds = _run_units(units, workers)
+        if log:
+            for g in games:
+                spent = sum(t for u, t in zip(units, seconds, strict=True) if u.game == g)
+                log(f"{g}: {clips_per_game} clips x {clip_len} frames in {spent:.1f}s")
     return _summary(Path(out_dir), "clips", started, games=games, frames_per_episode=clip_len)
 
 
@@ -410,14 +479,17 @@ def record_episodes(
     overwrite: bool = False,
     settings: RecordSettings | None = None,
     log: Callable[[str], None] | None = None,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Record ``episodes`` action-labelled episodes of ``length`` frames of one game.
 
     Actions index the game's minimal action set (``action_space`` discrete, ``num_actions`` = its
     size; meanings in ``source["action_meanings"]``); ``rewards`` is stored as an extra. ``split``
     keys the random stream, so ``split="train"`` and ``"test"`` with one seed never share episodes.
+    ``workers``: processes that record (the same arrays for any number).
     """
     _positive(episodes=episodes, length=length)
+    _check_workers(workers)
     check_games([game])
     settings = settings or RecordSettings()
     started = time.perf_counter()
@@ -440,9 +512,11 @@ def record_episodes(
                     full_action_ids=g.full_ids.tolist(),
                 ),
             )
-            for e in range(episodes):
-                rec = _record(g, length, seed, "episodes", game, split, e)
-                write_episode(tmp, e, frames=rec.frames, actions=rec.actions, rewards=rec.rewards)
+            units = [
+                _Unit(str(tmp), game, ("episodes", split), run, 0, length, seed, settings)
+                for run in _split(episodes, workers)
+            ]
+            _run_units(units, workers)
     finally:
         g.close()
     if log:
@@ -464,8 +538,10 @@ def record_default(
     overwrite: bool = False,
     settings: RecordSettings | None = None,
     log: Callable[[str], None] | None = None,
+    workers: int = 1,
 ) -> dict[str, Any]:
-    """Record the study's three datasets under ``out_dir`` (names in :data:`DATASETS`).
+    """Record the study's three datasets under ``out_dir`` (names in :data:`DATASETS`), each in
+    ``workers`` processes.
 
     Pretraining clips of ``games`` and train / test episodes of ``heldout``, which must not be a
     pretraining game. All targets are checked before anything is recorded.
@@ -476,7 +552,8 @@ def record_default(
     root = Path(out_dir)
     for name in DATASETS.values():
         _check_target(root / name, overwrite)
-    common: dict[str, Any] = {"overwrite": overwrite, "settings": settings, "log": log}
+    _check_workers(workers)
+    common: dict[str, Any] = {"overwrite": overwrite, "settings": settings, "log": log, "workers": workers}
     return {
         "seed": seed,
         "datasets": {
@@ -543,6 +620,9 @@ def _parser() -> argparse.ArgumentParser:
         help="random warm-up steps before recording",
     )
     p.add_argument("--overwrite", action="store_true", help="replace existing datasets")
+    p.add_argument(
+        "--workers", type=int, default=1, help="processes that record (the same datasets for any number; default 1)"
+    )
     return p
 
 
@@ -563,6 +643,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             overwrite=args.overwrite,
             settings=settings,
             log=lambda m: print(m, file=sys.stderr, flush=True),
+            workers=args.workers,
         )
     except (FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -759,6 +759,7 @@ class Study:
         device: str = "cpu",
         log: Log = _stderr,
         replicate: int = 0,
+        record_workers: int = 1,
     ):
         #: ``root`` holds the shared stages (data, autoencoder, latents, pretraining, scratch init);
         #: ``out`` the replicate's (conversion, fine-tuning, evaluation): ``root`` itself for
@@ -768,6 +769,8 @@ class Study:
         self.out = out if replicate == 0 else out / f"seed{self.train_seed}"
         self.data_root = data_dir or out / "data"
         self.device, self.log = device, log
+        #: processes that record the datasets (the same recordings for any number)
+        self.record_workers = record_workers
         self.backbone = backbone_of(cfg)
         self.space = cfg.get("space", "pixel")
         self.latent = self.space == "latent"  # the study's autoencoder
@@ -855,6 +858,7 @@ class Study:
             overwrite=self.data_root == self.root / "data",
             settings=settings,
             log=lambda m: self.log(f"[data] {m}"),
+            workers=self.record_workers,
         )
         doc = {"request": request, "summary": summary, "seconds": time.perf_counter() - t0}
         _write_json(marker, doc)
@@ -1929,18 +1933,25 @@ def run_study(
     log: Log = _stderr,
     command: str = "",
     shared_only: bool = False,
+    record_workers: int | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) every stage and write the report; returns the results document. Without
     ``space``, a DIR holding a study resumes in that study's space (pixel if it predates spaces).
     ``reuse``: a finished study whose shared stages this one copies (:func:`reuse_stages`).
     ``shared_only``: stop after the shared stages (returns which ran), so that budget checks
-    fine-tune the seeds one run at a time (``budget --fine-tune-missing``)."""
+    fine-tune the seeds one run at a time (``budget --fine-tune-missing``).
+    ``record_workers``: processes that record the datasets (default: one per CPU core, at most 8,
+    at the gpu scale, whose recording runs on the CPU beside an idle GPU; 1 otherwise)."""
     recorded = Path(out) / "study.json"
     if space is None and recorded.is_file():
         space = _read_json(recorded).get("config", {}).get("space", "pixel")
     cfg = resolve_config(scale, overrides, backbone, space)
     threads = int(threads or cfg["threads"])
     device = device or ("cuda" if scale == "gpu" and torch.cuda.is_available() else "cpu")
+    if record_workers is None:
+        record_workers = min(8, os.cpu_count() or 1) if scale == "gpu" else 1
+    elif isinstance(record_workers, bool) or not isinstance(record_workers, int) or record_workers < 1:
+        raise StudyError(f"record_workers must be a positive integer, got {record_workers!r}")
     with determinism(threads, device):
         return _run(
             Path(out),
@@ -1954,6 +1965,7 @@ def run_study(
             log=log,
             command=command,
             shared_only=shared_only,
+            record_workers=record_workers,
         )
 
 
@@ -2010,11 +2022,14 @@ def _run(
     log: Log,
     command: str,
     shared_only: bool = False,
+    record_workers: int = 1,
 ) -> dict[str, Any]:
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     data_root = Path(data_dir) if data_dir else recorded_data(out, reuse, log)
-    study = Study(out, cfg, seed, scale=scale, data_dir=data_root, device=device, log=log)
+    study = Study(
+        out, cfg, seed, scale=scale, data_dir=data_root, device=device, log=log, record_workers=record_workers
+    )
     study.check_identity()
     if reuse is not None:
         reuse_stages(out, reuse, cfg, seed, scale, log)
@@ -2174,6 +2189,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda for the gpu scale when available)")
     p.add_argument("--data", default=None, help="reuse / record the datasets here instead of OUT/data")
     p.add_argument(
+        "--record-workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="processes that record the datasets; the same recordings for any N (default: one per CPU core, "
+        "at most 8, at the gpu scale; 1 otherwise)",
+    )
+    p.add_argument(
         "--reuse",
         default=None,
         metavar="DIR",
@@ -2216,6 +2239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             reuse=args.reuse,
             command=command,
             shared_only=args.shared_only,
+            record_workers=args.record_workers,
         )
     except (StudyError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
