@@ -53,6 +53,7 @@ import os
 import sys
 import time
 import zlib
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -335,14 +336,16 @@ def _split(count: int, workers: int) -> list[tuple[int, ...]]:
     return [tuple(range(a, min(a + size, count))) for a in range(0, count, size)]
 
 
-def _run_units(units: Sequence[_Unit], workers: int) -> list[float]:
-    """Each unit's seconds, recorded here (``workers`` <= 1) or in that many fresh processes
-    (spawned: the parent may hold torch's threads, which a fork would copy in an unknown state)."""
+def _run_units(units: Sequence[_Unit], workers: int) -> Iterator[float]:
+    """Each unit's seconds, in order as units finish, recorded here (``workers`` <= 1) or in that
+    many fresh processes (spawned: the parent may hold torch's threads, which a fork would copy
+    in an unknown state). Consume it whole: the processes live until then."""
     if workers <= 1 or len(units) <= 1:
-        return [_record_unit(u) for u in units]
+        yield from (_record_unit(u) for u in units)
+        return
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=min(workers, len(units)), mp_context=ctx) as pool:
-        return list(pool.map(_record_unit, units))
+        yield from pool.map(_record_unit, units)
 
 
 def _check_workers(workers: int) -> None:
@@ -460,11 +463,12 @@ def record_clips(
             for k, g in enumerate(games)
             for run in _split(clips_per_game, workers)
         ]
-        seconds = _run_units(units, workers)
-        if log:
-            for g in games:
-                spent = sum(t for u, t in zip(units, seconds, strict=True) if u.game == g)
-                log(f"{g}: {clips_per_game} clips x {clip_len} frames in {spent:.1f}s")
+        spent, left = dict.fromkeys(games, 0.0), Counter(u.game for u in units)
+        for unit, seconds in zip(units, _run_units(units, workers), strict=True):
+            spent[unit.game] += seconds
+            left[unit.game] -= 1
+            if log and not left[unit.game]:  # a game is done: its progress line
+                log(f"{unit.game}: {clips_per_game} clips x {clip_len} frames in {spent[unit.game]:.1f}s")
     return _summary(Path(out_dir), "clips", started, games=games, frames_per_episode=clip_len)
 
 
@@ -516,7 +520,8 @@ def record_episodes(
                 _Unit(str(tmp), game, ("episodes", split), run, 0, length, seed, settings)
                 for run in _split(episodes, workers)
             ]
-            _run_units(units, workers)
+            for _ in _run_units(units, workers):
+                pass
     finally:
         g.close()
     if log:
