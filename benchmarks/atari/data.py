@@ -29,12 +29,19 @@ Recording, and why it is reproducible:
 * Every recording starts with a random warm-up of W policy steps, W uniform in ``warmup``, so
   recordings show varied game states rather than the start screen. A game over during warm-up or
   recording discards the attempt and redraws it.
-* Every clip / episode draws its own generator from ``(seed, kind, game, split, index, attempt)``:
-  its content depends on nothing else (not on the other recordings, nor their order).
+* Every clip / episode draws its own generator (policy, warm-up) from ``(seed, kind, game,
+  split, index, attempt)``. The emulator is another matter: a reset re-randomises the console's
+  RAM from the env's own generator, seeded once per game, and some games read it, so a
+  recording's pixels can depend on the resets before it in the same emulator. Measured at the
+  gpu scale's warm-up of up to 400 steps: Seaquest's clips 1-9 of its first 12 differ when each
+  is recorded from a fresh emulator, and 58 of the 768 clips (Seaquest 35, Boxing 13, Freeway 10;
+  none of Breakout, SpaceInvaders, Enduro, nor Pong's episodes) when each game's 128 clips are
+  recorded in runs of 32 from fresh emulators. So one emulator records a game's clips, or a
+  dataset's episodes, in order.
 
-Because of that, ``workers=N`` records in N processes (units of a few clips or episodes of one
-game, each with its own emulator) and writes the same arrays as one process (tested); it only
-changes how long recording takes.
+``workers=N`` records the clip datasets' games in up to N processes, one emulator per game exactly
+as one process does, so the datasets are the same for any N (tested against the negative control
+above); the held-out episodes are one emulator's sequence and stay in one process.
 
 A dataset is recorded into a hidden temporary sibling directory and renamed into place at the
 end, so a crash never leaves a half-written dataset at ``out_dir``; an existing non-empty
@@ -47,13 +54,11 @@ import argparse
 import concurrent.futures
 import difflib
 import json
-import math
 import multiprocessing
 import os
 import sys
 import time
 import zlib
-from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -296,13 +301,13 @@ def _record(game: AtariGame, length: int, seed: int, *keys: str | int) -> _Recor
 
 @dataclass(frozen=True)
 class _Unit:
-    """Some clips or episodes of one game, recorded by one process into a staged dataset."""
+    """Every recording of one game in a dataset, made in order by one emulator (a process's work)."""
 
     root: str
     game: str
     keys: tuple[str, ...]  # ("clips",) or ("episodes", split): the random stream's names
-    indices: tuple[int, ...]  # recording numbers within the game
-    first_episode: int  # episode index of recording number 0
+    count: int  # recordings 0 .. count - 1
+    first_episode: int  # episode index of recording 0
     length: int
     seed: int
     settings: RecordSettings
@@ -315,7 +320,7 @@ def _record_unit(unit: _Unit) -> float:
     clips = unit.keys[0] == "clips"
     game = AtariGame(unit.game, unit.settings, env_seed=int(_rng(unit.seed, "env", unit.game).integers(2**31)))
     try:
-        for i in unit.indices:
+        for i in range(unit.count):
             keys = (unit.keys[0], unit.game, *unit.keys[1:], i)
             rec = _record(game, unit.length, unit.seed, *keys)
             if clips:
@@ -327,13 +332,6 @@ def _record_unit(unit: _Unit) -> float:
     finally:
         game.close()
     return time.perf_counter() - t0
-
-
-def _split(count: int, workers: int) -> list[tuple[int, ...]]:
-    """``range(count)`` in about ``2 * workers`` runs (one run with one worker): balanced enough
-    when recordings differ in warm-up length."""
-    size = count if workers <= 1 else max(1, math.ceil(count / (2 * workers)))
-    return [tuple(range(a, min(a + size, count))) for a in range(0, count, size)]
 
 
 def _run_units(units: Sequence[_Unit], workers: int) -> Iterator[float]:
@@ -434,7 +432,7 @@ def record_clips(
 
     Episodes are numbered game by game (game g holds ``g*clips_per_game ...``); ``source["clips"]``
     and :func:`clip_games` give the mapping. Actions are full-set indices and unused by pretraining.
-    ``workers``: processes that record (the same arrays for any number).
+    ``workers``: processes that record, one game each at a time (the same arrays for any number).
     """
     games = list(games)
     if not games or len(set(games)) != len(games):
@@ -459,16 +457,12 @@ def record_clips(
             ),
         )
         units = [
-            _Unit(str(tmp), g, ("clips",), run, k * clips_per_game, clip_len, seed, settings)
+            _Unit(str(tmp), g, ("clips",), clips_per_game, k * clips_per_game, clip_len, seed, settings)
             for k, g in enumerate(games)
-            for run in _split(clips_per_game, workers)
         ]
-        spent, left = dict.fromkeys(games, 0.0), Counter(u.game for u in units)
         for unit, seconds in zip(units, _run_units(units, workers), strict=True):
-            spent[unit.game] += seconds
-            left[unit.game] -= 1
-            if log and not left[unit.game]:  # a game is done: its progress line
-                log(f"{unit.game}: {clips_per_game} clips x {clip_len} frames in {spent[unit.game]:.1f}s")
+            if log:
+                log(f"{unit.game}: {clips_per_game} clips x {clip_len} frames in {seconds:.1f}s")
     return _summary(Path(out_dir), "clips", started, games=games, frames_per_episode=clip_len)
 
 
@@ -483,17 +477,15 @@ def record_episodes(
     overwrite: bool = False,
     settings: RecordSettings | None = None,
     log: Callable[[str], None] | None = None,
-    workers: int = 1,
 ) -> dict[str, Any]:
     """Record ``episodes`` action-labelled episodes of ``length`` frames of one game.
 
     Actions index the game's minimal action set (``action_space`` discrete, ``num_actions`` = its
     size; meanings in ``source["action_meanings"]``); ``rewards`` is stored as an extra. ``split``
     keys the random stream, so ``split="train"`` and ``"test"`` with one seed never share episodes.
-    ``workers``: processes that record (the same arrays for any number).
+    One emulator records them in order (module docstring), in this process.
     """
     _positive(episodes=episodes, length=length)
-    _check_workers(workers)
     check_games([game])
     settings = settings or RecordSettings()
     started = time.perf_counter()
@@ -516,12 +508,7 @@ def record_episodes(
                     full_action_ids=g.full_ids.tolist(),
                 ),
             )
-            units = [
-                _Unit(str(tmp), game, ("episodes", split), run, 0, length, seed, settings)
-                for run in _split(episodes, workers)
-            ]
-            for _ in _run_units(units, workers):
-                pass
+            _record_unit(_Unit(str(tmp), game, ("episodes", split), episodes, 0, length, seed, settings))
     finally:
         g.close()
     if log:
@@ -545,8 +532,8 @@ def record_default(
     log: Callable[[str], None] | None = None,
     workers: int = 1,
 ) -> dict[str, Any]:
-    """Record the study's three datasets under ``out_dir`` (names in :data:`DATASETS`), each in
-    ``workers`` processes.
+    """Record the study's three datasets under ``out_dir`` (names in :data:`DATASETS`), the clips'
+    games in up to ``workers`` processes.
 
     Pretraining clips of ``games`` and train / test episodes of ``heldout``, which must not be a
     pretraining game. All targets are checked before anything is recorded.
@@ -558,11 +545,13 @@ def record_default(
     for name in DATASETS.values():
         _check_target(root / name, overwrite)
     _check_workers(workers)
-    common: dict[str, Any] = {"overwrite": overwrite, "settings": settings, "log": log, "workers": workers}
+    common: dict[str, Any] = {"overwrite": overwrite, "settings": settings, "log": log}
     return {
         "seed": seed,
         "datasets": {
-            "pretrain": record_clips(games, root / DATASETS["pretrain"], clips_per_game, clip_len, seed, **common),
+            "pretrain": record_clips(
+                games, root / DATASETS["pretrain"], clips_per_game, clip_len, seed, workers=workers, **common
+            ),
             "train": record_episodes(
                 heldout, root / DATASETS["train"], train_episodes, episode_len, seed, split="train", **common
             ),
@@ -626,7 +615,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help="replace existing datasets")
     p.add_argument(
-        "--workers", type=int, default=1, help="processes that record (the same datasets for any number; default 1)"
+        "--workers",
+        type=int,
+        default=1,
+        help="processes that record the clips, one game each (the same datasets for any number; default 1)",
     )
     return p
 
