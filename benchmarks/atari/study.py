@@ -769,7 +769,7 @@ class Study:
         self.out = out if replicate == 0 else out / f"seed{self.train_seed}"
         self.data_root = data_dir or out / "data"
         self.device, self.log = device, log
-        #: processes that record the datasets (the same recordings for any number)
+        #: processes that record the clips, one game each (the same recordings for any number)
         self.record_workers = record_workers
         self.backbone = backbone_of(cfg)
         self.space = cfg.get("space", "pixel")
@@ -1940,7 +1940,7 @@ def run_study(
     ``reuse``: a finished study whose shared stages this one copies (:func:`reuse_stages`).
     ``shared_only``: stop after the shared stages (returns which ran), so that budget checks
     fine-tune the seeds one run at a time (``budget --fine-tune-missing``).
-    ``record_workers``: processes that record the datasets (default: one per CPU core, at most 8,
+    ``record_workers``: processes that record the clips, one game each (default: one per CPU core, at most 8,
     at the gpu scale, whose recording runs on the CPU beside an idle GPU; 1 otherwise)."""
     recorded = Path(out) / "study.json"
     if space is None and recorded.is_file():
@@ -2193,7 +2193,7 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="N",
-        help="processes that record the datasets; the same recordings for any N (default: one per CPU core, "
+        help="processes that record the clips, one game each; the same recordings for any N (default: one per CPU core, "
         "at most 8, at the gpu scale; 1 otherwise)",
     )
     p.add_argument(
