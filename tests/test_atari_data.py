@@ -210,7 +210,7 @@ def test_recording_in_several_processes_writes_the_same_datasets(tmp_path):
         fresh.close()
     assert not np.array_equal(alone, in_order[2])
 
-    for workers in (1, 2):
+    summaries = [
         atari.record_clips(
             ["Seaquest", "Breakout"],
             tmp_path / f"w{workers}",
@@ -219,9 +219,23 @@ def test_recording_in_several_processes_writes_the_same_datasets(tmp_path):
             settings=settings,
             workers=workers,
         )
+        for workers in (1, 2)
+    ]
+    assert [d["processes"] for d in summaries] == [1, 2]  # the second one did run in two workers
     one, two = tmp_path / "w1", tmp_path / "w2"
     assert np.array_equal(atari.load_episode(one, 2)["frames"], in_order[2])
     assert _same(_arrays(one), _arrays(two))
     assert json.loads((one / "dataset.json").read_text()) == json.loads((two / "dataset.json").read_text())
     with pytest.raises(ValueError, match="workers"):
         _clips(tmp_path / "bad", workers=0)
+
+
+def test_a_failing_worker_leaves_nothing_and_says_which_game(tmp_path):
+    """A game over in every attempt (one attempt, a warm-up longer than a Breakout game) inside a
+    worker: the error names the game (whichever fails first), and neither the dataset nor its temporary sibling is left."""
+    doomed = atari.RecordSettings(warmup=(3000, 3000), max_attempts=1)
+    with pytest.raises(RuntimeError, match=r"recording (Breakout|Freeway) \(clips\): RuntimeError: \1: game over"):
+        atari.record_clips(
+            ["Freeway", "Breakout"], tmp_path / "d", clips_per_game=1, clip_len=5, settings=doomed, workers=2
+        )
+    assert list(tmp_path.iterdir()) == []

@@ -344,37 +344,39 @@ def test_denoising_check_does_not_depend_on_the_batch(runs):
 
 
 def _process_settings() -> tuple:
-    import os
-
     import torch
 
     return (
         torch.get_num_threads(),
         torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
         torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
         os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
     )
 
 
 def test_determinism_leaves_the_process_as_it_was(monkeypatch):
-    """The CUDA settings (TF32, cuBLAS's workspace variable) hold inside the block only; the bare
-    setter, the negative control, leaves them behind."""
+    """The CUDA settings (TF32, cuBLAS's workspace variable, warn-only determinism) and the thread
+    count hold inside the block only; the bare setter, the negative control, leaves them behind."""
     import torch
 
-    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-    cudnn_tf32 = torch.backends.cudnn.allow_tf32
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "x")  # recorded, so monkeypatch restores it
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2 if threads != 2 else 1)
     before = _process_settings()
-    with study.determinism(1, "cuda"):
-        assert torch.backends.cuda.matmul.allow_tf32 and _process_settings()[3] == ":4096:8"
-    assert _process_settings() == before
     try:
-        study.set_determinism(1, "cuda")
+        with study.determinism(threads, "cuda"):
+            inside = _process_settings()
+            assert inside[0] == threads and inside[2] and inside[3] and inside[5] == ":4096:8"
+        assert _process_settings() == before
+        study.set_determinism(threads, "cuda")
         assert _process_settings() != before
     finally:
-        torch.set_num_threads(before[0])
-        torch.use_deterministic_algorithms(before[1])
-        torch.backends.cuda.matmul.allow_tf32 = before[2]
-        torch.backends.cudnn.allow_tf32 = cudnn_tf32
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(before[1], warn_only=before[2])
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before[3], before[4]
 
 
 class _Stop(Exception):
@@ -383,7 +385,7 @@ class _Stop(Exception):
 
 @pytest.mark.parametrize(
     ("scale", "asked", "expected"),
-    [("smoke", None, 1), ("gpu", None, min(8, os.cpu_count() or 1)), ("smoke", 3, 3)],
+    [("smoke", None, 1), ("gpu", None, min(8, study.usable_cores())), ("smoke", 3, 3)],
 )
 def test_recording_workers_reach_the_recorder(tmp_path, monkeypatch, scale, asked, expected):
     """The gpu scale records in one process per core (at most 8), the others in one, unless asked."""

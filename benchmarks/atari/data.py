@@ -313,9 +313,9 @@ class _Unit:
     settings: RecordSettings
 
 
-def _record_unit(unit: _Unit) -> float:
-    """Record and write a unit's episodes; its seconds. Clips store full-set action ids, held-out
-    episodes minimal-set ones and their rewards."""
+def _record_unit(unit: _Unit) -> tuple[float, int]:
+    """Record and write a unit's episodes; its seconds and the recording process. Clips store
+    full-set action ids, held-out episodes minimal-set ones and their rewards."""
     t0 = time.perf_counter()
     clips = unit.keys[0] == "clips"
     game = AtariGame(unit.game, unit.settings, env_seed=int(_rng(unit.seed, "env", unit.game).integers(2**31)))
@@ -331,19 +331,36 @@ def _record_unit(unit: _Unit) -> float:
                 )
     finally:
         game.close()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, os.getpid()
 
 
-def _run_units(units: Sequence[_Unit], workers: int) -> Iterator[float]:
-    """Each unit's seconds, in order as units finish, recorded here (``workers`` <= 1) or in that
-    many fresh processes (spawned: the parent may hold torch's threads, which a fork would copy
-    in an unknown state). Consume it whole: the processes live until then."""
+def _record_unit_in_child(unit: _Unit) -> tuple[float, int]:
+    """:func:`_record_unit` in a worker: any error comes back as a RuntimeError naming the game
+    (some errors, e.g. causalize's DataError, cannot be rebuilt in the parent)."""
+    try:
+        return _record_unit(unit)
+    except Exception as exc:
+        raise RuntimeError(f"recording {unit.game} ({' '.join(unit.keys)}): {type(exc).__name__}: {exc}") from None
+
+
+def _run_units(units: Sequence[_Unit], workers: int, done: Callable[[_Unit, float, int], None]) -> None:
+    """Record every unit, here (``workers`` <= 1) or in that many fresh processes (spawned: the
+    parent may hold torch's threads, which a fork would copy in an unknown state); ``done(unit,
+    seconds, pid)`` as each finishes. The first error cancels the units not started and is raised
+    once the running ones have stopped, so nothing writes into the staged dataset afterwards."""
     if workers <= 1 or len(units) <= 1:
-        yield from (_record_unit(u) for u in units)
+        for unit in units:
+            done(unit, *_record_unit(unit))
         return
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=min(workers, len(units)), mp_context=ctx) as pool:
-        yield from pool.map(_record_unit, units)
+        futures = {pool.submit(_record_unit_in_child, unit): unit for unit in units}
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                done(futures[future], *future.result())
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
 
 
 def _check_workers(workers: int) -> None:
@@ -460,10 +477,23 @@ def record_clips(
             _Unit(str(tmp), g, ("clips",), clips_per_game, k * clips_per_game, clip_len, seed, settings)
             for k, g in enumerate(games)
         ]
-        for unit, seconds in zip(units, _run_units(units, workers), strict=True):
+        processes: set[int] = set()
+
+        def done(unit: _Unit, seconds: float, pid: int) -> None:
+            processes.add(pid)
             if log:
                 log(f"{unit.game}: {clips_per_game} clips x {clip_len} frames in {seconds:.1f}s")
-    return _summary(Path(out_dir), "clips", started, games=games, frames_per_episode=clip_len)
+
+        _run_units(units, workers, done)
+    return _summary(
+        Path(out_dir),
+        "clips",
+        started,
+        games=games,
+        frames_per_episode=clip_len,
+        workers=workers,
+        processes=len(processes),
+    )
 
 
 def record_episodes(

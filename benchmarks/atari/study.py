@@ -91,6 +91,7 @@ __all__ = [
     "recorded_data",
     "resolve_config",
     "run_study",
+    "usable_cores",
     "variant_pipeline",
 ]
 
@@ -661,6 +662,13 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity where the OS says, else the machine's)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def set_determinism(threads: int, device: str) -> None:
     """Fixed threads and deterministic kernels. On CUDA some kernels the UNet needs (e.g. the
     nearest-upsampling backward) have no deterministic version: warn instead of failing there.
@@ -688,8 +696,8 @@ def determinism(threads: int, device: str) -> Iterator[None]:
         torch.backends.cudnn.allow_tf32,
     )
     workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
-    set_determinism(threads, device)
     try:
+        set_determinism(threads, device)
         yield
     finally:
         torch.set_num_threads(saved[0])
@@ -704,7 +712,7 @@ def determinism(threads: int, device: str) -> Iterator[None]:
 _MACHINE: dict[str, Any] = {}
 
 
-def _machine() -> dict[str, Any]:
+def _machine(device: str) -> dict[str, Any]:
     """benchmarks._common.machine_info, its slow parts (git, versions) computed once per process."""
     import datetime
 
@@ -716,7 +724,7 @@ def _machine() -> dict[str, Any]:
         **_MACHINE,
         "torch_threads": torch.get_num_threads(),
         # meaningful only where CUDA runs the matmuls
-        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32 if torch.cuda.is_available() else None,
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32 if device.startswith("cuda") else None,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
     }
@@ -1949,7 +1957,7 @@ def run_study(
     threads = int(threads or cfg["threads"])
     device = device or ("cuda" if scale == "gpu" and torch.cuda.is_available() else "cpu")
     if record_workers is None:
-        record_workers = min(8, os.cpu_count() or 1) if scale == "gpu" else 1
+        record_workers = min(8, usable_cores()) if scale == "gpu" else 1
     elif isinstance(record_workers, bool) or not isinstance(record_workers, int) or record_workers < 1:
         raise StudyError(f"record_workers must be a positive integer, got {record_workers!r}")
     with determinism(threads, device):
@@ -2114,7 +2122,7 @@ def _run(
             "config": cfg,
             "command": command or f"--scale {scale} --seed {seed}",
         },
-        "machine": _machine(),
+        "machine": _machine(device),
         "data": data["summary"],
         "pretrain": {
             k: pre.get(k)
