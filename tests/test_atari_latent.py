@@ -395,3 +395,27 @@ def test_reuse_of_a_committed_study_copies_only_what_is_there(latent_run, tmp_pa
     assert not {"autoencoder", "pretrain"} & set(again["stages_run_now"])
     assert {"data", "encode", "scratch-init", "finetune extrapolative"} <= set(again["stages_run_now"])
     assert again["comparisons"] == json.loads(json.dumps(results["comparisons"]))
+
+
+def test_gpu_run_returns_a_finished_study_and_a_stopped_one(latent_run, tmp_path):
+    """gpu_run on a copy of a finished study (the smoke scale and its seed passed through): the
+    study resumes with nothing to do, and its record comes back; a study stopped by the limit
+    comes back as that, with its log."""
+    import shutil
+
+    from benchmarks.atari import gpu_run
+
+    out, _, _ = latent_run
+    copy = tmp_path / "study"
+    shutil.copytree(out, copy, symlinks=True)
+    done = gpu_run.run("unet3d", 600, copy, tmp_path / "back", ["--scale", "smoke", "--seed", str(SEED)])
+    assert done["finished"] and done["exit_status"] == 0 and not done["stopped_by_limit"], done
+    assert done["copied"] == ["results.json", "README.md", "study.json", "rollout.gif"]
+    back = sorted(p.name for p in (tmp_path / "back").iterdir())
+    assert back == sorted([*done["copied"], "gpu_run.json", "study.log"])  # at most 8 files come back
+    assert json.loads((tmp_path / "back" / "gpu_run.json").read_text()) == done
+    assert "study: backbone unet3d, scale smoke" in (tmp_path / "back" / "study.log").read_text()
+
+    stopped = gpu_run.run("unet3d", 0.5, tmp_path / "fresh", tmp_path / "cut", ["--scale", "smoke"])
+    assert stopped["stopped_by_limit"] and not stopped["finished"] and stopped["copied"] == []
+    assert (tmp_path / "cut" / "study.log").is_file()
