@@ -129,6 +129,24 @@ def test_wan_backbone_runs_in_latent_space(latent_run, tmp_path):
     doc = budget.run(out, None, [cfg["finetune"]["steps"] + 1])
     assert doc["variant"] == "causal" and (out / "budget" / "causal" / f"step-{cfg['finetune']['steps'] + 1}").is_dir()
 
+    # its GIF: the measured model rolled out again, checked against the measurement first
+    from benchmarks.atari import budget_gif
+
+    steps = cfg["finetune"]["steps"] + 1
+    record = out / "budget" / "causal.json"
+    record.write_text(json.dumps(doc))
+    shown = budget_gif.write_gif(out, steps)
+    assert Path(shown["gif"]) == out / "budget" / "causal" / f"step-{steps}" / "rollout.gif"
+    assert Path(shown["gif"]).is_file() and shown["model"].endswith(f"step-{steps}/final")
+    tampered = json.loads(json.dumps(doc))
+    tampered["steps"][str(steps)]["paddle"]["real_minus_random"]["per_segment"][0] += 1.0  # negative control
+    record.write_text(json.dumps(tampered))
+    with pytest.raises(study.StudyError, match="differ from the budget check"):
+        budget_gif.write_gif(out, steps, out=tmp_path / "never.gif")
+    assert not (tmp_path / "never.gif").exists()
+    with pytest.raises(study.StudyError, match="no budget check of 'causal' measured at 99 steps"):
+        budget_gif.write_gif(out, 99)
+
 
 def _as_committed(study_dir: Path, dest: Path, keep: tuple[str, ...] = ()) -> Path:
     """A copy of a finished study as git keeps one: the JSON and reports, without the recordings,

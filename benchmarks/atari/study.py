@@ -83,6 +83,7 @@ __all__ = [
     "default_space",
     "determinism",
     "eval_runs",
+    "gif_segment",
     "linked_data",
     "main",
     "model_input",
@@ -1428,7 +1429,7 @@ def write_report(study: Study, results: dict[str, Any], segments: ev.Segments) -
     # method at its best guidance scale, with the real and with random actions.
     best = results["best_main_guidance"]
     c = segments.context
-    shown = _gif_segment(runs[BASELINE]["metrics"].get("paddle"))
+    shown = gif_segment(runs[BASELINE]["metrics"].get("paddle"))
     results["gif"] = {"segment": shown, "index": list(segments.index[shown])}
     real = segments.frames[shown]
 
@@ -1573,7 +1574,7 @@ def gif_lines(results: dict[str, Any], panels: list[str]) -> list[str]:
     return lines
 
 
-def _gif_segment(paddle: dict[str, Any] | None) -> int:
+def gif_segment(paddle: dict[str, Any] | None) -> int:
     """The segment whose real paddle travels farthest over the horizon (0 without a paddle metric)."""
     if not paddle:
         return 0
