@@ -77,6 +77,11 @@ def write_gif(
     path = out or model.parent / "rollout.gif"
     rp.write_comparison_gif(path, panels, context=c, fps=4.0)
     paddle = control.positions(scored["real"]["paddle"], "real")[shown]
+
+    def rows(kind: str, which: str) -> list[float | None]:  # the shown segment's paddle row per frame
+        y = control.positions(scored[kind]["paddle"], which)[shown]
+        return [None if not np.isfinite(v) else round(float(v), 2) for v in y]
+
     return {
         "gif": str(path),
         "model": str(model),
@@ -84,6 +89,11 @@ def write_gif(
         "episode_and_start": list(segments.index[shown]),
         "paddle_real_minus_random_rechecked": float(np.nanmean(again)),
         "real_paddle_travel_px": float(np.ptp(paddle[np.isfinite(paddle)])) if np.isfinite(paddle).any() else None,
+        "paddle_rows": {  # generated frames only; None: no paddle found
+            "real": rows("real", "real"),
+            "real_actions": rows("real", "pred"),
+            "random_actions": rows("random", "pred"),
+        },
     }
 
 
