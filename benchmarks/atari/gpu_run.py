@@ -1,6 +1,6 @@
 """The Atari study's gpu scale on a lent GPU in one command, bounded in time, with what comes back.
 
-    python -m benchmarks.atari.gpu_run [--backbone wan|unet3d] [--limit 540] [--out DIR] [--dest DIR] [STUDY ARGS]
+    python -m benchmarks.atari.gpu_run [--backbone wan|unet3d] [--limit 480] [--out DIR] [--dest DIR] [STUDY ARGS]
 
 Runs ``python -m benchmarks.atari.study --out DIR --scale gpu --backbone B --space latent [STUDY
 ARGS]`` (further arguments go to the study and win over these, e.g. ``--set eval.steps=5``) in a
@@ -50,7 +50,7 @@ def _device() -> dict[str, Any]:
 
 def run(
     backbone: str = "wan",
-    limit: float = 540.0,
+    limit: float = 480.0,
     out: str | os.PathLike | None = None,
     dest: str | os.PathLike | None = None,
     study_args: Sequence[str] = (),
@@ -107,7 +107,12 @@ def _parser() -> argparse.ArgumentParser:
         "(e.g. --set eval.steps=5).",
     )
     p.add_argument("--backbone", choices=("wan", "unet3d"), default="wan", help="wan (the wide DiT, first) or unet3d")
-    p.add_argument("--limit", type=float, default=540.0, help="seconds before the study is stopped (default 540)")
+    p.add_argument(
+        "--limit",
+        type=float,
+        default=480.0,
+        help="seconds before the study is stopped (default 480: the scale's 8 minutes, leaving a 10-minute device call room to install and copy)",
+    )
     p.add_argument(
         "--out", default=None, help="the study's folder, resumable (default benchmarks/_work/atari-gpu-BACKBONE)"
     )
