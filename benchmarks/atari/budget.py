@@ -122,6 +122,17 @@ def run_name(variant: str, overrides: dict[str, Any]) -> str:
     return variant + ("+" + settings_tag(overrides) if overrides else "")
 
 
+def run_dir(study: Study, name: str, steps: int) -> Path:
+    """Where the budget run ``name`` fine-tuned to ``steps`` keeps its model (``final/``), checkpoints
+    and measurement."""
+    return study.out / "budget" / name / f"step-{steps}"
+
+
+def record_path(out: Path, name: str) -> Path:
+    """The budget check's record of the run ``name`` for the seed whose folder is ``out``."""
+    return out / "budget" / f"{name}.json"
+
+
 def _start(study: Study, name: str, steps: int, fresh: bool) -> Path | None:
     """Where a run to ``steps`` starts: the last checkpoint of the longest shorter one, else of
     the study's run (None: none, or ``fresh``; the run then trains from the converted model)."""
@@ -160,7 +171,7 @@ def continue_finetuning(study: Study, variant: str, steps: int, overrides: dict[
 
     overrides = overrides or {}
     name = run_name(variant, overrides)
-    out = study.out / "budget" / name / f"step-{steps}"
+    out = run_dir(study, name, steps)
     if (out / "final").is_dir():
         return out / "final"
     f = study.cfg["finetune"]
@@ -188,11 +199,7 @@ def measure(study: Study, variant: str, model_dir: Path, segments: ev.Segments) 
     wm, _ = load_world_model(model_dir, device=study.device)
     batch = study.cfg["eval"]["batch_size"]
     check = ev.action_check(wm, segments, list(CONTEXT_LEVELS), study.seed, decode=study.decoder(), batch_size=batch)
-    config = study.rollout_config(variant, 1.0)
-    scored = {}
-    for kind, actions in (("real", segments.actions), ("random", ev.random_actions(segments, study.seed))):
-        pred, _ = study.rollout(wm, segments, actions, config)
-        scored[kind] = ev.score(pred, segments.real_future)
+    scored = {kind: score for kind, (_, score) in rollouts(study, variant, wm, segments).items()}
     ctrl = control.controllability(scored["real"], scored["random"])
     return {
         "action_check": check,
@@ -200,6 +207,17 @@ def measure(study: Study, variant: str, model_dir: Path, segments: ev.Segments) 
         "psnr_real": scored["real"]["psnr"]["overall"],
         "copy_last": _against_copy_last(scored["real"], segments),
     }
+
+
+def rollouts(study: Study, variant: str, wm: Any, segments: ev.Segments) -> dict[str, tuple[Any, dict[str, Any]]]:
+    """The measurement's rollouts: ``"real"`` and ``"random"`` actions -> (frames in [-1, 1], their
+    scores against the real future), with the study's sampler at guidance 1."""
+    config = study.rollout_config(variant, 1.0)
+    out = {}
+    for kind, actions in (("real", segments.actions), ("random", ev.random_actions(segments, study.seed))):
+        pred, _ = study.rollout(wm, segments, actions, config)
+        out[kind] = (pred, ev.score(pred, segments.real_future))
+    return out
 
 
 def _against_copy_last(real: dict[str, Any], segments: ev.Segments) -> dict[str, Any]:
@@ -485,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     except (StudyError, CausalizeError) as exc:  # a training refusal too (a model or data path gone)
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    path = Path(args.json) if args.json else Path(doc["out"]) / "budget" / f"{doc['name']}.json"
+    path = Path(args.json) if args.json else record_path(Path(doc["out"]), doc["name"])
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
     print(table(doc))

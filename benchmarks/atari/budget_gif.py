@@ -25,7 +25,7 @@ import numpy as np
 from benchmarks.atari import control
 from benchmarks.atari import evaluate as ev
 from benchmarks.atari import report as rp
-from benchmarks.atari.budget import open_study, run_name
+from benchmarks.atari.budget import open_study, record_path, rollouts, run_dir, run_name
 from benchmarks.atari.study import StudyError, gif_segment, set_determinism
 
 __all__ = ["main", "write_gif"]
@@ -36,10 +36,8 @@ def _measured_model(study: Any, variant: str, steps: int) -> tuple[Path, dict[st
     that measurement, from the check's record ``budget/<variant>.json``; refused unless both exist."""
     own = steps == int(study.cfg["finetune"]["steps"])
     name = run_name(variant, {})
-    model = (
-        study.out / "finetune" / variant / "final" if own else study.out / "budget" / name / f"step-{steps}" / "final"
-    )
-    record = study.out / "budget" / f"{name}.json"
+    model = study.out / "finetune" / variant / "final" if own else run_dir(study, name, steps) / "final"
+    record = record_path(study.out, name)
     row = json.loads(record.read_text(encoding="utf-8"))["steps"].get(str(steps)) if record.is_file() else None
     if not model.is_dir() or row is None:
         raise StudyError(
@@ -60,10 +58,9 @@ def write_gif(
     model, measured = _measured_model(study, variant, steps)
     wm, _ = load_world_model(model, device=study.device)
     segments = study.segments()
-    config = study.rollout_config(variant, 1.0)
-    actions = {"real": segments.actions, "random": ev.random_actions(segments, study.seed)}
-    preds = {kind: study.rollout(wm, segments, a, config)[0] for kind, a in actions.items()}
-    scored = {kind: ev.score(pred, segments.real_future) for kind, pred in preds.items()}
+    rolled = rollouts(study, variant, wm, segments)  # exactly the measurement's
+    preds = {kind: pred for kind, (pred, _) in rolled.items()}
+    scored = {kind: score for kind, (_, score) in rolled.items()}
     again = control.controllability(scored["real"], scored["random"])["paddle"]["real_minus_random"]["per_sample"]
     recorded = measured["paddle"]["real_minus_random"]["per_segment"]
     if not np.allclose(np.asarray(again, float), np.asarray(recorded, float), rtol=0, atol=1e-6, equal_nan=True):

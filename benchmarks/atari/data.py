@@ -313,22 +313,31 @@ class _Unit:
     settings: RecordSettings
 
 
-def _record_unit(unit: _Unit) -> tuple[float, int]:
-    """Record and write a unit's episodes; its seconds and the recording process. Clips store
-    full-set action ids, held-out episodes minimal-set ones and their rewards."""
-    t0 = time.perf_counter()
+def _open_game(game: str, settings: RecordSettings, seed: int) -> AtariGame:
+    """The game's emulator, its env seed keyed by (seed, game): the one a game's recordings share."""
+    return AtariGame(game, settings, env_seed=int(_rng(seed, "env", game).integers(2**31)))
+
+
+def _record_with(game: AtariGame, unit: _Unit) -> None:
+    """Record and write a unit's episodes with ``game``'s emulator, in order. Clips store full-set
+    action ids, held-out episodes minimal-set ones and their rewards."""
     clips = unit.keys[0] == "clips"
-    game = AtariGame(unit.game, unit.settings, env_seed=int(_rng(unit.seed, "env", unit.game).integers(2**31)))
+    for i in range(unit.count):
+        rec = _record(game, unit.length, unit.seed, unit.keys[0], unit.game, *unit.keys[1:], i)
+        if clips:
+            write_episode(unit.root, unit.first_episode + i, frames=rec.frames, actions=game.full_ids[rec.actions])
+        else:
+            write_episode(
+                unit.root, unit.first_episode + i, frames=rec.frames, actions=rec.actions, rewards=rec.rewards
+            )
+
+
+def _record_unit(unit: _Unit) -> tuple[float, int]:
+    """:func:`_record_with` a fresh emulator of the unit's game; its seconds and the recording process."""
+    t0 = time.perf_counter()
+    game = _open_game(unit.game, unit.settings, unit.seed)
     try:
-        for i in range(unit.count):
-            keys = (unit.keys[0], unit.game, *unit.keys[1:], i)
-            rec = _record(game, unit.length, unit.seed, *keys)
-            if clips:
-                write_episode(unit.root, unit.first_episode + i, frames=rec.frames, actions=game.full_ids[rec.actions])
-            else:
-                write_episode(
-                    unit.root, unit.first_episode + i, frames=rec.frames, actions=rec.actions, rewards=rec.rewards
-                )
+        _record_with(game, unit)
     finally:
         game.close()
     return time.perf_counter() - t0, os.getpid()
@@ -361,11 +370,6 @@ def _run_units(units: Sequence[_Unit], workers: int, done: Callable[[_Unit, floa
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
-
-
-def _check_workers(workers: int) -> None:
-    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
-        raise ValueError(f"workers must be a positive integer, got {workers!r}")
 
 
 # ---------------------------------------------------------------------------------- datasets
@@ -429,7 +433,7 @@ def _source(settings: RecordSettings, seed: int, **fields: Any) -> dict[str, Any
 
 def _positive(**values: int) -> None:
     for name, v in values.items():
-        if not isinstance(v, (int, np.integer)) or v < 1:
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
 
 
@@ -454,8 +458,7 @@ def record_clips(
     games = list(games)
     if not games or len(set(games)) != len(games):
         raise ValueError(f"games must be a non-empty list without repeats, got {games!r}")
-    _positive(clips_per_game=clips_per_game, clip_len=clip_len)
-    _check_workers(workers)
+    _positive(clips_per_game=clips_per_game, clip_len=clip_len, workers=workers)
     check_games(games)
     settings = settings or RecordSettings()
     started = time.perf_counter()
@@ -513,13 +516,14 @@ def record_episodes(
     Actions index the game's minimal action set (``action_space`` discrete, ``num_actions`` = its
     size; meanings in ``source["action_meanings"]``); ``rewards`` is stored as an extra. ``split``
     keys the random stream, so ``split="train"`` and ``"test"`` with one seed never share episodes.
-    One emulator records them in order (module docstring), in this process.
+    One emulator records them in order (module docstring), in this process: the one that also
+    gives the dataset its action set.
     """
     _positive(episodes=episodes, length=length)
     check_games([game])
     settings = settings or RecordSettings()
     started = time.perf_counter()
-    g = AtariGame(game, settings, env_seed=int(_rng(seed, "env", game).integers(2**31)))
+    g = _open_game(game, settings, seed)
     try:
         with _staged(out_dir, overwrite) as tmp:
             create_dataset(
@@ -538,7 +542,7 @@ def record_episodes(
                     full_action_ids=g.full_ids.tolist(),
                 ),
             )
-            _record_unit(_Unit(str(tmp), game, ("episodes", split), episodes, 0, length, seed, settings))
+            _record_with(g, _Unit(str(tmp), game, ("episodes", split), episodes, 0, length, seed, settings))
     finally:
         g.close()
     if log:
@@ -574,7 +578,7 @@ def record_default(
     root = Path(out_dir)
     for name in DATASETS.values():
         _check_target(root / name, overwrite)
-    _check_workers(workers)
+    _positive(workers=workers)
     common: dict[str, Any] = {"overwrite": overwrite, "settings": settings, "log": log}
     return {
         "seed": seed,

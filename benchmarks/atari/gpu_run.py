@@ -25,12 +25,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks.atari.study import RUN_DIRS, SHARED_STAGES
+
 __all__ = ["main", "run"]
 
 #: What the study leaves when it finished, copied back beside gpu_run.json and the log.
 FINISHED = ("results.json", "README.md", "study.json", "rollout.gif")
 #: The study's stage folders, in order; a stage counts as reached when its folder exists.
-STAGES = ("data", "autoencoder", "latent", "pretrain", "scratch_init", "convert", "finetune", "eval")
+STAGES = (*SHARED_STAGES, *RUN_DIRS)
 
 
 def _device() -> dict[str, Any]:
