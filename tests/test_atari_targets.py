@@ -212,3 +212,16 @@ def test_the_committed_wide_dit_seeds_record_is_what_its_budget_checks_give() ->
     assert set(per_seed) == set(range(mine["replicates"]["seeds"]))  # every seed of the study
     recorded = json.loads((out / "budget" / "targets.json").read_text())["rows"]
     assert json.loads(json.dumps(targets.judge(per_seed))) == recorded
+
+
+def test_the_wide_dit_3_seed_verdicts_stay_what_seeds_0_to_2_give() -> None:
+    """The 5-seed extension was declared after the 3-seed look: that first look is kept as filed
+    (``targets.3-seeds.json``) and must still be what ``judge`` gives on seeds 0, 1 and 2 alone,
+    while ``targets.json`` is the 5-seed one (checked above)."""
+    out = RESULTS / "atari-wan-wide-latent-seeds"
+    per_seed = targets.collect(out)
+    assert set(per_seed) == set(range(5))
+    first = {s: per_seed[s] for s in range(3)}
+    recorded = json.loads((out / "budget" / "targets.3-seeds.json").read_text())["rows"]
+    assert json.loads(json.dumps(targets.judge(first))) == recorded
+    assert json.loads(json.dumps(targets.judge(per_seed))) != recorded  # the two looks differ
