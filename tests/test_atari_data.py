@@ -198,12 +198,12 @@ def test_recording_in_several_processes_writes_the_same_datasets(tmp_path):
     smaller than a game would change the data); workers=2 keeps one emulator per game and writes
     the datasets (arrays and dataset.json) of one process."""
     settings = atari.RecordSettings(warmup=(0, 400))
-    game = atari.AtariGame("Seaquest", settings, env_seed=int(atari._rng(0, "env", "Seaquest").integers(2**31)))
+    game = atari._open_game("Seaquest", settings, 0)
     try:
         in_order = [atari._record(game, 5, 0, "clips", "Seaquest", c).frames for c in range(3)]
     finally:
         game.close()
-    fresh = atari.AtariGame("Seaquest", settings, env_seed=int(atari._rng(0, "env", "Seaquest").integers(2**31)))
+    fresh = atari._open_game("Seaquest", settings, 0)
     try:
         alone = atari._record(fresh, 5, 0, "clips", "Seaquest", 2).frames
     finally:

@@ -328,10 +328,10 @@ DIT_SCALES: dict[str, dict[str, Any]] = {
 
 #: The Wan DiT on a 16×16 grid (latent, patch), over :data:`DIT_SCALES`. At the gpu scale it is the
 #: wide DiT whose cpu runs met the targets over 3 seeds (over 5, all but copy-last's PSNR lead on
-#: the first 2 frames; 5.08M parameters, benchmarks/results/atari-wan-wide-latent-seeds), so the gpu run asks whether they hold with 5× the pretraining
-#: frames; fine-tuned for as many windows as those runs' 6,400 steps of 2 (800 × 16), at their
-#: learning rates (not probed at batch 16). The 52.8M pixel-scale DiT would count 43.7 PFLOP here,
-#: about 29 min at 25 TFLOP/s (compute.py).
+#: the first 2 frames; 5.08M parameters, benchmarks/results/atari-wan-wide-latent-seeds), so the
+#: gpu run asks whether they hold with 5× the pretraining frames; fine-tuned for as many windows
+#: as those runs' 6,400 steps of 2 (800 × 16), at their learning rates (not probed at batch 16).
+#: The 52.8M pixel-scale DiT would count 43.7 PFLOP here, about 29 min at 25 TFLOP/s (compute.py).
 DIT_LATENT_SCALES: dict[str, dict[str, Any]] = {
     "gpu": {  # the cpu DiT with --set model.attention_head_dim=48 --set model.ffn_dim=768, as those runs
         "model": {**DIT_SCALES["cpu"]["model"], "patch_size": [1, 2, 2], "attention_head_dim": 48, "ffn_dim": 768},
