@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives at the repo root
 
-from benchmarks.atari import study  # noqa: E402
+from benchmarks.atari import reuse  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "atari-wan-wide-latent"
 
@@ -41,7 +41,7 @@ def test_reuse_of_the_committed_study_copies_its_models_and_makes_the_rest_again
     ident = json.loads((ROOT / "study.json").read_text(encoding="utf-8"))
     cfg = {**ident["config"], "replicates": {**ident["config"]["replicates"], "seeds": 3}}
     logs: list[str] = []
-    copied = study.reuse_stages(tmp_path / "w", ROOT, cfg, ident["seed"], ident["scale"], logs.append)
+    copied = reuse.reuse_stages(tmp_path / "w", ROOT, cfg, ident["seed"], ident["scale"], logs.append)
     assert copied == ["autoencoder", "pretrain"]
     assert (tmp_path / "w" / "pretrain" / "model" / "config.json").is_file()
     assert any(m.startswith("[reuse] data/ not copied: its record is there but not") for m in logs)

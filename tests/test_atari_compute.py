@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives at the repo root
 
-from benchmarks.atari import compute, study  # noqa: E402
+from benchmarks.atari import compute, scales, stages  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
@@ -25,7 +25,7 @@ GPU_PFLOP = 9.0
 def test_a_step_counts_per_sample_and_backward_counts_twice_forward(backbone):
     """The counter sees the model's arithmetic, not a constant: twice the batch, twice the count;
     forward and backward about three forwards (the backward's two matmuls per forward one)."""
-    cfg = study.resolve_config("smoke", backbone=backbone, space="latent")
+    cfg = scales.resolve_config("smoke", backbone=backbone, space="latent")
     one = compute.count_flops(compute._diffusion_pass(cfg, 1, 4, backward=False))
     two = compute.count_flops(compute._diffusion_pass(cfg, 2, 4, backward=False))
     both = compute.count_flops(compute._diffusion_pass(cfg, 1, 4, backward=True))
@@ -34,7 +34,7 @@ def test_a_step_counts_per_sample_and_backward_counts_twice_forward(backbone):
 
 
 def test_rows_count_every_stage_and_every_fine_tuning_run():
-    cfg = study.resolve_config("smoke", ["finetune.steps=3"], space="latent")
+    cfg = scales.resolve_config("smoke", ["finetune.steps=3"], space="latent")
     rows = compute.scale_compute(cfg, tflops=[1.0])
     assert [r["stage"] for r in rows] == ["autoencoder", "pretraining", "fine-tuning (7 runs)", "evaluation", "total"]
     by = {r["stage"]: r for r in rows}
@@ -50,7 +50,7 @@ def test_rollout_passes_are_what_the_recorded_rollouts_counted(name):
     replicate seeds (streamed, guided, and the UNet3D's recomputed time-spanning-norm ablation),
     equal the passes its rollouts recorded."""
     out = RESULTS / name
-    cfg = study.read_identity(out)["config"]
+    cfg = stages.read_identity(out)["config"]
     recorded = 0
     for path in [*(out / "eval").glob("*.json"), *out.glob("seed*/eval/*.json")]:
         timing = json.loads(path.read_text(encoding="utf-8")).get("timing") or {}
@@ -62,13 +62,13 @@ def test_rollout_passes_are_what_the_recorded_rollouts_counted(name):
 def test_the_latent_gpu_scale_fits_its_counted_budget(backbone):
     """A guard on the configuration, not a time: the gpu scale must stay within the compute its
     README's minutes are computed from (the 52.8M pixel DiT there would count 43.7 PFLOP)."""
-    rows = compute.scale_compute(study.resolve_config("gpu", backbone=backbone, space="latent"))
+    rows = compute.scale_compute(scales.resolve_config("gpu", backbone=backbone, space="latent"))
     assert rows[-1]["flop"] / 1e15 <= GPU_PFLOP
 
 
 def test_the_wan_gpu_scale_trains_the_dit_whose_cpu_runs_met_the_targets():
-    wide = study.read_identity(RESULTS / "atari-wan-wide-latent-seeds")["config"]
-    gpu = study.resolve_config("gpu", backbone="wan", space="latent")
+    wide = stages.read_identity(RESULTS / "atari-wan-wide-latent-seeds")["config"]
+    gpu = scales.resolve_config("gpu", backbone="wan", space="latent")
     assert gpu["model"] == wide["model"] and gpu["finetune"]["motion_weight"] == wide["finetune"]["motion_weight"]
     # as many fine-tuning windows as the cpu runs' 6,400 steps of 2, in steps of 16
     assert gpu["finetune"]["steps"] * gpu["finetune"]["batch_size"] == 6400 * wide["finetune"]["batch_size"]

@@ -293,7 +293,7 @@ def test_score_carries_per_frame_values_and_the_paddle(test_frames):
 
 
 def test_study_pairs_every_random_run_with_its_real_run_and_reports_it(test_frames):
-    from benchmarks.atari import report, study
+    from benchmarks.atari import report, verdicts
 
     real = test_frames[:4, 4:]
     noise = np.random.default_rng(0).integers(0, 256, real.shape, dtype=np.uint8)
@@ -305,7 +305,7 @@ def test_study_pairs_every_random_run_with_its_real_run_and_reports_it(test_fram
             ("n_s1_real", "n", "real", noise),  # no random run: nothing to pair
         ]
     }
-    ctrl = study.controllability(runs)
+    ctrl = verdicts.controllability(runs)
     assert list(ctrl) == ["m_s1"]
     c = ctrl["m_s1"]
     assert (c["real"], c["random"]) == ("m_s1_real", "m_s1_random")
@@ -318,7 +318,7 @@ def test_study_pairs_every_random_run_with_its_real_run_and_reports_it(test_fram
 
 
 def test_a_run_evaluated_before_the_new_metrics_gets_them_from_its_stored_frames(test_frames, tmp_path):
-    from benchmarks.atari import study
+    from benchmarks.atari import scales, stages
 
     seg = ev.Segments(test_frames[:3], np.zeros((3, 4), np.int64), np.zeros((3, 12), np.int64), 4, [(0, 1)] * 3, 6)
     pred = ev.model_space(np.repeat(test_frames[:3, 3:4], 12, axis=1))  # copy-last, as a rollout would give
@@ -329,7 +329,7 @@ def test_a_run_evaluated_before_the_new_metrics_gets_them_from_its_stored_frames
     old = {"name": "m_s1_random", "metrics": {k: dict(fresh[k]) for k in ("psnr", "ssim")}}
     for k in ("psnr", "ssim"):
         del old["metrics"][k]["values"]
-    s = study.Study(tmp_path, study.resolve_config("smoke", space="pixel"), 0, scale="smoke", log=lambda m: None)
+    s = stages.Study(tmp_path, scales.resolve_config("smoke", space="pixel"), 0, scale="smoke", log=lambda m: None)
     doc = s._add_new_metrics(old, marker, seg)
     assert doc["added_from_stored_frames"] == ["psnr", "ssim", "paddle"]
     assert doc["metrics"]["paddle"] == fresh["paddle"]  # detected on the same uint8 frames

@@ -18,7 +18,7 @@ pytest.importorskip("gymnasium")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives at the repo root
 
-from benchmarks.atari import seeds, study  # noqa: E402
+from benchmarks.atari import reuse, scales, seeds, study  # noqa: E402
 
 SEED = 5
 
@@ -42,12 +42,12 @@ def test_latent_study_trains_on_latents_and_scores_pixels(latent_run):
     assert record.vae.class_name == "AutoencoderKL" and record.slots == 1  # one latent frame per video frame
     # the world model was built for the autoencoder's latents, not for pixels
     cfg = json.loads((out / "pretrain" / "model" / "config.json").read_text())
-    assert cfg["in_channels"] == study.LATENT_SCALES["smoke"]["latent"]["latent_channels"]
+    assert cfg["in_channels"] == scales.LATENT_SCALES["smoke"]["latent"]["latent_channels"]
     assert cfg["sample_size"] == 32 // 2  # smoke frames 32×32, one halving
     # predictions are decoded: the stored frames are pixels of the real frames' shape
     frames = np.load(out / "eval" / "extrapolative_s1_real.npz")["frames"]
     assert frames.dtype == np.uint8 and frames.shape[-3:] == (32, 32, 3)
-    assert results["runs"][study.AUTOENCODER]["actions"] == "none"
+    assert results["runs"][scales.AUTOENCODER]["actions"] == "none"
     ae = results["autoencoder"]
     assert ae["reconstruction"]["frames"] > 0 and math.isfinite(ae["latent_std"])
     # the normalisation the autoencoder was saved with makes the stored latents about unit scale
@@ -84,9 +84,9 @@ def test_report_gives_claim_by_claim_verdicts(latent_run):
     assert "autoencoded last context frame" in text
     assert "Does the model use its past?" in text
     ctx = results["context"]["extrapolative"]
-    assert set(ctx) == {str(k) for k in study.CONTEXT_LEVELS}
+    assert set(ctx) == {str(k) for k in scales.CONTEXT_LEVELS}
     assert all(set(row) == {"own", "other"} and math.isfinite(row["own"]["psnr"]) for row in ctx.values())
-    assert study.BASELINE_AE in results["runs"]
+    assert scales.BASELINE_AE in results["runs"]
     assert "paddle row, real frames" in text
     assert (out / "rollout.gif").is_file()
 
@@ -101,10 +101,10 @@ def test_latent_study_resumes_without_rerunning(latent_run):
 
 def test_space_is_part_of_the_identity_and_checked(latent_run, tmp_path):
     out, _, _ = latent_run
-    with pytest.raises(study.StudyError, match="another scale, seed or configuration"):
+    with pytest.raises(scales.StudyError, match="another scale, seed or configuration"):
         study.run_study(out, scale="smoke", seed=SEED, space="pixel", log=lambda m: None)
-    with pytest.raises(study.StudyError, match="unknown space"):
-        study.resolve_config("smoke", space="voxels")
+    with pytest.raises(scales.StudyError, match="unknown space"):
+        scales.resolve_config("smoke", space="voxels")
 
 
 def test_wan_backbone_runs_in_latent_space(latent_run, tmp_path):
@@ -114,8 +114,8 @@ def test_wan_backbone_runs_in_latent_space(latent_run, tmp_path):
 
     source, _, _ = latent_run
     for space, patch in (("latent", [1, 2, 2]), ("patch", [1, 2, 2]), ("pixel", [1, 4, 4])):
-        assert study.resolve_config("cpu", backbone="wan", space=space)["model"]["patch_size"] == patch
-    assert "patch_size" not in study.resolve_config("cpu", space="latent")["model"]  # the UNet3D keeps its own
+        assert scales.resolve_config("cpu", backbone="wan", space=space)["model"]["patch_size"] == patch
+    assert "patch_size" not in scales.resolve_config("cpu", space="latent")["model"]  # the UNet3D keeps its own
     out = tmp_path / "wan"
     res = study.run_study(
         out, scale="smoke", seed=SEED, backbone="wan", space="latent", data_dir=source / "data", log=lambda m: None
@@ -141,10 +141,10 @@ def test_wan_backbone_runs_in_latent_space(latent_run, tmp_path):
     tampered = json.loads(json.dumps(doc))
     tampered["steps"][str(steps)]["paddle"]["real_minus_random"]["per_segment"][0] += 1.0  # negative control
     record.write_text(json.dumps(tampered))
-    with pytest.raises(study.StudyError, match="differ from the budget check"):
+    with pytest.raises(scales.StudyError, match="differ from the budget check"):
         budget_gif.write_gif(out, steps, out=tmp_path / "never.gif")
     assert not (tmp_path / "never.gif").exists()
-    with pytest.raises(study.StudyError, match="no budget check of 'causal' measured at 99 steps"):
+    with pytest.raises(scales.StudyError, match="no budget check of 'causal' measured at 99 steps"):
         budget_gif.write_gif(out, 99)
 
 
@@ -177,7 +177,7 @@ def test_broad_pretraining_check_remakes_gone_stages_and_pairs_with_the_study(la
     assert doc["base_stages"]["remade"] and doc["clips"]["study_clips_are_the_first"]
     assert doc["pretrain"]["windows"] > results["pretrain"]["windows"]  # more clips than the study's
     assert sorted(doc["per_seed"]) == [str(SEED), str(SEED + 1)]
-    scratch = results["runs"][study.run_name("scratch", 1.0, "real")]["metrics"]["psnr"]["overall"]
+    scratch = results["runs"][scales.run_name("scratch", 1.0, "real")]["metrics"]["psnr"]["overall"]
     assert doc["per_seed"][str(SEED)]["psnr"]["study_scratch"] == pytest.approx(scratch)
     claims = {row["claim"]: row for row in doc["across_seeds"]}
     assert broad.TRANSFER in claims and broad.BROAD_VS_STUDY in claims
@@ -198,12 +198,12 @@ def test_broad_check_refuses_an_autoencoder_that_does_not_reproduce(latent_run, 
     doc["final_loss"] += 1e-6
     record.write_text(json.dumps(doc))
     per_game = results["study"]["config"]["data"]["clips_per_game"]
-    with pytest.raises(study.StudyError, match="differs from the study's in final_loss"):
+    with pytest.raises(scales.StudyError, match="differs from the study's in final_loss"):
         broad.run(kept, tmp_path / "broad", clips_per_game=2 * per_game, steps=None, seeds=1, log=lambda m: None)
     assert not (tmp_path / "broad" / "pretrain").exists()
-    with pytest.raises(study.StudyError, match="fewer than the study's"):
+    with pytest.raises(scales.StudyError, match="fewer than the study's"):
         broad.run(source, tmp_path / "fewer", clips_per_game=1, steps=None, seeds=1, log=lambda m: None)
-    with pytest.raises(study.StudyError, match="--seeds 3"):
+    with pytest.raises(scales.StudyError, match="--seeds 3"):
         broad.run(source, tmp_path / "seeds", clips_per_game=2 * per_game, steps=None, seeds=3, log=lambda m: None)
 
 
@@ -251,8 +251,8 @@ def test_across_seeds_needs_the_claim_in_every_seed():
 
 def test_set_cannot_change_space_or_backbone():
     for key in ("space", "backbone"):
-        with pytest.raises(study.StudyError, match=f"use --{key}"):
-            study.resolve_config("smoke", [f"{key}=pixel"])
+        with pytest.raises(scales.StudyError, match=f"use --{key}"):
+            scales.resolve_config("smoke", [f"{key}=pixel"])
 
 
 def test_a_study_resumes_in_its_recorded_space(latent_run):
@@ -332,10 +332,10 @@ def test_reuse_copies_the_shared_stages_for_a_fine_tuning_ablation(latent_run, t
     assert any("pretrain/ not copied: the studies differ in backbone, model" in m for m in logs)
     for rel in ("autoencoder/autoencoder.json", "latent/summary.json"):
         assert (tmp_path / "wan" / rel).read_bytes() == (out / rel).read_bytes()
-    with pytest.raises(study.StudyError, match="differs in data: it has other recordings"):
+    with pytest.raises(scales.StudyError, match="differs in data: it has other recordings"):
         ablation(tmp_path / "bad", "data.clips_per_game=3")
-    with pytest.raises(study.StudyError, match="no study there"):
-        study.reuse_stages(tmp_path / "x", tmp_path, results["study"]["config"], SEED, "smoke", logs.append)
+    with pytest.raises(scales.StudyError, match="no study there"):
+        reuse.reuse_stages(tmp_path / "x", tmp_path, results["study"]["config"], SEED, "smoke", logs.append)
 
 
 def test_reuse_copies_the_finished_runs_when_only_seeds_are_added(latent_run, tmp_path):
@@ -399,13 +399,13 @@ def test_reuse_of_a_committed_study_copies_only_what_is_there(latent_run, tmp_pa
     from the complete study every stage and run is copied."""
     out, results, _ = latent_run
     committed = _as_committed(out, tmp_path / "committed", keep=("autoencoder/vae", "pretrain/model"))
-    assert study.runs_lacking(out) == [] and "finetune/extrapolative/final" in study.runs_lacking(committed)
+    assert reuse.runs_lacking(out) == [] and "finetune/extrapolative/final" in reuse.runs_lacking(committed)
     cfg, logs = results["study"]["config"], []
-    copied = study.reuse_stages(tmp_path / "a", committed, cfg, SEED, "smoke", logs.append)
+    copied = reuse.reuse_stages(tmp_path / "a", committed, cfg, SEED, "smoke", logs.append)
     assert copied == ["autoencoder", "pretrain"]
     assert any("data/ not copied: its record is there but not pretrain_clips" in m for m in logs)
     assert any("runs not copied (trained anew): their records are there but not" in m for m in logs)
-    everything = study.reuse_stages(tmp_path / "b", out, cfg, SEED, "smoke", logs.append)
+    everything = reuse.reuse_stages(tmp_path / "b", out, cfg, SEED, "smoke", logs.append)
     assert {"data", "latent", "scratch_init", "finetune", "eval"} <= set(everything)
 
     logs.clear()

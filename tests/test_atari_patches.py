@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ live
 import torch  # noqa: E402
 
 from benchmarks.atari import evaluate as ev  # noqa: E402
-from benchmarks.atari import patches, study  # noqa: E402
+from benchmarks.atari import patches, scales, stages, study  # noqa: E402
 
 SEED = 3
 NORM = {"size": 4, "mean": [-0.5, -0.4, -0.6], "std": [0.5, 0.25, 0.4]}
@@ -77,7 +77,7 @@ def test_patch_study_trains_on_patches_and_scores_pixels(patch_run):
     assert frames.dtype == np.uint8 and frames.shape[-3:] == (32, 32, 3)
     # no autoencoder: nothing trained, no autoencoder references
     assert results["autoencoder"] is None and not (out / "autoencoder").exists()
-    assert study.AUTOENCODER not in results["runs"] and study.BASELINE_AE not in results["runs"]
+    assert scales.AUTOENCODER not in results["runs"] and scales.BASELINE_AE not in results["runs"]
 
 
 def test_patch_study_resumes_in_its_space(patch_run):
@@ -85,7 +85,7 @@ def test_patch_study_resumes_in_its_space(patch_run):
     logs: list[str] = []
     again = study.run_study(out, scale="smoke", seed=SEED, log=logs.append)  # no space given: the recorded one
     assert again["stages_run_now"] == [] and again["study"]["config"]["space"] == "patch"
-    with pytest.raises(study.StudyError, match="another scale, seed or configuration"):
+    with pytest.raises(scales.StudyError, match="another scale, seed or configuration"):
         study.run_study(out, scale="smoke", seed=SEED, space="latent", log=lambda m: None)
 
 
@@ -101,8 +101,8 @@ def test_encoding_refuses_an_existing_dataset(patch_run, tmp_path):
 
 def test_patch_space_has_the_latent_model_and_budgets_without_the_autoencoder():
     for backbone in ("unet3d", "wan"):  # the Wan DiT patches the 16x16 grid 2x2 in both spaces
-        cfg = study.resolve_config("cpu", backbone=backbone, space="patch")
-        latent = study.resolve_config("cpu", backbone=backbone, space="latent")
+        cfg = scales.resolve_config("cpu", backbone=backbone, space="patch")
+        latent = scales.resolve_config("cpu", backbone=backbone, space="latent")
         assert cfg["model"] == latent["model"] and cfg["finetune"] == latent["finetune"] and cfg["latent"] is None
 
 
@@ -144,7 +144,7 @@ def test_study_reports_the_action_check_and_the_real_moves(patch_run):
     act = results["action"]
     assert set(act["variants"]) == set(results["variants"])
     for levels in act["variants"].values():
-        assert set(levels) == {str(k) for k in study.CONTEXT_LEVELS}
+        assert set(levels) == {str(k) for k in scales.CONTEXT_LEVELS}
         for row in levels.values():
             assert row["action_rms"] >= 0 and row["past_rms"] >= 0
             assert [m["action"] for m in row["moves"]] == list(range(results["segments"]["num_actions"]))
@@ -160,7 +160,7 @@ def test_budget_refuses_a_variant_whose_fine_tuning_has_not_finished(patch_run, 
     shutil.copytree(out, copy, symlinks=True)
     shutil.rmtree(copy / "finetune" / "scratch" / "final")
     base = results["study"]["config"]["finetune"]["steps"]
-    with pytest.raises(study.StudyError, match="not finished fine-tuning 'scratch'"):
+    with pytest.raises(scales.StudyError, match="not finished fine-tuning 'scratch'"):
         budget.run(copy, "scratch", [base])
 
 
@@ -185,7 +185,7 @@ def test_budget_continues_fine_tuning_and_measures_each_step_count(patch_run):
 
     out, results, _ = patch_run
     base = results["study"]["config"]["finetune"]["steps"]
-    with pytest.raises(study.StudyError, match="at least the study's own"):
+    with pytest.raises(scales.StudyError, match="at least the study's own"):
         budget.run(out, "extrapolative", [base - 1])
     only = budget.run(out, "extrapolative", [base])  # the study's own count: measured, nothing trained
     assert list(only["steps"]) == [str(base)]
@@ -198,7 +198,7 @@ def test_budget_continues_fine_tuning_and_measures_each_step_count(patch_run):
     assert list(doc["steps"]) == [str(base), str(base + 2)]
     assert (out / "budget" / "extrapolative" / f"step-{base + 2}" / "final").is_dir()
     for row in doc["steps"].values():
-        assert set(row["action_check"]) == {str(k) for k in study.CONTEXT_LEVELS}
+        assert set(row["action_check"]) == {str(k) for k in scales.CONTEXT_LEVELS}
         assert row["paddle"]["verdict"] and "mean" in row["paddle"]["real_minus_random"]
         d = row["paddle"]["real_minus_random"]  # per segment too; their mean is the overall one
         assert len(d["per_segment"]) == d["n"] or None in d["per_segment"]
@@ -211,7 +211,7 @@ def test_budget_continues_fine_tuning_and_measures_each_step_count(patch_run):
     first = next(c for c in results["comparisons"] if c["claim"].endswith("generated frames") and c["b"] == "copy-last")
     mine = doc["steps"][str(base)]["copy_last"]
     span = next(k for k in mine if k != "all")
-    assert first["a"] == "extrapolative_s1_real" and span == f"first_{study.FIRST_FRAMES}"
+    assert first["a"] == "extrapolative_s1_real" and span == f"first_{scales.FIRST_FRAMES}"
     assert mine[span]["psnr"]["mean"] == pytest.approx(first["psnr"]["mean"])
     assert mine[span]["ssim"]["per_segment"] == pytest.approx(first["ssim"]["per_segment"])
     assert "| fine-tuning steps |" in budget.table(doc)
@@ -225,9 +225,9 @@ def test_budget_runs_on_a_replicate_seed(patch_run):
     doc = budget.run(out, "extrapolative", [base + 1], replicate=1)
     assert doc["training_seed"] == SEED + 1 and doc["out"] == str(out / f"seed{SEED + 1}")
     assert (out / f"seed{SEED + 1}" / "budget" / "extrapolative" / f"step-{base + 1}" / "final").is_dir()
-    with pytest.raises(study.StudyError, match="no fine-tuned variant 'noncausal-norm'"):
+    with pytest.raises(scales.StudyError, match="no fine-tuned variant 'noncausal-norm'"):
         budget.run(out, "noncausal-norm", [base + 1], replicate=1)  # the ablation is not replicated
-    with pytest.raises(study.StudyError, match="no replicate 7"):
+    with pytest.raises(scales.StudyError, match="no replicate 7"):
         budget.open_study(out, 7)
 
 
@@ -243,7 +243,7 @@ def test_a_shared_only_study_is_fine_tuned_run_by_run_by_the_budget_check(patch_
     done = study.run_study(part, scale="smoke", seed=SEED, space="patch", data_dir=out / "data", shared_only=True)
     assert done["shared_only"] and "pretrain" in done["stages_run_now"]
     assert (part / "pretrain" / "model").is_dir() and not (part / "finetune").exists()
-    with pytest.raises(study.StudyError, match="--fine-tune-missing fine-tunes it"):
+    with pytest.raises(scales.StudyError, match="--fine-tune-missing fine-tunes it"):
         budget.run(part, "extrapolative", [base])
     doc = budget.run(part, "extrapolative", [base], fine_tune_missing=True)
     final = "finetune/extrapolative/final"
@@ -252,7 +252,7 @@ def test_a_shared_only_study_is_fine_tuned_run_by_run_by_the_budget_check(patch_
         results["runs"]["extrapolative_s1_real"]["metrics"]["psnr"]["overall"]
     )
     shutil.rmtree(part / "scratch_init" / "model")
-    with pytest.raises(study.StudyError, match=r"no scratch_init/model.*--shared-only"):
+    with pytest.raises(scales.StudyError, match=r"no scratch_init/model.*--shared-only"):
         budget.run(part, "scratch", [base], fine_tune_missing=True)
 
 
@@ -261,7 +261,7 @@ def study_threads(patch_run):
     """The study's torch threads and deterministic kernels, as ``budget``'s command line sets them
     (bit-equal weights need the same thread count), restored afterwards."""
     saved = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    study.set_determinism(patch_run[1]["study"]["threads"], "cpu")
+    stages.set_determinism(patch_run[1]["study"]["threads"], "cpu")
     yield
     torch.set_num_threads(saved[0])
     torch.use_deterministic_algorithms(saved[1])
@@ -340,7 +340,7 @@ def test_budget_refuses_bad_settings(patch_run, overrides, needle):
     from benchmarks.atari import budget
 
     out, _, _ = patch_run
-    with pytest.raises(study.StudyError, match=needle):
+    with pytest.raises(scales.StudyError, match=needle):
         budget.run(out, "extrapolative", [1], overrides=overrides)
 
 
@@ -351,14 +351,14 @@ def test_budget_parses_settings():
         "adapter_lr_scale": 10,
         "train_only": "adapter",
     }
-    with pytest.raises(study.StudyError, match="KEY=VALUE"):
+    with pytest.raises(scales.StudyError, match="KEY=VALUE"):
         budget.parse_settings(["adapter_lr_scale"])
 
 
 def test_budget_refuses_a_directory_without_a_study(tmp_path):
     from benchmarks.atari import budget
 
-    with pytest.raises(study.StudyError, match="no study"):
+    with pytest.raises(scales.StudyError, match="no study"):
         budget.open_study(tmp_path)
 
 
@@ -405,5 +405,5 @@ def test_budget_refuses_bad_sampler_settings(patch_run, sampler, needle):
     from benchmarks.atari import budget
 
     out, results, _ = patch_run
-    with pytest.raises(study.StudyError, match=needle):
+    with pytest.raises(scales.StudyError, match=needle):
         budget.run(out, "extrapolative", [results["study"]["config"]["finetune"]["steps"]], sampler=sampler)

@@ -18,7 +18,7 @@ pytest.importorskip("gymnasium")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives at the repo root
 
-from benchmarks.atari import study  # noqa: E402
+from benchmarks.atari import scales, stages, study  # noqa: E402
 
 SEED = 3
 
@@ -64,12 +64,12 @@ def test_every_stage_writes_its_outputs(runs):
         "plots/finetune_loss.png",
     ]:
         assert (out / path).is_file(), path
-    for v in study.VARIANTS:
+    for v in scales.VARIANTS:
         assert (out / "convert" / v / "causalize.json").is_file()
         assert (out / "finetune" / v / "final" / "causalize.json").is_file()
-    for v in study.VARIANTS:
+    for v in scales.VARIANTS:
         assert (out / "eval" / f"denoise_{v}.json").is_file()
-    for run in study.eval_runs(study.resolve_config("smoke", space="pixel")):
+    for run in scales.eval_runs(scales.resolve_config("smoke", space="pixel")):
         assert (out / "eval" / f"{run['name']}.json").is_file()
         assert (out / "eval" / f"{run['name']}.npz").is_file()
     assert not (out / "pretrain" / "checkpoint.pt").exists()
@@ -78,8 +78,8 @@ def test_every_stage_writes_its_outputs(runs):
 def test_results_cover_every_variant_run_and_metric(runs):
     res = json.loads((runs["root"] / "a" / "results.json").read_text())
     cfg = res["study"]["config"]
-    assert set(res["variants"]) == set(study.VARIANTS)
-    expected = {r["name"] for r in study.eval_runs(cfg)} | {study.BASELINE}
+    assert set(res["variants"]) == set(scales.VARIANTS)
+    expected = {r["name"] for r in scales.eval_runs(cfg)} | {scales.BASELINE}
     assert set(res["runs"]) == expected
     horizon = cfg["eval"]["horizon"]
     for name, run in res["runs"].items():
@@ -87,7 +87,7 @@ def test_results_cover_every_variant_run_and_metric(runs):
             m = run["metrics"][metric]
             assert len(m["mean"]) == horizon and m["n"] == res["segments"]["count"], name
             assert all(x == x for x in m["mean"]), name  # no NaN
-    assert {r["guidance"] for r in res["runs"].values() if r["variant"] == study.MAIN and r["actions"] == "real"} == {
+    assert {r["guidance"] for r in res["runs"].values() if r["variant"] == scales.MAIN and r["actions"] == "real"} == {
         1.0,
         1.5,
         2.5,
@@ -95,14 +95,14 @@ def test_results_cover_every_variant_run_and_metric(runs):
     assert any(r["actions"] == "random" for r in res["runs"].values())
     # the time-spanning norm is not causal, and the verification says so; every other variant is causal
     ver = {v: d["verification"]["passed"] for v, d in res["variants"].items()}
-    assert ver == {v: spec["causal"] for v, spec in study.VARIANTS.items()}
+    assert ver == {v: spec["causal"] for v, spec in scales.VARIANTS.items()}
     assert "causal-norm" not in res["variants"]["noncausal-norm"]["pipeline"]
     assert "transfer=shift" in res["variants"]["shift"]["pipeline"]
     # the one-step denoising check: every variant, every level; no denoising scores worse at
     # higher noise (the noisy input carries less of the frame)
-    assert set(res["denoising"]) == set(study.VARIANTS)
+    assert set(res["denoising"]) == set(scales.VARIANTS)
     for v, levels in res["denoising"].items():
-        assert [int(k) for k in levels] == list(study.DENOISE_LEVELS)
+        assert [int(k) for k in levels] == list(scales.DENOISE_LEVELS)
         inputs = [levels[k]["input"] for k in levels]
         assert inputs == sorted(inputs, reverse=True), (v, inputs)
         assert all(d["x0"] == d["x0"] for d in levels.values())
@@ -119,7 +119,7 @@ def test_same_seed_same_numbers(runs):
 
 def test_resume_reruns_only_what_is_missing(runs):
     out = runs["root"] / "b"
-    name = study.run_name("scratch", 1.0, "random")
+    name = scales.run_name("scratch", 1.0, "random")
     (out / "eval" / f"{name}.json").unlink()
     logs: list[str] = []
     again = study.run_study(out, scale="smoke", space="pixel", seed=SEED, log=logs.append)
@@ -129,7 +129,7 @@ def test_resume_reruns_only_what_is_missing(runs):
 
 
 def test_refuses_a_directory_of_another_study(runs):
-    with pytest.raises(study.StudyError, match="another scale, seed or configuration"):
+    with pytest.raises(scales.StudyError, match="another scale, seed or configuration"):
         study.run_study(runs["root"] / "a", scale="smoke", space="pixel", seed=SEED + 1, log=lambda m: None)
 
 
@@ -139,7 +139,7 @@ def test_pretraining_resumes_exactly(runs, tmp_path):
 
     from benchmarks.atari import pretrain as pt
 
-    cfg = study.resolve_config("smoke", space="pixel")
+    cfg = scales.resolve_config("smoke", space="pixel")
     settings = {**cfg["pretrain"], "steps": 4, "checkpoint_every": 1}
     data = str(runs["root"] / "a" / "data" / "pretrain_clips")
 
@@ -211,44 +211,44 @@ def test_a_resume_without_data_keeps_its_linked_recordings(runs, wan_run):
     logs: list[str] = []
     again = study.run_study(out, scale="smoke", seed=SEED, backbone="wan", log=logs.append)
     assert not (out / "data").exists()  # nothing recorded again
-    assert study.linked_data(out) == (runs["root"] / "a" / "data").resolve()
+    assert stages.linked_data(out) == (runs["root"] / "a" / "data").resolve()
     assert any("(linked; --data overrides)" in m for m in logs)
     assert again["runs"] == res["runs"]
     gone = runs["root"] / "gone"
     gone.mkdir()
-    (gone / study.DATA_LINK).write_text(json.dumps({"data": str(runs["root"] / "nowhere")}))
-    with pytest.raises(study.StudyError, match=r"which is gone: .* delete .*data\.json"):
+    (gone / stages.DATA_LINK).write_text(json.dumps({"data": str(runs["root"] / "nowhere")}))
+    with pytest.raises(scales.StudyError, match=r"which is gone: .* delete .*data\.json"):
         study.run_study(gone, scale="smoke", space="pixel", seed=SEED, log=lambda m: None)
-    with pytest.raises(study.StudyError, match="which is gone: .* leave out --reuse"):
+    with pytest.raises(scales.StudyError, match="which is gone: .* leave out --reuse"):
         study.run_study(runs["root"] / "fresh", scale="smoke", space="pixel", seed=SEED, reuse=gone, log=lambda m: None)
     assert not (runs["root"] / "fresh" / "data").exists()
     (runs["root"] / "own" / "data").mkdir(parents=True)  # a study with recordings of its own ignores --reuse's link
-    with pytest.raises(study.StudyError, match="no study there"):  # got past the data, to --reuse's own check
+    with pytest.raises(scales.StudyError, match="no study there"):  # got past the data, to --reuse's own check
         study.run_study(runs["root"] / "own", scale="smoke", space="pixel", seed=SEED, reuse=gone, log=lambda m: None)
     (gone / "study.json").write_text((out / "study.json").read_text())  # a finished study whose recordings went
-    with pytest.raises(study.StudyError, match="which is gone"):
+    with pytest.raises(scales.StudyError, match="which is gone"):
         budget.open_study(gone)
 
 
 def test_a_directory_of_one_backbone_refuses_the_other(runs, wan_run):
-    with pytest.raises(study.StudyError, match="another scale, seed or configuration"):
+    with pytest.raises(scales.StudyError, match="another scale, seed or configuration"):
         study.run_study(
             wan_run[0], scale="smoke", space="pixel", seed=SEED, log=lambda m: None
         )  # unet3d into the wan study
 
 
 def test_studies_recorded_before_backbones_resume_as_unet3d(tmp_path):
-    cfg = study.resolve_config("smoke", space="pixel")
+    cfg = scales.resolve_config("smoke", space="pixel")
     # recorded before backbones (issue 6) and before spaces and replicates (issue 17)
     old = {k: v for k, v in cfg.items() if k not in ("backbone", "space", "latent", "replicates")}
     # and before the fine-tuning settings motion_weight and adapter_lr_scale
     old["finetune"] = {k: v for k, v in cfg["finetune"].items() if k not in ("motion_weight", "adapter_lr_scale")}
     (tmp_path / "study.json").write_text(json.dumps({"scale": "smoke", "seed": SEED, "config": old}))
-    study.Study(tmp_path, cfg, SEED, scale="smoke").check_identity()  # accepted, not refused
+    stages.Study(tmp_path, cfg, SEED, scale="smoke").check_identity()  # accepted, not refused
     # the control: a study recorded with another fine-tuning setting is another study
-    other = study.resolve_config("smoke", ["finetune.motion_weight=1"], space="pixel")
-    with pytest.raises(study.StudyError, match="another scale, seed or configuration"):
-        study.Study(tmp_path, other, SEED, scale="smoke").check_identity()
+    other = scales.resolve_config("smoke", ["finetune.motion_weight=1"], space="pixel")
+    with pytest.raises(scales.StudyError, match="another scale, seed or configuration"):
+        stages.Study(tmp_path, other, SEED, scale="smoke").check_identity()
 
 
 def test_finetune_settings_reach_the_trainer(tmp_path, monkeypatch):
@@ -258,22 +258,22 @@ def test_finetune_settings_reach_the_trainer(tmp_path, monkeypatch):
 
     captured = []
     monkeypatch.setattr(trainer, "train", lambda config, progress=None: captured.append(config) or {})
-    assert {k: study.resolve_config("smoke")["finetune"][k] for k in ("motion_weight", "adapter_lr_scale")} == {
+    assert {k: scales.resolve_config("smoke")["finetune"][k] for k in ("motion_weight", "adapter_lr_scale")} == {
         "motion_weight": 0.0,
         "adapter_lr_scale": 1.0,
     }
-    cfg = study.resolve_config("smoke", ["finetune.motion_weight=2", "finetune.adapter_lr_scale=5"], space="pixel")
-    study.Study(tmp_path, cfg, SEED, scale="smoke").finetune("extrapolative")
+    cfg = scales.resolve_config("smoke", ["finetune.motion_weight=2", "finetune.adapter_lr_scale=5"], space="pixel")
+    stages.Study(tmp_path, cfg, SEED, scale="smoke").finetune("extrapolative")
     assert (captured[0].motion_weight, captured[0].adapter_lr_scale) == (2, 5)
     # the latent gpu scale fine-tunes motion-weighted (the cpu budget check's lever); the cpu
     # scale and the pixel gpu scale keep the plain loss, and --set still overrides the scale
     weight = {
-        (s, sp): study.resolve_config(s, space=sp)["finetune"]["motion_weight"]
+        (s, sp): scales.resolve_config(s, space=sp)["finetune"]["motion_weight"]
         for s in ("cpu", "gpu")
         for sp in ("latent", "pixel")
     }
     assert weight == {("cpu", "latent"): 0.0, ("cpu", "pixel"): 0.0, ("gpu", "latent"): 1.0, ("gpu", "pixel"): 0.0}
-    assert study.resolve_config("gpu", ["finetune.motion_weight=0"], space="latent")["finetune"]["motion_weight"] == 0
+    assert scales.resolve_config("gpu", ["finetune.motion_weight=0"], space="latent")["finetune"]["motion_weight"] == 0
 
 
 def test_finetune_episodes_trains_every_variant_and_seed_on_the_same_subset(runs, tmp_path, monkeypatch):
@@ -285,15 +285,15 @@ def test_finetune_episodes_trains_every_variant_and_seed_on_the_same_subset(runs
     captured = []
     monkeypatch.setattr(trainer, "train", lambda config, progress=None: captured.append(config) or {})
     data = runs["root"] / "a" / "data"
-    recorded = study.resolve_config("smoke")["data"]["train_episodes"]
+    recorded = scales.resolve_config("smoke")["data"]["train_episodes"]
 
     def chosen(config):
         return EpisodeDataset(
             config.data, config.window, split=config.split, test_fraction=config.test_fraction
         ).episodes
 
-    cfg = study.resolve_config("smoke", ["finetune.episodes=2"], space="pixel")
-    base = study.Study(tmp_path / "k2", cfg, SEED, scale="smoke", data_dir=data)
+    cfg = scales.resolve_config("smoke", ["finetune.episodes=2"], space="pixel")
+    base = stages.Study(tmp_path / "k2", cfg, SEED, scale="smoke", data_dir=data)
     base.finetune("extrapolative")
     base.finetune("scratch")
     base.replica(1).finetune("extrapolative")
@@ -301,26 +301,26 @@ def test_finetune_episodes_trains_every_variant_and_seed_on_the_same_subset(runs
     assert len(subsets[0]) == 2 and subsets == [subsets[0]] * 3
     # the control: without the setting, every recorded episode
     captured.clear()
-    study.Study(
-        tmp_path / "all", study.resolve_config("smoke", space="pixel"), SEED, scale="smoke", data_dir=data
+    stages.Study(
+        tmp_path / "all", scales.resolve_config("smoke", space="pixel"), SEED, scale="smoke", data_dir=data
     ).finetune("extrapolative")
     assert captured[0].split is None and len(chosen(captured[0])) == recorded
     for bad in (0, recorded + 1, 1.5, True):
         # refused when the configuration is resolved, before any stage runs ...
-        with pytest.raises(study.StudyError, match="finetune.episodes must be an integer"):
-            study.resolve_config("smoke", [f"finetune.episodes={json.dumps(bad)}"], space="pixel")
+        with pytest.raises(scales.StudyError, match="finetune.episodes must be an integer"):
+            scales.resolve_config("smoke", [f"finetune.episodes={json.dumps(bad)}"], space="pixel")
         # ... and by the fine-tuning stage against the recordings there (a Study made directly)
-        cfg = study.resolve_config("smoke", space="pixel")
+        cfg = scales.resolve_config("smoke", space="pixel")
         cfg["finetune"]["episodes"] = bad
-        with pytest.raises(study.StudyError, match="finetune.episodes must be an integer"):
-            study.Study(tmp_path / "bad", cfg, SEED, scale="smoke", data_dir=data).finetune("extrapolative")
+        with pytest.raises(scales.StudyError, match="finetune.episodes must be an integer"):
+            stages.Study(tmp_path / "bad", cfg, SEED, scale="smoke", data_dir=data).finetune("extrapolative")
 
 
 def test_unknown_backbone_and_foreign_variants_are_refused():
-    with pytest.raises(study.StudyError, match="unknown backbone"):
-        study.resolve_config("smoke", backbone="vqgan")
-    with pytest.raises(study.StudyError, match="not a variant of the wan backbone"):
-        study.eval_runs(study.resolve_config("smoke", ['eval.random_variants=["shift"]'], backbone="wan"))
+    with pytest.raises(scales.StudyError, match="unknown backbone"):
+        scales.resolve_config("smoke", backbone="vqgan")
+    with pytest.raises(scales.StudyError, match="not a variant of the wan backbone"):
+        scales.eval_runs(scales.resolve_config("smoke", ['eval.random_variants=["shift"]'], backbone="wan"))
 
 
 def test_denoising_check_does_not_depend_on_the_batch(runs):
@@ -329,7 +329,7 @@ def test_denoising_check_does_not_depend_on_the_batch(runs):
 
     out = runs["root"] / "a"
     wm, _ = load_world_model(out / "finetune" / "scratch" / "final")
-    e = study.resolve_config("smoke", space="pixel")["eval"]
+    e = scales.resolve_config("smoke", space="pixel")["eval"]
     segments = ev.load_segments(out / "data" / "heldout_test", e["context"], e["horizon"], e["segments_per_episode"])
     whole = ev.denoising_psnr(wm, segments, [20, 999], SEED)
     one_by_one = ev.denoising_psnr(wm, segments, [20, 999], SEED, batch_size=1)
@@ -339,7 +339,7 @@ def test_denoising_check_does_not_depend_on_the_batch(runs):
             assert abs(whole[k][name] - one_by_one[k][name]) < 1e-3, (k, name)
     assert whole["20"]["input"] > whole["999"]["input"]
     assert json.loads((out / "eval" / "denoise_scratch.json").read_text())["levels"]["20"] == pytest.approx(
-        ev.denoising_psnr(wm, segments, list(study.DENOISE_LEVELS), SEED)["20"]
+        ev.denoising_psnr(wm, segments, list(scales.DENOISE_LEVELS), SEED)["20"]
     )
 
 
@@ -367,11 +367,11 @@ def test_determinism_leaves_the_process_as_it_was(monkeypatch):
     torch.set_num_threads(2 if threads != 2 else 1)
     before = _process_settings()
     try:
-        with study.determinism(threads, "cuda"):
+        with stages.determinism(threads, "cuda"):
             inside = _process_settings()
             assert inside[0] == threads and inside[2] and inside[3] and inside[5] == ":4096:8"
         assert _process_settings() == before
-        study.set_determinism(threads, "cuda")
+        stages.set_determinism(threads, "cuda")
         assert _process_settings() != before
     finally:
         torch.set_num_threads(threads)
@@ -385,7 +385,7 @@ class _Stop(Exception):
 
 @pytest.mark.parametrize(
     ("scale", "asked", "expected"),
-    [("smoke", None, 1), ("gpu", None, min(8, study.usable_cores())), ("smoke", 3, 3)],
+    [("smoke", None, 1), ("gpu", None, min(8, stages.usable_cores())), ("smoke", 3, 3)],
 )
 def test_recording_workers_reach_the_recorder(tmp_path, monkeypatch, scale, asked, expected):
     """The gpu scale records in one process per core (at most 8), the others in one, unless asked."""
@@ -395,9 +395,9 @@ def test_recording_workers_reach_the_recorder(tmp_path, monkeypatch, scale, aske
         seen["workers"] = workers
         raise _Stop
 
-    monkeypatch.setattr(study.atari_data, "record_default", record_default)
+    monkeypatch.setattr(stages.atari_data, "record_default", record_default)
     with pytest.raises(_Stop):
         study.run_study(tmp_path / "s", scale=scale, record_workers=asked, log=lambda m: None)
     assert seen["workers"] == expected
-    with pytest.raises(study.StudyError, match="record_workers must be a positive integer"):
+    with pytest.raises(scales.StudyError, match="record_workers must be a positive integer"):
         study.run_study(tmp_path / "t", scale=scale, record_workers=0, log=lambda m: None)

@@ -45,16 +45,9 @@ import numpy as np
 from benchmarks.atari import budget
 from benchmarks.atari import data as atari_data
 from benchmarks.atari import seeds as seeds_mod
-from benchmarks.atari.study import (
-    BASELINE,
-    Study,
-    StudyError,
-    comparisons,
-    controllability,
-    eval_runs,
-    run_name,
-    set_determinism,
-)
+from benchmarks.atari.scales import BASELINE, StudyError, eval_runs, run_name
+from benchmarks.atari.stages import Study, set_determinism
+from benchmarks.atari.verdicts import comparisons, controllability
 
 #: The shared stages taken over from the finished study as they are.
 _COPIED = ("autoencoder", "latent/heldout_train", "latent/heldout_test")

@@ -55,17 +55,10 @@ import numpy as np
 from benchmarks.atari import control
 from benchmarks.atari import evaluate as ev
 from benchmarks.atari.pretrain import MODEL_DIR
+from benchmarks.atari.reuse import recorded_data
+from benchmarks.atari.scales import CONTEXT_LEVELS, FIRST_FRAMES, StudyError
 from benchmarks.atari.seeds import first_frames
-from benchmarks.atari.study import (
-    CONTEXT_LEVELS,
-    FIRST_FRAMES,
-    StageProgress,
-    Study,
-    StudyError,
-    read_identity,
-    recorded_data,
-    set_determinism,
-)
+from benchmarks.atari.stages import StageProgress, Study, read_identity, set_determinism
 from benchmarks.atari.targets import SPANS, copy_last_span
 from causalize.errors import CausalizeError
 

@@ -44,14 +44,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmarks.atari import autoencoder as ae
 from benchmarks.atari import pretrain as pt
 from benchmarks.atari.backbones import backbone_of
-from benchmarks.atari.study import (
-    StudyError,
-    eval_runs,
-    model_input,
-    read_identity,
-    replicate_variants,
-    resolve_config,
-)
+from benchmarks.atari.scales import StudyError, eval_runs, model_input, replicate_variants, resolve_config
+from benchmarks.atari.stages import read_identity
 
 __all__ = ["count_flops", "measured_rates", "rollout_passes", "scale_compute"]
 

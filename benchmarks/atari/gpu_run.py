@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.atari.study import RUN_DIRS, SHARED_STAGES
+from benchmarks.atari.reuse import RUN_DIRS, SHARED_STAGES
 
 __all__ = ["main", "run"]
 

@@ -27,7 +27,7 @@ import torch
 
 from benchmarks.atari import autoencoder as ae
 from benchmarks.atari import pretrain as pt
-from benchmarks.atari.study import model_input, resolve_config
+from benchmarks.atari.scales import model_input, resolve_config
 
 
 def _median_seconds(step: Callable[[], None], repeats: int) -> float:

@@ -34,8 +34,9 @@ from typing import Any
 import numpy as np
 
 from benchmarks.atari.backbones import backbone_of
+from benchmarks.atari.scales import StudyError
 from benchmarks.atari.seeds import metrics_verdict, over_seeds, over_segments, paired, verdict
-from benchmarks.atari.study import StudyError, read_identity
+from benchmarks.atari.stages import read_identity
 
 __all__ = ["SPANS", "TargetsError", "collect", "copy_last_span", "judge", "table"]
 
