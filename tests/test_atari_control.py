@@ -23,7 +23,7 @@ pytest.importorskip("gymnasium")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives at the repo root
 
-from benchmarks.atari import control
+from benchmarks.atari import control, emulator
 from benchmarks.atari import data as atari
 from benchmarks.atari import evaluate as ev
 
@@ -43,18 +43,18 @@ def _raw_truth(raw: np.ndarray, size: int = 64) -> float:
 def played():
     """300 steps of the study's behaviour policy at 64x64, with the raw frames each step pooled."""
     raws: list[np.ndarray] = []
-    real_downsample = atari.downsample
-    atari.downsample = lambda frame, size=64: (raws.append(frame), real_downsample(frame, size))[1]
+    real_downsample = emulator.downsample
+    emulator.downsample = lambda frame, size=64: (raws.append(frame), real_downsample(frame, size))[1]
     try:
-        game = atari.AtariGame("Pong", atari.RecordSettings())
-        policy = atari.StickyRandomPolicy(game.num_actions, 0.5, np.random.default_rng(7))
+        game = emulator.AtariGame("Pong", emulator.RecordSettings())
+        policy = emulator.StickyRandomPolicy(game.num_actions, 0.5, np.random.default_rng(7))
         frames = [game.reset()]
         for _ in range(300):
             frame, _, over = game.step(policy())
             frames.append(game.reset() if over else frame)
         game.close()
     finally:
-        atari.downsample = real_downsample
+        emulator.downsample = real_downsample
     return np.stack(frames), np.array([_raw_truth(r) for r in raws])
 
 
@@ -63,7 +63,9 @@ def test_frames(tmp_path_factory):
     """Frames 1..16 of ten Pong test episodes recorded with the cpu scale's settings (the study's
     evaluation segments: 4 context + 12 generated frames)."""
     root = tmp_path_factory.mktemp("pong") / "test"
-    atari.record_episodes("Pong", root, episodes=10, length=17, seed=0, split="test", settings=atari.RecordSettings())
+    atari.record_episodes(
+        "Pong", root, episodes=10, length=17, seed=0, split="test", settings=emulator.RecordSettings()
+    )
     return np.stack([atari.load_episode(root, e)["frames"][1:] for e in range(10)])
 
 
@@ -114,7 +116,7 @@ def test_error_against_shifted_frames_is_the_shift(test_frames, k):
 
 
 def test_paddle_follows_the_agent_up_and_down():
-    game = atari.AtariGame("Pong", atari.RecordSettings())
+    game = emulator.AtariGame("Pong", emulator.RecordSettings())
     up, down = game.action_meanings.index("RIGHT"), game.action_meanings.index("LEFT")  # Pong's names
     game.reset()
     frames = [game.step(0)[0] for _ in range(3)]
@@ -185,13 +187,13 @@ def test_a_paddle_drawn_at_screen_resolution_lands_at_its_downsampled_centre():
     errors = []
     for top in range(22, 191):
         raw, centre = _screen(top)
-        y = control.detect_paddle(atari.downsample(raw, 64))
+        y = control.detect_paddle(emulator.downsample(raw, 64))
         errors.append(abs(y - (centre * 64 / 210 - 0.5)))
     assert not np.isnan(errors).any()
     assert max(errors) < 0.6 and np.mean(errors) < 0.1
     for top in (70, 100, 140):  # 32x32 (the smoke scale): away from the walls
         raw, centre = _screen(top)
-        assert control.detect_paddle(atari.downsample(raw, 32)) == pytest.approx(centre * 32 / 210 - 0.5, abs=0.35)
+        assert control.detect_paddle(emulator.downsample(raw, 32)) == pytest.approx(centre * 32 / 210 - 0.5, abs=0.35)
 
 
 def test_bad_frames_are_refused():

@@ -15,9 +15,10 @@ pytest.importorskip("gymnasium")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives at the repo root
 
 from benchmarks.atari import data as atari
+from benchmarks.atari import emulator
 from causalize.episodes import EpisodeDataset, list_episodes, read_info
 
-TINY = atari.RecordSettings(warmup=(0, 12))
+TINY = emulator.RecordSettings(warmup=(0, 12))
 GAMES = ["Breakout", "Freeway"]
 
 
@@ -185,7 +186,7 @@ def test_downsampling_keeps_a_pong_sized_ball():
     bg = np.array([144, 72, 17])
     full = np.abs(236 - bg).sum()
     worst = min(
-        np.abs(atari.downsample(_ball_frame(100 + dy, 80 + dx)).astype(int) - bg).sum(-1).max() / full
+        np.abs(emulator.downsample(_ball_frame(100 + dy, 80 + dx)).astype(int) - bg).sum(-1).max() / full
         for dy in range(7)  # covers a whole period of the 210/64 and 160/64 grids
         for dx in range(5)
     )
@@ -197,15 +198,15 @@ def test_recording_in_several_processes_writes_the_same_datasets(tmp_path):
     emulator differs from the same clip recorded after the others (the negative control: units
     smaller than a game would change the data); workers=2 keeps one emulator per game and writes
     the datasets (arrays and dataset.json) of one process."""
-    settings = atari.RecordSettings(warmup=(0, 400))
+    settings = emulator.RecordSettings(warmup=(0, 400))
     game = atari._open_game("Seaquest", settings, 0)
     try:
-        in_order = [atari._record(game, 5, 0, "clips", "Seaquest", c).frames for c in range(3)]
+        in_order = [emulator.record(game, 5, 0, "clips", "Seaquest", c).frames for c in range(3)]
     finally:
         game.close()
     fresh = atari._open_game("Seaquest", settings, 0)
     try:
-        alone = atari._record(fresh, 5, 0, "clips", "Seaquest", 2).frames
+        alone = emulator.record(fresh, 5, 0, "clips", "Seaquest", 2).frames
     finally:
         fresh.close()
     assert not np.array_equal(alone, in_order[2])
@@ -233,7 +234,7 @@ def test_recording_in_several_processes_writes_the_same_datasets(tmp_path):
 def test_a_failing_worker_leaves_nothing_and_says_which_game(tmp_path):
     """A game over in every attempt (one attempt, a warm-up longer than a Breakout game) inside a
     worker: the error names the game (whichever fails first), and neither the dataset nor its temporary sibling is left."""
-    doomed = atari.RecordSettings(warmup=(3000, 3000), max_attempts=1)
+    doomed = emulator.RecordSettings(warmup=(3000, 3000), max_attempts=1)
     with pytest.raises(RuntimeError, match=r"recording (Breakout|Freeway) \(clips\): RuntimeError: \1: game over"):
         atari.record_clips(
             ["Freeway", "Breakout"], tmp_path / "d", clips_per_game=1, clip_len=5, settings=doomed, workers=2

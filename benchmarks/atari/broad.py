@@ -45,6 +45,7 @@ import numpy as np
 from benchmarks.atari import budget
 from benchmarks.atari import data as atari_data
 from benchmarks.atari import seeds as seeds_mod
+from benchmarks.atari.emulator import RecordSettings
 from benchmarks.atari.scales import BASELINE, StudyError, eval_runs, run_name
 from benchmarks.atari.stages import Study, set_determinism
 from benchmarks.atari.verdicts import comparisons, controllability
@@ -159,7 +160,7 @@ def record_and_encode(base: Study, dest: Study) -> dict[str, Any]:
     if dest._skip(marker, "broad clips"):
         return json.loads(marker.read_text())
     d = dest.cfg["data"]
-    settings = atari_data.RecordSettings(warmup=tuple(d["warmup"]), size=int(d["size"]))
+    settings = RecordSettings(warmup=tuple(d["warmup"]), size=int(d["size"]))
     clips = dest.root / CLIPS_DIR
     t0 = time.perf_counter()
     summary = atari_data.record_clips(

@@ -26,6 +26,7 @@ from benchmarks.atari import evaluate as ev
 from benchmarks.atari import patches
 from benchmarks.atari import pretrain as pt
 from benchmarks.atari.backbones import backbone_of
+from benchmarks.atari.emulator import RecordSettings
 from benchmarks.atari.scales import (
     AUTOENCODER,
     BASELINE,
@@ -291,7 +292,7 @@ class Study:
 
     def data(self) -> dict[str, Any]:
         d = self.cfg["data"]
-        settings = atari_data.RecordSettings(warmup=tuple(d["warmup"]), size=int(d["size"]))
+        settings = RecordSettings(warmup=tuple(d["warmup"]), size=int(d["size"]))
         request = {**d, "seed": self.seed, "settings": settings.to_json()}
         d = {k: v for k, v in d.items() if k not in ("warmup", "size")}
         marker = self.data_root / "summary.json"
