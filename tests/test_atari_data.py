@@ -231,6 +231,58 @@ def test_recording_in_several_processes_writes_the_same_datasets(tmp_path):
         _clips(tmp_path / "bad", workers=0)
 
 
+def test_record_default_in_workers_records_the_held_out_episodes_beside_the_clips(tmp_path, monkeypatch):
+    """With workers > 1 every emulator runs in a worker, the held-out train and test datasets one
+    each beside the clips' games, and the three datasets are those of one process. The parent's
+    emulator openings are counted (a worker's are not): one process opens them all itself."""
+    opened: list[str] = []
+    real_open = atari._open_game
+
+    def counting_open(game, settings, seed):
+        opened.append(game)
+        return real_open(game, settings, seed)
+
+    monkeypatch.setattr(atari, "_open_game", counting_open)
+    sizes = {"clips_per_game": 2, "clip_len": 5, "train_episodes": 2, "test_episodes": 1, "episode_len": 6}
+    seen = {}
+    for workers in (1, 3):
+        opened.clear()
+        logged: list[str] = []
+        summary = atari.record_default(
+            tmp_path / f"w{workers}", games=["Breakout"], settings=TINY, workers=workers, log=logged.append, **sizes
+        )
+        seen[workers] = list(opened)
+        assert list(summary["datasets"]) == ["pretrain", "train", "test"]
+        assert any(m.startswith("Pong (train): 2 episodes x 6 frames") for m in logged)
+    assert seen == {1: ["Breakout", "Pong", "Pong"], 3: []}
+    for name in atari.DATASETS.values():
+        one, three = tmp_path / "w1" / name, tmp_path / "w3" / name
+        assert _same(_arrays(one), _arrays(three)), name
+        assert json.loads((one / "dataset.json").read_text()) == json.loads((three / "dataset.json").read_text())
+    with pytest.raises(ValueError, match="episode_len"):  # refused before any worker starts
+        atari.record_default(tmp_path / "bad", games=["Breakout"], workers=3, **{**sizes, "episode_len": 0})
+    assert not (tmp_path / "bad").exists()
+
+
+def test_record_default_in_workers_fails_whole(tmp_path):
+    """Every recording fails (a warm-up longer than a game, one attempt): the error names the
+    game, and no dataset or temporary sibling is left."""
+    doomed = emulator.RecordSettings(warmup=(3000, 3000), max_attempts=1)
+    with pytest.raises(RuntimeError, match=r"recording (Breakout|Pong) \((clips|train episodes|test episodes)\)"):
+        atari.record_default(
+            tmp_path / "d",
+            games=["Breakout"],
+            clips_per_game=1,
+            clip_len=5,
+            train_episodes=1,
+            test_episodes=1,
+            episode_len=5,
+            settings=doomed,
+            workers=3,
+        )
+    assert [p.name for p in tmp_path.rglob("*")] == ["d"]  # the datasets' parent, empty
+
+
 def test_a_failing_worker_leaves_nothing_and_says_which_game(tmp_path):
     """A game over in every attempt (one attempt, a warm-up longer than a Breakout game) inside a
     worker: the error names the game (whichever fails first), and neither the dataset nor its temporary sibling is left."""

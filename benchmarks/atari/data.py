@@ -12,9 +12,10 @@ Two kinds of dataset, both written with ``causalize.episodes.create_dataset/writ
 
 How a game is stepped and recorded, and why it is reproducible: ``benchmarks.atari.emulator``.
 
-``workers=N`` records the clip datasets' games in up to N processes, one emulator per game exactly
-as one process does, so the datasets are the same for any N (tested against the negative control
-above); the held-out episodes are one emulator's sequence and stay in one process.
+``workers=N`` records in up to N processes: the clip datasets' games one per process, one emulator
+per game exactly as one process does, and (:func:`record_default`) the held-out train and test
+datasets one per process beside them, each one emulator's sequence. The datasets are the same for
+any N (tested, against the negative control of ``benchmarks.atari.emulator``'s last point).
 
 A dataset is recorded into a hidden temporary sibling directory and renamed into place at the
 end, so a crash never leaves a half-written dataset at ``out_dir``; an existing non-empty
@@ -25,13 +26,13 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import json
 import multiprocessing
 import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,30 +139,44 @@ def _record_unit_in_child(unit: _Unit) -> tuple[float, int]:
         raise RuntimeError(f"recording {unit.game} ({' '.join(unit.keys)}): {type(exc).__name__}: {exc}") from None
 
 
-def _run_units(units: Sequence[_Unit], workers: int, done: Callable[[_Unit, float, int], None]) -> None:
-    """Record every unit, here (``workers`` <= 1) or in that many fresh processes (spawned: the
-    parent may hold torch's threads, which a fork would copy in an unknown state); ``done(unit,
-    seconds, pid)`` as each finishes. The first error cancels the units not started and is raised
-    once the running ones have stopped, so nothing writes into the staged dataset afterwards."""
-    if workers <= 1 or len(units) <= 1:
+def _spawn_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
+    """``workers`` fresh processes (spawned: the parent may hold torch's threads, which a fork
+    would copy in an unknown state)."""
+    return concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def _run_units(
+    units: Sequence[_Unit],
+    workers: int,
+    done: Callable[[_Unit, float, int], None],
+    pool: concurrent.futures.Executor | None = None,
+) -> None:
+    """Record every unit, here (``workers`` <= 1 and no ``pool``) or in worker processes: ``pool``,
+    or up to ``workers`` of :func:`_spawn_pool`; ``done(unit, seconds, pid)`` as each finishes.
+    The first error cancels the units not started and is raised once the running ones have
+    stopped, so nothing writes into the staged dataset afterwards."""
+    if pool is None and (workers <= 1 or len(units) <= 1):
         for unit in units:
             done(unit, *_record_unit(unit))
         return
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=min(workers, len(units)), mp_context=ctx) as pool:
+    with contextlib.ExitStack() as stack:
+        if pool is None:
+            pool = stack.enter_context(_spawn_pool(min(workers, len(units))))
         futures = {pool.submit(_record_unit_in_child, unit): unit for unit in units}
         try:
             for future in concurrent.futures.as_completed(futures):
                 done(futures[future], *future.result())
         except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)
+            for future in futures:
+                future.cancel()
+            concurrent.futures.wait(futures)
             raise
 
 
 # ---------------------------------------------------------------------------------- datasets
 
 
-@contextmanager
+@contextlib.contextmanager
 def _staged(out_dir: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary sibling directory that replaces ``out_dir`` only on success.
 
@@ -234,12 +249,14 @@ def record_clips(
     settings: RecordSettings | None = None,
     log: Callable[[str], None] | None = None,
     workers: int = 1,
+    pool: concurrent.futures.Executor | None = None,
 ) -> dict[str, Any]:
     """Record ``clips_per_game`` clips of ``clip_len`` frames per game; return a JSON summary.
 
     Episodes are numbered game by game (game g holds ``g*clips_per_game ...``); ``source["clips"]``
     and :func:`clip_games` give the mapping. Actions are full-set indices and unused by pretraining.
-    ``workers``: processes that record, one game each at a time (the same arrays for any number).
+    ``workers``: processes that record, one game each at a time (the same arrays for any number);
+    ``pool``: spawned processes to record in instead (:func:`record_default` shares its pool).
     """
     games = list(games)
     if not games or len(set(games)) != len(games):
@@ -273,7 +290,7 @@ def record_clips(
             if log:
                 log(f"{unit.game}: {clips_per_game} clips x {clip_len} frames in {seconds:.1f}s")
 
-        _run_units(units, workers, done)
+        _run_units(units, workers, done, pool)
     return _summary(
         Path(out_dir),
         "clips",
@@ -332,8 +349,12 @@ def record_episodes(
     finally:
         g.close()
     if log:
-        log(f"{game} ({split}): {episodes} episodes x {length} frames in {time.perf_counter() - started:.1f}s")
+        log(_episodes_line(game, split, episodes, length, time.perf_counter() - started))
     return _summary(Path(out_dir), "episodes", started, game=game, split=split, frames_per_episode=length)
+
+
+def _episodes_line(game: str, split: str, episodes: int, length: int, seconds: float) -> str:
+    return f"{game} ({split}): {episodes} episodes x {length} frames in {seconds:.1f}s"
 
 
 def record_default(
@@ -352,11 +373,12 @@ def record_default(
     log: Callable[[str], None] | None = None,
     workers: int = 1,
 ) -> dict[str, Any]:
-    """Record the study's three datasets under ``out_dir`` (names in :data:`DATASETS`), the clips'
-    games in up to ``workers`` processes.
+    """Record the study's three datasets under ``out_dir`` (names in :data:`DATASETS`); with
+    ``workers`` > 1 in up to that many processes: the clips one game each, the held-out train and
+    test episodes one dataset each, all at once (the same arrays for any number).
 
     Pretraining clips of ``games`` and train / test episodes of ``heldout``, which must not be a
-    pretraining game. All targets are checked before anything is recorded.
+    pretraining game. All targets and counts are checked before anything is recorded.
     """
     if heldout in games:
         raise ValueError(f"the held-out game {heldout!r} is also a pretraining game")
@@ -364,22 +386,41 @@ def record_default(
     root = Path(out_dir)
     for name in DATASETS.values():
         _check_target(root / name, overwrite)
-    _positive(workers=workers)
-    common: dict[str, Any] = {"overwrite": overwrite, "settings": settings, "log": log}
-    return {
-        "seed": seed,
-        "datasets": {
-            "pretrain": record_clips(
-                games, root / DATASETS["pretrain"], clips_per_game, clip_len, seed, workers=workers, **common
-            ),
-            "train": record_episodes(
-                heldout, root / DATASETS["train"], train_episodes, episode_len, seed, split="train", **common
-            ),
-            "test": record_episodes(
-                heldout, root / DATASETS["test"], test_episodes, episode_len, seed, split="test", **common
-            ),
-        },
-    }
+    counts = {"train": train_episodes, "test": test_episodes}
+    _positive(clips_per_game=clips_per_game, clip_len=clip_len, episode_len=episode_len, workers=workers, **counts)
+    common: dict[str, Any] = {"overwrite": overwrite, "settings": settings}
+    clips = (games, root / DATASETS["pretrain"], clips_per_game, clip_len, seed)
+    held = {split: (heldout, root / DATASETS[split], n, episode_len, seed) for split, n in counts.items()}
+    if workers <= 1:
+        datasets = {"pretrain": record_clips(*clips, log=log, **common)}
+        for split, args in held.items():
+            datasets[split] = record_episodes(*args, split=split, log=log, **common)
+        return {"seed": seed, "datasets": datasets}
+    with _spawn_pool(min(workers, len(games) + len(held))) as pool:
+        # submitted first: each held-out dataset is one emulator's sequence, the longest single unit
+        pending = {
+            split: pool.submit(_record_episodes_in_child, *args, split=split, **common) for split, args in held.items()
+        }
+        try:
+            datasets = {"pretrain": record_clips(*clips, log=log, workers=workers, pool=pool, **common)}
+            for split, future in pending.items():
+                datasets[split] = future.result()
+                if log:
+                    log(_episodes_line(heldout, split, counts[split], episode_len, datasets[split]["seconds"]))
+        except BaseException:
+            for future in pending.values():
+                future.cancel()  # not started; the running ones finish (a dataset appears whole or not at all)
+            raise
+    return {"seed": seed, "datasets": datasets}
+
+
+def _record_episodes_in_child(game: str, *args: Any, split: str, **kwargs: Any) -> dict[str, Any]:
+    """:func:`record_episodes` in a worker; any error comes back as a RuntimeError naming the
+    dataset (as :func:`_record_unit_in_child`)."""
+    try:
+        return record_episodes(game, *args, split=split, **kwargs)
+    except Exception as exc:
+        raise RuntimeError(f"recording {game} ({split} episodes): {type(exc).__name__}: {exc}") from None
 
 
 # ----------------------------------------------------------------------------------- reading
@@ -438,7 +479,8 @@ def _parser() -> argparse.ArgumentParser:
         "--workers",
         type=int,
         default=1,
-        help="processes that record the clips, one game each (the same datasets for any number; default 1)",
+        help="processes that record: the clips one game each, the train and the test episodes one dataset each, all at "
+        "once (the same datasets for any number; default 1)",
     )
     return p
 

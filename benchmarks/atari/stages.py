@@ -230,7 +230,8 @@ class Study:
         self.out = out if replicate == 0 else out / f"seed{self.train_seed}"
         self.data_root = data_dir or out / "data"
         self.device, self.log = device, log
-        #: processes that record the clips, one game each (the same recordings for any number)
+        #: processes that record: the clips one game each, the held-out datasets one each (the same
+        #: recordings for any number)
         self.record_workers = record_workers
         self.backbone = backbone_of(cfg)
         self.space = cfg.get("space", "pixel")

@@ -103,7 +103,8 @@ def run_study(
     ``reuse``: a finished study whose shared stages this one copies (:func:`reuse_stages`).
     ``shared_only``: stop after the shared stages (returns which ran), so that budget checks
     fine-tune the seeds one run at a time (``budget --fine-tune-missing``).
-    ``record_workers``: processes that record the clips, one game each (default: one per CPU core, at most 8,
+    ``record_workers``: processes that record, the clips one game each and the held-out train and test
+    episodes one dataset each (default: one per CPU core, at most 8,
     at the gpu scale, whose recording runs on the CPU beside an idle GPU; 1 otherwise)."""
     recorded = Path(out) / "study.json"
     if space is None and recorded.is_file():
@@ -359,7 +360,8 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="N",
-        help="processes that record the clips, one game each; the same recordings for any N (default: one per CPU core, "
+        help="processes that record: the clips one game each, the held-out train and test episodes one dataset each; "
+        "the same recordings for any N (default: one per CPU core, "
         "at most 8, at the gpu scale; 1 otherwise)",
     )
     p.add_argument(
