@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ live
 import torch  # noqa: E402
 
 from benchmarks.atari import evaluate as ev  # noqa: E402
-from benchmarks.atari import patches, scales, stages, study  # noqa: E402
+from benchmarks.atari import patches, runtime, scales, study  # noqa: E402
 
 SEED = 3
 NORM = {"size": 4, "mean": [-0.5, -0.4, -0.6], "std": [0.5, 0.25, 0.4]}
@@ -261,7 +261,7 @@ def study_threads(patch_run):
     """The study's torch threads and deterministic kernels, as ``budget``'s command line sets them
     (bit-equal weights need the same thread count), restored afterwards."""
     saved = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    stages.set_determinism(patch_run[1]["study"]["threads"], "cpu")
+    runtime.set_determinism(patch_run[1]["study"]["threads"], "cpu")
     yield
     torch.set_num_threads(saved[0])
     torch.use_deterministic_algorithms(saved[1])

@@ -18,7 +18,7 @@ pytest.importorskip("gymnasium")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives at the repo root
 
-from benchmarks.atari import scales, stages, study  # noqa: E402
+from benchmarks.atari import runtime, scales, stages, study  # noqa: E402
 
 SEED = 3
 
@@ -367,11 +367,11 @@ def test_determinism_leaves_the_process_as_it_was(monkeypatch):
     torch.set_num_threads(2 if threads != 2 else 1)
     before = _process_settings()
     try:
-        with stages.determinism(threads, "cuda"):
+        with runtime.determinism(threads, "cuda"):
             inside = _process_settings()
             assert inside[0] == threads and inside[2] and inside[3] and inside[5] == ":4096:8"
         assert _process_settings() == before
-        stages.set_determinism(threads, "cuda")
+        runtime.set_determinism(threads, "cuda")
         assert _process_settings() != before
     finally:
         torch.set_num_threads(threads)
@@ -385,7 +385,7 @@ class _Stop(Exception):
 
 @pytest.mark.parametrize(
     ("scale", "asked", "expected"),
-    [("smoke", None, 1), ("gpu", None, min(8, stages.usable_cores())), ("smoke", 3, 3)],
+    [("smoke", None, 1), ("gpu", None, min(8, runtime.usable_cores())), ("smoke", 3, 3)],
 )
 def test_recording_workers_reach_the_recorder(tmp_path, monkeypatch, scale, asked, expected):
     """The gpu scale records in one process per core (at most 8), the others in one, unless asked."""

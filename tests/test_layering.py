@@ -116,6 +116,16 @@ def test_no_library_file_is_much_over_600_lines():
     assert not long, long
 
 
+
+def test_no_atari_study_module_is_much_over_600_lines():
+    """The study was one 2,260-line file once; a module per concern keeps a change findable."""
+    long = {
+        p.name: n
+        for p in sorted((ROOT / "benchmarks" / "atari").glob("*.py"))
+        if (n := len(p.read_text(encoding="utf-8").splitlines())) > 620
+    }
+    assert not long, long
+
 def test_plugins_do_not_import_the_rollout_runtime():
     hits = [(p.name, m) for p in (ROOT / "plugins").glob("*.py") for _, m in _imported_modules(p, "causalize.plugins")]
     assert not [h for h in hits if h[1].startswith("causalize.rollout")], hits

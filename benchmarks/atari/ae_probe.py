@@ -22,8 +22,8 @@ from typing import Any
 
 from benchmarks.atari import autoencoder as ae
 from benchmarks.atari.budget import add_settings_option, open_study, parse_settings
+from benchmarks.atari.runtime import StageProgress, set_determinism
 from benchmarks.atari.scales import StudyError
-from benchmarks.atari.stages import StageProgress, set_determinism
 
 
 def probe(study_dir: Path, out: Path, settings: dict[str, Any]) -> dict[str, Any]:

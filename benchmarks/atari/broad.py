@@ -46,8 +46,9 @@ from benchmarks.atari import budget
 from benchmarks.atari import data as atari_data
 from benchmarks.atari import seeds as seeds_mod
 from benchmarks.atari.emulator import RecordSettings
+from benchmarks.atari.runtime import set_determinism
 from benchmarks.atari.scales import BASELINE, StudyError, eval_runs, run_name
-from benchmarks.atari.stages import Study, set_determinism
+from benchmarks.atari.stages import Study
 from benchmarks.atari.verdicts import comparisons, controllability
 
 #: The shared stages taken over from the finished study as they are.

@@ -56,9 +56,10 @@ from benchmarks.atari import control
 from benchmarks.atari import evaluate as ev
 from benchmarks.atari.pretrain import MODEL_DIR
 from benchmarks.atari.reuse import recorded_data
+from benchmarks.atari.runtime import StageProgress, set_determinism
 from benchmarks.atari.scales import CONTEXT_LEVELS, FIRST_FRAMES, StudyError
 from benchmarks.atari.seeds import first_frames
-from benchmarks.atari.stages import StageProgress, Study, read_identity, set_determinism
+from benchmarks.atari.stages import Study, read_identity
 from benchmarks.atari.targets import SPANS, copy_last_span
 from causalize.errors import CausalizeError
 

@@ -26,8 +26,8 @@ from benchmarks.atari import control
 from benchmarks.atari import evaluate as ev
 from benchmarks.atari import report as rp
 from benchmarks.atari.budget import open_study, record_path, rollouts, run_dir, run_name
+from benchmarks.atari.runtime import set_determinism
 from benchmarks.atari.scales import StudyError
-from benchmarks.atari.stages import set_determinism
 from benchmarks.atari.writeup import gif_segment
 
 __all__ = ["main", "write_gif"]

@@ -17,8 +17,9 @@ from typing import Any
 from benchmarks.atari import autoencoder as ae_mod
 from benchmarks.atari import data as atari_data
 from benchmarks.atari import pretrain as pt
+from benchmarks.atari.runtime import log_stderr, read_json
 from benchmarks.atari.scales import StudyError, normalised_identity
-from benchmarks.atari.stages import DATA_LINK, linked_data, log_stderr, read_json
+from benchmarks.atari.stages import DATA_LINK, linked_data
 
 __all__ = [
     "REUSE_FREE",

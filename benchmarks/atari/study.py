@@ -60,6 +60,7 @@ from benchmarks.atari import evaluate as ev
 from benchmarks.atari import seeds as seeds_mod
 from benchmarks.atari.backbones import BACKBONES, UNET3D
 from benchmarks.atari.reuse import recorded_data, reuse_stages
+from benchmarks.atari.runtime import determinism, log_stderr, machine, read_json, usable_cores, write_json
 from benchmarks.atari.scales import (
     AUTOENCODER,
     BASELINE,
@@ -72,7 +73,7 @@ from benchmarks.atari.scales import (
     resolve_config,
     run_name,
 )
-from benchmarks.atari.stages import Study, determinism, log_stderr, machine, read_json, usable_cores, write_json
+from benchmarks.atari.stages import Study
 from benchmarks.atari.verdicts import analyse
 from benchmarks.atari.writeup import write_report
 
