@@ -259,9 +259,10 @@ def test_record_default_in_workers_records_the_held_out_episodes_beside_the_clip
         one, three = tmp_path / "w1" / name, tmp_path / "w3" / name
         assert _same(_arrays(one), _arrays(three)), name
         assert json.loads((one / "dataset.json").read_text()) == json.loads((three / "dataset.json").read_text())
-    with pytest.raises(ValueError, match="episode_len"):  # refused before any worker starts
-        atari.record_default(tmp_path / "bad", games=["Breakout"], workers=3, **{**sizes, "episode_len": 0})
-    assert not (tmp_path / "bad").exists()
+    for bad in ({**sizes, "episode_len": 0}, {**sizes, "games": ["Breakout", "Breakout"]}):
+        with pytest.raises(ValueError, match="episode_len|repeats"):  # refused before any worker starts
+            atari.record_default(tmp_path / "bad", **{"games": ["Breakout"], **bad}, workers=3)
+        assert not (tmp_path / "bad").exists()
 
 
 def test_record_default_in_workers_fails_whole(tmp_path):
