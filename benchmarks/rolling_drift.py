@@ -200,7 +200,8 @@ def prepare(s: dict[str, Any], work: Path, fresh: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
     test_len = 1 + s["context"] + s["frames"]
     if s["data"] == "atari":
-        from benchmarks.atari.data import RecordSettings, record_episodes
+        from benchmarks.atari.data import record_episodes
+        from benchmarks.atari.emulator import RecordSettings
 
         rec = RecordSettings(size=s["size"])
         record_episodes(s["game"], work / "train", s["train_episodes"], s["episode_len"], s["seed"], settings=rec)

@@ -265,21 +265,36 @@ def test_record_default_in_workers_records_the_held_out_episodes_beside_the_clip
         assert not (tmp_path / "bad").exists()
 
 
-def test_record_default_in_workers_fails_whole(tmp_path):
-    """Every recording fails (a warm-up longer than a game, one attempt): the error names the
-    game, and no dataset or temporary sibling is left."""
-    doomed = emulator.RecordSettings(warmup=(3000, 3000), max_attempts=1)
-    with pytest.raises(RuntimeError, match=r"recording (Breakout|Pong) \((clips|train episodes|test episodes)\)"):
+@pytest.mark.parametrize(
+    ("workers", "games", "heldout", "error"),
+    [
+        (3, ["Breakout"], "Freeway", r"recording Breakout \(clips\): RuntimeError: Breakout: game over"),
+        (
+            3,
+            ["Freeway"],
+            "Breakout",
+            r"recording Breakout \((train|test) episodes\): RuntimeError: Breakout: game over",
+        ),
+        (1, ["Freeway"], "Breakout", r"^Breakout: game over"),
+    ],
+)
+def test_record_default_records_all_three_datasets_or_none(tmp_path, workers, games, heldout, error):
+    """Breakout ends within a 1,500-step warm-up, Freeway (a 2,040-step game) does not: one failing
+    dataset, in a worker or here, whether the clips or the held-out episodes, leaves none of the
+    three (the others recorded fine), nor a temporary sibling; the error names the game."""
+    doomed = emulator.RecordSettings(warmup=(1500, 1500), max_attempts=1)
+    with pytest.raises(RuntimeError, match=error):
         atari.record_default(
             tmp_path / "d",
-            games=["Breakout"],
+            games=games,
+            heldout=heldout,
             clips_per_game=1,
             clip_len=5,
             train_episodes=1,
             test_episodes=1,
             episode_len=5,
             settings=doomed,
-            workers=3,
+            workers=workers,
         )
     assert [p.name for p in tmp_path.rglob("*")] == ["d"]  # the datasets' parent, empty
 

@@ -116,7 +116,6 @@ def test_no_library_file_is_much_over_600_lines():
     assert not long, long
 
 
-
 def test_no_atari_study_module_is_much_over_600_lines():
     """The study was one 2,260-line file once; a module per concern keeps a change findable."""
     long = {
@@ -125,6 +124,7 @@ def test_no_atari_study_module_is_much_over_600_lines():
         if (n := len(p.read_text(encoding="utf-8").splitlines())) > 620
     }
     assert not long, long
+
 
 def test_plugins_do_not_import_the_rollout_runtime():
     hits = [(p.name, m) for p in (ROOT / "plugins").glob("*.py") for _, m in _imported_modules(p, "causalize.plugins")]

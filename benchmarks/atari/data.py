@@ -18,8 +18,9 @@ datasets one per process beside them, each one emulator's sequence. The datasets
 any N (tested, against the negative control of ``benchmarks.atari.emulator``'s last point).
 
 A dataset is recorded into a hidden temporary sibling directory and renamed into place at the
-end, so a crash never leaves a half-written dataset at ``out_dir``; an existing non-empty
-``out_dir`` is refused unless ``overwrite=True``.
+end, so a crash never leaves a half-written dataset at ``out_dir``; :func:`record_default` puts
+its three in place together once all are recorded, so a failure leaves none. An existing
+non-empty ``out_dir`` is refused unless ``overwrite=True``.
 """
 
 from __future__ import annotations
@@ -130,11 +131,17 @@ def _record_unit(unit: _Unit) -> tuple[float, int]:
     return time.perf_counter() - t0, os.getpid()
 
 
+#: Errors a worker passes back as they are (they pickle, and callers such as the CLI catch them).
+_PASSED_THROUGH = (ValueError, FileExistsError)
+
+
 def _record_unit_in_child(unit: _Unit) -> tuple[float, int]:
-    """:func:`_record_unit` in a worker: any error comes back as a RuntimeError naming the game
-    (some errors, e.g. causalize's DataError, cannot be rebuilt in the parent)."""
+    """:func:`_record_unit` in a worker: an error comes back as a RuntimeError naming the game (some,
+    e.g. causalize's DataError, cannot be rebuilt in the parent), but :data:`_PASSED_THROUGH` as is."""
     try:
         return _record_unit(unit)
+    except _PASSED_THROUGH:
+        raise
     except Exception as exc:
         raise RuntimeError(f"recording {unit.game} ({' '.join(unit.keys)}): {type(exc).__name__}: {exc}") from None
 
@@ -200,7 +207,7 @@ def _check_target(out: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{out} already exists and is not empty; pass overwrite=True (--overwrite) to replace it")
 
 
-def _summary(root: Path, kind: str, started: float, **fields: Any) -> dict[str, Any]:
+def _summary(root: Path, kind: str, seconds: float, **fields: Any) -> dict[str, Any]:
     info = read_info(root)
     indices = list_episodes(root)
     size = sum(episode_path(root, i).stat().st_size for i in indices)
@@ -213,7 +220,7 @@ def _summary(root: Path, kind: str, started: float, **fields: Any) -> dict[str, 
         "frame_shape": list(info.shape),
         "fps": info.fps,
         "bytes": size,
-        "seconds": round(time.perf_counter() - started, 2),
+        "seconds": round(seconds, 2),
     }
 
 
@@ -256,55 +263,62 @@ def record_clips(
     settings: RecordSettings | None = None,
     log: Callable[[str], None] | None = None,
     workers: int = 1,
-    pool: concurrent.futures.Executor | None = None,
 ) -> dict[str, Any]:
     """Record ``clips_per_game`` clips of ``clip_len`` frames per game; return a JSON summary.
 
     Episodes are numbered game by game (game g holds ``g*clips_per_game ...``); ``source["clips"]``
     and :func:`clip_games` give the mapping. Actions are full-set indices and unused by pretraining.
-    ``workers``: processes that record, one game each at a time (the same arrays for any number);
-    ``pool``: spawned processes to record in instead (:func:`record_default` shares its pool).
+    ``workers``: processes that record, one game each at a time (the same arrays for any number).
     """
     games = _game_list(games)
     _positive(clips_per_game=clips_per_game, clip_len=clip_len, workers=workers)
     check_games(games)
     settings = settings or RecordSettings()
     started = time.perf_counter()
-    ranges = [{"game": g, "episodes": [k * clips_per_game, (k + 1) * clips_per_game]} for k, g in enumerate(games)]
     with _staged(out_dir, overwrite) as tmp:
-        create_dataset(
-            tmp,
-            ActionSpace.discrete(FULL_ACTION_COUNT),
-            frame_shape=(settings.size, settings.size, 3),
-            fps=settings.fps,
-            source=_source(
-                settings,
-                seed,
-                role="action-free pretraining clips; actions are ALE full-set indices of the behaviour policy, NOT for training",
-                clips=ranges,
-            ),
-        )
-        units = [
-            _Unit(str(tmp), g, ("clips",), clips_per_game, k * clips_per_game, clip_len, seed, settings)
-            for k, g in enumerate(games)
-        ]
-        processes: set[int] = set()
+        fields = _record_clips_into(tmp, games, clips_per_game, clip_len, seed, settings, log, workers)
+    return _summary(Path(out_dir), "clips", time.perf_counter() - started, **fields)
 
-        def done(unit: _Unit, seconds: float, pid: int) -> None:
-            processes.add(pid)
-            if log:
-                log(f"{unit.game}: {clips_per_game} clips x {clip_len} frames in {seconds:.1f}s")
 
-        _run_units(units, workers, done, pool)
-    return _summary(
-        Path(out_dir),
-        "clips",
-        started,
-        games=games,
-        frames_per_episode=clip_len,
-        workers=workers,
-        processes=len(processes),
+def _record_clips_into(
+    tmp: Path,
+    games: list[str],
+    clips_per_game: int,
+    clip_len: int,
+    seed: int,
+    settings: RecordSettings,
+    log: Callable[[str], None] | None,
+    workers: int,
+    pool: concurrent.futures.Executor | None = None,
+) -> dict[str, Any]:
+    """The clips dataset written into ``tmp`` (:func:`_run_units`: here, in ``workers`` processes
+    or in ``pool``); the summary's fields that only the recording knows."""
+    ranges = [{"game": g, "episodes": [k * clips_per_game, (k + 1) * clips_per_game]} for k, g in enumerate(games)]
+    create_dataset(
+        tmp,
+        ActionSpace.discrete(FULL_ACTION_COUNT),
+        frame_shape=(settings.size, settings.size, 3),
+        fps=settings.fps,
+        source=_source(
+            settings,
+            seed,
+            role="action-free pretraining clips; actions are ALE full-set indices of the behaviour policy, NOT for training",
+            clips=ranges,
+        ),
     )
+    units = [
+        _Unit(str(tmp), g, ("clips",), clips_per_game, k * clips_per_game, clip_len, seed, settings)
+        for k, g in enumerate(games)
+    ]
+    processes: set[int] = set()
+
+    def done(unit: _Unit, seconds: float, pid: int) -> None:
+        processes.add(pid)
+        if log:
+            log(f"{unit.game}: {clips_per_game} clips x {clip_len} frames in {seconds:.1f}s")
+
+    _run_units(units, workers, done, pool)
+    return {"games": games, "frames_per_episode": clip_len, "workers": workers, "processes": len(processes)}
 
 
 def record_episodes(
@@ -324,38 +338,58 @@ def record_episodes(
     Actions index the game's minimal action set (``action_space`` discrete, ``num_actions`` = its
     size; meanings in ``source["action_meanings"]``); ``rewards`` is stored as an extra. ``split``
     keys the random stream, so ``split="train"`` and ``"test"`` with one seed never share episodes.
-    One emulator records them in order (module docstring), in this process: the one that also
-    gives the dataset its action set.
+    One emulator records them in order (``benchmarks.atari.emulator``), in this process: the one
+    that also gives the dataset its action set.
     """
     _positive(episodes=episodes, length=length)
     check_games([game])
     settings = settings or RecordSettings()
+    with _staged(out_dir, overwrite) as tmp:
+        seconds = _record_episodes_into(tmp, game, episodes, length, seed, split, settings)
+    if log:
+        log(_episodes_line(game, split, episodes, length, seconds))
+    return _summary(Path(out_dir), "episodes", seconds, game=game, split=split, frames_per_episode=length)
+
+
+def _record_episodes_into(
+    tmp: Path, game: str, episodes: int, length: int, seed: int, split: str, settings: RecordSettings
+) -> float:
+    """The held-out dataset written into ``tmp`` by one emulator; its seconds."""
     started = time.perf_counter()
     g = _open_game(game, settings, seed)
     try:
-        with _staged(out_dir, overwrite) as tmp:
-            create_dataset(
-                tmp,
-                ActionSpace.discrete(g.num_actions),
-                frame_shape=(settings.size, settings.size, 3),
-                extras=("rewards",),
-                fps=settings.fps,
-                source=_source(
-                    settings,
-                    seed,
-                    role=f"action-labelled episodes of the held-out game ({split} split)",
-                    game=game,
-                    split=split,
-                    action_meanings=g.action_meanings,
-                    full_action_ids=g.full_ids.tolist(),
-                ),
-            )
-            _record_with(g, _Unit(str(tmp), game, ("episodes", split), episodes, 0, length, seed, settings))
+        create_dataset(
+            tmp,
+            ActionSpace.discrete(g.num_actions),
+            frame_shape=(settings.size, settings.size, 3),
+            extras=("rewards",),
+            fps=settings.fps,
+            source=_source(
+                settings,
+                seed,
+                role=f"action-labelled episodes of the held-out game ({split} split)",
+                game=game,
+                split=split,
+                action_meanings=g.action_meanings,
+                full_action_ids=g.full_ids.tolist(),
+            ),
+        )
+        _record_with(g, _Unit(str(tmp), game, ("episodes", split), episodes, 0, length, seed, settings))
     finally:
         g.close()
-    if log:
-        log(_episodes_line(game, split, episodes, length, time.perf_counter() - started))
-    return _summary(Path(out_dir), "episodes", started, game=game, split=split, frames_per_episode=length)
+    return time.perf_counter() - started
+
+
+def _record_episodes_in_child(
+    tmp: Path, game: str, episodes: int, length: int, seed: int, split: str, settings: RecordSettings
+) -> float:
+    """:func:`_record_episodes_into` in a worker; errors come back as :func:`_record_unit_in_child`'s."""
+    try:
+        return _record_episodes_into(tmp, game, episodes, length, seed, split, settings)
+    except _PASSED_THROUGH:
+        raise
+    except Exception as exc:
+        raise RuntimeError(f"recording {game} ({split} episodes): {type(exc).__name__}: {exc}") from None
 
 
 def _episodes_line(game: str, split: str, episodes: int, length: int, seconds: float) -> str:
@@ -378,9 +412,10 @@ def record_default(
     log: Callable[[str], None] | None = None,
     workers: int = 1,
 ) -> dict[str, Any]:
-    """Record the study's three datasets under ``out_dir`` (names in :data:`DATASETS`); with
-    ``workers`` > 1 in up to that many processes: the clips one game each, the held-out train and
-    test episodes one dataset each, all at once (the same arrays for any number).
+    """Record the study's three datasets under ``out_dir`` (names in :data:`DATASETS`): all three
+    or none (each is staged, and all are put in place once every one is recorded). With
+    ``workers`` > 1 in up to that many processes, the held-out train and test episodes one dataset
+    each (started first), the clips one game each (the same arrays for any number).
 
     Pretraining clips of ``games`` and train / test episodes of ``heldout``, which must not be a
     pretraining game. All targets and counts are checked before anything is recorded.
@@ -393,41 +428,49 @@ def record_default(
     for name in DATASETS.values():
         _check_target(root / name, overwrite)
     counts = {"train": train_episodes, "test": test_episodes}
-    _positive(clips_per_game=clips_per_game, clip_len=clip_len, episode_len=episode_len, workers=workers, **counts)
-    common: dict[str, Any] = {"overwrite": overwrite, "settings": settings}
-    clips = (games, root / DATASETS["pretrain"], clips_per_game, clip_len, seed)
-    held = {split: (heldout, root / DATASETS[split], n, episode_len, seed) for split, n in counts.items()}
-    if workers <= 1:
-        datasets = {"pretrain": record_clips(*clips, log=log, **common)}
-        for split, args in held.items():
-            datasets[split] = record_episodes(*args, split=split, log=log, **common)
-        return {"seed": seed, "datasets": datasets}
-    with _spawn_pool(min(workers, len(games) + len(held))) as pool:
-        # submitted first, so they start at once beside the clips' games (each held-out dataset is one
-        # emulator's sequence: 13 s and 3 s at the gpu scale on the 2-core machine, the slowest game 19 s)
-        pending = {
-            split: pool.submit(_record_episodes_in_child, *args, split=split, **common) for split, args in held.items()
-        }
+    _positive(
+        clips_per_game=clips_per_game,
+        clip_len=clip_len,
+        train_episodes=train_episodes,
+        test_episodes=test_episodes,
+        episode_len=episode_len,
+        workers=workers,
+    )
+    keyed_rng(seed)  # refuses a bad seed here, not in a worker
+    settings = settings or RecordSettings()
+    started = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        tmp = {key: stack.enter_context(_staged(root / name, overwrite)) for key, name in DATASETS.items()}
+        pool = stack.enter_context(_spawn_pool(min(workers, len(games) + 2))) if workers > 1 else None
+        held = {split: (heldout, n, episode_len, seed, split, settings) for split, n in counts.items()}
+        pending = (
+            {split: pool.submit(_record_episodes_in_child, tmp[split], *held[split]) for split in held} if pool else {}
+        )
         try:
-            datasets = {"pretrain": record_clips(*clips, log=log, workers=workers, pool=pool, **common)}
-            for split, future in pending.items():
-                datasets[split] = future.result()
+            clips = _record_clips_into(
+                tmp["pretrain"], games, clips_per_game, clip_len, seed, settings, log, workers, pool
+            )
+            seconds = {"pretrain": time.perf_counter() - started}
+            for split in held:
+                seconds[split] = pending[split].result() if pool else _record_episodes_into(tmp[split], *held[split])
                 if log:
-                    log(_episodes_line(heldout, split, counts[split], episode_len, datasets[split]["seconds"]))
+                    log(_episodes_line(heldout, split, counts[split], episode_len, seconds[split]))
         except BaseException:
             for future in pending.values():
-                future.cancel()  # not started; the running ones finish (a dataset appears whole or not at all)
+                future.cancel()  # not started; the pool's exit waits for the running ones, then the staging goes
             raise
-    return {"seed": seed, "datasets": datasets}
-
-
-def _record_episodes_in_child(game: str, *args: Any, split: str, **kwargs: Any) -> dict[str, Any]:
-    """:func:`record_episodes` in a worker; any error comes back as a RuntimeError naming the
-    dataset (as :func:`_record_unit_in_child`)."""
-    try:
-        return record_episodes(game, *args, split=split, **kwargs)
-    except Exception as exc:
-        raise RuntimeError(f"recording {game} ({split} episodes): {type(exc).__name__}: {exc}") from None
+    # all three are in place only now
+    summaries = {"pretrain": _summary(root / DATASETS["pretrain"], "clips", seconds["pretrain"], **clips)}
+    for split in held:
+        summaries[split] = _summary(
+            root / DATASETS[split],
+            "episodes",
+            seconds[split],
+            game=heldout,
+            split=split,
+            frames_per_episode=episode_len,
+        )
+    return {"seed": seed, "datasets": summaries}
 
 
 # ----------------------------------------------------------------------------------- reading
@@ -486,8 +529,8 @@ def _parser() -> argparse.ArgumentParser:
         "--workers",
         type=int,
         default=1,
-        help="processes that record: the clips one game each, the train and the test episodes one dataset each, all at "
-        "once (the same datasets for any number; default 1)",
+        help="processes that record, up to N at a time: the train and the test episodes one dataset each (started "
+        "first), the clips one game each (the same datasets for any number; default 1)",
     )
     return p
 
