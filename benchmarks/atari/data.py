@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.atari.emulator import AtariGame, RecordSettings, check_games, keyed_rng, record
+from benchmarks.atari.emulator import AtariGame, RecordSettings, check_games, check_seed, keyed_rng, record
 from causalize import fs
 from causalize.episodes import (
     ActionSpace,
@@ -135,15 +135,16 @@ def _record_unit(unit: _Unit) -> tuple[float, int]:
 _PASSED_THROUGH = (ValueError, FileExistsError)
 
 
-def _record_unit_in_child(unit: _Unit) -> tuple[float, int]:
-    """:func:`_record_unit` in a worker: an error comes back as a RuntimeError naming the game (some,
-    e.g. causalize's DataError, cannot be rebuilt in the parent), but :data:`_PASSED_THROUGH` as is."""
+def _in_child(label: str, work: Callable[..., Any], *args: Any) -> Any:
+    """``work(*args)`` in a worker: an error comes back as a RuntimeError naming what was being
+    recorded (some, e.g. causalize's DataError, cannot be rebuilt in the parent), but
+    :data:`_PASSED_THROUGH` as is."""
     try:
-        return _record_unit(unit)
+        return work(*args)
     except _PASSED_THROUGH:
         raise
     except Exception as exc:
-        raise RuntimeError(f"recording {unit.game} ({' '.join(unit.keys)}): {type(exc).__name__}: {exc}") from None
+        raise RuntimeError(f"recording {label}: {type(exc).__name__}: {exc}") from None
 
 
 def _spawn_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
@@ -169,7 +170,9 @@ def _run_units(
     with contextlib.ExitStack() as stack:
         if pool is None:
             pool = stack.enter_context(_spawn_pool(min(workers, len(units))))
-        futures = {pool.submit(_record_unit_in_child, unit): unit for unit in units}
+        futures = {
+            pool.submit(_in_child, f"{unit.game} ({' '.join(unit.keys)})", _record_unit, unit): unit for unit in units
+        }
         try:
             for future in concurrent.futures.as_completed(futures):
                 done(futures[future], *future.result())
@@ -380,18 +383,6 @@ def _record_episodes_into(
     return time.perf_counter() - started
 
 
-def _record_episodes_in_child(
-    tmp: Path, game: str, episodes: int, length: int, seed: int, split: str, settings: RecordSettings
-) -> float:
-    """:func:`_record_episodes_into` in a worker; errors come back as :func:`_record_unit_in_child`'s."""
-    try:
-        return _record_episodes_into(tmp, game, episodes, length, seed, split, settings)
-    except _PASSED_THROUGH:
-        raise
-    except Exception as exc:
-        raise RuntimeError(f"recording {game} ({split} episodes): {type(exc).__name__}: {exc}") from None
-
-
 def _episodes_line(game: str, split: str, episodes: int, length: int, seconds: float) -> str:
     return f"{game} ({split}): {episodes} episodes x {length} frames in {seconds:.1f}s"
 
@@ -436,16 +427,18 @@ def record_default(
         episode_len=episode_len,
         workers=workers,
     )
-    keyed_rng(seed)  # refuses a bad seed here, not in a worker
+    check_seed(seed)  # here, not in a worker
     settings = settings or RecordSettings()
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         tmp = {key: stack.enter_context(_staged(root / name, overwrite)) for key, name in DATASETS.items()}
         pool = stack.enter_context(_spawn_pool(min(workers, len(games) + 2))) if workers > 1 else None
         held = {split: (heldout, n, episode_len, seed, split, settings) for split, n in counts.items()}
-        pending = (
-            {split: pool.submit(_record_episodes_in_child, tmp[split], *held[split]) for split in held} if pool else {}
-        )
+        pending: dict[str, concurrent.futures.Future] = {}
+        if pool is not None:  # submitted first, so they start at once beside the clips' games
+            for split in held:
+                label = f"{heldout} ({split} episodes)"
+                pending[split] = pool.submit(_in_child, label, _record_episodes_into, tmp[split], *held[split])
         try:
             clips = _record_clips_into(
                 tmp["pretrain"], games, clips_per_game, clip_len, seed, settings, log, workers, pool

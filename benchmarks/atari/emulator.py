@@ -49,6 +49,7 @@ __all__ = [
     "Recording",
     "StickyRandomPolicy",
     "check_games",
+    "check_seed",
     "downsample",
     "keyed_rng",
     "record",
@@ -177,10 +178,15 @@ class StickyRandomPolicy:
         return self.action
 
 
-def keyed_rng(seed: int, *keys: str | int) -> np.random.Generator:
-    """A generator keyed by the seed and names, independent of any other recording."""
+def check_seed(seed: Any) -> None:
+    """Refuse a seed :func:`keyed_rng` cannot key by (callers check before handing work to workers)."""
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+
+
+def keyed_rng(seed: int, *keys: str | int) -> np.random.Generator:
+    """A generator keyed by the seed and names, independent of any other recording."""
+    check_seed(seed)
     words = [int(seed)] + [zlib.crc32(k.encode()) if isinstance(k, str) else int(k) for k in keys]
     return np.random.default_rng(words)
 
