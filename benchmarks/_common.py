@@ -128,12 +128,39 @@ def _rounded(x: Any, digits: int) -> Any:
     return x
 
 
+def record_text(obj: Any, indent: int = 1, **dumps: Any) -> str:
+    """JSON for a committed record: indented like ``json.dumps(obj, indent=indent)``, but a list of
+    numbers or strings stays on one line. The same content (``json.loads`` gives the same object)
+    in about a third less space: records travel with the tree, and a device call sends at most
+    64 MiB. ``dumps``: json.dumps options for the values (``default``, ``allow_nan``)."""
+    return _record(obj, indent, 0, dumps) + "\n"
+
+
+def _record(obj: Any, indent: int, depth: int, dumps: dict[str, Any]) -> str:
+    if isinstance(obj, tuple):
+        obj = list(obj)
+    if isinstance(obj, dict) and obj:
+        inner = " " * (indent * (depth + 1))
+        items = [f"{inner}{json.dumps(_key(k))}: {_record(v, indent, depth + 1, dumps)}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + "\n" + " " * (indent * depth) + "}"
+    if isinstance(obj, list) and any(isinstance(v, (dict, list, tuple)) for v in obj):
+        inner = " " * (indent * (depth + 1))
+        items = [inner + _record(v, indent, depth + 1, dumps) for v in obj]
+        return "[\n" + ",\n".join(items) + "\n" + " " * (indent * depth) + "]"
+    return json.dumps(obj, **dumps)
+
+
+def _key(key: Any) -> str:
+    """json.dumps's own key rule: strings as they are, numbers, booleans and None as JSON spells them."""
+    return key if isinstance(key, str) else json.dumps(key)
+
+
 def write_json(name: str, payload: dict[str, Any], digits: int = 6) -> Path:
     """results/NAME.json, floats rounded to `digits` significant digits, written atomically."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     # json.dumps rather than fs.write_json: a measurement may be NaN or infinite, and is recorded as such
-    fs.write_text(path, json.dumps(_rounded(payload, digits), indent=1, sort_keys=False) + "\n", overwrite=True)
+    fs.write_text(path, record_text(_rounded(payload, digits)), overwrite=True)
     return path
 
 

@@ -41,7 +41,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from _common import RESULTS, WAN_1_3B, machine_info, machine_line, table  # noqa: E402
+from _common import RESULTS, WAN_1_3B, machine_info, machine_line, record_text, table  # noqa: E402
 
 
 class Sizes:
@@ -472,7 +472,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from causalize.precision import resolve_device
 
     device = resolve_device(args.device or ("cpu" if args.quick else "cuda"))
-    import json
 
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / ("gpu_check.quick.json" if args.quick else "gpu_check.json")
@@ -481,7 +480,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def save(results: dict[str, Any]) -> None:
         results["seconds"] = round(time.perf_counter() - t0, 1)
         results["table"] = report_table(results)
-        path.write_text(json.dumps(results, indent=1, default=str) + "\n")
+        path.write_text(record_text(results, default=str))
 
     results = run(args.quick, device, args.only, save)
     save(results)

@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, WORK, _rounded, machine_info, machine_line, table
+from _common import RESULTS, WORK, _rounded, machine_info, machine_line, record_text, table
 
 NAME = "latent_path"
 FULL = dict(episodes=8, frames=17, size=64, actions=32, steps="4,10", repeats=3, encode_repeats=3)
@@ -491,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     path = args.out or RESULTS / f"{NAME}{'.quick' if args.quick else ''}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     # json.dumps rather than fs.write_json: a measurement may be NaN or infinite, and is recorded as such
-    fs.write_text(path, json.dumps(_rounded(payload, 6), indent=1) + "\n", overwrite=True)
+    fs.write_text(path, record_text(_rounded(payload, 6)), overwrite=True)
     print(f"wrote {path}", file=sys.stderr)
     if not rollout["decode_once_per_frame"]:
         problems = {s: v["problems"] for s, v in rollout["summary"].items() if v["problems"]}

@@ -57,7 +57,6 @@ import argparse
 import json
 import math
 import os
-import re
 import shutil
 import statistics
 import sys
@@ -72,7 +71,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))  # `benchmarks.atari` (absolute imports inside it)
 
-from _common import RESULTS, WORK, _rounded, machine_info, machine_line, table  # noqa: E402
+from _common import RESULTS, WORK, _rounded, machine_info, machine_line, record_text, table  # noqa: E402
 
 #: name -> (cache mode, sink)
 MODES: dict[str, tuple[str, int]] = {
@@ -770,14 +769,6 @@ def print_table(summary: dict[str, Any]) -> str:
     )
 
 
-def _dumps(payload: dict[str, Any]) -> str:
-    """Indented JSON with every list of plain values on one line (the per-frame curves would
-    otherwise take a line per number)."""
-    text = json.dumps(payload, indent=1)
-    flat = re.compile(r"\[\s*((?:[-\w.+]+,\s*)*[-\w.+]+)\s*\]")
-    return flat.sub(lambda m: "[" + ",".join(v.strip() for v in m.group(1).split(",")) + "]", text) + "\n"
-
-
 def _fmt(x: Any, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
@@ -869,7 +860,7 @@ def main(argv: list[str] | None = None) -> int:
     # the default data of each kind writes the plain names; the other data source gets its own
     suffix = (".quick" if args.quick else "") + ("" if default_data else f".{s['data']}")
     path = out / f"rolling_drift{suffix}.json"
-    path.write_text(_dumps(_rounded(payload, 4)))
+    path.write_text(record_text(_rounded(payload, 4)))
     print(print_table(summary))
     med, per = summary["reference"]["seconds_median"]["cpu"], summary["reference"]["per_frame_seconds"]["cpu"]
     print(

@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks._common import record_text
 from benchmarks.atari import budget
 from benchmarks.atari import data as atari_data
 from benchmarks.atari import seeds as seeds_mod
@@ -267,7 +268,7 @@ def run(study_dir: Path, out: Path, clips_per_game: int, steps: int | None, seed
         "per_seed": {str(s): v for s, v in per_seed.items()},
         "across_seeds": across,
     }
-    (out / "broad.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (out / "broad.json").write_text(record_text(doc, indent=2))
     return doc
 
 
@@ -317,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:
-        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+        Path(args.json).write_text(record_text(doc, indent=2))
     print(table(doc))
     return 0
 

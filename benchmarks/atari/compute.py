@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks._common import record_text
 from benchmarks.atari import autoencoder as ae
 from benchmarks.atari import pretrain as pt
 from benchmarks.atari.backbones import backbone_of
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         doc["timed_on"] = recorded.get("machine")  # the machine the measured seconds come from
         doc["machine"] = machine_info()  # the counting machine (a count does not depend on it)
         doc |= {"assumed_tflops": args.tflops, "rows": rows}
-        Path(args.json).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+        Path(args.json).write_text(record_text(doc), encoding="utf-8")
         print(f"wrote {args.json}", file=sys.stderr)
     return 0
 

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks._common import record_text
 from benchmarks.atari.reuse import RUN_DIRS, SHARED_STAGES
 
 __all__ = ["main", "run"]
@@ -97,7 +98,7 @@ def run(
         "finished": (out / "results.json").is_file() and rc == 0,
         "copied": copied,
     }
-    (dest / "gpu_run.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    (dest / "gpu_run.json").write_text(record_text(summary, indent=2), encoding="utf-8")
     return summary
 
 

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from benchmarks._common import record_text
 from benchmarks.atari.backbones import get_backbone
 from causalize import fs
 from causalize.episodes import EpisodeDataset
@@ -235,7 +236,7 @@ def pretrain(config: PretrainConfig, progress: Progress | None = None, device: s
         "model_kwargs": {k: list(v.shape) for k, v in model_kwargs.items() if torch.is_tensor(v)},
     }
     # json.dumps, not fs.write_json: a resumed run that had nothing left to do has a NaN final_loss
-    fs.write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n", overwrite=True)
+    fs.write_text(out / SUMMARY_FILE, record_text(summary, indent=2), overwrite=True)
     (out / CHECKPOINT_FILE).unlink(missing_ok=True)
     return summary
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from benchmarks._common import record_text
 from causalize import fs
 
 __all__ = [
@@ -35,7 +36,7 @@ def write_json(path: Path, obj: Any) -> None:
     fs.write_json: a single-segment comparison has a NaN standard error, a perfect frame an
     infinite PSNR, and both must still be recorded."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fs.write_text(path, json.dumps(obj, indent=1, default=str) + "\n", overwrite=True)
+    fs.write_text(path, record_text(obj, default=str), overwrite=True)
 
 
 def read_json(path: Path) -> Any:

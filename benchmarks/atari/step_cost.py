@@ -15,7 +15,6 @@ steps are enough to learn the game is the study's question.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -25,6 +24,7 @@ from typing import Any
 
 import torch
 
+from benchmarks._common import record_text
 from benchmarks.atari import autoencoder as ae
 from benchmarks.atari import pretrain as pt
 from benchmarks.atari.scales import model_input, resolve_config
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             "rows": rows,
         }
         doc["machine"] = machine_info()
-        Path(args.json).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+        Path(args.json).write_text(record_text(doc), encoding="utf-8")
         print(f"wrote {args.json}", file=sys.stderr)
     return 0
 

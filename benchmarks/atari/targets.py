@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks._common import record_text
 from benchmarks.atari.backbones import backbone_of
 from benchmarks.atari.scales import StudyError
 from benchmarks.atari.seeds import metrics_verdict, over_seeds, over_segments, paired, verdict
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     path = Path(args.json) if args.json else out / "budget" / "targets.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"study": str(out), "rows": rows}, indent=1) + "\n", encoding="utf-8")
+    path.write_text(record_text({"study": str(out), "rows": rows}), encoding="utf-8")
     print(table(rows))
     print(f"wrote {path}", file=sys.stderr)
     return 0
