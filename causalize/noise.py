@@ -26,6 +26,7 @@ __all__ = [
     "PREDICTION_TYPES",
     "NoiseSchedule",
     "convert_prediction",
+    "gaussian",
     "prediction_target",
     "rescale_zero_terminal_snr",
 ]
@@ -371,6 +372,23 @@ def check_same_shape(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str)
             raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
     if a.shape != b.shape:
         raise ValueError(f"shape mismatch: {name_a} has shape {tuple(a.shape)} but {name_b} has shape {tuple(b.shape)}")
+
+
+def gaussian(
+    shape: tuple[int, ...] | list[int] | torch.Size,
+    generator: torch.Generator | None,
+    device: torch.device | str | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Standard normal noise drawn in float32 (float64 for float64) and cast to ``dtype``.
+
+    torch draws half-precision normals from another stream than float32 ones, and which depends
+    on the version (on the CPU, torch 2.11's bf16 draws differ from its float32 draws at 16
+    values and more, 2.13's only past a multiple of 16): drawn in bf16, a bf16 rollout would
+    start from other noise than the fp32 one of the same seed, and not be comparable to it.
+    """
+    draw = torch.float64 if dtype == torch.float64 else torch.float32
+    return torch.randn(shape, generator=generator, device=device, dtype=draw).to(dtype)
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:

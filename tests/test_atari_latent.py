@@ -107,6 +107,22 @@ def test_space_is_part_of_the_identity_and_checked(latent_run, tmp_path):
         scales.resolve_config("smoke", space="voxels")
 
 
+def test_a_bad_attention_setting_stops_the_study_before_it_starts(monkeypatch, tmp_path):
+    monkeypatch.setenv("CAUSALIZE_ATTENTION", "fastest")
+    with pytest.raises(scales.StudyError, match="not an attention backend"):
+        study.run_study(tmp_path / "s", scale="smoke", seed=SEED, space="latent", log=lambda m: None)
+    assert not (tmp_path / "s").exists()
+
+
+def test_the_results_record_which_attention_ran(latent_run):
+    """A resumed study re-analyses and writes its results, recording this process's attention."""
+    out, _, _ = latent_run
+    results = study.run_study(out, scale="smoke", seed=SEED, space="latent", log=lambda m: None)
+    attention = results["study"]["attention"]
+    assert attention["device"] == "cpu" and attention["requested"] in {"auto", "dense", "chunked", "flex"}
+    assert attention["backend"] in {"dense", "chunked", "flex"}
+
+
 def test_wan_backbone_runs_in_latent_space(latent_run, tmp_path):
     """The small Wan DiT on the study's latents: 2x2 patches on the 16x16 grid (4x4 on pixels), its
     own variants replicated, every stage through; the budget check picks its method variant."""
@@ -432,7 +448,13 @@ def test_gpu_run_returns_a_finished_study_and_a_stopped_one(latent_run, tmp_path
     back = sorted(p.name for p in (tmp_path / "back").iterdir())
     assert back == sorted([*done["copied"], "gpu_run.json", "study.log"])  # at most 8 files come back
     assert json.loads((tmp_path / "back" / "gpu_run.json").read_text()) == done
-    assert "study: backbone unet3d, scale smoke" in (tmp_path / "back" / "study.log").read_text()
+    log = (tmp_path / "back" / "study.log").read_text()
+    assert "study: backbone unet3d, scale smoke" in log
+    # the child runs the attention gpu_run asks for (its own default would be auto)
+    assert done["attention"] == "dense" and "attention dense (environment variable CAUSALIZE_ATTENTION)" in log
+    with pytest.raises(ValueError, match="not one of"):
+        gpu_run.run("unet3d", 600, copy, tmp_path / "never", attention="fast")
+    assert not (tmp_path / "never").exists()
 
     stopped = gpu_run.run("unet3d", 0.5, tmp_path / "fresh", tmp_path / "cut", ["--scale", "smoke"])
     assert stopped["stopped_by_limit"] and not stopped["finished"] and stopped["copied"] == []

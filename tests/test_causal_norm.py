@@ -155,7 +155,9 @@ def test_user_subclass_and_meta() -> None:
 
 
 def test_weight_without_bias() -> None:
-    gn = nn.GroupNorm(2, 4, bias=False)
+    # GroupNorm(bias=False) exists on torch 2.13, not on 2.11 (the GPU machine's): a bias removed by hand runs on both
+    gn = nn.GroupNorm(2, 4)
+    gn.register_parameter("bias", None)
     with torch.no_grad():
         gn.weight.normal_()
     norm = CausalGroupNorm.from_module(gn, mode="cumulative")

@@ -41,7 +41,10 @@ def test_bf16_world_model_rolls_out_and_streaming_matches_recomputation(name):
     """Streaming and full recomputation compute in a different order, so in bf16 they agree only
     up to rounding. The stated tolerance: measured against the fp32 rollout of the same weights,
     streaming's error is at most twice full recomputation's (plus 2 % of the frame scale), and
-    the two bf16 rollouts differ by at most 25 % of the frames' standard deviation."""
+    the two bf16 rollouts differ by at most 25 % of the frames' standard deviation. The bf16
+    rollout starts from the fp32 one's noise (``noise.gaussian``), so it stays within 30 % of the
+    frames' standard deviation of it (measured at most 21 %, i2vgenxl; with noise drawn in bf16 on
+    torch 2.11 it was 500 % and more: another sample altogether)."""
     wm = tiny_world_model(name)
     context = _context(wm)
     actions = torch.randn(context.shape[0], 3, 3, generator=torch.Generator().manual_seed(1))
@@ -57,6 +60,7 @@ def test_bf16_world_model_rolls_out_and_streaming_matches_recomputation(name):
     scale = reference.std().item()
     err_full = (full - reference).abs().max().item()
     err_stream = (stream - reference).abs().max().item()
+    assert err_full <= 0.3 * scale, (err_full, scale)
     assert err_stream <= 2 * err_full + 0.02 * scale, (err_stream, err_full, scale)
     assert (stream - full).abs().max().item() <= 0.25 * scale
 

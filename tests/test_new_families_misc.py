@@ -186,6 +186,7 @@ def test_anyflow_far_mask_equals_causalize_mask_on_the_same_grid(chunk):
         patch_size=(1, 2, 2),
         compressed_patch_size=(1, 4, 4),
         full_chunk_limit=frames,
+        device=torch.device("cpu"),  # diffusers' default is CUDA on a CUDA build of torch, even without a GPU
     )
     grid = TokenGrid(frames, (height // 2) * (width // 2))
     n = grid.video_tokens

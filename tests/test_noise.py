@@ -50,3 +50,24 @@ def test_schedule_convert_keeps_the_input_dtype_and_validates():
     assert torch.equal(schedule.convert(x, x, ts, "v_prediction", "v"), x)
     with pytest.raises(ValueError, match=r"x_k.*\(2, 3, 4\).*model_out.*\(2, 3, 5\)"):
         schedule.convert(x, torch.zeros(2, 3, 5), ts)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(15,), (16,), (1000,), (1, 4, 3, 16, 16)])
+def test_gaussian_noise_is_the_float32_draw_in_every_dtype(shape, dtype):
+    """The same seed gives the same noise whatever the model's dtype (float64 draws its own)."""
+    from causalize.noise import gaussian
+
+    noise = gaussian(shape, torch.Generator().manual_seed(3), "cpu", dtype)
+    assert noise.dtype == dtype and noise.shape == shape
+    draw = torch.float64 if dtype == torch.float64 else torch.float32
+    expected = torch.randn(shape, generator=torch.Generator().manual_seed(3), dtype=draw).to(dtype)
+    assert torch.equal(noise, expected)
+
+
+def test_negative_control_torch_draws_bf16_normals_from_another_stream():
+    """Why gaussian exists: torch's own bf16 draw of 1,000 values is not the float32 draw cast
+    (torch 2.13 past a multiple of 16 values; torch 2.11 already at 16)."""
+    bf16 = torch.randn(1000, generator=torch.Generator().manual_seed(3), dtype=torch.bfloat16)
+    cast = torch.randn(1000, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    assert not torch.equal(bf16, cast)

@@ -1,6 +1,7 @@
 """The Atari study's gpu scale on a lent GPU in one command, bounded in time, with what comes back.
 
-    python -m benchmarks.atari.gpu_run [--backbone wan|unet3d] [--limit 480] [--out DIR] [--dest DIR] [STUDY ARGS]
+    python -m benchmarks.atari.gpu_run [--backbone wan|unet3d] [--limit 480] [--attention dense] [--out DIR]
+        [--dest DIR] [STUDY ARGS]
 
 Runs ``python -m benchmarks.atari.study --out DIR --scale gpu --backbone B --space latent [STUDY
 ARGS]`` (further arguments go to the study and win over these, e.g. ``--set eval.steps=5``) in a
@@ -10,6 +11,12 @@ at most 8 files): ``gpu_run.json`` (device, exit status, wall seconds, whether t
 it, the stages whose records exist), the study's log, and, when the study finished,
 ``results.json``, ``README.md``, ``study.json`` and ``rollout.gif``. A run stopped by the limit
 resumes from its finished stages when the same command is given again on the same machine.
+
+Attention runs ``dense`` by default (``CAUSALIZE_ATTENTION`` for the child): the one path the CPU
+rehearsals ran. On CUDA ``auto`` would compile flex attention for the 1,024-token training windows,
+forward and backward, a path no run of this study has taken, whose compile costs part of the eight
+minutes and whose backward, lowered at the first ``loss.backward()``, has no fallback; at these
+sizes a dense mask is 1 MiB. ``benchmarks/gpu_check.py`` is the place that measures flex.
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ __all__ = ["main", "run"]
 
 #: What the study leaves when it finished, copied back beside gpu_run.json and the log.
 FINISHED = ("results.json", "README.md", "study.json", "rollout.gif")
+#: The attention executions the child may be given (causalize.modules.attention_exec.BACKENDS).
+ATTENTION = ("dense", "chunked", "flex", "auto")
 #: The study's stage folders, in order; a stage counts as reached when its folder exists.
 STAGES = (*SHARED_STAGES, *RUN_DIRS)
 
@@ -57,8 +66,12 @@ def run(
     out: str | os.PathLike | None = None,
     dest: str | os.PathLike | None = None,
     study_args: Sequence[str] = (),
+    attention: str = "dense",
 ) -> dict[str, Any]:
-    """Run the study for at most ``limit`` seconds and copy its record into ``dest``; the summary."""
+    """Run the study for at most ``limit`` seconds with ``attention`` (see the module's note) and
+    copy its record into ``dest``; the summary."""
+    if attention not in ATTENTION:
+        raise ValueError(f"attention {attention!r} is not one of {', '.join(ATTENTION)}")
     out = Path(out or f"benchmarks/_work/atari-gpu-{backbone}")
     dest = Path(dest or os.environ.get("OUT") or out / "returned")
     dest.mkdir(parents=True, exist_ok=True)
@@ -78,7 +91,8 @@ def run(
     ]
     started = time.perf_counter()
     with open(dest / "study.log", "w", encoding="utf-8") as log:
-        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        env = {**os.environ, "CAUSALIZE_ATTENTION": attention}
+        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             rc, stopped = child.wait(timeout=limit), False
         except subprocess.TimeoutExpired:
@@ -90,6 +104,7 @@ def run(
     summary = {
         "command": " ".join(command[1:]),
         "device": _device(),
+        "attention": attention,
         "exit_status": rc,
         "stopped_by_limit": stopped,
         "limit_s": limit,
@@ -117,6 +132,13 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds before the study is stopped (default 480: the scale's 8 minutes, leaving a 10-minute device call room to install and copy)",
     )
     p.add_argument(
+        "--attention",
+        choices=ATTENTION,
+        default="dense",
+        help="the study's attention execution (default dense: the path the CPU rehearsals ran; "
+        "auto would compile flex on CUDA, measured by benchmarks/gpu_check.py instead)",
+    )
+    p.add_argument(
         "--out", default=None, help="the study's folder, resumable (default benchmarks/_work/atari-gpu-BACKBONE)"
     )
     p.add_argument("--dest", default=None, help="where the record goes (default: $OUT, else OUT/returned)")
@@ -128,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.limit <= 0:
         print("error: --limit must be positive", file=sys.stderr)
         return 2
-    summary = run(args.backbone, args.limit, args.out, args.dest, study_args)
+    summary = run(args.backbone, args.limit, args.out, args.dest, study_args, args.attention)
     print(json.dumps(summary, indent=2))
     return 0 if summary["finished"] else 1
 

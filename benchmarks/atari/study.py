@@ -76,10 +76,18 @@ from benchmarks.atari.scales import (
 from benchmarks.atari.stages import Study
 from benchmarks.atari.verdicts import analyse
 from benchmarks.atari.writeup import write_report
+from causalize.errors import UsageError
+from causalize.modules import attention_exec
 
 __all__ = ["main", "run_study"]
 
 Log = Callable[[str], None]
+
+
+def _attention() -> str:
+    """The attention execution asked for, for the log: "dense (environment variable ...)"."""
+    name, source = attention_exec.requested_backend()
+    return f"{name} ({source})"
 
 
 def run_study(
@@ -117,6 +125,10 @@ def run_study(
         record_workers = min(8, usable_cores()) if scale == "gpu" else 1
     elif isinstance(record_workers, bool) or not isinstance(record_workers, int) or record_workers < 1:
         raise StudyError(f"record_workers must be a positive integer, got {record_workers!r}")
+    try:
+        attention_exec.requested_backend()  # a bad CAUSALIZE_ATTENTION stops here, not at the first forward
+    except UsageError as exc:
+        raise StudyError(str(exc)) from None
     with determinism(threads, device):
         return _run(
             Path(out),
@@ -229,7 +241,7 @@ def _run(
         reuse_stages(out, reuse, cfg, seed, scale, log)
     log(
         f"study: backbone {study.backbone.name}, scale {scale}, seed {seed}, {threads} torch thread(s), device {device}, "
-        f"output {out}"
+        f"attention {_attention()}, output {out}"
     )
 
     data = study.data()
@@ -282,6 +294,8 @@ def _run(
             "threads": threads,
             "device": device,
             "deterministic_algorithms": "warn_only" if device.startswith("cuda") else True,
+            # what attention ran (CAUSALIZE_ATTENTION; call counts of this process only)
+            "attention": attention_exec.describe(device),
             "config": cfg,
             "command": command or f"--scale {scale} --seed {seed}",
         },

@@ -45,7 +45,7 @@ from typing import Any, Literal
 import torch
 
 from causalize.errors import UsageError
-from causalize.noise import NoiseSchedule
+from causalize.noise import NoiseSchedule, gaussian
 from causalize.rollout import schedule as sched
 from causalize.rollout.compiled import COMPILE_MODES
 from causalize.rollout.denoisers import Denoiser, FullRecompute, Rolling, Streaming, frame_axis
@@ -380,7 +380,7 @@ class RolloutSession:
         self.seconds_per_frame: list[float] = []
 
     def _noised(self, frame: torch.Tensor) -> torch.Tensor:
-        noise = torch.randn(frame.shape, generator=self.gen, device=self.device, dtype=self.dtype)
+        noise = gaussian(frame.shape, self.gen, self.device, self.dtype)
         ts = torch.full((frame.shape[0], 1), self.level_h, dtype=torch.long, device=self.device)
         return self.schedule.q_sample(frame, noise, ts, self.axis)
 
@@ -449,7 +449,7 @@ class RolloutSession:
         self.passes_per_frame.append(self.denoiser.frame_passes - passes)
         shape = list(self.frame_shape)
         shape[self.axis] = c
-        x = torch.randn(shape, generator=self.gen, device=self.device, dtype=self.dtype)
+        x = gaussian(shape, self.gen, self.device, self.dtype)
         for j, level in enumerate(self.levels):
             out = self.denoiser(x, level, row, cfg.guided)
             v = self._to_v(out, x, level)

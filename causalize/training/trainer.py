@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from causalize.noise import NoiseSchedule
+from causalize.noise import NoiseSchedule, gaussian
 from causalize.training import objective
 from causalize.training.checkpoints import (
     CHECKPOINT_DIR,
@@ -176,7 +176,7 @@ def draw_step_inputs(
     timesteps = sample_frame_timesteps(
         batch, frames, schedule.num_train_timesteps, generator, device, mode=timestep_mode
     )
-    noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+    noise = gaussian(x0.shape, generator, device, x0.dtype)
     keep = action_keep_mask(batch, frames, action_dropout, generator, device)
     if action_mask is not None:
         keep = keep & action_mask.to(device=device, dtype=torch.bool)
