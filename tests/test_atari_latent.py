@@ -454,6 +454,9 @@ def test_gpu_run_returns_a_finished_study_and_a_stopped_one(latent_run, tmp_path
     assert done["attention"] == "dense" and "attention dense (environment variable CAUSALIZE_ATTENTION)" in log
     with pytest.raises(ValueError, match="not one of"):
         gpu_run.run("unet3d", 600, copy, tmp_path / "never", attention="fast")
+    from causalize.modules.attention_exec import BACKENDS
+
+    assert sorted(gpu_run.ATTENTION) == sorted(BACKENDS)  # gpu_run names them without importing torch
     assert not (tmp_path / "never").exists()
 
     stopped = gpu_run.run("unet3d", 0.5, tmp_path / "fresh", tmp_path / "cut", ["--scale", "smoke"])
