@@ -11,7 +11,7 @@ import os
 import platform
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -128,12 +128,16 @@ def _rounded(x: Any, digits: int) -> Any:
     return x
 
 
-def record_text(obj: Any, indent: int = 1, **dumps: Any) -> str:
+def record_text(
+    obj: Any, indent: int = 1, *, default: Callable[[Any], Any] | None = None, allow_nan: bool = True
+) -> str:
     """JSON for a committed record: indented like ``json.dumps(obj, indent=indent)``, but a list of
     numbers or strings stays on one line. The same content (``json.loads`` gives the same object)
     in about a third less space: records travel with the tree, and a device call sends at most
-    64 MiB. ``dumps``: json.dumps options for the values (``default``, ``allow_nan``)."""
-    return _record(obj, indent, 0, dumps) + "\n"
+    64 MiB. ``default`` and ``allow_nan`` are json.dumps's, for the values."""
+    if isinstance(indent, bool) or not isinstance(indent, int) or indent < 0:
+        raise ValueError(f"indent must be a non-negative integer, got {indent!r}")
+    return _record(obj, indent, 0, {"default": default, "allow_nan": allow_nan}) + "\n"
 
 
 def _record(obj: Any, indent: int, depth: int, dumps: dict[str, Any]) -> str:

@@ -269,7 +269,7 @@ def prepare(s: dict[str, Any], work: Path, fresh: bool) -> dict[str, Any]:
         "data_seconds": data_seconds,
         "model_seconds": time.perf_counter() - t0,
     }
-    marker.write_text(json.dumps(done, indent=1) + "\n")
+    marker.write_text(record_text(done))
     return {**done, "reused": False}
 
 

@@ -387,6 +387,8 @@ def gaussian(
     values and more, 2.13's only past a multiple of 16): drawn in bf16, a bf16 rollout would
     start from other noise than the fp32 one of the same seed, and not be comparable to it.
     """
+    if not dtype.is_floating_point:
+        raise ValueError(f"Gaussian noise needs a floating-point dtype, got {dtype}")
     draw = torch.float64 if dtype == torch.float64 else torch.float32
     return torch.randn(shape, generator=generator, device=device, dtype=draw).to(dtype)
 

@@ -65,9 +65,64 @@ def test_gaussian_noise_is_the_float32_draw_in_every_dtype(shape, dtype):
     assert torch.equal(noise, expected)
 
 
-def test_negative_control_torch_draws_bf16_normals_from_another_stream():
-    """Why gaussian exists: torch's own bf16 draw of 1,000 values is not the float32 draw cast
-    (torch 2.13 past a multiple of 16 values; torch 2.11 already at 16)."""
-    bf16 = torch.randn(1000, generator=torch.Generator().manual_seed(3), dtype=torch.bfloat16)
-    cast = torch.randn(1000, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
-    assert not torch.equal(bf16, cast)
+def test_gaussian_noise_needs_a_floating_dtype():
+    from causalize.noise import gaussian
+
+    with pytest.raises(ValueError, match="floating-point"):
+        gaussian((3,), None, "cpu", torch.int64)
+
+
+def _half_draws(monkeypatch) -> list:
+    """Spy on torch.randn: the half-precision dtypes it is asked to draw in."""
+    real, asked = torch.randn, []
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs.get("dtype"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "randn", spy)
+    return asked
+
+
+def _bf16_rollout() -> None:
+    from world_models import tiny_world_model
+
+    from causalize import precision
+    from causalize.rollout.sampler import RolloutConfig, rollout
+
+    wm = tiny_world_model("wan")
+    cond = wm.plan.conditioning
+    context = wm.plan.make_inputs(wm.model, 2, torch.Generator().manual_seed(0))[cond.sample_arg]
+    actions = torch.randn(1, 2, 3, generator=torch.Generator().manual_seed(1))
+    precision.to_precision(wm.model, torch.bfloat16)
+    rollout(wm, context, actions, config=RolloutConfig(steps=2, window=3))
+
+
+def test_a_bf16_rollout_and_a_bf16_training_draw_take_their_noise_in_float32(monkeypatch):
+    """Whatever torch's bf16 stream is on a given version (torch 2.13 matches float32 for the test
+    models' frame sizes, 2.11 does not), the sampler and the trainer never draw in half precision."""
+    from causalize.noise import NoiseSchedule
+    from causalize.training.trainer import draw_step_inputs
+
+    asked = _half_draws(monkeypatch)
+    _bf16_rollout()
+    x0 = torch.zeros(2, 4, 3, 8, 8, dtype=torch.bfloat16)
+    inputs = draw_step_inputs(
+        x0, None, schedule=NoiseSchedule.from_config(), frame_axis=2, generator=torch.Generator().manual_seed(0)
+    )
+    assert inputs.noise.dtype == torch.bfloat16
+    assert asked and not [d for d in asked if d in (torch.bfloat16, torch.float16)], asked
+
+
+def test_negative_control_the_spy_sees_a_sampler_that_draws_in_bf16(monkeypatch):
+    """The old sampler drew in the model's dtype: put back, the check above would fail."""
+    from causalize.rollout import sampler
+
+    monkeypatch.setattr(
+        sampler,
+        "gaussian",
+        lambda shape, gen, device, dtype: torch.randn(shape, generator=gen, device=device, dtype=dtype),
+    )
+    asked = _half_draws(monkeypatch)
+    _bf16_rollout()
+    assert torch.bfloat16 in asked

@@ -53,17 +53,33 @@ def test_json_dumps_options_reach_the_values() -> None:
     assert json.loads(record_text({"p": Path("a/b")}, default=str)) == {"p": "a/b"}
     with pytest.raises(TypeError):
         record_text({"p": Path("a/b")})
+    with pytest.raises(TypeError):
+        record_text({"a": 1}, sort_keys=True)  # an option it would not honour is refused, not ignored
+    for indent in (None, -1, True):
+        with pytest.raises(ValueError, match="indent"):
+            record_text({"a": 1}, indent=indent)
+
+
+def _indent(text: str) -> int:
+    second = text.split("\n")[1]
+    return len(second) - len(second.lstrip(" "))
 
 
 def test_the_committed_records_are_written_this_way() -> None:
-    """The results folder was rewritten with record_text (content checked identical at the time); a
-    record written with the old indented dump would put a lone number on a line."""
+    """Every committed record (not diffusers' model configs) is exactly what record_text writes of
+    its content: so a writer left on the old indented dump shows here once its output is committed."""
     results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-    lone_number = []
-    for path in results.rglob("*.json"):
-        if path.name == "config.json":  # written by diffusers with the model
+    other = []
+    for path in sorted(results.rglob("*.json")):
+        text = path.read_text(encoding="utf-8")
+        if path.name == "config.json" or text.count("\n") < 2:  # diffusers' own, or one line
             continue
-        lines = path.read_text(encoding="utf-8").splitlines()
-        if any(line.strip().rstrip(",").lstrip("-").replace(".", "", 1).isdigit() for line in lines):
-            lone_number.append(str(path.relative_to(results)))
-    assert not lone_number, lone_number
+        if record_text(json.loads(text), indent=_indent(text)) != text:
+            other.append(str(path.relative_to(results)))
+    assert not other, other
+
+
+def test_negative_control_an_indented_dump_is_not_a_record() -> None:
+    record = {"curve": [1.0, 2.0], "rows": [{"a": [3]}]}
+    old = json.dumps(record, indent=1) + "\n"
+    assert record_text(json.loads(old), indent=_indent(old)) != old

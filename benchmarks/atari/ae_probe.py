@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from benchmarks._common import record_text
 from benchmarks.atari import autoencoder as ae
 from benchmarks.atari.budget import add_settings_option, open_study, parse_settings
 from benchmarks.atari.runtime import StageProgress, set_determinism
@@ -43,7 +44,7 @@ def probe(study_dir: Path, out: Path, settings: dict[str, Any]) -> dict[str, Any
         roots, study.pixel_dataset("test"), out, cfg, study.seed, progress=StageProgress(study.log, "[ae_probe]")
     )
     doc["config"], doc["study"], doc["settings"] = cfg, str(study_dir), settings
-    (out / ae.SUMMARY_FILE).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    (out / ae.SUMMARY_FILE).write_text(record_text(doc), encoding="utf-8")
     return doc
 
 

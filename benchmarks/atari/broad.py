@@ -185,7 +185,7 @@ def record_and_encode(base: Study, dest: Study) -> dict[str, Any]:
         "study_clips_are_the_first": _same_clips(base, clips, d["clips_per_game"]),
         "seconds": time.perf_counter() - t0,
     }
-    marker.write_text(json.dumps(doc, indent=2) + "\n")
+    marker.write_text(record_text(doc, indent=2))
     return doc
 
 

@@ -52,6 +52,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks._common import record_text
 from benchmarks.atari import control
 from benchmarks.atari import evaluate as ev
 from benchmarks.atari.pretrain import MODEL_DIR
@@ -240,7 +241,7 @@ def _measured(
     row = {**measure(study, variant, model, segments), "measure_seconds": time.perf_counter() - t0}
     row["weights_sha256"], row["sampler"] = weights, sampler
     if cached:
-        path.write_text(json.dumps(row, indent=1) + "\n", encoding="utf-8")
+        path.write_text(record_text(row), encoding="utf-8")
     return row
 
 
@@ -499,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     path = Path(args.json) if args.json else record_path(Path(doc["out"]), doc["name"])
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    path.write_text(record_text(doc), encoding="utf-8")
     print(table(doc))
     print(f"wrote {path}", file=sys.stderr)
     return 0

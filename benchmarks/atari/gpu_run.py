@@ -12,8 +12,8 @@ it, the stages whose records exist), the study's log, and, when the study finish
 ``results.json``, ``README.md``, ``study.json`` and ``rollout.gif``. A run stopped by the limit
 resumes from its finished stages when the same command is given again on the same machine.
 
-Attention runs ``dense`` by default (``CAUSALIZE_ATTENTION`` for the child): the one path the CPU
-rehearsals ran. On CUDA ``auto`` would compile flex attention for the 1,024-token training windows,
+Attention runs ``dense`` by default (``CAUSALIZE_ATTENTION`` for the child, unless exported
+already): the one path the CPU rehearsals ran. On CUDA ``auto`` would compile flex attention for the 1,024-token training windows,
 forward and backward, a path no run of this study has taken, whose compile costs part of the eight
 minutes and whose backward, lowered at the first ``loss.backward()``, has no fallback; at these
 sizes a dense mask is 1 MiB. ``benchmarks/gpu_check.py`` is the place that measures flex.
@@ -34,13 +34,12 @@ from typing import Any
 
 from benchmarks._common import record_text
 from benchmarks.atari.reuse import RUN_DIRS, SHARED_STAGES
+from causalize.modules.attention_exec import BACKENDS, ENV_VAR
 
 __all__ = ["main", "run"]
 
 #: What the study leaves when it finished, copied back beside gpu_run.json and the log.
 FINISHED = ("results.json", "README.md", "study.json", "rollout.gif")
-#: The attention executions the child may be given (causalize.modules.attention_exec.BACKENDS).
-ATTENTION = ("dense", "chunked", "flex", "auto")
 #: The study's stage folders, in order; a stage counts as reached when its folder exists.
 STAGES = (*SHARED_STAGES, *RUN_DIRS)
 
@@ -66,12 +65,13 @@ def run(
     out: str | os.PathLike | None = None,
     dest: str | os.PathLike | None = None,
     study_args: Sequence[str] = (),
-    attention: str = "dense",
+    attention: str | None = None,
 ) -> dict[str, Any]:
-    """Run the study for at most ``limit`` seconds with ``attention`` (see the module's note) and
-    copy its record into ``dest``; the summary."""
-    if attention not in ATTENTION:
-        raise ValueError(f"attention {attention!r} is not one of {', '.join(ATTENTION)}")
+    """Run the study for at most ``limit`` seconds with ``attention`` (default: an exported
+    CAUSALIZE_ATTENTION, else dense; see the module's note) and copy its record into ``dest``."""
+    attention = attention or os.environ.get(ENV_VAR, "").strip().lower() or "dense"
+    if attention not in BACKENDS:
+        raise ValueError(f"attention {attention!r} is not one of {', '.join(BACKENDS)}")
     out = Path(out or f"benchmarks/_work/atari-gpu-{backbone}")
     dest = Path(dest or os.environ.get("OUT") or out / "returned")
     dest.mkdir(parents=True, exist_ok=True)
@@ -91,7 +91,7 @@ def run(
     ]
     started = time.perf_counter()
     with open(dest / "study.log", "w", encoding="utf-8") as log:
-        env = {**os.environ, "CAUSALIZE_ATTENTION": attention}
+        env = {**os.environ, ENV_VAR: attention}
         child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             rc, stopped = child.wait(timeout=limit), False
@@ -133,10 +133,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--attention",
-        choices=ATTENTION,
-        default="dense",
-        help="the study's attention execution (default dense: the path the CPU rehearsals ran; "
-        "auto would compile flex on CUDA, measured by benchmarks/gpu_check.py instead)",
+        choices=BACKENDS,
+        default=None,
+        help="the study's attention execution (default: $CAUSALIZE_ATTENTION if exported, else dense, "
+        "the path the CPU rehearsals ran; auto would compile flex on CUDA, measured by "
+        "benchmarks/gpu_check.py instead)",
     )
     p.add_argument(
         "--out", default=None, help="the study's folder, resumable (default benchmarks/_work/atari-gpu-BACKBONE)"

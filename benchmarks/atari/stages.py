@@ -390,6 +390,7 @@ class Study:
     # ---- 4. fine-tuning -----------------------------------------------------------------------
 
     def finetune(self, variant: str) -> dict[str, Any]:
+        from causalize.modules.attention_exec import requested_backend
         from causalize.training.trainer import TrainConfig, train
 
         marker = self.out / "finetune" / f"{variant}.json"
@@ -414,6 +415,7 @@ class Study:
         )
         summary = train(config, progress=StageProgress(self.log, f"[{self.named(f'finetune {variant}')}]"))
         summary["config"] = config.to_json()
+        summary["attention"] = requested_backend()[0]  # this run's, whichever process a resume ends in
         write_json(marker, summary)
         return summary
 

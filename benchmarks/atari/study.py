@@ -90,6 +90,16 @@ def _attention() -> str:
     return f"{name} ({source})"
 
 
+def _attention_record(device: str) -> dict[str, Any]:
+    """The attention execution of this process (CAUSALIZE_ATTENTION; call counts of this process
+    only: stages resumed from an earlier process ran under that one's, named in its log). A record
+    that cannot be made is noted, not fatal: the study's results are written all the same."""
+    try:
+        return attention_exec.describe(device)
+    except Exception as exc:  # noqa: BLE001 - a probe of triton / inductor must not lose the results
+        return {"requested": _attention(), "error": f"{type(exc).__name__}: {exc}"}
+
+
 def run_study(
     out: str | os.PathLike,
     *,
@@ -294,8 +304,7 @@ def _run(
             "threads": threads,
             "device": device,
             "deterministic_algorithms": "warn_only" if device.startswith("cuda") else True,
-            # what attention ran (CAUSALIZE_ATTENTION; call counts of this process only)
-            "attention": attention_exec.describe(device),
+            "attention": _attention_record(device),
             "config": cfg,
             "command": command or f"--scale {scale} --seed {seed}",
         },
