@@ -464,3 +464,23 @@ def test_gpu_run_returns_a_finished_study_and_a_stopped_one(latent_run, tmp_path
     monkeypatch.setenv("CAUSALIZE_ATTENTION", "fastest")  # an exported choice is the default, checked
     with pytest.raises(ValueError, match="'fastest' is not one of"):
         gpu_run.run("unet3d", 600, copy, tmp_path / "never")
+
+
+def test_step_ops_counts_a_fine_tuning_step_of_the_study(latent_run, tmp_path):
+    """step_ops runs the study's own fine-tuning under a dispatch counter: the per-step count is the
+    same whichever step counts are differenced (setup, loading and saving cancel out), and the
+    optimiser's operations are told apart from the model's."""
+    from benchmarks.atari import step_ops
+
+    out, _, _ = latent_run
+    first = step_ops.step_ops(out, batch=1, steps=(1, 2))
+    again = step_ops.step_ops(out, batch=1, steps=(2, 3))
+    assert first["ops_per_step"] == again["ops_per_step"] > 0
+    assert first["optimiser_step_ops_per_step"] > 0 and first["views_per_step"] > 0
+    parts = first["views_per_step"] + first["optimiser_step_ops_per_step"] + first["other_ops_per_step"]
+    assert parts == first["ops_per_step"] == sum(first["by_op"].values())
+    assert first["by_op"].get("mm", 0) + first["by_op"].get("addmm", 0) + first["by_op"].get("convolution", 0) > 0
+    with pytest.raises(FileNotFoundError, match="no fine-tuning record of 'nope'"):
+        step_ops.step_ops(out, "nope")
+    assert step_ops.main(["--study", str(tmp_path), "--json", str(tmp_path / "x.json")]) == 2
+    assert not (tmp_path / "x.json").exists()
