@@ -163,7 +163,7 @@ def write_json(name: str, payload: dict[str, Any], digits: int = 6) -> Path:
     """results/NAME.json, floats rounded to `digits` significant digits, written atomically."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    # json.dumps rather than fs.write_json: a measurement may be NaN or infinite, and is recorded as such
+    # record_text rather than fs.write_json: a measurement may be NaN or infinite, and is recorded as such
     fs.write_text(path, record_text(_rounded(payload, digits)), overwrite=True)
     return path
 

@@ -490,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     print(machine_line(info), file=sys.stderr)
     path = args.out or RESULTS / f"{NAME}{'.quick' if args.quick else ''}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    # json.dumps rather than fs.write_json: a measurement may be NaN or infinite, and is recorded as such
+    # record_text rather than fs.write_json: a measurement may be NaN or infinite, and is recorded as such
     fs.write_text(path, record_text(_rounded(payload, 6)), overwrite=True)
     print(f"wrote {path}", file=sys.stderr)
     if not rollout["decode_once_per_frame"]:

@@ -235,7 +235,7 @@ def pretrain(config: PretrainConfig, progress: Progress | None = None, device: s
         "median_seconds_per_step": sorted(step_seconds)[len(step_seconds) // 2] if step_seconds else None,
         "model_kwargs": {k: list(v.shape) for k, v in model_kwargs.items() if torch.is_tensor(v)},
     }
-    # json.dumps, not fs.write_json: a resumed run that had nothing left to do has a NaN final_loss
+    # record_text, not fs.write_json: a resumed run that had nothing left to do has a NaN final_loss
     fs.write_text(out / SUMMARY_FILE, record_text(summary, indent=2), overwrite=True)
     (out / CHECKPOINT_FILE).unlink(missing_ok=True)
     return summary

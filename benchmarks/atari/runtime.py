@@ -32,7 +32,7 @@ Log = Callable[[str], None]
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Atomic, replacing an earlier file (a rerun redoes a stage). json.dumps rather than
+    """Atomic, replacing an earlier file (a rerun redoes a stage). record_text rather than
     fs.write_json: a single-segment comparison has a NaN standard error, a perfect frame an
     infinite PSNR, and both must still be recorded."""
     path.parent.mkdir(parents=True, exist_ok=True)
