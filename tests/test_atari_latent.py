@@ -180,6 +180,34 @@ def _as_committed(study_dir: Path, dest: Path, keep: tuple[str, ...] = ()) -> Pa
     return dest
 
 
+def test_the_gpu_run_study_on_emulated_cuda_gives_the_cpu_numbers(latent_run, tmp_path, monkeypatch):
+    """What a lent GPU will run (the Wan DiT in latent space), on emulated cuda: every stage (the
+    autoencoder, encoding, pretraining, conversion, fine-tuning through accelerate, the rollouts and
+    their scores) keeps its tensors on the device, and the numbers are the CPU's (dense attention on
+    both, as gpu_run sets it). The device bugs the emulation catches are tested with negative
+    controls in tests/test_emulated_cuda.py."""
+    from causalize.testing.emulated_cuda import emulated_cuda
+
+    monkeypatch.setenv("CAUSALIZE_ATTENTION", "dense")
+    data = latent_run[0] / "data"
+    kwargs = dict(scale="smoke", seed=SEED, backbone="wan", space="latent", data_dir=data, log=lambda m: None)
+    cpu = study.run_study(tmp_path / "cpu", **kwargs)
+    with emulated_cuda() as mode:
+        gpu = study.run_study(tmp_path / "cuda", device="cuda", **kwargs)
+    assert (cpu["study"]["device"], gpu["study"]["device"]) == ("cpu", "cuda") and mode.ops > 10_000
+    for key in ("autoencoder", "runs", "denoising", "controllability", "comparisons", "across_seeds"):
+        assert _untimed(gpu[key]) == _untimed(cpu[key]), key
+
+
+def _untimed(doc):
+    """A record without its wall-clock fields."""
+    if isinstance(doc, dict):
+        return {k: _untimed(v) for k, v in doc.items() if "seconds" not in k}
+    if isinstance(doc, list):
+        return [_untimed(v) for v in doc]
+    return doc
+
+
 def test_broad_pretraining_check_remakes_gone_stages_and_pairs_with_the_study(latent_run, tmp_path):
     """benchmarks.atari.broad on a study as committed: it remakes the recordings and the autoencoder
     (and checks they are the study's), pretrains on more clips, and compares each training seed's

@@ -534,3 +534,15 @@ def test_cli_train_help():
     assert result.exit_code == 0
     for option in ("--model", "--data", "--out", "--steps", "--batch-size", "--lr", "--window", "--resume", "--json"):
         assert option in result.stdout
+
+
+def test_runs_of_another_set_up_in_one_process_get_their_own(work, tmp_path):
+    """accelerate keeps one set-up per process; the trainer starts afresh when a run needs another
+    (without that, the second run here is refused; and a cuda run after a CPU one trained on the
+    CPU: tests/test_emulated_cuda.py)."""
+    first = train(_config(work, tmp_path / "fp32", steps=1))
+    second = train(_config(work, tmp_path / "bf16", steps=1, mixed_precision="bf16"))
+    third = train(_config(work, tmp_path / "again", steps=1))
+    assert (first["mixed_precision"], second["mixed_precision"], third["mixed_precision"]) == ("no", "bf16", "no")
+    losses = [[m["loss"] for m in _metrics(tmp_path / run)] for run in ("fp32", "again")]
+    assert losses[0] == losses[1]

@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-import os
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -48,6 +47,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from causalize.noise import NoiseSchedule, gaussian
 from causalize.training import objective
+from causalize.training.accelerator import make_accelerator
 from causalize.training.checkpoints import (
     CHECKPOINT_DIR,
     FINAL_DIR,
@@ -320,7 +320,7 @@ def _set_up(config: TrainConfig) -> _Run:
     vae = load_vae(config.vae) if config.vae else None
     check_compatible(wm, dataset.info, vae, config)
     overrides = load_conditioning(config.conditioning, wm)
-    accelerator = _accelerator(config)
+    accelerator = make_accelerator(config)
     is_main = accelerator.is_main_process
     resume_from, start_step = resume_point(config, is_main)
     claim = _claim_output(accelerator, config)
@@ -405,29 +405,6 @@ def _set_up_claimed(
     )
     _restore(run, len(dataset))
     return run
-
-
-def _accelerator(config: TrainConfig) -> Any:
-    """accelerate's Accelerator for this launch (one process, or every process of
-    ``accelerate launch`` / torchrun), on the CPU where asked."""
-    from accelerate import Accelerator
-
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    # Several processes without CUDA (torchrun on CPUs): accelerate joins them only with cpu=True.
-    cpu_ddp = world > 1 and not torch.cuda.is_available()
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("device='cuda' but this torch has no usable CUDA device", "use --device cpu")
-    try:
-        cpu = cpu_ddp or config.device == "cpu"
-        accelerator = Accelerator(mixed_precision=config.mixed_precision, **({"cpu": True} if cpu else {}))
-    except (ValueError, RuntimeError) as exc:
-        raise TrainingError(f"accelerate cannot set up mixed_precision={config.mixed_precision!r}: {exc}") from exc
-    if accelerator.num_processes != world:
-        raise TrainingError(
-            f"{world} processes were launched but accelerate set up {accelerator.num_processes}",
-            "launch with `accelerate launch` (see `accelerate config`) or torchrun",
-        )
-    return accelerator
 
 
 def _prepare(
