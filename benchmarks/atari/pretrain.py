@@ -46,7 +46,7 @@ from benchmarks._common import record_text
 from benchmarks.atari.backbones import get_backbone
 from causalize import fs
 from causalize.episodes import EpisodeDataset
-from causalize.noise import NoiseSchedule
+from causalize.noise import NoiseSchedule, gaussian
 from causalize.training.objective import sample_frame_timesteps
 from causalize.training.trainer import EpochSampler, conditioning_kwargs, step_generator
 
@@ -110,7 +110,7 @@ def pretrain_step(
     x0 = frames.movedim(1, 2)  # the UNet3D and Wan layout (B, C, T, H, W)
     batch, t = x0.shape[0], x0.shape[2]
     k = sample_frame_timesteps(batch, t, schedule.num_train_timesteps, generator, x0.device, mode="shared")
-    noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+    noise = gaussian(x0.shape, generator, x0.device, x0.dtype)  # drawn in fp32: the same noise in any dtype
     x_k = schedule.q_sample(x0, noise, k, frame_axis=2)
     target = schedule.target(x0, noise, k, "v", frame_axis=2)
     out = model(x_k, k[:, 0], **model_kwargs).sample
