@@ -29,6 +29,7 @@ STREAMING = [
     for p in registries().plans
     if p.conditioning is not None and p.layout.block_size == 1 and p.streaming is not None
 ]
+assert len(STREAMING) == 24  # an empty list would skip the parametrised test silently
 
 
 def _values(t: torch.Tensor) -> torch.Tensor:
@@ -73,6 +74,71 @@ def test_cpu_and_cuda_tensors_may_not_meet():
             torch.zeros(1, device="cuda:1")
 
 
+@pytest.mark.parametrize(
+    "bug",
+    [
+        "torch.stack([loss, torch.tensor(0.0)])",  # a 0-dim CPU tensor outside a pointwise op
+        "torch.nn.Embedding(10, 4).cuda()(torch.tensor(3))",
+        "torch.searchsorted(x, torch.tensor(2.5))",
+        "x.masked_fill(torch.tensor(True), 0.0)",  # a mask follows the tensor
+        "torch.zeros(()).add_(loss)",  # a CPU tensor written with a cuda result
+        "torch.sum(x, 0, out=torch.zeros(()))",
+        "x.__setitem__(torch.tensor([0, 1]), torch.ones(2))",  # CPU indices may, CPU values may not
+        "torch.zeros(3).__setitem__(torch.tensor([0], device='cuda'), torch.ones(1, device='cuda'))",
+        "x.cuda(1)",
+    ],
+)
+def test_what_cuda_refuses_beyond_shapes(bug):
+    with emulated_cuda():
+        x = torch.arange(3.0, device="cuda")
+        with pytest.raises(DeviceMismatch):
+            eval(bug, {"torch": torch}, {"x": x, "loss": x.sum()})
+
+
+def test_what_cuda_allows_is_allowed():
+    """The positive side of the rules above: a 0-dim CPU operand of a pointwise op or a fill value,
+    CPU indices and masks for indexing, ints and 'cuda' as devices."""
+    with emulated_cuda():
+        x = torch.arange(3.0, device="cuda")
+        assert (x * torch.tensor(2.0)).device.type == "cuda"
+        assert torch.where(x > 0, x, torch.tensor(0.0)).device.type == "cuda"
+        x[torch.tensor([0])] = torch.ones(1, device="cuda")
+        x[torch.tensor([True, False, True])] = 0.0
+        x.fill_(torch.tensor(1.0))
+        assert torch.zeros(2, device=0).device.type == torch.zeros(2).to(0).device.type == "cuda"
+        assert (x.new_tensor([1.0, 2.0, 3.0]) + x).device.type == "cuda" and x.get_device() == 0
+        assert torch.tensor([x.sum(), x.sum()]).device.type == "cpu"  # built from cuda scalars: CPU, as on CUDA
+        assert x.numpy(force=True).tolist() == [1.0, 1.0, 1.0]
+
+
+def test_backward_passes_are_checked_and_gradients_cross_devices():
+    """A device bug in a hook or a custom backward is caught like one in a forward pass; gradients
+    follow moves between the CPU and cuda (both ways) with the right values and devices."""
+
+    class CpuInBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a):
+            return a * 2
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * torch.ones(3)
+
+    with emulated_cuda():
+        v = torch.ones(3, device="cuda", requires_grad=True)
+        with pytest.raises(DeviceMismatch):
+            CpuInBackward.apply(v).sum().backward()
+        v.register_hook(lambda g: g + torch.arange(3.0))
+        with pytest.raises(DeviceMismatch):
+            (v * 2).sum().backward()
+        w = torch.ones(3, device="cuda", requires_grad=True)
+        ((w * 2).sum() + (w * 3).to("cpu").sum().to("cuda")).backward()
+        assert w.grad.device.type == "cuda" and w.grad.cpu().tolist() == [5.0, 5.0, 5.0]
+        leaf = torch.ones(3, requires_grad=True)
+        (leaf.to("cuda") * 2).sum().backward()
+        assert leaf.grad.device.type == "cpu" and leaf.grad.tolist() == [2.0, 2.0, 2.0]
+
+
 def test_random_draws_need_a_generator_of_their_device():
     with emulated_cuda():
         on_gpu = torch.Generator(device="cuda").manual_seed(0)
@@ -81,6 +147,9 @@ def test_random_draws_need_a_generator_of_their_device():
             torch.randn(3, generator=on_gpu)
         with pytest.raises(DeviceMismatch, match="cpu generator draws for a cuda tensor"):
             torch.randn(3, generator=torch.Generator().manual_seed(0), device="cuda")
+        # diffusers' randn_tensor draws on its generator's device
+        assert on_gpu.device.type == "cuda" and torch.Generator().device.type == "cpu"
+        assert isinstance(torch.default_generator, torch.Generator)  # made before the emulation
 
 
 def test_host_copies_numpy_and_casts():
@@ -104,14 +173,24 @@ def test_host_copies_numpy_and_casts():
 
 
 def test_the_process_is_given_back_and_emulations_do_not_nest():
-    available, generator, as_subclass = torch.cuda.is_available, torch.Generator, torch.Tensor.as_subclass
-    with emulated_cuda():
+    """Also after an error inside; accelerate's set-up made inside does not outlive the block."""
+    from accelerate import Accelerator
+    from accelerate.state import PartialState
+
+    before = (torch.cuda.is_available, torch.accelerator.current_accelerator, torch.Generator)
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    with pytest.raises(ValueError, match="inside"), emulated_cuda():
         assert torch.cuda.is_available() and torch.accelerator.current_accelerator().type == "cuda"
+        assert Accelerator().device.type == "cuda"
         with pytest.raises(RuntimeError, match="already active"), emulated_cuda():
             pass
-    assert torch.cuda.is_available is available and torch.Generator is generator
-    assert torch.Tensor.as_subclass is as_subclass
-    assert torch.zeros(1).device.type == "cpu"
+        raise ValueError("inside")
+    assert (torch.cuda.is_available, torch.accelerator.current_accelerator, torch.Generator) == before
+    assert "as_subclass" not in torch.Tensor.__dict__  # inherited again, not re-set
+    assert torch.__future__.get_swap_module_params_on_conversion() == swap
+    assert torch.zeros(1).device.type == "cpu" and PartialState._shared_state == {}
+    with emulated_cuda():  # and it can be entered again
+        assert torch.ones(1, device="cuda").device.type == "cuda"
 
 
 def test_the_launcher_runs_a_module_and_fails_on_a_device_bug(tmp_path):
@@ -150,8 +229,13 @@ def _rollout_inputs(wm):
     return context, actions
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("name", STREAMING)
+# bf16 for a plan of each kind of code path its casts take (fp32-kept modules, RMS norms that cast
+# back with the input's options, autocast inside the model, UNets): the suite's time
+BF16 = ["unet3d", "svd", "wan", "kandinsky6", "hunyuan15", "ltx", "cogvideox", "mochi"]
+RUNS = [(name, torch.float32) for name in STREAMING] + [(name, torch.bfloat16) for name in BF16]
+
+
+@pytest.mark.parametrize(("name", "dtype"), RUNS, ids=[f"{n}-{str(d)[6:]}" for n, d in RUNS])
 def test_every_streaming_plan_rolls_out_on_cuda_with_the_cpu_numbers(name, dtype, monkeypatch):
     """Exact streaming and full recomputation, on the CPU and on emulated cuda: no tensor of the
     sampler, the caches, the plan's inputs or the converted model's modules lands on the wrong

@@ -1,28 +1,34 @@
 """Emulated CUDA on the CPU: find device-placement bugs before a GPU is lent.
 
-Inside ``with emulated_cuda():`` a tensor put on ``cuda`` (``.to("cuda")``, ``device="cuda"``,
-``torch.tensor(..., device=...)``, a module's ``.to``/``.cuda``) is a :class:`OnCuda`: it reports
-``device == cuda:0`` to Python, keeps its values in an ordinary CPU tensor and is computed by the CPU
-kernels, so a run gives the CPU's numbers. Every aten operation is checked with CUDA's rules on the
-way: cuda and CPU tensors may not meet in one operation (a 0-dim CPU tensor may, as on CUDA; copies
-and indexing with CPU indices may), a random draw for a cuda tensor needs a cuda generator,
-``.numpy()`` of a cuda tensor is refused. A violation raises :class:`DeviceMismatch` where a GPU
-would raise, naming the operation and the devices and shapes it was given. ``torch.cuda`` and
-``torch.accelerator`` answer as one idle GPU would (available, one device, no stream capture), so
-code that asks first (accelerate, the optimizers) takes its CUDA path.
+Inside ``with emulated_cuda():`` a tensor put on ``cuda`` (``.to("cuda")``, ``.to(0)``,
+``device="cuda"``, ``torch.tensor(..., device=...)``, a module's ``.to``/``.cuda``) is an
+:class:`OnCuda`: it reports ``device == cuda:0`` to Python, keeps its values in an ordinary CPU
+tensor and is computed by the CPU kernels, so a run gives the CPU's numbers (it shows that the code
+paths agree, not what a GPU computes). Every aten operation, backward passes and hooks included, is
+checked with CUDA's rules on the way:
 
-What it is not: CUDA. Kernels, streams, CUDA graphs, autocast on CUDA, flex attention's triton
-kernels and anything compiled are not exercised; the memory counters say 0. It checks where
-tensors live on the code paths that run. Three of torch's C++ paths read a tensor's C++ device,
-which is the CPU for an emulated tensor; they are mapped back to cuda: ``Tensor.type_as``,
-``Tensor.new_*`` (also the copies autograd makes with them), and tensors made from nothing inside a
-torch call that was given an emulated tensor (``F.one_hot``'s ``arange``, autograd's zero gradients
-in a backward pass): taken to be cuda, so such a call that builds a CPU tensor on purpose is missed.
-One emulation at a time per process: it swaps process-wide attributes (``torch.Generator``,
-``torch.cuda.*``, ``Tensor.as_subclass``) and puts them back on exit.
+- cuda and CPU tensors may not meet in one operation, except as CUDA allows: a 0-dim CPU tensor as
+  an operand of a pointwise operation or as a fill value (never as what is written into), copies,
+  and CPU indices (or masks) indexing a cuda tensor, whose values must still be on its device;
+- a random draw for a cuda tensor needs a cuda generator (``torch.Generator("cuda")``, whose
+  ``.device`` says cuda, as diffusers' ``randn_tensor`` expects), and a CPU one a CPU generator;
+- ``.numpy()`` of a cuda tensor is refused (``force=True`` copies), ``cuda:1`` does not exist.
+
+A violation raises :class:`DeviceMismatch` where a GPU would raise, naming the operation and the
+devices and shapes it was given. Moves between the CPU and cuda are followed by autograd.
+``torch.cuda`` and ``torch.accelerator`` answer as one idle GPU would (available, one device, no
+stream capture, the host's memory), so code that asks first (accelerate, the optimizers) takes its
+CUDA path.
+
+What it is not: CUDA. Kernels, streams, CUDA graphs, autocast on CUDA, triton and anything compiled
+are not exercised; where torch's C++ reads a tensor's C++ device (the CPU, for an emulated one) it is
+mapped back to cuda (``type_as``, ``Tensor.new_*``, casts with an input's options, tensors its C++
+makes from nothing: told from Python's factory calls, which are checked). One emulation at a time,
+in one thread; worker processes are not emulated; everything swapped is put back on exit. The
+README's "Device placement without a GPU" lists what is and is not emulated.
 
 ``python -m causalize.testing.emulated_cuda -m MODULE [ARGS...]`` runs a module under it, e.g.
-a study with ``--device cuda``; worker processes it spawns are not emulated.
+a study with ``--device cuda``.
 """
 
 from __future__ import annotations
@@ -42,16 +48,15 @@ CUDA = torch.device("cuda", 0)
 CPU = torch.device("cpu")
 aten = torch.ops.aten
 
-# operations CUDA lets a cuda tensor meet CPU ones in (copies, CPU indices, reading a scalar)
-_CROSS_DEVICE = {
-    aten.copy_.default,
-    aten._to_copy.default,
-    aten._local_scalar_dense.default,
-    aten.index.Tensor,
-    aten.index_put_.default,
-    aten.index_put.default,
-    aten._index_put_impl_.default,
-}
+# operations CUDA lets a cuda tensor meet CPU ones in: copies, and indexing with CPU indices (the
+# index_put family only for the indices: its values follow the tensor, see EmulatedCuda._check)
+_CROSS_DEVICE = {aten.copy_.default, aten._to_copy.default, aten._local_scalar_dense.default, aten.index.Tensor}
+_REAL_GENERATOR = torch.Generator
+_INDEX_PUT = {aten.index_put_.default, aten.index_put.default, aten._index_put_impl_.default}
+# a 0-dim CPU tensor may meet cuda ones as an input of a pointwise (TensorIterator) operation, as
+# on CUDA; these take one as their fill value too
+_SCALAR_VALUE = {aten.fill_.Tensor, aten.masked_fill.Tensor, aten.masked_fill_.Tensor}
+_MASKED_FILL = {aten.masked_fill.Scalar, aten.masked_fill_.Scalar, aten.masked_fill.Tensor, aten.masked_fill_.Tensor}
 # operations given an explicit device that torch's C++ took from the input's options (the CPU, for an
 # emulated input): Tensor.new_*, and _to_copy (a Python .to("cpu") / .cpu() of an emulated tensor is
 # answered before the dispatcher, so one reaching it with the CPU comes from C++: type_as, rms_norm)
@@ -158,9 +163,9 @@ class EmulatedCuda(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.ops = 0  # operations checked
-        self.cuda_generators: dict[int, torch.Generator] = {}
         self.generator_on: str | None = None  # device of the generator of the call in progress
-        self.cuda_calls = 0  # torch calls in progress that were given an emulated tensor
+        self.cuda_call = False  # the torch call in progress was given an emulated tensor
+        self.in_backward = 0  # backward passes in progress
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
@@ -201,16 +206,19 @@ class EmulatedCuda(TorchDispatchMode):
             return "cuda"
         if func in _OPTIONS_OF_INPUT and isinstance(args[0], OnCuda):
             return "cuda"
-        if self.cuda_calls and not tensors:
-            # a tensor made from nothing inside a torch call given an emulated tensor: torch's C++
-            # made it with that tensor's C++ device (F.one_hot's arange, autograd's zero gradients)
+        if not tensors and "pin_memory" not in kwargs and (self.cuda_call or self.in_backward):
+            # made from nothing by torch's C++ (Python's factories pass pin_memory), with the options
+            # of an emulated tensor, so its C++ device: F.one_hot's arange, autograd's zero gradients
             return "cuda"
         return "cpu"
 
     def _check(self, func, args, kwargs, tensors, target) -> None:
         cuda = [isinstance(t, OnCuda) for t in tensors]
-        if func not in _CROSS_DEVICE and any(cuda) and not all(cuda):
-            if any(not c and t.dim() > 0 for t, c in zip(tensors, cuda)):
+        if func in _INDEX_PUT:
+            self._check_index_put(func, args, tensors)
+        elif func not in _CROSS_DEVICE and any(cuda) and not all(cuda):
+            cpu = [t for t, c in zip(tensors, cuda) if not c]
+            if any(t.dim() > 0 for t in cpu) or not self._takes_cpu_scalars(func, args, kwargs, cpu):
                 raise DeviceMismatch(f"{func}: tensors on cuda:0 and cpu ({_describe(tensors)})")
         if func is aten.index.Tensor and any(cuda) and not isinstance(args[0], OnCuda):
             raise DeviceMismatch(f"{func}: a cpu tensor indexed by cuda indices ({_describe(tensors)})")
@@ -219,9 +227,46 @@ class EmulatedCuda(TorchDispatchMode):
             if self.generator_on != wanted:
                 raise DeviceMismatch(f"{func}: a {self.generator_on} generator draws for a {wanted} tensor")
 
+    @staticmethod
+    def _takes_cpu_scalars(func, args, kwargs, cpu: list[torch.Tensor]) -> bool:
+        """0-dim CPU tensors beside cuda ones: inputs of a pointwise operation (not what it writes
+        into: ``total += loss`` with a CPU ``total`` fails on CUDA), or a fill value."""
+        written = _written(func, args, kwargs)
+        if any(t is w for t in cpu for w in written):
+            return False
+        if func in _SCALAR_VALUE:
+            return all(t is args[-1] for t in cpu)
+        if func in _MASKED_FILL:  # its mask follows the tensor
+            return all(t is not args[1] for t in cpu)
+        return torch.Tag.pointwise in func.tags
+
+    @staticmethod
+    def _check_index_put(func, args, tensors) -> None:
+        """CPU indices may index a cuda tensor; the values must be on its device (or 0-dim)."""
+        target, values = args[0], args[2]
+        on_cuda = isinstance(target, OnCuda)
+        if isinstance(values, OnCuda) != on_cuda and values.dim() > 0:
+            raise DeviceMismatch(f"{func}: values on another device than the tensor ({_describe(tensors)})")
+        if not on_cuda and any(isinstance(i, OnCuda) for i in args[1] if i is not None):
+            raise DeviceMismatch(f"{func}: a cpu tensor indexed by cuda indices ({_describe(tensors)})")
+
+
+def _written(func, args, kwargs) -> list[torch.Tensor]:
+    """The tensor arguments an operation writes into (self of an in-place op, out=)."""
+    written = []
+    for i, spec in enumerate(func._schema.arguments):
+        value = args[i] if i < len(args) else kwargs.get(spec.name)
+        if isinstance(value, torch.Tensor) and spec.alias_info is not None and spec.alias_info.is_write:
+            written.append(value)
+    return written
+
 
 def _values(t: Any) -> Any:
     return t.elem if isinstance(t, OnCuda) else t
+
+
+_BACKWARD = (torch.Tensor.backward, torch.autograd.backward, torch.autograd.grad)
+_CONSTRUCTORS = (torch.tensor, torch.as_tensor, torch.asarray)
 
 
 class _PythonSide(torch.overrides.TorchFunctionMode):
@@ -234,82 +279,165 @@ class _PythonSide(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if any(isinstance(t, OnCuda) for t in tree_flatten((args, kwargs))[0]):
-            return self._inside_cuda_call(func, args, kwargs)
-        return self._with_generator(func, args, kwargs)
-
-    def _inside_cuda_call(self, func, args, kwargs):
-        self.dispatch.cuda_calls += 1
-        try:
-            return self._with_generator(func, args, kwargs)
-        finally:
-            self.dispatch.cuda_calls -= 1
-
-    def _with_generator(self, func, args, kwargs):
-        generator = kwargs.get("generator")
-        if generator is None:
-            return self._call(func, args, kwargs)
-        previous = self.dispatch.generator_on
-        self.dispatch.generator_on = "cuda" if id(generator) in self.dispatch.cuda_generators else "cpu"
+        state = self.dispatch
+        saved = (state.cuda_call, state.generator_on, state.in_backward)
+        state.cuda_call = any(isinstance(t, OnCuda) for t in tree_flatten((args, kwargs))[0])
+        generator = kwargs.get("generator") or next((a for a in args if isinstance(a, _REAL_GENERATOR)), None)
+        if generator is not None:
+            state.generator_on = "cuda" if getattr(generator, "emulated_cuda", False) else "cpu"
+        if func in _BACKWARD:
+            state.in_backward += 1
         try:
             return self._call(func, args, kwargs)
         finally:
-            self.dispatch.generator_on = previous
+            state.cuda_call, state.generator_on, state.in_backward = saved
 
     def _call(self, func, args, kwargs):
         if func is torch.device:  # torch.device("cuda", 0) stays as written
             return func(*args, **kwargs)
         first = args[0] if args else None
-        if func in (torch.tensor, torch.as_tensor, torch.asarray) and _is_cuda(kwargs.get("device")):
-            if isinstance(first, torch.Tensor) and func is not torch.tensor:
-                return first.to(device=CUDA, dtype=kwargs.get("dtype"))
-            # torch builds these below the dispatcher's Python modes: build on the CPU, then emulate
-            return OnCuda(func(*args, **{**kwargs, "device": CPU}))
+        if func in _CONSTRUCTORS:
+            return self._construct(func, first, args[1:], kwargs)
         if func in (torch.Tensor.device.__get__, torch.Tensor.is_cuda.__get__) and _holds_cuda(first):
             return CUDA if func == torch.Tensor.device.__get__ else True
         if func is torch.Tensor.type_as and isinstance(args[1], OnCuda):
             return first.to(device=CUDA, dtype=args[1].dtype)
-        if func is torch.Tensor.cuda:
-            return first.to(CUDA, non_blocking=kwargs.get("non_blocking", False))
-        if func is torch.Tensor.to and any(isinstance(a, OnCuda) for a in (*args[1:], kwargs.get("other"))):
-            other = kwargs.get("other", args[1] if len(args) > 1 else None)  # .to(other): its C++ device is the CPU
-            return first.to(device=CUDA, dtype=other.dtype, non_blocking=kwargs.get("non_blocking", False))
         if func == torch.Tensor.data.__set__ and isinstance(first, OnCuda):
             return self._set_data(first, args[1])
+        if func in (torch.Tensor.to, torch.Tensor.cuda) and type(first) in (torch.Tensor, torch.nn.Parameter):
+            moved = self._to_device(func, first, args[1:], kwargs)
+            if moved is not None:
+                return moved
         if isinstance(first, OnCuda):
             handled = self._on_cuda(func, first, args[1:], kwargs)
             if handled is not None:
                 return handled
-        return func(*(_indexed(a) for a in args), **{k: _indexed(v) for k, v in kwargs.items()})
+        return func(*(_indexed(a) for a in args), **_device_kwargs(kwargs))
+
+    @staticmethod
+    def _construct(func, data, args, kwargs):
+        """torch.tensor & co. build below the dispatcher's Python modes: on the CPU, then emulated."""
+        if isinstance(data, torch.Tensor) and func is not torch.tensor and _is_cuda(_device_arg(kwargs.get("device"))):
+            return data.to(device=CUDA, dtype=kwargs.get("dtype"))
+        data = tree_map(_values, data)  # a list of 0-dim cuda tensors gives a CPU tensor, as on CUDA
+        kwargs = _device_kwargs(kwargs)
+        if _is_cuda(kwargs.get("device")):
+            return OnCuda(func(data, *args, **{**kwargs, "device": CPU}))
+        return func(data, *args, **kwargs)
+
+    @staticmethod
+    def _to_device(func, t: torch.Tensor, args, kwargs) -> torch.Tensor | None:
+        """A CPU tensor's .to / .cuda: 'cuda' or an int is cuda:0, .to(cuda_tensor) is cuda (its
+        C++ device is the CPU), and a move that autograd follows goes through _ToDevice."""
+        if func is torch.Tensor.cuda:
+            device, dtype = _device_arg((args[0] if args else kwargs.get("device")) or CUDA), None
+        elif any(isinstance(a, OnCuda) for a in (*args, kwargs.get("other"))):
+            other = kwargs.get("other", args[0] if args else None)
+            device, dtype = CUDA, other.dtype
+        else:
+            plain = {k: _device_arg(v) if k == "device" else v for k, v in kwargs.items() if k != "copy"}
+            positional = [_device_arg(a) if isinstance(a, (int, str, torch.device)) else a for a in args]
+            device, dtype, _, _ = torch._C._nn._parse_to(*positional, **plain)
+        if device is None or not _is_cuda(device):
+            return None
+        _check_index(device)
+        dtype = dtype or t.dtype
+        if t.requires_grad and torch.is_grad_enabled():
+            return _ToDevice.apply(t, dtype)
+        return OnCuda(t.detach().to(dtype=dtype, copy=True))
 
     @staticmethod
     def _set_data(t: OnCuda, value: torch.Tensor) -> None:
         """``param.data = value`` (a dtype change, say): the wrapper takes the new values too."""
         if not isinstance(value, OnCuda):
-            raise DeviceMismatch("the emulation cannot move a cuda tensor to the CPU by assigning its .data")
+            raise NotImplementedError("the emulation cannot move a cuda tensor to the CPU by assigning its .data")
         torch.Tensor.data.__set__(t, value)
         t.elem = value.elem
 
     @staticmethod
     def _on_cuda(func, t: OnCuda, args, kwargs) -> Any:
         """Methods of an emulated tensor that torch resolves in C++; None: the dispatcher's."""
-        if func in (torch.Tensor.numpy, torch.Tensor.__array__):
+        if (func is torch.Tensor.numpy and not kwargs.get("force")) or func is torch.Tensor.__array__:
             raise TypeError(
                 "can't convert cuda:0 device type tensor to numpy. "
                 "Use Tensor.cpu() to copy the tensor to host memory first."
             )
         if func in (torch.Tensor.storage, torch.Tensor.untyped_storage, torch.Tensor.data_ptr, torch.Tensor.tolist):
             return func(t.elem, *args, **kwargs)
+        if func is torch.Tensor.numpy:
+            return t.elem.numpy(force=True)
+        if func is torch.Tensor.get_device:
+            return 0
+        if func is torch.Tensor.new_tensor:
+            made = torch.tensor(tree_map(_values, args[0]), dtype=kwargs.get("dtype") or t.dtype)
+            device = _device_arg(kwargs.get("device"))
+            return made if device is not None and not _is_cuda(device) else OnCuda(made)
+        if func is torch.Tensor.cuda:
+            _check_index(_device_arg((args[0] if args else kwargs.get("device")) or CUDA))
+            return t
         if func is torch.Tensor.cpu:
-            return t.elem.clone()
+            return _to_host(t, t.dtype)
         if func is not torch.Tensor.to:
             return None
-        plain = {k: _indexed(v) for k, v in kwargs.items() if k != "copy"}
-        device, dtype, _, memory_format = torch._C._nn._parse_to(*(_indexed(a) for a in args), **plain)
+        plain = {k: _device_arg(v) if k == "device" else v for k, v in kwargs.items() if k != "copy"}
+        positional = [_device_arg(a) if isinstance(a, (int, str, torch.device)) else a for a in args]
+        device, dtype, _, memory_format = torch._C._nn._parse_to(*positional, **plain)
         if device is not None and device.type == "cpu":  # a copy to the host
-            return t.elem.to(dtype=dtype or t.dtype, memory_format=memory_format or torch.preserve_format, copy=True)
+            return _to_host(t, dtype or t.dtype)
+        if device is not None:
+            _check_index(device)
         same = (dtype is None or dtype == t.dtype) and memory_format in (None, torch.preserve_format)
         return t if same and not kwargs.get("copy") else None
+
+
+def _to_host(t: OnCuda, dtype: torch.dtype) -> torch.Tensor:
+    if t.requires_grad and torch.is_grad_enabled():
+        return _ToHost.apply(t, dtype)
+    return t.elem.to(dtype=dtype, copy=True)
+
+
+class _ToHost(torch.autograd.Function):
+    """cuda -> CPU that autograd follows: the gradient goes back to cuda."""
+
+    @staticmethod
+    def forward(ctx: Any, t: OnCuda, dtype: torch.dtype) -> torch.Tensor:
+        ctx.dtype = t.dtype
+        return t.elem.to(dtype=dtype, copy=True)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return OnCuda(_values(grad).to(ctx.dtype)), None
+
+
+class _ToDevice(torch.autograd.Function):
+    """CPU -> cuda that autograd follows: the gradient comes back to the CPU (torch's own move would
+    send it with the options of the emulated tensor, whose C++ device is the CPU)."""
+
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor, dtype: torch.dtype) -> OnCuda:
+        ctx.dtype = t.dtype
+        return OnCuda(t.to(dtype=dtype, copy=True))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _values(grad).to(ctx.dtype), None
+
+
+def _device_arg(device: Any) -> Any:
+    """A device argument: an int is a cuda index (torch's meaning), 'cuda' is cuda:0."""
+    if isinstance(device, int) and not isinstance(device, bool):
+        return torch.device("cuda", device)
+    return _indexed(device)
+
+
+def _device_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {k: _device_arg(v) if k == "device" else _indexed(v) for k, v in kwargs.items()}
+
+
+def _check_index(device: Any) -> None:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index not in (None, 0):
+        raise DeviceMismatch(f"{device} does not exist (the emulation has one GPU)")
 
 
 def _host_memory() -> tuple[int, int]:
@@ -328,22 +456,36 @@ class _Stream:
         pass
 
 
-def _one_idle_gpu(mode: EmulatedCuda) -> list[tuple[Any, str, Any]]:
+class _GeneratorType(type(_REAL_GENERATOR)):
+    """Generators made before the emulation are generators inside it too."""
+
+    def __instancecheck__(cls, obj: Any) -> bool:
+        return isinstance(obj, _REAL_GENERATOR)
+
+    def __subclasscheck__(cls, sub: type) -> bool:
+        return issubclass(sub, _REAL_GENERATOR)
+
+
+class _Generator(_REAL_GENERATOR, metaclass=_GeneratorType):  # type: ignore[misc, valid-type]
+    """torch.Generator while the emulation runs: a CPU generator, marked when made for cuda."""
+
+    def __new__(cls, device: Any = "cpu") -> _Generator:
+        generator = _REAL_GENERATOR.__new__(cls)
+        device = _device_arg(device)
+        _check_index(device)
+        generator.emulated_cuda = _is_cuda(device)
+        return generator
+
+    def __init__(self, device: Any = "cpu") -> None:
+        super().__init__()
+
+    @property
+    def device(self) -> torch.device:  # type: ignore[override]
+        return CUDA if self.emulated_cuda else CPU
+
+
+def _one_idle_gpu() -> list[tuple[Any, str, Any]]:
     """(owner, attribute, stand-in) for what is swapped while the emulation runs."""
-    real_generator = torch.Generator
-
-    class Generator(real_generator):  # type: ignore[misc, valid-type]
-        """A CPU generator, counted as a cuda one when made for cuda."""
-
-        def __new__(cls, device: Any = "cpu") -> Generator:
-            generator = real_generator.__new__(cls)
-            if _is_cuda(device):
-                mode.cuda_generators[id(generator)] = generator
-            return generator
-
-        def __init__(self, device: Any = "cpu") -> None:
-            super().__init__()
-
     real_as_subclass = torch.Tensor.as_subclass
 
     def as_subclass(self: torch.Tensor, cls: type) -> torch.Tensor:
@@ -381,7 +523,7 @@ def _one_idle_gpu(mode: EmulatedCuda) -> list[tuple[Any, str, Any]]:
         "current_stream": lambda device=None: stream,
     }
     return [
-        (torch, "Generator", Generator),
+        (torch, "Generator", _Generator),
         (torch.Tensor, "as_subclass", as_subclass),
         *((torch.cuda, name, fn) for name, fn in cuda_api.items()),
         *((torch.accelerator, name, fn) for name, fn in accelerator_api.items()),
@@ -391,18 +533,19 @@ def _one_idle_gpu(mode: EmulatedCuda) -> list[tuple[Any, str, Any]]:
 @contextlib.contextmanager
 def emulated_cuda() -> Iterator[EmulatedCuda]:
     """Run the block as if one GPU were there (see the module docstring); yields the mode, whose
-    ``ops`` counts the operations checked."""
+    ``ops`` counts the operations checked. Everything it changes is put back on exit."""
     if _Active.mode is not None:
         raise RuntimeError("emulated_cuda is already active in this process")
     mode = EmulatedCuda()
-    swaps = _one_idle_gpu(mode)
-    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in swaps]
+    swaps = _one_idle_gpu()
+    saved = [(owner, name, owner.__dict__.get(name, _INHERITED)) for owner, name, _ in swaps]
     for owner, name, value in swaps:
         setattr(owner, name, value)
     swap_params = torch.__future__.get_swap_module_params_on_conversion()
     # Module.to / .cpu swap parameters for their moved copies instead of assigning .data, which
     # cannot turn an emulated tensor into a CPU one
     torch.__future__.set_swap_module_params_on_conversion(True)
+    _forget_detected_devices()
     _Active.mode = mode
     try:
         with _PythonSide(mode), mode:
@@ -411,7 +554,26 @@ def emulated_cuda() -> Iterator[EmulatedCuda]:
         _Active.mode = None
         torch.__future__.set_swap_module_params_on_conversion(swap_params)
         for owner, name, value in saved:
-            setattr(owner, name, value)
+            if value is _INHERITED:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, value)
+        _forget_detected_devices()
+
+
+_INHERITED = object()  # an attribute the owner inherits rather than holds
+
+
+def _forget_detected_devices() -> None:
+    """Libraries that remember the device they found: accelerate's per-process set-up (made on
+    emulated cuda inside, it would claim cuda after) and diffusers' cached device type."""
+    state = sys.modules.get("accelerate.state")
+    if state is not None and state.PartialState._shared_state:
+        state.AcceleratorState._reset_state(reset_partial_state=True)
+    torch_utils = sys.modules.get("diffusers.utils.torch_utils")
+    detect = getattr(getattr(torch_utils, "TorchDeviceBackend", None), "_detect_device_type", None)
+    if hasattr(detect, "cache_clear"):
+        detect.cache_clear()
 
 
 def run_module(module: str, args: list[str]) -> int:
