@@ -177,13 +177,9 @@ class EmulatedCuda(TorchDispatchMode):
         out = func(*tree_map(_values, args), **tree_map(_values, kwargs))
         if func is aten._local_scalar_dense.default:
             return out
-        if target is None:
-            cuda_in = args[0] if func is aten.copy_.default else None
-            target = (
-                "cuda"
-                if (isinstance(cuda_in, OnCuda) if cuda_in is not None else any(isinstance(t, OnCuda) for t in tensors))
-                else "cpu"
-            )
+        if target is None:  # the inputs decide; a copy lands where it is written
+            deciding = [args[0]] if func is aten.copy_.default else tensors
+            target = "cuda" if any(isinstance(t, OnCuda) for t in deciding) else "cpu"
 
         def wrap(t: Any) -> Any:
             if not isinstance(t, torch.Tensor):
@@ -200,8 +196,7 @@ class EmulatedCuda(TorchDispatchMode):
             return None
         device = torch.device(kwargs["device"])
         if device.type == "cuda":
-            if device.index not in (None, 0):
-                raise DeviceMismatch(f"{func}: {device} does not exist (the emulation has one GPU)")
+            _check_index(device)
             kwargs["device"] = CPU
             return "cuda"
         if func in _OPTIONS_OF_INPUT and isinstance(args[0], OnCuda):
@@ -335,9 +330,7 @@ class _PythonSide(torch.overrides.TorchFunctionMode):
             other = kwargs.get("other", args[0] if args else None)
             device, dtype = CUDA, other.dtype
         else:
-            plain = {k: _device_arg(v) if k == "device" else v for k, v in kwargs.items() if k != "copy"}
-            positional = [_device_arg(a) if isinstance(a, (int, str, torch.device)) else a for a in args]
-            device, dtype, _, _ = torch._C._nn._parse_to(*positional, **plain)
+            device, dtype, _ = _parse_to(args, kwargs)
         if device is None or not _is_cuda(device):
             return None
         _check_index(device)
@@ -379,15 +372,21 @@ class _PythonSide(torch.overrides.TorchFunctionMode):
             return _to_host(t, t.dtype)
         if func is not torch.Tensor.to:
             return None
-        plain = {k: _device_arg(v) if k == "device" else v for k, v in kwargs.items() if k != "copy"}
-        positional = [_device_arg(a) if isinstance(a, (int, str, torch.device)) else a for a in args]
-        device, dtype, _, memory_format = torch._C._nn._parse_to(*positional, **plain)
+        device, dtype, memory_format = _parse_to(args, kwargs)
         if device is not None and device.type == "cpu":  # a copy to the host
             return _to_host(t, dtype or t.dtype)
         if device is not None:
             _check_index(device)
         same = (dtype is None or dtype == t.dtype) and memory_format in (None, torch.preserve_format)
         return t if same and not kwargs.get("copy") else None
+
+
+def _parse_to(args, kwargs) -> tuple[torch.device | None, torch.dtype | None, Any]:
+    """(device, dtype, memory_format) of a ``Tensor.to`` call, ints and 'cuda' read as cuda:N."""
+    plain = {k: _device_arg(v) if k == "device" else v for k, v in kwargs.items() if k != "copy"}
+    positional = [_device_arg(a) if isinstance(a, (int, str, torch.device)) else a for a in args]
+    device, dtype, _, memory_format = torch._C._nn._parse_to(*positional, **plain)
+    return device, dtype, memory_format
 
 
 def _to_host(t: OnCuda, dtype: torch.dtype) -> torch.Tensor:
@@ -610,7 +609,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # the module as imported (not this __main__ copy), so that saved tensors name its OnCuda
+    # the module as imported, not this __main__ copy: one OnCuda class and one active-emulation
+    # flag for the program it runs and the library code that imports the module
     from causalize.testing import emulated_cuda as _module
 
     raise SystemExit(_module.main())
