@@ -460,13 +460,14 @@ def test_reuse_of_a_committed_study_copies_only_what_is_there(latent_run, tmp_pa
     assert again["comparisons"] == json.loads(json.dumps(results["comparisons"]))
 
 
-def test_gpu_run_returns_a_finished_study_and_a_stopped_one(latent_run, tmp_path, monkeypatch):
+def test_gpu_run_returns_a_finished_study_and_a_stopped_one(latent_run, tmp_path, monkeypatch, capsys):
     """gpu_run on a copy of a finished study (the smoke scale and its seed passed through): the
     study resumes with nothing to do, and its record comes back; a study stopped by the limit
     comes back as that, with its log."""
     import shutil
 
     from benchmarks.atari import gpu_run
+    from causalize.errors import UsageError
 
     monkeypatch.delenv("CAUSALIZE_ATTENTION", raising=False)
     out, _, _ = latent_run
@@ -482,16 +483,18 @@ def test_gpu_run_returns_a_finished_study_and_a_stopped_one(latent_run, tmp_path
     assert "study: backbone unet3d, scale smoke" in log
     # the child runs the attention gpu_run asks for (its own default would be auto)
     assert done["attention"] == "dense" and "attention dense (environment variable CAUSALIZE_ATTENTION)" in log
-    with pytest.raises(ValueError, match="not one of"):
+    with pytest.raises(UsageError, match="not one of"):
         gpu_run.run("unet3d", 600, copy, tmp_path / "never", attention="fast")
     assert not (tmp_path / "never").exists()
 
     stopped = gpu_run.run("unet3d", 0.5, tmp_path / "fresh", tmp_path / "cut", ["--scale", "smoke"])
     assert stopped["stopped_by_limit"] and not stopped["finished"] and stopped["copied"] == []
     assert (tmp_path / "cut" / "study.log").is_file()
-    monkeypatch.setenv("CAUSALIZE_ATTENTION", "fastest")  # an exported choice is the default, checked
-    with pytest.raises(ValueError, match="'fastest' is not one of"):
+    monkeypatch.setenv("CAUSALIZE_ATTENTION", " fastest")  # an exported choice is the default, checked
+    with pytest.raises(UsageError, match="CAUSALIZE_ATTENTION='fastest' is not an attention backend"):
         gpu_run.run("unet3d", 600, copy, tmp_path / "never")
+    assert gpu_run.main(["--out", str(copy), "--dest", str(tmp_path / "never")]) == 2
+    assert "error: CAUSALIZE_ATTENTION" in capsys.readouterr().err
 
 
 def test_step_ops_counts_a_fine_tuning_step_of_the_study(latent_run, tmp_path):

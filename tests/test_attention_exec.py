@@ -68,6 +68,7 @@ def test_env_var_then_api_then_context_manager(monkeypatch):
     assert ae.describe("cpu")["source"] == f"environment variable {ae.ENV_VAR}"
     ae.set_attention_backend("dense")  # the API wins over the environment
     assert ae.active_backend("cpu") == "dense" and ae.requested_backend() == ("dense", "set_attention_backend")
+    assert ae.environment_backend() == "chunked"  # what a launcher passes on to its child
     with pytest.raises(RuntimeError, match="boom"):
         with ae.attention_backend("flex"):
             assert ae.active_backend("cpu") == "flex"
@@ -90,7 +91,7 @@ def test_bad_backend_names_are_one_line_usage_errors(monkeypatch):
     with pytest.raises(UsageError):
         with ae.attention_backend("xformers"):
             pass
-    assert ae.requested_backend() == ("auto", "default")
+    assert ae.requested_backend() == ("auto", "default") and ae.environment_backend() is None
 
 
 def test_describe_says_what_runs_and_why():

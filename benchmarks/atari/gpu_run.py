@@ -34,7 +34,8 @@ from typing import Any
 
 from benchmarks._common import record_text
 from benchmarks.atari.reuse import RUN_DIRS, SHARED_STAGES
-from causalize.modules.attention_exec import BACKENDS, ENV_VAR
+from causalize.errors import UsageError
+from causalize.modules.attention_exec import BACKENDS, ENV_VAR, environment_backend
 
 __all__ = ["main", "run"]
 
@@ -69,9 +70,9 @@ def run(
 ) -> dict[str, Any]:
     """Run the study for at most ``limit`` seconds with ``attention`` (default: an exported
     CAUSALIZE_ATTENTION, else dense; see the module's note) and copy its record into ``dest``."""
-    attention = attention or os.environ.get(ENV_VAR, "").strip().lower() or "dense"
+    attention = attention or environment_backend() or "dense"
     if attention not in BACKENDS:
-        raise ValueError(f"attention {attention!r} is not one of {', '.join(BACKENDS)}")
+        raise UsageError(f"attention {attention!r} is not one of {', '.join(BACKENDS)}")
     out = Path(out or f"benchmarks/_work/atari-gpu-{backbone}")
     dest = Path(dest or os.environ.get("OUT") or out / "returned")
     dest.mkdir(parents=True, exist_ok=True)
@@ -151,7 +152,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.limit <= 0:
         print("error: --limit must be positive", file=sys.stderr)
         return 2
-    summary = run(args.backbone, args.limit, args.out, args.dest, study_args, args.attention)
+    try:
+        summary = run(args.backbone, args.limit, args.out, args.dest, study_args, args.attention)
+    except UsageError as error:  # a bad exported CAUSALIZE_ATTENTION, before anything ran
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(json.dumps(summary, indent=2))
     return 0 if summary["finished"] else 1
 

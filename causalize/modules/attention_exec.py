@@ -86,10 +86,17 @@ def requested_backend() -> tuple[str, str]:
     """(name, where it came from): the API override, else the environment variable, else auto."""
     if _Selection.override is not None:
         return _Selection.override, "set_attention_backend"
-    env = os.environ.get(ENV_VAR, "").strip()
-    if env:
-        return _validated(env, ENV_VAR), f"environment variable {ENV_VAR}"
+    env = environment_backend()
+    if env is not None:
+        return env, f"environment variable {ENV_VAR}"
     return "auto", "default"
+
+
+def environment_backend() -> str | None:
+    """The backend $CAUSALIZE_ATTENTION names (checked), or None when it is unset or empty: for a
+    launcher that passes it on to a child process and picks its own default."""
+    env = os.environ.get(ENV_VAR, "").strip()
+    return _validated(env, ENV_VAR) if env else None
 
 
 def flex_status(device: torch.device | str) -> tuple[bool, str]:
