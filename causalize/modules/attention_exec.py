@@ -87,14 +87,11 @@ def requested_backend() -> tuple[str, str]:
     if _Selection.override is not None:
         return _Selection.override, "set_attention_backend"
     env = environment_backend()
-    if env is not None:
-        return env, f"environment variable {ENV_VAR}"
-    return "auto", "default"
+    return (env, f"environment variable {ENV_VAR}") if env else ("auto", "default")
 
 
 def environment_backend() -> str | None:
-    """The backend $CAUSALIZE_ATTENTION names (checked), or None when it is unset or empty: for a
-    launcher that passes it on to a child process and picks its own default."""
+    """$CAUSALIZE_ATTENTION, checked (None: unset), for a launcher that passes it to a child."""
     env = os.environ.get(ENV_VAR, "").strip()
     return _validated(env, ENV_VAR) if env else None
 
@@ -123,11 +120,8 @@ def _flex_platform(device_type: str) -> tuple[bool, str]:
             from torch._inductor.kernel.flex.flex_cpu import check_cpu_supported
         except ImportError:
             return False, "this torch build has no CPU flex kernel"
-        return (
-            (True, "compiled flex kernel (C++)")
-            if check_cpu_supported()
-            else (False, "this CPU has no AVX2 flex kernel")
-        )
+        ok = check_cpu_supported()
+        return (True, "compiled flex kernel (C++)") if ok else (False, "this CPU has no AVX2 flex kernel")
     return False, f"flex is not wired for device type {device_type}"
 
 
@@ -208,10 +202,7 @@ class _Layout:
         """The layout's tensors on `device` (moved once)."""
         key = str(device)
         if key not in self._on:
-            moved = {
-                "q_blocks": self.q_blocks.to(device, torch.int32),
-                "k_blocks": self.k_blocks.to(device, torch.int32),
-            }
+            moved = {name: getattr(self, name).to(device, torch.int32) for name in ("q_blocks", "k_blocks")}
             if self.order is not None:
                 moved["order"] = self.order.to(device)
             self._on[key] = moved
