@@ -14,6 +14,7 @@ import textwrap
 
 import pytest
 import torch
+import torch.utils._triton
 from world_models import tiny_world_model
 
 import causalize.rollout.sampler as sampler_mod
@@ -178,14 +179,19 @@ def test_the_process_is_given_back_and_emulations_do_not_nest():
     from accelerate.state import PartialState
 
     before = (torch.cuda.is_available, torch.accelerator.current_accelerator, torch.Generator)
+    triton = torch.utils._triton.has_triton
     swap = torch.__future__.get_swap_module_params_on_conversion()
     with pytest.raises(ValueError, match="inside"), emulated_cuda():
         assert torch.cuda.is_available() and torch.accelerator.current_accelerator().type == "cuda"
         assert Accelerator().device.type == "cuda"
+        assert torch.cuda.get_device_properties(0).major == 9 and not torch.utils._triton.has_triton()
+        with pytest.raises(DeviceMismatch, match="cuda:1 does not exist"):
+            torch.cuda.get_device_properties("cuda:1")
         with pytest.raises(RuntimeError, match="already active"), emulated_cuda():
             pass
         raise ValueError("inside")
     assert (torch.cuda.is_available, torch.accelerator.current_accelerator, torch.Generator) == before
+    assert torch.utils._triton.has_triton is triton
     assert "as_subclass" not in torch.Tensor.__dict__  # inherited again, not re-set
     assert torch.__future__.get_swap_module_params_on_conversion() == swap
     assert torch.zeros(1).device.type == "cpu" and PartialState._shared_state == {}

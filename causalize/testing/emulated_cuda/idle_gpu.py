@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import os
 import sys
+import types
 from typing import Any
 
 import torch
+import torch.utils._triton
 
 from causalize.testing.emulated_cuda.tensor import CPU, CUDA, check_index, device_arg, is_cuda, values
 
@@ -19,6 +21,21 @@ def _host_memory() -> tuple[int, int]:
     """(free, total) bytes: the emulated device's memory is the host's."""
     page = os.sysconf("SC_PAGE_SIZE")
     return os.sysconf("SC_AVPHYS_PAGES") * page, os.sysconf("SC_PHYS_PAGES") * page
+
+
+def _properties(device: Any = None) -> types.SimpleNamespace:
+    """``torch.cuda.get_device_properties``: the host's memory, compute capability 9.0 (the lent
+    H100 / H200's), one multiprocessor."""
+    check_index(device_arg(0 if device is None else device))
+    return types.SimpleNamespace(
+        name="emulated CUDA (CPU)",
+        major=9,
+        minor=0,
+        total_memory=_host_memory()[1],
+        multi_processor_count=1,
+        is_integrated=False,
+        is_multi_gpu_board=False,
+    )
 
 
 class _Stream:
@@ -79,6 +96,7 @@ def one_idle_gpu() -> list[tuple[Any, str, Any]]:
         "empty_cache": lambda: None,
         "is_bf16_supported": lambda including_emulation=True: True,
         "get_device_name": lambda device=None: "emulated CUDA (CPU)",
+        "get_device_properties": _properties,
         "manual_seed": lambda seed: None,
         "manual_seed_all": lambda seed: None,
         "get_rng_state_all": lambda: [],
@@ -102,6 +120,8 @@ def one_idle_gpu() -> list[tuple[Any, str, Any]]:
         (torch.Tensor, "as_subclass", as_subclass),
         *((torch.cuda, name, fn) for name, fn in cuda_api.items()),
         *((torch.accelerator, name, fn) for name, fn in accelerator_api.items()),
+        # triton kernels do not run here: a CUDA build of torch has triton, and would compile for it
+        (torch.utils._triton, "has_triton", lambda: False),
     ]
 
 
