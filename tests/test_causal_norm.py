@@ -41,6 +41,38 @@ def _cumulative_reference(gn: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     return y * gn.weight.double().reshape(shape) + gn.bias.double().reshape(shape)
 
 
+@given(
+    history=st.integers(1, 7),
+    chunk=st.integers(1, 3),
+    new=st.integers(1, 3),
+    cut=st.data(),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=30, deadline=None)
+def test_dropped_frames_leave_the_statistics(history, chunk, new, cut, seed) -> None:
+    """A rolling cache drops old frames from a cumulative norm's statistics (`NormCarry.drop`): the
+    next frames are then normalised as if only the kept frames had come before them (float64
+    reference on the kept frames). Negative control: with the statistics not dropped they are not
+    (the dropped frames are offset, so their statistics differ)."""
+    first = cut.draw(st.integers(0, history - 1))
+    stop = cut.draw(st.integers(first + 1, history))
+    norm = CausalGroupNorm.from_module(_group_norm(dtype=torch.float64, seed=seed % 7), mode="cumulative")
+    x = torch.randn(2, 8, history + new, 3, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    x[:, :, first:stop] += 3.0
+    carry = None
+    with torch.no_grad():
+        for start in range(0, history, chunk):  # the history arrives over several calls
+            _, carry = norm.cumulative_with(x[:, :, start : min(start + chunk, history)], carry)
+        carry.frames = list(range(history))  # the global ids a streaming cache records
+        kept = carry.drop(first, stop)
+        assert kept.frames == [f for f in range(history) if not first <= f < stop] and kept.count == len(kept.frames)
+        y, _ = norm.cumulative_with(x[:, :, history:], kept)
+        reference = _cumulative_reference(norm, torch.cat([x[:, :, :first], x[:, :, stop:]], dim=2))
+        torch.testing.assert_close(y, reference[:, :, -new:], rtol=0, atol=1e-9)
+        stale, _ = norm.cumulative_with(x[:, :, history:], carry)
+    assert (stale - reference[:, :, -new:]).abs().max() > 1e-3
+
+
 def test_per_frame_equals_stock_on_frames() -> None:
     gn = _group_norm()
     norm = CausalGroupNorm.from_module(gn, mode="per-frame")

@@ -20,6 +20,7 @@ STREAMING_PLANS = [p.name for p in registries().plans if p.streaming is not None
 #: cached state that keeps running sums over every frame: refused (with the reason) in rolling mode
 CANNOT_ROLL = {"sana-video": "linear-attention"}
 ROLLING_PLANS = [n for n in STREAMING_PLANS if n not in CANNOT_ROLL]
+CUMULATIVE = "causal-temporal-conv,causal-temporal-attention,causal-norm{mode=cumulative}"
 
 
 def _context(wm, frames: int = 1) -> torch.Tensor:
@@ -101,11 +102,32 @@ def test_rolling_is_refused_for_state_that_cannot_drop_frames():
         wm = tiny_world_model(name)
         with pytest.raises(UsageError, match=reason):
             rollout(wm, _context(wm), torch.randn(1, 2, 3), config=RolloutConfig(steps=1, cache="rolling"))
-    wm = tiny_world_model(
-        "unet3d", pipeline="causal-temporal-conv,causal-temporal-attention,causal-norm{mode=cumulative}"
-    )
-    with pytest.raises(UsageError, match="cumulative causal norm"):
-        RolloutSession(wm, RolloutConfig(steps=1, cache="rolling")).reset(_context(wm))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cumulative_norms_roll(dtype):
+    """A UNet3D with cumulative causal norms rolls: bit-equal to exact streaming until the window
+    slides; after it, every norm's statistics hold the frames the attention caches hold (the sink
+    and the window's history), over 24 frames. That the statistics are those of the kept frames
+    is tests/test_causal_norm.py's (with its negative control)."""
+    wm = tiny_world_model("unet3d", pipeline=CUMULATIVE).to(dtype)
+    ctx = _context(wm).to(dtype)
+    actions = torch.randn(1, 5, 3, generator=torch.Generator().manual_seed(1)).to(dtype)
+    config = RolloutConfig(steps=2, window=4, guidance_scale=2.5, seed=3, history_noise=20)
+    exact = rollout(wm, ctx, actions, config=config)
+    rolling = rollout(wm, ctx, actions, config=RolloutConfig(**{**config.to_json(), "cache": "rolling"}))
+    for i in range(3):
+        assert torch.equal(_frame(rolling.frames, wm, i), _frame(exact.frames, wm, i)), i
+    session = RolloutSession(wm, RolloutConfig(steps=1, window=4, cache="rolling", sink=1))
+    session.reset(ctx)
+    stream = Stream.of(wm.model, wm.plan)
+    for i in range(24):
+        session.step(torch.randn(1, 3, generator=torch.Generator().manual_seed(i)).to(dtype))
+        cached = {tuple(sorted(set(p.cache.frame_ids.tolist()))) for p in stream._processors}
+        carried = {tuple(c.frames) for c in stream._norms.values()}
+        assert len(stream._norms) > 0 and carried == cached, (i, carried, cached)
+        assert all(c.count == len(c.frames) == c.frame_means.shape[-1] for c in stream._norms.values())
+    assert carried == {(0, 21, 22, 23)}  # the sink, then the L − 1 = 3 history frames of frame 24
 
 
 @pytest.mark.parametrize(

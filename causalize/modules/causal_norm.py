@@ -120,10 +120,27 @@ class CausalGroupNorm(nn.GroupNorm):
 
 class NormCarry:
     """Running statistics of a cumulative norm after `count` frames (per sample and group): the
-    frame-0 shift, Σ of per-frame means, Σ of per-frame variances plus Chan terms."""
+    frame-0 shift, Σ of per-frame means, Σ of per-frame variances plus Chan terms, and each frame's
+    own mean and variance, (B, G, count), so that `drop` can rebuild the sums without some frames
+    (a rolling cache). `frames`: the frames' global ids, kept by the streaming cache."""
 
-    def __init__(self, shift, mean_sum, var_sum, count: int):
+    def __init__(self, shift, mean_sum, var_sum, count: int, frame_means, frame_vars):
         self.shift, self.mean_sum, self.var_sum, self.count = shift, mean_sum, var_sum, count
+        self.frame_means, self.frame_vars = frame_means, frame_vars
+        self.frames: list[int] = []
+
+    def drop(self, first: int, stop: int) -> NormCarry:
+        """These statistics without the frames whose id is in first .. stop−1: the kept frames'
+        own means and variances merged again (equal sizes, so the variance of the union is the mean
+        of their variances plus the variance of their means)."""
+        kept = [i for i, f in enumerate(self.frames) if not first <= f < stop]
+        index = torch.tensor(kept, dtype=torch.long, device=self.frame_means.device)
+        means, variances = self.frame_means.index_select(-1, index), self.frame_vars.index_select(-1, index)
+        mean_sum = means.sum(-1, keepdim=True)
+        spread = (means - mean_sum / max(len(kept), 1)).square().sum(-1, keepdim=True)
+        out = NormCarry(self.shift, mean_sum, variances.sum(-1, keepdim=True) + spread, len(kept), means, variances)
+        out.frames = [self.frames[i] for i in kept]
+        return out
 
 
 def _prefix_statistics(
@@ -144,9 +161,12 @@ def _prefix_statistics(
     count = torch.arange(start + 1, start + groups.shape[3] + 1, dtype=groups.dtype, device=groups.device)
     mean_sums = mean_before + torch.cumsum(mean_f, dim=-1)
     mean = mean_sums / count
-    first_previous = mean[..., :1] * 0 if carry is None else mean_before / start
+    first_previous = mean[..., :1] * 0 if start == 0 else mean_before / start
     previous = torch.cat([first_previous, mean[..., :-1]], dim=-1)
     between = (mean_f - previous).square() * (count - 1) / count  # Chan term / n; 0 at t = 0
     var_sums = var_before + torch.cumsum(var_f + between, dim=-1)
     var = var_sums / count
-    return mean, var, NormCarry(None, mean_sums[..., -1:], var_sums[..., -1:], start + groups.shape[3])
+    if carry is not None:  # each frame's own statistics too, for NormCarry.drop
+        mean_f = torch.cat([tile_history(carry.frame_means, b), mean_f], dim=-1)
+        var_f = torch.cat([tile_history(carry.frame_vars, b), var_f], dim=-1)
+    return mean, var, NormCarry(None, mean_sums[..., -1:], var_sums[..., -1:], start + groups.shape[3], mean_f, var_f)

@@ -5,7 +5,7 @@
 | mixer | state | installed as |
 |---|---|---|
 | causal temporal conv | the last (k−1)·d input frames | an instance override of `_pad_time` |
-| cumulative causal norm | running Σ of per-frame means and variances, the frame-0 shift | an instance override of `_cumulative` |
+| cumulative causal norm | running Σ of per-frame means and variances, the frame-0 shift, each frame's own mean and variance | an instance override of `_cumulative` |
 | causal / block-causal attention | keys and values of history tokens (one cache per sample for per-sample SDPA loops) | `StreamingAttnProcessor` |
 | block-causal linear attention | running sums Σ v ⊗ R(φ(k)), Σ φ(k) over the cached frames | `StreamingLinearAttnProcessor` |
 | per-frame norm, spatial ops, FFN, AdaLN | none | — |
@@ -245,22 +245,22 @@ class Stream:
 
     def cannot_roll(self) -> list[str]:
         """The cached state that cannot drop old frames, named for an error message: running sums
-        over every cached frame (cumulative causal norms, linear attention)."""
+        over every cached frame (linear attention)."""
         found = []
-        norms = [n for n, m in self.model.named_modules() if isinstance(m, CausalGroupNorm) and m.mode == "cumulative"]
-        if norms:
-            found.append(f"{len(norms)} cumulative causal norm(s) (e.g. {norms[0]}): running statistics of every frame")
         linear = [p for p in self._processors if isinstance(p, StreamingLinearAttnProcessor)]
         if linear:
             found.append(f"{len(linear)} linear-attention layer(s): running sums over every cached frame")
         return found
 
     def evict(self, first: int, stop: int) -> None:
-        """Drop cached frames first .. stop−1 (global indices) from every attention cache; conv
-        buffers hold only the newest frames already. Positions keep counting (`cached_frames`)."""
+        """Drop cached frames first .. stop−1 (global indices) from every attention cache and from
+        the cumulative norms' statistics; conv buffers hold only the newest frames already.
+        Positions keep counting (`cached_frames`)."""
         for p in self._processors:
             if isinstance(p, StreamingAttnProcessor):
                 p.cache.evict(first, stop)
+        for key, carry in self._norms.items():
+            self._norms[key] = carry.drop(first, stop)
 
     def attention_modules(self) -> list[nn.Module]:
         """The modules whose attention processors read these caches (what a compiled step keeps eager)."""
@@ -317,6 +317,7 @@ def _streaming_cumulative(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
         raise CausalizeError("a cumulative norm has no cached statistics for a streaming call after the first")
     y, new = self.cumulative_with(x, carry)
     if state.mode == "write":
+        new.frames = (carry.frames if carry is not None else []) + list(range(state.offset, state.offset + x.shape[2]))
         state.norms[id(self)] = new
     return y
 
