@@ -15,11 +15,13 @@ from hypothesis import strategies as st
 
 from causalize.api import convert_model, inspect_model, verify_model
 from causalize.context import FrameContext, TokenGrid
-from causalize.errors import PassError
+from causalize.errors import CausalizeError, PassError
 from causalize.modules.linear_attention import (
     BlockCausalLinearAttnProcessor,
+    LinearAttnCache,
     block_causal_linear_attention,
     features,
+    group_sums,
 )
 from causalize.plan import Targets
 from causalize.plugin_manager import registries
@@ -197,6 +199,51 @@ def test_chunked_prefix_equals_the_full_run_bit_exactly():
             outs.append(out)
     assert torch.equal(torch.cat(outs, dim=2), full)
     assert torch.equal(state.kv, full_state.kv) and torch.equal(state.ksum, full_state.ksum)
+
+
+def _frames_of(f, keep: list[int], per_frame: int):
+    """The features of the frames `keep`, in order (tokens are frame-major)."""
+    index = torch.cat([torch.arange(i * per_frame, (i + 1) * per_frame) for i in keep])
+    return dataclasses.replace(
+        f, **{k: getattr(f, k).index_select(2, index) for k in ("q", "k", "q_rot", "k_rot", "v")}
+    )
+
+
+@pytest.mark.parametrize(("first", "stop"), [(1, 4), (0, 5), (3, 5)])
+def test_evicted_frames_leave_the_running_sums(first, stop):
+    """A rolling cache pushes frames one by one, recording each frame's sums, then drops frames
+    first .. stop−1: its running sums, and what the next frame reads from them, are those of the
+    kept frames alone (the one-shot run over the kept frames, bit for bit). Negative control: the
+    sums not dropped give another output. A cache whose writes were not recorded refuses to drop."""
+    frames, per_frame, head_dim = 6, 5, 8
+    attn = linear_attention_module(2, head_dim, seed=4)
+    gen = torch.Generator().manual_seed(4)
+    rope = random_rope(frames * per_frame, head_dim, gen)
+    x = torch.randn(1, frames * per_frame, attn.inner_dim, generator=gen)
+    cache, unrecorded = LinearAttnCache(), LinearAttnCache()
+    with torch.no_grad():
+        f = features(attn, x, rotary_emb=rope)
+        for i in range(frames - 1):  # the history, one push per frame
+            part = _frames_of(f, [i], per_frame)
+            sums = group_sums(part.k, part.k_rot, part.v, 1)
+            _, state = block_causal_linear_attention(part, 1, state=cache.state, sums=sums)
+            cache.record(*sums, first=i)
+            cache.store(state, 1)
+            if i == 0:
+                unrecorded.store(state, 1)
+        stale = cache.state
+        stale = dataclasses.replace(stale, kv=stale.kv.clone(), ksum=stale.ksum.clone())
+        cache.evict(first, stop)
+        kept = [i for i in range(frames - 1) if not first <= i < stop]
+        assert [r[0] for r in cache.recorded] == kept and cache.frames == frames - 1
+        newest = _frames_of(f, [frames - 1], per_frame)
+        out, _ = block_causal_linear_attention(newest, 1, state=cache.state)
+        reference, _ = block_causal_linear_attention(_frames_of(f, [*kept, frames - 1], per_frame), len(kept) + 1)
+        assert torch.equal(out, reference[:, :, -per_frame:])
+        not_dropped, _ = block_causal_linear_attention(newest, 1, state=stale)
+    assert (not_dropped - out).abs().max() > 1e-3
+    with pytest.raises(CausalizeError, match="did not record"):
+        unrecorded.evict(0, 1)
 
 
 # --- the pass --------------------------------------------------------------------------------

@@ -10,16 +10,14 @@ import torch
 from typer.testing import CliRunner
 
 from causalize.errors import UsageError
+from causalize.modules.linear_attention import StreamingLinearAttnProcessor
 from causalize.plugin_manager import registries
 from causalize.rollout import RolloutConfig, RolloutSession, rollout
 from causalize.rollout.denoisers import Rolling
 from causalize.rollout.streaming import Stream
 from tests.world_models import tiny_world_model
 
-STREAMING_PLANS = [p.name for p in registries().plans if p.streaming is not None]
-#: cached state that keeps running sums over every frame: refused (with the reason) in rolling mode
-CANNOT_ROLL = {"sana-video": "linear-attention"}
-ROLLING_PLANS = [n for n in STREAMING_PLANS if n not in CANNOT_ROLL]
+ROLLING_PLANS = [p.name for p in registries().plans if p.streaming is not None]  # every streaming plan
 CUMULATIVE = "causal-temporal-conv,causal-temporal-attention,causal-norm{mode=cumulative}"
 
 
@@ -97,11 +95,21 @@ def test_the_sink_frames_stay_cached(sink):
     assert frames == list(range(sink)) + [11, 12]  # the sink, then the window's L − 1 = 2 newest
 
 
-def test_rolling_is_refused_for_state_that_cannot_drop_frames():
-    for name, reason in CANNOT_ROLL.items():
-        wm = tiny_world_model(name)
-        with pytest.raises(UsageError, match=reason):
-            rollout(wm, _context(wm), torch.randn(1, 2, 3), config=RolloutConfig(steps=1, cache="rolling"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_attention_rolls(dtype):
+    """Sana-Video's linear attention rolls: each layer records each pushed frame's own sums and
+    keeps those of the sink and the window's history only, over 24 frames (bounded memory). That
+    the running sums are then those frames' is tests/test_linear_attention.py's (with its negative
+    control); equality with exact streaming before the slide is the parametrised test above."""
+    wm = tiny_world_model("sana-video").to(dtype)
+    session = RolloutSession(wm, RolloutConfig(steps=1, window=4, cache="rolling", sink=1))
+    session.reset(_context(wm).to(dtype))
+    linear = [p for p in Stream.of(wm.model, wm.plan)._processors if isinstance(p, StreamingLinearAttnProcessor)]
+    for i in range(24):
+        session.step(torch.randn(1, 3, generator=torch.Generator().manual_seed(i)).to(dtype))
+        recorded = {tuple(r[0] for r in p.cache.recorded) for p in linear}
+        assert len(linear) > 0 and len(recorded) == 1 and len(next(iter(recorded))) <= 1 + 3, (i, recorded)
+    assert recorded == {(0, 21, 22, 23)}  # the sink, then the L − 1 = 3 history frames of frame 24
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

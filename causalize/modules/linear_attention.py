@@ -27,6 +27,7 @@ processor up to fp32 summation order.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -152,13 +153,18 @@ def block_ends(frames: int, block_size: int, device=None) -> torch.Tensor:
 
 
 def block_causal_linear_attention(
-    f: LinearAttnFeatures, frames: int, block_size: int = 1, state: LinearAttnState | None = None
+    f: LinearAttnFeatures,
+    frames: int,
+    block_size: int = 1,
+    state: LinearAttnState | None = None,
+    sums: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, LinearAttnState]:
-    """Block-causal linear attention over `frames` frame-major frames of equal token count.
+    """Block-causal linear attention over `frames` frame-major frames of equal token count
+    (`sums`: their `group_sums`, when the caller needs them too).
 
     Returns the (B, H, N, C_v) fp32 output and the running sums after the last frame.
     """
-    kv, ksum = prefix_sums(*group_sums(f.k, f.k_rot, f.v, frames), state)
+    kv, ksum = prefix_sums(*(sums or group_sums(f.k, f.k_rot, f.v, frames)), state)
     final = LinearAttnState(kv[:, :, -1], ksum[:, :, -1])
     if block_size > 1:
         ends = block_ends(frames, block_size, kv.device)
@@ -227,12 +233,16 @@ def _tiled_state(state: LinearAttnState, batch: int) -> LinearAttnState:
 
 class LinearAttnCache:
     """The streaming state of one linear-attention module: the running sums over every cached frame,
-    held in buffers that each write overwrites in place (kept across `reset`)."""
+    held in buffers that each write overwrites in place (kept across `reset`). A rolling rollout
+    also records each frame's own sums (`record`), so that `evict` can rebuild the running sums
+    without the frames that left the window."""
 
     def __init__(self) -> None:
         self._kv: torch.Tensor | None = None
         self._ksum: torch.Tensor | None = None
-        self.frames = 0
+        self.frames = 0  # frames written (global: a rolling cache keeps counting past evictions)
+        self.recorded: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (frame id, Σ v ⊗ R(φ(k)), Σ φ(k))
+        self._recorded_total = 0  # frames ever recorded: all the written ones, or evict cannot rebuild
 
     @property
     def length(self) -> int:
@@ -257,11 +267,34 @@ class LinearAttnCache:
             self._kv, self._ksum = state.kv.detach().clone(), state.ksum.detach().clone()
         self.frames += frames
 
+    def record(self, kv: torch.Tensor, ksum: torch.Tensor, first: int) -> None:
+        """Keep the per-frame sums (B, H, T, ·) of frames first .. first+T−1 (`group_sums`)."""
+        for t in range(kv.shape[2]):
+            self.recorded.append((first + t, kv[:, :, t].detach().clone(), ksum[:, :, t].detach().clone()))
+        self._recorded_total += kv.shape[2]
+
+    def evict(self, first: int, stop: int) -> None:
+        """Drop frames first .. stop−1 (recorded ones): the running sums become those of the kept
+        frames, added in order as `prefix_sums` adds them."""
+        if self._recorded_total != self.frames:
+            raise CausalizeError("linear attention cannot drop frames it did not record (a write outside rolling)")
+        kept = [r for r in self.recorded if not first <= r[0] < stop]
+        if len(kept) == len(self.recorded):
+            return
+        self.recorded = kept
+        self._kv.zero_()
+        self._ksum.zero_()
+        if kept:
+            self._kv.copy_(functools.reduce(torch.add, (kv for _, kv, _ in kept)))
+            self._ksum.copy_(functools.reduce(torch.add, (ks for _, _, ks in kept)))
+
     def reset(self) -> None:
-        self.frames = 0
+        self.frames = self._recorded_total = 0
+        self.recorded = []
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self._kv, self._ksum) if t is not None)
+        tensors = [self._kv, self._ksum, *(t for _, kv, ks in self.recorded for t in (kv, ks))]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def _same_layout(buffer: torch.Tensor | None, t: torch.Tensor) -> bool:
@@ -316,9 +349,13 @@ class StreamingLinearAttnProcessor:
                 "the plan's token layout is wrong for this model: fix its `tokens` function",
             )
         state = None if self.cache.state is None else _tiled_state(self.cache.state, hidden_states.shape[0])
-        out, final = block_causal_linear_attention(f, grid.frames, self.block_size, state)
+        keep = stream.mode == "write" and stream.rolling  # each frame's own sums, to drop it later
+        sums = group_sums(f.k, f.k_rot, f.v, grid.frames) if keep else None
+        out, final = block_causal_linear_attention(f, grid.frames, self.block_size, state, sums)
         if stream.mode == "write":
             with torch.no_grad():
+                if keep:
+                    self.cache.record(*sums, first=stream.offset)
                 self.cache.store(final, grid.frames)
         out = out.transpose(1, 2).flatten(2).to(dtype)
         out = attn.to_out[0](out)

@@ -127,6 +127,7 @@ class Streaming(Denoiser):
             self.stream.reset()
             first = 0
         self.stream.anchor_timestep = level  # every window frame is at the history level
+        self.stream.rolling = False
         if first < len(frames):
             new = torch.cat(frames[first:], dim=self.axis)
             ts = torch.full((new.shape[0], len(frames) - first), level, dtype=torch.long, device=new.device)
@@ -153,12 +154,6 @@ class Rolling(Streaming):
 
     def __init__(self, wm, model_kwargs, sink: int):
         super().__init__(wm, model_kwargs)
-        problems = self.stream.cannot_roll()
-        if problems:
-            raise UsageError(
-                f"cache='rolling' cannot serve plan '{wm.plan.name}': " + "; ".join(problems),
-                "use cache='exact' (CLI: --cache exact)",
-            )
         self.sink = sink
         self.pushed = 0  # history frames pushed so far (global indices 0 .. pushed−1)
 
@@ -172,6 +167,7 @@ class Rolling(Streaming):
                 "give each session (or environment) its own model copy, or use cache='exact' / 'none'",
             )
         self.stream.anchor_timestep = level
+        self.stream.rolling = True  # running sums record each frame's own part, so it can be dropped
         if frames:
             new = torch.cat(frames, dim=self.axis)
             ts = torch.full((new.shape[0], len(frames)), level, dtype=torch.long, device=new.device)

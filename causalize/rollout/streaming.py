@@ -20,8 +20,8 @@ number of frames already cached, so positions and masks match a full-window forw
 The caches are exact as long as the history is fixed: a window whose start moves must be
 re-prefilled after `reset()` (the exact rollout does). A rolling rollout instead drops the frames
 that left the window (`evict`) and keeps appending: positions keep counting globally, and the kept
-keys were computed under older windows, so it is approximate (see `cannot_roll` for what cannot
-drop frames at all).
+keys were computed under older windows, so it is approximate. Running sums (cumulative norms,
+linear attention) drop a frame by keeping each frame's own part.
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ class StreamState:
     # the timestep of the window's first frame: per-sample-AdaLN models modulate their text stream
     # with the call's first timestep (WorldModel passes it), which must stay the window's
     anchor_timestep: int | None = None
+    rolling: bool = False  # a rolling rollout: caches that keep running sums record each frame's own
 
 
 class Stream:
@@ -82,6 +83,7 @@ class Stream:
         self._check_supported()
         self.cached_frames = 0
         self.anchor_timestep: int | None = None
+        self.rolling = False  # set by the rolling denoiser: frames will be evicted
         self.owner: object | None = None  # the rollout whose history the caches hold
         self._conv: dict[int, torch.Tensor] = {}
         self._norms: dict[int, object] = {}
@@ -226,7 +228,7 @@ class Stream:
     def _call(self, mode: Literal["write", "read"], frames: int) -> Iterator[StreamState]:
         if self.context.stream is not None:
             raise CausalizeError("streaming calls do not nest")
-        state = StreamState(mode, self.cached_frames, self._conv, self._norms, self.anchor_timestep)
+        state = StreamState(mode, self.cached_frames, self._conv, self._norms, self.anchor_timestep, self.rolling)
         self.context.stream = state
         try:
             yield state
@@ -243,22 +245,12 @@ class Stream:
         """Context for a forward over the current frame(s): caches are used, not changed."""
         return self._call("read", 0)
 
-    def cannot_roll(self) -> list[str]:
-        """The cached state that cannot drop old frames, named for an error message: running sums
-        over every cached frame (linear attention)."""
-        found = []
-        linear = [p for p in self._processors if isinstance(p, StreamingLinearAttnProcessor)]
-        if linear:
-            found.append(f"{len(linear)} linear-attention layer(s): running sums over every cached frame")
-        return found
-
     def evict(self, first: int, stop: int) -> None:
-        """Drop cached frames first .. stop−1 (global indices) from every attention cache and from
-        the cumulative norms' statistics; conv buffers hold only the newest frames already.
-        Positions keep counting (`cached_frames`)."""
+        """Drop cached frames first .. stop−1 (global indices) from every attention cache (the
+        linear-attention sums included) and from the cumulative norms' statistics; conv buffers
+        hold only the newest frames already. Positions keep counting (`cached_frames`)."""
         for p in self._processors:
-            if isinstance(p, StreamingAttnProcessor):
-                p.cache.evict(first, stop)
+            p.cache.evict(first, stop)
         for key, carry in self._norms.items():
             self._norms[key] = carry.drop(first, stop)
 
