@@ -134,6 +134,8 @@ class NormCarry:
         own means and variances merged again (equal sizes, so the variance of the union is the mean
         of their variances plus the variance of their means)."""
         kept = [i for i, f in enumerate(self.frames) if not first <= f < stop]
+        if len(kept) == len(self.frames):
+            return self
         index = torch.tensor(kept, dtype=torch.long, device=self.frame_means.device)
         means, variances = self.frame_means.index_select(-1, index), self.frame_vars.index_select(-1, index)
         mean_sum = means.sum(-1, keepdim=True)
