@@ -348,7 +348,7 @@ def isolated_costs(wm: Any, history: torch.Tensor, s: dict[str, Any], level: int
     step_inputs = (current, ts(2, 1, 500), acts[:, :1].repeat(2, 1), torch.tensor([[True], [False]]))
 
     def push() -> None:
-        with stream.write(1):
+        with stream.write(1, rolling=True):
             wm(frame, ts(1, 1, level), acts[:, :1], ones[:, :1], **wm.unconditional_inputs(1, 1))
         stream.evict(0, stream.cached_frames - hist_frames)  # sink 0: the window's oldest frame leaves
 

@@ -185,6 +185,8 @@ def test_the_process_is_given_back_and_emulations_do_not_nest():
         assert torch.cuda.is_available() and torch.accelerator.current_accelerator().type == "cuda"
         assert Accelerator().device.type == "cuda"
         assert torch.cuda.get_device_properties(0).major == 9 and not torch.utils._triton.has_triton()
+        with pytest.raises(ValueError, match="Expected a cuda device"):
+            torch.cuda.get_device_properties("cpu")
         with pytest.raises(DeviceMismatch, match="cuda:1 does not exist"):
             torch.cuda.get_device_properties("cuda:1")
         with pytest.raises(RuntimeError, match="already active"), emulated_cuda():
@@ -201,6 +203,20 @@ def test_the_process_is_given_back_and_emulations_do_not_nest():
 
 def test_the_launcher_runs_a_module_and_fails_on_a_device_bug(tmp_path):
     (tmp_path / "clean.py").write_text("import torch\nprint((torch.ones(2, device='cuda') * 2).device)\n")
+    (tmp_path / "same.py").write_text(  # the program and the launcher share one emulation
+        textwrap.dedent(
+            """
+            import torch
+            from causalize.testing.emulated_cuda import OnCuda, emulated_cuda
+            assert type(torch.ones(1, device="cuda")) is OnCuda
+            try:
+                with emulated_cuda():
+                    pass
+            except RuntimeError as error:
+                print(error)
+            """
+        )
+    )
     (tmp_path / "buggy.py").write_text(
         textwrap.dedent(
             """
@@ -221,6 +237,8 @@ def test_the_launcher_runs_a_module_and_fails_on_a_device_bug(tmp_path):
     assert clean.stdout.strip() == "cuda:0" and "operations checked" in clean.stderr
     buggy = launch("-m", "buggy")
     assert buggy.returncode != 0 and "DeviceMismatch" in buggy.stderr and "cpu (1, 2)" in buggy.stderr
+    same = launch("-m", "same")
+    assert same.returncode == 0 and "already active" in same.stdout, same.stderr
     usage = launch()
     assert usage.returncode == 2 and "usage:" in usage.stderr
 

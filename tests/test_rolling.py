@@ -5,6 +5,8 @@ passes and bounded cache memory after it, the sink kept, and clear refusals."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -109,6 +111,10 @@ def test_linear_attention_rolls(dtype):
         session.step(torch.randn(1, 3, generator=torch.Generator().manual_seed(i)).to(dtype))
         recorded = {tuple(r[0] for r in p.cache.recorded) for p in linear}
         assert len(linear) > 0 and len(recorded) == 1 and len(next(iter(recorded))) <= 1 + 3, (i, recorded)
+        for p in linear:  # the running sums are the kept frames' own sums, added in order
+            assert p.cache.length == len(p.cache.recorded)
+            assert torch.equal(p.cache.state.kv, functools.reduce(torch.add, (kv for _, kv, _ in p.cache.recorded)))
+            assert torch.equal(p.cache.state.ksum, functools.reduce(torch.add, (ks for _, _, ks in p.cache.recorded)))
     assert recorded == {(0, 21, 22, 23)}  # the sink, then the L − 1 = 3 history frames of frame 24
 
 
@@ -134,7 +140,12 @@ def test_cumulative_norms_roll(dtype):
         cached = {tuple(sorted(set(p.cache.frame_ids.tolist()))) for p in stream._processors}
         carried = {tuple(c.frames) for c in stream._norms.values()}
         assert len(stream._norms) > 0 and carried == cached, (i, carried, cached)
-        assert all(c.count == len(c.frames) == c.frame_means.shape[-1] for c in stream._norms.values())
+        for c in stream._norms.values():  # the running sums are the kept frames' own statistics merged
+            assert c.count == len(c.frames) == c.frame_means.shape[-1]
+            means = c.frame_means.sum(-1, keepdim=True)
+            spread = (c.frame_means - means / c.count).square().sum(-1, keepdim=True)
+            torch.testing.assert_close(c.mean_sum, means, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(c.var_sum, c.frame_vars.sum(-1, keepdim=True) + spread, rtol=1e-4, atol=1e-4)
     assert carried == {(0, 21, 22, 23)}  # the sink, then the L − 1 = 3 history frames of frame 24
 
 

@@ -95,15 +95,18 @@ class CausalGroupNorm(nn.GroupNorm):
         """
         return self.cumulative_with(x, None)[0]
 
-    def cumulative_with(self, x: torch.Tensor, carry: NormCarry | None) -> tuple[torch.Tensor, NormCarry]:
+    def cumulative_with(
+        self, x: torch.Tensor, carry: NormCarry | None, record: bool = True
+    ) -> tuple[torch.Tensor, NormCarry]:
         """`_cumulative` continuing from the statistics `carry` of earlier frames (streaming:
-        frames arrive over several calls); returns the output and the carry after these frames."""
+        frames arrive over several calls); returns the output and the carry after these frames
+        (with every frame's own statistics when `record`: a carry to keep, not a read's)."""
         b, c, t = x.shape[:3]
         acc = _accumulation_dtype(x.dtype)
         groups = x.to(acc).reshape(b, self.num_groups, c // self.num_groups, t, -1)
         shift = groups[:, :, :1, :1, :1] if carry is None else tile_history(carry.shift, b).to(acc)
         groups = groups - shift
-        mean, var, carry = _prefix_statistics(groups, carry)
+        mean, var, carry = _prefix_statistics(groups, carry, record)
         carry.shift = shift
         rstd = torch.rsqrt(var + self.eps)
         y = ((groups - mean[:, :, None, :, None]) * rstd[:, :, None, :, None]).reshape(x.shape)
@@ -146,7 +149,7 @@ class NormCarry:
 
 
 def _prefix_statistics(
-    groups: torch.Tensor, carry: NormCarry | None = None
+    groups: torch.Tensor, carry: NormCarry | None = None, record: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, NormCarry]:
     """Mean and biased variance over frames <= t of ``groups`` (B, G, C/G, T, S): each (B, G, T).
 
@@ -168,7 +171,7 @@ def _prefix_statistics(
     between = (mean_f - previous).square() * (count - 1) / count  # Chan term / n; 0 at t = 0
     var_sums = var_before + torch.cumsum(var_f + between, dim=-1)
     var = var_sums / count
-    if carry is not None:  # each frame's own statistics too, for NormCarry.drop
+    if carry is not None and record:  # each frame's own statistics too, for NormCarry.drop
         mean_f = torch.cat([tile_history(carry.frame_means, b), mean_f], dim=-1)
         var_f = torch.cat([tile_history(carry.frame_vars, b), var_f], dim=-1)
     return mean, var, NormCarry(None, mean_sums[..., -1:], var_sums[..., -1:], start + groups.shape[3], mean_f, var_f)

@@ -246,7 +246,8 @@ class LinearAttnCache:
 
     @property
     def length(self) -> int:
-        return self.frames
+        """Frames whose sums are held: the recorded ones in a rolling rollout, else every written one."""
+        return len(self.recorded) if self._recorded_total else self.frames
 
     @property
     def state(self) -> LinearAttnState | None:

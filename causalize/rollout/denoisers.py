@@ -127,7 +127,6 @@ class Streaming(Denoiser):
             self.stream.reset()
             first = 0
         self.stream.anchor_timestep = level  # every window frame is at the history level
-        self.stream.rolling = False
         if first < len(frames):
             new = torch.cat(frames[first:], dim=self.axis)
             ts = torch.full((new.shape[0], len(frames) - first), level, dtype=torch.long, device=new.device)
@@ -167,11 +166,10 @@ class Rolling(Streaming):
                 "give each session (or environment) its own model copy, or use cache='exact' / 'none'",
             )
         self.stream.anchor_timestep = level
-        self.stream.rolling = True  # running sums record each frame's own part, so it can be dropped
         if frames:
             new = torch.cat(frames, dim=self.axis)
             ts = torch.full((new.shape[0], len(frames)), level, dtype=torch.long, device=new.device)
-            with self.stream.write(len(frames)):
+            with self.stream.write(len(frames), rolling=True):  # to be evicted: running sums record each frame
                 self.call(new, ts, actions, mask)
             self.pushed += len(frames)
         if window_start > self.sink:

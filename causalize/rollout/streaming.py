@@ -63,7 +63,7 @@ class StreamState:
     # the timestep of the window's first frame: per-sample-AdaLN models modulate their text stream
     # with the call's first timestep (WorldModel passes it), which must stay the window's
     anchor_timestep: int | None = None
-    rolling: bool = False  # a rolling rollout: caches that keep running sums record each frame's own
+    rolling: bool = False  # a rolling write: running sums record each frame's own part, to evict it later
 
 
 class Stream:
@@ -83,7 +83,6 @@ class Stream:
         self._check_supported()
         self.cached_frames = 0
         self.anchor_timestep: int | None = None
-        self.rolling = False  # set by the rolling denoiser: frames will be evicted
         self.owner: object | None = None  # the rollout whose history the caches hold
         self._conv: dict[int, torch.Tensor] = {}
         self._norms: dict[int, object] = {}
@@ -225,10 +224,10 @@ class Stream:
             p.cache.reset()  # keeps the buffers: the next window has the same shapes
 
     @contextmanager
-    def _call(self, mode: Literal["write", "read"], frames: int) -> Iterator[StreamState]:
+    def _call(self, mode: Literal["write", "read"], frames: int, rolling: bool = False) -> Iterator[StreamState]:
         if self.context.stream is not None:
             raise CausalizeError("streaming calls do not nest")
-        state = StreamState(mode, self.cached_frames, self._conv, self._norms, self.anchor_timestep, self.rolling)
+        state = StreamState(mode, self.cached_frames, self._conv, self._norms, self.anchor_timestep, rolling)
         self.context.stream = state
         try:
             yield state
@@ -237,9 +236,10 @@ class Stream:
         if mode == "write":
             self.cached_frames += frames
 
-    def write(self, frames: int):
-        """Context for a forward over `frames` new history frames: they are appended to the caches."""
-        return self._call("write", frames)
+    def write(self, frames: int, rolling: bool = False):
+        """Context for a forward over `frames` new history frames: they are appended to the caches.
+        `rolling`: they will be evicted later (`evict`), so running sums record each frame's part."""
+        return self._call("write", frames, rolling)
 
     def read(self):
         """Context for a forward over the current frame(s): caches are used, not changed."""
@@ -261,8 +261,9 @@ class Stream:
 
     def cache_bytes(self) -> int:
         """Memory held by the caches (keys, values, conv buffers)."""
+        norms = [t for c in self._norms.values() for t in (c.mean_sum, c.var_sum, c.frame_means, c.frame_vars)]
         return sum(p.cache.nbytes() for p in self._processors) + sum(
-            t.numel() * t.element_size() for t in self._conv.values()
+            t.numel() * t.element_size() for t in [*self._conv.values(), *norms]
         )
 
 
@@ -307,7 +308,7 @@ def _streaming_cumulative(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     carry = state.norms.get(id(self))
     if carry is None and state.offset:
         raise CausalizeError("a cumulative norm has no cached statistics for a streaming call after the first")
-    y, new = self.cumulative_with(x, carry)
+    y, new = self.cumulative_with(x, carry, record=state.mode == "write")
     if state.mode == "write":
         new.frames = (carry.frames if carry is not None else []) + list(range(state.offset, state.offset + x.shape[2]))
         state.norms[id(self)] = new

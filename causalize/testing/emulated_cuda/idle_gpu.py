@@ -26,7 +26,10 @@ def _host_memory() -> tuple[int, int]:
 def _properties(device: Any = None) -> types.SimpleNamespace:
     """``torch.cuda.get_device_properties``: the host's memory, compute capability 9.0 (the lent
     H100 / H200's), one multiprocessor."""
-    check_index(device_arg(0 if device is None else device))
+    device = device_arg(0 if device is None else device)
+    if not is_cuda(device):
+        raise ValueError(f"Expected a cuda device, but got: {device}")
+    check_index(device)
     return types.SimpleNamespace(
         name="emulated CUDA (CPU)",
         major=9,
