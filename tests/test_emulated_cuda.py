@@ -280,6 +280,30 @@ def test_every_streaming_plan_rolls_out_on_cuda_with_the_cpu_numbers(name, dtype
             assert torch.equal(_values(frames), expected[cache]), (name, cache)
 
 
+@pytest.mark.parametrize(
+    ("name", "pipeline"),
+    [
+        ("wan", None),  # KV caches evicted by frame id
+        ("unet3d", "causal-temporal-conv,causal-temporal-attention,causal-norm{mode=cumulative}"),  # norm statistics
+        ("sana-video", None),  # linear-attention sums
+    ],
+)
+def test_rolling_caches_evict_on_cuda_with_the_cpu_numbers(name, pipeline, monkeypatch):
+    """Rolling caches past the slide (window 3, sink 1, 6 frames): what eviction rebuilds (kept
+    keys, norm statistics, linear sums) stays on the device, and the frames are the CPU's bit for bit."""
+    monkeypatch.setenv("CAUSALIZE_ATTENTION", "dense")
+    wm = tiny_world_model(name) if pipeline is None else tiny_world_model(name, pipeline=pipeline)
+    context, _ = _rollout_inputs(wm)
+    actions = torch.randn(context.shape[0], 6, 3, generator=torch.Generator().manual_seed(1))
+    config = RolloutConfig(cache="rolling", sink=1, steps=2, window=3)
+    expected = rollout(wm, context, actions, config=config).frames
+    with emulated_cuda():
+        precision.to_precision(wm.model, device="cuda")
+        frames = rollout(wm, context, actions, config=config).frames
+        assert frames.device.type == "cuda"
+        assert torch.equal(_values(frames), expected), name
+
+
 def test_a_device_bug_in_the_rollout_is_caught(monkeypatch):
     """Negative control: noise drawn on the CPU whatever the model's device."""
     monkeypatch.setattr(sampler_mod, "gaussian", lambda shape, gen, device, dtype: gaussian(shape, None, "cpu", dtype))
