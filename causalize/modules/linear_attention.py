@@ -283,11 +283,12 @@ class LinearAttnCache:
         if len(kept) == len(self.recorded):
             return
         self.recorded = kept
-        self._kv.zero_()
-        self._ksum.zero_()
-        if kept:
-            self._kv.copy_(functools.reduce(torch.add, (kv for _, kv, _ in kept)))
-            self._ksum.copy_(functools.reduce(torch.add, (ks for _, _, ks in kept)))
+        if not kept:
+            self._kv.zero_()
+            self._ksum.zero_()
+            return
+        self._kv.copy_(functools.reduce(torch.add, (kv for _, kv, _ in kept)))
+        self._ksum.copy_(functools.reduce(torch.add, (ks for _, _, ks in kept)))
 
     def reset(self) -> None:
         self.frames = self._recorded_total = 0

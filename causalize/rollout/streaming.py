@@ -260,7 +260,7 @@ class Stream:
         return [m for m in self.model.modules() if id(getattr(m, "processor", None)) in mine]
 
     def cache_bytes(self) -> int:
-        """Memory held by the caches (keys, values, conv buffers)."""
+        """Memory held by the caches (keys, values, linear-attention sums, conv buffers, norm statistics)."""
         norms = [t for c in self._norms.values() for t in (c.mean_sum, c.var_sum, c.frame_means, c.frame_vars)]
         return sum(p.cache.nbytes() for p in self._processors) + sum(
             t.numel() * t.element_size() for t in [*self._conv.values(), *norms]
