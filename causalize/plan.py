@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     import torch
     import torch.nn as nn
 
+    from causalize.image_condition import ImageCondition
+
 
 @dataclass(frozen=True)
 class Targets:
@@ -183,6 +185,9 @@ class Plan:
     streaming: Streaming | None = None
     # For classes with several plans (CogVideoX 1.0 / 1.5): does this plan fit a given config?
     accepts: Callable[[dict[str, Any]], bool] | None = None
+    # image-to-video configs: how the conditioning image reaches the model (None: not an I2V
+    # config); see causalize.image_condition
+    image_condition: Callable[[nn.Module], ImageCondition | None] | None = None
     source: str = field(default="", compare=False)
 
     def model_cls(self) -> type:
@@ -196,6 +201,10 @@ class Plan:
 
         torch.manual_seed(seed)
         return self.model_cls()(**self.tiny_config).eval()
+
+    def image_condition_of(self, model: nn.Module) -> ImageCondition | None:
+        """How this model (its config) takes a conditioning image; None for a text-to-video config."""
+        return None if self.image_condition is None else self.image_condition(model)
 
     def targets_for(self, pass_name: str) -> tuple[Targets, ...]:
         """The target specs of a pass (several when one model has differently shaped sites)."""

@@ -379,6 +379,11 @@ def check_conditioning(tensors: Mapping[str, torch.Tensor], wm: WorldModel, wher
     for name, value in tensors.items():
         if name in (cond.sample_arg, cond.timestep_arg):
             raise UsageError(f"{where}: '{name}' is {cls}'s noisy input or timestep, not conditioning", EMBED_HINT)
+        if wm.image_condition is not None and name == wm.image_condition.arg:
+            raise UsageError(
+                f"{where}: '{name}' is built from the window's first frame by the world model (the image condition)",
+                "leave it out of the conditioning file",
+            )
         if name not in params and not any_kwarg:
             raise UsageError(
                 f"{where}: unknown tensor '{name}': {cls}.forward has no such argument "

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -22,8 +22,12 @@ import torch.nn as nn
 from causalize import precision
 from causalize.context import CONTEXT_ATTR, MODULE_CONTEXT
 from causalize.errors import CausalizeError, UsageError
+from causalize.image_condition import ImageCondition, apply_image, latent_part, to_model_units
 from causalize.modules.action_encoder import ADAPTER_ATTR
 from causalize.plan import Plan
+
+if TYPE_CHECKING:
+    from causalize.latents.spec import LatentNorm
 
 
 class WorldModel(nn.Module):
@@ -39,6 +43,11 @@ class WorldModel(nn.Module):
 
         self.model = model
         self.plan = plan_for(model, plan)
+        #: how an image-to-video config takes its conditioning image (None: it takes none)
+        self.image_condition: ImageCondition | None = self.plan.image_condition_of(model)
+        #: the data's latent normalisation (set by the loaders from the latent record), used
+        #: where the family's pipeline passes the image un-normalised
+        self.latent_norm: LatentNorm | None = None
         if self.plan.conditioning is None or getattr(model, CONTEXT_ATTR, None) is None or not _has_conditioning(model):
             raise UsageError(
                 f"this {type(model).__name__} takes no per-frame timesteps",
@@ -89,26 +98,63 @@ class WorldModel(nn.Module):
         timesteps: torch.Tensor,
         actions: torch.Tensor | None = None,
         action_mask: torch.Tensor | None = None,
+        image: torch.Tensor | None = None,
         **model_kwargs: Any,
     ) -> torch.Tensor:
+        """`image`: an image-to-video model's condition, the clean latent of the window's first
+        frame (one frame in the sample's layout; causalize.image_condition); None: zeros, the
+        unconditional image. Training and rollout always pass the window's first frame."""
         cond = self.plan.conditioning
-        frames = sample.shape[self.plan.layout.inputs[cond.sample_arg]]
+        axis = self.plan.layout.inputs[cond.sample_arg]
+        frames = sample.shape[axis]
         batch = sample.shape[0]
         if timesteps.shape != (batch, frames):
             raise UsageError(f"timesteps must be (batch, frames) = ({batch}, {frames}), got {tuple(timesteps.shape)}")
         ctx = getattr(self.model, CONTEXT_ATTR)
+        model_sample, image_kwargs = self._with_image(sample, image, axis, ctx, model_kwargs)
         try:  # the context is cleared even when a check below refuses the call
             ctx.timesteps = timesteps if cond.mode == "delta" else None
             ctx.action_emb = self._action_embedding(actions, action_mask, batch, frames)
             inputs = {
-                cond.sample_arg: sample,
+                cond.sample_arg: model_sample,
                 cond.timestep_arg: self._model_timesteps(sample, timesteps),
                 **dict(cond.extra_kwargs),
                 **model_kwargs,
+                **image_kwargs,
             }
             return self.plan.forward(self.model, inputs)
         finally:
             ctx.timesteps = ctx.action_emb = None
+
+    def _with_image(self, sample: torch.Tensor, image: torch.Tensor | None, axis: int, ctx: Any, given: Any):
+        """(the model's sample, extra kwargs) with the image condition applied; the window frame
+        index of the sample's first frame is the stream's offset when streaming. A condition
+        argument the caller passes itself (I2VGenXL's image_latents) is kept when no image is
+        given."""
+        ic = self.image_condition
+        if ic is not None and ic.arg is not None and ic.arg in given:
+            if image is not None:
+                raise UsageError(f"give either image= or {ic.arg}=, not both")
+            return sample, {}
+        if ic is None:
+            if image is not None:
+                raise UsageError(
+                    f"this {type(self.model).__name__} config takes no conditioning image, but image= was given",
+                    "drop image=, or convert an image-to-video checkpoint",
+                )
+            return sample, {}
+        if image is None:  # the unconditional image: zeros (SVD's pipeline's negative branch)
+            image = torch.zeros_like(sample.narrow(axis, 0, 1))
+        offset = ctx.stream.offset if ctx.stream is not None else 0
+        image = to_model_units(ic, image, axis, self.latent_norm)
+        return apply_image(ic, sample, image, axis, offset)
+
+    def example_sample(self, frames: int) -> torch.Tensor:
+        """The plan's example sample of `frames` frames as the world model takes it: latents only
+        (an I2V config's image channels are added by `forward`)."""
+        cond = self.plan.conditioning
+        sample = self.plan.make_inputs(self.model, frames, torch.Generator().manual_seed(0))[cond.sample_arg]
+        return latent_part(self.image_condition, sample, self.plan.layout.inputs[cond.sample_arg])
 
     def _model_timesteps(self, sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         cond = self.plan.conditioning
@@ -170,6 +216,9 @@ def conditioning_kwargs(
     example = plan.make_inputs(model, frames, torch.Generator().manual_seed(0))
     example.pop(cond.sample_arg, None)
     example.pop(cond.timestep_arg, None)
+    image = plan.image_condition_of(model)
+    if image is not None and image.arg is not None:
+        example.pop(image.arg, None)  # WorldModel builds it from the window's first frame
     overrides = dict(overrides or {})
     out: dict[str, Any] = {}
     for name, value in {**example, **{k: v for k, v in overrides.items() if k not in example}}.items():

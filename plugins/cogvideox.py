@@ -19,6 +19,7 @@ import torch
 from causalize.context import TokenGrid
 from causalize.errors import UsageError
 from causalize.hookspecs import hookimpl
+from causalize.image_condition import ImageCondition
 from causalize.layout import FrameLayout
 from causalize.plan import Conditioning, Plan, Streaming, Targets
 from causalize.plugins.common import mid_timestep, randn
@@ -169,6 +170,16 @@ _COMMON_NOTES = (
 # it is refused. Without it (what the rollout and the trainer pass) RoPE models have no positions.
 STREAMING = Streaming(caller_positions=("image_rotary_emb",), hooks=(offset_sincos_positions,))
 
+
+def image_condition(model):
+    """CogVideoX I2V (and ConsisID): the image's latent on the first frame, zeros after, on the
+    channel axis: in_channels = 2 × out_channels."""
+    c = model.config
+    if c.in_channels != 2 * c.out_channels:
+        return None
+    return ImageCondition(fill="first")
+
+
 PLAN = Plan(
     name="cogvideox",
     model_class="CogVideoXTransformer3DModel",
@@ -180,6 +191,7 @@ PLAN = Plan(
     make_inputs=make_inputs,
     tokens=_tokens_for("cogvideox", 1, "cogvideox15"),
     conditioning=CONDITIONING,
+    image_condition=image_condition,
     streaming=STREAMING,
     accepts=lambda config: (config.get("patch_size_t") or 1) == 1,
     description="CogVideoX 1.0 text/image-to-video DiT (patch_size_t=None): one token frame per latent frame, frame-causal",
@@ -201,6 +213,7 @@ PLAN_15 = Plan(
     tiny_config={**_TINY, "patch_size_t": 2},
     make_inputs=make_inputs,
     conditioning=CONDITIONING,
+    image_condition=image_condition,
     tokens=_tokens_for("cogvideox15", 2, "cogvideox"),
     accepts=lambda config: (config.get("patch_size_t") or 1) == 2,
     description=(

@@ -24,7 +24,7 @@ from causalize.context import TokenGrid
 from causalize.hookspecs import hookimpl
 from causalize.layout import FrameLayout
 from causalize.plan import Plan, default_forward
-from causalize.plugins.cogvideox import CONDITIONING, STREAMING, TARGETS
+from causalize.plugins.cogvideox import CONDITIONING, STREAMING, TARGETS, image_condition
 from causalize.plugins.common import mid_timestep, randn
 
 VIT_TOKENS = 2
@@ -107,6 +107,7 @@ PLAN = Plan(
     forward=forward,
     tokens=tokens,
     conditioning=CONDITIONING,
+    image_condition=image_condition,
     streaming=STREAMING,
     description="ConsisID identity-preserving text-to-video DiT (CogVideoX 1.0 backbone): frame-causal",
     notes=(

@@ -29,6 +29,7 @@ import torch
 
 from causalize.context import TokenGrid
 from causalize.hookspecs import hookimpl
+from causalize.image_condition import ImageCondition
 from causalize.layout import FrameLayout
 from causalize.plan import Conditioning, Plan, Streaming, Targets
 from causalize.plugins.common import mid_timestep, randn
@@ -93,6 +94,15 @@ TINY_CONFIG = dict(
 )
 
 
+def image_condition(model):
+    """HunyuanVideo I2V with `image_condition_type="latent_concat"`: [latents ; the image's
+    latent on frame 0, zeros after ; 1 mask channel]. ("token_replace" is refused by the
+    frame-conditioning pass.)"""
+    if getattr(model.config, "image_condition_type", None) != "latent_concat":
+        return None
+    return ImageCondition(fill="first", parts=("image", "mask"), mask_channels=1)
+
+
 PLAN = Plan(
     name="hunyuan",
     model_class="HunyuanVideoTransformer3DModel",
@@ -120,6 +130,7 @@ PLAN = Plan(
         "per-frame timesteps: the video stream's AdaLN (norm1, single-stream norm, norm_out) is per frame, the text "
         "stream keeps frame 0's timestep; image_condition_type='token_replace' is not supported",
     ),
+    image_condition=image_condition,
 )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from causalize.hookspecs import hookimpl
+from causalize.image_condition import ImageCondition
 from causalize.layout import FrameLayout
 from causalize.plan import Conditioning, Plan, Streaming, Targets
 from causalize.plugins.common import UNET_PIPELINE, latent_size, mid_timestep, randn
@@ -22,6 +23,13 @@ def make_inputs(model, frames, gen):
         "image_embeddings": randn(gen, 1, c.cross_attention_dim),
         "encoder_hidden_states": randn(gen, 1, 4, c.cross_attention_dim),
     }
+
+
+# The deprecated pipeline fills frames 1..F−1 of `image_latents` with (i+1)/(F−1), a value that
+# depends on the clip length, so no world model can keep it. The forward also reads the call's
+# frame 0 of `image_latents` as the image for its cross-attention context: a streamed call on the
+# current frame alone must carry the image on its own frame. So the image goes on every frame.
+IMAGE_CONDITION = ImageCondition(fill="every", arg="image_latents")
 
 
 PLAN = Plan(
@@ -54,8 +62,9 @@ PLAN = Plan(
     description="I2VGen-XL image-to-video UNet",
     notes=(
         "the deprecated pipeline fills image_latents frames 1.. with (i+1)/(F-1), which depends on the "
-        "clip length: redefine it for streaming",
+        "clip length; the world model passes the window's first frame as the image on every frame",
     ),
+    image_condition=lambda model: IMAGE_CONDITION,
 )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from causalize.hookspecs import hookimpl
+from causalize.image_condition import ImageCondition
 from causalize.layout import FrameLayout
 from causalize.plan import Conditioning, Plan, Streaming, Targets
 from causalize.plugins.common import UNET_PIPELINE, latent_size, mid_timestep, randn
@@ -19,6 +20,15 @@ def make_inputs(model, frames, gen):
         # fps, motion bucket, noise augmentation: per sample, frame-local.
         "added_time_ids": torch.tensor([[6.0, 127.0, 0.02]]),
     }
+
+
+def image_condition(model):
+    """SVD's pipeline concatenates the image's raw (unscaled) VAE latent to every frame:
+    in_channels = 2 × out_channels."""
+    c = model.config
+    if c.in_channels != 2 * c.out_channels:
+        return None
+    return ImageCondition(fill="every", units="raw")
 
 
 PLAN = Plan(
@@ -49,6 +59,7 @@ PLAN = Plan(
     make_inputs=make_inputs,
     conditioning=Conditioning(embedding="time_embedding", time_proj="time_proj", consumers=("SpatioTemporalResBlock",)),
     streaming=Streaming(frame_index=("TransformerSpatioTemporalModel.time_proj",)),
+    image_condition=image_condition,
     description="Stable Video Diffusion image-to-video UNet",
     notes=("time_pos_embed uses frame indices from 0: streaming needs global indices",),
 )

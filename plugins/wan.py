@@ -7,6 +7,7 @@ block calls `attn1(x, None, None, rotary_emb)`, so the processor builds its mask
 from __future__ import annotations
 
 from causalize.hookspecs import hookimpl
+from causalize.image_condition import ImageCondition
 from causalize.layout import FrameLayout
 from causalize.plan import Conditioning, Plan, Streaming, Targets
 from causalize.plugins.common import mid_timestep, randn
@@ -38,6 +39,18 @@ def make_inputs(model, frames, gen):
     }
 
 
+def image_condition(model):
+    """Wan I2V (2.1 I2V, 2.2 I2V-A14B): [latents ; 4 mask channels (1 on the image's frame) ; the
+    image's latent on frame 0, zeros after]: in_channels = 2 × out_channels + 4. The pipeline
+    encodes [image, black frames] with its causal VAE, so its later frames hold the latent of
+    black frames, not zeros; the world model passes zeros there. Wan 2.2 TI2V-5B
+    (`expand_timesteps`, in = out) conditions by the first frame itself: no extra channels."""
+    c = model.config
+    if c.in_channels != 2 * c.out_channels + 4:
+        return None
+    return ImageCondition(fill="first", parts=("mask", "image"), mask_channels=4)
+
+
 PLAN = Plan(
     name="wan",
     model_class="WanTransformer3DModel",
@@ -54,6 +67,7 @@ PLAN = Plan(
     tokens=tokens,
     description="Wan 2.1 / 2.2 text- and image-to-video DiT",
     notes=("RoPE frame indices restart at 0 on every call: streaming offsets them by the cached frame count",),
+    image_condition=image_condition,
 )
 
 

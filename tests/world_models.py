@@ -34,3 +34,16 @@ def tiny_world_model(
             if not p.abs().sum():
                 p.normal_(0, 0.3)
     return wm
+
+
+# Tiny image-to-video configs: the plan's tiny config with the I2V input channels (4 latent
+# channels in every tiny config). Every plan that declares an image condition needs one here.
+I2V_CONFIGS: dict[str, dict] = {
+    "svd": dict(in_channels=8),  # [latents ; image on every frame]
+    "wan": dict(in_channels=12),  # [latents ; 4 mask ; image on frame 0]
+    "cogvideox": dict(in_channels=8),  # [latents ; image on frame 0]
+    "cogvideox15": dict(in_channels=8),  # the same, in 2-frame blocks
+    "consisid": dict(in_channels=8),
+    "hunyuan": dict(in_channels=9, image_condition_type="latent_concat"),  # [latents ; image ; 1 mask]
+    "i2vgenxl": {},  # image_latents is an argument of its own
+}

@@ -29,6 +29,9 @@ class Denoiser:
         self.frame_passes = 0
         self.model_calls = 0
         self.compiled: CompiledStep | None = None  # Streaming with a compile mode
+        # an image-to-video model's condition: the clean first frame of the window (set by the
+        # session before set_history / push; fixed while the window's start is)
+        self.image: torch.Tensor | None = None
 
     @property
     def compiled_calls(self) -> int:
@@ -49,7 +52,7 @@ class Denoiser:
         kwargs = self.kwargs(batch, frames, sample)
 
         def forward() -> torch.Tensor:
-            return self.wm(sample, timesteps, actions, mask, **kwargs)
+            return self.wm(sample, timesteps, actions, mask, image=self.image, **kwargs)
 
         return forward() if run is None else run(forward)
 

@@ -185,10 +185,8 @@ class WorldModelEnv(gymnasium.Env):
         return spaces.Box(-np.inf, np.inf, shape, np.float32)
 
     def _example_frame_shape(self, latents: bool = False) -> tuple[int, ...]:
-        import torch
 
-        cond = self.wm.plan.conditioning
-        sample = self.wm.plan.make_inputs(self.wm.model, 1, torch.Generator().manual_seed(0))[cond.sample_arg]
+        sample = self.wm.example_sample(1)
         c, h, w = sample.movedim(self.frame_axis, 1).shape[2:]
         return (h, w, c) if self.observation == "pixels" and not latents else (c, h, w)
 

@@ -580,11 +580,9 @@ def _write_media(tmp: Path, data: np.ndarray, ext: str, fps: float) -> None:
 def sample_geometry(wm: WorldModel) -> tuple[int, int | None]:
     """(frame axis, channels) of the model's sample; channels None when the sample is not a 5-D
     video tensor (packed tokens), which file rollouts do not support."""
-    import torch
 
-    cond = wm.plan.conditioning
-    axis = wm.plan.layout.inputs[cond.sample_arg]
-    sample = wm.plan.make_inputs(wm.model, wm.plan.layout.block_size, torch.Generator().manual_seed(0))[cond.sample_arg]
+    axis = wm.plan.layout.inputs[wm.plan.conditioning.sample_arg]
+    sample = wm.example_sample(wm.plan.layout.block_size)
     if sample.ndim != 5:
         return axis, None
     return axis, int(sample.movedim(axis, 1).shape[2])

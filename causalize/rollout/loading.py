@@ -94,6 +94,11 @@ def load_world_model(
             f"{p} does not exist", "give a converted checkpoint (causalize convert ... --action-dim N)"
         )
     wm = WorldModel.from_pretrained(p, torch_dtype=torch_dtype, device=dev)
+    if wm.image_condition is not None:  # the data's normalisation, for an image in raw units (SVD)
+        from causalize.latents.record import read_model_record
+
+        record = read_model_record(p)
+        wm.latent_norm = None if record is None else record.vae.norm
     return wm.eval(), p
 
 

@@ -241,9 +241,7 @@ def check_frame_size(wm: WorldModel, context: torch.Tensor, where: str = "contex
     except (RuntimeError, ValueError) as exc:
         if isinstance(exc, torch.cuda.OutOfMemoryError):
             raise
-        sample_arg = wm.plan.conditioning.sample_arg
-        example = wm.plan.make_inputs(wm.model, wm.plan.layout.block_size, torch.Generator().manual_seed(0))
-        good = example[sample_arg].narrow(axis, 0, 1)[:1]
+        good = wm.example_sample(wm.plan.layout.block_size).narrow(axis, 0, 1)[:1]
         if good.shape == frame.shape:
             raise
         try:
@@ -268,7 +266,8 @@ def _frame_size(x: torch.Tensor, axis: int) -> tuple[int, ...]:
 def _probe(wm: WorldModel, frame: torch.Tensor) -> None:
     frames = frame.shape[frame_axis(wm)]
     ts = torch.zeros(frame.shape[0], frames, dtype=torch.long, device=frame.device)
-    wm(frame, ts, None, None, **wm.unconditional_inputs(frame.shape[0], frames))
+    image = frame.narrow(frame_axis(wm), 0, 1) if wm.image_condition is not None else None
+    wm(frame, ts, None, None, image=image, **wm.unconditional_inputs(frame.shape[0], frames))
 
 
 def _check_actions(encoder: torch.nn.Module, acts: torch.Tensor, batch: int, name: str) -> None:
@@ -358,6 +357,8 @@ class RolloutSession:
             self.denoiser = FullRecompute(self.wm, self.model_kwargs)
         self.passes_per_frame: list[int] = []
         self.history = [self._noised(f) for f in context.split(1, dim=self.axis)]
+        # clean frames: an image-to-video model's condition is the window's first frame, clean
+        self.clean = list(context.split(1, dim=self.axis)) if self.wm.image_condition is not None else None
         c = len(self.history)
         if context_actions is None:
             self.hist_actions = None  # filled with zeros shaped like the first action
@@ -398,9 +399,7 @@ class RolloutSession:
         """Frame sizes that need no probe: the plan's example size, and sizes this session checked."""
         known = self._fitting_sizes
         if known is None:
-            cond = self.wm.plan.conditioning
-            frames = self.wm.plan.layout.block_size
-            example = self.wm.plan.make_inputs(self.wm.model, frames, torch.Generator().manual_seed(0))[cond.sample_arg]
+            example = self.wm.example_sample(self.wm.plan.layout.block_size)
             known = self._fitting_sizes = {_frame_size(example, self.axis)}
         return known
 
@@ -441,10 +440,13 @@ class RolloutSession:
             lo = self.denoiser.pushed
             acts = torch.cat(self.hist_actions[lo:], dim=1) if lo < len(self.history) else None
             mask = torch.tensor(self.hist_mask[lo:], dtype=torch.bool, device=self.device).expand(batch, -1)
+            # rolling caches never recompute: the image stays the first frame (kept as a sink)
+            self.denoiser.image = None if self.clean is None else self.clean[0]
             self.denoiser.push(self.history[lo:], acts, mask, self.level_h, start)
         else:
             window_actions = torch.cat(self.hist_actions[start:], dim=1)
             window_mask = torch.tensor(self.hist_mask[start:], dtype=torch.bool, device=self.device).expand(batch, -1)
+            self.denoiser.image = None if self.clean is None else self.clean[start]
             self.denoiser.set_history(self.history[start:], window_actions, window_mask, start, self.level_h)
         self.passes_per_frame.append(self.denoiser.frame_passes - passes)
         shape = list(self.frame_shape)
@@ -459,6 +461,8 @@ class RolloutSession:
             x = sched.step(cfg.sampler, self.schedule, x, v, level, nxt, eta=cfg.eta, generator=self.gen)
         for i, frame in enumerate(x.split(1, dim=self.axis)):
             self.history.append(self._noised(frame))
+            if self.clean is not None:
+                self.clean.append(frame)
             self.hist_actions.append(row[:, i : i + 1])
             self.hist_mask.append(True)
         self.generated += c

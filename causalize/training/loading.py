@@ -20,12 +20,13 @@ if TYPE_CHECKING:
     from torch import nn
 
     from causalize.episodes import EpisodeDataset
-    from causalize.plan import Plan
+    from causalize.latents.spec import LatentNorm
     from causalize.world_model import WorldModel
 
 __all__ = [
     "check_compatible",
     "check_paths",
+    "data_latent_norm",
     "enable_checkpointing",
     "load_conditioning",
     "load_vae",
@@ -138,15 +139,13 @@ def latent_channels(vae: Any) -> int:
     raise TrainingError(f"cannot tell the latent channels of {type(vae).__name__} from its config")
 
 
-def _sample_channels(plan: Plan, model: nn.Module, frames: int) -> int | None:
-    """Channels of the denoiser's sample (from the plan's example input), None if not 5-D."""
-    import torch
-
-    cond = plan.conditioning
-    sample = plan.make_inputs(model, frames, torch.Generator().manual_seed(0))[cond.sample_arg]
+def _sample_channels(wm: WorldModel, frames: int) -> int | None:
+    """Latent channels of the denoiser's sample (from the plan's example input, an I2V config's
+    image channels left out), None if not 5-D."""
+    sample = wm.example_sample(frames)
     if sample.ndim != 5:
         return None
-    return int(sample.movedim(plan.layout.inputs[cond.sample_arg], 1).shape[2])
+    return int(sample.movedim(wm.plan.layout.inputs[wm.plan.conditioning.sample_arg], 1).shape[2])
 
 
 def check_compatible(wm: WorldModel, info: Any, vae: Any, config: TrainConfig) -> None:
@@ -192,7 +191,7 @@ def _check_channels(wm: WorldModel, info: Any, vae: Any, config: TrainConfig) ->
             )
         data_channels = latent_channels(vae)
         source = "the VAE's latents"
-    model_channels = _sample_channels(wm.plan, wm.model, min(config.window, 4))
+    model_channels = _sample_channels(wm, min(config.window, 4))
     if model_channels is not None and model_channels != data_channels:
         hint = (
             "encode the episodes with the base model's VAE (causalize encode EPISODES OUT --vae PIPELINE), or pass --vae for a per-frame image VAE"
@@ -203,6 +202,21 @@ def _check_channels(wm: WorldModel, info: Any, vae: Any, config: TrainConfig) ->
             f"channel mismatch: {source} have {data_channels} channels but the model's sample has {model_channels}",
             hint,
         )
+
+
+def data_latent_norm(config: TrainConfig, vae: Any) -> LatentNorm | None:
+    """The normalisation of the latents training feeds the model: the per-frame VAE's (``--vae``)
+    or the latent dataset's record; None when not known. An I2V family whose pipeline passes its
+    image un-normalised (SVD) undoes it with this."""
+    if vae is not None:
+        from causalize.latents.spec import LatentNorm
+
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return LatentNorm(scale=float(vae.config.scaling_factor), shift=float(shift))
+    from causalize.latents.record import read_dataset_record
+
+    record = read_dataset_record(config.data)
+    return None if record is None else record.vae.norm
 
 
 def select_trainable(wm: WorldModel, train_only: str) -> list[torch.nn.Parameter]:

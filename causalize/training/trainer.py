@@ -65,6 +65,7 @@ from causalize.training.config import TrainConfig, TrainingError
 from causalize.training.loading import (
     check_compatible,
     check_paths,
+    data_latent_norm,
     enable_checkpointing,
     load_conditioning,
     load_vae,
@@ -199,11 +200,14 @@ def compute_loss(
     action_dropout: float = 0.2,
     output_axis: int | None = None,
     motion_weight: float = 0.0,
+    image_condition: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, StepInputs]:
     """The Diffusion Forcing loss of one micro-batch: ``x0`` in the model's native layout (frames
     on ``frame_axis``), ``model`` a :class:`causalize.WorldModel` (or anything called as
     ``model(x_k, timesteps, actions, keep, **model_kwargs)``); ``motion_weight`` > 0 weights it by
-    ``objective.motion_weights(x0)``. Returns (loss, per-frame losses (B, T), the step's draws)."""
+    ``objective.motion_weights(x0)``; ``image_condition``: an image-to-video model, given the
+    window's first frame, clean, as its image (METHOD.md §6: the paper's recipe). Returns (loss,
+    per-frame losses (B, T), the step's draws)."""
     draws = draw_step_inputs(
         x0,
         action_mask,
@@ -213,7 +217,10 @@ def compute_loss(
         timestep_mode=timestep_mode,
         action_dropout=action_dropout,
     )
-    out = model(draws.x_k, draws.timesteps, actions, draws.keep, **dict(model_kwargs or {}))
+    kwargs = dict(model_kwargs or {})
+    if image_condition:
+        kwargs["image"] = x0.narrow(frame_axis, 0, 1)
+    out = model(draws.x_k, draws.timesteps, actions, draws.keep, **kwargs)
     if output_axis is not None and output_axis != frame_axis:
         out = out.movedim(output_axis, frame_axis)
     if out.shape != x0.shape:
@@ -266,6 +273,7 @@ class _Run:
     checkpointing: bool
     n_params: int
     lock: Any = None  # the output directory's RunLock (main process), released when the run ends
+    image_condition: bool = False  # an I2V model: the window's first clean frame is its image
 
     @property
     def out(self) -> Path:
@@ -319,6 +327,8 @@ def _set_up(config: TrainConfig) -> _Run:
     wm = load_world_model(config)
     vae = load_vae(config.vae) if config.vae else None
     check_compatible(wm, dataset.info, vae, config)
+    if wm.image_condition is not None:
+        wm.latent_norm = data_latent_norm(config, vae)
     overrides = load_conditioning(config.conditioning, wm)
     accelerator = make_accelerator(config)
     is_main = accelerator.is_main_process
@@ -402,6 +412,7 @@ def _set_up_claimed(
         start_step=start_step,
         checkpointing=checkpointing,
         n_params=sum(p.numel() for p in wm.parameters()),
+        image_condition=wm.image_condition is not None,
     )
     _restore(run, len(dataset))
     return run
@@ -500,6 +511,7 @@ def _micro_step(run: _Run, step: int, micro: int, batch: dict[str, Any]) -> tupl
             action_dropout=config.action_dropout,
             output_axis=run.output_axis,
             motion_weight=config.motion_weight,
+            image_condition=run.image_condition,
         )
         accelerator.backward(loss / config.gradient_accumulation)
     return loss.detach(), per_frame.detach().mean(0)
