@@ -51,9 +51,8 @@ def plan_for(model_or_class: Any, plan: str | Plan | None = None, config: dict |
         return regs.plans.get(plan)
     if isinstance(model_or_class, str):
         return regs.plans.for_class(model_or_class, config)
-    return regs.plans.for_class(
-        type(model_or_class).__name__, config if config is not None else getattr(model_or_class, "config", None)
-    )
+    config = config if config is not None else getattr(model_or_class, "config", None)
+    return regs.plans.for_class(type(model_or_class).__name__, config)
 
 
 def parse_pipeline(text: str | Pipeline | None, plan: Plan) -> Pipeline:
@@ -189,6 +188,7 @@ def inspect_model(
         "uncovered": [m for m in mixers if m["path"] not in paths],
         "notes": list(plan.notes),
         "attention": _attention_path(model, covered),
+        "image_condition": None if (ic := plan.image_condition_of(model)) is None else ic.to_json(),
     }
     if state.registry(model) is not None:
         info["installed"] = state.installed(model)

@@ -59,11 +59,14 @@ class ImageCondition:
     arg: str | None = None
     units: Literal["latents", "raw"] = "latents"
 
-    def extra(self, latent_channels: int) -> int:
-        """Channels the condition adds to the sample (0 when it travels in `arg`)."""
-        if self.arg is not None:
-            return 0
-        return sum(latent_channels if p == "image" else self.mask_channels for p in self.parts)
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "fill": self.fill,
+            "parts": list(self.parts),
+            "mask_channels": self.mask_channels,
+            "arg": self.arg,
+            "units": self.units,
+        }
 
 
 def extra_channels(cond: ImageCondition | None, in_channels: int) -> int:

@@ -277,3 +277,20 @@ def test_an_i2v_dit_trains_on_data_with_the_latent_channels_and_rolls_out(tmp_pa
     session.reset(torch.randn(1, 3, 2, 16, 16))
     frame = session.step(torch.zeros(1, 2))
     assert frame.shape == (1, 3, 1, 16, 16) and torch.isfinite(frame).all()
+
+
+def test_inspect_names_the_image_condition(tmp_path):
+    from typer.testing import CliRunner
+
+    from causalize.cli.app import app
+
+    plan = registries().plans.get("wan")
+    torch.manual_seed(0)
+    plan.model_cls()(**{**plan.tiny_config, **I2V_CONFIGS["wan"]}).save_pretrained(tmp_path / "i2v")
+    plan.build_tiny().save_pretrained(tmp_path / "t2v")
+    runner = CliRunner()
+    res = runner.invoke(app, ["inspect", str(tmp_path / "i2v")])
+    assert res.exit_code == 0, res.output
+    assert "image-to-video: the window's first frame on first frame(s), as channels mask+image" in res.output
+    res = runner.invoke(app, ["inspect", str(tmp_path / "t2v")])
+    assert res.exit_code == 0 and "image-to-video" not in res.output  # control: a T2V config
