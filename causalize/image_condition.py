@@ -42,8 +42,10 @@ class ImageConditionWarning(UserWarning):
 class ImageCondition:
     """How one I2V family takes its conditioning image.
 
-    fill: "every" (the image on every frame: SVD, I2VGenXL) or "first" (the image on the
-        window's first frame, zeros after: CogVideoX, Wan, HunyuanVideo).
+    fill: "every" (the image on every frame: SVD, I2VGenXL), "first" (the image on the
+        window's first frame, zeros after: CogVideoX, Wan, HunyuanVideo, Motif) or "none" (the
+        channels are always zero: a text-to-video config of an I2V architecture, HunyuanVideo
+        1.5 T2V, whose pipeline passes zeros; any image is ignored).
     parts: the order of the extra channels after the sample: "image" (the latent, as many
         channels as the sample) and "mask" (`mask_channels` channels, 1 on the image's frame,
         0 elsewhere: Wan's 4, HunyuanVideo's 1).
@@ -53,7 +55,7 @@ class ImageCondition:
         VAE's un-normalised latents: SVD's pipeline passes ``latent_dist.mode()`` unscaled).
     """
 
-    fill: Literal["every", "first"] = "first"
+    fill: Literal["every", "first", "none"] = "first"
     parts: tuple[str, ...] = ("image",)
     mask_channels: int = 0
     arg: str | None = None
@@ -111,6 +113,8 @@ def apply_image(
     frames = sample.shape[frame_axis]
     image = image.to(dtype=sample.dtype, device=sample.device).expand_as(sample)
     first = (torch.arange(offset, offset + frames, device=sample.device) == 0).to(sample.dtype)
+    if cond.fill == "none":
+        first, image = torch.zeros_like(first), torch.zeros_like(image)
     shape = [1] * sample.ndim
     shape[frame_axis] = frames
     first = first.view(shape)

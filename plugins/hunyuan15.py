@@ -35,6 +35,7 @@ import torch
 
 from causalize.context import TokenGrid
 from causalize.hookspecs import hookimpl
+from causalize.image_condition import ImageCondition
 from causalize.layout import FrameLayout
 from causalize.plan import Conditioning, Plan, Streaming, Targets, default_forward
 from causalize.plugins.common import randn
@@ -77,6 +78,16 @@ def forward(model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         if torch.is_tensor(inputs.get(name)) and not inputs[name].is_floating_point()
     }
     return default_forward(model, {**inputs, **cast} if cast else inputs)
+
+
+def image_condition(model):
+    """[latents ; the image's latent on frame 0, zeros after ; 1 mask channel]: in = 2·out + 1.
+    The T2V pipeline feeds the same channels as zeros (`task_type="t2v"`)."""
+    c = model.config
+    if c.in_channels != 2 * (c.out_channels or c.in_channels) + 1:
+        return None
+    fill = "none" if getattr(c, "task_type", "i2v") == "t2v" else "first"
+    return ImageCondition(fill=fill, parts=("image", "mask"), mask_channels=1)
 
 
 PLAN = Plan(
@@ -134,6 +145,7 @@ PLAN = Plan(
         "integer timesteps are cast to the latents' dtype by the plan's forward (time_embed needs a float timestep)",
         "RoPE frame indices restart at 0 on every call: streaming offsets them by the cached frame count",
     ),
+    image_condition=image_condition,
 )
 
 

@@ -33,6 +33,7 @@ import torch
 from causalize.context import TokenGrid
 from causalize.errors import UsageError
 from causalize.hookspecs import hookimpl
+from causalize.image_condition import ImageCondition
 from causalize.layout import FrameLayout
 from causalize.plan import Conditioning, Plan, Streaming
 from causalize.plugins.common import mid_timestep, randn
@@ -70,6 +71,16 @@ def make_inputs(model: torch.nn.Module, frames: int, gen: torch.Generator) -> di
     if c.image_embed_dim is not None:  # image-to-video: vision tokens before the text
         inputs["image_embeds"] = randn(gen, 1, IMAGE_TOKENS, c.image_embed_dim)
     return inputs
+
+
+def image_condition(model):
+    """[latents ; the image's latent on frame 0, zeros after ; 1 mask channel]: in = 2·out + 1.
+    One checkpoint serves both pipelines (T2V passes zeros there); the world model conditions on
+    the window's first frame, as the I2V pipeline does."""
+    c = model.config
+    if c.in_channels != 2 * (c.out_channels or c.in_channels) + 1:
+        return None
+    return ImageCondition(fill="first", parts=("image", "mask"), mask_channels=1)
 
 
 PLAN = Plan(
@@ -121,6 +132,7 @@ PLAN = Plan(
         "context stream keeps frame 0's timestep",
         "RoPE frame indices restart at 0 on every call: streaming offsets them by the cached frame count",
     ),
+    image_condition=image_condition,
 )
 
 

@@ -19,7 +19,7 @@ from causalize.layout import FrameLayout
 from causalize.plan import Conditioning, Plan, Streaming, Targets
 from causalize.plugins.common import patch3d_tokens as tokens
 from causalize.plugins.wan import TINY_CONFIG as WAN_TINY
-from causalize.plugins.wan import make_inputs
+from causalize.plugins.wan import image_condition, make_inputs
 
 
 def model_timesteps(model, sample, timesteps):
@@ -73,6 +73,7 @@ PLAN = Plan(
         "passes both); actions are added to the per-frame temb (B, F, D) of condition_embedder.time_embedder",
         "RoPE frame indices restart at 0 on every call: streaming needs global offsets",
     ),
+    image_condition=image_condition,  # SkyReels-V2 I2V: Wan's rule (in = 2·out + 4)
 )
 
 

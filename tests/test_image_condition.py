@@ -66,9 +66,9 @@ def _by_hand(name: str, x: torch.Tensor, img: torch.Tensor) -> tuple[torch.Tenso
     first = torch.cat([img, torch.zeros_like(x[:, :, 1:])], dim=2)  # (B, C, F, H, W)
     mask = torch.zeros_like(x[:, :1])
     mask[:, :, 0] = 1
-    if name == "wan":  # [latents ; mask (4 channels) ; image]
+    if name in ("wan", "skyreels-v2"):  # [latents ; mask (4 channels) ; image]
         return torch.cat([x, mask.repeat(1, 4, 1, 1, 1), first], dim=1), {}
-    if name == "hunyuan":  # [latents ; image ; mask]
+    if name in ("hunyuan", "hunyuan15", "motif"):  # [latents ; image ; mask]
         return torch.cat([x, first, mask], dim=1), {}
     assert name == "i2vgenxl"  # the image on every frame (the forward reads frame 0 as the context)
     return x, {"image_latents": img.repeat(1, 1, f, 1, 1)}
@@ -294,3 +294,23 @@ def test_inspect_names_the_image_condition(tmp_path):
     assert "image-to-video: the window's first frame on first frame(s), as channels mask+image" in res.output
     res = runner.invoke(app, ["inspect", str(tmp_path / "t2v")])
     assert res.exit_code == 0 and "image-to-video" not in res.output  # control: a T2V config
+
+
+def test_a_t2v_config_of_an_i2v_architecture_feeds_zeros():
+    """HunyuanVideo 1.5 T2V has the I2V channels (in = 2·out + 1) and its pipeline fills them with
+    zeros: the data has the latent channels, any image is ignored."""
+    wm = tiny_world_model("hunyuan15", in_channels=9, task_type="t2v")
+    assert wm.image_condition.fill == "none"
+    x = _sample(wm)
+    assert x.shape[1] == 4  # (B, C, F, H, W): the latents only
+    zeros = _call(wm, x, None)
+    torch.testing.assert_close(_call(wm, x, x[:, :, :1] + 5), zeros, rtol=0, atol=0)
+    cond = wm.image_condition
+    wm.image_condition = None
+    try:
+        ref = _call(wm, torch.cat([x, torch.zeros_like(x), torch.zeros_like(x[:, :1])], dim=1), None)
+    finally:
+        wm.image_condition = cond
+    torch.testing.assert_close(zeros, ref, rtol=0, atol=0)
+    i2v = tiny_world_model("hunyuan15", in_channels=9, task_type="i2v")  # control: the I2V config uses it
+    assert not torch.equal(_call(i2v, x, x[:, :, :1] + 5), _call(i2v, x, None))

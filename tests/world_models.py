@@ -46,4 +46,7 @@ I2V_CONFIGS: dict[str, dict] = {
     "consisid": dict(in_channels=8),
     "hunyuan": dict(in_channels=9, image_condition_type="latent_concat"),  # [latents ; image ; 1 mask]
     "i2vgenxl": {},  # image_latents is an argument of its own
+    "skyreels-v2": dict(in_channels=12),  # Wan's rule
+    "motif": dict(in_channels=9),  # [latents ; image on frame 0 ; 1 mask]
+    "hunyuan15": dict(in_channels=9, task_type="i2v"),  # the same
 }
