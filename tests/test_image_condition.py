@@ -314,3 +314,17 @@ def test_a_t2v_config_of_an_i2v_architecture_feeds_zeros():
     torch.testing.assert_close(zeros, ref, rtol=0, atol=0)
     i2v = tiny_world_model("hunyuan15", in_channels=9, task_type="i2v")  # control: the I2V config uses it
     assert not torch.equal(_call(i2v, x, x[:, :, :1] + 5), _call(i2v, x, None))
+
+
+def test_the_channel_check_counts_latents_only():
+    from types import SimpleNamespace
+
+    from causalize.training.config import TrainConfig, TrainingError
+    from causalize.training.loading import check_compatible
+
+    wm = _wm("wan")  # in 12 = 4 latents + 4 mask + 4 image
+    config = TrainConfig(model="m", data="d", output_dir="o", window=4)
+    info = SimpleNamespace(channels=4, kind="latents", action_space=SimpleNamespace(width=3, type="continuous"))
+    check_compatible(wm, info, None, config)  # 4 latent channels fit
+    with pytest.raises(TrainingError, match="has 4 latent channels"):
+        check_compatible(wm, SimpleNamespace(**{**vars(info), "channels": 12}), None, config)

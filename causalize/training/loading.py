@@ -198,8 +198,9 @@ def _check_channels(wm: WorldModel, info: Any, vae: Any, config: TrainConfig) ->
             if vae is None and info.kind == "pixels"
             else "train a model whose in_channels equal the data's channels"
         )
+        image = " latent channels (the rest of its input is the image condition)" if wm.image_condition else ""
         raise TrainingError(
-            f"channel mismatch: {source} have {data_channels} channels but the model's sample has {model_channels}",
+            f"channel mismatch: {source} have {data_channels} channels but the model's sample has {model_channels}{image}",
             hint,
         )
 
