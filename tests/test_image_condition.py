@@ -328,3 +328,32 @@ def test_the_channel_check_counts_latents_only():
     check_compatible(wm, info, None, config)  # 4 latent channels fit
     with pytest.raises(TrainingError, match="has 4 latent channels"):
         check_compatible(wm, SimpleNamespace(**{**vars(info), "channels": 12}), None, config)
+
+
+def test_compiled_steps_take_the_moving_image_without_recompiling(monkeypatch):
+    """Dynamo alone (backend "eager"): a Wan I2V rollout whose window slides every frame (a new
+    image each frame) gives the eager frames and compiles its steps once."""
+    from torch._dynamo.utils import counters
+
+    from causalize.rollout import compiled as compiled_module
+
+    monkeypatch.setattr(compiled_module, "BACKEND", "eager")
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        wm = _wm("wan")
+        ctx = _sample(wm, frames=2, seed=4)
+        actions = torch.randn(1, 5, 3, generator=torch.Generator().manual_seed(2))
+        config = dict(steps=2, window=3, guidance_scale=1.0, seed=3)
+        eager = rollout(wm, ctx, actions, config=RolloutConfig(**config))
+        compiled = rollout(wm, ctx, actions, config=RolloutConfig(**config, compile="default"))
+        graphs = counters["stats"]["unique_graphs"]
+        assert compiled.compiled_calls > 0 and graphs > 0
+        torch.testing.assert_close(compiled.frames, eager.frames, rtol=0, atol=1e-5)
+        other = ctx.clone()
+        other[:, :, :1].mul_(-1)  # another first frame: new image values, same shapes
+        rollout(wm, other, actions, config=RolloutConfig(**config, compile="default"))
+        assert counters["stats"]["unique_graphs"] == graphs, "a new image recompiled"
+    finally:
+        torch._dynamo.reset()
+        counters.clear()

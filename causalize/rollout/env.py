@@ -185,7 +185,6 @@ class WorldModelEnv(gymnasium.Env):
         return spaces.Box(-np.inf, np.inf, shape, np.float32)
 
     def _example_frame_shape(self, latents: bool = False) -> tuple[int, ...]:
-
         sample = self.wm.example_sample(1)
         c, h, w = sample.movedim(self.frame_axis, 1).shape[2:]
         return (h, w, c) if self.observation == "pixels" and not latents else (c, h, w)

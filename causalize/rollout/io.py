@@ -580,7 +580,6 @@ def _write_media(tmp: Path, data: np.ndarray, ext: str, fps: float) -> None:
 def sample_geometry(wm: WorldModel) -> tuple[int, int | None]:
     """(frame axis, channels) of the model's sample; channels None when the sample is not a 5-D
     video tensor (packed tokens), which file rollouts do not support."""
-
     axis = wm.plan.layout.inputs[wm.plan.conditioning.sample_arg]
     sample = wm.example_sample(wm.plan.layout.block_size)
     if sample.ndim != 5:
