@@ -55,8 +55,11 @@ class PromptSpec:
 #: only through `encode_prompt`, with no other component needed.
 PROMPT_SPECS: dict[str, PromptSpec] = {
     "WanPipeline": PromptSpec("WanTransformer3DModel", ("encoder_hidden_states", None)),
+    # image-to-video: the same text path (the image reaches the world model as its first frame)
+    "WanImageToVideoPipeline": PromptSpec("WanTransformer3DModel", ("encoder_hidden_states", None)),
     "TextToVideoSDPipeline": PromptSpec("UNet3DConditionModel", ("encoder_hidden_states", None)),
     "CogVideoXPipeline": PromptSpec("CogVideoXTransformer3DModel", ("encoder_hidden_states", None)),
+    "CogVideoXImageToVideoPipeline": PromptSpec("CogVideoXTransformer3DModel", ("encoder_hidden_states", None)),
     "LTXPipeline": PromptSpec(
         "LTXVideoTransformer3DModel", ("encoder_hidden_states", "encoder_attention_mask", None, None)
     ),
@@ -259,7 +262,14 @@ def prompt_tensors(
         pipe = pipe_cls.from_pretrained(pipeline, local_files_only=True, dtype=torch_dtype, **skip)
     pipe.to(target)
     with torch.no_grad():
-        outputs = pipe.encode_prompt(**_encode_kwargs(pipe_cls, text, target))
+        try:
+            outputs = pipe.encode_prompt(**_encode_kwargs(pipe_cls, text, target))
+        except NameError as exc:  # diffusers' Wan I2V cleans prompts with ftfy without checking for it
+            if "ftfy" not in str(exc):
+                raise
+            raise UsageError(
+                f"{cls_name} cleans prompts with the ftfy package, which is not installed", "pip install ftfy"
+            ) from None
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     if len(outputs) != len(spec.outputs):
         raise RuntimeError(

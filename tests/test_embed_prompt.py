@@ -455,3 +455,20 @@ def test_help_and_bad_paths_do_not_import_torch(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_an_image_to_video_pipeline_embeds_its_prompt_or_names_ftfy(tmp_path):
+    """WanImageToVideoPipeline's encode_prompt calls ftfy unguarded: with ftfy installed the
+    embedding is made; without it the error names the package (not a NameError)."""
+    import importlib.util
+
+    from causalize.errors import UsageError
+    from causalize.prompt import prompt_tensors
+    from causalize.testing.pipelines import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline("wan-i2v", tmp_path / "i2v")
+    if importlib.util.find_spec("ftfy") is None:
+        with pytest.raises(UsageError, match="ftfy"):
+            prompt_tensors(pipe, "")
+    else:
+        assert prompt_tensors(pipe, "")["encoder_hidden_states"].shape[0] == 1

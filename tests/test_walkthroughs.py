@@ -64,3 +64,19 @@ def test_unet3d_walkthrough(tmp_path):
     assert frames.shape[1:] == (32, 32, 3) and 1 <= frames.shape[0] <= 5  # GIFs merge identical frames
     assert "Discrete(3) (32, 32, 3)" in result.stdout
     assert "(per-frame)" in result.stderr
+
+
+@pytest.mark.slow
+def test_wan_i2v_walkthrough(tmp_path):
+    result = run_block(walkthrough("wan-i2v"), tmp_path)
+    _check_ran(result)
+    assert "image-to-video: the window's first frame on first frame(s), as channels mask+image" in result.stdout
+    import json
+
+    import imageio.v3 as iio
+
+    clip = iio.imread(tmp_path / "clip.mp4")
+    assert clip.shape == (13, 32, 32, 3)  # 5 context + 8 generated video frames, decoded
+    config = json.loads((tmp_path / "wm" / "config.json").read_text())
+    assert config["in_channels"] == 12 and config["out_channels"] == 4  # the I2V transformer
+    assert np.load(tmp_path / "latents" / "episodes" / "000000.npz")["latents"].shape == (4, 4, 4, 4)

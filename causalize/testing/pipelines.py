@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-KINDS = ("wan", "unet3d")
+KINDS = ("wan", "wan-i2v", "unet3d")
 
 #: The Wan VAE: temporal factor 4 (the first frame alone), spatial factor 8, 4 latent channels.
 #: Means / stds are not 0 / 1 so that code which forgets to (de)normalise latents shows it.
@@ -76,7 +76,7 @@ def tiny_vae(kind: str, *, seed: int = 0):
     from diffusers import AutoencoderKL, AutoencoderKLWan
 
     with _seeded(seed, "vae"):
-        if kind == "wan":
+        if kind in ("wan", "wan-i2v"):
             return AutoencoderKLWan(**WAN_VAE_CONFIG).eval()
         return AutoencoderKL(**UNET3D_VAE_CONFIG).eval()
 
@@ -111,7 +111,7 @@ def _clip_tokenizer(model_max_length: int):
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
 
 
-def _wan_components(seed: int) -> dict[str, Any]:
+def _wan_components(seed: int, image_to_video: bool = False) -> dict[str, Any]:
     from diffusers import UniPCMultistepScheduler, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -137,7 +137,9 @@ def _wan_components(seed: int) -> dict[str, Any]:
         ).eval()
     with _seeded(seed, "denoiser"):
         transformer = WanTransformer3DModel(
-            **{**PLAN.tiny_config, "in_channels": 4, "out_channels": 4, "text_dim": d_model}
+            # image-to-video: [latents ; 4 mask channels ; the image's latent], as Wan 2.2 I2V-A14B
+            # (no CLIP image encoder)
+            **{**PLAN.tiny_config, "in_channels": 12 if image_to_video else 4, "out_channels": 4, "text_dim": d_model}
         ).eval()
     # Wan 2.1's diffusers repositories ship UniPC with flow sigmas (shift 3 at 480p).
     scheduler = UniPCMultistepScheduler(
@@ -198,10 +200,12 @@ def _unet3d_components(seed: int) -> dict[str, Any]:
 def tiny_pipeline(kind: str, *, seed: int = 0):
     """The pipeline `build_tiny_pipeline` writes, in memory."""
     _check_kind(kind)
-    from diffusers import TextToVideoSDPipeline, WanPipeline
+    from diffusers import TextToVideoSDPipeline, WanImageToVideoPipeline, WanPipeline
 
     if kind == "wan":
         return WanPipeline(**_wan_components(seed))
+    if kind == "wan-i2v":
+        return WanImageToVideoPipeline(**_wan_components(seed, image_to_video=True))
     return TextToVideoSDPipeline(**_unet3d_components(seed))
 
 
@@ -209,7 +213,8 @@ def build_tiny_pipeline(kind: str, out: str | os.PathLike, *, seed: int = 0, ove
     """Write a complete tiny pipeline directory (model_index.json, component subfolders,
     safetensors) to `out`, loadable offline with `DiffusionPipeline.from_pretrained(out)`.
 
-    kind: "wan" (WanPipeline) or "unet3d" (TextToVideoSDPipeline). Written atomically; an
+    kind: "wan" (WanPipeline), "wan-i2v" (WanImageToVideoPipeline, no image encoder) or "unet3d"
+    (TextToVideoSDPipeline). Written atomically; an
     existing `out` is kept (FileExistsError) unless `overwrite`."""
     from causalize import fs
 
@@ -224,7 +229,11 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m causalize.testing.pipelines",
         description="Write a tiny random-weight diffusers pipeline directory (for tests and examples).",
     )
-    parser.add_argument("kind", choices=KINDS, help="wan: WanPipeline; unet3d: TextToVideoSDPipeline")
+    parser.add_argument(
+        "kind",
+        choices=KINDS,
+        help="wan: WanPipeline; wan-i2v: WanImageToVideoPipeline; unet3d: TextToVideoSDPipeline",
+    )
     parser.add_argument("out", type=Path, help="directory to create")
     parser.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
