@@ -1,5 +1,6 @@
-"""Image conditioning of image-to-video denoisers (SVD, Wan I2V, CogVideoX I2V, HunyuanVideo I2V,
-I2VGenXL): how the conditioning image's latent reaches the model, per family.
+"""Image conditioning of image-to-video denoisers (SVD, Wan and SkyReels-V2 I2V, CogVideoX 1.0 /
+1.5 I2V, ConsisID, HunyuanVideo and HunyuanVideo 1.5 I2V, Motif, I2VGenXL): how the conditioning
+image's latent reaches the model, per family.
 
 An I2V model takes, besides the noisy latents, the clean latent of a conditioning image: as extra
 input channels concatenated to the sample (most), or as a separate argument (I2VGenXL's
@@ -51,15 +52,36 @@ class ImageCondition:
         0 elsewhere: Wan's 4, HunyuanVideo's 1).
     arg: a model argument that takes the condition (I2VGenXL's ``image_latents``) instead of
         channels concatenated to the sample.
-    units: "latents" (the normalised latents the denoiser diffuses: most pipelines) or "raw" (the
-        VAE's un-normalised latents: SVD's pipeline passes ``latent_dist.mode()`` unscaled).
+    units: "latents" (the normalised latents the denoiser diffuses: most pipelines), "raw" (the
+        VAE's un-normalised latents: SVD's pipeline passes ``latent_dist.mode()`` unscaled) or
+        "inverse" (raw / scaling_factor: CogVideoX 1.5's pipeline, whose VAE sets
+        ``invert_scale_latents``, divides the image latent by the factor the video latents are
+        multiplied by).
     """
 
     fill: Literal["every", "first", "none"] = "first"
     parts: tuple[str, ...] = ("image",)
     mask_channels: int = 0
     arg: str | None = None
-    units: Literal["latents", "raw"] = "latents"
+    units: Literal["latents", "raw", "inverse"] = "latents"
+
+    def __post_init__(self) -> None:
+        if self.fill not in ("every", "first", "none"):
+            raise ValueError(f"ImageCondition.fill must be every, first or none, got {self.fill!r}")
+        if not self.parts or any(p not in ("image", "mask") for p in self.parts):
+            raise ValueError(f"ImageCondition.parts must name 'image' and 'mask' only, got {self.parts!r}")
+        if ("mask" in self.parts) != (self.mask_channels > 0):
+            raise ValueError("ImageCondition: a 'mask' part needs mask_channels > 0, and mask_channels a 'mask' part")
+        if self.units not in ("latents", "raw", "inverse"):
+            raise ValueError(f"ImageCondition.units must be latents, raw or inverse, got {self.units!r}")
+
+    def describe(self) -> str:
+        """One line for `causalize inspect`."""
+        where = f"argument {self.arg}" if self.arg else "channels " + " + ".join(self.parts)
+        if self.fill == "none":
+            return f"text-to-video config of an I2V architecture: {where} fed zeros"
+        on = "every frame" if self.fill == "every" else "the window's first frame, zeros after"
+        return f"image-to-video: the window's first frame, clean, as {where} on {on} ({self.units} units)"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -68,6 +90,7 @@ class ImageCondition:
             "mask_channels": self.mask_channels,
             "arg": self.arg,
             "units": self.units,
+            "describe": self.describe(),
         }
 
 
@@ -134,15 +157,16 @@ def apply_image(
 
 def to_model_units(cond: ImageCondition, image: torch.Tensor, frame_axis: int, norm: LatentNorm | None) -> torch.Tensor:
     """The image in the units the family's pipeline passes: unchanged for "latents"; for "raw",
-    the normalisation undone with `norm` (the latent record), or unchanged with a warning when
-    the data's normalisation is not known."""
+    the normalisation undone with `norm` (the latent record, or training's `--vae`); for
+    "inverse", that divided by the scaling factor once more; unchanged, with a warning, when the
+    data's normalisation is not known."""
     if cond.units == "latents":
         return image
     if norm is None:
         warnings.warn(
-            "this model's pipeline passes the image as raw (un-normalised) VAE latents, but the data's "
-            "normalisation is unknown (no latent record): the normalised latents are passed; fine-tuning "
-            "adapts to the scale",
+            f"this model's pipeline passes the image in {cond.units} units (not the normalised latents), but "
+            "the data's normalisation is unknown (no latent record, no --vae): the normalised latents are "
+            "passed as they are",
             ImageConditionWarning,
             stacklevel=3,
         )
@@ -151,6 +175,8 @@ def to_model_units(cond: ImageCondition, image: torch.Tensor, frame_axis: int, n
 
     axis_c = _channel_axis(frame_axis)
     raw = denormalise(image.float().movedim(axis_c, 1), norm).movedim(1, axis_c)
+    if cond.units == "inverse":
+        raw = raw / norm.scale
     return raw.to(image.dtype)
 
 

@@ -13,6 +13,7 @@ own forward runs; the per-frame conditioning travels in its frame context.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +23,7 @@ import torch.nn as nn
 from causalize import precision
 from causalize.context import CONTEXT_ATTR, MODULE_CONTEXT
 from causalize.errors import CausalizeError, UsageError
-from causalize.image_condition import ImageCondition, apply_image, latent_part, to_model_units
+from causalize.image_condition import ImageCondition, ImageConditionWarning, apply_image, latent_part, to_model_units
 from causalize.modules.action_encoder import ADAPTER_ATTR
 from causalize.plan import Plan
 
@@ -48,6 +49,7 @@ class WorldModel(nn.Module):
         #: the data's latent normalisation (set by the loaders from the latent record), used
         #: where the family's pipeline passes the image un-normalised
         self.latent_norm: LatentNorm | None = None
+        self._warned_no_image = False
         if self.plan.conditioning is None or getattr(model, CONTEXT_ATTR, None) is None or not _has_conditioning(model):
             raise UsageError(
                 f"this {type(model).__name__} takes no per-frame timesteps",
@@ -102,8 +104,8 @@ class WorldModel(nn.Module):
         **model_kwargs: Any,
     ) -> torch.Tensor:
         """`image`: an image-to-video model's condition, the clean latent of the window's first
-        frame (one frame in the sample's layout; causalize.image_condition); None: zeros, the
-        unconditional image. Training and rollout always pass the window's first frame."""
+        frame (one frame in the sample's layout; causalize.image_condition); None: zeros (with a
+        warning, once). Training and rollout always pass the window's first frame."""
         cond = self.plan.conditioning
         axis = self.plan.layout.inputs[cond.sample_arg]
         frames = sample.shape[axis]
@@ -143,9 +145,17 @@ class WorldModel(nn.Module):
                     "drop image=, or convert an image-to-video checkpoint",
                 )
             return sample, {}
-        if image is None:  # the unconditional image: zeros (SVD's pipeline's negative branch)
-            image = torch.zeros_like(sample.narrow(axis, 0, 1))
         offset = ctx.stream.offset if ctx.stream is not None else 0
+        if image is None:
+            if ic.fill != "none" and not self._warned_no_image:
+                self._warned_no_image = True
+                warnings.warn(
+                    f"this image-to-video {type(self.model).__name__} got no image=: its image channels are zeros "
+                    "(training and rollout pass the window's first frame)",
+                    ImageConditionWarning,
+                    stacklevel=3,
+                )
+            return apply_image(ic, sample, torch.zeros_like(sample.narrow(axis, 0, 1)), axis, offset)
         image = to_model_units(ic, image, axis, self.latent_norm)
         return apply_image(ic, sample, image, axis, offset)
 

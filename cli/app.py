@@ -347,11 +347,7 @@ def inspect(
             f"attention on {a['device']}: {a['backend']} ({escape(a['reason'])}; set CAUSALIZE_ATTENTION=flex|chunked|dense to override)"
         )
     if info.get("image_condition"):
-        ic = info["image_condition"]
-        where = f"argument {ic['arg']}" if ic["arg"] else "channels " + "+".join(ic["parts"])
-        out.print(
-            f"image-to-video: the window's first frame on {ic['fill']} frame(s), as {where} ({ic['units']} units)"
-        )
+        out.print(escape(info["image_condition"]["describe"]))
     for note in info["notes"]:
         out.print(f"note: {escape(note)}")
 

@@ -173,11 +173,13 @@ STREAMING = Streaming(caller_positions=("image_rotary_emb",), hooks=(offset_sinc
 
 def image_condition(model):
     """CogVideoX I2V (and ConsisID): the image's latent on the first frame, zeros after, on the
-    channel axis: in_channels = 2 × out_channels."""
+    channel axis: in_channels = 2 × out_channels. CogVideoX 1.5 (patch_size_t = 2): its VAE sets
+    `invert_scale_latents`, and the pipeline then passes the image latent divided by the scaling
+    factor the video latents are multiplied by ("inverse" units)."""
     c = model.config
     if c.in_channels != 2 * c.out_channels:
         return None
-    return ImageCondition(fill="first")
+    return ImageCondition(fill="first", units="inverse" if (getattr(c, "patch_size_t", None) or 1) == 2 else "latents")
 
 
 PLAN = Plan(

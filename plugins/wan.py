@@ -42,8 +42,8 @@ def make_inputs(model, frames, gen):
 def image_condition(model):
     """Wan I2V (2.1 I2V, 2.2 I2V-A14B): [latents ; 4 mask channels (1 on the image's frame) ; the
     image's latent on frame 0, zeros after]: in_channels = 2 × out_channels + 4. The pipeline
-    encodes [image, black frames] with its causal VAE, so its later frames hold the latent of
-    black frames, not zeros; the world model passes zeros there. Wan 2.2 TI2V-5B
+    encodes [image, zero frames] (mid-grey in [-1, 1]) with its causal VAE, so its later frames
+    hold the latents of grey frames, not zeros; the world model passes zeros there. Wan 2.2 TI2V-5B
     (`expand_timesteps`, in = out) conditions by the first frame itself: no extra channels."""
     c = model.config
     if c.in_channels != 2 * c.out_channels + 4:

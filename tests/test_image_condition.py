@@ -16,7 +16,7 @@ from causalize.image_condition import ImageConditionWarning, to_model_units
 from causalize.latents.spec import LatentNorm
 from causalize.noise import NoiseSchedule
 from causalize.plugin_manager import registries
-from causalize.rollout import RolloutConfig, rollout
+from causalize.rollout import RolloutConfig, RolloutSession, rollout
 from causalize.training.trainer import compute_loss
 
 I2V_PLANS = sorted(I2V_CONFIGS)
@@ -79,8 +79,8 @@ def test_the_inputs_are_the_pipelines_rule(name):
     wm = _wm(name)
     x = _sample(wm)
     img = x.narrow(_axis(wm), 0, 1) * 0.5 + 0.1  # any clean frame, not the noisy sample's own
-    if wm.image_condition.units == "raw":
-        wm.latent_norm = LatentNorm()  # identity: SVD's raw units equal the data's here
+    if wm.image_condition.units != "latents":
+        wm.latent_norm = LatentNorm()  # identity: SVD's raw and CogVideoX 1.5's inverse units equal the data's here
     out = _call(wm, x, img)
     by_hand, kwargs = _by_hand(name, x, img)
     cond = wm.image_condition
@@ -147,6 +147,7 @@ def test_streaming_equals_full_recomputation_over_a_sliding_window(name):
 
 def test_cogvideox15_rolls_out_block_by_block_with_its_image():
     wm = _wm("cogvideox15")
+    wm.latent_norm = LatentNorm(scale=0.7)
     ctx = _sample(wm, frames=2, seed=4)
     actions = torch.randn(1, 4, 3, generator=torch.Generator().manual_seed(2))
     config = RolloutConfig(steps=2, window=6, chunk=2, guidance_scale=1.0, seed=3, cache=False)
@@ -204,7 +205,9 @@ def test_training_gives_the_window_first_frame_as_the_image(name, monkeypatch):
 def test_bad_images_are_usage_errors():
     wm = _wm("wan")
     x = _sample(wm)
-    torch.testing.assert_close(_call(wm, x, None), _call(wm, x, torch.zeros_like(x[:, :, :1])), rtol=0, atol=0)
+    with pytest.warns(ImageConditionWarning, match="got no image="):
+        no_image = _call(wm, x, None)
+    torch.testing.assert_close(no_image, _call(wm, x, torch.zeros_like(x[:, :, :1])), rtol=0, atol=0)
     with pytest.raises(UsageError, match="one frame"):
         _call(wm, x, x)  # the whole clip, not one frame
     with pytest.raises(UsageError, match="does not match"):
@@ -222,6 +225,9 @@ def test_raw_units_undo_the_normalisation_or_warn():
     torch.testing.assert_close(raw, z / 0.5 + 0.25)
     with pytest.warns(ImageConditionWarning, match="normalisation is unknown"):
         assert torch.equal(to_model_units(svd, z, 1, None), z)
+    cog15 = _wm("cogvideox15").image_condition  # the pipeline passes raw / s while the data is raw · s
+    assert cog15.units == "inverse" and _wm("cogvideox").image_condition.units == "latents"
+    torch.testing.assert_close(to_model_units(cog15, z, 1, LatentNorm(scale=0.7)), z / 0.7**2)
     latents = _wm("wan").image_condition
     assert to_model_units(latents, z, 2, norm) is z  # "latents" units pass through
 
@@ -234,10 +240,18 @@ def test_rolling_keeps_the_first_frame_as_image_and_equals_exact_until_the_slide
     actions = torch.randn(1, 5, 3, generator=torch.Generator().manual_seed(1))
     config = RolloutConfig(steps=2, window=4, guidance_scale=2.5, seed=3, history_noise=20)
     exact = rollout(wm, ctx, actions, config=config).frames
-    rolling = rollout(wm, ctx, actions, config=RolloutConfig(**{**config.to_json(), "cache": "rolling"})).frames
+    session = RolloutSession(wm, RolloutConfig(**{**config.to_json(), "cache": "rolling", "sink": 1}))
+    session.reset(ctx)
+    rolling = torch.cat([session.step(actions[:, i]) for i in range(5)], dim=_axis(wm))
     axis = _axis(wm)
     assert torch.equal(rolling.narrow(axis, 0, 3), exact.narrow(axis, 0, 3))
     assert torch.isfinite(rolling).all()
+    assert session.denoiser.stream.cached_frames > 4  # it slid ...
+    kept = session.denoiser.stream._processors[0].cache
+    assert 0 in kept.frame_ids, "the sink frame (the image's frame) was evicted"  # ... and kept frame 0
+    if wm.image_condition.fill == "first":  # without a sink frame 0, the only one with the image, would go
+        with pytest.raises(UsageError, match="need sink >= 1"):
+            RolloutSession(wm, RolloutConfig(**{**config.to_json(), "cache": "rolling"}))
 
 
 def test_an_i2v_dit_trains_on_data_with_the_latent_channels_and_rolls_out(tmp_path):
@@ -291,7 +305,10 @@ def test_inspect_names_the_image_condition(tmp_path):
     runner = CliRunner()
     res = runner.invoke(app, ["inspect", str(tmp_path / "i2v")])
     assert res.exit_code == 0, res.output
-    assert "image-to-video: the window's first frame on first frame(s), as channels mask+image" in res.output
+    assert (
+        "image-to-video: the window's first frame, clean, as channels mask + image on the window's first frame"
+        in res.output
+    )
     res = runner.invoke(app, ["inspect", str(tmp_path / "t2v")])
     assert res.exit_code == 0 and "image-to-video" not in res.output  # control: a T2V config
 
@@ -313,7 +330,8 @@ def test_a_t2v_config_of_an_i2v_architecture_feeds_zeros():
         wm.image_condition = cond
     torch.testing.assert_close(zeros, ref, rtol=0, atol=0)
     i2v = tiny_world_model("hunyuan15", in_channels=9, task_type="i2v")  # control: the I2V config uses it
-    assert not torch.equal(_call(i2v, x, x[:, :, :1] + 5), _call(i2v, x, None))
+    with pytest.warns(ImageConditionWarning, match="got no image="):
+        assert not torch.equal(_call(i2v, x, x[:, :, :1] + 5), _call(i2v, x, None))
 
 
 def test_the_channel_check_counts_latents_only():
@@ -357,3 +375,52 @@ def test_compiled_steps_take_the_moving_image_without_recompiling(monkeypatch):
     finally:
         torch._dynamo.reset()
         counters.clear()
+
+
+def test_svd_trained_through_a_vae_rolls_out_with_the_units_it_trained_with(tmp_path):
+    """SVD passes its image un-normalised: training with --vae undoes the VAE's scaling factor,
+    and training.json carries it to rollout (no latent record for a --vae run)."""
+    import numpy as np
+    from diffusers import AutoencoderKL
+
+    from causalize.api import convert
+    from causalize.episodes import ActionSpace, create_dataset, write_episode
+    from causalize.rollout.loading import load_world_model
+    from causalize.training.config import TrainConfig
+    from causalize.training.trainer import train
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 8),
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+        scaling_factor=0.18215,
+    )
+    vae.save_pretrained(tmp_path / "vae")
+    plan = registries().plans.get("svd")
+    plan.model_cls()(**{**plan.tiny_config, **I2V_CONFIGS["svd"]}).save_pretrained(tmp_path / "src")
+    convert(tmp_path / "src", tmp_path / "wm", action_dim=2)
+    data = tmp_path / "data"
+    create_dataset(data, ActionSpace.continuous(2), frame_shape=(16, 16, 3))
+    rng = np.random.default_rng(0)
+    write_episode(
+        data, 0, frames=rng.integers(0, 255, (6, 16, 16, 3), dtype=np.uint8), actions=np.zeros((6, 2), np.float32)
+    )
+    cfg = dict(window=3, batch_size=1, steps=1, log_every=1, checkpoint_every=0, split=None, device="cpu")
+    train(
+        TrainConfig(
+            model=str(tmp_path / "wm"),
+            data=str(data),
+            output_dir=str(tmp_path / "run"),
+            vae=str(tmp_path / "vae"),
+            **cfg,
+        )
+    )
+    wm, _ = load_world_model(tmp_path / "run" / "final", device="cpu")
+    assert wm.latent_norm is not None and wm.latent_norm.scale == pytest.approx(0.18215)
+    assert not (tmp_path / "run" / "final" / "latent.json").exists()  # it came from training.json

@@ -70,7 +70,7 @@ def test_unet3d_walkthrough(tmp_path):
 def test_wan_i2v_walkthrough(tmp_path):
     result = run_block(walkthrough("wan-i2v"), tmp_path)
     _check_ran(result)
-    assert "image-to-video: the window's first frame on first frame(s), as channels mask+image" in result.stdout
+    assert "as channels mask + image on the window's first frame, zeros after (latents units)" in result.stdout
     import json
 
     import imageio.v3 as iio

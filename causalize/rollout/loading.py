@@ -95,11 +95,26 @@ def load_world_model(
         )
     wm = WorldModel.from_pretrained(p, torch_dtype=torch_dtype, device=dev)
     if wm.image_condition is not None:  # the data's normalisation, for an image in raw units (SVD)
-        from causalize.latents.record import read_model_record
-
-        record = read_model_record(p)
-        wm.latent_norm = None if record is None else record.vae.norm
+        wm.latent_norm = _latent_norm(p)
     return wm.eval(), p
+
+
+def _latent_norm(p: Path) -> Any:
+    """The normalisation training used for the image condition: the latent record's, else the one
+    training.json names (a `--vae` run), else None."""
+    from causalize.latents.record import read_model_record
+    from causalize.latents.spec import LatentNorm
+
+    record = read_model_record(p)
+    if record is not None:
+        return record.vae.norm
+    f = p / TRAINING_FILE
+    try:
+        doc = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{f} is corrupt: {exc}", "re-run training") from None
+    norm = doc.get("latent_norm") if isinstance(doc, dict) else None
+    return LatentNorm.from_json(norm) if isinstance(norm, dict) else None
 
 
 __all__ = [

@@ -316,6 +316,13 @@ class RolloutSession:
                 "this checkpoint has no action adapter: it cannot be rolled out from actions",
                 "convert it with --action-dim N and fine-tune it (causalize train)",
             )
+        image = wm.image_condition
+        if config.cache_mode == "rolling" and config.sink < 1 and image is not None and image.fill == "first":
+            raise UsageError(
+                "rolling caches of this image-to-video model need sink >= 1: only frame 0 carries its image, "
+                "and a rolling cache without a sink evicts it once the window slides",
+                "add --sink 1 (sink=1)",
+            )
         self.schedule = NoiseSchedule.from_config(rescale_zero_terminal_snr=config.zero_terminal_snr)
         self.levels = sched.sampling_timesteps(self.schedule.num_train_timesteps, config.steps, config.spacing)
         self.level_h = sched.history_level(self.levels, config.history_noise)
@@ -440,7 +447,8 @@ class RolloutSession:
             lo = self.denoiser.pushed
             acts = torch.cat(self.hist_actions[lo:], dim=1) if lo < len(self.history) else None
             mask = torch.tensor(self.hist_mask[lo:], dtype=torch.bool, device=self.device).expand(batch, -1)
-            # rolling caches never recompute: the image stays the first frame (kept as a sink)
+            # rolling caches never recompute: the image stays the rollout's first frame (a "first"
+            # family's image lives in frame 0's cached entries, kept by sink >= 1, checked above)
             self.denoiser.image = None if self.clean is None else self.clean[0]
             self.denoiser.push(self.history[lo:], acts, mask, self.level_h, start)
         else:

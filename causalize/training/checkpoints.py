@@ -341,6 +341,8 @@ def save_final(wm: Any, config: TrainConfig, step: int, loss: float, resumed_fro
                 "final_loss": loss,
                 "config": config.to_json(),
                 "resumed_from": None if resumed_from is None else str(resumed_from),
+                # how an I2V model's image was un-normalised (SVD; rollout reads it back)
+                "latent_norm": None if getattr(wm, "latent_norm", None) is None else wm.latent_norm.to_json(),
             },
         )
         _store_inputs(tmp, config)

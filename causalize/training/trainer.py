@@ -200,14 +200,15 @@ def compute_loss(
     action_dropout: float = 0.2,
     output_axis: int | None = None,
     motion_weight: float = 0.0,
-    image_condition: bool = False,
+    image_condition: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, StepInputs]:
     """The Diffusion Forcing loss of one micro-batch: ``x0`` in the model's native layout (frames
     on ``frame_axis``), ``model`` a :class:`causalize.WorldModel` (or anything called as
     ``model(x_k, timesteps, actions, keep, **model_kwargs)``); ``motion_weight`` > 0 weights it by
     ``objective.motion_weights(x0)``; ``image_condition``: an image-to-video model, given the
-    window's first frame, clean, as its image (METHOD.md §6: the paper's recipe). Returns (loss,
-    per-frame losses (B, T), the step's draws)."""
+    window's first frame, clean, as its image (METHOD.md §6: the paper's recipe; None: when the
+    model, or the one a wrapper holds, has an image condition). Returns (loss, per-frame losses
+    (B, T), the step's draws)."""
     draws = draw_step_inputs(
         x0,
         action_mask,
@@ -218,6 +219,8 @@ def compute_loss(
         action_dropout=action_dropout,
     )
     kwargs = dict(model_kwargs or {})
+    if image_condition is None:
+        image_condition = getattr(getattr(model, "module", model), "image_condition", None) is not None
     if image_condition:
         kwargs["image"] = x0.narrow(frame_axis, 0, 1)
     out = model(draws.x_k, draws.timesteps, actions, draws.keep, **kwargs)
