@@ -381,7 +381,7 @@ def test_svd_trained_through_a_vae_rolls_out_with_the_units_it_trained_with(tmp_
     """SVD passes its image un-normalised: training with --vae undoes the VAE's scaling factor,
     and training.json carries it to rollout (no latent record for a --vae run)."""
     import numpy as np
-    from diffusers import AutoencoderKL
+    from world_models import tiny_image_vae
 
     from causalize.api import convert
     from causalize.episodes import ActionSpace, create_dataset, write_episode
@@ -389,19 +389,7 @@ def test_svd_trained_through_a_vae_rolls_out_with_the_units_it_trained_with(tmp_
     from causalize.training.config import TrainConfig
     from causalize.training.trainer import train
 
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 8),
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=16,
-        scaling_factor=0.18215,
-    )
-    vae.save_pretrained(tmp_path / "vae")
+    tiny_image_vae(scaling_factor=0.18215).save_pretrained(tmp_path / "vae")
     plan = registries().plans.get("svd")
     plan.model_cls()(**{**plan.tiny_config, **I2V_CONFIGS["svd"]}).save_pretrained(tmp_path / "src")
     convert(tmp_path / "src", tmp_path / "wm", action_dim=2)

@@ -378,20 +378,9 @@ def test_gradient_checkpointing_unsupported_warns(work, tmp_path):
 
 
 def test_latent_training_through_a_frozen_vae(work, tmp_path):
-    from diffusers import AutoencoderKL
+    from world_models import tiny_image_vae
 
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 8),
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=16,
-    )
-    vae.save_pretrained(tmp_path / "vae")
+    tiny_image_vae().save_pretrained(tmp_path / "vae")
     model4 = _converted(tmp_path, "wm4", channels=4)  # 16x16 pixels -> 4x8x8 latents
     result = train(_config(work, tmp_path / "run", model=str(model4), vae=str(tmp_path / "vae"), steps=1))
     assert np.isfinite(result["final_loss"])

@@ -50,3 +50,23 @@ I2V_CONFIGS: dict[str, dict] = {
     "motif": dict(in_channels=9),  # [latents ; image on frame 0 ; 1 mask]
     "hunyuan15": dict(in_channels=9, task_type="i2v"),  # the same
 }
+
+
+def tiny_image_vae(**config):
+    """A tiny per-frame AutoencoderKL: 16×16×3 pixels -> 4×8×8 latents (seeded)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        **{
+            "in_channels": 3,
+            "out_channels": 3,
+            "down_block_types": ("DownEncoderBlock2D",) * 2,
+            "up_block_types": ("UpDecoderBlock2D",) * 2,
+            "block_out_channels": (8, 8),
+            "latent_channels": 4,
+            "norm_num_groups": 4,
+            "sample_size": 16,
+            **config,
+        }
+    )
