@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from causalize.errors import UsageError
+from causalize.layout import sample_channel_axis
 
 if TYPE_CHECKING:
     from causalize.latents.spec import LatentNorm
@@ -48,8 +49,9 @@ class ImageCondition:
         channels are always zero: a text-to-video config of an I2V architecture, HunyuanVideo
         1.5 T2V, whose pipeline passes zeros; any image is ignored).
     parts: the order of the extra channels after the sample: "image" (the latent, as many
-        channels as the sample) and "mask" (`mask_channels` channels, 1 on the image's frame,
-        0 elsewhere: Wan's 4, HunyuanVideo's 1).
+        channels as the sample), "zeros" (as many channels, always zero: Kandinsky 5, whose I2V
+        pipeline puts the image into the latents' frame 0 itself) and "mask" (`mask_channels`
+        channels, 1 on the image's frame, 0 elsewhere: Wan's 4, HunyuanVideo's and Kandinsky's 1).
     arg: a model argument that takes the condition (I2VGenXL's ``image_latents``) instead of
         channels concatenated to the sample.
     units: "latents" (the normalised latents the denoiser diffuses: most pipelines), "raw" (the
@@ -68,8 +70,8 @@ class ImageCondition:
     def __post_init__(self) -> None:
         if self.fill not in ("every", "first", "none"):
             raise ValueError(f"ImageCondition.fill must be every, first or none, got {self.fill!r}")
-        if not self.parts or any(p not in ("image", "mask") for p in self.parts):
-            raise ValueError(f"ImageCondition.parts must name 'image' and 'mask' only, got {self.parts!r}")
+        if not self.parts or any(p not in ("image", "zeros", "mask") for p in self.parts):
+            raise ValueError(f"ImageCondition.parts must name 'image', 'zeros' and 'mask' only, got {self.parts!r}")
         if ("mask" in self.parts) != (self.mask_channels > 0):
             raise ValueError("ImageCondition: a 'mask' part needs mask_channels > 0, and mask_channels a 'mask' part")
         if self.units not in ("latents", "raw", "inverse"):
@@ -99,13 +101,9 @@ def extra_channels(cond: ImageCondition | None, in_channels: int) -> int:
     latents fill `in_channels − extra` and the image part has as many."""
     if cond is None or cond.arg is not None:
         return 0
-    n_image = sum(p == "image" for p in cond.parts)
+    n_image = sum(p in ("image", "zeros") for p in cond.parts)
     latent = (in_channels - cond.mask_channels * sum(p == "mask" for p in cond.parts)) // (1 + n_image)
     return in_channels - latent
-
-
-def _channel_axis(frame_axis: int) -> int:
-    return 2 if frame_axis == 1 else 1
 
 
 def apply_image(
@@ -114,6 +112,7 @@ def apply_image(
     image: torch.Tensor,
     frame_axis: int,
     offset: int = 0,
+    channel_axis: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """(the model's sample, extra keyword arguments) for `sample` (latents, native layout) whose
     frames are window frames offset .. offset+F−1, and `image` (one clean frame in the same
@@ -123,7 +122,7 @@ def apply_image(
             f"image must be one frame in the sample's layout (frame axis {frame_axis} of size 1), "
             f"got {tuple(image.shape)} for a sample of {tuple(sample.shape)}"
         )
-    axis_c = _channel_axis(frame_axis)
+    axis_c = sample_channel_axis(frame_axis, channel_axis)
     like = [d for i, d in enumerate(sample.shape) if i not in (0, frame_axis)]
     got = [d for i, d in enumerate(image.shape) if i not in (0, frame_axis)]
     if like != got:
@@ -145,6 +144,8 @@ def apply_image(
     for part in cond.parts:
         if part == "image":
             parts.append(image * first if cond.fill == "first" else image)
+        elif part == "zeros":
+            parts.append(torch.zeros_like(image))
         else:
             size = list(sample.shape)
             size[axis_c] = cond.mask_channels
@@ -155,7 +156,13 @@ def apply_image(
     return torch.cat([sample, extra], dim=axis_c), {}
 
 
-def to_model_units(cond: ImageCondition, image: torch.Tensor, frame_axis: int, norm: LatentNorm | None) -> torch.Tensor:
+def to_model_units(
+    cond: ImageCondition,
+    image: torch.Tensor,
+    frame_axis: int,
+    norm: LatentNorm | None,
+    channel_axis: int | None = None,
+) -> torch.Tensor:
     """The image in the units the family's pipeline passes: unchanged for "latents"; for "raw",
     the normalisation undone with `norm` (the latent record, or training's `--vae`); for
     "inverse", that divided by the scaling factor once more; unchanged, with a warning, when the
@@ -173,18 +180,20 @@ def to_model_units(cond: ImageCondition, image: torch.Tensor, frame_axis: int, n
         return image
     from causalize.latents.vae import denormalise
 
-    axis_c = _channel_axis(frame_axis)
+    axis_c = sample_channel_axis(frame_axis, channel_axis)
     raw = denormalise(image.float().movedim(axis_c, 1), norm).movedim(1, axis_c)
     if cond.units == "inverse":
         raw = raw / norm.scale
     return raw.to(image.dtype)
 
 
-def latent_part(cond: ImageCondition | None, sample: torch.Tensor, frame_axis: int) -> torch.Tensor:
+def latent_part(
+    cond: ImageCondition | None, sample: torch.Tensor, frame_axis: int, channel_axis: int | None = None
+) -> torch.Tensor:
     """The latent channels of a model-input `sample` (a plan's example): the sample without the
     image condition's channels."""
     if cond is None or cond.arg is not None or sample.ndim != 5:
         return sample
-    axis_c = _channel_axis(frame_axis)
+    axis_c = sample_channel_axis(frame_axis, channel_axis)
     total = sample.shape[axis_c]
     return sample.narrow(axis_c, 0, total - extra_channels(cond, total))

@@ -20,15 +20,36 @@ class FrameLayout:
         so an axis that folds frames into the batch (B·T, ...) is a frame axis too.
     output_axis: frame axis of the output tensor.
     block_size: frames that must stay mutually visible (temporal patch size); 1 = frame-causal.
+    channel_axis: channels of the 5-D sample (and output) when not next to the frames: Kandinsky's
+        channels-last (B, T, H, W, C) is 4; None = (B, C, T, H, W) or (B, T, C, H, W) by the frame axis.
     """
 
     inputs: dict[str, int] = field(default_factory=lambda: {"sample": 2})
     output_axis: int = 2
     block_size: int = 1
+    channel_axis: int | None = None
 
     def num_frames(self, kwargs: dict) -> int:
         name, axis = next(iter(self.inputs.items()))
         return int(kwargs[name].shape[axis])
+
+
+def sample_channel_axis(frame_axis: int, channel_axis: int | None = None) -> int:
+    """The channel axis of a 5-D video sample: `channel_axis` when the layout names one, else the
+    axis beside the frames ((B, T, C, H, W) or (B, C, T, H, W))."""
+    if channel_axis is not None:
+        return channel_axis
+    return 2 if frame_axis == 1 else 1
+
+
+def to_native(x: torch.Tensor, frame_axis: int, channel_axis: int | None = None) -> torch.Tensor:
+    """(B, T, C, H, W) -> the model's layout (frames on `frame_axis`, channels on its channel axis)."""
+    return x.movedim((1, 2), (frame_axis, sample_channel_axis(frame_axis, channel_axis)))
+
+
+def from_native(x: torch.Tensor, frame_axis: int, channel_axis: int | None = None) -> torch.Tensor:
+    """The inverse of `to_native`: the model's layout -> (B, T, C, H, W)."""
+    return x.movedim((frame_axis, sample_channel_axis(frame_axis, channel_axis)), (1, 2))
 
 
 def per_frame_max_abs(x: torch.Tensor, axis: int) -> torch.Tensor:

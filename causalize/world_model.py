@@ -147,7 +147,7 @@ class WorldModel(nn.Module):
             return sample, {}
         offset = ctx.stream.offset if ctx.stream is not None else 0
         if image is None:
-            if ic.fill != "none" and not self._warned_no_image:
+            if ic.fill != "none" and "image" in ic.parts and not self._warned_no_image:
                 self._warned_no_image = True
                 warnings.warn(
                     f"this image-to-video {type(self.model).__name__} got no image=: its image channels are zeros "
@@ -155,16 +155,19 @@ class WorldModel(nn.Module):
                     ImageConditionWarning,
                     stacklevel=3,
                 )
-            return apply_image(ic, sample, torch.zeros_like(sample.narrow(axis, 0, 1)), axis, offset)
-        image = to_model_units(ic, image, axis, self.latent_norm)
-        return apply_image(ic, sample, image, axis, offset)
+            zeros = torch.zeros_like(sample.narrow(axis, 0, 1))
+            return apply_image(ic, sample, zeros, axis, offset, self.plan.layout.channel_axis)
+        channel_axis = self.plan.layout.channel_axis
+        image = to_model_units(ic, image, axis, self.latent_norm, channel_axis)
+        return apply_image(ic, sample, image, axis, offset, channel_axis)
 
     def example_sample(self, frames: int) -> torch.Tensor:
         """The plan's example sample of `frames` frames as the world model takes it: latents only
         (an I2V config's image channels are added by `forward`)."""
         cond = self.plan.conditioning
         sample = self.plan.make_inputs(self.model, frames, torch.Generator().manual_seed(0))[cond.sample_arg]
-        return latent_part(self.image_condition, sample, self.plan.layout.inputs[cond.sample_arg])
+        layout = self.plan.layout
+        return latent_part(self.image_condition, sample, layout.inputs[cond.sample_arg], layout.channel_axis)
 
     def _model_timesteps(self, sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         cond = self.plan.conditioning

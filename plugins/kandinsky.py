@@ -51,6 +51,7 @@ from diffusers.models.transformers.transformer_kandinsky6 import Kandinsky6Modul
 from causalize.context import TokenGrid
 from causalize.errors import CausalizeError
 from causalize.hookspecs import hookimpl
+from causalize.image_condition import ImageCondition
 from causalize.layout import FrameLayout
 from causalize.modules.frame_modulation import frame_tensor, frame_values
 from causalize.plan import Conditioning, Plan, Refusal, Streaming, Targets
@@ -165,12 +166,21 @@ TINY_CONFIG = dict(
 )
 
 
+def image_condition(model):
+    """Kandinsky 5 with `visual_cond`: [latents ; zeros ; 1 mask channel], channels last. Its I2V
+    pipeline writes the image into the latents' frame 0 and marks that frame in the mask (the T2V
+    pipeline feeds the mask as zeros too); a world model's frame 0 is the window's first frame."""
+    if not getattr(model.config, "visual_cond", False):
+        return None
+    return ImageCondition(fill="first", parts=("zeros", "mask"), mask_channels=1)
+
+
 PLAN = Plan(
     name="kandinsky5",
     model_class="Kandinsky5Transformer3DModel",
     family="dit",
     pipeline="block-causal-attention",
-    layout=FrameLayout(inputs={"hidden_states": 1}, output_axis=1),
+    layout=FrameLayout(inputs={"hidden_states": 1}, output_axis=1, channel_axis=4),  # (B, T, H, W, C)
     targets={
         "block-causal-attention": Targets(paths=("visual_transformer_blocks.*.self_attention",)),
         "frame-conditioning": Targets(paths=("visual_transformer_blocks.*.visual_modulation", "out_layer")),
@@ -199,6 +209,7 @@ PLAN = Plan(
         "rounding removed): roll out by full recomputation",
         "patch_size[0] > 1 couples the frames of one temporal patch: use block_size = patch_size[0]",
     ),
+    image_condition=image_condition,
 )
 
 
@@ -280,7 +291,7 @@ K6_PLAN = Plan(
     model_class="Kandinsky6Transformer3DModel",
     family="dit",
     pipeline="block-causal-attention",
-    layout=FrameLayout(inputs={"hidden_states": 1}, output_axis=1),
+    layout=FrameLayout(inputs={"hidden_states": 1}, output_axis=1, channel_axis=4),  # (B, T, H, W, C)
     targets={
         "block-causal-attention": Targets(paths=("visual_transformer_blocks.*.video_dec_block.self_attention",)),
         "frame-conditioning": Targets(

@@ -11,6 +11,7 @@ import pytest
 import torch
 from world_models import I2V_CONFIGS, tiny_world_model
 
+from causalize import precision
 from causalize.errors import UsageError
 from causalize.image_condition import ImageConditionWarning, to_model_units
 from causalize.latents.spec import LatentNorm
@@ -25,7 +26,8 @@ FRAMES = 4
 
 def _wm(name: str, dtype=torch.float32):
     wm = tiny_world_model(name, **I2V_CONFIGS[name])
-    return wm.to(dtype)
+    precision.to_precision(wm.model, dtype)  # keeps the modules diffusers runs in fp32
+    return wm
 
 
 def _axis(wm) -> int:
@@ -61,6 +63,10 @@ def _by_hand(name: str, x: torch.Tensor, img: torch.Tensor) -> tuple[torch.Tenso
     f = FRAMES
     if name == "svd":  # (B, F, C, H, W): the image latent repeated over frames, channel axis 2
         return torch.cat([x, img.repeat(1, f, 1, 1, 1)], dim=2), {}
+    if name == "kandinsky5":  # (B, F, H, W, C): zeros and a frame-0 mask on the last axis
+        mask = torch.zeros_like(x[..., :1])
+        mask[:, 0] = 1
+        return torch.cat([x, torch.zeros_like(x), mask], dim=-1), {}
     if name in ("cogvideox", "cogvideox15", "consisid"):  # (B, F, C, H, W): image on frame 0, zero padding after
         return torch.cat([x, torch.cat([img, torch.zeros_like(x[:, 1:])], dim=1)], dim=2), {}
     first = torch.cat([img, torch.zeros_like(x[:, :, 1:])], dim=2)  # (B, C, F, H, W)
@@ -91,8 +97,18 @@ def test_the_inputs_are_the_pipelines_rule(name):
         wm.image_condition = cond
     assert out.abs().max() > 0
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
-    # and the image matters (a control that the comparison is not vacuous)
-    assert not torch.equal(_call(wm, x, img * 0 + 1), out)
+    # and the condition matters (a control that the comparison is not vacuous): the image, or
+    # Kandinsky's frame-0 mask (its image is the latents' own frame 0)
+    if "image" in cond.parts:
+        assert not torch.equal(_call(wm, x, img * 0 + 1), out)
+    else:
+        wm.image_condition = None
+        try:
+            zero_mask = by_hand.clone()
+            zero_mask[..., -1] = 0
+            assert not torch.equal(_call(wm, zero_mask, None), out)
+        finally:
+            wm.image_condition = cond
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -100,7 +116,8 @@ def test_the_inputs_are_the_pipelines_rule(name):
 def test_the_future_does_not_reach_the_past(name, dtype):
     """Perturb frame k ≥ 1 of the clean clip (the image is frame 0, so it does not move): the
     outputs of the blocks before k's stay bit-equal (CogVideoX 1.5: 2-frame blocks). Negative
-    control: an image taken from the last frame carries it into frame 0."""
+    control: an image taken from the last frame carries it into frame 0 (Kandinsky 5 takes no
+    image, only a frame-0 mask: its leak controls are the registry's own, tests/test_plugins.py)."""
     wm = _wm(name, dtype)
     wm.latent_norm = LatentNorm()
     axis, block = _axis(wm), wm.plan.layout.block_size
@@ -113,6 +130,8 @@ def test_the_future_does_not_reach_the_past(name, dtype):
         out_axis, past = wm.plan.layout.output_axis, k - k % block
         assert torch.equal(out.narrow(out_axis, 0, past), base.narrow(out_axis, 0, past)), f"frame {k} reached the past"
         assert not torch.equal(out.narrow(out_axis, k, 1), base.narrow(out_axis, k, 1))
+    if "image" not in wm.image_condition.parts:
+        return
     last = FRAMES - 1
     y = x.clone()
     y.narrow(axis, last, 1).add_(3.0)

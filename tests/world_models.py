@@ -49,6 +49,7 @@ I2V_CONFIGS: dict[str, dict] = {
     "skyreels-v2": dict(in_channels=12),  # Wan's rule
     "motif": dict(in_channels=9),  # [latents ; image on frame 0 ; 1 mask]
     "hunyuan15": dict(in_channels=9, task_type="i2v"),  # the same
+    "kandinsky5": dict(visual_cond=True),  # channels last: [latents ; zeros ; 1 mask]
 }
 
 

@@ -112,6 +112,7 @@ class WorldModelEnv(gymnasium.Env):
         self.render_mode = render_mode
         self.model_kwargs = model_kwargs
         self.frame_axis, self.channels = sample_geometry(world_model)
+        self.channel_axis = world_model.plan.layout.channel_axis
         if self.channels is None:
             raise UsageError(
                 f"plan '{world_model.plan.name}' takes packed tokens, not a video tensor: WorldModelEnv does not support it"
@@ -185,8 +186,9 @@ class WorldModelEnv(gymnasium.Env):
         return spaces.Box(-np.inf, np.inf, shape, np.float32)
 
     def _example_frame_shape(self, latents: bool = False) -> tuple[int, ...]:
-        sample = self.wm.example_sample(1)
-        c, h, w = sample.movedim(self.frame_axis, 1).shape[2:]
+        from causalize.layout import from_native
+
+        c, h, w = from_native(self.wm.example_sample(1), self.frame_axis, self.channel_axis).shape[2:]
         return (h, w, c) if self.observation == "pixels" and not latents else (c, h, w)
 
     def _action_space(self, low: Any, high: Any, multi_hot: bool) -> spaces.Space:
@@ -255,7 +257,9 @@ class WorldModelEnv(gymnasium.Env):
         model_context = context
         if self.latent_io is not None:
             model_context = self.latent_io.context_latents(context, "context")
-        x = frames_to_model(model_context, self.frame_axis, self.channels).to(session.device)
+        x = frames_to_model(model_context, self.frame_axis, self.channels, channel_axis=self.channel_axis).to(
+            session.device
+        )
         session.reset(x, self._context_actions(context_actions, model_context.count))
         self._session, self._steps = session, 0
         self._last = context.data[-1].copy()
@@ -275,7 +279,7 @@ class WorldModelEnv(gymnasium.Env):
             info_frames = self._decode(x)
             obs = info_frames[-1]
         else:
-            obs = model_to_frames(x, self.frame_axis, self.observation).data[0]
+            obs = model_to_frames(x, self.frame_axis, self.observation, channel_axis=self.channel_axis).data[0]
         self._last = obs
         truncated = self.max_steps is not None and self._steps >= self.max_steps
         info = self._info()
@@ -289,7 +293,9 @@ class WorldModelEnv(gymnasium.Env):
 
         from causalize.rollout.decoded import to_uint8
 
-        latents = torch.from_numpy(model_to_frames(x, self.frame_axis, "latents").data)  # (T, C, h, w)
+        latents = torch.from_numpy(
+            model_to_frames(x, self.frame_axis, "latents", channel_axis=self.channel_axis).data
+        )  # (T, C, h, w)
         clips = [self._decoder.push(z[None]) for z in latents]
         return to_uint8(torch.cat(clips, dim=2)[0])
 

@@ -225,9 +225,14 @@ def _decode_bounded(iio, p: Path, wanted: int | None) -> np.ndarray:
 
 
 def frames_to_model(
-    frames: Frames, frame_axis: int, channels: int | None = None, where: str = "context"
+    frames: Frames,
+    frame_axis: int,
+    channels: int | None = None,
+    where: str = "context",
+    channel_axis: int | None = None,
 ) -> torch.Tensor:
-    """(1, ...) tensor in the model's native layout (frames on `frame_axis`), in model space.
+    """(1, ...) tensor in the model's native layout (frames on `frame_axis`, channels on
+    `channel_axis`: see layout.to_native), in model space.
 
     RGBA pixels lose their alpha channel when the model takes 3 channels."""
     import torch
@@ -246,7 +251,9 @@ def frames_to_model(
     x = torch.from_numpy(np.ascontiguousarray(data))
     if frames.kind == "pixels":
         x = (x.float() / 127.5 - 1.0).permute(0, 3, 1, 2)  # (T, C, H, W)
-    return x[None].movedim(1, frame_axis).contiguous()
+    from causalize.layout import to_native
+
+    return to_native(x[None], frame_axis, channel_axis).contiguous()
 
 
 def fit_channels(frames: Frames, channels: int | None) -> Frames:
@@ -256,11 +263,15 @@ def fit_channels(frames: Frames, channels: int | None) -> Frames:
     return frames
 
 
-def model_to_frames(x: torch.Tensor, frame_axis: int, kind: Kind, batch_index: int = 0) -> Frames:
+def model_to_frames(
+    x: torch.Tensor, frame_axis: int, kind: Kind, batch_index: int = 0, channel_axis: int | None = None
+) -> Frames:
     """The inverse of `frames_to_model` for one sample: pixels are clamped to [−1, 1] and rounded."""
     import torch
 
-    t = x.detach().float().cpu().movedim(frame_axis, 1)[batch_index]  # (T, C, H, W)
+    from causalize.layout import from_native
+
+    t = from_native(x.detach().float().cpu(), frame_axis, channel_axis)[batch_index]  # (T, C, H, W)
     if kind == "latents":
         return Frames(t.numpy().copy(), kind)
     pixels = ((t.clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
@@ -584,7 +595,9 @@ def sample_geometry(wm: WorldModel) -> tuple[int, int | None]:
     sample = wm.example_sample(wm.plan.layout.block_size)
     if sample.ndim != 5:
         return axis, None
-    return axis, int(sample.movedim(axis, 1).shape[2])
+    from causalize.layout import from_native
+
+    return axis, int(from_native(sample, axis, wm.plan.layout.channel_axis).shape[2])
 
 
 __all__ = [

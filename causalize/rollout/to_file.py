@@ -183,10 +183,10 @@ def rollout_to_file(
     clip = fit_channels(clip, channels)
     out_kind = "pixels" if latent_io is not None else clip.kind
     check_output(out_path, out_kind, overwrite, pixel_clip.channels if latent_io is not None else clip.channels)
-    x = frames_to_model(clip, axis, channels, str(context))
+    x = frames_to_model(clip, axis, channels, str(context), channel_axis=wm.plan.layout.channel_axis)
     check_frame_size(wm, x, str(context))  # one 1-frame forward: too small frames are a usage error
     result = rollout(wm, x, acts, config=config, model_kwargs=model_kwargs or None, progress=progress)
-    generated = model_to_frames(result.frames, axis, clip.kind)
+    generated = model_to_frames(result.frames, axis, clip.kind, channel_axis=wm.plan.layout.channel_axis)
     latents = None
     if latent_io is not None:
         latents = np.concatenate([clip.data, generated.data])

@@ -142,10 +142,13 @@ def latent_channels(vae: Any) -> int:
 def _sample_channels(wm: WorldModel, frames: int) -> int | None:
     """Latent channels of the denoiser's sample (from the plan's example input, an I2V config's
     image channels left out), None if not 5-D."""
+    from causalize.layout import from_native
+
     sample = wm.example_sample(frames)
     if sample.ndim != 5:
         return None
-    return int(sample.movedim(wm.plan.layout.inputs[wm.plan.conditioning.sample_arg], 1).shape[2])
+    layout = wm.plan.layout
+    return int(from_native(sample, layout.inputs[wm.plan.conditioning.sample_arg], layout.channel_axis).shape[2])
 
 
 def check_compatible(wm: WorldModel, info: Any, vae: Any, config: TrainConfig) -> None:

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from causalize.layout import to_native
 from causalize.noise import NoiseSchedule, gaussian
 from causalize.training import objective
 from causalize.training.accelerator import make_accelerator
@@ -143,10 +144,11 @@ class EpochSampler(Sampler[int]):
 # --------------------------------------------------------------------------------------------
 
 
-def to_native_layout(frames: torch.Tensor, frame_axis: int) -> torch.Tensor:
+def to_native_layout(frames: torch.Tensor, frame_axis: int, channel_axis: int | None = None) -> torch.Tensor:
     """(B, T, C, H, W) dataset frames -> the denoiser's layout, frames on ``frame_axis``
-    (UNet3D / DiTs: (B, C, T, H, W) with axis 2; SVD: (B, T, C, H, W) with axis 1)."""
-    return frames.movedim(1, frame_axis)
+    (UNet3D / DiTs: (B, C, T, H, W) with axis 2; SVD: (B, T, C, H, W) with axis 1; Kandinsky:
+    channels last, ``channel_axis`` 4)."""
+    return to_native(frames, frame_axis, channel_axis)
 
 
 @dataclass
@@ -277,6 +279,7 @@ class _Run:
     n_params: int
     lock: Any = None  # the output directory's RunLock (main process), released when the run ends
     image_condition: bool = False  # an I2V model: the window's first clean frame is its image
+    channel_axis: int | None = None  # the sample's channel axis when the layout names one
 
     @property
     def out(self) -> Path:
@@ -416,6 +419,7 @@ def _set_up_claimed(
         checkpointing=checkpointing,
         n_params=sum(p.numel() for p in wm.parameters()),
         image_condition=wm.image_condition is not None,
+        channel_axis=plan.layout.channel_axis,
     )
     _restore(run, len(dataset))
     return run
@@ -497,7 +501,7 @@ def _micro_step(run: _Run, step: int, micro: int, batch: dict[str, Any]) -> tupl
     frames = batch["frames"].to(device)
     if run.vae is not None:
         frames = _encode(run.vae, frames, gen)
-    x0 = to_native_layout(frames, run.frame_axis)
+    x0 = to_native_layout(frames, run.frame_axis, run.channel_axis)
     last = micro == config.gradient_accumulation - 1
     with contextlib.nullcontext() if last else accelerator.no_sync(run.model):
         loss, per_frame, _ = compute_loss(
