@@ -146,6 +146,7 @@ class WorldModel(nn.Module):
                 )
             return sample, {}
         offset = ctx.stream.offset if ctx.stream is not None else 0
+        channel_axis = self.plan.layout.channel_axis
         if image is None:
             if ic.fill != "none" and "image" in ic.parts and not self._warned_no_image:
                 self._warned_no_image = True
@@ -156,8 +157,7 @@ class WorldModel(nn.Module):
                     stacklevel=3,
                 )
             zeros = torch.zeros_like(sample.narrow(axis, 0, 1))
-            return apply_image(ic, sample, zeros, axis, offset, self.plan.layout.channel_axis)
-        channel_axis = self.plan.layout.channel_axis
+            return apply_image(ic, sample, zeros, axis, offset, channel_axis)
         image = to_model_units(ic, image, axis, self.latent_norm, channel_axis)
         return apply_image(ic, sample, image, axis, offset, channel_axis)
 

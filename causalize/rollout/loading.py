@@ -37,14 +37,9 @@ def checkpoint_dir(path: str | os.PathLike) -> Path:
 def training_defaults(path: str | os.PathLike) -> dict[str, Any]:
     """The sampler-relevant training settings recorded in training.json ({} when there is none)."""
     f = checkpoint_dir(path) / TRAINING_FILE
-    if not f.is_file():
+    doc = _training_record(f)
+    if doc is None:
         return {}
-    try:
-        doc = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(
-            f"{f} is corrupt: {exc}", "delete it to use the rollout defaults, or re-run training"
-        ) from None
     cfg = doc.get("config") if isinstance(doc, dict) else None
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{f} has no 'config' object", "delete it to use the rollout defaults")
@@ -108,13 +103,21 @@ def _latent_norm(p: Path) -> Any:
     record = read_model_record(p)
     if record is not None:
         return record.vae.norm
-    f = p / TRAINING_FILE
-    try:
-        doc = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(f"{f} is corrupt: {exc}", "re-run training") from None
+    doc = _training_record(p / TRAINING_FILE)
     norm = doc.get("latent_norm") if isinstance(doc, dict) else None
     return LatentNorm.from_json(norm) if isinstance(norm, dict) else None
+
+
+def _training_record(f: Path) -> Any:
+    """training.json's parsed contents, None when there is none; a corrupt one is a CheckpointError."""
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(
+            f"{f} is corrupt: {exc}", "delete it to use the rollout defaults, or re-run training"
+        ) from None
 
 
 __all__ = [

@@ -278,7 +278,6 @@ class _Run:
     checkpointing: bool
     n_params: int
     lock: Any = None  # the output directory's RunLock (main process), released when the run ends
-    image_condition: bool = False  # an I2V model: the window's first clean frame is its image
     channel_axis: int | None = None  # the sample's channel axis when the layout names one
 
     @property
@@ -418,7 +417,6 @@ def _set_up_claimed(
         start_step=start_step,
         checkpointing=checkpointing,
         n_params=sum(p.numel() for p in wm.parameters()),
-        image_condition=wm.image_condition is not None,
         channel_axis=plan.layout.channel_axis,
     )
     _restore(run, len(dataset))
@@ -518,7 +516,6 @@ def _micro_step(run: _Run, step: int, micro: int, batch: dict[str, Any]) -> tupl
             action_dropout=config.action_dropout,
             output_axis=run.output_axis,
             motion_weight=config.motion_weight,
-            image_condition=run.image_condition,
         )
         accelerator.backward(loss / config.gradient_accumulation)
     return loss.detach(), per_frame.detach().mean(0)
