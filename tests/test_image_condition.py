@@ -80,9 +80,10 @@ def _by_hand(name: str, x: torch.Tensor, img: torch.Tensor) -> tuple[torch.Tenso
     return x, {"image_latents": img.repeat(1, 1, f, 1, 1)}
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", I2V_PLANS)
-def test_the_inputs_are_the_pipelines_rule(name):
-    wm = _wm(name)
+def test_the_inputs_are_the_pipelines_rule(name, dtype):
+    wm = _wm(name, dtype)
     x = _sample(wm)
     img = x.narrow(_axis(wm), 0, 1) * 0.5 + 0.1  # any clean frame, not the noisy sample's own
     if wm.image_condition.units != "latents":
